@@ -1,0 +1,75 @@
+"""Request dependencies as `Annotated` aliases, so routes read as plain typed parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
+
+from service import auth
+from service.errors import ApiError, not_found
+from service.reconciler import Reconciler
+from service.runner import Runner
+from service.settings import Settings
+from service.store import Job, Store
+
+
+def _state(request: Request):  # -> service.app.AppState (not imported: app imports the routers)
+    return request.app.state.trainctl
+
+
+def get_settings(request: Request) -> Settings:
+    return _state(request).settings
+
+
+def get_store(request: Request) -> Store:
+    return _state(request).store
+
+
+def get_runner(request: Request) -> Runner:
+    return _state(request).runner
+
+
+def get_reconciler(request: Request) -> Reconciler:
+    return _state(request).reconciler
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+RunnerDep = Annotated[Runner, Depends(get_runner)]
+ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
+
+
+def get_principal(settings: SettingsDep, store: StoreDep,
+                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> auth.Principal:
+    if not settings.auth:
+        return auth.Principal("local", is_admin=True)
+    principal = auth.authenticate(store, authorization)
+    if principal is None:
+        raise ApiError(401, "unauthorized",
+                       "missing or invalid token: send 'Authorization: Bearer <token>' (see <data dir>/admin-token)",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
+
+
+def get_owned_job(job_id: Annotated[str, Path(max_length=64)], store: StoreDep, principal: PrincipalDep) -> Job:
+    job = store.get(job_id)
+    # Another owner's job answers exactly like a missing one: ids are not confirmed to strangers.
+    if job is None or job.owner != principal.name:
+        raise not_found()
+    return job
+
+
+JobDep = Annotated[Job, Depends(get_owned_job)]
+
+
+def require_admin(principal: PrincipalDep) -> auth.Principal:
+    if not principal.is_admin:
+        raise ApiError(403, "forbidden", "only the admin token may do this")
+    return principal
+
+
+AdminDep = Annotated[auth.Principal, Depends(require_admin)]

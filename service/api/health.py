@@ -1,0 +1,43 @@
+"""GET /healthz: is the store, Ray and the storage reachable? 200 when all are, else 503 naming which."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+import objstore
+from service.api.deps import RunnerDep, SettingsDep, StoreDep
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 5.0
+
+
+async def _check(fn: Callable[[], Any]) -> dict[str, Any]:
+    try:
+        await asyncio.wait_for(asyncio.to_thread(fn), timeout=CHECK_TIMEOUT_S)
+        return {"ok": True}
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {CHECK_TIMEOUT_S:.0f}s"}
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def _storage_probe(root: str) -> None:
+    fs, path = objstore.resolve(root)
+    # A short retry budget: a health check must answer quickly, not ride out an outage.
+    objstore.retrying(lambda: fs.get_file_info(path), f"stat {objstore.redact(root)}", budget_s=2)
+
+
+@router.get("/healthz")
+async def healthz(settings: SettingsDep, store: StoreDep, runner: RunnerDep) -> JSONResponse:
+    store_c, ray_c, storage_c = await asyncio.gather(
+        _check(store.ping), _check(runner.ray.ping), _check(lambda: _storage_probe(settings.storage_root)))
+    checks = {"store": store_c, "ray": ray_c, "storage": storage_c}
+    down = [name for name, c in checks.items() if not c["ok"]]
+    body = {"status": "ok" if not down else "degraded", "down": down, "checks": checks}
+    return JSONResponse(body, status_code=200 if not down else 503)

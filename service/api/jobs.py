@@ -1,0 +1,143 @@
+"""/v1/jobs routes. Thin: validation is trainer.spec's, state changes are the runner's and the store's.
+
+Handlers are plain `def`: the store, storage and Ray's SDK all block, and FastAPI runs sync handlers in its
+threadpool instead of on the event loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+import objstore
+from service import jobdir
+from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
+from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
+                                 job_view, request_hash, resolve_body)
+from service.errors import ApiError
+from service.states import JobState
+from service.store import IdempotencyConflict
+
+router = APIRouter(tags=["jobs"])
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
+                  "epoch_seconds", "time", "attempt_epoch_start", "node_ids"]
+
+
+@router.post("/jobs", status_code=201, response_model=JobView)
+def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
+               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep,
+               idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
+    """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
+    the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
+    request returns the same job; the same key with a different body is a 409."""
+    spec = resolve_body(body)  # pydantic ValidationError -> 422 naming each field
+    try:
+        job, created = store.create_job(principal.name, spec.model_dump(mode="json"), idempotency_key,
+                                        request_hash(body) if idempotency_key else None)
+    except IdempotencyConflict as exc:
+        raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
+    if created:
+        reconciler.wake()  # start it now if a slot is free, not at the next poll
+    return job_view(job, with_spec=True)
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(principal: PrincipalDep, store: StoreDep,
+              state: Annotated[list[JobState] | None, Query(description="repeat to match several")] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+    """Your jobs, newest first."""
+    jobs, total = store.list(owner=principal.name, states=state, limit=limit, offset=offset)
+    return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView)
+def get_job(job: JobDep, runner: RunnerDep) -> JobView:
+    return job_view(job, runner.job_dir(job.id), with_spec=True)
+
+
+@router.get("/jobs/{job_id}/metrics", response_model=MetricsView)
+def get_metrics(job: JobDep, runner: RunnerDep,
+                format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
+    """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
+    metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
+    if format == "json":
+        return MetricsView(job_id=job.id, metrics=metrics)
+    extra = sorted({k for m in metrics for k in m} - set(METRIC_COLUMNS))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS + extra, extrasaction="ignore")
+    writer.writeheader()
+    for m in metrics:
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.items()})
+    return PlainTextResponse(out.getvalue(), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
+
+
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+def get_logs(job: JobDep, runner: RunnerDep,
+             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
+    """The Ray job's driver log of the current attempt (empty while queued)."""
+    return runner.logs(job, tail)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+def cancel_job(job: JobDep, runner: RunnerDep) -> JobView:
+    """Cancel: a queued job at once, a running one by stopping its Ray job. Idempotent."""
+    job = runner.cancel(job.id)
+    return job_view(job, runner.job_dir(job.id))
+
+
+@router.delete("/jobs/{job_id}", status_code=204)
+def delete_job(job: JobDep, runner: RunnerDep) -> Response:
+    """Delete a finished job: its record and everything under its storage prefix."""
+    if not job.state.is_terminal():
+        raise ApiError(409, "job_not_finished", f"job is {job.state}; cancel it first, then delete it")
+    if not runner.delete(job):
+        raise ApiError(409, "job_not_finished", "the job changed state meanwhile; try again")
+    return Response(status_code=204)
+
+
+@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
+    """The checkpoints still kept (manifest.json), oldest epoch first."""
+    cps = jobdir.checkpoints(runner.job_dir(job.id))
+    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView(**{k: c[k] for k in
+                                                                       ("epoch", "val_acc", "size", "sha256")})
+                                                      for c in cps])
+
+
+@router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
+                       409: {"description": "no checkpoint yet"},
+                       502: {"description": "the stored checkpoint does not match its recorded sha256/size"}})
+def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
+    """Download the best checkpoint. It is hashed in a first streaming pass and only sent when it matches
+    the sha256/size the trainer recorded (an error cannot be reported once the body has started)."""
+    best = jobdir.best_checkpoint(runner.job_dir(job.id))
+    if best is None:
+        raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
+    uri = best["uri"]
+    digest, size = hashlib.sha256(), 0
+    try:
+        for chunk in objstore.iter_chunks(uri):
+            digest.update(chunk)
+            size += len(chunk)
+    except FileNotFoundError:
+        raise ApiError(502, "checkpoint_corrupt", "the best checkpoint is listed but missing from storage",
+                       {"epoch": best.get("epoch")}) from None
+    sha = digest.hexdigest()
+    if (best.get("sha256") and best["sha256"] != sha) or (best.get("size") is not None and best["size"] != size):
+        raise ApiError(502, "checkpoint_corrupt", "the stored checkpoint does not match its recorded sha256/size",
+                       {"expected_sha256": best.get("sha256"), "actual_sha256": sha,
+                        "expected_size": best.get("size"), "actual_size": size})
+    name = f"{job.id}-epoch{best['epoch']}.pt" if best.get("epoch") is not None else f"{job.id}-best.pt"
+    return StreamingResponse(objstore.iter_chunks(uri), media_type="application/octet-stream",
+                             headers={"X-Checkpoint-SHA256": sha, "Content-Length": str(size),
+                                      "Content-Disposition": f'attachment; filename="{name}"'})

@@ -1,0 +1,116 @@
+"""Request and response shapes of the HTTP API, and the conversion of a stored job into its view."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import jobdir
+from service.states import JobState
+from service.store import Job
+from trainer.spec import JobSpec, resolve
+
+
+class PresetRequest(BaseModel):
+    """`{"preset": "debug", "overrides": {"optim.epochs": 3}}`: a preset plus dotted-path overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+SUBMIT_EXAMPLES = {
+    "preset": {"summary": "A preset with overrides",
+               "value": {"preset": "debug", "overrides": {"optim.epochs": 3, "data.train": "/data/cifar10"}}},
+    "full": {"summary": "A full spec (omitted fields take their defaults)",
+             "value": {"optim": {"epochs": 10, "lr": 0.05}, "scaling": {"num_workers": 2}}},
+}
+
+
+def resolve_body(body: dict[str, Any]) -> JobSpec:
+    """The request body → a validated JobSpec; raises pydantic.ValidationError naming each bad field."""
+    if "preset" in body or "overrides" in body:
+        req = PresetRequest.model_validate(body)
+        return resolve(req.preset, req.overrides)
+    return resolve(base=body)
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """A hash of the body's meaning (key order and whitespace do not matter) for Idempotency-Key checks."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Progress(BaseModel):
+    epoch: int
+    epochs: int | None
+    eta_seconds: float | None
+
+
+class JobView(BaseModel):
+    id: str
+    owner: str
+    state: JobState
+    progress: Progress
+    metrics: dict[str, Any] | None = Field(description="the latest epoch's metrics")
+    best_val_acc: float | None
+    attempts: int
+    attempt_log: list[dict[str, Any]]
+    message: str | None
+    ray_submission_id: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    spec: dict[str, Any] | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricsView(BaseModel):
+    job_id: str
+    metrics: list[dict[str, Any]]
+
+
+class CheckpointView(BaseModel):
+    epoch: int | None
+    val_acc: float | None
+    size: int | None
+    sha256: str | None
+
+
+class CheckpointList(BaseModel):
+    job_id: str
+    checkpoints: list[CheckpointView]
+
+
+def _time(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+
+
+def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:
+    """With `job_dir`, progress and latest metrics come fresh from metrics.jsonl; without it (lists), from
+    the values the reconciler last stored."""
+    epochs = (job.spec.get("optim") or {}).get("epochs")
+    latest: dict[str, Any] | None = None
+    if job_dir is not None and job.state is not JobState.QUEUED:
+        metrics = jobdir.read_metrics(job_dir)
+        latest = metrics[-1] if metrics else None
+        progress = jobdir.progress(metrics, epochs, finished=job.state.is_terminal())
+        best = job.best_val_acc
+        accs = [m["val_acc"] for m in metrics if isinstance(m.get("val_acc"), (int, float))]
+        if accs and (best is None or max(accs) > best):
+            best = max(accs)
+    else:
+        progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
+        best = job.best_val_acc
+    return JobView(id=job.id, owner=job.owner, state=job.state, progress=Progress(**progress), metrics=latest,
+                   best_val_acc=best, attempts=job.attempts, attempt_log=job.attempt_log, message=job.message,
+                   ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),
+                   updated_at=_time(job.updated_at), spec=job.spec if with_spec else None)

@@ -1,0 +1,73 @@
+"""The FastAPI app, built by `create_app(settings)`. Its lifespan opens the store (creating the schema),
+makes sure an admin token exists, and starts the reconciler; on shutdown it stops them again.
+
+Run it with `trainctl serve`, or `uvicorn --factory service.app:app_from_env` (settings from TRAINCTL_*).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from service import auth
+from service.api import health, jobs, tokens
+from service.errors import install_error_handlers
+from service.rayjobs import RayJobs, RayJobsClient
+from service.reconciler import Reconciler
+from service.runner import Runner
+from service.settings import Settings, load_settings
+from service.store import Store
+
+log = logging.getLogger("trainctl")
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    runner: Runner
+    reconciler: Reconciler
+
+
+def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
+    """The app; `ray` replaces the real Ray Jobs client (tests pass a fake)."""
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.db_path)
+        store.create_schema()
+        if settings.auth:
+            if auth.ensure_admin_token(store, settings.admin_token_path):
+                log.warning("created the admin token; it is in %s", settings.admin_token_path)
+        else:
+            log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s:%s can run and delete jobs",
+                        settings.host, settings.port)
+        runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
+        reconciler = Reconciler(runner, settings.reconcile_interval_s)
+        app.state.trainctl = AppState(settings, store, runner, reconciler)
+        reconciler.start()
+        try:
+            yield
+        finally:
+            await reconciler.stop()
+            store.close()
+
+    app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
+                  description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`.")
+    install_error_handlers(app)
+    app.include_router(jobs.router, prefix="/v1")
+    app.include_router(tokens.router, prefix="/v1")
+    app.include_router(health.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    return create_app(load_settings())

@@ -1,0 +1,142 @@
+"""The service's narrow view of the Ray Jobs API (JobSubmissionClient), so the runner can be tested with a
+fake and the rest of the service never imports Ray.
+
+All calls block (the SDK uses `requests`): call them from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray cluster (its Jobs API) could not be reached."""
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    status: str               # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED (ray.job_submission.JobStatus)
+    message: str | None = None
+    exit_code: int | None = None  # the driver's exit code once it ended
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in {"STOPPED", "SUCCEEDED", "FAILED"}
+
+
+class RayJobs(Protocol):
+    def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
+               env_vars: dict[str, str], metadata: dict[str, str]) -> None: ...
+    def info(self, submission_id: str) -> RayJobInfo | None: ...   # None: Ray has no such job
+    def stop(self, submission_id: str) -> bool: ...                 # False: it had already ended
+    def logs(self, submission_id: str) -> str: ...
+    def delete(self, submission_id: str) -> None: ...
+    def ping(self) -> str: ...                                      # the cluster's Ray version
+
+
+def _not_found(exc: Exception) -> bool:
+    text = str(exc)
+    return "status code 404" in text or "does not exist" in text
+
+
+def _already_exists(exc: Exception) -> bool:
+    return "already exists" in str(exc)
+
+
+class RayJobsClient:
+    """RayJobs over a real cluster. `address` is a Jobs API URL (http://host:8265), a GCS address
+    (host:6379, resolved to the dashboard through GCS), or "" to let Ray auto-detect a local cluster."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _connect(self) -> Any:
+        from ray.job_submission import JobSubmissionClient  # imported late: the service starts fast
+
+        # JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its `address` argument;
+        # point the override at our configured address while it resolves, so an unrelated RAY_ADDRESS in
+        # the environment cannot send our jobs to another cluster.
+        saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+        try:
+            if self.address:
+                os.environ["RAY_API_SERVER_ADDRESS"] = self.address
+            return JobSubmissionClient(self.address or None)
+        except Exception as exc:  # noqa: BLE001 - any failure to connect means "unreachable" to callers
+            raise RayUnavailable(f"cannot reach the Ray Jobs API at {self.address or '(auto-detect)'}: {exc}") \
+                from exc
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+    def _call(self, what: str, fn: Any) -> Any:
+        client = self._get()
+        try:
+            return fn(client)
+        except RuntimeError:
+            raise  # the job server answered (404, 400, ...): the caller decides
+        except Exception as exc:  # noqa: BLE001 - connection errors: drop the client, reconnect next time
+            with self._lock:
+                self._client = None
+            raise RayUnavailable(f"Ray Jobs API unreachable while trying to {what}: {exc}") from exc
+
+    def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
+               env_vars: dict[str, str], metadata: dict[str, str]) -> None:
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+        try:
+            self._call("submit a job", lambda c: c.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, entrypoint_num_cpus=num_cpus,
+                runtime_env=runtime_env, metadata=metadata))
+        except RuntimeError as exc:
+            if not _already_exists(exc):  # a retry after a lost response: it is submitted, fine
+                raise
+
+    def info(self, submission_id: str) -> RayJobInfo | None:
+        try:
+            d = self._call("get a job's status", lambda c: c.get_job_info(submission_id))
+        except RuntimeError as exc:
+            if _not_found(exc):
+                return None
+            raise
+        return RayJobInfo(status=str(d.status), message=d.message,
+                          exit_code=getattr(d, "driver_exit_code", None))
+
+    def stop(self, submission_id: str) -> bool:
+        try:
+            return bool(self._call("stop a job", lambda c: c.stop_job(submission_id)))
+        except RuntimeError as exc:
+            if _not_found(exc):
+                return False
+            raise
+
+    def logs(self, submission_id: str) -> str:
+        try:
+            return str(self._call("read a job's logs", lambda c: c.get_job_logs(submission_id)))
+        except RuntimeError as exc:
+            if _not_found(exc):
+                return ""
+            raise
+
+    def delete(self, submission_id: str) -> None:
+        try:
+            self._call("delete a job", lambda c: c.delete_job(submission_id))
+        except RuntimeError as exc:
+            log.debug("Ray job %s not deleted: %s", submission_id, exc)
+
+    def ping(self) -> str:
+        return str(self._call("read the cluster version", lambda c: c.get_version()))

@@ -1,0 +1,57 @@
+"""The background task that keeps the store in step with Ray: every `interval` seconds (or at once when
+woken, e.g. after a submission) it runs `Runner.reconcile_once` in a worker thread. Started and stopped by
+the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, runner: Runner, interval_s: float) -> None:
+        self.runner, self.interval_s = runner, interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="trainctl-reconciler")
+
+    def wake(self) -> None:
+        """Ask for a pass now; safe to call from any thread."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            try:
+                # A pass that is already running in its thread finishes even when we are cancelled: the
+                # store's transactions keep it consistent either way.
+                await asyncio.to_thread(self.runner.reconcile_once)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must survive anything one pass hits
+                log.exception("reconcile pass failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+            except TimeoutError:
+                pass

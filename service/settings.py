@@ -1,0 +1,56 @@
+"""Service settings: environment variables with the TRAINCTL_ prefix, overridable by CLI flags.
+
+Built by `load_settings()` when a process starts (never at import), so tests and the CLI can build as many
+differently configured apps as they like.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINCTL_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="SQLite store, admin token, default storage")
+    storage: str = Field(default="", description="storage root URI; empty: <data_dir>/storage")
+    # Either the cluster's GCS address (host:6379, ray://...) or its dashboard / Jobs API URL
+    # (http://host:8265). Empty: `trainctl serve` starts a local head; the bare app lets Ray auto-detect.
+    ray_address: str = ""
+    ray_auth_mode: str = Field(default="disabled", pattern="^(disabled|token)$",
+                               description="RAY_AUTH_MODE for a head that `trainctl serve` starts")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
+    auth: bool = True
+    # The python that runs `-m trainer.run` on the cluster; the default suits a local cluster.
+    python: str = sys.executable
+    entrypoint_num_cpus: float = Field(default=0.5, ge=0.0)
+    reconcile_interval_s: float = Field(default=2.0, gt=0.0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def storage_root(self) -> str:
+        return self.storage or str(self.data_dir / "storage")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "trainctl.db"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; `overrides` (e.g. CLI flags) win. None values are ignored."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
