@@ -1,0 +1,116 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.cifar_files import write_cifar_python
+from trainer.data import PAD, Dataset, DataError, DeviceData, load, load_splits
+from trainer.spec import DataSpec
+
+
+def test_cifar_python_directory_loads(tmp_path):
+    root = write_cifar_python(tmp_path / "cifar", per_batch=20)
+    train = load(str(root), "auto", "train")
+    test = load(str(root), "cifar10-python", "test")
+    assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (20, 3, 32, 32) and train.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing CIFAR-10 batch file"),
+    ("garbage", "not a CIFAR-10 python batch"),
+    ("shape", "N×3072 uint8"),
+    ("label", "out of range"),
+])
+def test_corrupt_cifar_python_fails_clearly(tmp_path, damage, message):
+    root = write_cifar_python(tmp_path / "cifar", per_batch=4)
+    victim = root / "data_batch_3"
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "garbage":
+        victim.write_bytes(b"this is not a pickle")
+    elif damage == "shape":
+        victim.write_bytes(pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}))
+    else:
+        victim.write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 12]}))
+    with pytest.raises(DataError, match=message) as info:
+        load(str(root), "cifar10-python", "train")
+    if damage != "label":
+        assert "data_batch_3" in str(info.value)
+
+
+def test_parquet_slice_of_the_real_dataset(cifar_parquet):
+    data = load(str(cifar_parquet), "auto", limit=300)
+    assert data.images.shape == (300, 3, 32, 32)
+    assert 0 <= int(data.labels.min()) and int(data.labels.max()) <= 9
+    assert len(set(data.labels.tolist())) == 10  # the file is shuffled: a prefix holds every class
+
+
+def test_bad_parquet_fails_clearly(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"img": [{"bytes": b"not a jpeg", "path": "x.jpg"}], "label": [3]}), bad)
+    with pytest.raises(DataError, match="row 0: undecodable image"):
+        load(str(bad))
+    with pytest.raises(DataError, match="file not found"):
+        load(str(tmp_path / "nope.parquet"))
+
+
+def test_seeded_split_and_max_train_images(tmp_path):
+    root = write_cifar_python(tmp_path / "cifar", per_batch=40)
+    spec = DataSpec(train=str(root), val_fraction=0.2, max_train_images=120)
+    train, val = load_splits(spec, seed=1, num_classes=10)
+    again, _ = load_splits(spec, seed=1, num_classes=10)
+    assert len(train) == 120 and len(val) == 30
+    assert torch.equal(train.images, again.images)
+
+
+def tagged_dataset(n: int) -> Dataset:
+    """Image i has the constant pixel value i % 251 + 1 and label i: crops never lose the tag."""
+    images = (torch.arange(n) % 251 + 1).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
+    return Dataset(images, torch.arange(n))
+
+
+def test_every_image_is_seen_once_per_epoch_across_ranks():
+    n, world, batch = 103, 2, 8
+    data = DeviceData(tagged_dataset(n), torch.device("cpu"), channels_last=False)
+    seen = []
+    steps = []
+    for rank in range(world):
+        batches = list(data.train_batches(epoch=3, seed=0, rank=rank, world=world, local_batch=batch))
+        steps.append(len(batches))
+        seen += [int(v) for _, y in batches for v in y]
+    assert steps[0] == steps[1] == data.steps_per_epoch(batch, world)
+    assert set(seen) == set(range(n)) and len(seen) == 104  # one image padded in, as DistributedSampler
+    other_epoch = [int(v) for _, y in data.train_batches(epoch=4, seed=0, rank=0, world=world, local_batch=batch)
+                   for v in y]
+    assert other_epoch != seen[:len(other_epoch)]
+
+
+def test_augmentation_is_a_crop_with_zero_padding_and_a_flip():
+    # one image whose columns are numbered: a crop shifts them, a flip reverses them
+    img = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    img[..., :] = torch.arange(1, 33, dtype=torch.uint8)
+    data = DeviceData(Dataset(img.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.int64)),
+                      torch.device("cpu"), channels_last=False)
+    gen = torch.Generator().manual_seed(0)
+    out = data._augment(data.padded, gen)
+    assert out.shape == (64, 3, 32, 32)
+    flipped = 0
+    for crop in out[:, 0, 16]:  # the middle row of channel 0
+        values = [int(v) for v in crop if v > 0]
+        zeros = 32 - len(values)
+        assert zeros <= PAD and values in (list(range(values[0], values[0] + len(values))),
+                                           list(range(values[0], values[0] - len(values), -1)))
+        flipped += values[0] > values[-1]
+    assert 10 < flipped < 54  # about half are flipped
+
+
+def test_eval_batches_cover_each_image_once():
+    data = DeviceData(tagged_dataset(37), torch.device("cpu"), channels_last=True)
+    labels = [int(v) for rank in range(3) for _, y in data.eval_batches(rank, 3, 5) for v in y]
+    assert sorted(labels) == list(range(37))
+    x, _ = next(data.eval_batches(0, 1, 5))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32

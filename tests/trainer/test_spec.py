@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from trainer.spec import PRESETS, JobSpec, error_list, parse_override, resolve
+
+
+def fields(exc: ValidationError) -> set[str]:
+    return {e["field"] for e in error_list(exc)}
+
+
+def test_defaults_are_the_paper_recipe():
+    assert resolve("paper") == JobSpec()
+    spec = JobSpec()
+    assert spec.model.widths == [32, 64, 256, 256] and spec.model.blocks == [2, 2, 2, 2]
+    assert (spec.optim.lr, spec.optim.momentum, spec.optim.weight_decay) == (0.05, 0.9, 1e-3)
+    assert (spec.optim.label_smoothing, spec.optim.batch_size, spec.optim.epochs) == (0.1, 512, 200)
+    assert (spec.schedule.kind, spec.schedule.t0, spec.schedule.t_mult) == ("cosine_warm_restarts", 10, 2)
+
+
+def test_presets_resolve_with_overrides():
+    spec = resolve("debug", {"optim.epochs": 3, "model.dropout": 0.2})
+    assert spec.optim.epochs == 3 and spec.model.dropout == 0.2
+    assert spec.model.widths == PRESETS["debug"]["model"]["widths"]
+    # the resolved spec round-trips through JSON unchanged (what the worker re-validates)
+    assert JobSpec.model_validate_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"optim.lr": 0}, "optim.lr"),
+    ({"optim.lr": "fast"}, "optim.lr"),
+    ({"optim.batch_size": 63}, "optim.batch_size"),  # not divisible by 2 workers
+    ({"model.blocks": [1, 1, 1]}, "model.blocks"),   # 4 widths, 3 stages
+    ({"model.se_reduction": 64}, "model.se_reduction"),
+    ({"data.val_fraction": 0.7}, "data.val_fraction"),
+    ({"data.max_train_images": 10}, "data.max_train_images"),
+    ({"schedule.kind": "step"}, "schedule.kind"),
+    ({"optim.learning_rate": 0.1}, "optim.learning_rate"),  # extra="forbid"
+    ({"precision": "fp16"}, "precision"),
+    ({"scaling.num_workers": 0}, "scaling.num_workers"),
+    ({"model.dropout": 1.0}, "model.dropout"),
+])
+def test_errors_name_their_field(overrides, field):
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", overrides)
+    assert field in fields(info.value), error_list(info.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValidationError) as info:
+        resolve("huge")
+    assert fields(info.value) == {"preset"}
+    assert "debug" in error_list(info.value)[0]["message"]
+
+
+def test_search_paths_are_checked_against_the_schema():
+    ok = resolve("debug", {"search": {"space": {"optim.lr": {"loguniform": [1e-3, 0.5]},
+                                                  "schedule.kind": {"choice": ["cosine", "onecycle"]}}}})
+    assert ok.search.num_samples == 4
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", {"search": {"space": {"optim.nope": {"grid": [1, 2]},
+                                                "model.dropout": {"uniform": [0.0, 1.5]},
+                                                "schedule.kind": {"choice": ["cosine", "linear"]}}}})
+    assert fields(info.value) == {"search.space.optim.nope", "search.space.model.dropout",
+                                  "search.space.schedule.kind"}
+
+
+def test_parse_override():
+    assert parse_override("optim.lr=0.1") == ("optim.lr", 0.1)
+    assert parse_override("model.widths=[8,8]") == ("model.widths", [8, 8])
+    assert parse_override("data.train=/x/y.parquet") == ("data.train", "/x/y.parquet")
+    with pytest.raises(ValueError, match="path=value"):
+        parse_override("optim.lr")
+
+
+def test_spec_module_imports_only_pydantic():
+    import ast
+    import pathlib
+    import trainer.spec
+    tree = ast.parse(pathlib.Path(trainer.spec.__file__).read_text())
+    roots = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert roots <= {"__future__", "copy", "json", "math", "typing", "pydantic", "pydantic_core"}, roots
+    json.dumps(JobSpec().model_dump(mode="json"))

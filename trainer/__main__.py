@@ -1,0 +1,80 @@
+"""`python -m trainer describe | evaluate | predict` — the trainer's small command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import ValidationError
+
+from trainer.spec import PRESETS, error_list, parse_override, resolve
+
+
+def describe(args: argparse.Namespace) -> int:
+    import yaml
+    from trainer.model import build_model, count_parameters
+    base = None
+    if args.spec:
+        with open(args.spec) as f:
+            base = yaml.safe_load(f) or {}
+    spec = resolve(args.preset, dict(parse_override(s) for s in args.set), base=base)
+    print(json.dumps({"spec": spec.model_dump(mode="json"),
+                      "num_parameters": count_parameters(build_model(spec.model))}, indent=2))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, args.split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy {result['accuracy']:.4f} on {result['n']} images")
+        for name, acc in result["per_class"].items():
+            print(f"  {name:<11} {acc:.4f}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from trainer.evaluate import predict_to_csv
+    n = predict_to_csv(args.checkpoint, args.input, args.out)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("describe", help="print the resolved spec and the model's parameter count")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--spec", help="a YAML or JSON spec file (overrides go on top)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
+    p.set_defaults(func=describe)
+    p = sub.add_parser("evaluate", help="accuracy (overall and per class) of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder): path or URI")
+    p.add_argument("--data", help="dataset path or URI (default with --split val: the run's data.train)")
+    p.add_argument("--format", default="auto", choices=["auto", "cifar10-python", "parquet", "torchvision"])
+    p.add_argument("--split", default="all", choices=["all", "train", "test", "val"],
+                   help="val = the run's own seeded validation split")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=evaluate)
+    p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="pickle with b'data' N×32×32×3 uint8 and b'ids'")
+    p.add_argument("--out", required=True, help="CSV path or URI")
+    p.set_defaults(func=predict)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        for e in error_list(exc):
+            print(f"error: {e['field']}: {e['message']}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Offline use of a checkpoint: accuracy on a dataset, and predictions in the paper's Kaggle format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+import objstore
+from trainer import checkpoint as ckpt
+from trainer.data import DataError, Dataset, images_to_batches, load, load_splits
+from trainer.model import build_model
+from trainer.spec import JobSpec
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_model(checkpoint_uri: str, expected_sha256: str | None = None) -> tuple[torch.nn.Module, JobSpec]:
+    state = ckpt.load(checkpoint_uri, expected_sha256)
+    spec = JobSpec.model_validate_json(state["spec"])
+    model = build_model(spec.model)
+    model.load_state_dict(state["model"])
+    return model.eval(), spec
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([model(x) for x in images_to_batches(images, torch.device("cpu"), False, batch)])
+
+
+def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: str = "auto",
+                        split: str = "all", expected_sha256: str | None = None) -> dict[str, Any]:
+    """{"accuracy", "per_class", "n"}. split: `val` rebuilds the run's own seeded validation split (so the
+    figure matches the reported val_acc), `test` reads a CIFAR-10 directory's test_batch, `train`/`all`
+    read every image of the source."""
+    model, spec = load_model(checkpoint_uri, expected_sha256)
+    if split == "val":
+        data_spec = spec.data if data_uri is None else spec.data.model_copy(update={"train": data_uri})
+        data = load_splits(data_spec, spec.seed, spec.model.num_classes)[1]
+    else:
+        if data_uri is None:
+            raise DataError("evaluate needs --data unless --split val")
+        data = load(data_uri, fmt, "test" if split == "test" else "train", spec.model.num_classes)
+    return accuracy(model, data, spec.model.num_classes)
+
+
+def accuracy(model: torch.nn.Module, data: Dataset, num_classes: int) -> dict[str, Any]:
+    pred = predict_logits(model, data.images).argmax(1)
+    correct = pred == data.labels
+    per_class = {}
+    for c in range(num_classes):
+        mask = data.labels == c
+        if mask.any():
+            name = CLASSES[c] if num_classes == len(CLASSES) else str(c)
+            per_class[name] = float(correct[mask].float().mean())
+    return {"accuracy": float(correct.float().mean()), "per_class": per_class, "n": len(data)}
+
+
+def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
+    """The paper's Kaggle format: a pickle with b'data' (N×32×32×3 uint8) and b'ids' → CSV `ID,Labels`."""
+    try:
+        batch = pickle.load(io.BytesIO(objstore.read_bytes(input_uri)), encoding="bytes")
+        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means bad input
+        raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
+    if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
+        raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
+                        f"got {data.dtype} {data.shape} and {len(ids)} ids")
+    model, _ = load_model(checkpoint_uri)
+    images = torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous()
+    labels = predict_logits(model, images).argmax(1).tolist()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ID", "Labels"])
+    writer.writerows((int(i) if not isinstance(i, bytes) else i.decode(), lab) for i, lab in zip(ids, labels))
+    objstore.write_text(out_uri, out.getvalue())
+    return len(labels)

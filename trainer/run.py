@@ -1,0 +1,199 @@
+"""`python -m trainer.run --job-dir URI`: run (or resume) the job whose spec.json lies in URI.
+
+The job dir's name is the Ray Train run name and the job dir is its storage path, so running this again on
+the same job dir resumes from the latest checkpoint; it never starts over from epoch 0. At the end it
+writes summary.json (docs/architecture.md) and exits 0 (succeeded), 2 (the spec or data is wrong: do not
+retry), 3 (storage unreachable) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+import objstore
+from trainer import checkpoint as ckpt
+from trainer.data import DataError
+from trainer.spec import JobSpec
+
+log = logging.getLogger("trainer.run")
+
+EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_STORAGE = 0, 1, 2, 3
+# Forwarded to every Ray worker: storage endpoints and credentials are process environment, not config.
+FORWARDED_ENV_PREFIXES = ("TRAINCTL_", "AWS_")
+
+
+class UserError(ValueError):
+    """The job's spec or data is wrong: retrying cannot help."""
+
+
+def read_spec(job_dir: str) -> JobSpec:
+    uri = objstore.join(job_dir, "spec.json")
+    if not objstore.exists(uri):
+        raise UserError(f"{uri} does not exist: the job dir must hold the job's spec.json")
+    try:
+        return JobSpec.model_validate_json(objstore.read_text(uri))
+    except ValueError as exc:
+        raise UserError(f"{uri}: invalid spec: {exc}") from exc
+
+
+def init_ray() -> None:
+    """Attach to the cluster in RAY_ADDRESS (a Ray Job's driver always has it); with none (or `local`),
+    start a private single-node cluster on 127.0.0.1 rather than attaching to whatever runs here."""
+    import ray
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    runtime_env = {"env_vars": env} if env else None
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and address != "local":
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env=runtime_env)
+
+
+def use_gpu(spec: JobSpec) -> bool:
+    if spec.scaling.use_gpu is not None:
+        return spec.scaling.use_gpu
+    import ray
+    return ray.cluster_resources().get("GPU", 0) >= spec.scaling.num_workers
+
+
+def preflight(spec: JobSpec) -> None:
+    """Fail fast, in the driver, on data that cannot work (missing file, wrong layout), instead of
+    letting every worker restart hit the same error."""
+    from trainer.data import load
+    load(spec.data.train, spec.data.format, "train", spec.model.num_classes, limit=16)
+    if spec.data.test:
+        load(spec.data.test, spec.data.format, "test", spec.model.num_classes, limit=16)
+
+
+def fit_single(spec: JobSpec, job_dir: str) -> None:
+    """One TorchTrainer run whose checkpoints land in job_dir/<job id>/epoch_NNNN/."""
+    from ray.train.torch import TorchTrainer
+
+    from trainer.loop import RunPaths, train_loop_per_worker
+    name = job_dir.rstrip("/").rsplit("/", 1)[-1]
+    paths = RunPaths(metrics=objstore.join(job_dir, "metrics.jsonl"), manifest_dir=job_dir,
+                     run_dir=objstore.join(job_dir, name))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict()},
+        scaling_config=scaling_config(spec),
+        run_config=run_config(spec, job_dir, name),
+    )
+    trainer.fit()
+
+
+def scaling_config(spec: JobSpec) -> Any:
+    from ray.train import ScalingConfig
+    return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu(spec),
+                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker})
+
+
+def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] | None = None) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    storage_path, filesystem = objstore.ray_storage(storage_uri)
+    return RunConfig(
+        name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks,
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_best,
+                                           checkpoint_score_attribute="val_acc",
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+    )
+
+
+def test_accuracy(spec: JobSpec, best: dict[str, Any]) -> float | None:
+    if not spec.data.test:
+        return None
+    from trainer.evaluate import evaluate_checkpoint
+    return evaluate_checkpoint(best["uri"], spec.data.test, spec.data.format, split="test",
+                               expected_sha256=best["sha256"])["accuracy"]
+
+
+def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseException | None,
+              error_kind: str | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"state": "failed" if error else "succeeded", "best_val_acc": None,
+                               "best_checkpoint": None, "best_checkpoint_sha256": None,
+                               "best_checkpoint_size": None, "epochs_completed": 0, "num_parameters": None,
+                               "test_acc": None, "wall_seconds": round(time.time() - started, 3),
+                               "error": None if error is None else f"{type(error).__name__}: {error}",
+                               "error_kind": error_kind}
+    if spec is None:
+        return summary
+    from trainer.model import build_model, count_parameters
+    summary["num_parameters"] = count_parameters(build_model(spec.model))
+    try:
+        manifest = ckpt.read_manifest(job_dir)
+        best = ckpt.best(manifest)
+        summary["epochs_completed"] = manifest.get("latest_epoch") or 0
+        metrics_uri = objstore.join(job_dir, "metrics.jsonl")
+        if objstore.exists(metrics_uri):
+            lines = [json.loads(x) for x in objstore.read_text(metrics_uri).splitlines() if x.strip()]
+            summary["epochs_completed"] = max([summary["epochs_completed"], *(m["epoch"] for m in lines)])
+        if best:
+            summary.update(best_val_acc=best["val_acc"], best_checkpoint=best["uri"],
+                           best_checkpoint_sha256=best["sha256"], best_checkpoint_size=best["size"])
+            if error is None:
+                summary["test_acc"] = test_accuracy(spec, best)
+    except objstore.StorageUnavailable as exc:
+        summary.update(state="failed", error=str(exc), error_kind="storage")
+    return summary
+
+
+def classify(exc: BaseException) -> tuple[str, int]:
+    """(error_kind, exit code) for a failure, looking through Ray's wrappers at the worker's error text."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (UserError, DataError)) or "DataError" in text or "UserError" in text:
+        return "user", EXIT_USER
+    if isinstance(exc, objstore.StorageUnavailable) or "StorageUnavailable" in text:
+        return "storage", EXIT_STORAGE
+    return "infra", EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--job-dir", required=True, help="local path or s3:// URI holding spec.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    job_dir, started = args.job_dir.rstrip("/"), time.time()
+    spec: JobSpec | None = None
+    error: BaseException | None = None
+    kind, code = None, EXIT_OK
+    try:
+        spec = read_spec(job_dir)
+        preflight(spec)
+        init_ray()
+        if spec.search is not None:
+            from trainer.tune import fit_search
+            fit_search(spec, job_dir)
+        else:
+            fit_single(spec, job_dir)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end in summary.json
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        error = exc
+        kind, code = classify(exc)
+        log.error("job failed (%s): %s", kind, "".join(traceback.format_exception(exc))[-4000:])
+    summary = summarize(spec, job_dir, started, error, kind)
+    if summary["state"] == "failed" and code == EXIT_OK:
+        code = EXIT_STORAGE
+    try:
+        objstore.write_text(objstore.join(job_dir, "summary.json"), json.dumps(summary, indent=2))
+    except objstore.StorageUnavailable as exc:
+        log.error("could not write summary.json: %s", exc)
+        code = EXIT_STORAGE
+    print(json.dumps({k: summary[k] for k in ("state", "best_val_acc", "epochs_completed", "error")}))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
