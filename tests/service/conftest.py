@@ -1,7 +1,7 @@
 """Fixtures for the service tests.
 
 Unit tests: `api` = the real app (real SQLite in tmp_path, real local storage) over a FakeRay, driven
-through FastAPI's TestClient; the reconciler's interval is an hour, so tests run `reconcile()` themselves.
+through FastAPI's TestClient; its background reconciler is stopped, so tests run `reconcile()` themselves.
 
 End-to-end tests: `service` = a real `trainctl serve` process on a free 127.0.0.1 port attached to the
 session's Ray head (tests/plugins/ray_cluster.py), talking real HTTP; see e2e helpers below.
@@ -74,6 +74,8 @@ def make_api(tmp_path: Path) -> Iterator[Any]:
         client = TestClient(create_app(settings, ray=ray), raise_server_exceptions=False)
         client.__enter__()
         opened.append(client)
+        # The tests drive reconciliation themselves (Api.reconcile), deterministically.
+        client.portal.call(client.app.state.trainctl.reconciler.stop)
         token = settings.admin_token_path.read_text().strip() if settings.auth else ""
         return Api(client, settings, ray, token)
 

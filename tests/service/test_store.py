@@ -1,0 +1,111 @@
+"""The job store and the state machine: transitions, idempotency keys, tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.states import InvalidTransition, JobState, can_transition
+from service.store import IdempotencyConflict, Store, TokenNameTaken
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "t.db")
+    s.create_schema()
+    yield s
+    s.close()
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for old in JobState:
+        for new in JobState:
+            if old.is_terminal():
+                assert not can_transition(old, new)
+    assert can_transition(JobState.QUEUED, JobState.CANCELLED)
+    assert not can_transition(JobState.QUEUED, JobState.RUNNING)  # must be submitted (STARTING) first
+    assert not can_transition(JobState.RUNNING, JobState.QUEUED)
+
+
+def test_happy_path_and_terminal_is_final(store: Store) -> None:
+    job, created = store.create_job("alice", {"optim": {"epochs": 1}})
+    assert created and job.state is JobState.QUEUED and job.attempts == 0
+    store.transition(job.id, JobState.STARTING, ray_submission_id=f"{job.id}-1", attempts=1)
+    store.transition(job.id, JobState.RUNNING)
+    done = store.transition(job.id, JobState.SUCCEEDED, best_val_acc=0.5)
+    assert done.state is JobState.SUCCEEDED and done.best_val_acc == 0.5 and done.updated_at >= job.created_at
+    for new in JobState:
+        with pytest.raises(InvalidTransition):
+            store.transition(job.id, new)
+    assert store.update(job.id, message="late") is None  # a finished record is final
+    assert store.get(job.id).message is None
+
+
+def test_transition_checks_expected_state(store: Store) -> None:
+    job, _ = store.create_job("alice", {})
+    store.transition(job.id, JobState.CANCELLED, expect={JobState.QUEUED})
+    with pytest.raises(InvalidTransition):
+        store.transition(job.id, JobState.STARTING, expect={JobState.QUEUED})
+    with pytest.raises(KeyError):
+        store.transition("nope", JobState.CANCELLED)
+    with pytest.raises(ValueError):
+        store.update(job.id, state="RUNNING")
+
+
+def test_ids_are_random_and_url_safe(store: Store) -> None:
+    ids = {store.create_job("a", {})[0].id for _ in range(20)}
+    assert len(ids) == 20
+    assert all(len(i) >= 20 and all(c.isalnum() or c in "-_" for c in i) for i in ids)
+
+
+def test_idempotency_key(store: Store) -> None:
+    a, created_a = store.create_job("alice", {"x": 1}, "k1", "h1")
+    b, created_b = store.create_job("alice", {"x": 1}, "k1", "h1")
+    assert created_a and not created_b and a.id == b.id
+    with pytest.raises(IdempotencyConflict):
+        store.create_job("alice", {"x": 2}, "k1", "h2")
+    c, created_c = store.create_job("bob", {"x": 2}, "k1", "h2")  # keys are per owner
+    assert created_c and c.id != a.id
+
+
+def test_list_filters_and_pages(store: Store) -> None:
+    ids = [store.create_job("alice", {})[0].id for _ in range(5)]
+    store.create_job("bob", {})
+    store.transition(ids[0], JobState.CANCELLED)
+    page, total = store.list(owner="alice", limit=2, offset=0)
+    assert total == 5 and [j.id for j in page] == ids[::-1][:2]  # newest first
+    page, total = store.list(owner="alice", limit=2, offset=4)
+    assert [j.id for j in page] == [ids[0]]
+    queued, total = store.list(owner="alice", states=[JobState.QUEUED])
+    assert total == 4 and ids[0] not in {j.id for j in queued}
+    assert [j.id for j in store.queued_in_order()][:4] == ids[1:]  # oldest first
+
+
+def test_delete_only_terminal(store: Store) -> None:
+    job, _ = store.create_job("alice", {})
+    assert not store.delete(job.id)
+    store.transition(job.id, JobState.CANCELLED)
+    assert store.delete(job.id) and store.get(job.id) is None
+
+
+def test_tokens(store: Store) -> None:
+    assert not store.has_admin_token()
+    store.add_token("admin", "h" * 64, is_admin=True)
+    store.add_token("bob", "b" * 64)
+    assert store.has_admin_token()
+    assert store.token_owner("b" * 64) == ("bob", False)
+    assert store.token_owner("x" * 64) is None
+    with pytest.raises(TokenNameTaken):
+        store.add_token("bob", "c" * 64)
+
+
+def test_schema_survives_reopen(tmp_path: Path) -> None:
+    s = Store(tmp_path / "t.db")
+    s.create_schema()
+    job, _ = s.create_job("alice", {"a": [1, 2]})
+    s.close()
+    s2 = Store(tmp_path / "t.db")
+    s2.create_schema()  # idempotent on an existing file
+    assert s2.get(job.id).spec == {"a": [1, 2]}
+    s2.close()
