@@ -89,10 +89,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype = resolve_precision(spec, device)
 
     start_epoch, history = 1, []
-    resume_from = ray.train.get_checkpoint()
-    if resume_from is not None:
-        with resume_from.as_directory() as d:
-            state = ckpt.load(d)
+    state = _resume_state(paths, ray.train.get_checkpoint())
+    if state is not None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -186,6 +184,24 @@ def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: in
         "uri": objstore.join(paths.run_dir, dir_name, ckpt.FILENAME), "sha256": sha256, "size": size,
     }, spec.checkpoint.keep_best)
     ckpt.remove_orphans(paths.run_dir, manifest)
+
+
+def _resume_state(paths: RunPaths, ray_checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
+    """The newest trustworthy checkpoint: Ray Train's (from its run snapshot), or the manifest's latest
+    when that is newer — a driver killed between the upload and Ray registering it would otherwise lose
+    an epoch. The manifest's file is used only if its sha256 matches."""
+    state = None
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as d:
+            state = ckpt.load(d)
+    entries = ckpt.read_manifest(paths.manifest_dir)["checkpoints"]
+    latest = max(entries, key=lambda e: e["epoch"]) if entries else None
+    if latest is not None and (state is None or latest["epoch"] > int(state["epoch"])):
+        try:
+            state = ckpt.load(latest["uri"], latest["sha256"])
+        except (ckpt.CheckpointCorrupt, FileNotFoundError, OSError) as exc:
+            print(f"not resuming from {latest['uri']}: {exc}", flush=True)
+    return state
 
 
 def _read_metrics(uri: str) -> list[dict[str, Any]]:

@@ -1,0 +1,43 @@
+"""Helpers to create job dirs and run `python -m trainer.run` against the session's Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.spec import resolve
+
+
+def make_job_dir(root: Path, name: str, overrides: dict[str, Any]) -> Path:
+    job_dir = root / name
+    job_dir.mkdir(parents=True)
+    (job_dir / "spec.json").write_text(resolve("debug", overrides).to_json())
+    return job_dir
+
+
+def start_run(job_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(job_dir.parent / f"{job_dir.name}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run(job_dir: Path, env: dict[str, str], timeout: float = 300) -> int:
+    proc = start_run(job_dir, env)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def log_tail(job_dir: Path) -> str:
+    log = job_dir.parent / f"{job_dir.name}.log"
+    return log.read_text()[-4000:] if log.exists() else ""

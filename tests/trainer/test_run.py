@@ -1,0 +1,132 @@
+"""End to end through a real Ray cluster: `python -m trainer.run` on the real CIFAR-10 parquet."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.cifar_files import write_cifar_python, write_kaggle_input
+from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run
+from trainer import checkpoint as ckpt
+
+pytestmark = pytest.mark.ray
+
+# Enough images that 3 epochs of the debug model land far above chance (measured: ~0.29 val_acc).
+LEARNS = {"data.max_train_images": 2048, "optim.epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def trained_job(ray_head, cifar_parquet, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("jobs")
+    test_dir = write_cifar_python(root / "cifar-test", per_batch=30)
+    job_dir = make_job_dir(root, "learns", {**LEARNS, "data.train": str(cifar_parquet),
+                                             "data.test": str(test_dir), "checkpoint.keep_best": 1})
+    code = run(job_dir, ray_head.env())
+    assert code == 0, log_tail(job_dir)
+    return job_dir
+
+
+def test_two_worker_ddp_run_learns_and_writes_its_files(trained_job):
+    summary = json.loads((trained_job / "summary.json").read_text())
+    metrics = read_jsonl(trained_job / "metrics.jsonl")
+    assert summary["state"] == "succeeded" and summary["error"] is None
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["val_acc"] > 0.2, metrics  # chance is 0.1
+    assert summary["best_val_acc"] == max(m["val_acc"] for m in metrics)
+    assert summary["epochs_completed"] == 3 and summary["num_parameters"] == 40896
+    assert summary["test_acc"] is not None and 0.0 <= summary["test_acc"] <= 1.0
+    assert all(len(set(m["node_ids"])) == 1 and len(m["node_ids"]) == 2 for m in metrics)
+    for key in ("train_loss", "train_acc", "val_loss", "lr", "images_per_s", "epoch_seconds"):
+        assert isinstance(metrics[-1][key], float), key
+
+
+def test_manifest_checksums_and_retention(trained_job):
+    manifest = json.loads((trained_job / "manifest.json").read_text())
+    entries = manifest["checkpoints"]
+    assert manifest["latest_epoch"] == 3
+    # keep_best=1 plus the latest: one or two checkpoints, and exactly those folders on disk
+    expected = {e["epoch"] for e in ckpt.kept(entries, 1)}
+    assert {e["epoch"] for e in entries} == expected and 3 in expected and len(expected) <= 2
+    for e in entries:
+        data = Path(e["uri"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["size"]
+    time.sleep(2)  # Ray Train deletes old checkpoints asynchronously
+    on_disk = {p.name for p in (trained_job / trained_job.name).glob("epoch_*")}
+    assert on_disk == {f"epoch_{e:04d}" for e in expected}
+
+
+def test_best_checkpoint_reproduces_val_acc_in_a_fresh_process(trained_job):
+    summary = json.loads((trained_job / "summary.json").read_text())
+    out = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--checkpoint", summary["best_checkpoint"],
+                          "--split", "val", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert abs(result["accuracy"] - summary["best_val_acc"]) <= 0.005, (result, summary)
+    assert set(result["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                        "horse", "ship", "truck"}
+
+
+def test_predict_writes_kaggle_csv(trained_job, tmp_path):
+    summary = json.loads((trained_job / "summary.json").read_text())
+    pkl = write_kaggle_input(tmp_path / "test.pkl", n=12)
+    out = tmp_path / "pred.csv"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", summary["best_checkpoint"],
+                           "--input", str(pkl), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["ID", "Labels"] and len(rows) == 13
+    assert [int(r[0]) for r in rows[1:]] == list(range(100, 112))
+    assert all(0 <= int(r[1]) <= 9 for r in rows[1:])
+
+
+def test_corrupt_checkpoint_is_detected(trained_job, tmp_path):
+    summary = json.loads((trained_job / "summary.json").read_text())
+    damaged = tmp_path / "checkpoint.pt"
+    data = bytearray(Path(summary["best_checkpoint"]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointCorrupt, match="does not match"):
+        ckpt.load(str(damaged), summary["best_checkpoint_sha256"])
+
+
+def test_killed_run_resumes_from_its_checkpoint(ray_head, cifar_parquet, tmp_path):
+    job_dir = make_job_dir(tmp_path, "resume", {"data.train": str(cifar_parquet), "optim.epochs": 5,
+                                                "data.max_train_images": 2048})
+    proc = start_run(job_dir, ray_head.env())
+    manifest = job_dir / "manifest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["latest_epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be stopped: " + log_tail(job_dir)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its Ray Train workers die with it
+    proc.wait()
+    stopped_at = json.loads(manifest.read_text())["latest_epoch"]
+    assert stopped_at < 5
+
+    assert run(job_dir, ray_head.env()) == 0, log_tail(job_dir)
+    metrics = read_jsonl(job_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]  # every epoch exactly once
+    resumed = [m["epoch"] for m in metrics if m["resumed"]]
+    # it continued right after the last checkpoint the manifest recorded: no finished epoch was lost
+    assert resumed == [stopped_at + 1], (resumed, stopped_at)
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["state"] == "succeeded" and summary["epochs_completed"] == 5
+
+
+def test_bad_data_fails_fast_as_a_user_error(ray_head, tmp_path):
+    job_dir = make_job_dir(tmp_path, "baddata", {"data.train": str(tmp_path / "missing.parquet")})
+    assert run(job_dir, ray_head.env(), timeout=120) == 2
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["state"] == "failed" and summary["error_kind"] == "user"
+    assert "missing.parquet" in summary["error"]
