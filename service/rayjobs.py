@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,7 +89,11 @@ class RayJobsClient:
         client = self._get()
         try:
             return fn(client)
-        except RuntimeError:
+        except RuntimeError as exc:
+            # A 5xx is the cluster not being ready ("No available agent to submit job, please try again
+            # later" right after a head starts): transient, like a connection error.
+            if re.search(r"status code 5\d\d", str(exc)):
+                raise RayUnavailable(f"Ray Jobs API error while trying to {what}: {exc}") from exc
             raise  # the job server answered (404, 400, ...): the caller decides
         except Exception as exc:  # noqa: BLE001 - connection errors: drop the client, reconnect next time
             with self._lock:

@@ -57,7 +57,7 @@ class Runner:
                     return
                 try:
                     self._submit(job, attempt=1, reason="submitted")
-                except RayUnavailable as exc:
+                except (RayUnavailable, objstore.StorageUnavailable) as exc:
                     log.warning("job %s stays queued: %s", job.id, exc)
                     return  # the next round tries again, in the same order
                 except InvalidTransition:
