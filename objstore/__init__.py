@@ -13,12 +13,14 @@ Every read and write goes through `retrying`, so a storage outage costs bounded 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 import pyarrow.fs as pafs
@@ -34,22 +36,39 @@ class StorageUnavailable(RuntimeError):
 
 
 def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    return uri[:5].lower() == "s3://"
+
+
+def _reject(uri: str, why: str) -> ValueError:
+    return ValueError(f"storage URI {redact(uri)!r}: {why}")
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a storage URI or local path."""
-    if is_s3(uri):
-        parsed = urllib.parse.urlparse(uri)
-        if parsed.query or "@" in parsed.netloc:
-            raise ValueError(f"storage URI {redact(uri)!r}: put the endpoint in TRAINCTL_S3_ENDPOINT and "
-                             "credentials in AWS_* variables, not in the URI")
-        path = (parsed.netloc + parsed.path).rstrip("/")
-        return s3_filesystem(), path
-    if uri.startswith("file://"):
-        uri = urllib.parse.urlparse(uri).path
+    """(filesystem, path inside it) for a storage URI or local path.
+
+    Raises ValueError for URIs that carry credentials, a query string or a fragment (the endpoint belongs in
+    TRAINCTL_S3_ENDPOINT, credentials in AWS_* variables), for `s3://` without a bucket, for `file://` with a
+    remote host, and for other schemes. Error messages never repeat the secret part of the URI."""
     if "://" in uri:
-        raise ValueError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
+        try:
+            # urlsplit, not urlparse: `;` is an ordinary character in an object key, not a params separator.
+            parsed = urllib.parse.urlsplit(uri)
+        except ValueError as exc:
+            raise _reject(uri, f"not a valid URI ({exc})") from None
+        scheme = parsed.scheme.lower()
+        if scheme not in ("s3", "file"):
+            raise _reject(uri, "unsupported scheme: use a local path, file:// or s3://")
+        if "@" in parsed.netloc or parsed.query or parsed.fragment or "?" in uri or "#" in uri:
+            raise _reject(uri, "credentials, query strings and fragments are not allowed in storage URIs: put "
+                               "the endpoint in TRAINCTL_S3_ENDPOINT and credentials in AWS_* variables")
+        if scheme == "s3":
+            if not parsed.netloc:
+                raise _reject(uri, "no bucket: use s3://bucket/prefix")
+            path = (parsed.netloc + parsed.path).rstrip("/")
+            return s3_filesystem(), path
+        if parsed.netloc not in ("", "localhost"):
+            raise _reject(uri, "file:// URIs name a local path: use file:///abs/path")
+        uri = urllib.parse.unquote(parsed.path)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
@@ -70,6 +89,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         kwargs["access_key"], kwargs["secret_key"] = key, secret
+        # Temporary (STS) credentials are useless without their token; pyarrow does not read it from the
+        # environment once keys are passed explicitly.
+        if token := os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = token
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -78,28 +101,62 @@ def join(uri: str, *parts: str) -> str:
 
 
 def redact(uri: str) -> str:
-    """A URI safe to log: userinfo and query strings removed."""
-    parsed = urllib.parse.urlparse(uri)
-    if not parsed.scheme:
+    """A URI safe to log: userinfo, query string and fragment removed. Never raises."""
+    if "://" not in uri:
         return uri
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+    except ValueError:
+        # Unparseable (e.g. a stray `[`): cut by hand.
+        scheme, rest = uri.split("://", 1)
+        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}://{netloc.rsplit('@', 1)[-1]}{slash}{path}"
     netloc = parsed.netloc.rsplit("@", 1)[-1]
-    return urllib.parse.urlunparse((parsed.scheme, netloc, parsed.path, "", "", ""))
+    return f"{parsed.scheme}://{netloc}{parsed.path}"
 
 
 # --- retries ------------------------------------------------------------------------------------------
 
+# pyarrow's S3 errors read "When <doing X> for key '<key>' in bucket '<b>': AWS Error <CODE> [(HTTP status N)]
+# during <Op> operation: ...". Classify by the AWS error code and HTTP status, never by words that could
+# come from a key or bucket name (a job called "network-test" must not turn AccessDenied into a retry).
+_AWS_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))?")
+_TRANSIENT_AWS_CODES = {"NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING", "REQUEST_TIMEOUT",
+                        "INTERNAL_FAILURE", "REQUEST_LIMIT_EXCEEDED"}
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE}
+_TRANSIENT_WORDS = ("connect", "timeout", "timed out", "unreachable", "curl", "network", "broken pipe",
+                    "connection reset", "slowdown", "temporarily", "service unavailable")
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                        FileExistsError)):
         return False
-    text = str(exc).lower()
-    markers = ("connect", "timeout", "timed out", "unreachable", "curl", "network", "broken pipe",
-               "connection reset", "503", "502", "500", "slowdown", "temporarily")
-    return isinstance(exc, OSError) and any(m in text for m in markers)
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(exc)
+    if m := _AWS_ERROR.search(text):
+        code, status = m.group(1), int(m.group(2) or 0)
+        if code in _TRANSIENT_AWS_CODES or status >= 500 or status == 429:
+            return True
+        # UNKNOWN codes from curl failures (e.g. "curlCode: 28, Timeout was reached").
+        return code == "UNKNOWN" and status == 0 and "curlcode" in text.lower()
+    # Not an AWS error: look at the message with quoted names (paths, keys) removed.
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "", text).lower()
+    return any(w in text for w in _TRANSIENT_WORDS) or bool(re.search(r"\b(500|502|503|504)\b", text))
 
 
 def retrying(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T:
     """Run `fn`, retrying transient storage errors with jittered exponential backoff for at most
-    `budget_s` seconds, then raise StorageUnavailable naming `what`."""
+    `budget_s` seconds, then raise StorageUnavailable naming `what`. Non-transient errors (missing file,
+    access denied, bad request) propagate at once. The budget bounds the retrying; one attempt itself is
+    bounded by the S3 client's connect/request timeouts."""
     budget = DEFAULT_RETRY_BUDGET_S if budget_s is None else budget_s
     deadline, delay = time.monotonic() + budget, 0.2
     while True:
@@ -108,10 +165,12 @@ def retrying(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
         except Exception as exc:  # noqa: BLE001 - classified below
             if not _is_transient(exc):
                 raise
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise StorageUnavailable(f"storage unreachable for {budget:.0f}s while trying to {what}: {exc}") \
                     from exc
-            time.sleep(delay * (0.5 + random.random()))
+            # Never sleep past the deadline; the last attempt happens at the deadline.
+            time.sleep(min(delay * (0.5 + random.random()), remaining))
             delay = min(delay * 2, 5.0)
 
 
@@ -159,9 +218,14 @@ def write_bytes(uri: str, data: bytes) -> None:
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(parent, exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
@@ -204,9 +268,22 @@ def open_input(uri: str) -> Iterator[pafs.NativeFile]:
 
 
 def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    with open_input(uri) as stream:
-        while chunk := stream.read(chunk_size):
+    """The file's bytes in chunks of at most `chunk_size`. Each chunk is a ranged read retried on its own,
+    so a storage blip in the middle of a large download costs a retry, not the whole download."""
+    fs, path = resolve(uri)
+    f = retrying(lambda: fs.open_input_file(path), f"open {redact(uri)}")
+    try:
+        total = f.size()
+        offset = 0
+        while offset < total:
+            n = min(chunk_size, total - offset)
+            chunk = retrying(lambda: f.read_at(n, offset), f"read {redact(uri)} at {offset}")
+            if not chunk:
+                raise OSError(f"{redact(uri)} ended at {offset} of {total} bytes while being read")
             yield chunk
+            offset += len(chunk)
+    finally:
+        f.close()
 
 
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:

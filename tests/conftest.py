@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.plugins.ray_cluster"]
+pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3"]
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_PARQUET = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
