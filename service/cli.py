@@ -347,7 +347,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # The same auth mode for the head and for our own Jobs client.
             os.environ["RAY_AUTH_MODE"] = settings.ray_auth_mode
             head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=settings.ray_auth_mode)
-            print(f"Ray head up: {head.gcs_address}, dashboard {head.dashboard_url}", flush=True)
+            print(f"Ray head up: {head.gcs_address}, dashboard {head.dashboard_url} (pid {head.proc.pid})",
+                  flush=True)
             settings = settings.model_copy(update={"ray_address": head.dashboard_url})
         print(f"trainctl API on http://{settings.host}:{settings.port} (docs at /docs), "
               f"storage {settings.storage_root}", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
 
 
 def test_restart_api_mid_job(ray_head: RayHead, cifar_parquet: Path, tmp_path: Path) -> None:
-    svc = start_service(ray_head, tmp_path / "data")
+    # This service names the cluster by its GCS address (the module's by its dashboard URL): both work.
+    svc = start_service(ray_head, tmp_path / "data", TRAINCTL_RAY_ADDRESS=ray_head.address)
     try:
         with svc.client() as c:
             job_id = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=2)).json()["id"]
@@ -199,3 +201,60 @@ def test_driver_killed_is_resubmitted_and_resumes(service: Service, cifar_parque
         assert "attempt 1 failed" in job["attempt_log"][1]["reason"]
         epochs = [m["epoch"] for m in c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"]]
         assert epochs == [1, 2, 3]
+
+
+def test_serve_starts_and_stops_its_own_ray_head(tmp_path: Path) -> None:
+    """Without a Ray address, `trainctl serve` starts a local head on 127.0.0.1 and, on SIGTERM, stops
+    exactly that head (its process group) and nothing else."""
+    import re
+    import signal
+
+    from tests.plugins.ray_cluster import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS"))}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+                                 "--ray-num-cpus", "2"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    head_pid = None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"serve with its own head never became healthy:\n{log_path.read_text()[-3000:]}")
+        text = log_path.read_text()
+        assert "Created the admin token" in text and (tmp_path / "data" / "admin-token").read_text().strip() in text
+        head_pid = int(re.search(r"\(pid (\d+)\)", text).group(1))
+        dashboard = re.search(r"dashboard (http://127\.0\.0\.1:\d+)", text).group(1)
+        assert httpx.get(dashboard + "/api/version", timeout=5).status_code == 200
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log_path.read_text()[-3000:]
+        deadline = time.monotonic() + 30  # the whole head process group goes (zombies need a moment)
+        while True:
+            try:
+                os.killpg(head_pid, 0)
+            except ProcessLookupError:
+                break
+            left = subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(head_pid)], capture_output=True, text=True)
+            live = [ln for ln in left.stdout.splitlines()[1:] if ln.split()[1][0] != "Z"]
+            if not live:
+                break
+            assert time.monotonic() < deadline, left.stdout
+            time.sleep(0.5)
+    finally:
+        for pgid in (proc.pid, head_pid):
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
