@@ -48,6 +48,11 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 def _request_error_fields(exc: RequestValidationError) -> list[dict[str, str]]:
     out = []
     for e in exc.errors():
+        if e.get("type") == "json_invalid":  # loc is ("body", <character offset>): say so in words
+            pos = e["loc"][-1] if e.get("loc") else "?"
+            reason = (e.get("ctx") or {}).get("error", "")
+            out.append({"field": "body", "message": f"invalid JSON at character {pos}: {reason}".rstrip(": ")})
+            continue
         loc = [str(p) for p in e.get("loc", ())]
         if loc and loc[0] == "body":  # the body is the spec: name fields as "optim.lr", not "body.optim.lr"
             loc = loc[1:]

@@ -18,6 +18,7 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -29,19 +30,25 @@ class Reconciler:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop after the pass in progress (a worker thread cannot be interrupted, and the store must not
+        be closed under it); cancel only if that pass hangs longer than `timeout_s`."""
         if self._task is None:
             return
-        self._task.cancel()
+        self._stopping = True
+        self.wake()
         try:
-            await self._task
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
+        except TimeoutError:
+            log.warning("reconcile pass still running after %.0fs; abandoning it", timeout_s)
+            self._task.cancel()
         except asyncio.CancelledError:
             pass
         self._task = None
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 # A pass that is already running in its thread finishes even when we are cancelled: the
@@ -51,6 +58,8 @@ class Reconciler:
                 raise
             except Exception:  # noqa: BLE001 - the loop must survive anything one pass hits
                 log.exception("reconcile pass failed")
+            if self._stopping:
+                return
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
             except TimeoutError:

@@ -241,3 +241,24 @@ def test_metrics_logs_checkpoints(api: Api) -> None:
     ckpt.unlink()
     r = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
     assert r.status_code == 502 and error(r)["code"] == "checkpoint_corrupt"
+
+
+def test_random_bodies_never_500(api: Api) -> None:
+    """A seeded fuzz over override paths and values: every answer is 201 or 422, never a 500."""
+    import random
+
+    rng = random.Random(1234)
+    paths = ["optim.lr", "optim.epochs", "model.widths", "model.widths.0", "model", "scaling.num_workers",
+             "search", "search.space", "search.space.optim.lr", "seed", "seed.x", "", ".", "data.train",
+             "checkpoint.max_restarts", "precision", "channels_last", "schedule.kind", "x" * 300]
+    values = [None, True, 0, -1, 1, 3, 2**70, 1e308, 0.5, "", "x", [], [1, 2], [[1]], {}, {"a": 1},
+              {"choice": [0.1, 0.2]}, {"loguniform": [0, 1]}, {"randint": [5, 1]}, {"grid": []},
+              {"optim.lr": {"uniform": [0.1, 0.01]}}, {"space": {"optim.lr": {"choice": ["a"]}}}]
+    for _ in range(300):
+        overrides = {rng.choice(paths): rng.choice(values) for _ in range(rng.randint(1, 3))}
+        body = rng.choice([{"preset": rng.choice(["debug", "paper", None, "nope"]), "overrides": overrides},
+                           {k.split(".")[0] or "k": v for k, v in overrides.items()}])
+        resp = api.post(body)
+        assert resp.status_code in (201, 422), (body, resp.text)
+        if resp.status_code == 422:
+            assert error(resp)["details"], body
