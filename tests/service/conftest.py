@@ -66,7 +66,7 @@ class Api:
 def make_api(tmp_path: Path) -> Iterator[Any]:
     opened: list[TestClient] = []
 
-    def make(**overrides: Any) -> Api:
+    def make(keep_reconciler: bool = False, **overrides: Any) -> Api:
         settings = load_settings(**{"data_dir": tmp_path / "data", "reconcile_interval_s": 3600,
                                     "ray_address": "http://127.0.0.1:1", **overrides})
         ray = FakeRay()
@@ -74,8 +74,8 @@ def make_api(tmp_path: Path) -> Iterator[Any]:
         client = TestClient(create_app(settings, ray=ray), raise_server_exceptions=False)
         client.__enter__()
         opened.append(client)
-        # The tests drive reconciliation themselves (Api.reconcile), deterministically.
-        client.portal.call(client.app.state.trainctl.reconciler.stop)
+        if not keep_reconciler:  # tests drive reconciliation themselves (Api.reconcile), deterministically
+            client.portal.call(client.app.state.trainctl.reconciler.stop)
         token = settings.admin_token_path.read_text().strip() if settings.auth else ""
         return Api(client, settings, ray, token)
 

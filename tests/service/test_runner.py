@@ -181,3 +181,17 @@ def test_restart_of_the_service_keeps_jobs(make_api) -> None:
     again = make_api()  # same data dir, new app
     assert again.token == api.token
     assert state(again, job_id)["state"] == "STARTING"
+
+
+def test_a_submission_wakes_the_reconciler(make_api) -> None:
+    """The background reconciler polls hourly here, so only the wake-up after POST can start the job."""
+    import time
+
+    api = make_api(keep_reconciler=True)
+    job_id = submit(api)
+    deadline = time.monotonic() + 10
+    while f"{job_id}-1" not in api.ray.jobs:
+        assert time.monotonic() < deadline, "POST did not wake the reconciler"
+        time.sleep(0.05)
+    api.client.__exit__(None, None, None)  # lifespan shutdown stops the reconciler cleanly
+    assert api.client.app.state.trainctl.reconciler._task is None
