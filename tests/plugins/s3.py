@@ -91,8 +91,10 @@ class S3Server:
         return self.proc is not None and self.proc.poll() is None
 
     def env(self) -> dict[str, str]:
-        """os.environ plus what objstore (and pyarrow/Ray) need to reach this server."""
-        return {**os.environ, **self.s3_env()}
+        """os.environ plus what objstore (and pyarrow/Ray) need to reach this server, for a subprocess.
+        A developer's own AWS session token / profile is dropped: it would be sent along with our keys."""
+        env = {k: v for k, v in os.environ.items() if k not in ("AWS_SESSION_TOKEN", "AWS_PROFILE")}
+        return {**env, **self.s3_env()}
 
     def s3_env(self) -> dict[str, str]:
         """Only the S3 variables (for monkeypatch.setenv)."""
@@ -229,10 +231,25 @@ def make_server() -> S3Server:
     return server
 
 
+def start_server(attempts: int = 3) -> S3Server:
+    """A started server. Free ports are picked before weed binds them, so another process may take one in
+    between: then weed exits at once and we retry on fresh ports."""
+    for attempt in range(1, attempts + 1):
+        server = make_server()
+        try:
+            server.start()
+            return server
+        except RuntimeError:
+            server.stop()
+            if attempt == attempts:
+                raise
+            shutil.rmtree(server.root, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> S3Server:
-    server = make_server()
-    server.start()
+    server = start_server()
     try:
         yield server
     finally:
