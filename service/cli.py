@@ -327,6 +327,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if token:
             print(f"Created the admin token (shown once; also in {settings.admin_token_path}, mode 0600):\n"
                   f"  {token}\nUse it as: export TRAINCTL_TOKEN={token}", flush=True)
+        else:
+            print(f"auth on; the admin token is in {settings.admin_token_path}", flush=True)
     else:
         bar = "!" * 78
         print(f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "

@@ -154,24 +154,28 @@ class Store:
                    request_hash: str | None = None) -> tuple[Job, bool]:
         """Insert a QUEUED job. With an idempotency key already used by this owner: the earlier job
         (created=False) when the request hash matches, else IdempotencyConflict."""
-        with self._write_lock, self._sessions.begin() as s:
-            if idempotency_key is not None:
-                existing = s.scalar(select(JobModel).where(JobModel.owner == owner,
-                                                           JobModel.idempotency_key == idempotency_key))
-                if existing is not None:
-                    if existing.request_hash != request_hash:
-                        raise IdempotencyConflict(existing.id)
-                    return Job.of(existing), False
-            now = time.time()
-            m = JobModel(id=new_job_id(), owner=owner, created_at=now, updated_at=now,
-                         state=JobState.QUEUED.value, spec=json.dumps(spec), attempts=0, attempt_log="[]",
-                         cancel_requested=False, idempotency_key=idempotency_key, request_hash=request_hash)
-            s.add(m)
+        for _ in range(2):  # a second round only when another process inserted the same key meanwhile
             try:
-                s.flush()
-            except IntegrityError as exc:  # another process used the key between our check and insert
-                raise IdempotencyConflict("?") from exc
-            return Job.of(m), True
+                with self._write_lock, self._sessions.begin() as s:
+                    if idempotency_key is not None:
+                        existing = s.scalar(select(JobModel).where(JobModel.owner == owner,
+                                                                   JobModel.idempotency_key == idempotency_key))
+                        if existing is not None:
+                            if existing.request_hash != request_hash:
+                                raise IdempotencyConflict(existing.id)
+                            return Job.of(existing), False
+                    now = time.time()
+                    m = JobModel(id=new_job_id(), owner=owner, created_at=now, updated_at=now,
+                                 state=JobState.QUEUED.value, spec=json.dumps(spec), attempts=0,
+                                 attempt_log="[]", cancel_requested=False, idempotency_key=idempotency_key,
+                                 request_hash=request_hash)
+                    s.add(m)
+                    s.flush()
+                    return Job.of(m), True
+            except IntegrityError:
+                if idempotency_key is None:
+                    raise
+        raise RuntimeError("could not create the job: idempotency key kept colliding")
 
     def get(self, job_id: str) -> Job | None:
         with self._sessions() as s:
