@@ -167,7 +167,7 @@ def retrying(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
                 raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StorageUnavailable(f"storage unreachable for {budget:.0f}s while trying to {what}: {exc}") \
+                raise StorageUnavailable(f"storage unreachable for {budget:g}s while trying to {what}: {exc}") \
                     from exc
             # Never sleep past the deadline; the last attempt happens at the deadline.
             time.sleep(min(delay * (0.5 + random.random()), remaining))

@@ -374,3 +374,18 @@ def test_outage_shorter_than_budget_is_ridden_out_mid_download(s3_server, s3_buc
             s3_server.start()
     assert b"".join(received) == data
     assert len(received) == 4
+
+
+@pytest.mark.s3
+def test_server_env_reaches_the_server_from_a_subprocess(s3_server, s3_bucket_uri: str) -> None:
+    """`s3_server.env()` is what other tests hand to `trainctl serve` / `python -m trainer.run`."""
+    import subprocess
+    import sys
+    uri = objstore.join(s3_bucket_uri, "from-parent.txt")
+    objstore.write_text(uri, "hello child")
+    env = s3_server.env()
+    assert env["TRAINCTL_S3_ENDPOINT"] == s3_server.endpoint and env["AWS_REGION"] == "us-east-1"
+    code = "import objstore, sys; print(objstore.read_text(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, uri], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hello child"
