@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 import objstore
-from trainer.spec import DataSpec
+from trainer.spec import DataSpec, JobSpec
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -183,6 +183,12 @@ def load_splits(spec: DataSpec, seed: int, num_classes: int) -> tuple[Dataset, D
 
 
 # --- on-device batching and augmentation ------------------------------------------------------------
+
+def use_channels_last(spec: JobSpec) -> bool:
+    """channels_last=auto → on: NHWC convolutions are faster on CUDA and on oneDNN CPUs alike. Training and
+    offline evaluation use the same layout, so a checkpoint reproduces its val_acc to the image."""
+    return spec.channels_last if isinstance(spec.channels_last, bool) else True
+
 
 class DeviceData:
     """One split on the training device, served as normalised float batches for one rank."""

@@ -12,7 +12,7 @@ import torch
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer.data import DataError, Dataset, images_to_batches, load, load_splits
+from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, use_channels_last
 from trainer.model import build_model
 from trainer.spec import JobSpec
 
@@ -24,12 +24,15 @@ def load_model(checkpoint_uri: str, expected_sha256: str | None = None) -> tuple
     spec = JobSpec.model_validate_json(state["spec"])
     model = build_model(spec.model)
     model.load_state_dict(state["model"])
+    if use_channels_last(spec):
+        model = model.to(memory_format=torch.channels_last)
     return model.eval(), spec
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    return torch.cat([model(x) for x in images_to_batches(images, torch.device("cpu"), False, batch)])
+def predict_logits(model: torch.nn.Module, spec: JobSpec, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    device = torch.device("cpu")
+    return torch.cat([model(x) for x in images_to_batches(images, device, use_channels_last(spec), batch)])
 
 
 def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: str = "auto",
@@ -45,11 +48,12 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: s
         if data_uri is None:
             raise DataError("evaluate needs --data unless --split val")
         data = load(data_uri, fmt, "test" if split == "test" else "train", spec.model.num_classes)
-    return accuracy(model, data, spec.model.num_classes)
+    return accuracy(model, spec, data)
 
 
-def accuracy(model: torch.nn.Module, data: Dataset, num_classes: int) -> dict[str, Any]:
-    pred = predict_logits(model, data.images).argmax(1)
+def accuracy(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> dict[str, Any]:
+    num_classes = spec.model.num_classes
+    pred = predict_logits(model, spec, data.images).argmax(1)
     correct = pred == data.labels
     per_class = {}
     for c in range(num_classes):
@@ -70,9 +74,9 @@ def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
         raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
                         f"got {data.dtype} {data.shape} and {len(ids)} ids")
-    model, _ = load_model(checkpoint_uri)
+    model, spec = load_model(checkpoint_uri)
     images = torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous()
-    labels = predict_logits(model, images).argmax(1).tolist()
+    labels = predict_logits(model, spec, images).argmax(1).tolist()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["ID", "Labels"])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer.data import DeviceData, load_splits
+from trainer.data import DeviceData, load_splits, use_channels_last
 from trainer.model import build_model
 from trainer.schedule import build_scheduler
 from trainer.spec import JobSpec
@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
 
     train_set, val_set = load_splits(spec.data, spec.seed, spec.model.num_classes)
-    channels_last = spec.channels_last if isinstance(spec.channels_last, bool) else True
+    channels_last = use_channels_last(spec)
     train_data = DeviceData(train_set, device, channels_last)
     val_data = DeviceData(val_set, device, channels_last)
     local_batch = spec.optim.batch_size // world
@@ -115,6 +115,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
                                        torch.tensor(float(len(y)), device=device)])
         train_seconds = time.perf_counter() - t0
+        if world > 1:
+            # DDP broadcasts BatchNorm running stats from rank 0 only at the start of each forward, so each
+            # rank ends the epoch with its own. Evaluate every shard with rank 0's — the ones it saves.
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, src=0)
         val_sums = evaluate(raw_model, val_data, rank, world, device, amp_dtype)
         if world > 1:
             dist.all_reduce(train_sums)

@@ -29,6 +29,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_STORAGE = 0, 1, 2, 3
 FORWARDED_ENV_PREFIXES = ("TRAINCTL_", "AWS_")
 
 
+# What a storage outage looks like after Ray Train wrapped it (its own checkpoint uploads and snapshot
+# writes go straight to pyarrow, outside objstore.retrying).
+STORAGE_ERROR_MARKERS = ("StorageUnavailable", "AWS Error NETWORK_CONNECTION", "curlCode", "Couldn't connect to server",
+                         "AWS Error SERVICE_UNAVAILABLE")
+
+
 class UserError(ValueError):
     """The job's spec or data is wrong: retrying cannot help."""
 
@@ -53,6 +59,10 @@ def init_ray() -> None:
     runtime_env = {"env_vars": env} if env else None
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address and address != "local":
+        # Ray Train's placement-group cleaner (an actor) finds its cluster through RAY_ADDRESS; without it,
+        # on a machine running several Ray clusters it finds none, and every finished Tune trial's worker
+        # reservation leaks until later trials starve.
+        runtime_env = {"env_vars": {**env, "RAY_ADDRESS": address}}
         ray.init(address=address, runtime_env=runtime_env)
     else:
         os.environ.pop("RAY_ADDRESS", None)
@@ -96,7 +106,8 @@ def fit_single(spec: JobSpec, job_dir: str) -> None:
 def scaling_config(spec: JobSpec) -> Any:
     from ray.train import ScalingConfig
     return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu(spec),
-                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker})
+                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
+                                               **spec.scaling.resources_per_worker})
 
 
 def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] | None = None) -> Any:
@@ -107,7 +118,10 @@ def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] 
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_best,
                                            checkpoint_score_attribute="val_acc",
                                            checkpoint_score_order="max"),
-        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+        # controller_failure_limit: a worker group that cannot start (too few resources) is retried for
+        # about 10 minutes (60 s each: room for an autoscaler to add a GPU node), then the run fails
+        # instead of waiting forever (Ray's default).
+        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures, controller_failure_limit=10),
     )
 
 
@@ -154,7 +168,7 @@ def classify(exc: BaseException) -> tuple[str, int]:
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (UserError, DataError)) or "DataError" in text or "UserError" in text:
         return "user", EXIT_USER
-    if isinstance(exc, objstore.StorageUnavailable) or "StorageUnavailable" in text:
+    if isinstance(exc, objstore.StorageUnavailable) or any(m in text for m in STORAGE_ERROR_MARKERS):
         return "storage", EXIT_STORAGE
     return "infra", EXIT_FAILED
 
@@ -168,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     spec: JobSpec | None = None
     error: BaseException | None = None
     kind, code = None, EXIT_OK
+    extra: dict[str, Any] = {}
     try:
         spec = read_spec(job_dir)
         preflight(spec)
         init_ray()
         if spec.search is not None:
             from trainer.tune import fit_search
-            fit_search(spec, job_dir)
+            extra = fit_search(spec, job_dir)
         else:
             fit_single(spec, job_dir)
     except BaseException as exc:  # noqa: BLE001 - every failure must end in summary.json
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         error = exc
         kind, code = classify(exc)
         log.error("job failed (%s): %s", kind, "".join(traceback.format_exception(exc))[-4000:])
-    summary = summarize(spec, job_dir, started, error, kind)
+    summary = {**summarize(spec, job_dir, started, error, kind), **extra}
     if summary["state"] == "failed" and code == EXIT_OK:
         code = EXIT_STORAGE
     try:

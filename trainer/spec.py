@@ -14,7 +14,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -69,6 +69,19 @@ class ScalingSpec(Section):
     # None = use GPUs when the cluster has one per worker, else CPUs.
     use_gpu: bool | None = None
     cpus_per_worker: float = Field(default=1.0, gt=0.0, le=256.0)
+    # Extra Ray resources each worker reserves, e.g. {"trainslot": 1} to spread workers over nodes that
+    # advertise one slot each, or {"accelerator_type:A10G": 0.001} to pin a GPU type.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _no_builtin_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"{name!r} is set by cpus_per_worker/use_gpu, not resources_per_worker")
+            if amount <= 0:
+                raise ValueError(f"resource {name!r} must be positive, got {amount}")
+        return value
 
 
 class CheckpointSpec(Section):

@@ -1,0 +1,42 @@
+"""A real Ray Tune search (ASHA over optim.lr) through `python -m trainer.run`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run
+from trainer.evaluate import evaluate_checkpoint
+
+pytestmark = pytest.mark.ray
+
+# Two good learning rates and two that cannot learn in 3 epochs: ASHA's rung at epoch 2 compares each
+# later trial with the ones before, so at least one of the hopeless ones is stopped early.
+SEARCH = {"space": {"optim.lr": {"grid": [0.1, 1e-6, 0.05, 2e-6]}}, "num_samples": 1,
+          "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2, "max_t": 3},
+          "max_concurrent_trials": 1}
+
+
+def test_asha_search_runs_trials_in_a_row_and_promotes_the_best(ray_head, cifar_parquet, tmp_path):
+    job_dir = make_job_dir(tmp_path, "search", {"data.train": str(cifar_parquet), "optim.epochs": 3,
+                                                "data.max_train_images": 1024, "search": SEARCH})
+    started = time.monotonic()
+    assert run(job_dir, ray_head.env(), timeout=540) == 0, log_tail(job_dir)
+    print(f"search wall time: {time.monotonic() - started:.1f} s")
+    trials = json.loads((job_dir / "trials.json").read_text())
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert len(trials) == 4 and all(t["state"] in ("succeeded", "stopped_early") for t in trials), trials
+    assert sorted(t["config"]["optim.lr"] for t in trials) == sorted(SEARCH["space"]["optim.lr"]["grid"])
+    assert any(t["stopped_early"] for t in trials), trials
+    best = max(trials, key=lambda t: t["best_metric"])
+    assert summary["best_trial"] == best["trial_id"] and summary["state"] == "succeeded"
+    assert summary["best_config"]["optim.lr"] in (0.1, 0.05)
+    # the job's best checkpoint is the best trial's, and evaluates to its reported metric
+    assert f"/trials/{best['trial_id']}/" in summary["best_checkpoint"]
+    assert summary["best_val_acc"] == pytest.approx(best["best_metric"])
+    result = evaluate_checkpoint(summary["best_checkpoint"], split="val")
+    assert abs(result["accuracy"] - summary["best_val_acc"]) <= 0.005
+    trial_metrics = read_jsonl(job_dir / "trials" / best["trial_id"] / "metrics.jsonl")
+    assert [m["epoch"] for m in trial_metrics] == [1, 2, 3]
