@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.reaper import reap_with_session
+
 RAY_CPUS = 6
 
 
@@ -57,6 +59,7 @@ def start_head(num_cpus: int = RAY_CPUS) -> tuple[RayHead, subprocess.Popen]:
            "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
     log = open(os.path.join(temp_dir, "ray-start.log"), "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    reap_with_session(proc.pid)
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

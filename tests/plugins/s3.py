@@ -38,6 +38,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from tests.plugins.reaper import reap_with_session
+
 REGION = "us-east-1"
 PROBE_BUCKET = "trainctl-probe"
 START_TIMEOUT_S = 60.0
@@ -137,6 +139,7 @@ class S3Server:
         try:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.root, start_new_session=True)
+            reap_with_session(self.proc.pid)
         finally:
             log.close()
         deadline = time.monotonic() + timeout_s
