@@ -56,7 +56,10 @@ def start_head(num_cpus: int = RAY_CPUS) -> tuple[RayHead, subprocess.Popen]:
     env.pop("RAY_ADDRESS", None)
     cmd = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}",
-           "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
+           "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
+           # Fixed by default (52365, 10001): a second head on this machine (another session's tests) would
+           # lose them, and a head whose dashboard agent cannot listen refuses every job submission.
+           f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     log = open(os.path.join(temp_dir, "ray-start.log"), "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     reap_with_session(proc.pid)
