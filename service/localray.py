@@ -40,7 +40,10 @@ class LocalRayHead:
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}",
-               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
+               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
+               # Ray's defaults for these are fixed ports (52365, 10001): with another head on the machine our
+               # dashboard agent could not listen, and a head without one refuses every job submission.
+               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
         log_path = os.path.join(temp_dir, "ray-start.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

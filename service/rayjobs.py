@@ -33,7 +33,8 @@ class RayJobInfo:
 
 class RayJobs(Protocol):
     def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
-               env_vars: dict[str, str], metadata: dict[str, str]) -> None: ...
+               env_vars: dict[str, str], metadata: dict[str, str],
+               resources: dict[str, float] | None = None) -> None: ...
     def info(self, submission_id: str) -> RayJobInfo | None: ...   # None: Ray has no such job
     def stop(self, submission_id: str) -> bool: ...                 # False: it had already ended
     def logs(self, submission_id: str) -> str: ...
@@ -101,12 +102,13 @@ class RayJobsClient:
             raise RayUnavailable(f"Ray Jobs API unreachable while trying to {what}: {exc}") from exc
 
     def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
-               env_vars: dict[str, str], metadata: dict[str, str]) -> None:
+               env_vars: dict[str, str], metadata: dict[str, str],
+               resources: dict[str, float] | None = None) -> None:
         runtime_env = {"env_vars": env_vars} if env_vars else None
         try:
             self._call("submit a job", lambda c: c.submit_job(
                 entrypoint=entrypoint, submission_id=submission_id, entrypoint_num_cpus=num_cpus,
-                runtime_env=runtime_env, metadata=metadata))
+                entrypoint_resources=resources or None, runtime_env=runtime_env, metadata=metadata))
         except RuntimeError as exc:
             if not _already_exists(exc):  # a retry after a lost response: it is submitted, fine
                 raise

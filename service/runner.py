@@ -77,7 +77,8 @@ class Runner:
         submission_id = f"{job.id}-{attempt}"
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         self.ray.submit(submission_id, self.entrypoint(job.id), num_cpus=self.settings.entrypoint_num_cpus,
-                        env_vars=env, metadata={"trainctl_job_id": job.id, "attempt": str(attempt)})
+                        env_vars=env, metadata={"trainctl_job_id": job.id, "attempt": str(attempt)},
+                        resources=self.settings.entrypoint_resources or None)
         entry = {"attempt": attempt, "submission_id": submission_id, "reason": reason, "submitted_at": time.time()}
         try:
             return self.store.transition(job.id, JobState.STARTING, expect={job.state},

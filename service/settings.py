@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # The python that runs `-m trainer.run` on the cluster; the default suits a local cluster.
     python: str = sys.executable
     entrypoint_num_cpus: float = Field(default=0.5, ge=0.0)
+    # Extra Ray resources each job's driver reserves (JSON in the environment), e.g. {"trainctl_driver": 1}
+    # with only the head advertising `trainctl_driver`: drivers then never run on a worker node that may go away.
+    entrypoint_resources: dict[str, float] = Field(default_factory=dict)
     reconcile_interval_s: float = Field(default=2.0, gt=0.0)
 
     @field_validator("data_dir")
