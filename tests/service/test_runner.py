@@ -37,10 +37,18 @@ def test_submission_contract(api: Api, monkeypatch) -> None:
     fake = api.ray.jobs[f"{job_id}-1"]
     job_dir = str(api.job_dir(job_id))
     assert shlex.split(fake.entrypoint) == [sys.executable, "-m", "trainer.run", "--job-dir", job_dir]
-    assert fake.num_cpus == 0.5
+    assert fake.num_cpus == 0.5 and fake.resources is None
     assert fake.env_vars == {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333"}
     spec = json.loads((api.job_dir(job_id) / "spec.json").read_text())
     assert spec == job["spec"] and spec["optim"]["epochs"] == 2
+
+
+def test_entrypoint_resources_pin_the_driver(make_api, monkeypatch) -> None:
+    monkeypatch.setenv("TRAINCTL_ENTRYPOINT_RESOURCES", '{"trainctl_driver": 1}')
+    api = make_api()
+    job_id = submit(api)
+    api.reconcile()
+    assert api.ray.jobs[f"{job_id}-1"].resources == {"trainctl_driver": 1.0}
 
 
 def test_queue_respects_the_limit_and_order(make_api) -> None:
