@@ -1,6 +1,6 @@
 """Training throughput of the paper model: this trainer vs the paper notebook's plain PyTorch loop.
 
-    .venv/bin/python bench/throughput.py [--images 2048] [--epochs 2]
+    .venv/bin/python bench/throughput.py [--images 2048] [--epochs 3]
 
 Both run in this process's machine at the same time of day, with the same model (default widths, 4.57 M
 parameters), global batch 256 and CPU threads, so their ratio is meaningful on a noisy machine:
@@ -8,7 +8,8 @@ parameters), global batch 256 and CPU threads, so their ratio is meaningful on a
   RandomHorizontalFlip / ToTensor / Normalize, 2 loader workers, fp32, SGD with label smoothing;
 - trainctl: `python -m trainer.run`'s TorchTrainer path (1 Ray Train worker holding every core), with the
   device-side data path, at precision=auto (bf16 where the CPU has native bf16) and at fp32.
-Images/s is measured on the last epoch (the first pays warm-up). Where CUDA is available it also runs
+Images/s is the best epoch after the first (which pays warm-up): the best of a few is robust to other load
+on a shared machine, and every configuration gets the same treatment. Where CUDA is available it also runs
 the trainer on one GPU with bf16 + channels_last, with and without torch.compile.
 """
 
@@ -37,7 +38,7 @@ BATCH = 256
 
 
 def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threads: int) -> float:
-    """The paper notebook's training loop; returns images/s of the last epoch."""
+    """The paper notebook's training loop; returns images/s of its best epoch after the first."""
     import torchvision.transforms as T
     from PIL import Image
 
@@ -60,7 +61,7 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     loader = torch.utils.data.DataLoader(NotebookDataset(), batch_size=BATCH, shuffle=True, num_workers=2,
                                          drop_last=False)
-    rate = 0.0
+    rates = []
     for _ in range(epochs):
         model.train()
         start, seen = time.perf_counter(), 0
@@ -70,12 +71,12 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
             loss.backward()
             opt.step()
             seen += len(y)
-        rate = seen / (time.perf_counter() - start)
-    return rate
+        rates.append(seen / (time.perf_counter() - start))
+    return max(rates[1:] or rates)
 
 
 def trainer_run(data: str, images: int, epochs: int, cpus: int, **overrides: object) -> dict[str, float]:
-    """One `trainer.run` job on a private local Ray cluster; images/s of its last epoch."""
+    """One `trainer.run` job on a private local Ray cluster; images/s of its best epoch after the first."""
     from trainer import run as trainer_run_module
     spec = resolve("paper", {"data.train": data, "data.max_train_images": images, "data.val_fraction": 0.05,
                              "optim.batch_size": BATCH, "optim.epochs": epochs, "scaling.num_workers": 1,
@@ -87,14 +88,15 @@ def trainer_run(data: str, images: int, epochs: int, cpus: int, **overrides: obj
         trainer_run_module.init_ray()
         trainer_run_module.fit_single(spec, job_dir)
         lines = [json.loads(x) for x in Path(job_dir, "metrics.jsonl").read_text().splitlines()]
-    return {"images_per_s": lines[-1]["images_per_s"], "epoch_seconds": lines[-1]["epoch_seconds"]}
+    best = max(lines[1:] or lines, key=lambda m: m["images_per_s"])
+    return {"images_per_s": best["images_per_s"], "epoch_seconds": best["epoch_seconds"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--images", type=int, default=2048, help="training images per epoch")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU figures")
     args = parser.parse_args()
     if not Path(args.data).exists():

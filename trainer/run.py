@@ -87,20 +87,24 @@ def preflight(spec: JobSpec) -> None:
 
 
 def fit_single(spec: JobSpec, job_dir: str) -> None:
-    """One TorchTrainer run whose checkpoints land in job_dir/<job id>/epoch_NNNN/."""
+    """One TorchTrainer run whose checkpoints land in job_dir/<job dir name>/epoch_NNNN/."""
+    build_trainer(spec, job_dir, name=job_dir.rstrip("/").rsplit("/", 1)[-1]).fit()
+
+
+def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> Any:
+    """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
+    `run_root/name/` — the layout of a single job and of each search trial alike."""
     from ray.train.torch import TorchTrainer
 
     from trainer.loop import RunPaths, train_loop_per_worker
-    name = job_dir.rstrip("/").rsplit("/", 1)[-1]
-    paths = RunPaths(metrics=objstore.join(job_dir, "metrics.jsonl"), manifest_dir=job_dir,
-                     run_dir=objstore.join(job_dir, name))
-    trainer = TorchTrainer(
+    paths = RunPaths(metrics=objstore.join(run_root, "metrics.jsonl"), manifest_dir=run_root,
+                     run_dir=objstore.join(run_root, name))
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict()},
         scaling_config=scaling_config(spec),
-        run_config=run_config(spec, job_dir, name),
+        run_config=run_config(spec, run_root, name, callbacks),
     )
-    trainer.fit()
 
 
 def scaling_config(spec: JobSpec) -> Any:
@@ -125,7 +129,7 @@ def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] 
     )
 
 
-def test_accuracy(spec: JobSpec, best: dict[str, Any]) -> float | None:
+def held_out_accuracy(spec: JobSpec, best: dict[str, Any]) -> float | None:
     if not spec.data.test:
         return None
     from trainer.evaluate import evaluate_checkpoint
@@ -157,7 +161,7 @@ def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseExc
             summary.update(best_val_acc=best["val_acc"], best_checkpoint=best["uri"],
                            best_checkpoint_sha256=best["sha256"], best_checkpoint_size=best["size"])
             if error is None:
-                summary["test_acc"] = test_accuracy(spec, best)
+                summary["test_acc"] = held_out_accuracy(spec, best)
     except objstore.StorageUnavailable as exc:
         summary.update(state="failed", error=str(exc), error_kind="storage")
     return summary

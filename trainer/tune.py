@@ -116,32 +116,22 @@ def make_callback(book: TrialBook) -> Any:
 def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
     """Run the search; make the best trial's checkpoint the job's. Returns fields for summary.json."""
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from trainer.loop import RunPaths, train_loop_per_worker
-    from trainer.run import run_config, scaling_config
+    from trainer.run import build_trainer
 
     assert spec.search is not None
     search, job_id = spec.search, job_dir.rstrip("/").rsplit("/", 1)[-1]
     spec_json = spec.model_dump_json()
 
     def trial(config: dict[str, Any]) -> None:
-        # Runs inside a Tune trial actor: it owns one TorchTrainer run.
+        # Runs inside a Tune trial actor: it owns one TorchTrainer run, under trials/<trial id>/.
         run_spec = trial_spec(JobSpec.model_validate_json(spec_json), config)
         trial_id = tune.get_context().get_trial_id()
-        trial_dir = objstore.join(job_dir, "trials", trial_id)
-        name = f"{job_id}-{trial_id}"
-        paths = RunPaths(metrics=objstore.join(trial_dir, "metrics.jsonl"), manifest_dir=trial_dir,
-                         run_dir=objstore.join(trial_dir, name))
-        TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"spec_json": run_spec.model_dump_json(), "paths": paths.to_dict()},
-            scaling_config=scaling_config(run_spec),
-            run_config=run_config(run_spec, trial_dir, name, callbacks=[TuneReportCallback()]),
-        ).fit()
+        build_trainer(run_spec, objstore.join(job_dir, "trials", trial_id), name=f"{job_id}-{trial_id}",
+                      callbacks=[TuneReportCallback()]).fit()
 
     scheduler = None
     if search.scheduler.kind == "asha":
