@@ -114,3 +114,9 @@ def test_eval_batches_cover_each_image_once():
     assert sorted(labels) == list(range(37))
     x, _ = next(data.eval_batches(0, 1, 5))
     assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+
+
+def test_torchvision_download_offline_fails_with_a_clear_message(tmp_path):
+    # The real download path, run offline (this machine has no internet): a DataError naming the fix.
+    with pytest.raises(DataError, match="could not download CIFAR-10.*point data.train at a local copy"):
+        load(str(tmp_path / "cifar-download"), "auto")
