@@ -59,6 +59,8 @@ class Runner:
                     self._submit(job, attempt=1, reason="submitted")
                 except (RayUnavailable, objstore.StorageUnavailable) as exc:
                     log.warning("job %s stays queued: %s", job.id, exc)
+                    # Say why on the job itself, so a user polling a job stuck in QUEUED sees the reason.
+                    self.store.update(job.id, message=f"waiting to submit, will retry: {str(exc)[:300]}")
                     return  # the next round tries again, in the same order
                 except InvalidTransition:
                     continue  # cancelled meanwhile

@@ -175,10 +175,12 @@ def test_queued_jobs_wait_while_ray_is_down(api: Api) -> None:
     job_id = submit(api)
     api.ray.down = True
     api.reconcile()
-    assert state(api, job_id)["state"] == "QUEUED"
+    job = state(api, job_id)
+    assert job["state"] == "QUEUED" and "fake Ray is down" in job["message"]
     api.ray.down = False
     api.reconcile()
-    assert state(api, job_id)["state"] == "STARTING"
+    job = state(api, job_id)
+    assert job["state"] == "STARTING" and job["message"] is None
 
 
 def test_restart_of_the_service_keeps_jobs(make_api) -> None:
