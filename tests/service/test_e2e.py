@@ -135,6 +135,18 @@ def test_clients_get_4xx_never_500(service: Service) -> None:
         assert c.get("/v1/jobs/nope").status_code == 404
 
 
+def test_user_error_fails_without_retry(service: Service, tmp_path: Path) -> None:
+    """Wrong data is the user's error (trainer exit 2): FAILED at once, with the reason, never resubmitted."""
+    with service.client() as c:
+        body = job_body(tmp_path / "missing" / "train.parquet", epochs=1, **{"checkpoint.max_restarts": 2})
+        job_id = c.post("/v1/jobs", json=body).json()["id"]
+        job = wait_for(c, job_id, finished, 300, "the job to fail")
+        assert job["state"] == "FAILED" and job["attempts"] == 1, job
+        assert "not retried" in job["message"] and "train.parquet" in job["message"], job["message"]
+        time.sleep(2)
+        assert c.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
+
+
 def _cli(service: Service, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**service.env, "TRAINCTL_URL": service.url, "TRAINCTL_TOKEN": service.token}
     return subprocess.run([TRAINCTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
