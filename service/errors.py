@@ -22,6 +22,9 @@ from trainer.spec import error_list
 
 log = logging.getLogger(__name__)
 
+# Models whose ValidationError describes the client's request (their titles are the class names).
+CLIENT_MODELS = frozenset({"JobSpec", "PresetRequest"})
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, details: Any = None,
@@ -71,7 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", _summary(details), details)
 
     @app.exception_handler(ValidationError)
-    async def _spec_invalid(_: Request, exc: ValidationError) -> JSONResponse:
+    async def _spec_invalid(request: Request, exc: ValidationError) -> JSONResponse:
+        # Only a spec (or the preset/overrides wrapper) the client sent is the client's fault; any other
+        # model failing validation is a bug of ours and must not be blamed on the request.
+        if exc.title not in CLIENT_MODELS:
+            return await _unexpected(request, exc)
         details = error_list(exc)
         return error_response(422, "invalid_spec", _summary(details), details)
 

@@ -262,3 +262,15 @@ def test_random_bodies_never_500(api: Api) -> None:
         assert resp.status_code in (201, 422), (body, resp.text)
         if resp.status_code == 422:
             assert error(resp)["details"], body
+
+
+def test_our_own_validation_bugs_are_500_not_422(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValidationError from one of our response models is a server bug, not the client's bad spec."""
+    from service.api import jobs
+
+    def broken_view(*a, **k):
+        from service.api.schemas import Progress
+        return Progress(epoch="not a number", epochs=None, eta_seconds=None)
+    monkeypatch.setattr(jobs, "job_view", broken_view)
+    resp = api.post(DEBUG_JOB)
+    assert resp.status_code == 500 and error(resp)["code"] == "internal_error"
