@@ -298,6 +298,17 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 # --- serve -----------------------------------------------------------------------------------------------------
 
+def _ray_token_file(path: Path) -> Path:
+    """A Ray auth token for a local head, created once (mode 0600) and reused across restarts."""
+    import secrets
+
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
 class _Terminated(Exception):
     pass
 
@@ -346,9 +357,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             num_cpus = args.ray_num_cpus or max(os.cpu_count() or 1, 4)
             print(f"starting a local Ray head (127.0.0.1, {num_cpus} logical CPUs, "
                   f"RAY_AUTH_MODE={settings.ray_auth_mode}) ...", flush=True)
-            # The same auth mode for the head and for our own Jobs client.
+            # The same auth mode (and token) for the head and for our own Jobs client.
             os.environ["RAY_AUTH_MODE"] = settings.ray_auth_mode
-            head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=settings.ray_auth_mode)
+            if settings.ray_auth_mode == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
+                                                          or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+                # Our own token file, not ~/.ray/auth_token: that one would switch on token auth for every
+                # other Ray head started by this user on this machine.
+                os.environ["RAY_AUTH_TOKEN_PATH"] = str(_ray_token_file(settings.ray_token_path))
+            try:
+                head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=settings.ray_auth_mode)
+            except (RuntimeError, OSError) as exc:
+                raise CliError(f"could not start a local Ray head: {exc}\n(or point the service at a running "
+                               "cluster with TRAINCTL_RAY_ADDRESS)") from exc
             print(f"Ray head up: {head.gcs_address}, dashboard {head.dashboard_url} (pid {head.proc.pid})",
                   flush=True)
             settings = settings.model_copy(update={"ray_address": head.dashboard_url})

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +59,15 @@ class LocalRayHead:
                 with urllib.request.urlopen(head.dashboard_url + "/api/version", timeout=2) as r:
                     if r.status == 200:
                         return head
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401:  # token auth: the dashboard is up and asks for the token
+                    return head
+                time.sleep(0.5)
             except OSError:
                 time.sleep(0.5)
+        tail = Path(log_path).read_text(errors="replace")[-3000:]
         head.stop()
-        raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f}s (log: {log_path})")
+        raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f}s:\n{tail}")
 
     def stop(self) -> None:
         """SIGTERM the head's process group, wait, then SIGKILL whatever is left of it."""

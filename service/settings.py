@@ -22,8 +22,9 @@ class Settings(BaseSettings):
     # Either the cluster's GCS address (host:6379, ray://...) or its dashboard / Jobs API URL
     # (http://host:8265). Empty: `trainctl serve` starts a local head; the bare app lets Ray auto-detect.
     ray_address: str = ""
-    ray_auth_mode: str = Field(default="disabled", pattern="^(disabled|token)$",
-                               description="RAY_AUTH_MODE for a head that `trainctl serve` starts")
+    # RAY_AUTH_MODE for a head that `trainctl serve` starts. Token by default: without it any local user
+    # could run code as us through that head's Jobs API. (An attached cluster keeps its own setting.)
+    ray_auth_mode: str = Field(default="token", pattern="^(disabled|token)$")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
     @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
+
+    @property
+    def ray_token_path(self) -> Path:
+        """The Ray auth token of a local head started with ray_auth_mode=token."""
+        return self.data_dir / "ray-auth-token"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -216,15 +216,15 @@ def test_driver_killed_is_resubmitted_and_resumes(service: Service, cifar_parque
 
 
 def test_serve_starts_and_stops_its_own_ray_head(tmp_path: Path) -> None:
-    """Without a Ray address, `trainctl serve` starts a local head on 127.0.0.1 and, on SIGTERM, stops
-    exactly that head (its process group) and nothing else."""
+    """Without a Ray address, `trainctl serve` starts a local head on 127.0.0.1 — with Ray token auth (the
+    default), its token in the data dir — and, on SIGTERM, stops exactly that head (its process group)."""
     import re
     import signal
 
     from tests.plugins.ray_cluster import free_port
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS", "RAY_AUTH"))}
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
@@ -248,7 +248,10 @@ def test_serve_starts_and_stops_its_own_ray_head(tmp_path: Path) -> None:
         assert "Created the admin token" in text and (tmp_path / "data" / "admin-token").read_text().strip() in text
         head_pid = int(re.search(r"\(pid (\d+)\)", text).group(1))
         dashboard = re.search(r"dashboard (http://127\.0\.0\.1:\d+)", text).group(1)
-        assert httpx.get(dashboard + "/api/version", timeout=5).status_code == 200
+        ray_token = (tmp_path / "data" / "ray-auth-token").read_text().strip()
+        assert httpx.get(dashboard + "/api/jobs/", timeout=5).status_code == 401  # token auth is on ...
+        ok = httpx.get(dashboard + "/api/jobs/", headers={"Authorization": f"Bearer {ray_token}"}, timeout=5)
+        assert ok.status_code == 200  # ... with the token serve generated, which it also uses (healthz ok)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, log_path.read_text()[-3000:]
         deadline = time.monotonic() + 30  # the whole head process group goes (zombies need a moment)
