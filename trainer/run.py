@@ -55,7 +55,7 @@ def init_ray() -> None:
     import ray
     if ray.is_initialized():
         return
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env = forwarded_env()
     runtime_env = {"env_vars": env} if env else None
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address and address != "local":
@@ -68,6 +68,18 @@ def init_ray() -> None:
         os.environ.pop("RAY_ADDRESS", None)
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env=runtime_env)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The TRAINCTL_*/AWS_* variables for ray.init's runtime_env, less those the Ray Job's own runtime_env
+    already sets (the service forwards TRAINCTL_S3_ENDPOINT, AWS_REGION...): Ray refuses to start a driver
+    whose runtime_env repeats a job env var, and the job's reach every worker anyway."""
+    try:
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_env = set((job_config.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        job_env = set()
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
 
 
 def use_gpu(spec: JobSpec) -> bool:

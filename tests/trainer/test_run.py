@@ -130,3 +130,16 @@ def test_bad_data_fails_fast_as_a_user_error(ray_head, tmp_path):
     summary = json.loads((job_dir / "summary.json").read_text())
     assert summary["state"] == "failed" and summary["error_kind"] == "user"
     assert "missing.parquet" in summary["error"]
+
+
+def test_forwarded_env_leaves_out_what_the_ray_job_already_sets(monkeypatch):
+    # A Ray Job's driver refuses a ray.init runtime_env that repeats one of the job's own env vars.
+    from trainer.run import forwarded_env
+    monkeypatch.setenv("TRAINCTL_S3_ENDPOINT", "http://127.0.0.1:8333")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert {"TRAINCTL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID"} <= set(forwarded_env())
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333"}}, "metadata": {}}))
+    env = forwarded_env()
+    assert "TRAINCTL_S3_ENDPOINT" not in env and env["AWS_ACCESS_KEY_ID"] == "key"
