@@ -197,6 +197,9 @@ class Runner:
         max_restarts = int(job.spec.get("checkpoint", {}).get("max_restarts", 0))
         if job.attempts - 1 < max_restarts:
             log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, reason)
+            # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
+            # attempt's if that one dies before writing its own.
+            objstore.delete_tree(objstore.join(job_dir, jobdir.SUMMARY))
             self._submit(job, attempt=job.attempts + 1, reason=f"attempt {job.attempts} failed: {error}")
         else:
             self._fail(job.id, f"failed after {job.attempts} attempt(s): {error}")

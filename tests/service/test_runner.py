@@ -152,9 +152,12 @@ def test_infra_failures_are_resubmitted_up_to_max_restarts(api: Api) -> None:
 def test_stopped_by_someone_else_is_resubmitted_then_succeeds(api: Api) -> None:
     job_id = submit(api)
     api.reconcile()
+    write_summary(api, job_id, error="controller lost", error_kind="infra")
     api.ray.set(f"{job_id}-1", "STOPPED")
     api.reconcile()
-    assert state(api, job_id)["attempts"] == 2
+    job = state(api, job_id)
+    assert job["attempts"] == 2 and "controller lost" in job["attempt_log"][1]["reason"]
+    assert not (api.job_dir(job_id) / "summary.json").exists()  # attempt 1's summary cannot confuse attempt 2
     write_summary(api, job_id, state="succeeded", best_val_acc=0.4, epochs_completed=2)
     api.ray.set(f"{job_id}-2", "SUCCEEDED", exit_code=0)
     api.reconcile()
