@@ -12,6 +12,7 @@ import io
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
+from pydantic import BeforeValidator
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 import objstore
@@ -24,6 +25,9 @@ from service.states import JobState
 from service.store import IdempotencyConflict
 
 router = APIRouter(tags=["jobs"])
+
+# ?state=running works as well as ?state=RUNNING.
+StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                   "epoch_seconds", "time", "attempt_epoch_start", "node_ids"]
@@ -49,7 +53,8 @@ def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAM
 
 @router.get("/jobs", response_model=JobList)
 def list_jobs(principal: PrincipalDep, store: StoreDep,
-              state: Annotated[list[JobState] | None, Query(description="repeat to match several")] = None,
+              state: Annotated[list[StateParam] | None,
+                               Query(description="repeat to match several; any case")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
     """Your jobs, newest first."""

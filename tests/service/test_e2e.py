@@ -97,7 +97,7 @@ def test_cancel_queued_and_running(service: Service, cifar_parquet: Path, ray_he
         started = time.monotonic()
         resp = c.post(f"/v1/jobs/{a}/cancel")
         assert resp.status_code == 200 and resp.json()["state"] == "CANCELLED"
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 15  # "within seconds", with room for a loaded machine
         deadline = time.monotonic() + 60
         while ray_status(ray_head, f"{a}-1") != "STOPPED":
             assert time.monotonic() < deadline, ray_status(ray_head, f"{a}-1")
