@@ -226,3 +226,15 @@ def test_storage_is_s3_and_consistent(raw: dict) -> None:
     assert set(re.findall(r"AWS_REGION=(\S+?)['\s]", text)) == {region}
     assert set(re.findall(r"\.ecr\.([a-z0-9-]+)\.amazonaws\.com", text)) == {region}
     assert set(re.findall(r"--region\s+(\S+)", text)) == {region}
+
+
+def test_job_drivers_are_pinned_to_the_head(raw: dict) -> None:
+    """Drivers ask for a resource only the head has, so the autoscaler never removes a node under one."""
+    import json
+    head_type = raw["head_node_type"]
+    holders = [name for name, node in raw["available_node_types"].items()
+               if node.get("resources", {}).get("trainctl_driver")]
+    assert holders == [head_type]
+    serve = next(c for c in raw["head_start_ray_commands"] if "trainctl serve" in c)
+    match = re.search(r"TRAINCTL_ENTRYPOINT_RESOURCES='([^']*)'", serve)
+    assert match and json.loads(match.group(1)) == {"trainctl_driver": 1}
