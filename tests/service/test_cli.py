@@ -88,3 +88,44 @@ def test_unreachable_service_names_the_url(monkeypatch: pytest.MonkeyPatch, caps
     with pytest.raises(SystemExit) as exc:
         cli.main(["list", "--url", f"http://127.0.0.1:{free_port()}", "--token", "x"])
     assert exc.value.code == 1 and "cannot reach trainctl" in capsys.readouterr().err
+
+
+class FakeService:
+    """Scripted answers for GET /v1/jobs/{id} and /logs: the job advances one step per status request."""
+
+    def __init__(self, states: list[str], logs: list[str], final_message: str | None = None) -> None:
+        self.states, self.logs, self.step, self.final_message = states, logs, 0, final_message
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        i = min(self.step, len(self.states) - 1)
+        if request.url.path.endswith("/logs"):
+            return httpx.Response(200, text=self.logs[min(i, len(self.logs) - 1)])
+        self.step += 1
+        state = self.states[i]
+        return httpx.Response(200, json={
+            "id": "j1", "owner": "admin", "state": state, "attempts": 1, "ray_submission_id": "j1-1",
+            "progress": {"epoch": i, "epochs": 3, "eta_seconds": 4.0}, "metrics": {"val_acc": 0.1 * i},
+            "best_val_acc": 0.1 * i, "message": self.final_message if state in cli.TERMINAL else None,
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"})
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, fake: FakeService) -> None:
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: httpx.Client(
+        base_url="http://test", transport=httpx.MockTransport(fake.handler)))
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+
+
+@pytest.mark.parametrize("final,code", [("SUCCEEDED", 0), ("FAILED", 1), ("CANCELLED", 2)])
+def test_watch_exit_code_is_the_final_state(monkeypatch: pytest.MonkeyPatch, capsys, final: str,
+                                             code: int) -> None:
+    _use(monkeypatch, FakeService(["QUEUED", "RUNNING", "RUNNING", final], [""], final_message="why"))
+    assert cli.cmd_watch(parse("watch", "j1", "--interval", "0")) == code
+    out = capsys.readouterr().out
+    assert "RUNNING   epoch 1/3" in out and f"{final:<9} epoch 3/3" in out
+
+
+def test_logs_follow_prints_each_line_once(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    logs = ["a\n", "a\nb\n", "a\nb\nc\n", "a\nb\nc\nd\n"]
+    _use(monkeypatch, FakeService(["RUNNING", "RUNNING", "SUCCEEDED"], logs))
+    assert cli.cmd_logs(parse("logs", "j1", "-f")) == 0
+    assert capsys.readouterr().out.splitlines() == ["a", "b", "c"]
