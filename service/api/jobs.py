@@ -30,7 +30,7 @@ router = APIRouter(tags=["jobs"])
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-                  "epoch_seconds", "time", "attempt_epoch_start", "node_ids"]
+                  "epoch_seconds", "time", "resumed", "node_ids"]
 
 
 @router.post("/jobs", status_code=201, response_model=JobView)

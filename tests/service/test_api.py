@@ -206,7 +206,7 @@ def test_metrics_logs_checkpoints(api: Api) -> None:
     api.reconcile()
     d = api.job_dir(job_id)
     rows = [{"epoch": e, "train_loss": 1.0, "train_acc": 0.1, "val_loss": 1.0, "val_acc": 0.1 * e, "lr": 0.05,
-             "images_per_s": 100.0, "epoch_seconds": 4.0, "time": 1e9 + e, "attempt_epoch_start": e == 1,
+             "images_per_s": 100.0, "epoch_seconds": 4.0, "time": 1e9 + e, "resumed": e == 2,
              "node_ids": ["n1", "n2"]} for e in (1, 2)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 3, "tor')
     sub = f"{job_id}-1"
