@@ -63,8 +63,8 @@ def read_metrics(job_dir: str) -> list[dict[str, Any]]:
 
 
 def progress(metrics: list[dict[str, Any]], epochs: int | None, finished: bool) -> dict[str, Any]:
-    """{epoch, epochs, eta_seconds}: the ETA is the mean time of the last (up to 3) epochs of the current
-    process times the epochs left; None until one epoch finished."""
+    """{epoch, epochs, eta_seconds}: the ETA is the mean `epoch_seconds` of the last (up to 3) epochs times
+    the epochs left (recent epochs track the current cluster); None until one epoch finished."""
     epoch = metrics[-1]["epoch"] if metrics else 0
     eta: float | None = None
     if finished:
