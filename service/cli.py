@@ -105,6 +105,11 @@ def _fmt_eta(v: Any) -> str:
 def _progress_line(job: dict[str, Any]) -> str:
     p = job.get("progress") or {}
     m = job.get("metrics") or {}
+    if job.get("search"):
+        s = job["search"]
+        return (f"{job['state']:<9} trials {s['trials_finished']}/{s['trials_total']} done, {s['trials_running']} "
+                f"running, {s['stopped_early']} stopped early  best {s['metric']} {_fmt_acc(s['best_metric'])}"
+                f" ({s['best_trial'] or '-'})")
     return (f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
             f"  best {_fmt_acc(job.get('best_val_acc'))}  eta {_fmt_eta(p.get('eta_seconds'))}")
 
@@ -248,6 +253,18 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             return format(v, spec) if isinstance(v, (int, float)) else "-"
         print(f"{m['epoch']:>5} {f('train_loss', '10.4f')} {f('train_acc', '9.4f')} {f('val_loss', '9.4f')} "
               f"{f('val_acc', '8.4f')} {f('lr', '9.5f')} {f('images_per_s', '8.1f')} {f('epoch_seconds', '6.1f')}")
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    data = _request(args, "GET", f"/v1/jobs/{args.id}/trials").json()
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{'TRIAL':<14} {'STATE':<14} {'EPOCHS':>6} {'BEST ' + data['metric'].upper():>12}  CONFIG")
+    for t in data["trials"]:
+        config = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["config"].items())
+        print(f"{t['trial_id']:<14} {t['state']:<14} {t['epochs']:>6} {_fmt_acc(t['best_metric']):>12}  {config}")
     return 0
 
 
@@ -444,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("--csv", action="store_true")
     s.set_defaults(fn=cmd_metrics)
+
+    s = sub.add_parser("trials", parents=[common], help="a search's trials: state, epochs, best metric, config")
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_trials)
 
     s = sub.add_parser("best", parents=[common], help="download the best checkpoint (sha256-verified)")
     s.add_argument("id")

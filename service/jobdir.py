@@ -9,8 +9,10 @@ import json
 from typing import Any
 
 import objstore
+from trainer.spec import SearchSpec
 
 SPEC, METRICS, MANIFEST, SUMMARY = "spec.json", "metrics.jsonl", "manifest.json", "summary.json"
+TRIALS = "trials.json"  # searches only
 
 
 def job_uri(storage_root: str, job_id: str) -> str:
@@ -46,6 +48,27 @@ def read_summary(job_dir: str) -> dict[str, Any] | None:
 def read_manifest(job_dir: str) -> dict[str, Any] | None:
     data = read_json(objstore.join(job_dir, MANIFEST))
     return data if isinstance(data, dict) else None
+
+
+def read_trials(job_dir: str) -> list[dict[str, Any]]:
+    """A search's trials (trials.json, kept current by the trainer while the search runs); [] before the
+    first trial starts and for single runs."""
+    data = read_json(objstore.join(job_dir, TRIALS))
+    return [t for t in data if isinstance(t, dict) and t.get("trial_id")] if isinstance(data, list) else []
+
+
+def search_progress(search: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, metric}."""
+    spec = SearchSpec.model_validate(search)
+    finished = [t for t in trials if t.get("state") in ("succeeded", "stopped_early", "failed")]
+    scored = [t for t in trials if isinstance(t.get("best_metric"), (int, float)) and t.get("state") != "failed"]
+    pick = max if spec.mode == "max" else min
+    best = pick(scored, key=lambda t: t["best_metric"]) if scored else None
+    return {"trials_total": spec.total_trials(), "trials_finished": len(finished),
+            "trials_running": sum(t.get("state") == "running" for t in trials),
+            "stopped_early": sum(bool(t.get("stopped_early")) for t in trials),
+            "best_trial": best["trial_id"] if best else None,
+            "best_metric": best["best_metric"] if best else None, "metric": spec.metric}
 
 
 def read_metrics(job_dir: str) -> list[dict[str, Any]]:

@@ -137,6 +137,14 @@ class SearchSpec(Section):
     max_concurrent_trials: PositiveInt = 1
     seed: int = 0
 
+    def total_trials(self) -> int:
+        """Tune's count: every grid combination, num_samples times."""
+        combos = 1
+        for dist in self.space.values():
+            if isinstance(dist, Grid):
+                combos *= len(dist.grid)
+        return self.num_samples * combos
+
 
 # --- the job spec ---------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import objstore
 from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
 from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
-                                 job_view, request_hash, resolve_body)
+                                 TrialList, TrialView, job_view, request_hash, resolve_body)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict
@@ -82,6 +82,18 @@ def get_metrics(job: JobDep, runner: RunnerDep,
         writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.items()})
     return PlainTextResponse(out.getvalue(), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
+
+
+@router.get("/jobs/{job_id}/trials", response_model=TrialList)
+def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
+    """A search's trials: config, state, epochs done, best metric, stopped early or not (409 for a job
+    that is not a search)."""
+    search = job.spec.get("search")
+    if not search:
+        raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
+    trials = jobdir.read_trials(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
+    return TrialList(job_id=job.id, metric=search.get("metric", "val_acc"), mode=search.get("mode", "max"),
+                     trials=[TrialView(**{k: t.get(k) for k in TrialView.model_fields if k in t}) for t in trials])
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)

@@ -50,6 +50,33 @@ class Progress(BaseModel):
     eta_seconds: float | None
 
 
+class SearchProgress(BaseModel):
+    trials_total: int
+    trials_finished: int
+    trials_running: int
+    stopped_early: int
+    best_trial: str | None
+    best_metric: float | None
+    metric: str
+
+
+class TrialView(BaseModel):
+    trial_id: str
+    config: dict[str, Any]
+    state: str = Field(description="pending | running | succeeded | stopped_early | failed")
+    epochs: int
+    best_metric: float | None
+    stopped_early: bool
+    error: str | None = None
+
+
+class TrialList(BaseModel):
+    job_id: str
+    metric: str
+    mode: str
+    trials: list[TrialView]
+
+
 class JobView(BaseModel):
     id: str
     owner: str
@@ -64,6 +91,7 @@ class JobView(BaseModel):
     created_at: dt.datetime
     updated_at: dt.datetime
     spec: dict[str, Any] | None = None
+    search: SearchProgress | None = Field(default=None, description="searches only: trials and best so far")
 
 
 class JobList(BaseModel):
@@ -110,7 +138,10 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     else:
         progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
         best = job.best_val_acc
+    search = None
+    if job_dir is not None and job.spec.get("search"):
+        search = SearchProgress(**jobdir.search_progress(job.spec["search"], jobdir.read_trials(job_dir)))
     return JobView(id=job.id, owner=job.owner, state=job.state, progress=Progress(**progress), metrics=latest,
                    best_val_acc=best, attempts=job.attempts, attempt_log=job.attempt_log, message=job.message,
                    ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),
-                   updated_at=_time(job.updated_at), spec=job.spec if with_spec else None)
+                   updated_at=_time(job.updated_at), spec=job.spec if with_spec else None, search=search)
