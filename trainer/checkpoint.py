@@ -88,7 +88,8 @@ def best(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 def remove_orphans(run_dir: str, manifest: dict[str, Any]) -> list[str]:
     """Delete `epoch_*` checkpoint folders that neither our manifest nor Ray Train's run snapshot
-    references: uploads cut off by a crash, which Ray's num_to_keep never deletes. Returns their names."""
+    references: uploads cut off by a crash, which Ray's num_to_keep never deletes. Call it only while no run
+    is active in `run_dir` (Ray deletes folders of its own meanwhile). Returns their names."""
     keep = {e["uri"].rstrip("/").split("/")[-2] for e in manifest.get("checkpoints", [])}
     snapshot_uri = objstore.join(run_dir, "checkpoint_manager_snapshot.json")
     try:

@@ -184,11 +184,10 @@ def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: in
         # SYNC upload: when report returns, the checkpoint is fully in storage.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=dir_name)
-    manifest = ckpt.record(paths.manifest_dir, {
+    ckpt.record(paths.manifest_dir, {
         "epoch": epoch, "val_acc": metrics["val_acc"],
         "uri": objstore.join(paths.run_dir, dir_name, ckpt.FILENAME), "sha256": sha256, "size": size,
     }, spec.checkpoint.keep_best)
-    ckpt.remove_orphans(paths.run_dir, manifest)
 
 
 def _resume_state(paths: RunPaths, ray_checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:

@@ -100,7 +100,17 @@ def preflight(spec: JobSpec) -> None:
 
 def fit_single(spec: JobSpec, job_dir: str) -> None:
     """One TorchTrainer run whose checkpoints land in job_dir/<job dir name>/epoch_NNNN/."""
-    build_trainer(spec, job_dir, name=job_dir.rstrip("/").rsplit("/", 1)[-1]).fit()
+    fit_run(spec, job_dir, name=job_dir.rstrip("/").rsplit("/", 1)[-1])
+
+
+def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> None:
+    """Fit one run, removing checkpoint folders orphaned by an earlier crash before it starts and after it
+    ends — never while it runs, when Ray Train's controller deletes old checkpoints of its own and
+    deleting one under it fails the run."""
+    run_dir = objstore.join(run_root, name)
+    ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
+    build_trainer(spec, run_root, name, callbacks).fit()
+    ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
 
 
 def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> Any:

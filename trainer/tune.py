@@ -120,7 +120,7 @@ def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from trainer.run import build_trainer
+    from trainer.run import fit_run
 
     assert spec.search is not None
     search, job_id = spec.search, job_dir.rstrip("/").rsplit("/", 1)[-1]
@@ -130,8 +130,8 @@ def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
         # Runs inside a Tune trial actor: it owns one TorchTrainer run, under trials/<trial id>/.
         run_spec = trial_spec(JobSpec.model_validate_json(spec_json), config)
         trial_id = tune.get_context().get_trial_id()
-        build_trainer(run_spec, objstore.join(job_dir, "trials", trial_id), name=f"{job_id}-{trial_id}",
-                      callbacks=[TuneReportCallback()]).fit()
+        fit_run(run_spec, objstore.join(job_dir, "trials", trial_id), name=f"{job_id}-{trial_id}",
+                callbacks=[TuneReportCallback()])
 
     scheduler = None
     if search.scheduler.kind == "asha":

@@ -42,6 +42,14 @@ def test_service_on_s3(make_api, s3_bucket_uri: str, s3_server) -> None:
     r = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
     assert r.status_code == 200 and r.headers["x-checkpoint-sha256"] == sha and r.content == payload
 
+    # a corrupted object in the bucket (same size, one byte flipped) is refused, never streamed
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2] ^= 0xFF
+    objstore.write_bytes(ckpt, bytes(damaged))
+    r = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "checkpoint_corrupt", r.text
+    objstore.write_bytes(ckpt, payload)
+
     assert api.client.get("/healthz").json()["checks"]["storage"]["ok"]
     s3_server.stop()
     try:
