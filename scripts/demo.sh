@@ -25,12 +25,22 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 
-t0=$(date +%s)
+t0=$(date +%s.%N)
 JOB=$(trainctl submit examples/demo.yaml --set "data.train=$DATASET" -q)
 echo "submitted job $JOB"
+# time to RUNNING (the Ray job's driver started), for the record
+until trainctl status "$JOB" --json | python -c 'import json,sys; s=json.load(sys.stdin)["state"]; sys.exit(s == "QUEUED" or s == "STARTING")'; do
+  sleep 0.2
+done
+t_running=$(date +%s.%N)
 trainctl watch "$JOB"
-t1=$(date +%s)
+t1=$(date +%s.%N)
 trainctl status "$JOB"
 trainctl best "$JOB" -o "$DATA_DIR/best-$JOB.pt"
 python -m trainer evaluate --checkpoint "$DATA_DIR/best-$JOB.pt" --split val
-echo "demo job $JOB: submit → SUCCEEDED in $((t1 - t0)) s; best checkpoint at $DATA_DIR/best-$JOB.pt"
+python - "$t0" "$t_running" "$t1" "$JOB" "$DATA_DIR" <<'PY'
+import sys
+t0, t_running, t1 = map(float, sys.argv[1:4])
+print(f"demo job {sys.argv[4]}: POST → RUNNING {t_running - t0:.1f} s, POST → SUCCEEDED {t1 - t0:.1f} s; "
+      f"best checkpoint at {sys.argv[5]}/best-{sys.argv[4]}.pt")
+PY

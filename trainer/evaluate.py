@@ -14,6 +14,7 @@ import objstore
 from trainer import checkpoint as ckpt
 from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, use_channels_last
 from trainer.model import build_model
+from trainer.precision import autocast, resolve_precision
 from trainer.spec import JobSpec
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -31,8 +32,14 @@ def load_model(checkpoint_uri: str, expected_sha256: str | None = None) -> tuple
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, spec: JobSpec, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Logits in the run's own precision and memory layout (as its validation saw them)."""
     device = torch.device("cpu")
-    return torch.cat([model(x) for x in images_to_batches(images, device, use_channels_last(spec), batch)])
+    dtype = resolve_precision(spec, device)
+    out = []
+    for x in images_to_batches(images, device, use_channels_last(spec), batch):
+        with autocast(device, dtype):
+            out.append(model(x).float())
+    return torch.cat(out)
 
 
 def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: str = "auto",

@@ -8,7 +8,6 @@ with the schedule in the same position.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import time
@@ -25,6 +24,7 @@ import objstore
 from trainer import checkpoint as ckpt
 from trainer.data import DeviceData, load_splits, use_channels_last
 from trainer.model import build_model
+from trainer.precision import autocast, resolve_precision
 from trainer.schedule import build_scheduler
 from trainer.spec import JobSpec
 
@@ -38,25 +38,6 @@ class RunPaths:
 
     def to_dict(self) -> dict[str, str]:
         return {"metrics": self.metrics, "manifest_dir": self.manifest_dir, "run_dir": self.run_dir}
-
-
-def bf16_native_cpu() -> bool:
-    """AMX or AVX512-BF16: where bf16 autocast makes CPU training faster rather than slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(spec: JobSpec, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if spec.precision == "fp32":
-        return None
-    if spec.precision == "bf16" or device.type == "cuda" or bf16_native_cpu():
-        return torch.bfloat16
-    return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -105,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         train_sums = torch.zeros(3, device=device)  # loss*n, correct, n
         for x, y in train_data.train_batches(epoch, spec.seed, rank, world, local_batch):
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = forward(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -154,7 +135,7 @@ def evaluate(model: torch.nn.Module, data: DeviceData, rank: int, world: int, de
     sums = torch.zeros(3, device=device)
     with torch.no_grad():
         for x, y in data.eval_batches(rank, world, 1024):
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
             sums += torch.stack([loss, (logits.argmax(1) == y).sum().float(),
@@ -222,9 +203,3 @@ def _node_ids(world: int) -> list[str]:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, node)
     return gathered
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
