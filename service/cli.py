@@ -117,7 +117,7 @@ def _progress_line(job: dict[str, Any]) -> str:
 # --- commands talking to the service ---------------------------------------------------------------------------
 
 def _load_body(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.spec import _set_path, parse_override  # pydantic only: no torch
+    from trainer.spec import set_path, parse_override  # pydantic only: no torch
 
     if args.file:
         import yaml
@@ -141,7 +141,7 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
             body.setdefault("overrides", {}).update(dict(sets))
         else:
             for p, v in sets:  # a full spec: set the value in place; the server validates it
-                _set_path(body, p, v)
+                set_path(body, p, v)
     return body
 
 

@@ -241,7 +241,7 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
     if base:
         data = _deep_merge(data, base)
     for path, value in (overrides or {}).items():
-        _set_path(data, path, value)
+        set_path(data, path, value)
     return JobSpec.model_validate(data)
 
 
@@ -265,7 +265,8 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set `value` at a dotted path in a plain spec dict, creating sections on the way."""
     *parents, leaf = path.split(".")
     node = data
     for key in parents:
@@ -316,7 +317,7 @@ def _check_search_path(spec: JobSpec, path: str, dist: BaseModel) -> str | None:
     base = spec.model_dump(mode="json", exclude={"search"})
     for sample in samples:
         trial = copy.deepcopy(base)
-        _set_path(trial, path, sample)
+        set_path(trial, path, sample)
         try:
             JobSpec.model_validate(trial)
         except ValidationError as exc:
