@@ -163,11 +163,20 @@ class Runner:
                 if job.state is JobState.STARTING:
                     self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING})
             return
-        self._record_progress(job, job_dir)
+        # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
+        # it, so what cannot be read now counts as missing and the exit code decides.
+        storage_up = True
+        try:
+            self._record_progress(job, job_dir)
+            summary = jobdir.read_summary(job_dir)
+        except objstore.StorageUnavailable as exc:
+            log.warning("job %s ended while storage is unreachable: %s", job.id, exc)
+            storage_up, summary = False, None
         if job.cancel_requested and info.status != "SUCCEEDED":
             self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
             return
-        summary = jobdir.read_summary(job_dir)
+        if not storage_up and info.exit_code != EXIT_STORAGE:
+            return  # decide once storage answers again: a summary may say more than the exit code
         if info.status == "SUCCEEDED":
             if summary and summary.get("state") == "succeeded":
                 self.store.transition(job.id, JobState.SUCCEEDED, message=None,
@@ -184,7 +193,7 @@ class Runner:
                        summary: dict[str, Any] | None = None) -> None:
         """A run ended without success and without our cancel: retry infrastructure failures up to
         spec.checkpoint.max_restarts times, never a user error; a storage outage fails the job."""
-        if summary is None:
+        if summary is None and exit_code != EXIT_STORAGE:
             summary = jobdir.read_summary(job_dir)
         kind = summary.get("error_kind") if summary and summary.get("state") == "failed" else None
         error = (summary or {}).get("error") or reason

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+import objstore
 from service import jobdir
 from service.states import JobState
 from service.store import Job
@@ -123,12 +124,20 @@ def _time(t: float) -> dt.datetime:
 
 
 def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:
-    """With `job_dir`, progress and latest metrics come fresh from metrics.jsonl; without it (lists), from
-    the values the reconciler last stored."""
+    """With `job_dir`, progress and latest metrics come fresh from metrics.jsonl; without it (lists), or
+    while storage is unreachable, from the values the reconciler last stored — a job's state stays
+    readable during a storage outage."""
     epochs = (job.spec.get("optim") or {}).get("epochs")
     latest: dict[str, Any] | None = None
+    metrics: list[dict[str, Any]] | None = None
+    trials: list[dict[str, Any]] | None = None
     if job_dir is not None and job.state is not JobState.QUEUED:
-        metrics = jobdir.read_metrics(job_dir)
+        try:
+            metrics = jobdir.read_metrics(job_dir)
+            trials = jobdir.read_trials(job_dir) if job.spec.get("search") else None
+        except objstore.StorageUnavailable:
+            metrics = trials = None
+    if metrics is not None:
         latest = metrics[-1] if metrics else None
         progress = jobdir.progress(metrics, epochs, finished=job.state.is_terminal())
         best = job.best_val_acc
@@ -139,8 +148,8 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
         progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
         best = job.best_val_acc
     search = None
-    if job_dir is not None and job.spec.get("search"):
-        search = SearchProgress(**jobdir.search_progress(job.spec["search"], jobdir.read_trials(job_dir)))
+    if trials is not None:
+        search = SearchProgress(**jobdir.search_progress(job.spec["search"], trials))
     return JobView(id=job.id, owner=job.owner, state=job.state, progress=Progress(**progress), metrics=latest,
                    best_val_acc=best, attempts=job.attempts, attempt_log=job.attempt_log, message=job.message,
                    ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),

@@ -1,5 +1,6 @@
-"""Kill a server's process group if the test session dies without its teardown (SIGKILL, a CI timeout):
-a tiny watchdog process polls the pytest process and SIGKILLs the group once pytest is gone."""
+"""Stop a server's process group if the test session dies without its teardown (SIGKILL, a CI timeout):
+a tiny watchdog process polls the pytest process and, once pytest is gone, sends the group SIGTERM (so a
+`trainctl serve` can stop the Ray head it started), then SIGKILL after a grace period."""
 
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ while True:
         os.killpg(group, 0)
     except ProcessLookupError:
         sys.exit(0)
-try:
-    os.killpg(group, signal.SIGKILL)
-except ProcessLookupError:
-    pass
+for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+        time.sleep(0.5)
 """
 
 

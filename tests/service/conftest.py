@@ -28,6 +28,7 @@ from service.app import create_app
 from service.runner import Runner
 from service.settings import Settings, load_settings
 from tests.plugins.ray_cluster import RayHead, free_port
+from tests.plugins.reaper import reap_with_session
 from tests.service.fakes import FakeRay
 
 TRAINCTL = str(Path(sys.executable).with_name("trainctl"))
@@ -119,6 +120,7 @@ class Service:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        reap_with_session(self.proc.pid)  # if pytest dies: SIGTERM lets serve stop a head it started
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
