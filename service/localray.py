@@ -71,18 +71,23 @@ class LocalRayHead:
 
     def stop(self) -> None:
         """SIGTERM the head's process group, wait, then SIGKILL whatever is left of it."""
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, grace_s=30)
         try:  # stragglers of the group (workers that ignored SIGTERM)
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group led by `proc`, give it `grace_s` to exit, then SIGKILL it."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue

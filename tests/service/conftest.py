@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.localray import stop_process_group
 from service.runner import Runner
 from service.settings import Settings, load_settings
 from tests.plugins.ray_cluster import RayHead, free_port
@@ -138,16 +138,7 @@ class Service:
         """SIGTERM the process group, SIGKILL what is left: only what we started."""
         if self.proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, grace_s=20)
         self.proc = None
 
     def log(self) -> str:
