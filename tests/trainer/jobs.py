@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def log_tail(job_dir: Path) -> str:
     log = job_dir.parent / f"{job_dir.name}.log"
     return log.read_text()[-4000:] if log.exists() else ""
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, job_dir: Path, epoch: int, timeout: float = 240) -> None:
+    """Wait until the run's manifest lists a checkpoint of `epoch` or later (or the run ends)."""
+    manifest = job_dir / "manifest.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["latest_epoch"] >= epoch:
+            return
+        time.sleep(0.2)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import objstore
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run
+from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run, wait_for_checkpoint
 from trainer.spec import resolve
 
 pytestmark = pytest.mark.ray
@@ -52,12 +52,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, 
     job_dir = make_job_dir(tmp_path, "workerkill", {"data.train": str(cifar_parquet), "optim.epochs": 5,
                                                     "data.max_train_images": 2048})
     proc = start_run(job_dir, ray_head.env())
-    manifest = job_dir / "manifest.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists() and json.loads(manifest.read_text())["latest_epoch"] >= 1:
-            break
-        time.sleep(0.2)
+    wait_for_checkpoint(proc, job_dir, epoch=1)
     workers = list_actors(address=ray_head.dashboard_url, filters=[("class_name", "=", "RayTrainWorker"),
                                                                    ("state", "=", "ALIVE")], raise_on_missing_output=False)
     assert len(workers) == 2, workers

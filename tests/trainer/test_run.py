@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.trainer.cifar_files import write_cifar_python, write_kaggle_input
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run
+from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run, wait_for_checkpoint
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.ray
@@ -102,16 +102,11 @@ def test_killed_run_resumes_from_its_checkpoint(ray_head, cifar_parquet, tmp_pat
     job_dir = make_job_dir(tmp_path, "resume", {"data.train": str(cifar_parquet), "optim.epochs": 5,
                                                 "data.max_train_images": 2048})
     proc = start_run(job_dir, ray_head.env())
-    manifest = job_dir / "manifest.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists() and json.loads(manifest.read_text())["latest_epoch"] >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_checkpoint(proc, job_dir, epoch=2)
     assert proc.poll() is None, "the run finished before it could be stopped: " + log_tail(job_dir)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its Ray Train workers die with it
     proc.wait()
-    stopped_at = json.loads(manifest.read_text())["latest_epoch"]
+    stopped_at = json.loads((job_dir / "manifest.json").read_text())["latest_epoch"]
     assert stopped_at < 5
 
     assert run(job_dir, ray_head.env()) == 0, log_tail(job_dir)
