@@ -128,3 +128,16 @@ def best_checkpoint(job_dir: str) -> dict[str, Any] | None:
     if not ranked:
         return None
     return max(ranked, key=lambda c: (c["val_acc"], c["epoch"] or 0))
+
+
+def artifacts(job_dir: str) -> list[dict[str, Any]]:
+    """The exported models (artifacts/artifacts.json, written by trainer/export.py): [{name, format, uri,
+    sha256, size, epoch}]; empty before the run's end or when the job exports nothing."""
+    index = read_json(objstore.join(job_dir, "artifacts", "artifacts.json")) or {}
+    out = []
+    for a in index.get("artifacts") or [] if isinstance(index, dict) else []:
+        if isinstance(a, dict) and a.get("name") and a.get("uri"):
+            out.append({"name": str(a["name"]), "format": a.get("format"), "sha256": a.get("sha256"),
+                        "size": a.get("size"), "epoch": a.get("epoch"),
+                        "uri": _absolute(objstore.join(job_dir, "artifacts"), str(a["uri"]))})
+    return out

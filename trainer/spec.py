@@ -164,6 +164,9 @@ class JobSpec(Section):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint: CheckpointSpec = CheckpointSpec()
     search: SearchSpec | None = None
+    # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
+    # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
+    exports: list[Literal["safetensors", "pt2"]] = Field(default_factory=lambda: ["safetensors", "pt2"])
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "JobSpec":
@@ -227,6 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"kind": "constant"},
         "scaling": {"num_workers": 2, "use_gpu": False},
         "precision": "fp32",
+        "exports": [],  # an export adds seconds to every test run; the export tests ask for it
     },
 }
 
