@@ -47,10 +47,6 @@ class RayJobInfo:
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RayJobStatus(str(self.status)))  # also from Ray's own enum or a str
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status.is_terminal()
-
 
 class RayJobs(Protocol):
     def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
