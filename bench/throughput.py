@@ -23,15 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data import CIFAR10_MEAN, CIFAR10_STD, load  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.spec import JobSpec, resolve  # noqa: E402
+from trainer.data import CIFAR10_MEAN, CIFAR10_STD, load
+from trainer.model import build_model
+from trainer.spec import JobSpec, resolve
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
 BATCH = 256
@@ -77,6 +76,7 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
 
 def trainer_run(data: str, images: int, epochs: int, cpus: int, **overrides: object) -> dict[str, float]:
     """One `trainer.run` job on a private local Ray cluster; images/s of its best epoch after the first."""
+    from trainer import fit as trainer_fit
     from trainer import run as trainer_run_module
     spec = resolve("paper", {"data.train": data, "data.max_train_images": images, "data.val_fraction": 0.05,
                              "optim.batch_size": BATCH, "optim.epochs": epochs, "scaling.num_workers": 1,
@@ -86,7 +86,7 @@ def trainer_run(data: str, images: int, epochs: int, cpus: int, **overrides: obj
         os.makedirs(job_dir)
         Path(job_dir, "spec.json").write_text(spec.to_json())
         trainer_run_module.init_ray()
-        trainer_run_module.fit_single(spec, job_dir)
+        trainer_fit.fit_single(spec, job_dir)
         lines = [json.loads(x) for x in Path(job_dir, "metrics.jsonl").read_text().splitlines()]
     best = max(lines[1:] or lines, key=lambda m: m["images_per_s"])
     return {"images_per_s": best["images_per_s"], "epoch_seconds": best["epoch_seconds"]}
@@ -111,7 +111,8 @@ def main() -> int:
         results["notebook_fp32"] = notebook_loop(data.images, data.labels, args.epochs, cpus)
         print(f"notebook loop (DataLoader + per-sample PIL, fp32): {results['notebook_fp32']:8.1f} img/s")
         for name, precision in (("trainctl_auto", "auto"), ("trainctl_fp32", "fp32")):
-            r = trainer_run(args.data, args.images, args.epochs, cpus, precision=precision, **{"scaling.use_gpu": False})
+            r = trainer_run(args.data, args.images, args.epochs, cpus, precision=precision,
+                            **{"scaling.use_gpu": False})
             results[name] = r["images_per_s"]
             print(f"trainctl, precision={precision:<5} (Ray Train, device data path): {r['images_per_s']:8.1f} img/s")
         print(f"ratio trainctl(auto)/notebook: {results['trainctl_auto'] / results['notebook_fp32']:.2f}")

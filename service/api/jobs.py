@@ -13,27 +13,37 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi import Path as FastApiPath
-from pydantic import BeforeValidator
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BeforeValidator
 
 import objstore
 from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
-from service.api.schemas import (SUBMIT_EXAMPLES, ArtifactList, ArtifactView, CheckpointList, CheckpointView,
-                                 JobList, JobView, MetricsView, TrialList, TrialView, job_view, request_hash, resolve_body)
+from service.api.schemas import (
+    SUBMIT_EXAMPLES,
+    ArtifactList,
+    ArtifactView,
+    CheckpointList,
+    CheckpointView,
+    JobList,
+    JobView,
+    MetricsView,
+    TrialList,
+    job_view,
+    request_hash,
+    resolve_body,
+)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict
+from trainer.contract import METRIC_COLUMNS
+from trainer.spec import SearchSpec
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
-
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-                  "epoch_seconds", "time", "resumed", "node_ids"]
-
 
 @router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
 def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
@@ -72,17 +82,16 @@ def get_job(job: JobDep, runner: RunnerDep) -> JobView:
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
 def get_metrics(job: JobDep, runner: RunnerDep,
-                format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
+                fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json") -> Any:
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    if format == "json":
+    if fmt == "json":
         return MetricsView(job_id=job.id, metrics=metrics)
-    extra = sorted({k for m in metrics for k in m} - set(METRIC_COLUMNS))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS + extra, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
     writer.writeheader()
     for m in metrics:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.items()})
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.model_dump().items()})
     return PlainTextResponse(out.getvalue(), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 
@@ -95,8 +104,8 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     if not search:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
     trials = jobdir.read_trials(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    return TrialList(job_id=job.id, metric=search.get("metric", "val_acc"), mode=search.get("mode", "max"),
-                     trials=[TrialView(**{k: t.get(k) for k in TrialView.model_fields if k in t}) for t in trials])
+    search_spec = SearchSpec.model_validate(search)
+    return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
@@ -127,9 +136,7 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
 def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
     """The checkpoints still kept (manifest.json), oldest epoch first."""
     cps = jobdir.checkpoints(runner.job_dir(job.id))
-    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView(**{k: c[k] for k in
-                                                                       ("epoch", "val_acc", "size", "sha256")})
-                                                      for c in cps])
+    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView.model_validate(c.model_dump()) for c in cps])
 
 
 @router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
@@ -142,16 +149,15 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     best = jobdir.best_checkpoint(runner.job_dir(job.id))
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
-    name = f"{job.id}-epoch{best['epoch']}.pt" if best.get("epoch") is not None else f"{job.id}-best.pt"
-    return verified_download(best["uri"], best.get("sha256"), best.get("size"), name, "X-Checkpoint-SHA256",
-                             {"epoch": best.get("epoch")})
+    name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
+    return verified_download(best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256", {"epoch": best.epoch})
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=errors(404))
 def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:
     """The best checkpoint exported for use outside trainctl (written at the end of a run; see spec.exports)."""
     found = jobdir.artifacts(runner.job_dir(job.id))
-    return ArtifactList(job_id=job.id, artifacts=[ArtifactView(**{k: a[k] for k in ArtifactView.model_fields})
+    return ArtifactList(job_id=job.id, artifacts=[ArtifactView(**a.model_dump(include=set(ArtifactView.model_fields)))
                                                   for a in found])
 
 
@@ -162,10 +168,10 @@ def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:
 def download_artifact(job: JobDep, runner: RunnerDep, name: Annotated[str, FastApiPath(max_length=128)]
                       ) -> StreamingResponse:
     """Download one exported model, verified against its recorded sha256/size like a checkpoint."""
-    found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a["name"] == name), None)
+    found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a.name == name), None)
     if found is None:
         raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts")
-    return verified_download(found["uri"], found["sha256"], found["size"], f"{job.id}-{name}", "X-Artifact-SHA256",
+    return verified_download(found.uri, found.sha256, found.size, f"{job.id}-{name}", "X-Artifact-SHA256",
                              {"name": name})
 
 
