@@ -13,6 +13,7 @@ from trainer.spec import SearchSpec
 
 SPEC, METRICS, MANIFEST, SUMMARY = "spec.json", "metrics.jsonl", "manifest.json", "summary.json"
 TRIALS = "trials.json"  # searches only
+CONFUSION = "confusion.json"  # written by the trainer when a run ends
 
 
 def job_uri(storage_root: str, job_id: str) -> str:
@@ -48,6 +49,13 @@ def read_summary(job_dir: str) -> dict[str, Any] | None:
 def read_manifest(job_dir: str) -> dict[str, Any] | None:
     data = read_json(objstore.join(job_dir, MANIFEST))
     return data if isinstance(data, dict) else None
+
+
+def read_confusion(job_dir: str) -> dict[str, Any] | None:
+    """confusion.json ({classes, matrix, split, accuracy, ...}) once the run wrote it, else None."""
+    data = read_json(objstore.join(job_dir, CONFUSION))
+    ok = isinstance(data, dict) and isinstance(data.get("matrix"), list) and data["matrix"]
+    return data if ok else None
 
 
 def read_trials(job_dir: str) -> list[dict[str, Any]]:

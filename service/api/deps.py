@@ -12,6 +12,7 @@ from service.reconciler import Reconciler
 from service.runner import Runner
 from service.settings import Settings
 from service.store import Job, Store
+from service.ui import session
 
 
 def _state(request: Request):  # -> service.app.AppState (not imported: app imports the routers)
@@ -40,16 +41,35 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 
 
-def get_principal(settings: SettingsDep, store: StoreDep,
+def get_principal(request: Request, settings: SettingsDep, store: StoreDep,
                   authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> auth.Principal:
     if not settings.auth:
         return auth.Principal("local", is_admin=True)
     principal = auth.authenticate(store, authorization)
+    if principal is None and authorization is None:
+        principal = session_principal(request, store)  # the dashboard's cookie (CSRF-checked)
     if principal is None:
         raise ApiError(401, "unauthorized",
                        "missing or invalid token: send 'Authorization: Bearer <token>' (see <data dir>/admin-token)",
                        headers={"WWW-Authenticate": "Bearer"})
     return principal
+
+
+def session_principal(request: Request, store: Store) -> auth.Principal | None:
+    """The principal of the dashboard's session cookie, or None. A POST/DELETE with the cookie must carry
+    the page's CSRF token (header X-CSRF-Token): a 403 otherwise, even though SameSite=Strict already
+    keeps the cookie off cross-site requests."""
+    cookie = request.cookies.get(session.COOKIE)
+    sessions: session.Sessions = _state(request).sessions
+    token_hash = sessions.token_hash(cookie)
+    if cookie is None or token_hash is None:
+        return None
+    if request.method not in session.SAFE_METHODS and \
+            not sessions.csrf_ok(cookie, request.headers.get(session.CSRF_HEADER)):
+        raise ApiError(403, "csrf_failed", "this request came with the dashboard's session cookie but without "
+                                           "its CSRF token (X-CSRF-Token); reload the page and try again")
+    owner = store.token_owner(token_hash)
+    return auth.Principal(*owner) if owner else None
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]

@@ -140,6 +140,24 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     best = jobdir.best_checkpoint(runner.job_dir(job.id))
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
+    return _verified_download(job.id, best)
+
+
+@router.get("/jobs/{job_id}/checkpoints/{epoch}/file", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
+                       404: {"description": "no kept checkpoint of that epoch"},
+                       502: {"description": "the stored checkpoint does not match its recorded sha256/size"}})
+def checkpoint_file(job: JobDep, runner: RunnerDep, epoch: int) -> StreamingResponse:
+    """Download one kept checkpoint (see GET .../checkpoints), verified like the best one."""
+    entry = next((c for c in jobdir.checkpoints(runner.job_dir(job.id)) if c["epoch"] == epoch), None)
+    if entry is None:
+        raise ApiError(404, "not_found", f"job {job.id} keeps no checkpoint of epoch {epoch}")
+    return _verified_download(job.id, entry)
+
+
+def _verified_download(job_id: str, best: dict[str, Any]) -> StreamingResponse:
+    """Stream a checkpoint after a first pass proved it matches its recorded sha256/size."""
     uri = best["uri"]
     digest, size = hashlib.sha256(), 0
     try:
@@ -154,7 +172,7 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
         raise ApiError(502, "checkpoint_corrupt", "the stored checkpoint does not match its recorded sha256/size",
                        {"expected_sha256": best.get("sha256"), "actual_sha256": sha,
                         "expected_size": best.get("size"), "actual_size": size})
-    name = f"{job.id}-epoch{best['epoch']}.pt" if best.get("epoch") is not None else f"{job.id}-best.pt"
+    name = f"{job_id}-epoch{best['epoch']}.pt" if best.get("epoch") is not None else f"{job_id}-best.pt"
     return StreamingResponse(objstore.iter_chunks(uri), media_type="application/octet-stream",
                              headers={"X-Checkpoint-SHA256": sha, "Content-Length": str(size),
                                       "Content-Disposition": f'attachment; filename="{name}"'})
