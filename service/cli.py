@@ -318,6 +318,41 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOTS = ("curves", "lr", "confusion")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Save the job's pictures as DIR/<id>-<name>.png; one that has nothing to draw yet is skipped with a note
+    (the confusion matrix exists only once the run has ended)."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(PLOTS)
+    unknown = [n for n in names if n not in PLOTS]
+    if unknown:
+        raise CliError(f"--only: unknown plot(s) {', '.join(unknown)}; choose from {', '.join(PLOTS)}")
+    written, skipped = {}, []
+    with _client(args, timeout=120) as api:
+        for name in names:
+            png = api.plot(args.id, name)
+            if png is None:
+                skipped.append(name)
+                continue
+            path = out / f"{args.id}-{name}.png"
+            part = path.with_name(path.name + ".part")
+            part.write_bytes(png)
+            os.replace(part, path)
+            written[name] = str(path)
+    if args.json:
+        _print_json({"written": written, "skipped": skipped})
+    else:
+        for name, path in written.items():
+            print(f"wrote {path}")
+        for name in skipped:
+            print(f"skipped {name}: nothing to draw yet" + (" (written when the run ends)" if name == "confusion"
+                                                           else ""), file=sys.stderr)
+    return 0 if written else EXIT_ERROR
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     with _client(args) as api:
         data = api.create_token(args.name)
@@ -442,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("-o", "--output", required=True, help="where to write the checkpoint")
     s.set_defaults(fn=cmd_best)
+
+    s = sub.add_parser("plot", parents=[common], help="save the job's PNGs: curves (loss and accuracy per epoch), "
+                                                      "lr, confusion (the best checkpoint's, once the run ended)")
+    s.add_argument("id")
+    s.add_argument("-o", "--output", required=True, help="directory to write <id>-<name>.png into")
+    s.add_argument("--only", help="comma-separated subset of curves,lr,confusion")
+    s.set_defaults(fn=cmd_plot)
 
     s = sub.add_parser("token", help="manage API tokens")
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")

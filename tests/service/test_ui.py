@@ -249,3 +249,20 @@ def test_checkpoint_download_by_epoch(api: Api) -> None:
     r = api.get(f"/v1/jobs/{job_id}/checkpoints/1/file")
     assert r.status_code == 200 and r.headers["x-checkpoint-sha256"] == sha and r.content == b"abc" * 1000
     assert api.get(f"/v1/jobs/{job_id}/checkpoints/2/file").status_code == 404
+
+
+def test_cli_plot_saves_the_pngs(api: Api, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`trainctl plot` against the real app (its TestClient transport): curves and lr now, confusion once
+    the run wrote it."""
+    from service import cli, client
+    job_id = running_job(api)
+    write_metrics(api, job_id, range(1, 3))
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
+        "http://testserver", api.token, transport=api.client._transport))
+    out = tmp_path / "plots"
+    assert cli.cmd_plot(cli.build_parser().parse_args(["plot", job_id, "-o", str(out)])) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{job_id}-curves.png", f"{job_id}-lr.png"]
+    assert "skipped confusion" in capsys.readouterr().err
+    assert Image.open(out / f"{job_id}-curves.png").size == (1100, 420)
+    with pytest.raises(cli.CliError, match="unknown plot"):
+        cli.cmd_plot(cli.build_parser().parse_args(["plot", job_id, "-o", str(out), "--only", "nope"]))
