@@ -13,7 +13,6 @@ import os
 import shlex
 import threading
 import time
-from typing import Any
 
 import objstore
 from service import jobdir
@@ -21,6 +20,8 @@ from service.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.settings import Settings
 from service.states import InvalidTransition, JobState
 from service.store import Job, Store
+from trainer import contract
+from trainer.contract import ErrorKind, ExitCode, Summary
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 # the cluster itself, because a job's runtime_env is visible to anyone who can read the Ray dashboard.
 FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS")
 
-# trainer.run's exit codes (docs/architecture.md).
-EXIT_USER, EXIT_STORAGE = 2, 3
 
 
 class Runner:
@@ -175,13 +174,13 @@ class Runner:
         if job.cancel_requested and info.status != "SUCCEEDED":
             self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
             return
-        if not storage_up and info.exit_code != EXIT_STORAGE:
+        if not storage_up and info.exit_code != ExitCode.STORAGE:
             return  # decide once storage answers again: a summary may say more than the exit code
         if info.status == "SUCCEEDED":
-            if summary and summary.get("state") == "succeeded":
+            if summary and summary.succeeded():
                 self.store.transition(job.id, JobState.SUCCEEDED, message=None,
-                                      best_val_acc=summary.get("best_val_acc"),
-                                      last_epoch=summary.get("epochs_completed") or job.last_epoch)
+                                      best_val_acc=summary.best_val_acc,
+                                      last_epoch=summary.epochs_completed or job.last_epoch)
             else:
                 self._fail(job.id, "the trainer exited 0 but wrote no successful summary.json")
             return
@@ -190,17 +189,17 @@ class Runner:
                             summary=summary)
 
     def _after_failure(self, job: Job, job_dir: str, reason: str, exit_code: int | None,
-                       summary: dict[str, Any] | None = None) -> None:
+                       summary: Summary | None = None) -> None:
         """A run ended without success and without our cancel: retry infrastructure failures up to
         spec.checkpoint.max_restarts times, never a user error; a storage outage fails the job."""
-        if summary is None and exit_code != EXIT_STORAGE:
+        if summary is None and exit_code != ExitCode.STORAGE:
             summary = jobdir.read_summary(job_dir)
-        kind = summary.get("error_kind") if summary and summary.get("state") == "failed" else None
-        error = (summary or {}).get("error") or reason
-        if kind == "user" or exit_code == EXIT_USER:
+        kind = summary.error_kind if summary and not summary.succeeded() else None
+        error = (summary.error if summary else None) or reason
+        if kind is ErrorKind.USER or exit_code == ExitCode.USER:
             self._fail(job.id, f"the job's spec or data is wrong (not retried): {error}")
             return
-        if kind == "storage" or exit_code == EXIT_STORAGE:
+        if kind is ErrorKind.STORAGE or exit_code == ExitCode.STORAGE:
             self._fail(job.id, f"storage was unreachable ({objstore.redact(self.settings.storage_root)}): {error}")
             return
         max_restarts = int(job.spec.get("checkpoint", {}).get("max_restarts", 0))
@@ -208,7 +207,7 @@ class Runner:
             log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, reason)
             # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
             # attempt's if that one dies before writing its own.
-            objstore.delete_tree(objstore.join(job_dir, jobdir.SUMMARY))
+            jobdir.delete_summary(job_dir)
             self._submit(job, attempt=job.attempts + 1, reason=f"attempt {job.attempts} failed: {error}")
         else:
             self._fail(job.id, f"failed after {job.attempts} attempt(s): {error}")
@@ -220,9 +219,8 @@ class Runner:
         metrics = jobdir.read_metrics(job_dir)
         if not metrics:
             return
-        accs = [m["val_acc"] for m in metrics if isinstance(m.get("val_acc"), (int, float))]
-        best = max(accs) if accs else None
-        last = metrics[-1]["epoch"]
+        best = contract.best_so_far(metrics)
+        last = metrics[-1].epoch
         if (best, last) != (job.best_val_acc, job.last_epoch):
             self.store.update(job.id, best_val_acc=best, last_epoch=last)
 

@@ -16,7 +16,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -25,13 +24,14 @@ import objstore
 from service import jobdir
 from service.api.deps import JobDep, RunnerDep, SettingsDep, StoreDep
 from service.api.schemas import job_view
+from trainer.contract import EpochMetrics
 
 router = APIRouter(tags=["jobs"])
 
 KEEPALIVE_S = 15.0
 
 
-def sse(event: str, data: Any, event_id: int | None = None) -> str:
+def sse(event: str, data: object, event_id: int | None = None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
 
@@ -50,22 +50,22 @@ async def job_events(job: JobDep, request: Request, store: StoreDep, runner: Run
         while True:
             if await request.is_disconnected():
                 return
-            metrics: list[dict[str, Any]] | None = None
+            metrics: list[EpochMetrics] | None = None
             if current.state.value != "QUEUED":
                 try:
                     metrics = await asyncio.to_thread(jobdir.read_metrics, job_dir)
                 except objstore.StorageUnavailable:
                     metrics = None  # say nothing new until storage answers again; the state still flows
             for m in metrics or []:
-                if m["epoch"] > last_epoch:
+                if m.epoch > last_epoch:
                     seq += 1
-                    yield sse("epoch", m, seq)
-                    last_epoch, last_sent = m["epoch"], time.monotonic()
+                    yield sse("epoch", m.model_dump(mode="json"), seq)
+                    last_epoch, last_sent = m.epoch, time.monotonic()
             view = job_view(current).model_dump(mode="json")
             if metrics is not None:
                 epochs = (current.spec.get("optim") or {}).get("epochs")
                 view["progress"] = jobdir.progress(metrics, epochs, finished=current.state.is_terminal())
-                view["metrics"] = metrics[-1] if metrics else None
+                view["metrics"] = metrics[-1].model_dump(mode="json") if metrics else None
             key = (view["state"], view["progress"]["epoch"], view["attempts"], view["message"])
             if key != last_key:
                 seq += 1

@@ -30,9 +30,9 @@ def job_plot(job: JobDep, runner: RunnerDep, name: Literal["curves", "lr", "conf
             raise ApiError(409, "no_confusion_matrix",
                            f"job {job.id} has no confusion matrix (state {job.state}): the trainer writes it "
                            "when a run ends with a checkpoint")
-        png = plots.confusion_png(confusion)
+        png = plots.confusion_png(confusion.model_dump())
     else:
-        metrics = jobdir.read_metrics(job_dir) if job.state is not JobState.QUEUED else []
+        metrics = [m.model_dump() for m in jobdir.read_metrics(job_dir)] if job.state is not JobState.QUEUED else []
         if not metrics:
             raise ApiError(409, "no_metrics", f"job {job.id} has no finished epoch yet (state {job.state})")
         title = f"job {job.id} — {len(metrics)} epoch(s)"

@@ -29,6 +29,7 @@ from service.errors import ApiError
 from service.states import JobState
 from service.store import Job
 from service.ui import session
+from trainer.contract import Summary
 from trainer.spec import PRESETS
 
 HERE = Path(__file__).resolve().parent
@@ -163,7 +164,8 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
     return _render(request, "job.html", principal=principal, job=view, checkpoints=checkpoints,
                    spec_yaml=yaml.safe_dump(job.spec, sort_keys=False, default_flow_style=None, width=100),
                    search=search, params=sorted((search or {}).get("space", {})),
-                   device=_device(job, view.metrics), created=_when(job.created_at))
+                   device=_device(job, view.metrics.model_dump() if view.metrics else None),
+                   created=_when(job.created_at))
 
 
 @router.get("/submit", response_class=HTMLResponse)
@@ -174,11 +176,11 @@ def submit_page(request: Request, settings: SettingsDep, store: StoreDep) -> HTM
 
 # --- JSON for the pages' script -----------------------------------------------------------------------------
 
-_summaries: dict[str, dict[str, Any] | None] = {}  # terminal jobs' summaries never change: read them once
+_summaries: dict[str, Summary | None] = {}  # terminal jobs' summaries never change: read them once
 _summaries_lock = threading.Lock()
 
 
-def _summary(runner: Any, job: Job) -> dict[str, Any] | None:
+def _summary(runner: Any, job: Job) -> Summary | None:
     with _summaries_lock:
         if job.id in _summaries:
             return _summaries[job.id]
@@ -220,13 +222,14 @@ def jobs_table(principal: PrincipalDep, store: StoreDep, runner: RunnerDep,
         active = not job.state.is_terminal() and job.state is not JobState.QUEUED
         view: JobView = job_view(job, runner.job_dir(job.id)) if active else job_view(job)
         summary = _summary(runner, job) if job.state.is_terminal() else None
-        test_acc = (summary or {}).get("test_acc")
-        if test_acc is None and view.metrics:
-            test_acc = view.metrics.get("test_acc")
+        latest = view.metrics.model_dump() if view.metrics else None
+        test_acc = summary.test_acc if summary else None
+        if test_acc is None and latest:
+            test_acc = latest.get("test_acc")  # where the run measures the test split every epoch
         rows.append({"id": job.id, "owner": job.owner, "state": job.state.value,
                      "epoch": view.progress.epoch, "epochs": view.progress.epochs,
                      "eta_seconds": view.progress.eta_seconds, "best_val_acc": view.best_val_acc,
-                     "test_acc": test_acc, "device": _device(job, view.metrics),
+                     "test_acc": test_acc, "device": _device(job, latest),
                      "age_seconds": round(now - job.created_at, 1), "search": bool(job.spec.get("search")),
                      "message": job.message})
     return JSONResponse({"jobs": rows, "total": total}, headers={"Cache-Control": "no-store"})
