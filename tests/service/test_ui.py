@@ -231,7 +231,7 @@ def test_plots_change_as_epochs_finish(api: Api) -> None:
     matrix = np.eye(10, dtype=int) * 90 + 1
     (api.job_dir(job_id) / "confusion.json").write_text(json.dumps({
         "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-        "matrix": matrix.tolist(), "split": "val", "accuracy": 0.9}))
+        "matrix": matrix.tolist(), "split": "val", "accuracy": 0.9, "n": int(matrix.sum())}))
     conf = png(api.get(f"/v1/jobs/{job_id}/plots/confusion.png"))
     assert conf.shape == (700, 800, 3) and len(np.unique(conf.reshape(-1, 3), axis=0)) > 20
     assert api.get(f"/v1/jobs/{job_id}/plots/other.png").status_code == 422
