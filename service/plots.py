@@ -41,7 +41,7 @@ def _points(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 def curves_png(metrics: list[dict[str, Any]], title: str = "") -> bytes:
     fig = _figure(11, 4.2)
-    for ax, (name, series) in zip(fig.subplots(1, 2), SERIES.items()):
+    for ax, (name, series) in zip(fig.subplots(1, 2), SERIES.items(), strict=True):
         for key, label in series:
             xs, ys = _points(metrics, key)
             if xs:
@@ -85,7 +85,7 @@ def confusion_png(confusion: dict[str, Any]) -> bytes:
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), [f"{c} {a * 100:.1f}%" for c, a in zip(classes, per_class)])
+    ax.set_yticks(range(len(classes)), [f"{c} {a * 100:.1f}%" for c, a in zip(classes, per_class, strict=True)])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (per-class accuracy)")
     for i in range(len(classes)):
@@ -95,5 +95,6 @@ def confusion_png(confusion: dict[str, Any]) -> bytes:
                         color="white" if norm[i, j] > 0.5 else "black")
     acc = confusion.get("accuracy")
     split = confusion.get("split", "?")
-    ax.set_title(f"confusion matrix on the {split} split" + (f" — accuracy {acc * 100:.2f}%" if acc is not None else ""))
+    ax.set_title(f"confusion matrix on the {split} split"
+                 + (f" — accuracy {acc * 100:.2f}%" if acc is not None else ""))
     return _png(fig)

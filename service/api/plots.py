@@ -3,7 +3,7 @@ from its job directory on every request, so they grow as epochs finish."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 
@@ -14,7 +14,7 @@ from service.states import JobState
 
 router = APIRouter(tags=["plots"])
 
-PNG = {200: {"content": {"image/png": {}}, "description": "a PNG"},
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG"},
        409: {"description": "nothing to draw yet (no finished epoch / no confusion matrix)"}}
 
 

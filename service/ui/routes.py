@@ -110,7 +110,7 @@ async def login(request: Request, settings: SettingsDep, store: StoreDep) -> Res
     body = await request.body()
     form = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace")) if len(body) <= MAX_LOGIN_BODY else {}
     token = (form.get("token") or [""])[0].strip()
-    next_path = _safe_next((form.get("next") or [None])[0])
+    next_path = _safe_next((form.get("next") or [""])[0])
     if not _same_origin(request):
         return _render(request, "login.html", 403, next=next_path, error="sign-in from another site refused")
     if not settings.auth:
@@ -133,7 +133,7 @@ async def logout(request: Request) -> Response:
     form = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace"))
     cookie = request.cookies.get(session.COOKIE)
     sessions: session.Sessions = request.app.state.trainctl.sessions
-    if cookie and not sessions.csrf_ok(cookie, (form.get("csrf") or [None])[0]):
+    if cookie and not sessions.csrf_ok(cookie, (form.get("csrf") or [""])[0]):
         raise ApiError(403, "csrf_failed", "sign-out without the page's CSRF token refused; reload the page")
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
@@ -202,7 +202,8 @@ def _device(job: Job, metrics: dict[str, Any] | None) -> str:
         if value:
             return ", ".join(sorted(set(map(str, value)))) if isinstance(value, list) else str(value)
     scaling = job.spec.get("scaling") or {}
-    kind = {True: "GPU", False: "CPU"}.get(scaling.get("use_gpu"), "GPU if any")
+    use_gpu = scaling.get("use_gpu")
+    kind = "GPU if any" if use_gpu is None else "GPU" if use_gpu else "CPU"
     return f"{scaling.get('num_workers', '?')} × {kind}"
 
 

@@ -10,6 +10,7 @@ docs/images/dashboard-job.png is made).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -17,7 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import Service, start_service
@@ -130,6 +133,8 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
             return int(browser.find_element(By.ID, "progress-fill").get_attribute("data-epoch"))
 
         first = wait("a first finished epoch", lambda: page_epoch() >= 1 and page_epoch(), 240)
+        early_png = c.get(f"/v1/jobs/{job_id}/plots/curves.png")
+        early_epochs = len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"])
         later = wait("progress to advance", lambda: page_epoch() >= max(first + 1, 4) and page_epoch(), 240)
         assert text("#progress-text").startswith(f"epoch {later}/30") or page_epoch() > later
 
@@ -144,6 +149,13 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
             == len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"])), 30)
         assert browser.find_element(By.CSS_SELECTOR, '#chart-loss g[data-series="train"] polyline').get_attribute(
             "points").count(",") == points("train")
+        # the PNG grew with the run: decoded, it differs from the one drawn at an earlier epoch
+        late_png = c.get(f"/v1/jobs/{job_id}/plots/curves.png")
+        assert early_png.status_code == late_png.status_code == 200
+        early_img, late_img = (np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+                               for r in (early_png, late_png))
+        assert len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"]) > early_epochs
+        assert early_img.shape == late_img.shape and (early_img != late_img).any(axis=2).mean() > 0.005
         browser.execute_script("document.getElementById('chart-loss').scrollIntoView()")
         page = shot("job")
         if os.environ.get("TRAINCTL_README_SCREENSHOT"):
