@@ -266,3 +266,18 @@ def test_cli_plot_saves_the_pngs(api: Api, tmp_path, monkeypatch: pytest.MonkeyP
     assert Image.open(out / f"{job_id}-curves.png").size == (1100, 420)
     with pytest.raises(cli.CliError, match="unknown plot"):
         cli.cmd_plot(cli.build_parser().parse_args(["plot", job_id, "-o", str(out), "--only", "nope"]))
+
+
+def test_search_page_lists_the_searched_parameters(api: Api) -> None:
+    body = {"preset": "debug", "overrides": {"optim.epochs": 2, "search": {
+        "space": {"optim.lr": {"loguniform": [0.01, 0.3]}, "optim.weight_decay": {"choice": [0.0005, 0.001]}},
+        "num_samples": 2, "metric": "val_acc", "mode": "max"}}}
+    job_id = api.post(body).json()["id"]
+    login(api)
+    html = api.client.get(f"/ui/jobs/{job_id}").text
+    assert 'id="trials-table"' in html and 'data-search="true"' in html and 'id="chart-loss"' not in html
+    assert 'data-key="config.optim.lr"' in html and 'data-param="optim.weight_decay"' in html
+    rows = api.client.get("/ui/api/jobs").json()["jobs"]
+    assert rows[0]["search"] is True
+    missing = api.client.get("/ui/jobs/nope")
+    assert missing.status_code == 404 and "No such job" in missing.text
