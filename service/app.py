@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from service import auth
 from service.api import events, health, jobs, plots, tokens
+from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.rayjobs import RayJobs, RayJobsClient
 from service.reconciler import Reconciler
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
                   description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
                               "the web dashboard is at /ui/.")
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(events.router, prefix="/v1")
     app.include_router(plots.router, prefix="/v1")

@@ -15,14 +15,17 @@ from __future__ import annotations
 import io
 from typing import Any
 
-SERIES = {"loss": (("train_loss", "train"), ("val_loss", "val"), ("test_loss", "test")),
-          "accuracy": (("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test"))}
+SERIES = {
+    "loss": (("train_loss", "train"), ("val_loss", "val"), ("test_loss", "test")),
+    "accuracy": (("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test")),
+}
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 
 
 def _figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -45,8 +48,14 @@ def curves_png(metrics: list[dict[str, Any]], title: str = "") -> bytes:
         for key, label in series:
             xs, ys = _points(metrics, key)
             if xs:
-                ax.plot(xs, [y * 100 for y in ys] if name == "accuracy" else ys, marker="o", markersize=3,
-                        color=COLORS[label], label=f"{label} {name}")
+                ax.plot(
+                    xs,
+                    [y * 100 for y in ys] if name == "accuracy" else ys,
+                    marker="o",
+                    markersize=3,
+                    color=COLORS[label],
+                    label=f"{label} {name}",
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)" if name == "accuracy" else "loss")
         ax.set_title(f"training vs testing {name}")
@@ -75,6 +84,7 @@ def confusion_png(confusion: dict[str, Any]) -> bytes:
     """`confusion` as in confusion.json: `matrix` (rows = true class, columns = predicted), `classes`,
     `split`, `accuracy`."""
     import numpy as np
+
     matrix = np.asarray(confusion["matrix"], dtype=float)
     classes = list(confusion.get("classes") or [str(i) for i in range(len(matrix))])
     totals = matrix.sum(axis=1, keepdims=True)
@@ -91,10 +101,18 @@ def confusion_png(confusion: dict[str, Any]) -> bytes:
     for i in range(len(classes)):
         for j in range(len(classes)):
             if matrix[i, j]:
-                ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(matrix[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     acc = confusion.get("accuracy")
     split = confusion.get("split", "?")
-    ax.set_title(f"confusion matrix on the {split} split"
-                 + (f" — accuracy {acc * 100:.2f}%" if acc is not None else ""))
+    ax.set_title(
+        f"confusion matrix on the {split} split" + (f" — accuracy {acc * 100:.2f}%" if acc is not None else "")
+    )
     return _png(fig)

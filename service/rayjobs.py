@@ -11,6 +11,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,31 @@ class RayUnavailable(RuntimeError):
     """The Ray cluster (its Jobs API) could not be reached."""
 
 
+class RayJobStatus(str, Enum):
+    """A Ray job's status: ray.job_submission.JobStatus, mirrored so the service need not import Ray."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def is_terminal(self) -> bool:
+        """A terminal status is never left."""
+        return self in (RayJobStatus.STOPPED, RayJobStatus.SUCCEEDED, RayJobStatus.FAILED)
+
+
 @dataclass(frozen=True)
 class RayJobInfo:
-    status: str               # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED (ray.job_submission.JobStatus)
+    status: RayJobStatus
     message: str | None = None
     exit_code: int | None = None  # the driver's exit code once it ended
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in {"STOPPED", "SUCCEEDED", "FAILED"}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", RayJobStatus(str(self.status)))  # also from Ray's own enum or a str
 
 
 class RayJobs(Protocol):
@@ -77,7 +94,7 @@ class RayJobsClient:
             if self.address:
                 os.environ["RAY_API_SERVER_ADDRESS"] = self.address
             return JobSubmissionClient(self.address or None)
-        except Exception as exc:  # noqa: BLE001 - any failure to connect means "unreachable" to callers
+        except Exception as exc:  # any failure to connect means "unreachable" to callers
             raise RayUnavailable(f"cannot reach the Ray Jobs API at {self.address or '(auto-detect)'}: {exc}") \
                 from exc
         finally:
@@ -96,7 +113,7 @@ class RayJobsClient:
             if re.search(r"status code 5\d\d", str(exc)):
                 raise RayUnavailable(f"Ray Jobs API error while trying to {what}: {exc}") from exc
             raise  # the job server answered (404, 400, ...): the caller decides
-        except Exception as exc:  # noqa: BLE001 - connection errors: drop the client, reconnect next time
+        except Exception as exc:  # connection errors: drop the client, reconnect next time
             with self._lock:
                 self._client = None
             raise RayUnavailable(f"Ray Jobs API unreachable while trying to {what}: {exc}") from exc
@@ -120,7 +137,7 @@ class RayJobsClient:
             if _not_found(exc):
                 return None
             raise
-        return RayJobInfo(status=str(d.status), message=d.message,
+        return RayJobInfo(status=RayJobStatus(str(d.status)), message=d.message,
                           exit_code=getattr(d, "driver_exit_code", None))
 
     def stop(self, submission_id: str) -> bool:

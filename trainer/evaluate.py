@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ def confusion_matrix(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> li
     n = spec.model.num_classes
     pred = predict_logits(model, spec, data.images).argmax(1)
     counts = torch.bincount(data.labels.long() * n + pred.long(), minlength=n * n)
-    return counts.reshape(n, n).tolist()  # type: ignore[no-any-return]
+    matrix: list[list[int]] = counts.reshape(n, n).tolist()
+    return matrix
 
 
 def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: str | None = None,
@@ -89,6 +90,7 @@ def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: 
     """The checkpoint's confusion matrix on the run's test split (data.test) where it has one, else on its
     own seeded validation split; None when it has neither (val_fraction 0 and no test data)."""
     model, spec = load_model(checkpoint_uri, expected_sha256)
+    split: Literal["test", "val"]
     if run_spec.data.test:
         split, data = "test", load(run_spec.data.test, run_spec.data.format, "test", spec.model.num_classes)
     else:
@@ -106,7 +108,7 @@ def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
     try:
         batch = pickle.load(io.BytesIO(objstore.read_bytes(input_uri)), encoding="bytes")
         data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means bad input
+    except Exception as exc:  # any unpickling failure means bad input
         raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
         raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
@@ -117,6 +119,7 @@ def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["ID", "Labels"])
-    writer.writerows((int(i) if not isinstance(i, bytes) else i.decode(), lab) for i, lab in zip(ids, labels))
+    writer.writerows((int(i) if not isinstance(i, bytes) else i.decode(), lab)
+                     for i, lab in zip(ids, labels, strict=True))
     objstore.write_text(out_uri, out.getvalue())
     return len(labels)

@@ -32,9 +32,15 @@ log = logging.getLogger(__name__)
 
 # metrics.jsonl field -> TensorBoard tag; grouped like the paper's figures (train vs val/test per chart).
 TAGS = {
-    "train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
-    "train_acc": "accuracy/train", "val_acc": "accuracy/val", "test_acc": "accuracy/test",
-    "lr": "lr", "images_per_s": "throughput/images_per_s", "epoch_seconds": "time/epoch_seconds",
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "test_loss": "loss/test",
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/val",
+    "test_acc": "accuracy/test",
+    "lr": "lr",
+    "images_per_s": "throughput/images_per_s",
+    "epoch_seconds": "time/epoch_seconds",
 }
 NOT_SCALARS = {"epoch", "time", "resumed"}
 
@@ -58,10 +64,12 @@ class EventLog:
         try:
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
+
             # The suffix keeps two writers started in the same second apart, in the order they started
             # (TensorBoard reads the files in name order, and a resume's purge must come after what it purges).
-            self._writer = EventsWriter(os.path.join(self._local, "events"),
-                                        filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
+            self._writer = EventsWriter(
+                os.path.join(self._local, "events"), filename_suffix=f".{time.time_ns():020d}.{os.getpid()}"
+            )
             if purge_step is not None:  # as tensorboardX's SummaryWriter(purge_step=...) marks a restart
                 self._writer.write_event(Event(step=purge_step, file_version="brain.Event:2"))
                 self._writer.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
@@ -83,6 +91,7 @@ class EventLog:
             return
         try:
             from tensorboardX import summary
+
             for tag, value in scalars(metrics).items():
                 self._write(metrics.epoch, summary.scalar(tag, value))
             self.sync()
@@ -95,8 +104,13 @@ class EventLog:
             return
         try:
             from tensorboardX import summary
-            self._write(step, summary.image(f"confusion_matrix/{confusion.split}", confusion_image(confusion.matrix),
-                                            dataformats="HWC"))
+
+            self._write(
+                step,
+                summary.image(
+                    f"confusion_matrix/{confusion.split}", confusion_image(confusion.matrix), dataformats="HWC"
+                ),
+            )
             for name, acc in confusion.per_class_accuracy().items():
                 if acc is not None:
                     self._write(step, summary.scalar(f"per_class_accuracy_{confusion.split}/{name}", acc))
@@ -106,6 +120,7 @@ class EventLog:
 
     def _write(self, step: int, summary: Any) -> None:
         from tensorboardX.proto.event_pb2 import Event
+
         self._writer.write_event(Event(wall_time=time.time(), step=step, summary=summary))
 
     def sync(self) -> None:

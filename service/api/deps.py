@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import auth
 from service.errors import ApiError, not_found
@@ -14,9 +15,12 @@ from service.settings import Settings
 from service.store import Job, Store
 from service.ui import session
 
+if TYPE_CHECKING:
+    from service.app import AppState  # not at run time: service.app imports the routers, which import this
 
-def _state(request: Request):  # -> service.app.AppState (not imported: app imports the routers)
-    return request.app.state.trainctl
+
+def _state(request: Request) -> AppState:
+    return cast("AppState", request.app.state.trainctl)
 
 
 def get_settings(request: Request) -> Settings:
@@ -41,12 +45,18 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 
 
+# Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False
+# so a missing token gets our own 401 body rather than FastAPI's.
+bearer = HTTPBearer(scheme_name="bearer", auto_error=False,
+                    description="an API token: <data dir>/admin-token, or one made by `trainctl token create`")
+
+
 def get_principal(request: Request, settings: SettingsDep, store: StoreDep,
-                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> auth.Principal:
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
     if not settings.auth:
         return auth.Principal("local", is_admin=True)
-    principal = auth.authenticate(store, authorization)
-    if principal is None and authorization is None:
+    principal = auth.authenticate(store, f"Bearer {credentials.credentials}" if credentials else None)
+    if principal is None and "authorization" not in request.headers:
         principal = session_principal(request, store)  # the dashboard's cookie (CSRF-checked)
     if principal is None:
         raise ApiError(401, "unauthorized",

@@ -36,11 +36,19 @@ def sse(event: str, data: object, event_id: int | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
 
 
-@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "events `state`, `epoch` and `end` (see the module docs)"}})
-async def job_events(job: JobDep, request: Request, store: StoreDep, runner: RunnerDep,
-                     settings: SettingsDep) -> StreamingResponse:
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "events `state`, `epoch` and `end` (see the module docs)",
+        }
+    },
+)
+async def job_events(
+    job: JobDep, request: Request, store: StoreDep, runner: RunnerDep, settings: SettingsDep
+) -> StreamingResponse:
     """Follow a job live: `state` on every change, `epoch` per finished epoch, `end` when it is over."""
     job_dir = runner.job_dir(job.id)
 
@@ -84,5 +92,6 @@ async def job_events(job: JobDep, request: Request, store: StoreDep, runner: Run
                 return
             current = fresh
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )

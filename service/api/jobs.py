@@ -12,28 +12,39 @@ import io
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
-from pydantic import BeforeValidator
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BeforeValidator
 
 import objstore
 from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
-from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
-                                 TrialList, job_view, request_hash, resolve_body)
+from service.api.openapi import COMMON_ERRORS, errors
+from service.api.schemas import (
+    SUBMIT_EXAMPLES,
+    CheckpointList,
+    CheckpointView,
+    JobList,
+    JobView,
+    MetricsView,
+    TrialList,
+    job_view,
+    request_hash,
+    resolve_body,
+)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict
 from trainer.contract import METRIC_COLUMNS, CheckpointEntry
 from trainer.spec import SearchSpec
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
-@router.post("/jobs", status_code=201, response_model=JobView)
+@router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
 def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
-               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep,
+               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
@@ -46,6 +57,7 @@ def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAM
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, with_spec=True)
 
 
@@ -60,17 +72,17 @@ def list_jobs(principal: PrincipalDep, store: StoreDep,
     return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView)
+@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(404))
 def get_job(job: JobDep, runner: RunnerDep) -> JobView:
     return job_view(job, runner.job_dir(job.id), with_spec=True)
 
 
-@router.get("/jobs/{job_id}/metrics", response_model=MetricsView)
+@router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
 def get_metrics(job: JobDep, runner: RunnerDep,
-                format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
+                fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json") -> Any:
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    if format == "json":
+    if fmt == "json":
         return MetricsView(job_id=job.id, metrics=metrics)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
@@ -81,7 +93,7 @@ def get_metrics(job: JobDep, runner: RunnerDep,
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 
 
-@router.get("/jobs/{job_id}/trials", response_model=TrialList)
+@router.get("/jobs/{job_id}/trials", response_model=TrialList, responses=errors(404, 409))
 def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     """A search's trials: config, state, epochs done, best metric, stopped early or not (409 for a job
     that is not a search)."""
@@ -93,21 +105,21 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
 
 
-@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
 def get_logs(job: JobDep, runner: RunnerDep,
              tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
     """The Ray job's driver log of the current attempt (empty while queued)."""
     return runner.logs(job, tail)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=errors(404))
 def cancel_job(job: JobDep, runner: RunnerDep) -> JobView:
     """Cancel: a queued job at once, a running one by stopping its Ray job. Idempotent."""
     job = runner.cancel(job.id)
     return job_view(job, runner.job_dir(job.id))
 
 
-@router.delete("/jobs/{job_id}", status_code=204)
+@router.delete("/jobs/{job_id}", status_code=204, responses=errors(404, 409))
 def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     """Delete a finished job: its record and everything under its storage prefix."""
     if not job.state.is_terminal():
@@ -117,7 +129,7 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
 def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
     """The checkpoints still kept (manifest.json), oldest epoch first."""
     cps = jobdir.checkpoints(runner.job_dir(job.id))
@@ -127,8 +139,7 @@ def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
 @router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
-                       409: {"description": "no checkpoint yet"},
-                       502: {"description": "the stored checkpoint does not match its recorded sha256/size"}})
+                       **errors(404, 409, 502)})
 def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     """Download the best checkpoint. It is hashed in a first streaming pass and only sent when it matches
     the sha256/size the trainer recorded (an error cannot be reported once the body has started)."""

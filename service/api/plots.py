@@ -14,8 +14,10 @@ from service.states import JobState
 
 router = APIRouter(tags=["plots"])
 
-PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG"},
-       409: {"description": "nothing to draw yet (no finished epoch / no confusion matrix)"}}
+PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "a PNG"},
+    409: {"description": "nothing to draw yet (no finished epoch / no confusion matrix)"},
+}
 
 
 @router.get("/jobs/{job_id}/plots/{name}.png", response_class=Response, responses=PNG)
@@ -27,9 +29,12 @@ def job_plot(job: JobDep, runner: RunnerDep, name: Literal["curves", "lr", "conf
     if name == "confusion":
         confusion = jobdir.read_confusion(job_dir) if job.state is not JobState.QUEUED else None
         if confusion is None:
-            raise ApiError(409, "no_confusion_matrix",
-                           f"job {job.id} has no confusion matrix (state {job.state}): the trainer writes it "
-                           "when a run ends with a checkpoint")
+            raise ApiError(
+                409,
+                "no_confusion_matrix",
+                f"job {job.id} has no confusion matrix (state {job.state}): the trainer writes it "
+                "when a run ends with a checkpoint",
+            )
         png = plots.confusion_png(confusion.model_dump())
     else:
         metrics = [m.model_dump() for m in jobdir.read_metrics(job_dir)] if job.state is not JobState.QUEUED else []

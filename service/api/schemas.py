@@ -22,8 +22,9 @@ class PresetRequest(BaseModel):
     """`{"preset": "debug", "overrides": {"optim.epochs": 3}}`: a preset plus dotted-path overrides."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    preset: str | None = Field(None, description="a preset name: see `python -m trainer describe --preset NAME`")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description='dotted spec paths to values, e.g. {"optim.lr": 0.1}')
 
 
 SUBMIT_EXAMPLES = {
@@ -114,7 +115,7 @@ class CheckpointList(BaseModel):
 
 
 def _time(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
 
 def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:

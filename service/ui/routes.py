@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 import objstore
 from service import auth, jobdir
 from service.api import jobs as jobs_api
-from service.api.deps import (PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep, session_principal)
+from service.api.deps import PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep, session_principal
 from service.api.schemas import JobView, job_view
 from service.errors import ApiError
 from service.states import JobState
@@ -38,7 +38,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",  # the cancel button must not be clickjacked
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -98,6 +98,7 @@ def _same_origin(request: Request) -> bool:
 
 # --- sign in and out ----------------------------------------------------------------------------------------
 
+
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, next: str | None = None) -> HTMLResponse:  # noqa: A002
     return _render(request, "login.html", next=_safe_next(next), error=None)
@@ -117,12 +118,24 @@ async def login(request: Request, settings: SettingsDep, store: StoreDep) -> Res
         return RedirectResponse(next_path, status_code=303)
     principal = auth.authenticate(store, f"Bearer {token}") if token else None
     if principal is None:
-        return _render(request, "login.html", 401, next=next_path,
-                       error="invalid token: paste an API token (the admin's is in <data dir>/admin-token)")
+        return _render(
+            request,
+            "login.html",
+            401,
+            next=next_path,
+            error="invalid token: paste an API token (the admin's is in <data dir>/admin-token)",
+        )
     sessions: session.Sessions = request.app.state.trainctl.sessions
     response = RedirectResponse(next_path, status_code=303)
-    response.set_cookie(session.COOKIE, sessions.issue(auth.hash_token(token)), max_age=sessions.ttl_s,
-                        httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/")
+    response.set_cookie(
+        session.COOKIE,
+        sessions.issue(auth.hash_token(token)),
+        max_age=sessions.ttl_s,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
     return response
 
 
@@ -142,6 +155,7 @@ async def logout(request: Request) -> Response:
 
 # --- pages --------------------------------------------------------------------------------------------------
 
+
 @router.get("/", response_class=HTMLResponse)
 def jobs_page(request: Request, settings: SettingsDep, store: StoreDep) -> HTMLResponse:
     principal = _page_principal(request, settings, store)
@@ -149,8 +163,7 @@ def jobs_page(request: Request, settings: SettingsDep, store: StoreDep) -> HTMLR
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreDep,
-             runner: RunnerDep) -> HTMLResponse:
+def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreDep, runner: RunnerDep) -> HTMLResponse:
     principal = _page_principal(request, settings, store)
     job = store.get(job_id)
     if job is None or job.owner != principal.name:
@@ -161,11 +174,18 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
     except objstore.StorageUnavailable:
         view, checkpoints = job_view(job, with_spec=True), []
     search = job.spec.get("search")
-    return _render(request, "job.html", principal=principal, job=view, checkpoints=checkpoints,
-                   spec_yaml=yaml.safe_dump(job.spec, sort_keys=False, default_flow_style=None, width=100),
-                   search=search, params=sorted((search or {}).get("space", {})),
-                   device=_device(job, view.metrics.model_dump() if view.metrics else None),
-                   created=_when(job.created_at))
+    return _render(
+        request,
+        "job.html",
+        principal=principal,
+        job=view,
+        checkpoints=checkpoints,
+        spec_yaml=yaml.safe_dump(job.spec, sort_keys=False, default_flow_style=None, width=100),
+        search=search,
+        params=sorted((search or {}).get("space", {})),
+        device=_device(job, view.metrics.model_dump() if view.metrics else None),
+        created=_when(job.created_at),
+    )
 
 
 @router.get("/submit", response_class=HTMLResponse)
@@ -208,13 +228,17 @@ def _device(job: Job, metrics: dict[str, Any] | None) -> str:
 
 
 def _when(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @router.get("/api/jobs")
-def jobs_table(principal: PrincipalDep, store: StoreDep, runner: RunnerDep,
-               state: Annotated[list[jobs_api.StateParam] | None, Query()] = None,
-               limit: Annotated[int, Query(ge=1, le=500)] = 100) -> JSONResponse:
+def jobs_table(
+    principal: PrincipalDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    state: Annotated[list[jobs_api.StateParam] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> JSONResponse:
     """The jobs list's rows: progress with ETA for active jobs (fresh from their metrics), final test
     accuracy for finished ones (from summary.json), newest first."""
     jobs, total = store.list(owner=principal.name, states=state, limit=limit, offset=0)
@@ -227,37 +251,66 @@ def jobs_table(principal: PrincipalDep, store: StoreDep, runner: RunnerDep,
         test_acc = summary.test_acc if summary else None
         if test_acc is None and latest:
             test_acc = latest.get("test_acc")  # where the run measures the test split every epoch
-        rows.append({"id": job.id, "owner": job.owner, "state": job.state.value,
-                     "epoch": view.progress.epoch, "epochs": view.progress.epochs,
-                     "eta_seconds": view.progress.eta_seconds, "best_val_acc": view.best_val_acc,
-                     "test_acc": test_acc, "device": _device(job, latest),
-                     "age_seconds": round(now - job.created_at, 1), "search": bool(job.spec.get("search")),
-                     "message": job.message})
+        rows.append(
+            {
+                "id": job.id,
+                "owner": job.owner,
+                "state": job.state.value,
+                "epoch": view.progress.epoch,
+                "epochs": view.progress.epochs,
+                "eta_seconds": view.progress.eta_seconds,
+                "best_val_acc": view.best_val_acc,
+                "test_acc": test_acc,
+                "device": _device(job, latest),
+                "age_seconds": round(now - job.created_at, 1),
+                "search": bool(job.spec.get("search")),
+                "message": job.message,
+            }
+        )
     return JSONResponse({"jobs": rows, "total": total}, headers={"Cache-Control": "no-store"})
 
 
 @router.post("/api/submit", status_code=201)
-def submit_from_form(body: Annotated[dict[str, Any], Body()], principal: PrincipalDep, store: StoreDep,
-                     runner: RunnerDep, reconciler: ReconcilerDep) -> JSONResponse:
+def submit_from_form(
+    body: Annotated[dict[str, Any], Body()],
+    principal: PrincipalDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    reconciler: ReconcilerDep,
+    response: Response,
+) -> JobView:
     """The submit form: `{"preset", "overrides_yaml"}`. The YAML is parsed here (browsers have no YAML
     parser); everything else is exactly POST /v1/jobs, 422 field errors included."""
     text = body.get("overrides_yaml") or ""
     if not isinstance(text, str):
-        raise ApiError(422, "invalid_request", "overrides_yaml must be a string",
-                       [{"field": "overrides", "message": "must be YAML text"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "overrides_yaml must be a string",
+            [{"field": "overrides", "message": "must be YAML text"}],
+        )
     try:
         overrides = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ApiError(422, "invalid_request", f"the overrides are not valid YAML{where}",
-                       [{"field": "overrides", "message": f"not valid YAML{where}: "
-                                                           f"{getattr(exc, 'problem', None) or exc}"}]) from None
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"the overrides are not valid YAML{where}",
+            [{"field": "overrides", "message": f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"}],
+        ) from None
     if not isinstance(overrides, dict):
-        raise ApiError(422, "invalid_request", "the overrides must be a YAML mapping",
-                       [{"field": "overrides", "message": "must be a mapping like `optim.epochs: 3`"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "the overrides must be a YAML mapping",
+            [{"field": "overrides", "message": "must be a mapping like `optim.epochs: 3`"}],
+        )
     request: dict[str, Any] = {"overrides": overrides}
     if body.get("preset"):
         request["preset"] = body["preset"]
-    view = jobs_api.submit_job(request, principal, store, runner, reconciler)
-    return JSONResponse(view.model_dump(mode="json"), status_code=201)
+    # POST /v1/jobs itself (keyword arguments: the route's own dependencies, passed through).
+    return jobs_api.submit_job(
+        body=request, principal=principal, store=store, runner=runner, reconciler=reconciler, response=response
+    )

@@ -35,19 +35,31 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        pytest.skip(f"{', '.join(missing)} missing: install Debian's chromium and chromium-driver "
-                    "(`apt-get install -y chromium chromium-driver`; .ci/run does)")
-    os.environ.setdefault("SE_OFFLINE", "true")        # Selenium Manager must never download a browser
+        pytest.skip(
+            f"{', '.join(missing)} missing: install Debian's chromium and chromium-driver "
+            "(`apt-get install -y chromium chromium-driver`; .ci/run does)"
+        )
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a browser
     os.environ.setdefault("SE_AVOID_STATS", "true")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
+
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking", "--disable-sync", "--disable-component-update",
-                f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-sync",
+        "--disable-component-update",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(60)
@@ -88,6 +100,7 @@ def wait(what: str, fn: Callable[[], Any], timeout: float) -> Any:
 
 def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+
     shots = tmp_path / "screenshots"
     shots.mkdir()
 
@@ -101,8 +114,13 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
 
     with dash_service.client() as c:
         data = write_cifar_python(tmp_path / "cifar", per_batch=100)  # learnable: curves that move
-        resp = c.post("/v1/jobs", json={"preset": "debug", "overrides": {
-            "data.train": str(data), "optim.epochs": 30, "checkpoint.every_epochs": 1}})
+        resp = c.post(
+            "/v1/jobs",
+            json={
+                "preset": "debug",
+                "overrides": {"data.train": str(data), "optim.epochs": 30, "checkpoint.every_epochs": 1},
+            },
+        )
         assert resp.status_code == 201, resp.text
         job_id = resp.json()["id"]
 
@@ -121,8 +139,14 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
         cookie = next(ck for ck in browser.get_cookies() if ck["name"] == "trainctl_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert browser.execute_script("return document.cookie") == ""  # invisible to scripts
-        wait("the job running in the list", lambda: browser.find_element(
-            By.CSS_SELECTOR, f'tr[data-job-id="{job_id}"]').get_attribute("data-state") == "RUNNING", 240)
+        wait(
+            "the job running in the list",
+            lambda: (
+                browser.find_element(By.CSS_SELECTOR, f'tr[data-job-id="{job_id}"]').get_attribute("data-state")
+                == "RUNNING"
+            ),
+            240,
+        )
         shot("jobs")
 
         # the job page: progress advances, one chart point per finished epoch
@@ -144,16 +168,26 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
         drawn = wait("the curves to catch up", lambda: points("train") >= later and points("train"), 30)
         api_epochs = len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"])
         assert drawn <= api_epochs  # never a point for an epoch that has not finished
-        assert wait("one point per finished epoch", lambda: (
-            points("train") == points("val") == points("lr", "chart-lr") == points("train", "chart-acc")
-            == len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"])), 30)
+        assert wait(
+            "one point per finished epoch",
+            lambda: (
+                points("train")
+                == points("val")
+                == points("lr", "chart-lr")
+                == points("train", "chart-acc")
+                == len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"])
+            ),
+            30,
+        )
         assert browser.find_element(By.CSS_SELECTOR, '#chart-loss g[data-series="train"] polyline').get_attribute(
-            "points").count(",") == points("train")
+            "points"
+        ).count(",") == points("train")
         # the PNG grew with the run: decoded, it differs from the one drawn at an earlier epoch
         late_png = c.get(f"/v1/jobs/{job_id}/plots/curves.png")
         assert early_png.status_code == late_png.status_code == 200
-        early_img, late_img = (np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
-                               for r in (early_png, late_png))
+        early_img, late_img = (
+            np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")) for r in (early_png, late_png)
+        )
         assert len(c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"]) > early_epochs
         assert early_img.shape == late_img.shape and (early_img != late_img).any(axis=2).mean() > 0.005
         browser.execute_script("document.getElementById('chart-loss').scrollIntoView()")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.states import InvalidTransition, JobState, can_transition
+from service.states import InvalidTransition, JobNotFound, JobState, can_transition
 from service.store import IdempotencyConflict, Store, TokenNameTaken
 
 
@@ -47,7 +47,7 @@ def test_transition_checks_expected_state(store: Store) -> None:
     store.transition(job.id, JobState.CANCELLED, expect={JobState.QUEUED})
     with pytest.raises(InvalidTransition):
         store.transition(job.id, JobState.STARTING, expect={JobState.QUEUED})
-    with pytest.raises(KeyError):
+    with pytest.raises(JobNotFound, match="nope"):
         store.transition("nope", JobState.CANCELLED)
     with pytest.raises(ValueError):
         store.update(job.id, state="RUNNING")

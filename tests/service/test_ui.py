@@ -17,9 +17,22 @@ from tests.service.conftest import Api
 
 
 def rows(epochs: range) -> list[dict[str, Any]]:
-    return [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.2 * e, "val_loss": 2.2 / e, "val_acc": 0.15 * e,
-             "lr": 0.05 / e, "images_per_s": 100.0 + e, "epoch_seconds": 3.0, "time": 1e9 + e, "resumed": False,
-             "node_ids": ["n1"]} for e in epochs]
+    return [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "train_acc": 0.2 * e,
+            "val_loss": 2.2 / e,
+            "val_acc": 0.15 * e,
+            "lr": 0.05 / e,
+            "images_per_s": 100.0 + e,
+            "epoch_seconds": 3.0,
+            "time": 1e9 + e,
+            "resumed": False,
+            "node_ids": ["n1"],
+        }
+        for e in epochs
+    ]
 
 
 def write_metrics(api: Api, job_id: str, epochs: range) -> None:
@@ -37,18 +50,22 @@ def running_job(api: Api, epochs: int = 4) -> str:
 
 
 def login(api: Api, token: str | None = None, **headers: str) -> Any:
-    return api.client.post("/ui/login", content=f"token={token or api.token}&next=/ui/",
-                           headers={"Content-Type": "application/x-www-form-urlencoded", **headers},
-                           follow_redirects=False)
+    return api.client.post(
+        "/ui/login",
+        content=f"token={token or api.token}&next=/ui/",
+        headers={"Content-Type": "application/x-www-form-urlencoded", **headers},
+        follow_redirects=False,
+    )
 
 
 def csrf_of(html: str) -> str:
     marker = '<meta name="csrf-token" content="'
     start = html.index(marker) + len(marker)
-    return html[start:html.index('"', start)]
+    return html[start : html.index('"', start)]
 
 
 # --- sessions -----------------------------------------------------------------------------------------------
+
 
 def test_session_cookie_is_signed_and_expires() -> None:
     s = Sessions(b"k" * 64, ttl_s=60)
@@ -81,8 +98,12 @@ def test_login_sets_a_strict_httponly_cookie_and_pages_need_it(api: Api) -> None
 
 def test_login_from_another_site_and_open_redirects_are_refused(api: Api) -> None:
     assert login(api, Origin="https://evil.example").status_code == 403
-    r = api.client.post("/ui/login", content=f"token={api.token}&next=//evil.example/x",
-                        headers={"Content-Type": "application/x-www-form-urlencoded"}, follow_redirects=False)
+    r = api.client.post(
+        "/ui/login",
+        content=f"token={api.token}&next=//evil.example/x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/ui/"
 
 
@@ -108,10 +129,18 @@ def test_cookie_requests_need_the_csrf_token_for_posts(api: Api) -> None:
 def test_logout_clears_the_cookie_only_with_the_csrf_token(api: Api) -> None:
     login(api)
     token = csrf_of(api.client.get("/ui/").text)
-    assert api.client.post("/ui/logout", content="csrf=nope",
-                           headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code == 403
-    r = api.client.post("/ui/logout", content=f"csrf={token}",
-                        headers={"Content-Type": "application/x-www-form-urlencoded"}, follow_redirects=False)
+    assert (
+        api.client.post(
+            "/ui/logout", content="csrf=nope", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ).status_code
+        == 403
+    )
+    r = api.client.post(
+        "/ui/logout",
+        content=f"csrf={token}",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/ui/login"
     assert 'trainctl_session=""' in r.headers["set-cookie"] or "Max-Age=0" in r.headers["set-cookie"]
     assert api.client.get("/ui/", follow_redirects=False).status_code == 303
@@ -120,17 +149,24 @@ def test_logout_clears_the_cookie_only_with_the_csrf_token(api: Api) -> None:
 def test_jobs_table_and_submit_form(api: Api) -> None:
     login(api)
     token = csrf_of(api.client.get("/ui/submit").text)
-    r = api.client.post("/ui/api/submit", json={"preset": "debug", "overrides_yaml": "optim.epochs: 0\n"},
-                        headers={"X-CSRF-Token": token})
+    r = api.client.post(
+        "/ui/api/submit",
+        json={"preset": "debug", "overrides_yaml": "optim.epochs: 0\n"},
+        headers={"X-CSRF-Token": token},
+    )
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "optim.epochs"
-    r = api.client.post("/ui/api/submit", json={"preset": "debug", "overrides_yaml": "optim: [unclosed"},
-                        headers={"X-CSRF-Token": token})
+    r = api.client.post(
+        "/ui/api/submit",
+        json={"preset": "debug", "overrides_yaml": "optim: [unclosed"},
+        headers={"X-CSRF-Token": token},
+    )
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "overrides"
     assert "line 1" in r.json()["error"]["details"][0]["message"]
     r = api.client.post("/ui/api/submit", json={"preset": "debug", "overrides_yaml": "optim.epochs: 4"})
     assert r.status_code == 403  # no CSRF token
-    r = api.client.post("/ui/api/submit", json={"preset": "debug", "overrides_yaml": "optim.epochs: 4"},
-                        headers={"X-CSRF-Token": token})
+    r = api.client.post(
+        "/ui/api/submit", json={"preset": "debug", "overrides_yaml": "optim.epochs: 4"}, headers={"X-CSRF-Token": token}
+    )
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
     api.reconcile()
@@ -146,6 +182,7 @@ def test_jobs_table_and_submit_form(api: Api) -> None:
 
 
 # --- SSE ----------------------------------------------------------------------------------------------------
+
 
 def read_events(api: Api, job_id: str) -> list[tuple[str, Any]]:
     events, name = [], None
@@ -180,6 +217,7 @@ def test_events_follow_a_running_job(make_api) -> None:
     """Epochs written while the stream is open arrive as they finish, then the end."""
     import threading
     import time
+
     api = make_api(events_poll_s=0.05)
     job_id = running_job(api, epochs=3)
     write_metrics(api, job_id, range(1, 2))
@@ -189,6 +227,7 @@ def test_events_follow_a_running_job(make_api) -> None:
         write_metrics(api, job_id, range(1, 3))
         time.sleep(0.5)
         api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers())
+
     t = threading.Thread(target=progress)
     t.start()
     events = read_events(api, job_id)
@@ -201,6 +240,7 @@ def test_events_follow_a_running_job(make_api) -> None:
 
 
 # --- plots --------------------------------------------------------------------------------------------------
+
 
 def png(resp) -> np.ndarray:
     assert resp.status_code == 200, resp.text
@@ -222,16 +262,24 @@ def test_plots_change_as_epochs_finish(api: Api) -> None:
     assert img3.shape == img1.shape and len(three.content) != len(one.content)
     assert (img3 != img1).any(axis=2).mean() > 0.01  # the curves moved
     # the train-loss colour (matplotlib C0, #1f77b4) covers more pixels with three points and two segments
-    blue = lambda im: (np.abs(im.astype(int) - [0x1f, 0x77, 0xb4]).sum(axis=2) < 40).sum()  # noqa: E731
+    blue = lambda im: (np.abs(im.astype(int) - [0x1F, 0x77, 0xB4]).sum(axis=2) < 40).sum()
     assert blue(img3) > blue(img1)
     lr = png(api.get(f"/v1/jobs/{job_id}/plots/lr.png"))
     assert lr.shape == (360, 700, 3)
     r = api.get(f"/v1/jobs/{job_id}/plots/confusion.png")
     assert r.status_code == 409 and r.json()["error"]["code"] == "no_confusion_matrix"
     matrix = np.eye(10, dtype=int) * 90 + 1
-    (api.job_dir(job_id) / "confusion.json").write_text(json.dumps({
-        "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-        "matrix": matrix.tolist(), "split": "val", "accuracy": 0.9, "n": int(matrix.sum())}))
+    (api.job_dir(job_id) / "confusion.json").write_text(
+        json.dumps(
+            {
+                "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+                "matrix": matrix.tolist(),
+                "split": "val",
+                "accuracy": 0.9,
+                "n": int(matrix.sum()),
+            }
+        )
+    )
     conf = png(api.get(f"/v1/jobs/{job_id}/plots/confusion.png"))
     assert conf.shape == (700, 800, 3) and len(np.unique(conf.reshape(-1, 3), axis=0)) > 20
     assert api.get(f"/v1/jobs/{job_id}/plots/other.png").status_code == 422
@@ -244,8 +292,14 @@ def test_checkpoint_download_by_epoch(api: Api) -> None:
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"abc" * 1000)
     sha = hashlib.sha256(b"abc" * 1000).hexdigest()
-    (d / "manifest.json").write_text(json.dumps({"checkpoints": [
-        {"epoch": 1, "val_acc": 0.1, "uri": str(ckpt), "sha256": sha, "size": 3000}], "latest_epoch": 1}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "checkpoints": [{"epoch": 1, "val_acc": 0.1, "uri": str(ckpt), "sha256": sha, "size": 3000}],
+                "latest_epoch": 1,
+            }
+        )
+    )
     r = api.get(f"/v1/jobs/{job_id}/checkpoints/1/file")
     assert r.status_code == 200 and r.headers["x-checkpoint-sha256"] == sha and r.content == b"abc" * 1000
     assert api.get(f"/v1/jobs/{job_id}/checkpoints/2/file").status_code == 404
@@ -255,10 +309,14 @@ def test_cli_plot_saves_the_pngs(api: Api, tmp_path, monkeypatch: pytest.MonkeyP
     """`trainctl plot` against the real app (its TestClient transport): curves and lr now, confusion once
     the run wrote it."""
     from service import cli, client
+
     job_id = running_job(api)
     write_metrics(api, job_id, range(1, 3))
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
-        "http://testserver", api.token, transport=api.client._transport))
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+    )
     out = tmp_path / "plots"
     assert cli.cmd_plot(cli.build_parser().parse_args(["plot", job_id, "-o", str(out)])) == 0
     assert sorted(p.name for p in out.iterdir()) == [f"{job_id}-curves.png", f"{job_id}-lr.png"]
@@ -269,9 +327,18 @@ def test_cli_plot_saves_the_pngs(api: Api, tmp_path, monkeypatch: pytest.MonkeyP
 
 
 def test_search_page_lists_the_searched_parameters(api: Api) -> None:
-    body = {"preset": "debug", "overrides": {"optim.epochs": 2, "search": {
-        "space": {"optim.lr": {"loguniform": [0.01, 0.3]}, "optim.weight_decay": {"choice": [0.0005, 0.001]}},
-        "num_samples": 2, "metric": "val_acc", "mode": "max"}}}
+    body = {
+        "preset": "debug",
+        "overrides": {
+            "optim.epochs": 2,
+            "search": {
+                "space": {"optim.lr": {"loguniform": [0.01, 0.3]}, "optim.weight_decay": {"choice": [0.0005, 0.001]}},
+                "num_samples": 2,
+                "metric": "val_acc",
+                "mode": "max",
+            },
+        },
+    }
     job_id = api.post(body).json()["id"]
     login(api)
     html = api.client.get(f"/ui/jobs/{job_id}").text

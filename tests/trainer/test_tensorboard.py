@@ -17,21 +17,32 @@ from trainer.tensorboard import TAGS, EventLog, confusion_image, scalars
 
 def accumulator(path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return acc
 
 
 def epoch_row(epoch: int, val_loss: float | None = 1.0) -> EpochMetrics:
-    return EpochMetrics(epoch=epoch, train_loss=2.0 / epoch, train_acc=0.1 * epoch, val_loss=val_loss,
-                        val_acc=0.09 * epoch, lr=0.05, images_per_s=100.0, epoch_seconds=1.0,
-                        time=1.7e9 + epoch, node_ids=["n"])
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=2.0 / epoch,
+        train_acc=0.1 * epoch,
+        val_loss=val_loss,
+        val_acc=0.09 * epoch,
+        lr=0.05,
+        images_per_s=100.0,
+        epoch_seconds=1.0,
+        time=1.7e9 + epoch,
+        node_ids=["n"],
+    )
 
 
 def test_scalars_cover_every_numeric_metric() -> None:
     tags = scalars(epoch_row(2))
-    assert set(tags) == {TAGS[k] for k in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "images_per_s",
-                                           "epoch_seconds")}
+    assert set(tags) == {
+        TAGS[k] for k in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "images_per_s", "epoch_seconds")
+    }
     assert "loss/val" not in scalars(epoch_row(2, val_loss=None))  # no validation split: no point
 
 
@@ -72,7 +83,7 @@ def test_an_unwritable_destination_never_fails_training(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     log = EventLog(str(blocker))  # <file>/tensorboard/ cannot be created
-    log.epoch(epoch_row(1))       # logged, not raised
+    log.epoch(epoch_row(1))  # logged, not raised
     log.epoch(epoch_row(2))
     log.close()
 
@@ -84,8 +95,9 @@ def test_a_run_writes_tensorboard_and_its_confusion_matrix(ray_head, tmp_path: P
     assert run(job_dir, ray_head.env()) == 0, log_tail(job_dir)
     metrics = read_jsonl(job_dir / "metrics.jsonl")
     acc = accumulator(job_dir / "tensorboard")
-    expected = {TAGS[k] for k in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "images_per_s",
-                                  "epoch_seconds")}
+    expected = {
+        TAGS[k] for k in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "images_per_s", "epoch_seconds")
+    }
     assert expected <= set(acc.Tags()["scalars"])
     for tag in expected:  # one scalar per metric per epoch
         assert [s.step for s in acc.Scalars(tag)] == [1, 2, 3], tag
