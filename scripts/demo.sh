@@ -52,7 +52,7 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 
-echo "dashboard: $TRAINCTL_URL/ui/ — sign in with the token in $DATA_DIR/admin-token"
+echo "trainctl dashboard: $TRAINCTL_URL/ui/ — sign in with the token in $DATA_DIR/admin-token"
 t0=$(date +%s.%N)
 JOB=$(trainctl submit examples/demo.yaml --set "data.train=$DATASET" -q)
 echo "submitted job $JOB — watch it at $TRAINCTL_URL/ui/jobs/$JOB"

@@ -112,6 +112,8 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
     def text(css: str) -> str:
         return browser.find_element(By.CSS_SELECTOR, css).text
 
+    assert dash_service.log_path is not None  # serve says where the dashboard is:
+    assert f"trainctl dashboard: {dash_service.url}/ui/" in dash_service.log_path.read_text(errors="replace")
     with dash_service.client() as c:
         data = write_cifar_python(tmp_path / "cifar", per_batch=100)  # learnable: curves that move
         resp = c.post(
