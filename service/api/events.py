@@ -24,7 +24,7 @@ import objstore
 from service import jobdir
 from service.api.deps import JobDep, RunnerDep, SettingsDep, StoreDep
 from service.api.schemas import job_view
-from trainer.contract import EpochMetrics
+from trainer.contract import EpochMetrics, best_so_far
 
 router = APIRouter(tags=["jobs"])
 
@@ -74,6 +74,9 @@ async def job_events(
                 epochs = (current.spec.get("optim") or {}).get("epochs")
                 view["progress"] = jobdir.progress(metrics, epochs, finished=current.state.is_terminal())
                 view["metrics"] = metrics[-1].model_dump(mode="json") if metrics else None
+                # fresher than the store's, which the reconciler updates on its own schedule
+                bests = [b for b in (view["best_val_acc"], best_so_far(metrics)) if b is not None]
+                view["best_val_acc"] = max(bests) if bests else None
             key = (view["state"], view["progress"]["epoch"], view["attempts"], view["message"])
             if key != last_key:
                 seq += 1

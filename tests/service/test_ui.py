@@ -236,6 +236,8 @@ def test_events_follow_a_running_job(make_api) -> None:
     states = [(d["state"], d["progress"]["epoch"]) for n, d in events if n == "state"]
     assert epochs == [1, 2]
     assert states[0] == ("RUNNING", 1) and ("RUNNING", 2) in states and states[-1][0] == "CANCELLED"
+    running2 = next(d for n, d in events if n == "state" and d["progress"]["epoch"] == 2)
+    assert running2["best_val_acc"] == pytest.approx(0.3)  # from the epochs, not the store's (stale) value
     assert events[-1] == ("end", {"state": "CANCELLED"})
 
 
