@@ -250,14 +250,25 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
     data = copy.deepcopy(PRESETS[preset]) if preset else {}
     if base:
         data = _deep_merge(data, base)
-    unknown = [(path, why) for path in (overrides or {}) if (why := unknown_path_reason(path))]
-    if unknown:
-        raise ValidationError.from_exception_data("JobSpec", [InitErrorDetails(
-            type=PydanticCustomError("unknown_field", why), loc=tuple(path.split(".")), input=path)
-            for path, why in unknown])
+    # An unknown path is reported whole (with the closest field) next to every other field error, not set.
+    unknown: list[InitErrorDetails] = []
     for path, value in (overrides or {}).items():
-        set_path(data, path, value)
-    return JobSpec.model_validate(data)
+        why = unknown_path_reason(path)
+        if why:
+            unknown.append(InitErrorDetails(type=PydanticCustomError("unknown_field", why),
+                                            loc=tuple(path.split(".")), input=path))
+        else:
+            set_path(data, path, value)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        if not unknown:
+            raise
+        unknown += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"])
+                    for e in exc.errors()]
+    if unknown:
+        raise ValidationError.from_exception_data("JobSpec", unknown)
+    return spec
 
 
 def _section_of(annotation: Any) -> type[Section] | None:
