@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -17,38 +18,52 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 import objstore
 from service import jobdir
-from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
+from service import policy
+from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
                                  TrialList, TrialView, job_view, request_hash, resolve_body)
 from service.errors import ApiError
 from service.states import JobState
-from service.store import IdempotencyConflict
+from service.store import IdempotencyConflict, Store
 
 router = APIRouter(tags=["jobs"])
+_SUBMIT_LOCK = threading.Lock()
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
+MAX_OFFSET = 1_000_000_000  # integer query parameters are bounded: SQLite's integers are 64-bit
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                   "epoch_seconds", "time", "resumed", "node_ids"]
 
 
 @router.post("/jobs", status_code=201, response_model=JobView)
 def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
-               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep,
+               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
     request returns the same job; the same key with a different body is a 409."""
     spec = resolve_body(body)  # pydantic ValidationError -> 422 naming each field
-    try:
-        job, created = store.create_job(principal.name, spec.model_dump(mode="json"), idempotency_key,
-                                        request_hash(body) if idempotency_key else None)
-    except IdempotencyConflict as exc:
-        raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
+    policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
+    # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
+    with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
+        if idempotency_key is None or store.by_idempotency_key(principal.name, idempotency_key) is None:
+            policy.check_quota(store, principal.name, settings)
+        job, created = _create(store, principal.name, spec, body, idempotency_key)
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     return job_view(job, with_spec=True)
+
+
+def _create(store: Store, owner: str, spec: Any, body: dict[str, Any],
+            idempotency_key: str | None) -> tuple[Any, bool]:
+    try:
+        job, created = store.create_job(owner, spec.model_dump(mode="json"), idempotency_key,
+                                        request_hash(body) if idempotency_key else None)
+    except IdempotencyConflict as exc:
+        raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
+    return job, created
 
 
 @router.get("/jobs", response_model=JobList)
@@ -56,9 +71,16 @@ def list_jobs(principal: PrincipalDep, store: StoreDep,
               state: Annotated[list[StateParam] | None,
                                Query(description="repeat to match several; any case")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
-    """Your jobs, newest first."""
-    jobs, total = store.list(owner=principal.name, states=state, limit=limit, offset=offset)
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+              owner: Annotated[str | None, Query(max_length=64, description="admin only: one owner's jobs "
+                                                                            "(default: everyone's)")] = None
+              ) -> JobList:
+    """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one)."""
+    if not principal.is_admin:
+        if owner is not None and owner != principal.name:
+            raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
+        owner = principal.name
+    jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset)
     return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
