@@ -157,14 +157,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state)
+        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state, owner=args.owner)
     if args.json:
         _print_json(page)
         return 0
-    print(f"{'ID':<24} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
+    print(f"{'ID':<24} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
     for j in page["jobs"]:
         p = j["progress"]
-        print(f"{j['id']:<24} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
+        print(f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
               f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}")
     if page["total"] > page["offset"] + len(page["jobs"]):
         print(f"... {page['total']} jobs in all; see more with --offset {page['offset'] + len(page['jobs'])}")
@@ -318,13 +318,49 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `12h`, `7d`, `2w` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale else raw
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 3600, 30m, 12h, 7d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        data = api.create_token(args.name)
+        data = api.create_token(args.name, args.expires_in)
     if args.json:
         _print_json(data)
     else:
-        print(f"token for {data['name']} (shown once; store it safely):\n{data['token']}")
+        expiry = f", expires {data['expires_at']}" if data.get("expires_at") else ""
+        print(f"token for {data['name']} (shown once; store it safely{expiry}):\n{data['token']}")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        data = api.tokens()
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<20} EXPIRES")
+    for t in data["tokens"]:
+        expires = (t["expires_at"] or "never")[:19] + (" (expired)" if t["expired"] else "")
+        print(f"{t['name']:<24} {'admin' if t['is_admin'] else 'user':<6} {t['created_at'][:19]:<20} {expires}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        api.revoke_token(args.name)
+    print(f"revoked the token {args.name!r}")
     return 0
 
 
@@ -410,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", action="append", help="filter (repeatable): queued, running, succeeded, ...")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--owner", help="admin only: one owner's jobs (the admin lists everyone's by default)")
     s.set_defaults(fn=cmd_list)
 
     for name, fn, text in [("status", cmd_status, "show one job"), ("cancel", cmd_cancel, "cancel a job"),
@@ -447,7 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     t = tsub.add_parser("create", parents=[common], help="create a token for a new user (admin only)")
     t.add_argument("name")
+    t.add_argument("--expires-in", type=parse_duration, metavar="DURATION",
+                   help="the token stops working after this long: seconds, or 30m, 12h, 7d, 2w (default: never)")
     t.set_defaults(fn=cmd_token_create)
+    t = tsub.add_parser("list", parents=[common], help="list tokens: name, role, expiry (admin only)")
+    t.set_defaults(fn=cmd_token_list)
+    t = tsub.add_parser("revoke", parents=[common], help="revoke a token at once (admin only)")
+    t.add_argument("name")
+    t.set_defaults(fn=cmd_token_revoke)
 
     s = sub.add_parser("completion", help="print a shell completion script: eval \"$(trainctl completion bash)\"")
     s.add_argument("shell", choices=["bash"])

@@ -139,8 +139,11 @@ class TrainctlClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
 
-    def jobs(self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None) -> dict[str, Any]:
+    def jobs(self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None,
+             owner: str | None = None) -> dict[str, Any]:
         params: list[tuple[str, Any]] = [("limit", limit), ("offset", offset)]
+        if owner:
+            params.append(("owner", owner))
         params += [("state", s.upper()) for s in states or []]
         return self.request("GET", "/v1/jobs", params=params).json()  # type: ignore[no-any-return]
 
@@ -166,8 +169,17 @@ class TrainctlClient:
     def trials(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/trials").json()  # type: ignore[no-any-return]
 
-    def create_token(self, name: str) -> dict[str, Any]:
-        return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
+    def create_token(self, name: str, expires_in_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return self.request("POST", "/v1/tokens", json=body).json()  # type: ignore[no-any-return]
+
+    def tokens(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/tokens").json()  # type: ignore[no-any-return]
+
+    def revoke_token(self, name: str) -> None:
+        self.request("DELETE", f"/v1/tokens/{name}")
 
     def download_best(self, job_id: str, out: Path) -> tuple[str, int]:
         """Download the best checkpoint to `<out>.part`, check its sha256 against X-Checkpoint-SHA256, and only
