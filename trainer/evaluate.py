@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import pickle
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, use_channels_last
+from trainer.data import DataError, Dataset, images_to_batches, load, load_pickle, load_splits, use_channels_last
 from trainer.model import build_model
 from trainer.precision import autocast, resolve_precision
 from trainer.spec import JobSpec
@@ -73,11 +72,11 @@ def accuracy(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> dict[str, 
 
 def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
     """The paper's Kaggle format: a pickle with b'data' (N×32×32×3 uint8) and b'ids' → CSV `ID,Labels`."""
+    batch = load_pickle(objstore.read_bytes(input_uri), input_uri, "a Kaggle input pickle")
     try:
-        batch = pickle.load(io.BytesIO(objstore.read_bytes(input_uri)), encoding="bytes")
-        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means bad input
-        raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
+        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])  # type: ignore[index]
+    except (TypeError, KeyError, AttributeError):
+        raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids'") from None
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
         raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
                         f"got {data.dtype} {data.shape} and {len(ids)} ids")

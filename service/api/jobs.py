@@ -163,6 +163,15 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
     uri = best["uri"]
+    # The job's own files name the checkpoint, and the job's code path wrote them: read nothing outside the
+    # job's own prefix (an absolute path, file:// URI, `..` or symlink pointing at the admin token, say), and
+    # nothing whose hash was not recorded.
+    if not objstore.within(uri, runner.job_dir(job.id)):
+        raise ApiError(502, "checkpoint_corrupt", "the recorded best checkpoint lies outside the job's storage "
+                                                  "prefix; refusing to read it", {"epoch": best.get("epoch")})
+    if not best.get("sha256"):
+        raise ApiError(502, "checkpoint_corrupt", "the best checkpoint has no recorded sha256, so it cannot be "
+                                                  "verified; refusing to send it", {"epoch": best.get("epoch")})
     digest, size = hashlib.sha256(), 0
     try:
         for chunk in objstore.iter_chunks(uri):
@@ -172,7 +181,7 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
         raise ApiError(502, "checkpoint_corrupt", "the best checkpoint is listed but missing from storage",
                        {"epoch": best.get("epoch")}) from None
     sha = digest.hexdigest()
-    if (best.get("sha256") and best["sha256"] != sha) or (best.get("size") is not None and best["size"] != size):
+    if best["sha256"] != sha or (best.get("size") is not None and best["size"] != size):
         raise ApiError(502, "checkpoint_corrupt", "the stored checkpoint does not match its recorded sha256/size",
                        {"expected_sha256": best.get("sha256"), "actual_sha256": sha,
                         "expected_size": best.get("size"), "actual_size": size})
