@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from service import auth
 from service.api import health, jobs, tokens
+from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
 from service.rayjobs import RayJobs, RayJobsClient
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
                   description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`.")
     install_error_handlers(app)
+    install_openapi(app)
     # Outermost last: the Host check runs first, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if not settings.auth:

@@ -20,13 +20,14 @@ import objstore
 from service import jobdir
 from service import policy
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
+from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
                                  TrialList, TrialView, job_view, request_hash, resolve_body)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict, Store
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 _SUBMIT_LOCK = threading.Lock()
 
 # ?state=running works as well as ?state=RUNNING.
@@ -37,9 +38,10 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "epoch_seconds", "time", "resumed", "node_ids"]
 
 
-@router.post("/jobs", status_code=201, response_model=JobView)
+@router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
 def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
                store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, settings: SettingsDep,
+               response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
@@ -53,6 +55,7 @@ def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAM
         job, created = _create(store, principal.name, spec, body, idempotency_key)
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, with_spec=True)
 
 
@@ -66,7 +69,7 @@ def _create(store: Store, owner: str, spec: Any, body: dict[str, Any],
     return job, created
 
 
-@router.get("/jobs", response_model=JobList)
+@router.get("/jobs", response_model=JobList, responses=errors(403))
 def list_jobs(principal: PrincipalDep, store: StoreDep,
               state: Annotated[list[StateParam] | None,
                                Query(description="repeat to match several; any case")] = None,
@@ -84,12 +87,12 @@ def list_jobs(principal: PrincipalDep, store: StoreDep,
     return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView)
+@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(404))
 def get_job(job: JobDep, runner: RunnerDep) -> JobView:
     return job_view(job, runner.job_dir(job.id), with_spec=True)
 
 
-@router.get("/jobs/{job_id}/metrics", response_model=MetricsView)
+@router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
 def get_metrics(job: JobDep, runner: RunnerDep,
                 format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
@@ -106,7 +109,7 @@ def get_metrics(job: JobDep, runner: RunnerDep,
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 
 
-@router.get("/jobs/{job_id}/trials", response_model=TrialList)
+@router.get("/jobs/{job_id}/trials", response_model=TrialList, responses=errors(404, 409))
 def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     """A search's trials: config, state, epochs done, best metric, stopped early or not (409 for a job
     that is not a search)."""
@@ -118,21 +121,21 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
                      trials=[TrialView(**{k: t.get(k) for k in TrialView.model_fields if k in t}) for t in trials])
 
 
-@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
 def get_logs(job: JobDep, runner: RunnerDep,
              tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
     """The Ray job's driver log of the current attempt (empty while queued)."""
     return runner.logs(job, tail)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=errors(404))
 def cancel_job(job: JobDep, runner: RunnerDep) -> JobView:
     """Cancel: a queued job at once, a running one by stopping its Ray job. Idempotent."""
     job = runner.cancel(job.id)
     return job_view(job, runner.job_dir(job.id))
 
 
-@router.delete("/jobs/{job_id}", status_code=204)
+@router.delete("/jobs/{job_id}", status_code=204, responses=errors(404, 409))
 def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     """Delete a finished job: its record and everything under its storage prefix."""
     if not job.state.is_terminal():
@@ -142,7 +145,7 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
 def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
     """The checkpoints still kept (manifest.json), oldest epoch first."""
     cps = jobdir.checkpoints(runner.job_dir(job.id))
@@ -154,8 +157,7 @@ def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
 @router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
-                       409: {"description": "no checkpoint yet"},
-                       502: {"description": "the stored checkpoint does not match its recorded sha256/size"}})
+                       **errors(404, 409, 502)})
 def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     """Download the best checkpoint. It is hashed in a first streaming pass and only sent when it matches
     the sha256/size the trainer recorded (an error cannot be reported once the body has started)."""

@@ -20,8 +20,9 @@ class PresetRequest(BaseModel):
     """`{"preset": "debug", "overrides": {"optim.epochs": 3}}`: a preset plus dotted-path overrides."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    preset: str | None = Field(None, description="a preset name: see `python -m trainer describe --preset NAME`")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description='dotted spec paths to values, e.g. {"optim.lr": 0.1}')
 
 
 SUBMIT_EXAMPLES = {

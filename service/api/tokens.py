@@ -10,10 +10,11 @@ from pydantic import BaseModel, Field
 
 from service import auth
 from service.api.deps import AdminDep, StoreDep
+from service.api.openapi import COMMON_ERRORS, errors
 from service.errors import ApiError, not_found
 from service.store import TokenNameTaken
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], responses=COMMON_ERRORS)
 
 MAX_EXPIRES_IN_S = 10 * 365 * 86400
 
@@ -46,7 +47,7 @@ def _time(t: float | None) -> dt.datetime | None:
     return None if t is None else dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
 
 
-@router.post("/tokens", status_code=201, response_model=TokenCreated)
+@router.post("/tokens", status_code=201, response_model=TokenCreated, responses=errors(403, 409))
 def create_token(body: TokenRequest, store: StoreDep, _admin: AdminDep) -> TokenCreated:
     try:
         token = auth.create_token(store, body.name, expires_in_s=body.expires_in_s)
@@ -56,7 +57,7 @@ def create_token(body: TokenRequest, store: StoreDep, _admin: AdminDep) -> Token
     return TokenCreated(name=body.name, token=token, expires_at=_time(info.expires_at))
 
 
-@router.get("/tokens", response_model=TokenList)
+@router.get("/tokens", response_model=TokenList, responses=errors(403))
 def list_tokens(store: StoreDep, _admin: AdminDep) -> TokenList:
     """Every token's name, role and expiry (never the token: only its hash is stored)."""
     now = dt.datetime.now(dt.timezone.utc).timestamp()
@@ -66,7 +67,7 @@ def list_tokens(store: StoreDep, _admin: AdminDep) -> TokenList:
                              for t in store.list_tokens()])
 
 
-@router.delete("/tokens/{name}", status_code=204)
+@router.delete("/tokens/{name}", status_code=204, responses=errors(403, 404, 409))
 def revoke_token(name: Annotated[str, Path(max_length=64)], store: StoreDep, admin: AdminDep) -> Response:
     """Revoke a token at once. The admin's own token is rotated by deleting <data dir>/admin-token and
     restarting the service, not here (that would lock the admin out)."""
