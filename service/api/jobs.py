@@ -22,10 +22,12 @@ from service import policy
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
-                                 TrialList, TrialView, job_view, request_hash, resolve_body)
+                                 TrialList, job_view, request_hash, resolve_body)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict, Store
+from trainer.contract import METRIC_COLUMNS
+from trainer.spec import SearchSpec
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 _SUBMIT_LOCK = threading.Lock()
@@ -34,8 +36,6 @@ _SUBMIT_LOCK = threading.Lock()
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
 MAX_OFFSET = 1_000_000_000  # integer query parameters are bounded: SQLite's integers are 64-bit
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-                  "epoch_seconds", "time", "resumed", "node_ids"]
 
 
 @router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
@@ -99,12 +99,11 @@ def get_metrics(job: JobDep, runner: RunnerDep,
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
     if format == "json":
         return MetricsView(job_id=job.id, metrics=metrics)
-    extra = sorted({k for m in metrics for k in m} - set(METRIC_COLUMNS))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS + extra, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
     writer.writeheader()
     for m in metrics:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.items()})
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.model_dump().items()})
     return PlainTextResponse(out.getvalue(), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 
@@ -117,8 +116,8 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     if not search:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
     trials = jobdir.read_trials(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    return TrialList(job_id=job.id, metric=search.get("metric", "val_acc"), mode=search.get("mode", "max"),
-                     trials=[TrialView(**{k: t.get(k) for k in TrialView.model_fields if k in t}) for t in trials])
+    search_spec = SearchSpec.model_validate(search)
+    return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
@@ -149,9 +148,7 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
 def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
     """The checkpoints still kept (manifest.json), oldest epoch first."""
     cps = jobdir.checkpoints(runner.job_dir(job.id))
-    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView(**{k: c[k] for k in
-                                                                       ("epoch", "val_acc", "size", "sha256")})
-                                                      for c in cps])
+    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView.model_validate(c.model_dump()) for c in cps])
 
 
 @router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
@@ -164,16 +161,16 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     best = jobdir.best_checkpoint(runner.job_dir(job.id))
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
-    uri = best["uri"]
+    uri = best.uri
     # The job's own files name the checkpoint, and the job's code path wrote them: read nothing outside the
     # job's own prefix (an absolute path, file:// URI, `..` or symlink pointing at the admin token, say), and
     # nothing whose hash was not recorded.
     if not objstore.within(uri, runner.job_dir(job.id)):
         raise ApiError(502, "checkpoint_corrupt", "the recorded best checkpoint lies outside the job's storage "
-                                                  "prefix; refusing to read it", {"epoch": best.get("epoch")})
-    if not best.get("sha256"):
+                                                  "prefix; refusing to read it", {"epoch": best.epoch})
+    if not best.sha256:
         raise ApiError(502, "checkpoint_corrupt", "the best checkpoint has no recorded sha256, so it cannot be "
-                                                  "verified; refusing to send it", {"epoch": best.get("epoch")})
+                                                  "verified; refusing to send it", {"epoch": best.epoch})
     digest, size = hashlib.sha256(), 0
     try:
         for chunk in objstore.iter_chunks(uri):
@@ -181,13 +178,13 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
             size += len(chunk)
     except FileNotFoundError:
         raise ApiError(502, "checkpoint_corrupt", "the best checkpoint is listed but missing from storage",
-                       {"epoch": best.get("epoch")}) from None
+                       {"epoch": best.epoch}) from None
     sha = digest.hexdigest()
-    if best["sha256"] != sha or (best.get("size") is not None and best["size"] != size):
+    if best.sha256 != sha or (best.size is not None and best.size != size):
         raise ApiError(502, "checkpoint_corrupt", "the stored checkpoint does not match its recorded sha256/size",
-                       {"expected_sha256": best.get("sha256"), "actual_sha256": sha,
-                        "expected_size": best.get("size"), "actual_size": size})
-    name = f"{job.id}-epoch{best['epoch']}.pt" if best.get("epoch") is not None else f"{job.id}-best.pt"
+                       {"expected_sha256": best.sha256, "actual_sha256": sha,
+                        "expected_size": best.size, "actual_size": size})
+    name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
     return StreamingResponse(objstore.iter_chunks(uri), media_type="application/octet-stream",
                              headers={"X-Checkpoint-SHA256": sha, "Content-Length": str(size),
                                       "Content-Disposition": f'attachment; filename="{name}"'})
