@@ -17,8 +17,7 @@ from pydantic import BeforeValidator
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 import objstore
-from service import jobdir
-from service import policy
+from service import jobdir, policy
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,

@@ -44,7 +44,7 @@ class TokenList(BaseModel):
 
 
 def _time(t: float | None) -> dt.datetime | None:
-    return None if t is None else dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    return None if t is None else dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
 
 @router.post("/tokens", status_code=201, response_model=TokenCreated, responses=errors(403, 409))
@@ -60,7 +60,7 @@ def create_token(body: TokenRequest, store: StoreDep, _admin: AdminDep) -> Token
 @router.get("/tokens", response_model=TokenList, responses=errors(403))
 def list_tokens(store: StoreDep, _admin: AdminDep) -> TokenList:
     """Every token's name, role and expiry (never the token: only its hash is stored)."""
-    now = dt.datetime.now(dt.timezone.utc).timestamp()
+    now = dt.datetime.now(dt.UTC).timestamp()
     return TokenList(tokens=[TokenView(name=t.name, is_admin=t.is_admin, created_at=_time(t.created_at),
                                        expires_at=_time(t.expires_at),
                                        expired=t.expires_at is not None and t.expires_at <= now)

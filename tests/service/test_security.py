@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from service.runner import fair_queue, over_time_limit
-from service.store import Job
 from service.states import JobState
+from service.store import Job
 from tests.service.conftest import DEBUG_JOB, Api
 
 
