@@ -239,21 +239,26 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     api = _client(args)
-    text = api.logs(args.id, tail=None if args.follow else args.tail)
-    sys.stdout.write(text)
     if not args.follow:
+        sys.stdout.write(api.logs(args.id, tail=args.tail))
         return 0
-    seen, submission = len(text), None
+    # Follow: each poll asks only for what was added after the bytes already printed (X-Log-Size); a server
+    # that does not say its log's size gets the whole log compared instead.
+    text, size = api.logs_since(args.id, 0)
+    sys.stdout.write(text)
+    seen, submission = (size if size is not None else len(text)), None
     while True:
         job = api.job(args.id)
         if submission is not None and job["ray_submission_id"] != submission:
             seen = 0  # a new attempt: its log starts afresh
             print(f"--- attempt {job['attempts']} ---")
         submission = job["ray_submission_id"]
-        text = api.logs(args.id)
-        sys.stdout.write(text[seen:])
+        text, size = api.logs_since(args.id, seen)
+        if size is None:  # an older server sent the whole log
+            text, size = text[seen:], len(text)
+        sys.stdout.write(text)
         sys.stdout.flush()
-        seen = len(text)
+        seen = size
         if job["state"] in TERMINAL:
             return 0
         time.sleep(2)

@@ -160,6 +160,16 @@ class TrainctlClient:
         params = {"tail": tail} if tail is not None else {}
         return self.request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
+    def logs_since(self, job_id: str, since: int, tail: int | None = None) -> tuple[str, int | None]:
+        """What the log gained after byte `since`, and the log's size now (None from a server that does not
+        say: then the caller compares whole logs)."""
+        params: dict[str, int] = {"since": since}
+        if tail is not None:
+            params["tail"] = tail
+        resp = self.request("GET", f"/v1/jobs/{job_id}/logs", params=params)
+        size = resp.headers.get("x-log-size")
+        return resp.text, int(size) if size and size.isdigit() else None
+
     def metrics(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/metrics").json()  # type: ignore[no-any-return]
 

@@ -121,9 +121,35 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
 def get_logs(job: JobDep, runner: RunnerDep,
-             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
-    """The Ray job's driver log of the current attempt (empty while queued)."""
-    return runner.logs(job, tail)
+             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None,
+             since: Annotated[int | None, Query(ge=0, le=MAX_OFFSET, description=(
+                 "bytes already read (the previous answer's X-Log-Size): only what is new"))] = None
+             ) -> PlainTextResponse:
+    """The Ray job's driver log of the current attempt (empty while queued): at most the last
+    MAX_LOG_BYTES of it. X-Log-Size is the whole log's size in bytes: pass it as `since` next time to get only
+    what was added (`trainctl logs -f`); X-Log-Truncated says the answer was cut to its tail."""
+    text, size, truncated = log_window(runner.logs(job, None), tail, since)
+    return PlainTextResponse(text, headers={"X-Log-Size": str(size), "X-Log-Truncated": str(truncated).lower()})
+
+
+MAX_LOG_BYTES = 1 << 20
+
+
+def log_window(text: str, tail: int | None, since: int | None, max_bytes: int = MAX_LOG_BYTES
+               ) -> tuple[str, int, bool]:
+    """(what to send, the whole log's size in bytes, cut to max_bytes?) for a log, its last `tail` lines and/or
+    what follows byte `since` (the whole log when `since` is past its end: a new attempt's log)."""
+    data = text.encode("utf-8", errors="replace")
+    size = len(data)
+    if since is not None and since <= size:
+        data = data[since:]
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail > 0 else b""
+    truncated = len(data) > max_bytes
+    if truncated:
+        data = data[-max_bytes:]
+    return data.decode("utf-8", errors="ignore"), size, truncated
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=errors(404))

@@ -385,3 +385,23 @@ def test_files_are_owner_only(api: Api) -> None:
     api.reconcile()
     spec = api.job_dir(job_id) / "spec.json"
     assert mode(spec) & 0o077 == 0 and mode(spec.parent) & 0o077 == 0
+
+
+def test_logs_are_a_bounded_tail_and_since_gives_only_what_is_new(api: Api) -> None:
+    from service.api.jobs import log_window
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    api.ray.jobs[f"{job_id}-1"].logs = "".join(f"line {i}\n" for i in range(1, 11))
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    size = int(r.headers["x-log-size"])
+    assert r.text.startswith("line 1\n") and size == len(r.text.encode())
+    api.ray.jobs[f"{job_id}-1"].logs += "line 11\n"
+    r = api.get(f"/v1/jobs/{job_id}/logs", params={"since": size})
+    assert r.text == "line 11\n" and int(r.headers["x-log-size"]) == size + 8
+    assert api.get(f"/v1/jobs/{job_id}/logs", params={"since": size, "tail": 1}).text == "line 11\n"
+    # a huge log: only its last MAX_LOG_BYTES travel
+    api.ray.jobs[f"{job_id}-1"].logs = "x" * (3 << 20) + "END\n"
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    assert len(r.content) == 1 << 20 and r.text.endswith("END\n") and r.headers["x-log-truncated"] == "true"
+    assert log_window("ab\ncd\n", tail=None, since=99) == ("ab\ncd\n", 6, False)  # a new attempt's log
+    assert log_window("ab\ncd\n", tail=1, since=None) == ("cd\n", 6, False)
