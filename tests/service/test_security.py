@@ -405,3 +405,25 @@ def test_logs_are_a_bounded_tail_and_since_gives_only_what_is_new(api: Api) -> N
     assert len(r.content) == 1 << 20 and r.text.endswith("END\n") and r.headers["x-log-truncated"] == "true"
     assert log_window("ab\ncd\n", tail=None, since=99) == ("ab\ncd\n", 6, False)  # a new attempt's log
     assert log_window("ab\ncd\n", tail=1, since=None) == ("cd\n", 6, False)
+
+
+def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.service.conftest import TRAINCTL
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS"))}
+    out = subprocess.run([TRAINCTL, "serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0 and "loopback" in out.stderr, (out.stdout, out.stderr)
+    assert "Ray head up" not in out.stdout  # refused before starting anything
+
+
+def test_token_expiry_durations() -> None:
+    import argparse
+
+    from service.cli import parse_duration
+    assert [parse_duration(x) for x in ("90", "90s", "30m", "12h", "7d", "2w")] == [
+        90, 90, 1800, 43200, 604800, 1209600]
+    for bad in ("", "x", "-5m", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_duration(bad)
