@@ -186,6 +186,9 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     limits: LimitsSpec = LimitsSpec()
     search: SearchSpec | None = None
+    # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
+    # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
+    exports: list[Literal["safetensors", "pt2"]] = Field(default_factory=lambda: ["safetensors", "pt2"])
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "JobSpec":
@@ -286,6 +289,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"kind": "constant"},
         "scaling": {"num_workers": 2, "use_gpu": False},
         "precision": "fp32",
+        "exports": [],  # an export adds seconds to every test run; the export tests ask for it
     },
 }
 
