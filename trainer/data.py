@@ -92,7 +92,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, index: torch.Tensor) -> "Dataset":
+    def take(self, index: torch.Tensor) -> Dataset:
         return Dataset(self.images[index], self.labels[index])
 
 
@@ -144,7 +144,7 @@ def _check(data: Dataset, uri: str, num_classes: int) -> None:
 
 
 def _read_parquet(uri: str, limit: int | None) -> Dataset:
-    from torchvision.io import decode_jpeg, decode_image  # torchvision only where data is decoded
+    from torchvision.io import decode_image, decode_jpeg  # torchvision only where data is decoded
     fs, path = objstore.resolve(uri)
     try:
         table = objstore.retrying(lambda: pq.read_table(path, filesystem=fs, columns=["img", "label"]),
@@ -214,7 +214,7 @@ def _download_torchvision(uri: str, split: str) -> Dataset:
     root = objstore.resolve(uri)[1]
     try:
         torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
-    except Exception as exc:  # noqa: BLE001 - offline, DNS, checksum: all mean "could not fetch"
+    except Exception as exc:  # offline, DNS, checksum: all mean "could not fetch"
         raise DataError(f"{uri}: could not download CIFAR-10 with torchvision ({exc}); "
                         "point data.train at a local copy instead") from exc
     return _read_cifar_python(os.path.join(root, "cifar-10-batches-py"), split)

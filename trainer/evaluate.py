@@ -134,6 +134,6 @@ def predict_to_csv(model_uri: str, input_uri: str, out_uri: str) -> int:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["ID", "Labels"])
-    writer.writerows((i.decode() if isinstance(i, bytes) else i, lab) for i, lab in zip(ids, labels))
+    writer.writerows((i.decode() if isinstance(i, bytes) else i, lab) for i, lab in zip(ids, labels, strict=True))
     objstore.write_text(out_uri, out.getvalue())
     return len(labels)
