@@ -164,7 +164,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'ID':<24} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
     for j in page["jobs"]:
         p = j["progress"]
-        print(f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
+        print(f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} "
+              f"{_fmt_acc(j['best_val_acc']):>7}"
               f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}")
     if page["total"] > page["offset"] + len(page["jobs"]):
         print(f"... {page['total']} jobs in all; see more with --offset {page['offset'] + len(page['jobs'])}")

@@ -76,7 +76,7 @@ def _exists_quickly(uri: str) -> bool | None:
                                  budget_s=EXISTS_BUDGET_S)
     except (objstore.StorageUnavailable, OSError, ValueError):
         return None
-    return info.type != pafs.FileType.NotFound
+    return bool(info.type != pafs.FileType.NotFound)
 
 
 def limit_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:

@@ -318,7 +318,7 @@ class Store:
                 return None
             return m.name, m.is_admin
 
-    def list_tokens(self) -> list[TokenInfo]:
+    def list_tokens(self) -> builtins.list[TokenInfo]:
         with self._sessions() as s:
             return [TokenInfo(m.name, m.is_admin, m.created_at, m.expires_at)
                     for m in s.scalars(select(TokenModel).order_by(TokenModel.name)).all()]

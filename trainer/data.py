@@ -14,6 +14,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -71,7 +72,7 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
 
 
-def load_pickle(raw: bytes, uri: str, what: str = "a CIFAR-10 python batch") -> object:
+def load_pickle(raw: bytes, uri: str, what: str = "a CIFAR-10 python batch") -> Any:
     """Unpickle data (never code): DataError naming the offending global for anything but plain data and
     numpy arrays; DataError saying only "unreadable" for a broken file (the pickle module's own messages
     quote bytes of the file)."""
@@ -195,7 +196,7 @@ def _read_cifar_python(uri: str, split: str) -> Dataset:
             raise DataError(f"{f}: missing CIFAR-10 batch file (expected {', '.join(names)} in {uri})")
         batch = load_pickle(objstore.read_bytes(f), f)
         try:
-            data, labs = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))  # type: ignore[index]
+            data, labs = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))
         except (TypeError, KeyError, AttributeError):
             raise DataError(f"{f}: not a CIFAR-10 python batch (no dict with b'data' and b'labels')") from None
         data = np.asarray(data)

@@ -75,7 +75,7 @@ def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
     """The paper's Kaggle test file: a pickle with b'data' (N×32×32×3 uint8) and b'ids' (read without code)."""
     batch = load_pickle(objstore.read_bytes(uri), uri, "a Kaggle input pickle")
     try:
-        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])  # type: ignore[index]
+        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
     except (TypeError, KeyError, AttributeError):
         raise DataError(f"{uri}: expected a pickle with b'data' and b'ids'") from None
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):

@@ -92,12 +92,11 @@ def export_best(job_dir: str, spec: JobSpec) -> list[dict[str, Any]]:
     Never fails the run: a model that trained fine is worth more than its export (logged instead)."""
     if not spec.exports:
         return []
-    best = ckpt.best(ckpt.read_manifest(job_dir))
+    best = ckpt.read_manifest(job_dir).best()  # the typed manifest (trainer/contract.py)
     if best is None:
         return []
     try:
-        return export_checkpoint(best["uri"], objstore.join(job_dir, "artifacts"), list(spec.exports),
-                                 best.get("sha256"))
+        return export_checkpoint(best.uri, objstore.join(job_dir, "artifacts"), list(spec.exports), best.sha256)
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("exporting the best checkpoint failed; the run itself succeeded")
         return []

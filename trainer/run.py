@@ -93,12 +93,14 @@ def preflight(spec: JobSpec) -> None:
     for field, uri in outside_roots(spec):  # before any read: never tell whether such a file exists
         raise UserError(f"{field}: {objstore.redact(uri)} is outside the data roots this cluster allows "
                         f"(TRAINCTL_DATA_ROOTS)")
-    for field, uri, split in (("data.train", spec.data.train, "train"), ("data.test", spec.data.test, "test")):
-        if uri:
+    sources: list[tuple[str, str | None, str]] = [("data.train", spec.data.train, "train"),
+                                                  ("data.test", spec.data.test, "test")]
+    for name, source, split in sources:
+        if source:
             try:
-                load(uri, spec.data.format, split, spec.model.num_classes, limit=16)
+                load(source, spec.data.format, split, spec.model.num_classes, limit=16)
             except DataError as exc:
-                raise DataError(f"{field}: {exc}") from None
+                raise DataError(f"{name}: {exc}") from None
 
 
 def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:

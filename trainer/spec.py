@@ -251,7 +251,8 @@ def model_cost(m: ModelSpec) -> tuple[int, int]:
     res = 32
     macs = res * res * 3 * first * 9
     in_ch = first
-    for i, (width, n) in enumerate(zip(m.widths, m.blocks)):
+    # strict=False: a length mismatch is reported as its own error (model.blocks)
+    for i, (width, n) in enumerate(zip(m.widths, m.blocks, strict=False)):
         for j in range(n):
             stride = 2 if (i > 0 and j == 0) else 1
             out_res = (res - 1) // stride + 1

@@ -43,8 +43,12 @@ class TokenList(BaseModel):
     tokens: list[TokenView]
 
 
-def _time(t: float | None) -> dt.datetime | None:
-    return None if t is None else dt.datetime.fromtimestamp(t, tz=dt.UTC)
+def _time(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
+
+
+def _maybe_time(t: float | None) -> dt.datetime | None:
+    return None if t is None else _time(t)
 
 
 @router.post("/tokens", status_code=201, response_model=TokenCreated, responses=errors(403, 409))
@@ -54,7 +58,7 @@ def create_token(body: TokenRequest, store: StoreDep, _admin: AdminDep) -> Token
     except TokenNameTaken:
         raise ApiError(409, "conflict", f"a token named {body.name!r} exists; pick another name") from None
     info = next(t for t in store.list_tokens() if t.name == body.name)
-    return TokenCreated(name=body.name, token=token, expires_at=_time(info.expires_at))
+    return TokenCreated(name=body.name, token=token, expires_at=_maybe_time(info.expires_at))
 
 
 @router.get("/tokens", response_model=TokenList, responses=errors(403))
@@ -62,7 +66,7 @@ def list_tokens(store: StoreDep, _admin: AdminDep) -> TokenList:
     """Every token's name, role and expiry (never the token: only its hash is stored)."""
     now = dt.datetime.now(dt.UTC).timestamp()
     return TokenList(tokens=[TokenView(name=t.name, is_admin=t.is_admin, created_at=_time(t.created_at),
-                                       expires_at=_time(t.expires_at),
+                                       expires_at=_maybe_time(t.expires_at),
                                        expired=t.expires_at is not None and t.expires_at <= now)
                              for t in store.list_tokens()])
 

@@ -26,8 +26,8 @@ from service.app import create_app
 from service.localray import stop_process_group
 from service.runner import Runner
 from service.settings import Settings, load_settings
-from tests.plugins.ray_cluster import RayHead, free_port
 from tests.conftest import CIFAR_PARQUET
+from tests.plugins.ray_cluster import RayHead, free_port
 from tests.plugins.reaper import reap_with_session
 from tests.service.fakes import FakeRay
 
