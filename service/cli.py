@@ -369,7 +369,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model = Path(tmp) / "model.pt2"
         api.download_artifact(args.id, "model.pt2", model)
         n = predict_to_csv(str(model), args.input, args.output)
-    print(json.dumps({"predictions": n, "out": args.output}) if args.json else f"wrote {n} predictions to {args.output}")
+    if args.json:
+        _print_json({"predictions": n, "out": args.output})
+    else:
+        print(f"wrote {n} predictions to {args.output}")
     return 0
 
 

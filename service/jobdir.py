@@ -11,7 +11,7 @@ from typing import Any
 
 import objstore
 from trainer import contract
-from trainer.contract import CheckpointEntry, EpochMetrics, Manifest, Summary, TrialRow, TrialState
+from trainer.contract import Artifact, CheckpointEntry, EpochMetrics, Manifest, Summary, TrialRow, TrialState
 from trainer.spec import SearchSpec
 
 
@@ -118,18 +118,9 @@ def best_checkpoint(job_dir: str) -> BestCheckpoint | None:
     return BestCheckpoint(uri=best.uri, sha256=best.sha256, size=best.size, epoch=best.epoch, val_acc=best.val_acc)
 
 
-def artifacts(job_dir: str) -> list[dict[str, Any]]:
-    """The exported models (artifacts/artifacts.json, written by trainer/export.py): [{name, format, uri,
-    sha256, size, epoch}]; empty before the run's end or when the job exports nothing."""
-    raw = _read_text(objstore.join(job_dir, "artifacts", "artifacts.json"))
-    try:
-        index = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        index = {}
-    out = []
-    for a in index.get("artifacts") or [] if isinstance(index, dict) else []:
-        if isinstance(a, dict) and a.get("name") and a.get("uri"):
-            out.append({"name": str(a["name"]), "format": a.get("format"), "sha256": a.get("sha256"),
-                        "size": a.get("size"), "epoch": a.get("epoch"),
-                        "uri": _absolute(objstore.join(job_dir, "artifacts"), str(a["uri"]))})
-    return out
+def artifacts(job_dir: str) -> list[Artifact]:
+    """The exported models (trainer/export.py), with absolute URIs; empty before the run's end or when the job
+    exports nothing."""
+    index = contract.parse_artifacts(_read_text(objstore.join(job_dir, contract.ARTIFACTS)))
+    folder = objstore.join(job_dir, contract.ARTIFACTS_DIR)
+    return [a.model_copy(update={"uri": _absolute(folder, a.uri)}) for a in index.artifacts]

@@ -9,7 +9,8 @@
 ONNX is not exported: torch's exporter needs the `onnx` package (and a check needs onnxruntime), ~45 MB of
 dependencies for a third copy of the same model.
 
-`artifacts/artifacts.json` indexes them with sha256 and size, so the service can verify a download.
+`artifacts/artifacts.json` (trainer/contract.py's ArtifactIndex) lists them with sha256 and size, so the service
+can verify a download.
 """
 
 from __future__ import annotations
@@ -18,21 +19,21 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
 
 import torch
 from torch import nn
 
 import objstore
 from trainer import checkpoint as ckpt
+from trainer import contract
+from trainer.contract import Artifact, ArtifactIndex
 from trainer.data import CIFAR10_MEAN, CIFAR10_STD
 from trainer.model import build_model
-from trainer.spec import JobSpec
+from trainer.spec import ExportFormat, JobSpec
 
 log = logging.getLogger("trainer.export")
 
 FORMATS = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
-INDEX = "artifacts.json"
 
 
 class Normalized(nn.Module):
@@ -64,8 +65,8 @@ def _write_pt2(net: nn.Module, path: str) -> None:
     torch.export.save(program, path)
 
 
-def export_checkpoint(checkpoint_uri: str, out_dir: str, formats: list[str],
-                      expected_sha256: str | None = None) -> list[dict[str, Any]]:
+def export_checkpoint(checkpoint_uri: str, out_dir: str, formats: list[ExportFormat],
+                      expected_sha256: str | None = None) -> list[Artifact]:
     """Write each format of the checkpoint's model to out_dir (a local dir or storage URI) and index them."""
     state = ckpt.load(checkpoint_uri, expected_sha256)
     spec = JobSpec.model_validate_json(state["spec"])
@@ -81,22 +82,23 @@ def export_checkpoint(checkpoint_uri: str, out_dir: str, formats: list[str],
             uri = objstore.join(out_dir, name)
             with open(local, "rb") as f:
                 objstore.write_bytes(uri, f.read())
-            entries.append({"name": name, "format": fmt, "uri": uri, "sha256": ckpt.sha256_file(local),
-                            "size": os.path.getsize(local), "epoch": state.get("epoch")})
-    objstore.write_text(objstore.join(out_dir, INDEX), json.dumps({"artifacts": entries}, indent=2))
+            entries.append(Artifact(name=name, format=fmt, uri=uri, sha256=ckpt.sha256_file(local),
+                                    size=os.path.getsize(local), epoch=state.get("epoch")))
+    objstore.write_text(objstore.join(out_dir, "artifacts.json"), ArtifactIndex(artifacts=entries).to_json())
     return entries
 
 
-def export_best(job_dir: str, spec: JobSpec) -> list[dict[str, Any]]:
+def export_best(job_dir: str, spec: JobSpec) -> list[Artifact]:
     """At the end of a run: export the best checkpoint in `spec.exports` formats to <job dir>/artifacts/.
     Never fails the run: a model that trained fine is worth more than its export (logged instead)."""
     if not spec.exports:
         return []
-    best = ckpt.read_manifest(job_dir).best()  # the typed manifest (trainer/contract.py)
+    best = ckpt.read_manifest(job_dir).best()
     if best is None:
         return []
     try:
-        return export_checkpoint(best.uri, objstore.join(job_dir, "artifacts"), list(spec.exports), best.sha256)
-    except Exception:  # noqa: BLE001 - see the docstring
+        return export_checkpoint(best.uri, objstore.join(job_dir, contract.ARTIFACTS_DIR), list(spec.exports),
+                                 best.sha256)
+    except Exception:  # see the docstring
         log.exception("exporting the best checkpoint failed; the run itself succeeded")
         return []

@@ -172,6 +172,10 @@ class SearchSpec(Section):
 # --- the job spec ---------------------------------------------------------------------------------
 
 
+ExportFormat = Literal["safetensors", "pt2"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
+
+
 class JobSpec(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -188,7 +192,7 @@ class JobSpec(Section):
     search: SearchSpec | None = None
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
-    exports: list[Literal["safetensors", "pt2"]] = Field(default_factory=lambda: ["safetensors", "pt2"])
+    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS))
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:

@@ -208,7 +208,7 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
 def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:
     """The best checkpoint exported for use outside trainctl (written at the end of a run; see spec.exports)."""
     found = jobdir.artifacts(runner.job_dir(job.id))
-    return ArtifactList(job_id=job.id, artifacts=[ArtifactView(**{k: a[k] for k in ArtifactView.model_fields})
+    return ArtifactList(job_id=job.id, artifacts=[ArtifactView(**a.model_dump(include=set(ArtifactView.model_fields)))
                                                   for a in found])
 
 
@@ -219,10 +219,10 @@ def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:
 def download_artifact(job: JobDep, runner: RunnerDep, name: Annotated[str, FastApiPath(max_length=128)]
                       ) -> StreamingResponse:
     """Download one exported model, verified against its recorded sha256/size like a checkpoint."""
-    found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a["name"] == name), None)
+    found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a.name == name), None)
     if found is None:
         raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts")
-    return verified_download(runner.job_dir(job.id), found["uri"], found["sha256"], found["size"], f"{job.id}-{name}",
+    return verified_download(runner.job_dir(job.id), found.uri, found.sha256, found.size, f"{job.id}-{name}",
                              "X-Artifact-SHA256", {"name": name})
 
 

@@ -17,6 +17,8 @@ from trainer.export import export_checkpoint
 from trainer.model import build_model
 from trainer.spec import resolve
 
+pytestmark = pytest.mark.slow  # trains a few steps and exports twice: ~1 minute
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, cifar_parquet: Path) -> str:
@@ -45,9 +47,9 @@ def images(cifar_parquet: Path) -> torch.Tensor:
 
 def test_exports_predict_like_evaluate(checkpoint: str, images: torch.Tensor, tmp_path: Path) -> None:
     entries = export_checkpoint(checkpoint, str(tmp_path), ["safetensors", "pt2"])
-    assert {e["name"] for e in entries} == {"model.safetensors", "model.pt2"}
+    assert {e.name for e in entries} == {"model.safetensors", "model.pt2"}
     for e in entries:
-        assert e["sha256"] == ckpt.sha256_file(e["uri"]) and e["size"] == Path(e["uri"]).stat().st_size
+        assert e.sha256 == ckpt.sha256_file(e.uri) and e.size == Path(e.uri).stat().st_size
     reference = predict_logits(*load_model(checkpoint), images)  # what `evaluate` computes
 
     program = torch.export.load(str(tmp_path / "model.pt2")).module()  # plain torch from here on
