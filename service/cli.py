@@ -357,23 +357,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster."""
-    try:
-        from trainer.evaluate import predict_to_csv  # torch + torchvision: the [train] extra
-    except ImportError as exc:
-        raise CliError(f"`trainctl predict` runs the model on this machine and needs torch and torchvision "
-                       f"({exc}): pip install 'trainctl[train]'") from None
+    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster. The model runs in a
+    `python -m trainer predict` child (the CLI itself never imports the trainer or torch)."""
+    import importlib.util
+    import subprocess
     import tempfile
 
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("trainer.evaluate") is None:
+        raise CliError("`trainctl predict` runs the model on this machine and needs torch and torchvision: "
+                       "pip install 'trainctl[train]'")
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
         model = Path(tmp) / "model.pt2"
         api.download_artifact(args.id, "model.pt2", model)
-        n = predict_to_csv(str(model), args.input, args.output)
-    if args.json:
-        _print_json({"predictions": n, "out": args.output})
-    else:
-        print(f"wrote {n} predictions to {args.output}")
-    return 0
+        child = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(model),
+                                "--input", args.input, "--out", args.output])
+    return EXIT_ERROR if child.returncode else 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
