@@ -78,6 +78,8 @@ def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, 
     assert json.loads((job_dir / "summary.json").read_text())["state"] == "succeeded"
 
 
+# Two runs, each starting its own private Ray (private_ray_env): ~1 minute more than on the session head.
+@pytest.mark.timeout(900)
 def test_storage_outage_fails_the_run_with_a_storage_error_then_recovers(ray_head, s3_server, s3_bucket_uri,
                                                                          cifar_parquet):
     env = {**private_ray_env(ray_head, s3_server), "TRAINCTL_STORAGE_RETRY_SECONDS": "4"}
