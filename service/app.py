@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from service import auth
-from service.api import health, jobs, tokens
+from service.api import events, health, jobs, plots, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
@@ -24,6 +24,8 @@ from service.reconciler import Reconciler
 from service.runner import Runner
 from service.settings import Settings, load_settings
 from service.store import Store
+from service.ui import routes as ui
+from service.ui import session
 
 log = logging.getLogger("trainctl")
 
@@ -36,6 +38,7 @@ class AppState:
     store: Store
     runner: Runner
     reconciler: Reconciler
+    sessions: session.Sessions
 
 
 def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
@@ -60,7 +63,8 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
                         settings.host, settings.port)
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
-        app.state.trainctl = AppState(settings, store, runner, reconciler)
+        sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
+        app.state.trainctl = AppState(settings, store, runner, reconciler, sessions)
         reconciler.start()
         try:
             yield
@@ -69,7 +73,8 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
             store.close()
 
     app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
-                  description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`.")
+                  description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
+                              "the web dashboard is at /ui/.")
     install_error_handlers(app)
     install_openapi(app)
     # Outermost last: the Host check runs first, then the body limit.
@@ -77,8 +82,11 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     if not settings.auth:
         app.add_middleware(LoopbackHostOnly)
     app.include_router(jobs.router, prefix="/v1")
+    app.include_router(events.router, prefix="/v1")
+    app.include_router(plots.router, prefix="/v1")
     app.include_router(tokens.router, prefix="/v1")
     app.include_router(health.router)
+    ui.install(app)
     return app
 
 
