@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import posixpath
 import random
 import re
 import time
@@ -117,6 +118,45 @@ def redact(uri: str) -> str:
     return f"{parsed.scheme}://{netloc}{parsed.path}"
 
 
+# --- where a URI points: normalised forms and containment -------------------------------------------------
+
+def normalise(uri: str) -> str:
+    """A canonical form for containment checks: local paths (plain, `~/`, `file://`) become absolute real
+    paths (`..` and symlinks resolved); `s3://bucket/key` keeps its bucket and a key with `.`/`..` segments
+    folded. Raises ValueError for a relative path and for anything `resolve` refuses."""
+    if "://" not in uri and not uri.startswith(("/", "~")):
+        raise ValueError(f"{uri!r} is a relative path: use an absolute path, ~/..., file:///... or s3://...")
+    if is_s3(uri):
+        parsed = urllib.parse.urlsplit(uri)
+        resolve(uri)  # same refusals (credentials, query strings, no bucket)
+        key = posixpath.normpath("/" + parsed.path.lstrip("/")) if parsed.path.strip("/") else "/"
+        # posixpath keeps a leading "//"; S3 keys never need it
+        return f"s3://{parsed.netloc}/{key.lstrip('/')}".rstrip("/") if key != "/" else f"s3://{parsed.netloc}"
+    fs, path = resolve(uri)
+    return os.path.realpath(path)
+
+
+def within(uri: str, prefix: str) -> bool:
+    """True when `uri` is `prefix` or lies under it, both normalised (so `..`, symlinks, `~` and
+    `file://` cannot step outside). False, never an error, for URIs that do not normalise."""
+    try:
+        target, root = normalise(uri), normalise(prefix)
+    except ValueError:
+        return False
+    if is_s3(target) != is_s3(root):
+        return False
+    return target == root or target.startswith(root.rstrip("/") + "/")
+
+
+def within_any(uri: str, prefixes: list[str]) -> bool:
+    return any(within(uri, p) for p in prefixes)
+
+
+def parse_roots(text: str) -> list[str]:
+    """A comma-separated list of path/URI prefixes (TRAINCTL_DATA_ROOTS) → its non-empty entries."""
+    return [r.strip() for r in (text or "").split(",") if r.strip()]
+
+
 # --- retries ------------------------------------------------------------------------------------------
 
 # pyarrow's S3 errors read "When <doing X> for key '<key>' in bucket '<b>': AWS Error <CODE> [(HTTP status N)]
@@ -179,6 +219,9 @@ def retrying(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
 
 def ensure_dir(uri: str) -> None:
     fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        retrying(lambda: os.makedirs(path, mode=0o700, exist_ok=True), f"create {redact(uri)}")
+        return
     retrying(lambda: fs.create_dir(path, recursive=True), f"create {redact(uri)}")
 
 
@@ -217,10 +260,11 @@ def write_bytes(uri: str, data: bytes) -> None:
 
     def write() -> None:
         if isinstance(fs, pafs.LocalFileSystem):
-            os.makedirs(parent, exist_ok=True)
+            # Owner-only: job files (specs, metrics, checkpoints) are nobody else's business on a shared host.
+            os.makedirs(parent, mode=0o700, exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
             try:
-                with open(tmp, "wb") as f:
+                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)
             except BaseException:

@@ -39,6 +39,10 @@ PY
   DATASET=$CACHE/cifar-10-batches-py
 fi
 echo "demo dataset: $DATASET"
+# The service reads data only under TRAINCTL_DATA_ROOTS (docs/security.md; default <data dir>/datasets and
+# ~/.cache/trainctl): allow the demo dataset's folder too.
+DATASET_ROOT=$(python -c 'import os, sys; p = os.path.realpath(sys.argv[1]); print(p if os.path.isdir(p) else os.path.dirname(p))' "$DATASET")
+export TRAINCTL_DATA_ROOTS="${TRAINCTL_DATA_ROOTS:+$TRAINCTL_DATA_ROOTS,}$DATASET_ROOT"
 export TRAINCTL_URL="http://127.0.0.1:$PORT" TRAINCTL_DATA_DIR="$DATA_DIR"
 
 trainctl serve --data-dir "$DATA_DIR" --port "$PORT" &

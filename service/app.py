@@ -7,6 +7,7 @@ Run it with `trainctl serve`, or `uvicorn --factory service.app:app_from_env` (s
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from service import auth
 from service.api import events, health, jobs, plots, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
+from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
 from service.rayjobs import RayJobs, RayJobsClient
 from service.reconciler import Reconciler
 from service.runner import Runner
@@ -42,15 +44,20 @@ class AppState:
 def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
     """The app; `ray` replaces the real Ray Jobs client (tests pass a fake)."""
     settings = settings or load_settings()
+    if not settings.auth and not is_loopback(settings.host):
+        raise ValueError(f"authentication can only be turned off on a loopback host (127.0.0.1, localhost), "
+                         f"not {settings.host!r}: anyone who reaches the port could run and delete jobs")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.data_dir, 0o700)  # the job database, tokens and default storage live here
         store = Store(settings.db_path)
         store.create_schema()
+        restrict_files(settings)
         if settings.auth:
             if auth.ensure_admin_token(store, settings.admin_token_path):
-                log.warning("created the admin token; it is in %s", settings.admin_token_path)
+                log.warning("created a new admin token; it is in %s", settings.admin_token_path)
         else:
             log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s:%s can run and delete jobs",
                         settings.host, settings.port)
@@ -70,6 +77,10 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
                               "the web dashboard is at /ui/.")
     install_error_handlers(app)
     install_openapi(app)
+    # Outermost last: the Host check runs first, then the body limit.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if not settings.auth:
+        app.add_middleware(LoopbackHostOnly)
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(events.router, prefix="/v1")
     app.include_router(plots.router, prefix="/v1")
@@ -77,6 +88,14 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app.include_router(health.router)
     ui.install(app)
     return app
+
+
+def restrict_files(settings: Settings) -> None:
+    """Owner-only modes for the database (and SQLite's WAL/SHM files) and the token file."""
+    for path in (settings.db_path, settings.db_path.with_name(settings.db_path.name + "-wal"),
+                 settings.db_path.with_name(settings.db_path.name + "-shm"), settings.admin_token_path):
+        if path.exists():
+            os.chmod(path, 0o600)
 
 
 def app_from_env() -> FastAPI:

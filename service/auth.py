@@ -1,5 +1,6 @@
 """Bearer tokens. Only a token's sha256 is stored; the admin token is created on first start and written
-once to <data dir>/admin-token (mode 0600)."""
+to <data dir>/admin-token (mode 0600) — and replaced by a new one when that file is missing at a start,
+which is how an operator rotates it. Tokens may expire; revoking one deletes it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,20 +32,24 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_token(store: Store, name: str, is_admin: bool = False) -> str:
-    """A new token for `name` (store.TokenNameTaken when the name exists); returns the token itself,
-    which is never stored."""
+def create_token(store: Store, name: str, is_admin: bool = False, expires_in_s: float | None = None) -> str:
+    """A new token for `name` (store.TokenNameTaken when the name exists), valid for `expires_in_s`
+    seconds (None: until revoked); returns the token itself, which is never stored."""
     if not TOKEN_NAME.match(name):
         raise ValueError("token names are 1-64 characters: letters, digits, '_', '.', '-'")
     token = new_token()
-    store.add_token(name, hash_token(token), is_admin=is_admin)
+    expires_at = None if expires_in_s is None else time.time() + expires_in_s
+    store.add_token(name, hash_token(token), is_admin=is_admin, expires_at=expires_at)
     return token
 
 
 def ensure_admin_token(store: Store, path: Path) -> str | None:
-    """Create the admin token unless one exists; returns the new token (to print once) or None."""
-    if store.has_admin_token():
+    """Make sure an admin token exists and is in `path`: when the file is missing (first start, or the
+    operator deleted it to rotate the token) the old admin token is revoked and a new one written.
+    Returns the new token or None."""
+    if store.has_admin_token() and path.exists():
         return None
+    store.delete_token(ADMIN)
     token = create_token(store, ADMIN, is_admin=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -157,14 +157,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state)
+        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state, owner=args.owner)
     if args.json:
         _print_json(page)
         return 0
-    print(f"{'ID':<24} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
+    print(f"{'ID':<24} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
     for j in page["jobs"]:
         p = j["progress"]
-        print(f"{j['id']:<24} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
+        print(f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} "
+              f"{_fmt_acc(j['best_val_acc']):>7}"
               f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}")
     if page["total"] > page["offset"] + len(page["jobs"]):
         print(f"... {page['total']} jobs in all; see more with --offset {page['offset'] + len(page['jobs'])}")
@@ -239,21 +240,26 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     api = _client(args)
-    text = api.logs(args.id, tail=None if args.follow else args.tail)
-    sys.stdout.write(text)
     if not args.follow:
+        sys.stdout.write(api.logs(args.id, tail=args.tail))
         return 0
-    seen, submission = len(text), None
+    # Follow: each poll asks only for what was added after the bytes already printed (X-Log-Size); a server
+    # that does not say its log's size gets the whole log compared instead.
+    text, size = api.logs_since(args.id, 0)
+    sys.stdout.write(text)
+    seen, submission = (size if size is not None else len(text)), None
     while True:
         job = api.job(args.id)
         if submission is not None and job["ray_submission_id"] != submission:
             seen = 0  # a new attempt: its log starts afresh
             print(f"--- attempt {job['attempts']} ---")
         submission = job["ray_submission_id"]
-        text = api.logs(args.id)
-        sys.stdout.write(text[seen:])
+        text, size = api.logs_since(args.id, seen)
+        if size is None:  # an older server sent the whole log
+            text, size = text[seen:], len(text)
+        sys.stdout.write(text)
         sys.stdout.flush()
-        seen = len(text)
+        seen = size
         if job["state"] in TERMINAL:
             return 0
         time.sleep(2)
@@ -317,6 +323,21 @@ def cmd_best(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {out} ({size} bytes, sha256 {sha256}, verified)")
     return 0
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `12h`, `7d`, `2w` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale else raw
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 3600, 30m, 12h, 7d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
 
 
 EXPORT_NAMES = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
@@ -389,11 +410,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        data = api.create_token(args.name)
+        data = api.create_token(args.name, args.expires_in)
     if args.json:
         _print_json(data)
     else:
-        print(f"token for {data['name']} (shown once; store it safely):\n{data['token']}")
+        expiry = f", expires {data['expires_at']}" if data.get("expires_at") else ""
+        print(f"token for {data['name']} (shown once; store it safely{expiry}):\n{data['token']}")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        data = api.tokens()
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<20} EXPIRES")
+    for t in data["tokens"]:
+        expires = (t["expires_at"] or "never")[:19] + (" (expired)" if t["expired"] else "")
+        print(f"{t['name']:<24} {'admin' if t['is_admin'] else 'user':<6} {t['created_at'][:19]:<20} {expires}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        api.revoke_token(args.name)
+    print(f"revoked the token {args.name!r}")
     return 0
 
 
@@ -479,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", action="append", help="filter (repeatable): queued, running, succeeded, ...")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--owner", help="admin only: one owner's jobs (the admin lists everyone's by default)")
     s.set_defaults(fn=cmd_list)
 
     for name, fn, text in [("status", cmd_status, "show one job"), ("cancel", cmd_cancel, "cancel a job"),
@@ -535,7 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     t = tsub.add_parser("create", parents=[common], help="create a token for a new user (admin only)")
     t.add_argument("name")
+    t.add_argument("--expires-in", type=parse_duration, metavar="DURATION",
+                   help="the token stops working after this long: seconds, or 30m, 12h, 7d, 2w (default: never)")
     t.set_defaults(fn=cmd_token_create)
+    t = tsub.add_parser("list", parents=[common], help="list tokens: name, role, expiry (admin only)")
+    t.set_defaults(fn=cmd_token_list)
+    t = tsub.add_parser("revoke", parents=[common], help="revoke a token at once (admin only)")
+    t.add_argument("name")
+    t.set_defaults(fn=cmd_token_revoke)
 
     s = sub.add_parser("completion", help="print a shell completion script: eval \"$(trainctl completion bash)\"")
     s.add_argument("shell", choices=["bash"])

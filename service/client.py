@@ -139,8 +139,11 @@ class TrainctlClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
 
-    def jobs(self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None) -> dict[str, Any]:
+    def jobs(self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None,
+             owner: str | None = None) -> dict[str, Any]:
         params: list[tuple[str, Any]] = [("limit", limit), ("offset", offset)]
+        if owner:
+            params.append(("owner", owner))
         params += [("state", s.upper()) for s in states or []]
         return self.request("GET", "/v1/jobs", params=params).json()  # type: ignore[no-any-return]
 
@@ -156,6 +159,16 @@ class TrainctlClient:
     def logs(self, job_id: str, tail: int | None = None) -> str:
         params = {"tail": tail} if tail is not None else {}
         return self.request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
+
+    def logs_since(self, job_id: str, since: int, tail: int | None = None) -> tuple[str, int | None]:
+        """What the log gained after byte `since`, and the log's size now (None from a server that does not
+        say: then the caller compares whole logs)."""
+        params: dict[str, int] = {"since": since}
+        if tail is not None:
+            params["tail"] = tail
+        resp = self.request("GET", f"/v1/jobs/{job_id}/logs", params=params)
+        size = resp.headers.get("x-log-size")
+        return resp.text, int(size) if size and size.isdigit() else None
 
     def metrics(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/metrics").json()  # type: ignore[no-any-return]
@@ -175,8 +188,17 @@ class TrainctlClient:
                 return None
             raise
 
-    def create_token(self, name: str) -> dict[str, Any]:
-        return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
+    def create_token(self, name: str, expires_in_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return self.request("POST", "/v1/tokens", json=body).json()  # type: ignore[no-any-return]
+
+    def tokens(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/tokens").json()  # type: ignore[no-any-return]
+
+    def revoke_token(self, name: str) -> None:
+        self.request("DELETE", f"/v1/tokens/{name}")
 
     def artifacts(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()  # type: ignore[no-any-return]

@@ -29,6 +29,38 @@ log = logging.getLogger(__name__)
 # Non-secret settings forwarded to the trainer; credentials (AWS_ACCESS_KEY_ID, ...) must be configured on
 # the cluster itself, because a job's runtime_env is visible to anyone who can read the Ray dashboard.
 FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS")
+DATA_ROOTS_ENV = "TRAINCTL_DATA_ROOTS"  # read by trainer/dataroots.py in the driver
+
+
+def fair_queue(queued: list[Job], active: list[Job], max_active_per_owner: int) -> list[Job]:
+    """The order in which to try starting queued jobs: round-robin over owners (each owner's jobs oldest
+    first; owners in the order of their oldest queued job), leaving out what would take an owner past
+    `max_active_per_owner` active jobs. One user's burst then delays another user's job by at most one
+    job per round, not by the whole burst."""
+    running: dict[str, int] = {}
+    for job in active:
+        running[job.owner] = running.get(job.owner, 0) + 1
+    per_owner: dict[str, list[Job]] = {}
+    for job in queued:  # submission order
+        allowance = max_active_per_owner - running.get(job.owner, 0)
+        mine = per_owner.setdefault(job.owner, [])
+        if len(mine) < allowance:
+            mine.append(job)
+    order: list[Job] = []
+    rounds = max((len(v) for v in per_owner.values()), default=0)
+    for i in range(rounds):
+        order.extend(jobs[i] for jobs in per_owner.values() if i < len(jobs))
+    return order
+
+
+def over_time_limit(job: Job, max_job_hours: float, now: float) -> float | None:
+    """The job's wall-clock limit in hours when it has run past it (counted from its first submission to
+    Ray, so time spent queued is free), else None."""
+    if not job.attempt_log:
+        return None
+    limit_h = min(float((job.spec.get("limits") or {}).get("max_hours", max_job_hours)), max_job_hours)
+    started = float(job.attempt_log[0].get("submitted_at") or job.created_at)
+    return limit_h if now - started > limit_h * 3600 else None
 
 
 
@@ -51,8 +83,9 @@ class Runner:
     def schedule(self) -> None:
         """Start QUEUED jobs, oldest first, while fewer than max_concurrent_jobs hold a slot."""
         with self._lock:
-            free = self.settings.max_concurrent_jobs - len(self.store.active())
-            for job in self.store.queued_in_order():
+            active = self.store.active()
+            free = self.settings.max_concurrent_jobs - len(active)
+            for job in fair_queue(self.store.queued_in_order(), active, self.settings.max_active_jobs_per_owner):
                 if free <= 0:
                     return
                 try:
@@ -77,7 +110,7 @@ class Runner:
         job_dir = self.job_dir(job.id)
         jobdir.write_spec(job_dir, job.spec)
         submission_id = f"{job.id}-{attempt}"
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        env = self.forwarded_env()
         self.ray.submit(submission_id, self.entrypoint(job.id), num_cpus=self.settings.entrypoint_num_cpus,
                         env_vars=env, metadata={"trainctl_job_id": job.id, "attempt": str(attempt)},
                         resources=self.settings.entrypoint_resources or None)
@@ -90,6 +123,13 @@ class Runner:
         except (InvalidTransition, JobNotFound):
             self._stop_quietly(submission_id)
             raise InvalidTransition(job.id, job.state, JobState.STARTING) from None
+
+    def forwarded_env(self) -> dict[str, str]:
+        """The job's runtime env: the allow-listed settings of this process plus the data roots the driver
+        checks the spec against again. Nothing else: Ray shows a job's runtime env on its dashboard."""
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        env[DATA_ROOTS_ENV] = ",".join(self.settings.allowed_data_roots)
+        return env
 
     def _stop_quietly(self, submission_id: str) -> None:
         try:
@@ -130,6 +170,8 @@ class Runner:
         with self._lock:
             for job in self.store.active():
                 try:
+                    if self._enforce_time_limit(job):
+                        continue
                     info = self.ray.info(job.ray_submission_id or "")
                     self._reconcile(job, info)
                 except RayUnavailable as exc:
@@ -142,6 +184,16 @@ class Runner:
                 except Exception:  # one broken job must not stop the others
                     log.exception("reconcile job %s failed", job.id)
             self.schedule()
+
+    def _enforce_time_limit(self, job: Job) -> bool:
+        """Stop a job that ran past its time limit and fail it; True when it did."""
+        limit_h = over_time_limit(job, self.settings.max_job_hours, time.time())
+        if limit_h is None:
+            return False
+        if job.ray_submission_id:
+            self.ray.stop(job.ray_submission_id)
+        self._fail(job.id, f"time limit: the job ran longer than limits.max_hours={limit_h:g} h")
+        return True
 
     def _reconcile(self, job: Job, info: RayJobInfo | None) -> None:
         """Gather the facts about one active job, let service/decide.py decide, and carry it out."""

@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service import auth
     from service.app import create_app
+    from service.guards import is_loopback
     from service.localray import LocalRayHead
     from service.settings import load_settings
     from service.store import Store
@@ -48,24 +49,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, storage=args.storage,
                              auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent)
+    # Everything this process and the Ray head it starts write (database, tokens, local storage, logs) is
+    # readable by this user only.
+    os.umask(0o077)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    if not settings.auth and not is_loopback(settings.host):
+        raise ClientError(f"--no-auth only on a loopback host (127.0.0.1, localhost), not {settings.host}: anyone "
+                          "who can reach the port could run and delete jobs")
     if settings.auth:
         store = Store(settings.db_path)
         store.create_schema()
-        token = auth.ensure_admin_token(store, settings.admin_token_path)
+        created = auth.ensure_admin_token(store, settings.admin_token_path)
         store.close()
-        if token:
-            print(f"Created the admin token (shown once; also in {settings.admin_token_path}, mode 0600):\n"
-                  f"  {token}\nUse it as: export TRAINCTL_TOKEN={token}", flush=True)
-        else:
-            print(f"auth on; the admin token is in {settings.admin_token_path}", flush=True)
+        # Where the token is, never the token itself: this output ends up in service logs.
+        print(f"auth on; {'a new' if created else 'the'} admin token is in {settings.admin_token_path} "
+              f"(mode 0600). Use it as: export TRAINCTL_TOKEN=$(cat {settings.admin_token_path})", flush=True)
     else:
         bar = "!" * 78
         print(f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
               f"{settings.host}:{settings.port}\n!! can submit, read and delete jobs. Local experiments only.\n{bar}",
               file=sys.stderr, flush=True)
-        if settings.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"!! and it listens on {settings.host}, not only on this machine.", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, _on_sigterm)  # so `finally` below stops what we started
     head: LocalRayHead | None = None

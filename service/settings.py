@@ -39,6 +39,21 @@ class Settings(BaseSettings):
     # How often GET /v1/jobs/{id}/events looks at the store and metrics.jsonl for news.
     events_poll_s: float = Field(default=1.0, gt=0.0)
 
+    # --- what users may ask for (docs/security.md) ---
+    # Comma-separated path/URI prefixes a spec's data.train/data.test must lie under (after normalising `..`,
+    # symlinks, `~`, file://). Empty: <data_dir>/datasets and ~/.cache/trainctl. Add s3://bucket/prefix for data
+    # in a bucket.
+    data_roots: str = ""
+    # Refuse at submission a data path that does not exist where the service can see it (local paths: set
+    # false when the drivers run on another machine than the service and see other files).
+    check_local_data: bool = True
+    max_active_jobs_per_owner: int = Field(default=4, ge=1)     # STARTING/RUNNING at once
+    max_queued_jobs_per_owner: int = Field(default=10, ge=0)    # QUEUED at once
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_model_parameters: int = Field(default=50_000_000, ge=1)
+    max_search_trials: int = Field(default=256, ge=1)
+    max_job_hours: float = Field(default=72.0, gt=0.0)          # caps a spec's limits.max_hours
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -47,6 +62,11 @@ class Settings(BaseSettings):
     @property
     def storage_root(self) -> str:
         return self.storage or str(self.data_dir / "storage")
+
+    @property
+    def allowed_data_roots(self) -> list[str]:
+        roots = [r.strip() for r in self.data_roots.split(",") if r.strip()]
+        return roots or [str(self.data_dir / "datasets"), str(Path("~/.cache/trainctl").expanduser())]
 
     @property
     def db_path(self) -> Path:

@@ -73,6 +73,15 @@ class TokenModel(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; the token itself is never stored
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # unix time; None: never
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    name: str
+    is_admin: bool
+    created_at: float
+    expires_at: float | None
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,11 @@ class Store:
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
+        # Columns added after a database was first created (create_all never alters a table).
+        with self.engine.begin() as conn:
+            cols = {row[1] for row in conn.execute(text("PRAGMA table_info(tokens)"))}
+            if "expires_at" not in cols:
+                conn.execute(text("ALTER TABLE tokens ADD COLUMN expires_at FLOAT"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -213,6 +227,18 @@ class Store:
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             rows = s.scalars(q.order_by(JobModel.seq.desc()).limit(limit).offset(offset)).all()
             return [Job.of(m) for m in rows], total
+
+    def count_by_state(self, owner: str) -> dict[JobState, int]:
+        """How many jobs `owner` has in each state (states with none are absent)."""
+        with self._sessions() as s:
+            rows = s.execute(select(JobModel.state, func.count()).where(JobModel.owner == owner)
+                             .group_by(JobModel.state)).all()
+            return {JobState(state): n for state, n in rows}
+
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        with self._sessions() as s:
+            m = s.scalar(select(JobModel).where(JobModel.owner == owner, JobModel.idempotency_key == key))
+            return Job.of(m) if m else None
 
     def queued_in_order(self) -> builtins.list[Job]:  # builtins: `list` here is the method above
         with self._sessions() as s:
@@ -277,17 +303,34 @@ class Store:
 
     # --- tokens -----------------------------------------------------------------------------------------
 
-    def add_token(self, name: str, token_hash: str, is_admin: bool = False) -> None:
+    def add_token(self, name: str, token_hash: str, is_admin: bool = False, expires_at: float | None = None) -> None:
         with self._write_lock, self._sessions.begin() as s:
             if s.get(TokenModel, name) is not None:
                 raise TokenNameTaken(name)
-            s.add(TokenModel(name=name, token_hash=token_hash, is_admin=is_admin, created_at=time.time()))
+            s.add(TokenModel(name=name, token_hash=token_hash, is_admin=is_admin, created_at=time.time(),
+                             expires_at=expires_at))
 
     def token_owner(self, token_hash: str) -> tuple[str, bool] | None:
-        """(name, is_admin) for a token hash, or None."""
+        """(name, is_admin) for a token hash that exists and has not expired, or None."""
         with self._sessions() as s:
             m = s.scalar(select(TokenModel).where(TokenModel.token_hash == token_hash))
-            return (m.name, m.is_admin) if m else None
+            if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
+                return None
+            return m.name, m.is_admin
+
+    def list_tokens(self) -> builtins.list[TokenInfo]:
+        with self._sessions() as s:
+            return [TokenInfo(m.name, m.is_admin, m.created_at, m.expires_at)
+                    for m in s.scalars(select(TokenModel).order_by(TokenModel.name)).all()]
+
+    def delete_token(self, name: str) -> bool:
+        """Revoke a token: it stops working at once. False when there is none by that name."""
+        with self._write_lock, self._sessions.begin() as s:
+            m = s.get(TokenModel, name)
+            if m is None:
+                return False
+            s.delete(m)
+            return True
 
     def has_admin_token(self) -> bool:
         with self._sessions() as s:

@@ -14,6 +14,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,7 +30,59 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 
 
 class DataError(ValueError):
-    """The dataset is missing or malformed: the user must fix the data (never worth a retry)."""
+    """The dataset is missing or malformed: the user must fix the data (never worth a retry).
+
+    Its text travels back to the user (job.message), so it names the URI and the kind of problem, never bytes
+    of the file: a job must not be a way to read a file it could not otherwise see."""
+
+
+# --- pickles without code ---------------------------------------------------------------------------------
+
+# Everything a CIFAR-10 python batch (or the Kaggle input of `trainer predict`) references: numpy's array
+# reconstruction, and `_codecs.encode`, which protocol-2 pickles written by Python 3 use for bytes. Python 2
+# pickles (the original CIFAR-10 files) name numpy.core; numpy 2 calls it numpy._core.
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+def _allowed_global(module: str, name: str) -> object:
+    if module == "_codecs":
+        import codecs
+        return codecs.encode
+    if name == "_reconstruct":
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy 1.x
+            from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+        return _reconstruct
+    return getattr(np, name)
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Admits dicts, lists, bytes, str, numbers and numpy arrays; any other global (os.system, builtins.eval,
+    a class whose __reduce__ runs code, ...) is refused before it is looked up, so nothing in the file runs."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _PICKLE_GLOBALS:
+            return _allowed_global(module, name)
+        raise _ForbiddenGlobal(f"{module[:80]}.{name[:80]}")
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+def load_pickle(raw: bytes, uri: str, what: str = "a CIFAR-10 python batch") -> Any:
+    """Unpickle data (never code): DataError naming the offending global for anything but plain data and
+    numpy arrays; DataError saying only "unreadable" for a broken file (the pickle module's own messages
+    quote bytes of the file)."""
+    try:
+        return _DataUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _ForbiddenGlobal as exc:
+        raise DataError(f"{uri}: refused to load: the pickle references {exc}, which {what} never contains "
+                        "(only plain data and numpy arrays are read)") from None
+    except Exception:  # noqa: BLE001 - truncated, not a pickle, wrong protocol: all "unreadable"
+        raise DataError(f"{uri}: not {what} (an unreadable or truncated pickle)") from None
 
 
 @dataclass
@@ -97,11 +150,12 @@ def _read_parquet(uri: str, limit: int | None) -> Dataset:
     try:
         table = objstore.retrying(lambda: pq.read_table(path, filesystem=fs, columns=["img", "label"]),
                                   f"read {objstore.redact(uri)}")
-    except FileNotFoundError as exc:
-        raise DataError(f"{uri}: file not found") from exc
-    except (KeyError, ValueError) as exc:  # pyarrow raises these for missing columns / bad files
-        raise DataError(f"{uri}: not a Hugging Face image parquet (needs columns img{{bytes}} and label): "
-                        f"{exc}") from exc
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+    except (KeyError, ValueError, OSError) as exc:  # pyarrow: missing columns / not a parquet file
+        # pyarrow's message may quote the file's bytes: say only what kind of problem it is
+        raise DataError(f"{uri}: not a Hugging Face image parquet (needs columns img{{bytes}} and label; "
+                        f"pyarrow raised {type(exc).__name__})") from None
     if limit is not None:
         table = table.slice(0, limit)
     try:
@@ -117,8 +171,8 @@ def _read_parquet(uri: str, limit: int | None) -> Dataset:
         for i, blob in enumerate(encoded):
             try:
                 decoded.append(decode_image(blob))
-            except RuntimeError as exc:
-                raise DataError(f"{uri}: row {i}: undecodable image ({exc})") from exc
+            except RuntimeError:
+                raise DataError(f"{uri}: row {i}: undecodable image (not a JPEG or PNG)") from None
     for i, img in enumerate(decoded):
         if tuple(img.shape) != (3, 32, 32):
             raise DataError(f"{uri}: row {i}: image shape {tuple(img.shape)}, expected 3×32×32 RGB")
@@ -140,11 +194,11 @@ def _read_cifar_python(uri: str, split: str) -> Dataset:
     for f in files:
         if not objstore.exists(f):
             raise DataError(f"{f}: missing CIFAR-10 batch file (expected {', '.join(names)} in {uri})")
+        batch = load_pickle(objstore.read_bytes(f), f)
         try:
-            batch = pickle.load(io.BytesIO(objstore.read_bytes(f)), encoding="bytes")
             data, labs = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))
-        except Exception as exc:  # any unpickling failure means a corrupt file
-            raise DataError(f"{f}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
+        except (TypeError, KeyError, AttributeError):
+            raise DataError(f"{f}: not a CIFAR-10 python batch (no dict with b'data' and b'labels')") from None
         data = np.asarray(data)
         if labs is None or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
             raise DataError(f"{f}: b'data' must be N×3072 uint8 with b'labels'; got {data.dtype} {data.shape}")

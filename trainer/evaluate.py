@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import pickle
 from typing import Any, Literal
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 import objstore
 from trainer import checkpoint as ckpt
 from trainer.contract import Confusion
-from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, use_channels_last
+from trainer.data import DataError, Dataset, images_to_batches, load, load_pickle, load_splits, use_channels_last
 from trainer.model import build_model
 from trainer.precision import autocast, resolve_precision
 from trainer.spec import JobSpec
@@ -105,12 +104,12 @@ def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: 
 
 
 def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
-    """The paper's Kaggle test file: a pickle with b'data' (N×32×32×3 uint8) and b'ids'."""
+    """The paper's Kaggle test file: a pickle with b'data' (N×32×32×3 uint8) and b'ids' (read without code)."""
+    batch = load_pickle(objstore.read_bytes(uri), uri, "a Kaggle input pickle")
     try:
-        batch = pickle.load(io.BytesIO(objstore.read_bytes(uri)), encoding="bytes")
         data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
-    except Exception as exc:  # any unpickling failure means bad input
-        raise DataError(f"{uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
+    except (TypeError, KeyError, AttributeError):
+        raise DataError(f"{uri}: expected a pickle with b'data' and b'ids'") from None
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
         raise DataError(f"{uri}: b'data' must be N×32×32×3 uint8 with one id each; "
                         f"got {data.dtype} {data.shape} and {len(ids)} ids")

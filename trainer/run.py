@@ -25,8 +25,11 @@ from trainer.spec import JobSpec
 
 log = logging.getLogger("trainer.run")
 
-# Forwarded to every Ray worker: storage endpoints and credentials are process environment, not config.
-FORWARDED_ENV_PREFIXES = ("TRAINCTL_", "AWS_")
+# Forwarded to every Ray worker: a named allow-list of non-secret settings. Credentials (AWS keys, session
+# tokens, any trainctl token) never go into a runtime env, which Ray shows on its dashboard: workers get them
+# from the standard AWS chain on their node (instance profile, or the environment of the Ray processes).
+FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS",
+                 "TRAINCTL_DATA_ROOTS")
 
 
 # What a storage outage looks like after Ray Train wrapped it (its own checkpoint uploads and snapshot
@@ -71,7 +74,7 @@ def init_ray() -> None:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The TRAINCTL_*/AWS_* variables for ray.init's runtime_env, less those the Ray Job's own runtime_env
+    """The allow-listed variables (FORWARDED_ENV) for ray.init's runtime_env, less those the Ray Job's own runtime_env
     already sets (the service forwards TRAINCTL_S3_ENDPOINT, AWS_REGION...): Ray refuses to start a driver
     whose runtime_env repeats a job env var, and the job's reach every worker anyway."""
     try:
@@ -79,16 +82,25 @@ def forwarded_env() -> dict[str, str]:
         job_env = set((job_config.get("runtime_env") or {}).get("env_vars") or {})
     except (ValueError, AttributeError):
         job_env = set()
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
 
 
 def preflight(spec: JobSpec) -> None:
     """Fail fast, in the driver, on data that cannot work (missing file, wrong layout), instead of
     letting every worker restart hit the same error."""
     from trainer.data import load
-    load(spec.data.train, spec.data.format, "train", spec.model.num_classes, limit=16)
-    if spec.data.test:
-        load(spec.data.test, spec.data.format, "test", spec.model.num_classes, limit=16)
+    from trainer.dataroots import outside_roots
+    for field, uri in outside_roots(spec):  # before any read: never tell whether such a file exists
+        raise UserError(f"{field}: {objstore.redact(uri)} is outside the data roots this cluster allows "
+                        f"(TRAINCTL_DATA_ROOTS)")
+    sources: list[tuple[str, str | None, str]] = [("data.train", spec.data.train, "train"),
+                                                  ("data.test", spec.data.test, "test")]
+    for name, source, split in sources:
+        if source:
+            try:
+                load(source, spec.data.format, split, spec.model.num_classes, limit=16)
+            except DataError as exc:
+                raise DataError(f"{name}: {exc}") from None
 
 
 def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:

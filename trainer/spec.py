@@ -22,6 +22,18 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
+# Hard ceilings every spec obeys, in the service and again in the driver that re-validates it: a spec must
+# not be able to make the driver (on the cluster's head) build a model that exhausts its memory, nor make
+# Tune enumerate an endless search. Operators can set lower limits in the service (TRAINCTL_MAX_*).
+MAX_PARAMETERS = 200_000_000          # the paper's model has 4.6 M
+MAX_MACS = 50_000_000_000             # multiply-accumulates per 32x32 image; the paper's model: ~0.6 G
+MAX_TRIALS = 10_000
+MAX_SEARCH_VALUES = 1_000             # values in one choice/grid list
+# Ray's own resource names: a spec must not claim the head node's slot, the driver's slot, or set CPU/GPU/
+# memory behind cpus_per_worker's back.
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "trainctl_driver")
+RESERVED_RESOURCE_PREFIXES = ("node:",)
+
 
 class Section(BaseModel):
     # extra="forbid": a misspelt field is an error, never a silently ignored setting.
@@ -81,6 +93,9 @@ class ScalingSpec(Section):
         for name, amount in value.items():
             if name in ("CPU", "GPU", "memory"):
                 raise ValueError(f"{name!r} is set by cpus_per_worker/use_gpu, not resources_per_worker")
+            if name in RESERVED_RESOURCES or name.startswith(RESERVED_RESOURCE_PREFIXES):
+                raise ValueError(f"{name!r} is a resource name reserved by Ray or trainctl; "
+                                 "use a custom resource your nodes advertise")
             if amount <= 0:
                 raise ValueError(f"resource {name!r} must be positive, got {amount}")
         return value
@@ -90,7 +105,13 @@ class CheckpointSpec(Section):
     every_epochs: PositiveInt = 1
     keep_best: PositiveInt = Field(default=2, le=100, description="best by val_acc; the latest is kept too")
     max_failures: int = Field(default=2, ge=0, le=100, description="worker-group restarts inside one run")
-    max_restarts: int = Field(default=2, ge=0, le=100, description="resubmissions after a driver/infra failure")
+    max_restarts: int = Field(default=2, ge=0, le=10, description="resubmissions after a driver/infra failure")
+
+
+class LimitsSpec(Section):
+    max_hours: float = Field(default=72.0, gt=0.0, le=24 * 365,
+                             description="wall-clock limit from the first submission; then the job ends FAILED "
+                                         "(the service may cap it lower)")
 
 
 # --- searches (Ray Tune) ------------------------------------------------------------------------
@@ -109,11 +130,11 @@ class RandInt(Section):
 
 
 class Choice(Section):
-    choice: list[Any] = Field(min_length=1)
+    choice: list[Any] = Field(min_length=1, max_length=MAX_SEARCH_VALUES)
 
 
 class Grid(Section):
-    grid: list[Any] = Field(min_length=1)
+    grid: list[Any] = Field(min_length=1, max_length=MAX_SEARCH_VALUES)
 
 
 Distribution = LogUniform | Uniform | RandInt | Choice | Grid
@@ -167,6 +188,7 @@ class JobSpec(Section):
     compile: bool = False
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint: CheckpointSpec = CheckpointSpec()
+    limits: LimitsSpec = LimitsSpec()
     search: SearchSpec | None = None
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
@@ -194,7 +216,17 @@ class JobSpec(Section):
         if self.data.max_train_images is not None and self.data.max_train_images < o.batch_size:
             fail(("data", "max_train_images"), self.data.max_train_images,
                  f"must be at least optim.batch_size={o.batch_size}, or an epoch has no full batch")
+        params, macs = model_cost(m)
+        if params > MAX_PARAMETERS or macs > MAX_MACS:
+            what = (f"{params:,} parameters (limit {MAX_PARAMETERS:,})" if params > MAX_PARAMETERS
+                    else f"{macs:,} multiply-accumulates per image (limit {MAX_MACS:,})")
+            for loc, value in ((("model", "widths"), m.widths), (("model", "blocks"), m.blocks)):
+                fail(loc, value, f"the model is too large: {what}; use smaller model.widths or fewer model.blocks")
         if self.search is not None:
+            if self.search.total_trials() > MAX_TRIALS:
+                fail(("search", "num_samples"), self.search.num_samples,
+                     f"the search has {self.search.total_trials():,} trials (num_samples x grid combinations); "
+                     f"the limit is {MAX_TRIALS:,}")
             for path, dist in self.search.space.items():
                 problem = _check_search_path(self, path, dist)
                 if problem:
@@ -213,6 +245,34 @@ class JobSpec(Section):
     def get(self, path: str) -> Any:
         """The value at a dotted path, e.g. spec.get("optim.lr")."""
         return _get_path(self.model_dump(mode="json"), path)
+
+
+def model_cost(m: ModelSpec) -> tuple[int, int]:
+    """(trainable parameters, multiply-accumulates per 32x32 image) of trainer/model.py's ResNet for `m`,
+    computed without building it (exact for the parameters: tests/trainer/test_model.py checks)."""
+    first = m.widths[0]
+    params = 3 * first * 9 + 2 * first
+    res = 32
+    macs = res * res * 3 * first * 9
+    in_ch = first
+    # strict=False: a length mismatch is reported as its own error (model.blocks)
+    for i, (width, n) in enumerate(zip(m.widths, m.blocks, strict=False)):
+        for j in range(n):
+            stride = 2 if (i > 0 and j == 0) else 1
+            out_res = (res - 1) // stride + 1
+            params += in_ch * width * 9 + 2 * width + width * width * 9 + 2 * width
+            macs += out_res * out_res * (in_ch * width * 9 + width * width * 9)
+            if m.se:
+                hidden = width // m.se_reduction
+                params += width * hidden + hidden + hidden * width + width
+                macs += 2 * width * hidden
+            if stride != 1 or in_ch != width:
+                params += in_ch * width + 2 * width
+                macs += out_res * out_res * in_ch * width
+            in_ch, res = width, out_res
+    params += in_ch * m.num_classes + m.num_classes
+    macs += in_ch * m.num_classes
+    return params, macs
 
 
 # --- presets and overrides --------------------------------------------------------------------------
@@ -357,6 +417,10 @@ def _check_search_path(spec: JobSpec, path: str, dist: Distribution) -> str | No
     field outside `search`, and every value the distribution can produce must validate there."""
     if path.split(".")[0] == "search":
         return "cannot search over the search section itself"
+    if path.split(".")[0] in ("data", "limits"):
+        # data paths are checked against the operator's data roots once, at submission and in the driver;
+        # a search must not be a way round that check (nor round the job's time limit)
+        return f"cannot search over the {path.split('.')[0]} section"
     try:
         current = spec.get(path)
     except KeyError:

@@ -1,15 +1,19 @@
-"""GET /healthz: is the store, Ray and the storage reachable? 200 when all are, else 503 naming which."""
+"""GET /healthz: is the store, Ray and the storage reachable? 200 when all are, else 503.
+
+Anyone may ask (load balancers, `make demo`), but only an authenticated admin learns which part is down and
+why: the errors name the Ray address, the S3 endpoint and the bucket."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 import objstore
+from service import auth
 from service.api.deps import RunnerDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["health"])
@@ -34,10 +38,21 @@ def _storage_probe(root: str) -> None:
 
 
 @router.get("/healthz")
-async def healthz(settings: SettingsDep, store: StoreDep, runner: RunnerDep) -> JSONResponse:
+async def healthz(settings: SettingsDep, store: StoreDep, runner: RunnerDep,
+                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> JSONResponse:
     store_c, ray_c, storage_c = await asyncio.gather(
         _check(store.ping), _check(runner.ray.ping), _check(lambda: _storage_probe(settings.storage_root)))
     checks = {"store": store_c, "ray": ray_c, "storage": storage_c}
     down = [name for name, c in checks.items() if not c["ok"]]
-    body = {"status": "ok" if not down else "degraded", "down": down, "checks": checks}
+    body: dict[str, Any] = {"status": "ok" if not down else "degraded"}
+    if not settings.auth or await asyncio.to_thread(_is_admin, store, authorization):
+        body.update(down=down, checks=checks)
     return JSONResponse(body, status_code=200 if not down else 503)
+
+
+def _is_admin(store: Any, authorization: str | None) -> bool:
+    try:
+        principal = auth.authenticate(store, authorization)
+    except Exception:  # noqa: BLE001 - the store being down must not turn a health check into a 500
+        return False
+    return principal is not None and principal.is_admin

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -17,8 +18,8 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BeforeValidator
 
 import objstore
-from service import jobdir
-from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
+from service import jobdir, policy
+from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
     SUBMIT_EXAMPLES,
@@ -36,42 +37,65 @@ from service.api.schemas import (
 )
 from service.errors import ApiError
 from service.states import JobState
-from service.store import IdempotencyConflict
+from service.store import IdempotencyConflict, Store
 from trainer.contract import METRIC_COLUMNS
 from trainer.spec import SearchSpec
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
+_SUBMIT_LOCK = threading.Lock()
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
+MAX_OFFSET = 1_000_000_000  # integer query parameters are bounded: SQLite's integers are 64-bit
+
+
 @router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
 def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
-               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, response: Response,
+               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, settings: SettingsDep,
+               response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
     request returns the same job; the same key with a different body is a 409."""
     spec = resolve_body(body)  # pydantic ValidationError -> 422 naming each field
-    try:
-        job, created = store.create_job(principal.name, spec.model_dump(mode="json"), idempotency_key,
-                                        request_hash(body) if idempotency_key else None)
-    except IdempotencyConflict as exc:
-        raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
+    policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
+    # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
+    with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
+        if idempotency_key is None or store.by_idempotency_key(principal.name, idempotency_key) is None:
+            policy.check_quota(store, principal.name, settings)
+        job, created = _create(store, principal.name, spec, body, idempotency_key)
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, with_spec=True)
 
 
-@router.get("/jobs", response_model=JobList)
+def _create(store: Store, owner: str, spec: Any, body: dict[str, Any],
+            idempotency_key: str | None) -> tuple[Any, bool]:
+    try:
+        job, created = store.create_job(owner, spec.model_dump(mode="json"), idempotency_key,
+                                        request_hash(body) if idempotency_key else None)
+    except IdempotencyConflict as exc:
+        raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
+    return job, created
+
+
+@router.get("/jobs", response_model=JobList, responses=errors(403))
 def list_jobs(principal: PrincipalDep, store: StoreDep,
               state: Annotated[list[StateParam] | None,
                                Query(description="repeat to match several; any case")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
-    """Your jobs, newest first."""
-    jobs, total = store.list(owner=principal.name, states=state, limit=limit, offset=offset)
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+              owner: Annotated[str | None, Query(max_length=64, description="admin only: one owner's jobs "
+                                                                            "(default: everyone's)")] = None
+              ) -> JobList:
+    """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one)."""
+    if not principal.is_admin:
+        if owner is not None and owner != principal.name:
+            raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
+        owner = principal.name
+    jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset)
     return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
@@ -110,9 +134,35 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
 def get_logs(job: JobDep, runner: RunnerDep,
-             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
-    """The Ray job's driver log of the current attempt (empty while queued)."""
-    return runner.logs(job, tail)
+             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None,
+             since: Annotated[int | None, Query(ge=0, le=MAX_OFFSET, description=(
+                 "bytes already read (the previous answer's X-Log-Size): only what is new"))] = None
+             ) -> PlainTextResponse:
+    """The Ray job's driver log of the current attempt (empty while queued): at most the last
+    MAX_LOG_BYTES of it. X-Log-Size is the whole log's size in bytes: pass it as `since` next time to get only
+    what was added (`trainctl logs -f`); X-Log-Truncated says the answer was cut to its tail."""
+    text, size, truncated = log_window(runner.logs(job, None), tail, since)
+    return PlainTextResponse(text, headers={"X-Log-Size": str(size), "X-Log-Truncated": str(truncated).lower()})
+
+
+MAX_LOG_BYTES = 1 << 20
+
+
+def log_window(text: str, tail: int | None, since: int | None, max_bytes: int = MAX_LOG_BYTES
+               ) -> tuple[str, int, bool]:
+    """(what to send, the whole log's size in bytes, cut to max_bytes?) for a log, its last `tail` lines and/or
+    what follows byte `since` (the whole log when `since` is past its end: a new attempt's log)."""
+    data = text.encode("utf-8", errors="replace")
+    size = len(data)
+    if since is not None and since <= size:
+        data = data[since:]
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail > 0 else b""
+    truncated = len(data) > max_bytes
+    if truncated:
+        data = data[-max_bytes:]
+    return data.decode("utf-8", errors="ignore"), size, truncated
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=errors(404))
@@ -150,7 +200,8 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
     name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
-    return verified_download(best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256", {"epoch": best.epoch})
+    return verified_download(runner.job_dir(job.id), best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256",
+                             {"epoch": best.epoch})
 
 @router.get("/jobs/{job_id}/checkpoints/{epoch}/file", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}},
@@ -161,8 +212,8 @@ def checkpoint_file(job: JobDep, runner: RunnerDep, epoch: int) -> StreamingResp
     entry = next((c for c in jobdir.checkpoints(runner.job_dir(job.id)) if c.epoch == epoch), None)
     if entry is None:
         raise ApiError(404, "not_found", f"job {job.id} keeps no checkpoint of epoch {epoch}")
-    return verified_download(entry.uri, entry.sha256, entry.size, f"{job.id}-epoch{epoch}.pt", "X-Checkpoint-SHA256",
-                             {"epoch": epoch})
+    return verified_download(runner.job_dir(job.id), entry.uri, entry.sha256, entry.size, f"{job.id}-epoch{epoch}.pt",
+                             "X-Checkpoint-SHA256", {"epoch": epoch})
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=errors(404))
@@ -183,14 +234,24 @@ def download_artifact(job: JobDep, runner: RunnerDep, name: Annotated[str, FastA
     found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a.name == name), None)
     if found is None:
         raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts")
-    return verified_download(found.uri, found.sha256, found.size, f"{job.id}-{name}", "X-Artifact-SHA256",
-                             {"name": name})
+    return verified_download(runner.job_dir(job.id), found.uri, found.sha256, found.size, f"{job.id}-{name}",
+                             "X-Artifact-SHA256", {"name": name})
 
 
-def verified_download(uri: str, sha256: str | None, size: int | None, filename: str, sha_header: str,
-                      context: dict[str, Any]) -> StreamingResponse:
+def verified_download(job_dir: str, uri: str, sha256: str | None, size: int | None, filename: str,
+                      sha_header: str, context: dict[str, Any]) -> StreamingResponse:
     """Stream a stored file only once it matches the sha256/size the trainer recorded: it is hashed in a first
-    pass, because an error can no longer be reported once the body has started."""
+    pass, because an error can no longer be reported once the body has started.
+
+    The job's own files name the file, and the job's code path wrote them: nothing outside the job's own prefix
+    is read (an absolute path, file:// URI, `..` or symlink pointing at the admin token, say), and nothing
+    whose hash was not recorded is sent."""
+    if not objstore.within(uri, job_dir):
+        raise ApiError(502, "checkpoint_corrupt", "the recorded file lies outside the job's storage prefix; "
+                                                  "refusing to read it", context)
+    if not sha256:
+        raise ApiError(502, "checkpoint_corrupt", "the file has no recorded sha256, so it cannot be verified; "
+                                                  "refusing to send it", context)
     digest, actual_size = hashlib.sha256(), 0
     try:
         for chunk in objstore.iter_chunks(uri):
@@ -199,7 +260,7 @@ def verified_download(uri: str, sha256: str | None, size: int | None, filename: 
     except FileNotFoundError:
         raise ApiError(502, "checkpoint_corrupt", "the file is listed but missing from storage", context) from None
     sha = digest.hexdigest()
-    if (sha256 and sha256 != sha) or (size is not None and size != actual_size):
+    if sha256 != sha or (size is not None and size != actual_size):
         raise ApiError(502, "checkpoint_corrupt", "the stored file does not match its recorded sha256/size",
                        {**context, "expected_sha256": sha256, "actual_sha256": sha, "expected_size": size,
                         "actual_size": actual_size})

@@ -277,6 +277,7 @@ def submit_from_form(
     store: StoreDep,
     runner: RunnerDep,
     reconciler: ReconcilerDep,
+    settings: SettingsDep,
     response: Response,
 ) -> JobView:
     """The submit form: `{"preset", "overrides_yaml"}`. The YAML is parsed here (browsers have no YAML
@@ -312,5 +313,11 @@ def submit_from_form(
         request["preset"] = body["preset"]
     # POST /v1/jobs itself (keyword arguments: the route's own dependencies, passed through).
     return jobs_api.submit_job(
-        body=request, principal=principal, store=store, runner=runner, reconciler=reconciler, response=response
+        body=request,
+        principal=principal,
+        store=store,
+        runner=runner,
+        reconciler=reconciler,
+        settings=settings,
+        response=response,
     )

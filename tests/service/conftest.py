@@ -26,6 +26,7 @@ from service.app import create_app
 from service.localray import stop_process_group
 from service.runner import Runner
 from service.settings import Settings, load_settings
+from tests.conftest import CIFAR_PARQUET
 from tests.plugins.ray_cluster import RayHead, free_port
 from tests.plugins.reaper import reap_with_session
 from tests.service.fakes import FakeRay
@@ -144,11 +145,29 @@ class Service:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path and self.log_path.exists() else ""
 
 
+_BASETEMP: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _BASETEMP.append(tmp_path_factory.getbasetemp())
+
+
+def test_data_roots() -> str:
+    """TRAINCTL_DATA_ROOTS for test services: the shared dataset's folder and this session's pytest tmp dirs
+    (where tests write their small datasets), instead of the default <data dir>/datasets."""
+    return ",".join([str(CIFAR_PARQUET.parent), *(str(p) for p in _BASETEMP[:1])])
+
+
+test_data_roots.__test__ = False  # type: ignore[attr-defined] - a helper, not a test
+
+
 def service_env(ray_head: RayHead, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in ray_head.env().items() if not k.startswith("TRAINCTL_")}
     env.pop("RAY_ADDRESS", None)  # the service must use what TRAINCTL_RAY_ADDRESS says, nothing else
     env.update({"TRAINCTL_RAY_ADDRESS": ray_head.dashboard_url, "TRAINCTL_RECONCILE_INTERVAL_S": "0.5",
-                "TRAINCTL_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra})
+                "TRAINCTL_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+                "TRAINCTL_DATA_ROOTS": test_data_roots(), **extra})
     return env
 
 

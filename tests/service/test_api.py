@@ -167,11 +167,14 @@ def test_unexpected_errors_are_a_generic_500(api: Api, monkeypatch: pytest.Monke
     assert "secret" not in resp.text and "Traceback" not in resp.text
 
 
-def test_healthz_names_what_is_down(api: Api) -> None:
+def test_healthz_names_what_is_down_to_the_admin_only(api: Api) -> None:
     resp = api.client.get("/healthz")
-    assert resp.status_code == 200 and resp.json()["status"] == "ok"
+    assert resp.status_code == 200 and resp.json() == {"status": "ok"}
     api.ray.down = True
     resp = api.client.get("/healthz")
+    # unauthenticated: only ok/degraded, never the error text (Ray address, S3 endpoint, bucket)
+    assert resp.status_code == 503 and resp.json() == {"status": "degraded"}
+    resp = api.client.get("/healthz", headers=api.headers())
     assert resp.status_code == 503 and resp.json()["down"] == ["ray"]
 
 
@@ -187,9 +190,19 @@ def test_ray_down_is_503_not_500(api: Api) -> None:
 
 def test_no_auth_mode(make_api) -> None:
     api = make_api(auth=False)
-    resp = api.client.post("/v1/jobs", json=DEBUG_JOB)
+    resp = api.client.post("/v1/jobs", json=DEBUG_JOB, headers={"Host": "127.0.0.1:8000"})
     assert resp.status_code == 201 and resp.json()["owner"] == "local"
     assert not api.settings.admin_token_path.exists()
+    assert api.client.get("/v1/jobs", headers={"Host": "localhost:8000"}).status_code == 200
+    # DNS rebinding: a page on evil.example (resolving to 127.0.0.1) must not drive an unauthenticated API
+    resp = api.client.post("/v1/jobs", json=DEBUG_JOB, headers={"Host": "evil.example:8000"})
+    assert resp.status_code == 400 and error(resp)["code"] == "bad_host"
+    assert api.client.get("/v1/jobs", headers={"Host": "testserver"}).status_code == 400
+
+
+def test_no_auth_only_on_a_loopback_host(make_api) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        make_api(auth=False, host="0.0.0.0")
 
 
 def test_openapi_docs(api: Api) -> None:

@@ -131,6 +131,31 @@ def test_logs_follow_prints_each_line_once(monkeypatch: pytest.MonkeyPatch, caps
     assert capsys.readouterr().out.splitlines() == ["a", "b", "c"]
 
 
+class SinceService(FakeService):
+    """A server that answers `?since=` with only the new bytes and says its log's size (X-Log-Size)."""
+
+    requested: list[str | None]
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/logs"):
+            i = min(self.step, len(self.states) - 1)
+            full = self.logs[min(i, len(self.logs) - 1)].encode()
+            since = int(request.url.params.get("since", "0"))
+            self.requested.append(request.url.params.get("since"))
+            return httpx.Response(200, content=full[since:], headers={"X-Log-Size": str(len(full))})
+        return super().handler(request)
+
+
+def test_logs_follow_fetches_only_what_is_new(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    logs = ["a\n", "a\nb\n", "a\nb\nc\n", "a\nb\nc\nd\n"]
+    fake = SinceService(["RUNNING", "RUNNING", "SUCCEEDED"], logs)
+    fake.requested = []
+    _use(monkeypatch, fake)
+    assert cli.cmd_logs(parse("logs", "j1", "-f")) == 0
+    assert capsys.readouterr().out.splitlines() == ["a", "b", "c"]
+    assert fake.requested == ["0", "2", "4", "6"]  # each poll asks from the bytes already printed
+
+
 def test_no_job_outcome_shares_argparse_usage_exit_code() -> None:
     codes = {*cli.WATCH_EXIT.values(), cli.EXIT_LOST_CONTACT, cli.EXIT_ERROR}
     assert 2 not in codes and len(codes) == 5

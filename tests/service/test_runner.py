@@ -38,7 +38,8 @@ def test_submission_contract(api: Api, monkeypatch) -> None:
     job_dir = str(api.job_dir(job_id))
     assert shlex.split(fake.entrypoint) == [sys.executable, "-m", "trainer.run", "--job-dir", job_dir]
     assert fake.num_cpus == 0.5 and fake.resources is None
-    assert fake.env_vars == {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333"}
+    assert fake.env_vars == {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333",
+                             "TRAINCTL_DATA_ROOTS": ",".join(api.settings.allowed_data_roots)}
     spec = json.loads((api.job_dir(job_id) / "spec.json").read_text())
     assert spec == job["spec"] and spec["optim"]["epochs"] == 2
 

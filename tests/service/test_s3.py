@@ -50,10 +50,10 @@ def test_service_on_s3(make_api, s3_bucket_uri: str, s3_server) -> None:
     assert r.status_code == 502 and r.json()["error"]["code"] == "checkpoint_corrupt", r.text
     objstore.write_bytes(ckpt, payload)
 
-    assert api.client.get("/healthz").json()["checks"]["storage"]["ok"]
+    assert api.get("/healthz").json()["checks"]["storage"]["ok"]
     s3_server.stop()
     try:
-        resp = api.client.get("/healthz")
+        resp = api.get("/healthz")
         assert resp.status_code == 503 and resp.json()["down"] == ["storage"]
     finally:
         s3_server.start()

@@ -28,6 +28,7 @@ def test_service_on_s3_survives_a_storage_outage(s3_server, s3_bucket_uri: str, 
     env.update(s3_server.s3_env())
     env.update({"TRAINCTL_STORAGE": s3_bucket_uri, "TRAINCTL_STORAGE_RETRY_SECONDS": RETRY_BUDGET_S,
                 "TRAINCTL_RECONCILE_INTERVAL_S": "0.5", "TRAINCTL_DATA_DIR": str(tmp_path / "data"),
+                "TRAINCTL_DATA_ROOTS": str(cifar_parquet.parent),
                 "PYTHONUNBUFFERED": "1"})
     # No Ray address: serve starts its own head, which inherits the S3 settings (the embedded default).
     svc = Service(f"http://127.0.0.1:{port}", tmp_path / "data", env, port)

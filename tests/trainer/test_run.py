@@ -132,10 +132,25 @@ def test_forwarded_env_leaves_out_what_the_ray_job_already_sets(monkeypatch):
     # A Ray Job's driver refuses a ray.init runtime_env that repeats one of the job's own env vars.
     from trainer.run import forwarded_env
     monkeypatch.setenv("TRAINCTL_S3_ENDPOINT", "http://127.0.0.1:8333")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert {"TRAINCTL_S3_ENDPOINT", "AWS_ACCESS_KEY_ID"} <= set(forwarded_env())
+    assert {"TRAINCTL_S3_ENDPOINT", "AWS_REGION"} <= set(forwarded_env())
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
         {"runtime_env": {"env_vars": {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333"}}, "metadata": {}}))
     env = forwarded_env()
-    assert "TRAINCTL_S3_ENDPOINT" not in env and env["AWS_ACCESS_KEY_ID"] == "key"
+    assert "TRAINCTL_S3_ENDPOINT" not in env and env["AWS_REGION"] == "eu-west-1"
+
+
+def test_forwarded_env_holds_no_secret(monkeypatch):
+    # Ray shows a job's runtime env on its dashboard: credentials reach workers through the AWS chain on the
+    # nodes (instance profile, or the Ray processes' own environment), never through it.
+    from trainer.run import forwarded_env
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAKEY", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "sess",
+               "TRAINCTL_TOKEN": "tc_admin", "TRAINCTL_ADMIN_TOKEN": "tc_admin2", "AWS_PROFILE": "prod"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TRAINCTL_S3_ENDPOINT", "http://127.0.0.1:8333")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    env = forwarded_env()
+    assert env["TRAINCTL_S3_ENDPOINT"] == "http://127.0.0.1:8333"
+    assert not set(secrets) & set(env) and not set(secrets.values()) & set(env.values())

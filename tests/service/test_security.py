@@ -1,0 +1,429 @@
+"""Issue 10, tried as an attacker with an ordinary user token: each attack is refused with a 4xx naming the
+field or the limit (and loses nothing), over the real app, SQLite and local storage with a fake Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from service.runner import fair_queue, over_time_limit
+from service.states import JobState
+from service.store import Job
+from tests.service.conftest import DEBUG_JOB, Api
+
+
+def error(resp) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+def fields(resp) -> list[str]:
+    return [d["field"] for d in error(resp)["details"]]
+
+
+def user_token(api: Api, name: str = "mallory", **extra) -> str:
+    resp = api.client.post("/v1/tokens", json={"name": name, **extra}, headers=api.headers())
+    assert resp.status_code == 201, resp.text
+    return resp.json()["token"]
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> Path:
+    """A data root holding one real file, and an api whose TRAINCTL_DATA_ROOTS is that root."""
+    root = tmp_path / "datasets"
+    root.mkdir()
+    (root / "train.parquet").write_bytes(b"PAR1")
+    return root
+
+
+@pytest.fixture
+def rapi(make_api, roots: Path) -> Api:
+    return make_api(data_roots=str(roots))
+
+
+def submit_data(api: Api, train: str, token: str | None = None, **more) -> object:
+    return api.post({"preset": "debug", "overrides": {"data.train": train, **more}},
+                    headers=api.headers(token) if token else {})
+
+
+# --- 1. data only from where the operator allows ------------------------------------------------------------
+
+def test_data_outside_the_roots_is_a_422_naming_the_field(rapi: Api, roots: Path, tmp_path: Path) -> None:
+    token = user_token(rapi)
+    outside = tmp_path / "elsewhere.parquet"
+    outside.write_bytes(b"PAR1")
+    (roots / "escape").symlink_to(tmp_path)  # a symlink inside the root pointing out of it
+    for train in ("/etc/passwd", str(outside), f"{roots}/../elsewhere.parquet", f"file://{outside}",
+                  f"file://{roots}/../elsewhere.parquet", f"{roots}/escape/elsewhere.parquet",
+                  "s3://someone-elses-bucket/train.parquet", "~/../../etc/passwd"):
+        resp = submit_data(rapi, train, token)
+        assert resp.status_code == 422, (train, resp.text)
+        assert fields(resp) == ["data.train"], (train, resp.text)
+        assert "outside the data roots" in resp.text and "TRAINCTL_DATA_ROOTS" in resp.text
+    resp = submit_data(rapi, str(roots / "train.parquet"), token, **{"data.test": "/etc/shadow"})
+    assert resp.status_code == 422 and fields(resp) == ["data.test"], resp.text
+    assert rapi.client.get("/v1/jobs", headers=rapi.headers()).json()["total"] == 0  # nothing half-written
+
+
+def test_data_inside_the_roots_is_accepted(rapi: Api, roots: Path) -> None:
+    for train in (str(roots / "train.parquet"), f"file://{roots}/train.parquet", f"{roots}/sub/../train.parquet"):
+        resp = submit_data(rapi, train)
+        assert resp.status_code == 201, (train, resp.text)
+
+
+def test_relative_and_missing_data_paths_are_422(rapi: Api, roots: Path) -> None:
+    resp = submit_data(rapi, "datasets/train.parquet")
+    assert resp.status_code == 422 and fields(resp) == ["data.train"] and "relative" in resp.text
+    resp = submit_data(rapi, str(roots / "missing.parquet"))
+    assert resp.status_code == 422 and fields(resp) == ["data.train"] and "does not exist" in resp.text
+
+
+def test_default_roots_hold_the_data_dir_and_the_download_cache(api: Api) -> None:
+    assert api.settings.allowed_data_roots == [str(api.settings.data_dir / "datasets"),
+                                               str(Path("~/.cache/trainctl").expanduser())]
+    # the default data.train is a (maybe missing) torchvision download directory in the cache: accepted
+    assert api.post(DEBUG_JOB).status_code == 201
+    resp = submit_data(api, "/etc/passwd")
+    assert resp.status_code == 422 and fields(resp) == ["data.train"]
+
+
+def test_a_search_cannot_route_round_the_data_roots(rapi: Api) -> None:
+    resp = rapi.post({"preset": "debug", "overrides": {
+        "search": {"space": {"data.train": {"choice": ["/etc/passwd"]}}, "num_samples": 1}}})
+    assert resp.status_code == 422 and "search.space.data.train" in fields(resp), resp.text
+
+
+def test_the_driver_gets_the_roots_to_check_again(rapi: Api, roots: Path) -> None:
+    job_id = submit_data(rapi, str(roots / "train.parquet")).json()["id"]
+    rapi.reconcile()
+    assert rapi.ray.jobs[f"{job_id}-1"].env_vars["TRAINCTL_DATA_ROOTS"] == str(roots)
+
+
+# --- 4. downloads only from the job's own prefix, hash required ----------------------------------------------
+
+def _finished_job(api: Api) -> tuple[str, Path]:
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    return job_id, api.job_dir(job_id)
+
+
+def _summary(job_dir: Path, uri: str, sha: str | None, size: int | None) -> None:
+    (job_dir / "summary.json").write_text(json.dumps({
+        "state": "succeeded", "best_val_acc": 0.5, "best_checkpoint": uri, "best_checkpoint_sha256": sha,
+        "best_checkpoint_size": size}))
+
+
+def test_a_summary_pointing_outside_the_job_is_a_502(api: Api, tmp_path: Path) -> None:
+    token_file = api.settings.admin_token_path
+    secret = token_file.read_bytes()
+    job_id, job_dir = _finished_job(api)
+    sha = hashlib.sha256(secret).hexdigest()
+    (job_dir / "link.pt").symlink_to(token_file)
+    for uri in (str(token_file), f"file://{token_file}", "../../../admin-token", str(job_dir / "link.pt"),
+                str(job_dir / ".." / ".." / ".." / "admin-token")):
+        _summary(job_dir, uri, sha, len(secret))  # even with the right hash and size
+        resp = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
+        assert resp.status_code == 502, (uri, resp.text)
+        assert error(resp)["code"] == "checkpoint_corrupt" and secret not in resp.content
+        assert "outside the job's storage prefix" in resp.text
+
+
+def test_a_checkpoint_without_a_recorded_hash_is_a_502(api: Api) -> None:
+    job_id, job_dir = _finished_job(api)
+    ckpt = job_dir / job_id / "epoch_0001" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    _summary(job_dir, str(ckpt), None, 7)
+    resp = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
+    assert resp.status_code == 502 and error(resp)["code"] == "checkpoint_corrupt" and "sha256" in resp.text
+    _summary(job_dir, str(ckpt), hashlib.sha256(b"weights").hexdigest(), 7)
+    assert api.get(f"/v1/jobs/{job_id}/checkpoints/best").content == b"weights"
+
+
+# --- 5. quotas and limits -----------------------------------------------------------------------------------
+
+def test_a_burst_hits_the_per_owner_quota_while_another_user_still_starts(make_api) -> None:
+    api = make_api(max_concurrent_jobs=5)
+    alice, bob = user_token(api, "alice"), user_token(api, "bob")
+    codes = []
+    for _ in range(15):
+        codes.append(api.post(DEBUG_JOB, headers=api.headers(alice)).status_code)
+        api.reconcile()
+    assert codes == [201] * 14 + [429], codes  # 4 active + 10 queued
+    resp = api.post(DEBUG_JOB, headers=api.headers(alice))
+    assert resp.status_code == 429 and int(resp.headers["retry-after"]) > 0
+    err = error(resp)
+    assert err["code"] == "quota_exceeded" and "TRAINCTL_MAX_QUEUED_JOBS_PER_OWNER" in err["message"]
+    assert err["details"]["max_active_jobs_per_owner"] == 4 and err["details"]["queued"] == 10
+    bob_job = api.post(DEBUG_JOB, headers=api.headers(bob)).json()["id"]
+    api.reconcile()
+    # alice holds 4 slots (her limit), the 5th goes to bob although alice queued 10 jobs before him
+    assert api.get(f"/v1/jobs/{bob_job}", headers=api.headers(bob)).json()["state"] == "STARTING"
+    states = [j["state"] for j in api.client.get("/v1/jobs", params={"owner": "alice", "limit": 100},
+                                                 headers=api.headers()).json()["jobs"]]
+    assert states.count("STARTING") == 4 and states.count("QUEUED") == 10
+
+
+def test_a_repeated_idempotency_key_is_not_refused_at_the_quota(make_api) -> None:
+    api = make_api(max_active_jobs_per_owner=1, max_queued_jobs_per_owner=0)
+    first = api.post(DEBUG_JOB, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 201
+    assert api.post(DEBUG_JOB).status_code == 429
+    again = api.post(DEBUG_JOB, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+
+
+def _job(seq: int, owner: str, state: JobState = JobState.QUEUED) -> Job:
+    return Job(seq=seq, id=f"j{seq}", owner=owner, created_at=0, updated_at=0, state=state, spec={},
+               ray_submission_id=None, attempts=0, attempt_log=[], message=None, best_val_acc=None,
+               last_epoch=None, cancel_requested=False)
+
+
+def test_fair_queue_is_round_robin_over_owners() -> None:
+    queued = [_job(1, "a"), _job(2, "a"), _job(3, "a"), _job(4, "b"), _job(5, "a"), _job(6, "c"), _job(7, "b")]
+    assert [j.id for j in fair_queue(queued, [], 10)] == ["j1", "j4", "j6", "j2", "j7", "j3", "j5"]
+    # an owner at their active limit is skipped; one with one slot left gets one job
+    active = [_job(10, "a", JobState.RUNNING), _job(11, "b", JobState.RUNNING), _job(12, "b", JobState.RUNNING)]
+    assert [j.id for j in fair_queue(queued, active, 2)] == ["j1", "j6"]
+
+
+def test_request_bodies_over_the_limit_are_413(api: Api) -> None:
+    big = {"preset": "debug", "overrides": {"optim.epochs": 2}, "pad": "x" * (1 << 20)}
+    resp = api.post(big)
+    assert resp.status_code == 413 and error(resp)["code"] == "too_large" and "max_body_bytes" in resp.text
+
+    def chunks():  # no Content-Length: counted as it streams in
+        yield b'{"preset": "debug", "overrides": {"x": "'
+        for _ in range(20):
+            yield b"y" * 65536
+        yield b'"}}'
+    resp = api.client.post("/v1/jobs", content=chunks(), headers={**api.headers(), "Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert api.client.get("/v1/jobs", headers=api.headers()).json()["total"] == 0
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"model.widths": [1_000_000_000], "model.blocks": [1]}, "model.widths"),   # the driver builds it on the head
+    ({"model.widths": [4096, 4096, 4096, 4096]}, "model.widths"),               # 1.3 G parameters
+    ({"model.blocks": [10_000, 10_000, 10_000, 10_000]}, "model.blocks"),
+    ({"checkpoint.max_restarts": 11}, "checkpoint.max_restarts"),
+    ({"scaling.resources_per_worker": {"node:__internal_head__": 0.001}}, "scaling.resources_per_worker"),
+    ({"scaling.resources_per_worker": {"node:127.0.0.1": 1}}, "scaling.resources_per_worker"),
+    ({"scaling.resources_per_worker": {"trainctl_driver": 1}}, "scaling.resources_per_worker"),
+    ({"scaling.resources_per_worker": {"GPU": 1}}, "scaling.resources_per_worker"),
+    ({"scaling.resources_per_worker": {"memory": 1e9}}, "scaling.resources_per_worker"),
+    ({"limits.max_hours": 100}, "limits.max_hours"),                            # over TRAINCTL_MAX_JOB_HOURS=72
+    ({"search": {"space": {"optim.lr": {"grid": [0.1 + i / 1e4 for i in range(1000)]},
+                           "optim.weight_decay": {"grid": [i / 1e6 for i in range(1000)]},
+                           "optim.momentum": {"grid": [i / 1e4 for i in range(1000)]},
+                           "optim.label_smoothing": {"grid": [i / 1e4 for i in range(1000)]}},
+                 "num_samples": 1}}, "search.num_samples"),                     # a 10^12-trial grid
+    ({"search": {"space": {"optim.lr": {"grid": [0.01, 0.02]}}, "num_samples": 200}}, "search.num_samples"),
+])
+def test_limits_are_422_naming_the_field(api: Api, overrides: dict, field: str) -> None:
+    token = user_token(api)
+    started = time.monotonic()
+    resp = api.post({"preset": "debug", "overrides": overrides}, headers=api.headers(token))
+    assert time.monotonic() - started < 30  # refused quickly, not after enumerating the search
+    assert resp.status_code == 422, resp.text
+    assert field in fields(resp), resp.text
+
+
+def test_operator_limits_come_from_settings(make_api) -> None:
+    api = make_api(max_model_parameters=100_000, max_search_trials=2, max_job_hours=1)
+    resp = api.post({"preset": "paper", "overrides": {"data.train": "~/.cache/trainctl/cifar10"}})
+    assert resp.status_code == 422 and {"model.widths", "model.blocks"} <= set(fields(resp))
+    assert "TRAINCTL_MAX_MODEL_PARAMETERS" in resp.text
+    resp = api.post({"preset": "debug", "overrides": {"limits.max_hours": 2}})
+    assert resp.status_code == 422 and fields(resp) == ["limits.max_hours"]
+    assert api.post({"preset": "debug", "overrides": {"limits.max_hours": 0.5}}).status_code == 201
+
+
+def test_a_job_past_its_time_limit_ends_failed(api: Api) -> None:
+    job_id = api.post({"preset": "debug", "overrides": {"limits.max_hours": 0.0002}}).json()["id"]  # 0.72 s
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.reconcile()
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "RUNNING"
+    time.sleep(1.0)
+    api.reconcile()
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "FAILED" and job["message"].startswith("time limit"), job
+    assert api.ray.jobs[f"{job_id}-1"].status == "STOPPED"
+
+
+def test_over_time_limit_counts_from_the_first_submission() -> None:
+    job = _job(1, "a", JobState.RUNNING)
+    assert over_time_limit(job, 72, time.time()) is None  # never submitted: no clock yet
+    job = Job(**{**job.__dict__, "spec": {"limits": {"max_hours": 1}},
+                 "attempt_log": [{"submitted_at": 1000.0}, {"submitted_at": 5000.0}]})
+    assert over_time_limit(job, 72, 1000.0 + 3599) is None
+    assert over_time_limit(job, 72, 1000.0 + 3601) == 1
+    assert over_time_limit(job, 0.5, 1000.0 + 1801) == 0.5  # the service's cap wins
+
+
+@pytest.mark.parametrize("params", [{"offset": "1e20"}, {"offset": str(10 ** 20)}, {"offset": "-1"},
+                                    {"limit": str(10 ** 30)}, {"tail": str(10 ** 20)}])
+def test_integer_query_parameters_are_bounded(api: Api, params: dict) -> None:
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    path = f"/v1/jobs/{job_id}/logs" if "tail" in params else "/v1/jobs"
+    resp = api.get(path, params=params)
+    assert resp.status_code == 422, resp.text
+
+
+# --- 6. no secrets in Ray's runtime env -----------------------------------------------------------------------
+
+def test_no_secret_reaches_the_ray_job(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIASECRETKEY", "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+               "AWS_SESSION_TOKEN": "aws-session-value", "TRAINCTL_TOKEN": api.token,
+               "RAY_AUTH_TOKEN": "ray-token-value"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    fake = api.ray.jobs[f"{job_id}-1"]
+    recorded = json.dumps({"env": fake.env_vars, "entrypoint": fake.entrypoint, "metadata": fake.metadata})
+    for value in secrets.values():
+        assert value not in recorded
+    assert fake.env_vars["AWS_REGION"] == "eu-west-1"
+
+
+# --- 7. tokens and roles ----------------------------------------------------------------------------------------
+
+def test_tokens_can_be_listed_and_revoked(api: Api) -> None:
+    token = user_token(api, "bob")
+    assert api.client.get("/v1/jobs", headers=api.headers(token)).status_code == 200
+    listed = api.client.get("/v1/tokens", headers=api.headers()).json()["tokens"]
+    assert {t["name"]: t["is_admin"] for t in listed} == {"admin": True, "bob": False}
+    assert token not in json.dumps(listed) and api.token not in json.dumps(listed)
+    # users may not manage tokens
+    for method, path in (("GET", "/v1/tokens"), ("POST", "/v1/tokens"), ("DELETE", "/v1/tokens/admin")):
+        resp = api.client.request(method, path, headers=api.headers(token), json={"name": "x"})
+        assert resp.status_code == 403, (method, path, resp.text)
+    assert api.client.delete("/v1/tokens/bob", headers=api.headers()).status_code == 204
+    resp = api.client.get("/v1/jobs", headers=api.headers(token))
+    assert resp.status_code == 401
+    assert api.client.delete("/v1/tokens/bob", headers=api.headers()).status_code == 404
+    assert api.client.delete("/v1/tokens/admin", headers=api.headers()).status_code == 409  # no self-lockout
+
+
+def test_tokens_expire(api: Api) -> None:
+    token = user_token(api, "temp", expires_in_s=1)
+    listed = {t["name"]: t for t in api.client.get("/v1/tokens", headers=api.headers()).json()["tokens"]}
+    assert listed["temp"]["expires_at"] and not listed["temp"]["expired"]
+    assert api.client.get("/v1/jobs", headers=api.headers(token)).status_code == 200
+    time.sleep(1.2)
+    assert api.client.get("/v1/jobs", headers=api.headers(token)).status_code == 401
+    assert {t["name"]: t for t in api.client.get("/v1/tokens", headers=api.headers()).json()["tokens"]}[
+        "temp"]["expired"]
+
+
+def test_the_admin_sees_cancels_and_deletes_every_job_users_only_their_own(api: Api) -> None:
+    alice, bob = user_token(api, "alice"), user_token(api, "bob")
+    a_job = api.post(DEBUG_JOB, headers=api.headers(alice)).json()["id"]
+    b_job = api.post(DEBUG_JOB, headers=api.headers(bob)).json()["id"]
+    assert api.client.get(f"/v1/jobs/{a_job}", headers=api.headers(bob)).status_code == 404
+    assert api.client.post(f"/v1/jobs/{a_job}/cancel", headers=api.headers(bob)).status_code == 404
+    resp = api.client.get("/v1/jobs", params={"owner": "alice"}, headers=api.headers(bob))
+    assert resp.status_code == 403
+    assert [j["id"] for j in api.client.get("/v1/jobs", headers=api.headers(bob)).json()["jobs"]] == [b_job]
+    everyone = api.client.get("/v1/jobs", headers=api.headers()).json()["jobs"]
+    assert {(j["id"], j["owner"]) for j in everyone} == {(a_job, "alice"), (b_job, "bob")}
+    only_alice = api.client.get("/v1/jobs", params={"owner": "alice"}, headers=api.headers()).json()["jobs"]
+    assert [j["id"] for j in only_alice] == [a_job]
+    assert api.client.get(f"/v1/jobs/{a_job}", headers=api.headers()).json()["owner"] == "alice"
+    resp = api.client.post(f"/v1/jobs/{a_job}/cancel", headers=api.headers())
+    assert resp.status_code == 200 and resp.json()["state"] == "CANCELLED"
+    assert api.client.delete(f"/v1/jobs/{a_job}", headers=api.headers()).status_code == 204
+
+
+def test_a_missing_admin_token_file_is_recreated_and_the_old_token_revoked(make_api) -> None:
+    api = make_api()
+    old = api.token
+    api.settings.admin_token_path.unlink()
+    again = make_api()  # a restart on the same data dir
+    new = again.settings.admin_token_path.read_text().strip()
+    assert new and new != old
+    assert again.client.get("/v1/jobs", headers=again.headers(old)).status_code == 401
+    assert again.client.get("/v1/jobs", headers=again.headers(new)).status_code == 200
+    assert make_api().settings.admin_token_path.read_text().strip() == new  # kept while the file exists
+
+
+def test_the_token_table_gains_expires_at_on_an_old_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from service.store import Store
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE tokens (name VARCHAR(64) PRIMARY KEY, token_hash VARCHAR(64) UNIQUE, "
+                "is_admin BOOLEAN, created_at FLOAT)")
+    con.execute("INSERT INTO tokens VALUES ('old', 'h', 0, 1.0)")
+    con.commit()
+    con.close()
+    store = Store(db)
+    store.create_schema()
+    assert store.token_owner("h") == ("old", False) and store.list_tokens()[0].expires_at is None
+    store.close()
+
+
+# --- 8. hardening -----------------------------------------------------------------------------------------------
+
+def test_files_are_owner_only(api: Api) -> None:
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(os.stat(p).st_mode)
+    assert mode(api.settings.data_dir) == 0o700
+    assert mode(api.settings.db_path) == 0o600 and mode(api.settings.admin_token_path) == 0o600
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    spec = api.job_dir(job_id) / "spec.json"
+    assert mode(spec) & 0o077 == 0 and mode(spec.parent) & 0o077 == 0
+
+
+def test_logs_are_a_bounded_tail_and_since_gives_only_what_is_new(api: Api) -> None:
+    from service.api.jobs import log_window
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    api.ray.jobs[f"{job_id}-1"].logs = "".join(f"line {i}\n" for i in range(1, 11))
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    size = int(r.headers["x-log-size"])
+    assert r.text.startswith("line 1\n") and size == len(r.text.encode())
+    api.ray.jobs[f"{job_id}-1"].logs += "line 11\n"
+    r = api.get(f"/v1/jobs/{job_id}/logs", params={"since": size})
+    assert r.text == "line 11\n" and int(r.headers["x-log-size"]) == size + 8
+    assert api.get(f"/v1/jobs/{job_id}/logs", params={"since": size, "tail": 1}).text == "line 11\n"
+    # a huge log: only its last MAX_LOG_BYTES travel
+    api.ray.jobs[f"{job_id}-1"].logs = "x" * (3 << 20) + "END\n"
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    assert len(r.content) == 1 << 20 and r.text.endswith("END\n") and r.headers["x-log-truncated"] == "true"
+    assert log_window("ab\ncd\n", tail=None, since=99) == ("ab\ncd\n", 6, False)  # a new attempt's log
+    assert log_window("ab\ncd\n", tail=1, since=None) == ("cd\n", 6, False)
+
+
+def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.service.conftest import TRAINCTL
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS"))}
+    out = subprocess.run([TRAINCTL, "serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0 and "loopback" in out.stderr, (out.stdout, out.stderr)
+    assert "Ray head up" not in out.stdout  # refused before starting anything
+
+
+def test_token_expiry_durations() -> None:
+    import argparse
+
+    from service.cli import parse_duration
+    assert [parse_duration(x) for x in ("90", "90s", "30m", "12h", "7d", "2w")] == [
+        90, 90, 1800, 43200, 604800, 1209600]
+    for bad in ("", "x", "-5m", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_duration(bad)
