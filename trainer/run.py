@@ -20,6 +20,7 @@ from typing import Any
 import objstore
 from trainer import checkpoint as ckpt
 from trainer.data import DataError
+from trainer.placement import Placement, PlacementError, resolve_placement
 from trainer.spec import JobSpec
 
 log = logging.getLogger("trainer.run")
@@ -82,11 +83,17 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
 
 
-def use_gpu(spec: JobSpec) -> bool:
-    if spec.scaling.use_gpu is not None:
-        return spec.scaling.use_gpu
+def cluster_nodes() -> list[dict[str, float]]:
+    """The live nodes' total resources (CPU, GPU, ...), the map trainer.placement resolves against."""
     import ray
-    return ray.cluster_resources().get("GPU", 0) >= spec.scaling.num_workers
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def placement(spec: JobSpec) -> Placement:
+    """The run's workers on the cluster as it is now (raises PlacementError naming the field to change)."""
+    result = resolve_placement(spec.scaling, spec.optim.batch_size, cluster_nodes())
+    log.info("placement: %s", result.reason)
+    return result
 
 
 def preflight(spec: JobSpec) -> None:
@@ -121,19 +128,20 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] 
     from trainer.loop import RunPaths, train_loop_per_worker
     paths = RunPaths(metrics=objstore.join(run_root, "metrics.jsonl"), manifest_dir=run_root,
                      run_dir=objstore.join(run_root, name))
+    where = placement(spec)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict()},
-        scaling_config=scaling_config(spec),
+        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(),
+                           "placement": where.to_dict()},
+        scaling_config=scaling_config(spec, where),
         run_config=run_config(spec, run_root, name, callbacks),
     )
 
 
-def scaling_config(spec: JobSpec) -> Any:
+def scaling_config(spec: JobSpec, where: Placement) -> Any:
     from ray.train import ScalingConfig
-    return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu(spec),
-                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
-                                               **spec.scaling.resources_per_worker})
+    return ScalingConfig(num_workers=where.num_workers, use_gpu=where.use_gpu,
+                         resources_per_worker={"CPU": where.cpus_per_worker, **spec.scaling.resources_per_worker})
 
 
 def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] | None = None) -> Any:
@@ -192,7 +200,8 @@ def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseExc
 def classify(exc: BaseException) -> tuple[str, int]:
     """(error_kind, exit code) for a failure, looking through Ray's wrappers at the worker's error text."""
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, (UserError, DataError)) or "DataError" in text or "UserError" in text:
+    if isinstance(exc, (UserError, DataError, PlacementError)) or \
+            any(name in text for name in ("DataError", "UserError", "PlacementError")):
         return "user", EXIT_USER
     if isinstance(exc, objstore.StorageUnavailable) or any(m in text for m in STORAGE_ERROR_MARKERS):
         return "storage", EXIT_STORAGE
