@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -79,7 +80,8 @@ def get_metrics(job: JobDep, runner: RunnerDep,
     writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     for m in metrics:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.items()})
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else
+                         json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in m.items()})
     return PlainTextResponse(out.getvalue(), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 
