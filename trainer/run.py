@@ -20,7 +20,7 @@ from typing import Any
 import objstore
 from trainer import checkpoint as ckpt
 from trainer.data import DataError
-from trainer.placement import Placement, PlacementError, resolve_placement
+from trainer.placement import PlacementError
 from trainer.spec import JobSpec
 
 log = logging.getLogger("trainer.run")
@@ -83,19 +83,6 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
 
 
-def cluster_nodes() -> list[dict[str, float]]:
-    """The live nodes' total resources (CPU, GPU, ...), the map trainer.placement resolves against."""
-    import ray
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
-def placement(spec: JobSpec) -> Placement:
-    """The run's workers on the cluster as it is now (raises PlacementError naming the field to change)."""
-    result = resolve_placement(spec.scaling, spec.optim.batch_size, cluster_nodes())
-    log.info("placement: %s", result.reason)
-    return result
-
-
 def preflight(spec: JobSpec) -> None:
     """Fail fast, in the driver, on data that cannot work (missing file, wrong layout), instead of
     letting every worker restart hit the same error."""
@@ -103,60 +90,6 @@ def preflight(spec: JobSpec) -> None:
     load(spec.data.train, spec.data.format, "train", spec.model.num_classes, limit=16)
     if spec.data.test:
         load(spec.data.test, spec.data.format, "test", spec.model.num_classes, limit=16)
-
-
-def fit_single(spec: JobSpec, job_dir: str) -> None:
-    """One TorchTrainer run whose checkpoints land in job_dir/<job dir name>/epoch_NNNN/."""
-    fit_run(spec, job_dir, name=job_dir.rstrip("/").rsplit("/", 1)[-1])
-
-
-def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> None:
-    """Fit one run, removing checkpoint folders orphaned by an earlier crash before it starts and after it
-    ends — never while it runs, when Ray Train's controller deletes old checkpoints of its own and
-    deleting one under it fails the run."""
-    run_dir = objstore.join(run_root, name)
-    ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
-    build_trainer(spec, run_root, name, callbacks).fit()
-    ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
-
-
-def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> Any:
-    """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
-    `run_root/name/` — the layout of a single job and of each search trial alike."""
-    from ray.train.torch import TorchTrainer
-
-    from trainer.loop import RunPaths, train_loop_per_worker
-    paths = RunPaths(metrics=objstore.join(run_root, "metrics.jsonl"), manifest_dir=run_root,
-                     run_dir=objstore.join(run_root, name))
-    where = placement(spec)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(),
-                           "placement": where.to_dict()},
-        scaling_config=scaling_config(spec, where),
-        run_config=run_config(spec, run_root, name, callbacks),
-    )
-
-
-def scaling_config(spec: JobSpec, where: Placement) -> Any:
-    from ray.train import ScalingConfig
-    return ScalingConfig(num_workers=where.num_workers, use_gpu=where.use_gpu,
-                         resources_per_worker={"CPU": where.cpus_per_worker, **spec.scaling.resources_per_worker})
-
-
-def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] | None = None) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    storage_path, filesystem = objstore.ray_storage(storage_uri)
-    return RunConfig(
-        name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks,
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_best,
-                                           checkpoint_score_attribute="val_acc",
-                                           checkpoint_score_order="max"),
-        # controller_failure_limit: a worker group that cannot start (too few resources) is retried for
-        # about 10 minutes (60 s each: room for an autoscaler to add a GPU node), then the run fails
-        # instead of waiting forever (Ray's default).
-        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures, controller_failure_limit=10),
-    )
 
 
 def held_out_accuracy(spec: JobSpec, best: dict[str, Any]) -> float | None:
@@ -226,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.tune import fit_search
             extra = fit_search(spec, job_dir)
         else:
+            from trainer.fit import fit_single
             fit_single(spec, job_dir)
     except BaseException as exc:  # noqa: BLE001 - every failure must end in summary.json
         if isinstance(exc, KeyboardInterrupt):

@@ -14,15 +14,20 @@ sliver of CPU and concurrency defaults to 1: the session cluster keeps spare log
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import objstore
-from trainer.spec import Choice, Grid, JobSpec, LogUniform, RandInt, SearchSpec, Uniform, resolve
+from trainer.spec import Choice, Distribution, Grid, JobSpec, LogUniform, RandInt, SearchSpec, Uniform, resolve
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, ResultGrid
+    from ray.tune.search.sample import Domain
 
 TRIAL_DRIVER_CPUS = 0.1
 
 
-def to_tune_domain(dist: Any) -> Any:
+def to_tune_domain(dist: Distribution) -> Domain | dict[str, Any]:
+    """A Tune search domain (a grid is Tune's `{"grid_search": [...]}` marker dict)."""
     from ray import tune
     if isinstance(dist, LogUniform):
         return tune.loguniform(*dist.loguniform)
@@ -60,7 +65,7 @@ class TrialBook:
         row.update(fields)
         objstore.write_text(self.uri, json.dumps(list(self.trials.values()), indent=2))
 
-    def reconcile(self, grid: Any) -> None:
+    def reconcile(self, grid: ResultGrid) -> None:
         """Bring every row up to date from Tune's final results (callbacks can miss events on restore)."""
         for result in grid:
             metrics = result.metrics or {}
@@ -88,7 +93,7 @@ class TrialBook:
         return a > b if self.search.mode == "max" else a < b
 
 
-def make_callback(book: TrialBook) -> Any:
+def make_callback(book: TrialBook) -> Callback:
     from ray.tune import Callback
 
     class TrialBookCallback(Callback):
@@ -120,7 +125,7 @@ def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from trainer.run import fit_run
+    from trainer.fit import fit_run
 
     assert spec.search is not None
     search, job_id = spec.search, job_dir.rstrip("/").rsplit("/", 1)[-1]
@@ -162,7 +167,7 @@ def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
     return promote_best_trial(job_dir, book, grid)
 
 
-def promote_best_trial(job_dir: str, book: TrialBook, grid: Any) -> dict[str, Any]:
+def promote_best_trial(job_dir: str, book: TrialBook, grid: ResultGrid) -> dict[str, Any]:
     """Copy the best trial's manifest and metrics to the job level and name it in the summary."""
     from trainer import checkpoint as ckpt
     best_id, best_value = None, None
