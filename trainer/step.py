@@ -24,7 +24,7 @@ import objstore
 from trainer import checkpoint as ckpt
 from trainer.data import DeviceData
 from trainer.model import build_model
-from trainer.precision import autocast, resolve_precision
+from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.schedule import build_scheduler
 from trainer.spec import JobSpec
 
@@ -44,6 +44,7 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     amp_dtype: torch.dtype | None
+    numerics: Numerics | None = None  # precision + layout in use, and how they were chosen
 
     @property
     def lr(self) -> float:
@@ -55,9 +56,13 @@ def _to_device(device: torch.device) -> Callable[[torch.nn.Module], torch.nn.Mod
 
 
 def build(spec: JobSpec, device: torch.device, steps_per_epoch: int,
-          wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, channels_last: bool = False) -> Trainee:
+          wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, channels_last: bool = False,
+          numerics: Numerics | None = None) -> Trainee:
     """The model, optimizer and schedule of `spec` on `device`. `wrap` moves the model to the device and
-    wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it."""
+    wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it.
+    `numerics` (trainer/precision.py) sets the precision and layout; without it, the rule (no measuring)."""
+    if numerics is not None:
+        channels_last = numerics.channels_last
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(spec.model)
     if channels_last:
@@ -69,7 +74,8 @@ def build(spec: JobSpec, device: torch.device, steps_per_epoch: int,
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay)
     scheduler = build_scheduler(optimizer, spec.schedule, steps_per_epoch, o.epochs)
-    return Trainee(model, raw_model, forward, optimizer, scheduler, device, resolve_precision(spec, device))
+    amp_dtype = numerics.amp_dtype if numerics is not None else resolve_precision(spec, device)
+    return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics)
 
 
 def restore(trainee: Trainee, state: dict[str, Any] | None) -> int:
@@ -92,6 +98,9 @@ def checkpoint_state(trainee: Trainee, spec: JobSpec, epoch: int, metrics: dict[
         "spec": spec.model_dump_json(),
         "rng": torch.get_rng_state(),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        # offline evaluation uses the run's own precision and layout (trainer/evaluate.py)
+        **({"numerics": {"precision": trainee.numerics.precision, "channels_last": trainee.numerics.channels_last}}
+           if trainee.numerics is not None else {}),
     }
 
 
@@ -169,8 +178,8 @@ def all_reduce(sums: list[torch.Tensor], world: int) -> None:
 
 
 def epoch_metrics(*, epoch: int, train_sums: torch.Tensor, val_sums: torch.Tensor, lr: float,
-                  train_seconds: float, epoch_seconds: float, resumed: bool, node_ids: list[str]
-                  ) -> dict[str, Any]:
+                  train_seconds: float, epoch_seconds: float, resumed: bool, node_ids: list[str],
+                  devices: list[str] | None = None, numerics: Numerics | None = None) -> dict[str, Any]:
     """One metrics.jsonl line (docs/architecture.md) from the all-reduced sums."""
     tl, tc, tn = train_sums.tolist()
     vl, vc, vn = val_sums.tolist()
@@ -185,11 +194,14 @@ def epoch_metrics(*, epoch: int, train_sums: torch.Tensor, val_sums: torch.Tenso
         "time": time.time(),
         "resumed": resumed,
         "node_ids": node_ids,
+        **({"devices": devices} if devices is not None else {}),
+        **({"numerics": numerics.to_dict()} if numerics is not None else {}),
     }
 
 
 def run_epoch(trainee: Trainee, spec: JobSpec, train_data: DeviceData, val_data: DeviceData, *, epoch: int,
-              start_epoch: int, rank: int, world: int, local_batch: int, node_ids: list[str]) -> dict[str, Any]:
+              start_epoch: int, rank: int, world: int, local_batch: int, node_ids: list[str],
+              devices: list[str] | None = None) -> dict[str, Any]:
     """Train one epoch, synchronise BatchNorm, evaluate, all-reduce: the epoch's metrics (equal on every
     rank). Every rank must call it (it runs collectives when world > 1)."""
     seed_epoch(spec.seed, epoch, rank)
@@ -202,7 +214,8 @@ def run_epoch(trainee: Trainee, spec: JobSpec, train_data: DeviceData, val_data:
     all_reduce([train_sums, val_sums], world)
     return epoch_metrics(epoch=epoch, train_sums=train_sums, val_sums=val_sums, lr=trainee.lr,
                          train_seconds=train_seconds, epoch_seconds=time.perf_counter() - t0,
-                         resumed=epoch == start_epoch and start_epoch > 1, node_ids=node_ids)
+                         resumed=epoch == start_epoch and start_epoch > 1, node_ids=node_ids, devices=devices,
+                         numerics=trainee.numerics)
 
 
 def read_history(metrics_uri: str, before_epoch: int) -> list[dict[str, Any]]:
