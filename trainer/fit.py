@@ -30,7 +30,9 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 def placement(spec: JobSpec) -> Placement:
     """The run's workers on the cluster as it is now (raises PlacementError naming the field to change)."""
-    result = resolve_placement(spec.scaling, spec.optim.batch_size, cluster_nodes())
+    import ray
+    result = resolve_placement(spec.scaling, spec.optim.batch_size, cluster_nodes(),
+                               ray.available_resources().get("CPU", 0.0))
     log.info("placement: %s", result.reason)
     return result
 

@@ -14,9 +14,9 @@ The rules (docs/scaling.md, "Workers and devices"):
 - `num_workers: auto` (default) is one worker per GPU, at most `max_workers` (and as many as divide the global
   batch evenly); on CPUs it is one worker, since DDP between CPU processes on one machine only splits the
   same cores.
-- `cpus_per_worker: auto` leaves one CPU of a node to the job's driver and Ray, and gives each worker the
-  rest of its node's share: a CPU worker the largest node's CPUs, a GPU worker its node's CPUs per GPU
-  (at most 8: the data path is on the GPU, so more only idles).
+- `cpus_per_worker: auto`: CPU workers share the CPUs of the largest node that are not reserved yet (the
+  Ray Job's driver holds some; all of them under a bare `python -m trainer.run`); a GPU worker gets its node's
+  CPUs per GPU, one CPU of the node left to the driver, at most 8 (the data path is on the GPU).
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def cluster_totals(nodes: Sequence[Mapping[str, float]]) -> tuple[float, float]:
     return sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
 
 
-def resolve_placement(scaling: ScalingSpec, batch_size: int, nodes: Sequence[Mapping[str, float]]) -> Placement:
-    """Workers, device kind and CPUs per worker for `scaling` on a cluster of `nodes` (see the module doc)."""
+def resolve_placement(scaling: ScalingSpec, batch_size: int, nodes: Sequence[Mapping[str, float]],
+                      available_cpus: float | None = None) -> Placement:
+    """Workers, device kind and CPUs per worker for `scaling` on a cluster of `nodes` (total resources per
+    node) of which `available_cpus` CPUs are not reserved now (None: unknown; see the module doc)."""
     _, total_gpus = cluster_totals(nodes)
     gpus = int(total_gpus)  # fractional GPUs are not whole workers
     if scaling.use_gpu is False:
@@ -88,7 +90,7 @@ def resolve_placement(scaling: ScalingSpec, batch_size: int, nodes: Sequence[Map
         how += f"; waiting for {workers - gpus} more GPU(s) (autoscaler)"
 
     if scaling.cpus_per_worker == "auto":
-        cpus = _auto_cpus(nodes, use_gpu, workers)
+        cpus = _auto_cpus(nodes, use_gpu, workers, available_cpus)
         cpu_how = "auto"
     else:
         cpus, cpu_how = float(scaling.cpus_per_worker), "scaling.cpus_per_worker"
@@ -101,12 +103,13 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(min(cap, n), 0, -1) if n % d == 0)
 
 
-def _auto_cpus(nodes: Sequence[Mapping[str, float]], use_gpu: bool, workers: int) -> float:
-    """One CPU per node stays free for the driver and Ray's own actors; the worker(s) share the rest."""
+def _auto_cpus(nodes: Sequence[Mapping[str, float]], use_gpu: bool, workers: int,
+               available_cpus: float | None) -> float:
     if use_gpu:
         per_gpu = [(n.get("CPU", 0.0) - 1) / n["GPU"] for n in nodes if n.get("GPU", 0.0) >= 1]
         # A GPU node yet to come (autoscaler) has unknown CPUs: 1 always fits.
         share = min(per_gpu) if per_gpu else 1
         return float(min(GPU_WORKER_MAX_CPUS, max(1, math.floor(share))))
     largest = max((n.get("CPU", 0.0) for n in nodes), default=1.0)
-    return float(max(1, math.floor((largest - 1) / workers)))
+    free = largest - 1 if available_cpus is None else min(largest, available_cpus)
+    return float(max(1, math.floor(free / workers)))

@@ -11,9 +11,9 @@ FOUR_GPUS = [{"CPU": 2.0}, {"CPU": 32.0, "GPU": 4.0}]
 SIXTEEN_GPUS = [{"CPU": 2.0}] + [{"CPU": 49.0, "GPU": 8.0}] * 2
 
 
-def place(nodes, batch_size=512, **scaling):
+def place(nodes, batch_size=512, available_cpus=None, **scaling):
     spec = resolve("paper", {"optim.batch_size": batch_size, **{f"scaling.{k}": v for k, v in scaling.items()}})
-    return resolve_placement(spec.scaling, spec.optim.batch_size, nodes)
+    return resolve_placement(spec.scaling, spec.optim.batch_size, nodes, available_cpus)
 
 
 def test_defaults_are_auto():
@@ -24,8 +24,11 @@ def test_defaults_are_auto():
 
 def test_no_gpu_one_cpu_worker_with_the_cpus_it_can_get():
     p = place(CPU_ONLY)
-    assert (p.num_workers, p.use_gpu, p.cpus_per_worker) == (1, False, 3.0)  # one CPU left to the driver
+    assert (p.num_workers, p.use_gpu, p.cpus_per_worker) == (1, False, 3.0)  # unknown: one left to the driver
     assert "no GPU" in p.reason
+    assert place(CPU_ONLY, available_cpus=4.0).cpus_per_worker == 4.0   # bare trainer.run: every CPU
+    assert place(CPU_ONLY, available_cpus=3.5).cpus_per_worker == 3.0   # a Ray Job's driver holds 0.5
+    assert place([{"CPU": 4.0}, {"CPU": 8.0}], available_cpus=12.0).cpus_per_worker == 8.0  # one node's worth
 
 
 def test_one_gpu_the_paper_preset_trains_on_it():
