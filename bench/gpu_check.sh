@@ -35,11 +35,16 @@ for f in "$TARBALL" "$DATA"; do
   [ -f "$f" ] || { echo "missing $f: copy it into .gpu/ first (see the top of this script)"; exit 2; }
 done
 SITE=/tmp/trainctl-ray-site
-if [ ! -f "$SITE/.unpacked" ]; then
-  say "unpacking $(basename "$TARBALL") into $SITE"
-  mkdir -p "$SITE" && tar xJf "$TARBALL" -C "$SITE" && touch "$SITE/.unpacked" || exit 2
+if "$PY" -c "import ray, pydantic" 2>/dev/null; then
+  say "$PY already has Ray: not unpacking the tarball"
+else
+  if [ ! -f "$SITE/.unpacked" ]; then
+    say "unpacking $(basename "$TARBALL") into $SITE"
+    mkdir -p "$SITE" && tar xJf "$TARBALL" -C "$SITE" && touch "$SITE/.unpacked" || exit 2
+  fi
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TRAINCTL_TEST_PARQUET=$DATA
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/trainctl-inductor}  # shared by every step
 unset RAY_ADDRESS
