@@ -129,7 +129,7 @@ def without_ray(spec: JobSpec, device: torch.device) -> dict[str, Any]:
     train, val = DeviceData(train_set, device, numerics.channels_last), DeviceData(val_set, device, numerics.channels_last)
     trainee = step.build(spec, device, train.steps_per_epoch(batch, 1), numerics=numerics)
     lines = [step.run_epoch(trainee, spec, train, val, epoch=e, start_epoch=1, rank=0, world=1, local_batch=batch,
-                            node_ids=["local"], devices=[describe_device(device)])
+                            node_ids=["local"], devices=[describe_device(device)]).model_dump()
              for e in range(1, spec.optim.epochs + 1)]
     return best_epoch(lines)
 

@@ -110,8 +110,36 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
+    """The spec the service would store for this body, resolved and validated here (pydantic only, no server);
+    field errors are reported exactly as the service's 422 names them."""
+    from pydantic import ValidationError
+
+    from trainer.spec import JobSpec, error_list, resolve
+
+    try:
+        if "preset" in body or "overrides" in body:
+            spec = resolve(body.get("preset"), body.get("overrides") or {})
+        else:
+            spec = JobSpec.model_validate(body)
+    except ValidationError as exc:
+        lines = [f"  {e['field']}: {e['message']}" for e in error_list(exc)]
+        raise CliError("invalid_spec (checked locally, nothing was submitted):\n" + "\n".join(lines)) from None
+    return spec.model_dump(mode="json")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     body = _load_body(args)
+    if args.dry_run:
+        spec = _validate_locally(body)
+        if args.json:
+            _print_json(spec)
+        else:
+            import yaml
+
+            print(yaml.safe_dump(spec, sort_keys=False).rstrip())
+            print("# valid: this is the spec the service would run (nothing was submitted)")
+        return 0
     with _client(args) as api:
         job = api.submit(body, args.idempotency_key)
     if args.json and not args.follow:
@@ -390,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
     s.add_argument("-f", "--follow", action="store_true", help="then follow the job like `watch` (same exit codes)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved spec locally; submit nothing (needs no service)")
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("list", parents=[common], help="list your jobs")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import objstore
 from trainer import checkpoint as ckpt
 from trainer.placement import Placement, resolve_placement
+from trainer import contract
 from trainer.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def build_trainer(spec: JobSpec, run_root: str, name: str,
     from ray.train.torch import TorchTrainer
 
     from trainer.loop import RunPaths, train_loop_per_worker
-    paths = RunPaths(metrics=objstore.join(run_root, "metrics.jsonl"), manifest_dir=run_root,
+    paths = RunPaths(metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root,
                      run_dir=objstore.join(run_root, name))
     where = placement(spec)
     return TorchTrainer(

@@ -11,7 +11,7 @@ the manifest's newer one) at the next epoch, with the schedule in the same posit
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray.train
@@ -22,6 +22,7 @@ import torch.distributed as dist
 import objstore
 from trainer import checkpoint as ckpt
 from trainer import step
+from trainer.contract import CheckpointEntry, EpochMetrics
 from trainer.data import Dataset, DeviceData, load_splits
 from trainer.hardware import describe_device, usable_cpus
 from trainer.model import build_model
@@ -37,7 +38,7 @@ class RunPaths:
     run_dir: str     # Ray Train's {storage_path}/{name}: checkpoints land in run_dir/epoch_NNNN/
 
     def to_dict(self) -> dict[str, str]:
-        return {"metrics": self.metrics, "manifest_dir": self.manifest_dir, "run_dir": self.run_dir}
+        return asdict(self)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -79,24 +80,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.optim.epochs:
             _report_with_checkpoint(spec, paths, rank, epoch, metrics, trainee)
         else:
-            ray.train.report(metrics)
+            ray.train.report(metrics.model_dump())
 
 
-def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: int, metrics: dict[str, Any],
+def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: int, metrics: EpochMetrics,
                             trainee: step.Trainee) -> None:
     dir_name = f"epoch_{epoch:04d}"
     if rank != 0:
-        ray.train.report(metrics, checkpoint_dir_name=dir_name)
+        ray.train.report(metrics.model_dump(), checkpoint_dir_name=dir_name)
         return
     with tempfile.TemporaryDirectory() as tmp:
         sha256, size = ckpt.save(step.checkpoint_state(trainee, spec, epoch, metrics), tmp)
         # SYNC upload: when report returns, the checkpoint is fully in storage.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        ray.train.report(metrics.model_dump(), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=dir_name)
-    ckpt.record(paths.manifest_dir, {
-        "epoch": epoch, "val_acc": metrics["val_acc"],
-        "uri": objstore.join(paths.run_dir, dir_name, ckpt.FILENAME), "sha256": sha256, "size": size,
-    }, spec.checkpoint.keep_best)
+    entry = CheckpointEntry(epoch=epoch, val_acc=metrics.val_acc, sha256=sha256, size=size,
+                            uri=objstore.join(paths.run_dir, dir_name, ckpt.FILENAME))
+    ckpt.record(paths.manifest_dir, entry, spec.checkpoint.keep_best)
 
 
 def _ray_state(ray_checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:

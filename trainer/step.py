@@ -10,7 +10,6 @@ sums every rank contributes to an epoch's metrics. The collectives (torch.distri
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 
 import objstore
 from trainer import checkpoint as ckpt
+from trainer import contract
+from trainer.contract import EpochMetrics
 from trainer.data import DeviceData
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
@@ -93,7 +94,7 @@ def restore(trainee: Trainee, state: dict[str, Any] | None) -> int:
     return int(state["epoch"]) + 1
 
 
-def checkpoint_state(trainee: Trainee, spec: JobSpec, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_state(trainee: Trainee, spec: JobSpec, epoch: int, metrics: EpochMetrics) -> dict[str, Any]:
     """The checkpoint: one plain dict (see trainer/checkpoint.py), loadable with weights_only=True."""
     return {
         "model": trainee.raw_model.state_dict(),
@@ -102,7 +103,7 @@ def checkpoint_state(trainee: Trainee, spec: JobSpec, epoch: int, metrics: dict[
         "epoch": epoch,
         "spec": spec.model_dump_json(),
         "rng": torch.get_rng_state(),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "metrics": metrics.scalars(),
         # offline evaluation uses the run's own precision and layout (trainer/evaluate.py)
         **({"numerics": {"precision": trainee.numerics.precision, "channels_last": trainee.numerics.channels_last}}
            if trainee.numerics is not None else {}),
@@ -114,13 +115,12 @@ def newest_state(ray_state: dict[str, Any] | None, manifest_dir: str) -> dict[st
     when that is newer — a driver killed between the upload and Ray registering it would otherwise lose
     an epoch. The manifest's file is used only if its sha256 matches."""
     state = ray_state
-    entries = ckpt.read_manifest(manifest_dir)["checkpoints"]
-    latest = max(entries, key=lambda e: e["epoch"]) if entries else None
-    if latest is not None and (state is None or latest["epoch"] > int(state["epoch"])):
+    latest = ckpt.read_manifest(manifest_dir).latest()
+    if latest is not None and (state is None or latest.epoch > int(state["epoch"])):
         try:
-            state = ckpt.load(latest["uri"], latest["sha256"])
+            state = ckpt.load(latest.uri, latest.sha256)
         except (ckpt.CheckpointCorrupt, FileNotFoundError, OSError) as exc:
-            print(f"not resuming from {latest['uri']}: {exc}", flush=True)
+            print(f"not resuming from {latest.uri}: {exc}", flush=True)
     return state
 
 
@@ -186,29 +186,23 @@ def all_reduce(sums: list[torch.Tensor], world: int) -> None:
 
 def epoch_metrics(*, epoch: int, train_sums: torch.Tensor, val_sums: torch.Tensor, lr: float,
                   train_seconds: float, epoch_seconds: float, resumed: bool, node_ids: list[str],
-                  devices: list[str] | None = None, numerics: Numerics | None = None) -> dict[str, Any]:
-    """One metrics.jsonl line (docs/architecture.md) from the all-reduced sums."""
+                  devices: list[str] | None = None, numerics: Numerics | None = None) -> EpochMetrics:
+    """One metrics.jsonl line from the all-reduced sums."""
     tl, tc, tn = train_sums.tolist()
     vl, vc, vn = val_sums.tolist()
-    return {
-        "epoch": epoch,
-        "train_loss": tl / tn, "train_acc": tc / tn,
+    return EpochMetrics(
+        epoch=epoch, train_loss=tl / tn, train_acc=tc / tn,
         # No validation split (val_fraction=0): null loss (JSON has no NaN), and 0 accuracy.
-        "val_loss": vl / vn if vn else None, "val_acc": vc / vn if vn else 0.0,
-        "lr": lr,
-        "images_per_s": tn / train_seconds,
-        "epoch_seconds": epoch_seconds,
-        "time": time.time(),
-        "resumed": resumed,
-        "node_ids": node_ids,
-        **({"devices": devices} if devices is not None else {}),
-        **({"numerics": numerics.to_dict()} if numerics is not None else {}),
-    }
+        val_loss=vl / vn if vn else None, val_acc=vc / vn if vn else 0.0,
+        lr=lr, images_per_s=tn / train_seconds, epoch_seconds=epoch_seconds, time=time.time(),
+        resumed=resumed, node_ids=node_ids, devices=devices or [],
+        numerics=numerics.to_dict() if numerics is not None else None,
+    )
 
 
 def run_epoch(trainee: Trainee, spec: JobSpec, train_data: DeviceData, val_data: DeviceData, *, epoch: int,
               start_epoch: int, rank: int, world: int, local_batch: int, node_ids: list[str],
-              devices: list[str] | None = None) -> dict[str, Any]:
+              devices: list[str] | None = None) -> EpochMetrics:
     """Train one epoch, synchronise BatchNorm, evaluate, all-reduce: the epoch's metrics (equal on every
     rank). Every rank must call it (it runs collectives when world > 1)."""
     seed_epoch(spec.seed, epoch, rank)
@@ -225,14 +219,13 @@ def run_epoch(trainee: Trainee, spec: JobSpec, train_data: DeviceData, val_data:
                          numerics=trainee.numerics)
 
 
-def read_history(metrics_uri: str, before_epoch: int) -> list[dict[str, Any]]:
-    """The metrics lines of epochs before `before_epoch`: epochs after the checkpoint a run resumes from
-    will run again, so their stale lines are dropped."""
+def read_history(metrics_uri: str, before_epoch: int) -> list[EpochMetrics]:
+    """The metrics of epochs before `before_epoch`: epochs after the checkpoint a run resumes from will
+    run again, so their stale lines are dropped."""
     if not objstore.exists(metrics_uri):
         return []
-    rows = [json.loads(line) for line in objstore.read_text(metrics_uri).splitlines() if line.strip()]
-    return [m for m in rows if m["epoch"] < before_epoch]
+    return [m for m in contract.parse_metrics(objstore.read_text(metrics_uri)) if m.epoch < before_epoch]
 
 
-def write_history(metrics_uri: str, history: list[dict[str, Any]]) -> None:
-    objstore.write_text(metrics_uri, "".join(json.dumps(m) + "\n" for m in history))
+def write_history(metrics_uri: str, history: list[EpochMetrics]) -> None:
+    objstore.write_text(metrics_uri, contract.metrics_jsonl(history))
