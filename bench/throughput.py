@@ -30,16 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data import CIFAR10_MEAN, CIFAR10_STD, load  # noqa: E402
-from trainer.hardware import cpu_model, usable_cpus  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.spec import JobSpec, resolve  # noqa: E402
+from trainer.data import CIFAR10_MEAN, CIFAR10_STD, load
+from trainer.hardware import cpu_model, usable_cpus
+from trainer.model import build_model
+from trainer.spec import JobSpec, resolve
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
 BATCH = 256
@@ -54,8 +53,14 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
         def __init__(self) -> None:
             self.data = images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10 holds it
             self.targets = labels.tolist()
-            self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                                        T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+            self.transform = T.Compose(
+                [
+                    T.RandomCrop(32, padding=4),
+                    T.RandomHorizontalFlip(),
+                    T.ToTensor(),
+                    T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+                ]
+            )
 
         def __len__(self) -> int:
             return len(self.targets)
@@ -67,8 +72,9 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
     spec = JobSpec()
     model = build_model(spec.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    loader = torch.utils.data.DataLoader(NotebookDataset(), batch_size=BATCH, shuffle=True, num_workers=2,
-                                         drop_last=False)
+    loader = torch.utils.data.DataLoader(
+        NotebookDataset(), batch_size=BATCH, shuffle=True, num_workers=2, drop_last=False
+    )
     rates = []
     for _ in range(epochs):
         model.train()
@@ -84,21 +90,35 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
 
 
 def bench_spec(data: str, images: int, epochs: int, batch: int, **overrides: object) -> JobSpec:
-    return resolve("paper", {"data.train": data, "data.max_train_images": images, "data.val_fraction": 0.05,
-                             "optim.batch_size": batch, "optim.epochs": epochs, "checkpoint.every_epochs": epochs,
-                             **overrides})
+    return resolve(
+        "paper",
+        {
+            "data.train": data,
+            "data.max_train_images": images,
+            "data.val_fraction": 0.05,
+            "optim.batch_size": batch,
+            "optim.epochs": epochs,
+            "checkpoint.every_epochs": epochs,
+            **overrides,
+        },
+    )
 
 
 def best_epoch(lines: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(lines[1:] or lines, key=lambda m: m["images_per_s"])
-    return {"images_per_s": best["images_per_s"], "epoch_seconds": best["epoch_seconds"],
-            "numerics": best.get("numerics"), "devices": best.get("devices")}
+    return {
+        "images_per_s": best["images_per_s"],
+        "epoch_seconds": best["epoch_seconds"],
+        "numerics": best.get("numerics"),
+        "devices": best.get("devices"),
+    }
 
 
 def with_ray(spec: JobSpec) -> dict[str, Any]:
     """One `trainer.run` job (TorchTrainer, its placement and numerics) on a private local Ray cluster."""
     from trainer import fit as trainer_fit
     from trainer import run as trainer_run_module
+
     with tempfile.TemporaryDirectory() as tmp:
         job_dir = os.path.join(tmp, "bench")
         os.makedirs(job_dir)
@@ -118,6 +138,7 @@ def without_ray(spec: JobSpec, device: torch.device) -> dict[str, Any]:
     from trainer.data import DeviceData, load_splits
     from trainer.hardware import describe_device
     from trainer.precision import choose_numerics
+
     key = (spec.data.train, spec.data.max_train_images, spec.data.val_fraction, spec.seed)
     if key not in _SPLITS:  # decoded once per process: every configuration trains on the same tensors
         _SPLITS[key] = load_splits(spec.data, spec.seed, spec.model.num_classes)
@@ -126,11 +147,27 @@ def without_ray(spec: JobSpec, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     sample = train_set.take(torch.arange(min(len(train_set), batch)))
     numerics = choose_numerics(spec, device, build_model(spec.model), sample.images, sample.labels, batch)
-    train, val = DeviceData(train_set, device, numerics.channels_last), DeviceData(val_set, device, numerics.channels_last)
+    train, val = (
+        DeviceData(train_set, device, numerics.channels_last),
+        DeviceData(val_set, device, numerics.channels_last),
+    )
     trainee = step.build(spec, device, train.steps_per_epoch(batch, 1), numerics=numerics)
-    lines = [step.run_epoch(trainee, spec, train, val, epoch=e, start_epoch=1, rank=0, world=1, local_batch=batch,
-                            node_ids=["local"], devices=[describe_device(device)]).model_dump()
-             for e in range(1, spec.optim.epochs + 1)]
+    lines = [
+        step.run_epoch(
+            trainee,
+            spec,
+            train,
+            val,
+            epoch=e,
+            start_epoch=1,
+            rank=0,
+            world=1,
+            local_batch=batch,
+            node_ids=["local"],
+            devices=[describe_device(device)],
+        ).model_dump()
+        for e in range(1, spec.optim.epochs + 1)
+    ]
     return best_epoch(lines)
 
 
@@ -146,10 +183,13 @@ def cpu_bench(args: argparse.Namespace, cpus: int, results: dict[str, Any]) -> N
         r = with_ray(bench_spec(args.data, args.images, args.epochs, BATCH, **pin, **overrides))
         results[name] = r["images_per_s"]
         numerics = r["numerics"] or {}
-        print(f"trainctl {name.removeprefix('trainctl_'):<13} (Ray Train, device data path): "
-              f"{r['images_per_s']:8.1f} img/s  [{r['devices'][0] if r['devices'] else '?'}; "
-              f"{numerics.get('precision')}{' + channels_last' if numerics.get('channels_last') else ''}, "
-              f"{numerics.get('chosen_by')}: {numerics.get('images_per_s') or '-'}]", flush=True)
+        print(
+            f"trainctl {name.removeprefix('trainctl_'):<13} (Ray Train, device data path): "
+            f"{r['images_per_s']:8.1f} img/s  [{r['devices'][0] if r['devices'] else '?'}; "
+            f"{numerics.get('precision')}{' + channels_last' if numerics.get('channels_last') else ''}, "
+            f"{numerics.get('chosen_by')}: {numerics.get('images_per_s') or '-'}]",
+            flush=True,
+        )
     baselines.append(notebook_loop(data.images, data.labels, args.epochs, cpus))
     print(f"notebook loop, after: {baselines[1]:8.1f} img/s", flush=True)
     results["notebook_fp32"] = max(baselines)
@@ -166,20 +206,33 @@ def cuda_bench(args: argparse.Namespace, results: dict[str, Any]) -> None:
     cuda_epochs = max(args.epochs, 2)
     for batch in (int(b) for b in args.cuda_batches.split(",")):
         for compile_ in (False, True):
-            spec = bench_spec(args.data, images, cuda_epochs, batch, precision="bf16", channels_last=True,
-                              compile=compile_, **{"data.val_fraction": 0.1})
+            spec = bench_spec(
+                args.data,
+                images,
+                cuda_epochs,
+                batch,
+                precision="bf16",
+                channels_last=True,
+                compile=compile_,
+                **{"data.val_fraction": 0.1},
+            )
             key = f"cuda_b{batch}_compile{int(compile_)}"
             plain = without_ray(spec, device)
             results[f"{key}_no_ray"] = plain["images_per_s"]
-            print(f"{name}, batch {batch}, bf16 + channels_last, compile={compile_}, without Ray: "
-                  f"{plain['images_per_s']:9.0f} img/s", flush=True)
+            print(
+                f"{name}, batch {batch}, bf16 + channels_last, compile={compile_}, without Ray: "
+                f"{plain['images_per_s']:9.0f} img/s",
+                flush=True,
+            )
             ray_run = with_ray(spec)  # default scaling: one worker on the GPU, by placement
             results[f"{key}_ray"] = ray_run["images_per_s"]
             ratio = ray_run["images_per_s"] / plain["images_per_s"]
             results[f"{key}_ray_ratio"] = round(ratio, 3)
-            print(f"{name}, batch {batch}, bf16 + channels_last, compile={compile_}, Ray Train:   "
-                  f"{ray_run['images_per_s']:9.0f} img/s per GPU (Ray/no-Ray {ratio:.3f}; {ray_run['devices']})",
-                  flush=True)
+            print(
+                f"{name}, batch {batch}, bf16 + channels_last, compile={compile_}, Ray Train:   "
+                f"{ray_run['images_per_s']:9.0f} img/s per GPU (Ray/no-Ray {ratio:.3f}; {ray_run['devices']})",
+                flush=True,
+            )
 
 
 def main() -> int:
@@ -196,8 +249,11 @@ def main() -> int:
         print(f"dataset {args.data} not found (pass --data)", file=sys.stderr)
         return 2
     cpus = usable_cpus()
-    print(f"machine: {cpus} usable CPUs ({cpu_model()}), torch {torch.__version__}, "
-          f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
+    print(
+        f"machine: {cpus} usable CPUs ({cpu_model()}), torch {torch.__version__}, "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+        flush=True,
+    )
     results: dict[str, Any] = {}
     if not args.skip_cpu:
         cpu_bench(args, cpus, results)

@@ -37,8 +37,11 @@ def milestones_from(metrics: list[dict[str, Any]], started: float, marks: list[f
         for m in metrics:
             spent += float(m.get("epoch_seconds") or 0.0)
             if (m.get("val_acc") or 0.0) >= mark:
-                out[f"{mark:.2f}"] = {"epoch": m["epoch"], "train_seconds": round(spent, 1),
-                                      "wall_seconds": round(float(m["time"]) - started, 1)}
+                out[f"{mark:.2f}"] = {
+                    "epoch": m["epoch"],
+                    "train_seconds": round(spent, 1),
+                    "wall_seconds": round(float(m["time"]) - started, 1),
+                }
                 break
     return out
 
@@ -55,8 +58,14 @@ def main() -> int:
         print(f"preset {args.preset!r} is not defined here (have: {', '.join(sorted(PRESETS))})", file=sys.stderr)
         return 2
     marks = [float(x) for x in args.milestones.split(",")]
-    spec = resolve(args.preset, {"data.train": str(Path(args.data).resolve()), "data.val_fraction": 0.1,
-                                 **dict(parse_override(s) for s in args.set)})
+    spec = resolve(
+        args.preset,
+        {
+            "data.train": str(Path(args.data).resolve()),
+            "data.val_fraction": 0.1,
+            **dict(parse_override(s) for s in args.set),
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         job_dir = Path(tmp) / f"{args.preset}-to-accuracy"
         job_dir.mkdir()
@@ -64,10 +73,17 @@ def main() -> int:
         log_path = Path(tmp) / "run.log"
         started = time.time()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)], cwd=REPO,
-                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)],
+                cwd=REPO,
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                },
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 code = proc.wait(timeout=args.timeout)
             except subprocess.TimeoutExpired:  # report the milestones reached so far
@@ -77,23 +93,44 @@ def main() -> int:
         wall = time.time() - started
         log_tail = log_path.read_text(errors="replace")[-5000:]
         metrics_file = job_dir / "metrics.jsonl"
-        metrics = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] \
-            if metrics_file.exists() else []
+        metrics = (
+            [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.exists() else []
+        )
     if code != 0:
         print(log_tail, file=sys.stderr)
     reached = milestones_from(metrics, started, marks)
     last = metrics[-1] if metrics else {}
-    print(f"preset {args.preset}: {len(metrics)} epochs, exit {code}, {wall:.1f} s wall in all; "
-          f"devices {last.get('devices')}, numerics {json.dumps(last.get('numerics'))}")
+    print(
+        f"preset {args.preset}: {len(metrics)} epochs, exit {code}, {wall:.1f} s wall in all; "
+        f"devices {last.get('devices')}, numerics {json.dumps(last.get('numerics'))}"
+    )
     for m in metrics:
-        print(f"  epoch {m['epoch']:>3}  val_acc {m['val_acc']:.4f}  {m['images_per_s']:9.0f} img/s  "
-              f"{m['epoch_seconds']:6.2f} s")
+        print(
+            f"  epoch {m['epoch']:>3}  val_acc {m['val_acc']:.4f}  {m['images_per_s']:9.0f} img/s  "
+            f"{m['epoch_seconds']:6.2f} s"
+        )
     for mark, hit in reached.items():
-        print(f"val_acc >= {mark}: " + (f"epoch {hit['epoch']}, {hit['train_seconds']} s of training, "
-                                        f"{hit['wall_seconds']} s wall since start" if hit else "not reached"))
-    print(json.dumps({"preset": args.preset, "exit_code": code, "wall_seconds": round(wall, 1),
-                      "epochs": len(metrics), "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
-                      "milestones": reached, "devices": last.get("devices")}))
+        print(
+            f"val_acc >= {mark}: "
+            + (
+                f"epoch {hit['epoch']}, {hit['train_seconds']} s of training, {hit['wall_seconds']} s wall since start"
+                if hit
+                else "not reached"
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "exit_code": code,
+                "wall_seconds": round(wall, 1),
+                "epochs": len(metrics),
+                "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
+                "milestones": reached,
+                "devices": last.get("devices"),
+            }
+        )
+    )
     return code
 
 

@@ -30,33 +30,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # --- the file names -------------------------------------------------------------------------------------
 
-SPEC = "spec.json"          # the resolved JobSpec (trainer/spec.py), written by the service
-METRICS = "metrics.jsonl"   # EpochMetrics, one line per epoch
+SPEC = "spec.json"  # the resolved JobSpec (trainer/spec.py), written by the service
+METRICS = "metrics.jsonl"  # EpochMetrics, one line per epoch
 MANIFEST = "manifest.json"  # Manifest
-SUMMARY = "summary.json"    # Summary
-TRIALS = "trials.json"      # [TrialRow], searches only
-TRIALS_DIR = "trials"       # a search's trials/<trial id>/ hold a single run's files each
+SUMMARY = "summary.json"  # Summary
+TRIALS = "trials.json"  # [TrialRow], searches only
+TRIALS_DIR = "trials"  # a search's trials/<trial id>/ hold a single run's files each
 
 SearchMode = Literal["max", "min"]
 
 
 # --- exit codes and error kinds --------------------------------------------------------------------------
 
+
 class ExitCode(IntEnum):
     """`python -m trainer.run`'s exit status."""
 
     OK = 0
-    FAILED = 1   # anything else (infrastructure): worth a retry
-    USER = 2     # the spec or data is wrong: never worth a retry
+    FAILED = 1  # anything else (infrastructure): worth a retry
+    USER = 2  # the spec or data is wrong: never worth a retry
     STORAGE = 3  # storage stayed unreachable
 
 
 class ErrorKind(str, Enum):
     """Why a run failed (summary.json's `error_kind`)."""
 
-    USER = "user"        # the spec or data is wrong: do not retry
+    USER = "user"  # the spec or data is wrong: do not retry
     STORAGE = "storage"  # storage unreachable
-    INFRA = "infra"      # anything else
+    INFRA = "infra"  # anything else
 
     def __str__(self) -> str:
         return self.value
@@ -93,6 +94,7 @@ class TrialState(str, Enum):
 
 
 # --- the records ------------------------------------------------------------------------------------------
+
 
 class Record(BaseModel):
     """A job-directory record. Unknown fields (a newer writer's) are ignored when read."""
@@ -324,6 +326,7 @@ def trials_json(rows: Iterable[TrialRow]) -> str:
 
 
 # --- "best" -----------------------------------------------------------------------------------------------
+
 
 def best_so_far(metrics: Sequence[EpochMetrics]) -> float | None:
     """The best val_acc of the epochs so far (None before the first)."""

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer.placement import Placement, resolve_placement
 from trainer import contract
+from trainer.placement import Placement, resolve_placement
 from trainer.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -26,14 +26,17 @@ log = logging.getLogger("trainer.fit")
 def cluster_nodes() -> list[dict[str, float]]:
     """The live nodes' total resources (CPU, GPU, ...): the map trainer.placement resolves against."""
     import ray
+
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def placement(spec: JobSpec) -> Placement:
     """The run's workers on the cluster as it is now (raises PlacementError naming the field to change)."""
     import ray
-    result = resolve_placement(spec.scaling, spec.optim.batch_size, cluster_nodes(),
-                               ray.available_resources().get("CPU", 0.0))
+
+    result = resolve_placement(
+        spec.scaling, spec.optim.batch_size, cluster_nodes(), ray.available_resources().get("CPU", 0.0)
+    )
     log.info("placement: %s", result.reason)
     return result
 
@@ -53,20 +56,20 @@ def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallbac
     ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
 
 
-def build_trainer(spec: JobSpec, run_root: str, name: str,
-                  callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
     `run_root/name/` — the layout of a single job and of each search trial alike."""
     from ray.train.torch import TorchTrainer
 
     from trainer.loop import RunPaths, train_loop_per_worker
-    paths = RunPaths(metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root,
-                     run_dir=objstore.join(run_root, name))
+
+    paths = RunPaths(
+        metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root, run_dir=objstore.join(run_root, name)
+    )
     where = placement(spec)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(),
-                           "placement": where.to_dict()},
+        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(), "placement": where.to_dict()},
         scaling_config=scaling_config(spec, where),
         run_config=run_config(spec, run_root, name, callbacks),
     )
@@ -74,18 +77,26 @@ def build_trainer(spec: JobSpec, run_root: str, name: str,
 
 def scaling_config(spec: JobSpec, where: Placement) -> ScalingConfig:
     from ray.train import ScalingConfig
-    return ScalingConfig(num_workers=where.num_workers, use_gpu=where.use_gpu,
-                         resources_per_worker={"CPU": where.cpus_per_worker, **spec.scaling.resources_per_worker})
+
+    return ScalingConfig(
+        num_workers=where.num_workers,
+        use_gpu=where.use_gpu,
+        resources_per_worker={"CPU": where.cpus_per_worker, **spec.scaling.resources_per_worker},
+    )
 
 
 def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[UserCallback] | None = None) -> RunConfig:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
     storage_path, filesystem = objstore.ray_storage(storage_uri)
     return RunConfig(
-        name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks,
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_best,
-                                           checkpoint_score_attribute="val_acc",
-                                           checkpoint_score_order="max"),
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=callbacks,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=spec.checkpoint.keep_best, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+        ),
         # controller_failure_limit: a worker group that cannot start (too few resources) is retried for
         # about 10 minutes (60 s each: room for an autoscaler to add a GPU node), then the run fails
         # instead of waiting forever (Ray's default).

@@ -55,8 +55,9 @@ def cluster_totals(nodes: Sequence[Mapping[str, float]]) -> tuple[float, float]:
     return sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
 
 
-def resolve_placement(scaling: ScalingSpec, batch_size: int, nodes: Sequence[Mapping[str, float]],
-                      available_cpus: float | None = None) -> Placement:
+def resolve_placement(
+    scaling: ScalingSpec, batch_size: int, nodes: Sequence[Mapping[str, float]], available_cpus: float | None = None
+) -> Placement:
     """Workers, device kind and CPUs per worker for `scaling` on a cluster of `nodes` (total resources per
     node) of which `available_cpus` CPUs are not reserved now (None: unknown; see the module doc)."""
     _, total_gpus = cluster_totals(nodes)
@@ -84,8 +85,9 @@ def resolve_placement(scaling: ScalingSpec, batch_size: int, nodes: Sequence[Map
             raise PlacementError(
                 "scaling.num_workers",
                 f"asks for {workers} workers with one GPU each, but the cluster has {gpus} GPU(s): set "
-                f"scaling.num_workers to at most {gpus} (or \"auto\"), or scaling.use_gpu to true to wait for "
-                f"more GPUs (autoscaler), or to false to train on CPUs")
+                f'scaling.num_workers to at most {gpus} (or "auto"), or scaling.use_gpu to true to wait for '
+                f"more GPUs (autoscaler), or to false to train on CPUs",
+            )
     if use_gpu and gpus < workers:
         how += f"; waiting for {workers - gpus} more GPU(s) (autoscaler)"
 
@@ -95,7 +97,7 @@ def resolve_placement(scaling: ScalingSpec, batch_size: int, nodes: Sequence[Map
     else:
         cpus, cpu_how = float(scaling.cpus_per_worker), "scaling.cpus_per_worker"
     device = "GPU" if use_gpu else "CPU"
-    reason = (f"{workers} {device} worker(s) ({how}; {why}), {cpus:g} CPU(s) each ({cpu_how})")
+    reason = f"{workers} {device} worker(s) ({how}; {why}), {cpus:g} CPU(s) each ({cpu_how})"
     return Placement(num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus, reason=reason)
 
 
@@ -103,8 +105,9 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(min(cap, n), 0, -1) if n % d == 0)
 
 
-def _auto_cpus(nodes: Sequence[Mapping[str, float]], use_gpu: bool, workers: int,
-               available_cpus: float | None) -> float:
+def _auto_cpus(
+    nodes: Sequence[Mapping[str, float]], use_gpu: bool, workers: int, available_cpus: float | None
+) -> float:
     if use_gpu:
         per_gpu = [(n.get("CPU", 0.0) - 1) / n["GPU"] for n in nodes if n.get("GPU", 0.0) >= 1]
         # A GPU node yet to come (autoscaler) has unknown CPUs: 1 always fits.

@@ -44,7 +44,7 @@ class Numerics:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Numerics":
+    def from_dict(cls, data: dict[str, Any]) -> Numerics:
         return cls(**{k: data[k] for k in ("precision", "channels_last", "chosen_by", "images_per_s") if k in data})
 
     def describe(self) -> str:
@@ -60,6 +60,7 @@ def label(precision: str, channels_last: bool) -> str:
 
 def candidates(spec: JobSpec, device: torch.device) -> tuple[list[str], list[bool]]:
     """The precisions and layouts `auto` may pick from on this device (one each where nothing to choose)."""
+    precisions: list[str]
     if spec.precision != "auto":
         precisions = [spec.precision]
     elif device.type == "cuda":
@@ -75,8 +76,9 @@ def candidates(spec: JobSpec, device: torch.device) -> tuple[list[str], list[boo
     return precisions, layouts
 
 
-def choose_numerics(spec: JobSpec, device: torch.device, model: torch.nn.Module, images: torch.Tensor,
-                    labels: torch.Tensor, batch: int) -> Numerics:
+def choose_numerics(
+    spec: JobSpec, device: torch.device, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int
+) -> Numerics:
     """Decide `auto` (module doc). `images` are raw uint8 N×3×32×32 training images (any N ≥ 1), `batch` the
     rank's local batch; `model` is left untouched (each candidate times its own copy)."""
     precisions, layouts = candidates(spec, device)
@@ -86,12 +88,18 @@ def choose_numerics(spec: JobSpec, device: torch.device, model: torch.nn.Module,
     rates = measure(model, device, images, labels, batch, [(p, c) for p in precisions for c in layouts])
     best = max(rates, key=lambda k: rates[k])
     precision, channels_last = best
-    return Numerics(precision, channels_last, "measured",
-                    {label(p, c): round(r, 1) for (p, c), r in rates.items()})
+    return Numerics(precision, channels_last, "measured", {label(p, c): round(r, 1) for (p, c), r in rates.items()})
 
 
-def measure(model: torch.nn.Module, device: torch.device, images: torch.Tensor, labels: torch.Tensor, batch: int,
-            which: list[tuple[str, bool]], rounds: int = PROBE_ROUNDS) -> dict[tuple[str, bool], float]:
+def measure(
+    model: torch.nn.Module,
+    device: torch.device,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    which: list[tuple[str, bool]],
+    rounds: int = PROBE_ROUNDS,
+) -> dict[tuple[str, bool], float]:
     """Images/s of forward+backward (no optimizer step) for each (precision, channels_last): one warm-up
     step each, then `rounds` steps each, interleaved so that load from other processes hits every
     candidate alike; the fastest step counts (the least disturbed)."""

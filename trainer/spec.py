@@ -14,10 +14,9 @@ import difflib
 import json
 import math
 import typing
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -38,7 +37,7 @@ def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any
             raise ValueError(f'must be "auto" or {"an integer" if kind is int else "a number"} {bound}, '
                              f"got {value!r}")
         return kind(value)
-    return Annotated[Union[kind, Literal["auto"]], PlainValidator(check, json_schema_input_type=Union[kind, Literal["auto"]])]
+    return Annotated[kind | Literal["auto"], PlainValidator(check, json_schema_input_type=kind | Literal["auto"])]
 
 
 class Section(BaseModel):
@@ -139,7 +138,7 @@ class Grid(Section):
     grid: list[Any] = Field(min_length=1)
 
 
-Distribution = Union[LogUniform, Uniform, RandInt, Choice, Grid]
+Distribution = LogUniform | Uniform | RandInt | Choice | Grid
 
 
 class AshaSpec(Section):
@@ -158,7 +157,7 @@ class SearchSpec(Section):
     num_samples: int = Field(default=4, ge=1, le=10000)
     metric: Literal["val_acc", "val_loss", "train_loss", "train_acc"] = "val_acc"
     mode: Literal["max", "min"] = "max"
-    scheduler: Annotated[Union[AshaSpec, NoScheduler], Field(discriminator="kind")] = AshaSpec()
+    scheduler: Annotated[AshaSpec | NoScheduler, Field(discriminator="kind")] = AshaSpec()
     max_concurrent_trials: PositiveInt = 1
     seed: int = 0
 
@@ -191,7 +190,7 @@ class JobSpec(Section):
     search: SearchSpec | None = None
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "JobSpec":
+    def _cross_field_checks(self) -> JobSpec:
         errors: list[InitErrorDetails] = []
 
         def fail(loc: tuple[str, ...], value: Any, message: str) -> None:
@@ -359,7 +358,7 @@ def _path_error(path: str, message: str) -> ValidationError:
         loc=tuple(path.split(".")), input=path)])
 
 
-def _check_search_path(spec: JobSpec, path: str, dist: BaseModel) -> str | None:
+def _check_search_path(spec: JobSpec, path: str, dist: Distribution) -> str | None:
     """Why `path` cannot be searched with `dist`, or None when it can: the path must name a scalar
     field outside `search`, and every value the distribution can produce must validate there."""
     if path.split(".")[0] == "search":

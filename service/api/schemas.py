@@ -119,7 +119,7 @@ class CheckpointList(BaseModel):
 
 
 def _time(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
 
 def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:

@@ -23,10 +23,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 REPO = Path(__file__).resolve().parents[2]
 # The debug model on 4,096 images: 3 epochs land far above chance; compile makes the first one slow.
-SMALL = {"data.max_train_images": 4096, "data.val_fraction": 0.1, "optim.epochs": 3, "optim.batch_size": 256,
-         "compile": True, "checkpoint.keep_best": 1,
-         # the debug preset pins 2 CPU workers; these are the defaults every other preset runs with
-         "scaling.num_workers": "auto", "scaling.use_gpu": None, "scaling.cpus_per_worker": "auto"}
+SMALL = {
+    "data.max_train_images": 4096,
+    "data.val_fraction": 0.1,
+    "optim.epochs": 3,
+    "optim.batch_size": 256,
+    "compile": True,
+    "checkpoint.keep_best": 1,
+    # the debug preset pins 2 CPU workers; these are the defaults every other preset runs with
+    "scaling.num_workers": "auto",
+    "scaling.use_gpu": None,
+    "scaling.cpus_per_worker": "auto",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +49,19 @@ def run_job(job_dir: Path, overrides: dict, timeout: float = 300) -> subprocess.
     job_dir.mkdir(parents=True)
     (job_dir / "spec.json").write_text(resolve("debug", overrides).to_json())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local Ray, not a stray one
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    return subprocess.run([sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def lines(path: Path) -> list[dict]:
@@ -73,9 +90,25 @@ def test_the_default_scaling_trains_on_the_gpu_with_compile(cuda_run):
 def test_a_checkpoint_evaluated_offline_on_cuda_reproduces_its_val_acc(cuda_run):
     _, job_dir = cuda_run
     summary = json.loads((job_dir / "summary.json").read_text())
-    out = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--checkpoint", summary["best_checkpoint"],
-                          "--split", "val", "--device", "cuda", "--json"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "evaluate",
+            "--checkpoint",
+            summary["best_checkpoint"],
+            "--split",
+            "val",
+            "--device",
+            "cuda",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["device"].startswith("cuda")
@@ -85,8 +118,10 @@ def test_a_checkpoint_evaluated_offline_on_cuda_reproduces_its_val_acc(cuda_run)
 
 
 def test_more_gpu_workers_than_gpus_fails_naming_num_workers(parquet, tmp_path):
-    proc = run_job(tmp_path / "too-many", {**SMALL, "data.train": str(parquet), "compile": False,
-                                           "scaling.num_workers": torch.cuda.device_count() + 1})
+    proc = run_job(
+        tmp_path / "too-many",
+        {**SMALL, "data.train": str(parquet), "compile": False, "scaling.num_workers": torch.cuda.device_count() + 1},
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "too-many" / "summary.json").read_text())
     assert summary["error_kind"] == "user" and "scaling.num_workers" in summary["error"], summary

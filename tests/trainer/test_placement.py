@@ -6,7 +6,7 @@ from trainer.placement import PlacementError, resolve_placement
 from trainer.spec import resolve
 
 CPU_ONLY = [{"CPU": 4.0, "memory": 1e9}]
-ONE_GPU = [{"CPU": 2.0}, {"CPU": 16.0, "GPU": 1.0}]                 # CPU head + one GPU node
+ONE_GPU = [{"CPU": 2.0}, {"CPU": 16.0, "GPU": 1.0}]  # CPU head + one GPU node
 FOUR_GPUS = [{"CPU": 2.0}, {"CPU": 32.0, "GPU": 4.0}]
 SIXTEEN_GPUS = [{"CPU": 2.0}] + [{"CPU": 49.0, "GPU": 8.0}] * 2
 
@@ -18,16 +18,20 @@ def place(nodes, batch_size=512, available_cpus=None, **scaling):
 
 def test_defaults_are_auto():
     spec = resolve("paper")
-    assert (spec.scaling.num_workers, spec.scaling.max_workers, spec.scaling.use_gpu,
-            spec.scaling.cpus_per_worker) == ("auto", 8, None, "auto")
+    assert (spec.scaling.num_workers, spec.scaling.max_workers, spec.scaling.use_gpu, spec.scaling.cpus_per_worker) == (
+        "auto",
+        8,
+        None,
+        "auto",
+    )
 
 
 def test_no_gpu_one_cpu_worker_with_the_cpus_it_can_get():
     p = place(CPU_ONLY)
     assert (p.num_workers, p.use_gpu, p.cpus_per_worker) == (1, False, 3.0)  # unknown: one left to the driver
     assert "no GPU" in p.reason
-    assert place(CPU_ONLY, available_cpus=4.0).cpus_per_worker == 4.0   # bare trainer.run: every CPU
-    assert place(CPU_ONLY, available_cpus=3.5).cpus_per_worker == 3.0   # a Ray Job's driver holds 0.5
+    assert place(CPU_ONLY, available_cpus=4.0).cpus_per_worker == 4.0  # bare trainer.run: every CPU
+    assert place(CPU_ONLY, available_cpus=3.5).cpus_per_worker == 3.0  # a Ray Job's driver holds 0.5
     assert place([{"CPU": 4.0}, {"CPU": 8.0}], available_cpus=12.0).cpus_per_worker == 8.0  # one node's worth
 
 
@@ -97,6 +101,7 @@ def test_auto_values_are_validated_with_one_clear_error():
     from pydantic import ValidationError
 
     from trainer.spec import error_list
+
     for field, value in (("num_workers", 0), ("num_workers", "all"), ("cpus_per_worker", 0), ("max_workers", 0)):
         with pytest.raises(ValidationError) as info:
             resolve("paper", {f"scaling.{field}": value})

@@ -23,7 +23,9 @@ def tiny(**overrides):
 
 def images(n=8):
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (n,), generator=g
+    )
 
 
 def test_cpu_bf16_features_from_cpuinfo():
@@ -52,14 +54,20 @@ def test_explicit_settings_are_not_measured(monkeypatch):
     assert (n.precision, n.channels_last, n.amp_dtype) == ("bf16", True, torch.bfloat16)
 
 
-@pytest.mark.parametrize("rates, expected", [
-    # issue 15's Xeon with AVX512-BF16 but no AMX: bf16 is the slower path there, so auto must not take it
-    ({("bf16", True): 94.0, ("bf16", False): 90.0, ("fp32", True): 125.0, ("fp32", False): 120.0}, ("fp32", True)),
-    # AMD EPYC (this project's dev machine): bf16 about 1.7x faster
-    ({("bf16", True): 174.0, ("bf16", False): 168.0, ("fp32", True): 110.0, ("fp32", False): 102.0}, ("bf16", True)),
-    # a CPU where NCHW wins
-    ({("bf16", True): 100.0, ("bf16", False): 130.0, ("fp32", True): 90.0, ("fp32", False): 95.0}, ("bf16", False)),
-])
+@pytest.mark.parametrize(
+    "rates, expected",
+    [
+        # issue 15's Xeon with AVX512-BF16 but no AMX: bf16 is the slower path there, so auto must not take it
+        ({("bf16", True): 94.0, ("bf16", False): 90.0, ("fp32", True): 125.0, ("fp32", False): 120.0}, ("fp32", True)),
+        # AMD EPYC (this project's dev machine): bf16 about 1.7x faster
+        (
+            {("bf16", True): 174.0, ("bf16", False): 168.0, ("fp32", True): 110.0, ("fp32", False): 102.0},
+            ("bf16", True),
+        ),
+        # a CPU where NCHW wins
+        ({("bf16", True): 100.0, ("bf16", False): 130.0, ("fp32", True): 90.0, ("fp32", False): 95.0}, ("bf16", False)),
+    ],
+)
 def test_auto_takes_the_fastest_measured_candidate(monkeypatch, rates, expected):
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: "AVX512-BF16")
     seen = []
@@ -67,6 +75,7 @@ def test_auto_takes_the_fastest_measured_candidate(monkeypatch, rates, expected)
     def fake_measure(model, device, imgs, labels, batch, which, rounds=2):
         seen.append((batch, sorted(which)))
         return {k: rates[k] for k in which}
+
     monkeypatch.setattr(precision, "measure", fake_measure)
     x, y = images()
     n = choose_numerics(tiny(precision="auto"), CPU, build_model(tiny().model), x, y, 16)
@@ -77,8 +86,9 @@ def test_auto_takes_the_fastest_measured_candidate(monkeypatch, rates, expected)
 
 def test_without_native_bf16_only_fp32_layouts_are_timed(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: None)
-    monkeypatch.setattr(precision, "measure", lambda model, device, imgs, labels, batch, which, rounds=2:
-                        {k: 1.0 + k[1] for k in which})
+    monkeypatch.setattr(
+        precision, "measure", lambda model, device, imgs, labels, batch, which, rounds=2: {k: 1.0 + k[1] for k in which}
+    )
     x, y = images()
     n = choose_numerics(tiny(precision="auto"), CPU, build_model(tiny().model), x, y, 16)
     assert (n.precision, n.channels_last, set(n.images_per_s)) == ("fp32", True, {"fp32", "fp32+channels_last"})
@@ -106,6 +116,7 @@ def test_numerics_round_trip_and_describe():
 
 def test_offline_evaluation_uses_the_recorded_numerics():
     from trainer.evaluate import checkpoint_numerics
+
     spec = tiny(precision="auto")
     recorded = checkpoint_numerics({"numerics": {"precision": "fp32", "channels_last": False}}, spec, CPU)
     assert (recorded.precision, recorded.channels_last) == ("fp32", False)
