@@ -173,6 +173,10 @@ class SearchSpec(Section):
 # --- the job spec ---------------------------------------------------------------------------------
 
 
+ExportFormat = Literal["safetensors", "pt2"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
+
+
 class JobSpec(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -188,6 +192,9 @@ class JobSpec(Section):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint: CheckpointSpec = CheckpointSpec()
     search: SearchSpec | None = None
+    # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
+    # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
+    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS))
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
@@ -252,6 +259,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Pinned: the tests run 2-worker DDP on CPUs, one thread each, whatever the cluster has.
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
         "precision": "fp32",
+        "exports": [],  # an export adds seconds to every test run; the export tests ask for it
     },
 }
 
