@@ -194,6 +194,7 @@ def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: floa
     to `patience` seconds, saying so on stderr; then EXIT_LOST_CONTACT. Other errors (404, 401) raise."""
     tty = sys.stdout.isatty() and not as_json
     last, lost_since, backoff = None, None, 1.0
+    devices_shown = False
     while True:
         try:
             job = api.job(job_id)
@@ -216,6 +217,9 @@ def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: floa
         if lost_since is not None:
             print(f"contact restored after {time.monotonic() - lost_since:.0f}s", file=sys.stderr, flush=True)
             lost_since, backoff = None, 1.0
+        if job.get("devices") and not devices_shown and not as_json:
+            print(("\r\033[K" if tty else "") + _devices_line(job), flush=True)  # once: it never changes in a run
+            devices_shown, last = True, None
         line = json.dumps(job, sort_keys=True) if as_json else _progress_line(job)
         if line != last:
             if tty:  # one live line with a bar, rewritten in place
@@ -230,6 +234,18 @@ def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: floa
                 print(f"{job['state']}: {job['message']}")
             return WATCH_EXIT[job["state"]]
         time.sleep(interval)
+
+
+def _devices_line(job: dict[str, Any]) -> str:
+    """`devices: cuda:0 NVIDIA H100 80GB HBM3, cuda:1 ... · bf16 + channels_last (rule)`."""
+    text = "devices: " + ", ".join(job["devices"])
+    numerics = job.get("numerics") or {}
+    if numerics.get("precision"):
+        text += f" · {numerics['precision']}{' + channels_last' if numerics.get('channels_last') else ''}"
+        rates = numerics.get("images_per_s") or {}
+        text += f" ({numerics.get('chosen_by', '?')}" + (": " + ", ".join(f"{k} {v} img/s" for k, v in rates.items())
+                                                         if rates else "") + ")"
+    return text
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

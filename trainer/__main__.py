@@ -27,7 +27,7 @@ def describe(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, args.split)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, args.split, device=args.device)
     if args.json:
         print(json.dumps(result))
     else:
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="auto", choices=["auto", "cifar10-python", "parquet", "torchvision"])
     p.add_argument("--split", default="all", choices=["all", "train", "test", "val"],
                    help="val = the run's own seeded validation split")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, cuda:N, or auto (a GPU where there is one); a run's val_acc "
+                        "reproduces on the device kind it trained on")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")

@@ -109,6 +109,16 @@ class Record(BaseModel):
         return self.model_dump_json(indent=2)
 
 
+class NumericsRecord(Record):
+    """The precision and memory layout a run trains in, and how they were chosen (trainer/precision.py)."""
+
+    precision: str = Field(description="bf16 (autocast) | fp32")
+    channels_last: bool
+    chosen_by: str = Field(default="spec", description="spec (set explicitly) | rule (auto, one candidate) | "
+                                                       "measured (auto: the fastest of the timed candidates)")
+    images_per_s: dict[str, float] = Field(default_factory=dict, description="each timed candidate's images/s")
+
+
 class EpochMetrics(Record):
     """One line of metrics.jsonl: one finished epoch, written by rank 0 after every epoch (all-reduced
     over the ranks). Accuracies are fractions 0..1."""
@@ -124,13 +134,16 @@ class EpochMetrics(Record):
     time: float = Field(description="unix time the epoch ended")
     resumed: bool = Field(default=False, description="the first epoch after resuming from a checkpoint")
     node_ids: list[str] = Field(default_factory=list, description="every rank's Ray node id")
+    devices: list[str] = Field(default_factory=list, description="what every rank trains on, rank 0 first, e.g. "
+                               "'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (2 threads, bf16 AMX) Intel(R) Xeon(R) ...'")
+    numerics: NumericsRecord | None = Field(default=None, description="precision and layout in use")
 
     def scalars(self) -> dict[str, float]:
         """The numeric fields (what a checkpoint keeps of its epoch's metrics)."""
         return {k: v for k, v in self.model_dump().items() if isinstance(v, (int, float))}
 
 
-# The metrics CSV's columns, in this order (list fields are joined with ';').
+# The metrics CSV's columns, in this order (list fields are joined with ';', objects written as JSON).
 METRIC_COLUMNS: list[str] = list(EpochMetrics.model_fields)
 
 

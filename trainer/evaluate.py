@@ -15,40 +15,59 @@ from trainer import checkpoint as ckpt
 from trainer.contract import Confusion
 from trainer.data import DataError, Dataset, images_to_batches, load, load_pickle, load_splits, use_channels_last
 from trainer.model import build_model
-from trainer.precision import autocast, resolve_precision
+from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.spec import JobSpec
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def load_model(checkpoint_uri: str, expected_sha256: str | None = None) -> tuple[torch.nn.Module, JobSpec]:
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: the first GPU where there is one (a run trained on CUDA evaluates to its val_acc there), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def checkpoint_numerics(state: dict[str, Any], spec: JobSpec, device: torch.device) -> Numerics:
+    """The precision and layout the run used (recorded in its checkpoints); older checkpoints: by rule."""
+    if isinstance(state.get("numerics"), dict):
+        return Numerics.from_dict(state["numerics"])
+    return Numerics("bf16" if resolve_precision(spec, device) is not None else "fp32", use_channels_last(spec), "rule")
+
+
+def load_model(checkpoint_uri: str, expected_sha256: str | None = None, device: torch.device | None = None
+               ) -> tuple[torch.nn.Module, JobSpec, Numerics]:
+    device = device or torch.device("cpu")
     state = ckpt.load(checkpoint_uri, expected_sha256)
     spec = JobSpec.model_validate_json(state["spec"])
+    numerics = checkpoint_numerics(state, spec, device)
     model = build_model(spec.model)
     model.load_state_dict(state["model"])
-    if use_channels_last(spec):
+    model = model.to(device)
+    if numerics.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.eval(), spec
+    return model.eval(), spec, numerics
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, spec: JobSpec, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Logits in the run's own precision and memory layout (as its validation saw them)."""
-    device = torch.device("cpu")
-    dtype = resolve_precision(spec, device)
+def predict_logits(model: torch.nn.Module, numerics: Numerics, images: torch.Tensor, batch: int = 1024,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Logits (on the CPU) in the run's own precision and memory layout, as its validation saw them."""
+    device = device or torch.device("cpu")
     out = []
-    for x in images_to_batches(images, device, use_channels_last(spec), batch):
-        with autocast(device, dtype):
-            out.append(model(x).float())
+    for x in images_to_batches(images, device, numerics.channels_last, batch):
+        with autocast(device, numerics.amp_dtype):
+            out.append(model(x).float().cpu())
     return torch.cat(out)
 
 
 def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: str = "auto",
-                        split: str = "all", expected_sha256: str | None = None) -> dict[str, Any]:
-    """{"accuracy", "per_class", "n"}. split: `val` rebuilds the run's own seeded validation split (so the
-    figure matches the reported val_acc), `test` reads a CIFAR-10 directory's test_batch, `train`/`all`
-    read every image of the source."""
-    model, spec = load_model(checkpoint_uri, expected_sha256)
+                        split: str = "all", expected_sha256: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """{"accuracy", "per_class", "n", "device"}. split: `val` rebuilds the run's own seeded validation split (so
+    the figure matches the reported val_acc on the device kind it trained on), `test` reads a CIFAR-10
+    directory's test_batch, `train`/`all` read every image of the source."""
+    dev = pick_device(device)
+    model, spec, numerics = load_model(checkpoint_uri, expected_sha256, dev)
     if split == "val":
         data_spec = spec.data if data_uri is None else spec.data.model_copy(update={"train": data_uri})
         data = load_splits(data_spec, spec.seed, spec.model.num_classes)[1]
@@ -56,12 +75,13 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: s
         if data_uri is None:
             raise DataError("evaluate needs --data unless --split val")
         data = load(data_uri, fmt, "test" if split == "test" else "train", spec.model.num_classes)
-    return accuracy(model, spec, data)
+    return {**accuracy(model, spec, numerics, data, dev), "device": str(dev)}
 
 
-def accuracy(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> dict[str, Any]:
+def accuracy(model: torch.nn.Module, spec: JobSpec, numerics: Numerics, data: Dataset,
+             device: torch.device | None = None) -> dict[str, Any]:
     num_classes = spec.model.num_classes
-    pred = predict_logits(model, spec, data.images).argmax(1)
+    pred = predict_logits(model, numerics, data.images, device=device).argmax(1)
     correct = pred == data.labels
     per_class = {}
     for c in range(num_classes):
@@ -76,10 +96,10 @@ def class_names(num_classes: int) -> list[str]:
     return list(CLASSES) if num_classes == len(CLASSES) else [str(c) for c in range(num_classes)]
 
 
-def confusion_matrix(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> list[list[int]]:
+def confusion_matrix(model: torch.nn.Module, spec: JobSpec, numerics: Numerics, data: Dataset) -> list[list[int]]:
     """matrix[true][predicted] = number of images."""
     n = spec.model.num_classes
-    pred = predict_logits(model, spec, data.images).argmax(1)
+    pred = predict_logits(model, numerics, data.images).argmax(1)
     counts = torch.bincount(data.labels.long() * n + pred.long(), minlength=n * n)
     matrix: list[list[int]] = counts.reshape(n, n).tolist()
     return matrix
@@ -89,7 +109,7 @@ def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: 
                        epoch: int | None = None) -> Confusion | None:
     """The checkpoint's confusion matrix on the run's test split (data.test) where it has one, else on its
     own seeded validation split; None when it has neither (val_fraction 0 and no test data)."""
-    model, spec = load_model(checkpoint_uri, expected_sha256)
+    model, spec, numerics = load_model(checkpoint_uri, expected_sha256)
     split: Literal["test", "val"]
     if run_spec.data.test:
         split, data = "test", load(run_spec.data.test, run_spec.data.format, "test", spec.model.num_classes)
@@ -97,7 +117,7 @@ def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: 
         split, data = "val", load_splits(run_spec.data, spec.seed, spec.model.num_classes)[1]
     if len(data) == 0:
         return None
-    matrix = confusion_matrix(model, spec, data)
+    matrix = confusion_matrix(model, spec, numerics, data)
     correct = sum(matrix[i][i] for i in range(len(matrix)))
     return Confusion(split=split, classes=class_names(spec.model.num_classes), matrix=matrix,
                      accuracy=correct / len(data), n=len(data), checkpoint=checkpoint_uri, epoch=epoch)
@@ -161,8 +181,8 @@ def predict_to_csv(model_uri: str, input_uri: str, out_uri: str) -> int:
         with torch.no_grad():
             labels = torch.cat([exported(chunk.float()).argmax(1) for chunk in images.split(1024)]).tolist()
     else:
-        model, spec = load_model(model_uri)
-        labels = predict_logits(model, spec, images).argmax(1).tolist()
+        model, _spec, numerics = load_model(model_uri)
+        labels = predict_logits(model, numerics, images).argmax(1).tolist()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["ID", "Labels"])

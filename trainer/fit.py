@@ -7,24 +7,38 @@ this module stays cheap; its types are named for the type checker only.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import objstore
 from trainer import checkpoint as ckpt
 from trainer import contract
+from trainer.placement import Placement, resolve_placement
 from trainer.spec import JobSpec
 
 if TYPE_CHECKING:
     from ray.train import RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
 
+log = logging.getLogger("trainer.fit")
 
-def use_gpu(spec: JobSpec) -> bool:
-    if spec.scaling.use_gpu is not None:
-        return spec.scaling.use_gpu
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The live nodes' total resources (CPU, GPU, ...): the map trainer.placement resolves against."""
     import ray
 
-    return bool(ray.cluster_resources().get("GPU", 0) >= spec.scaling.num_workers)
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def placement(spec: JobSpec) -> Placement:
+    """The run's workers on the cluster as it is now (raises PlacementError naming the field to change)."""
+    import ray
+
+    result = resolve_placement(
+        spec.scaling, spec.optim.batch_size, cluster_nodes(), ray.available_resources().get("CPU", 0.0)
+    )
+    log.info("placement: %s", result.reason)
+    return result
 
 
 def fit_single(spec: JobSpec, job_dir: str) -> None:
@@ -52,21 +66,22 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserC
     paths = RunPaths(
         metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root, run_dir=objstore.join(run_root, name)
     )
+    where = placement(spec)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict()},
-        scaling_config=scaling_config(spec),
+        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(), "placement": where.to_dict()},
+        scaling_config=scaling_config(spec, where),
         run_config=run_config(spec, run_root, name, callbacks),
     )
 
 
-def scaling_config(spec: JobSpec) -> ScalingConfig:
+def scaling_config(spec: JobSpec, where: Placement) -> ScalingConfig:
     from ray.train import ScalingConfig
 
     return ScalingConfig(
-        num_workers=spec.scaling.num_workers,
-        use_gpu=use_gpu(spec),
-        resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker},
+        num_workers=where.num_workers,
+        use_gpu=where.use_gpu,
+        resources_per_worker={"CPU": where.cpus_per_worker, **spec.scaling.resources_per_worker},
     )
 
 

@@ -23,7 +23,10 @@ import objstore
 from trainer import checkpoint as ckpt
 from trainer import step
 from trainer.contract import CheckpointEntry, EpochMetrics
-from trainer.data import DeviceData, load_splits, use_channels_last
+from trainer.data import Dataset, DeviceData, load_splits
+from trainer.hardware import describe_device, usable_cpus
+from trainer.model import build_model
+from trainer.precision import Numerics, choose_numerics
 from trainer.spec import JobSpec
 from trainer.tensorboard import EventLog
 
@@ -46,16 +49,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+        # The CPUs Ray reserved for this worker, but never more threads than cores it may run on (a local
+        # cluster often advertises more logical CPUs than the machine has).
+        cpus = (config.get("placement") or {}).get("cpus_per_worker", 1)
+        torch.set_num_threads(max(1, min(int(cpus), usable_cpus())))
 
     train_set, val_set = load_splits(spec.data, spec.seed, spec.model.num_classes)
-    channels_last = use_channels_last(spec)
-    train_data = DeviceData(train_set, device, channels_last)
-    val_data = DeviceData(val_set, device, channels_last)
     local_batch = spec.optim.batch_size // world
+    numerics = _decide_numerics(spec, device, train_set, local_batch, rank, world)
+    train_data = DeviceData(train_set, device, numerics.channels_last)
+    val_data = DeviceData(val_set, device, numerics.channels_last)
     trainee = step.build(spec, device, train_data.steps_per_epoch(local_batch, world),
                          wrap=ray.train.torch.prepare_model,  # to the device, in DDP when world > 1
-                         channels_last=channels_last)
+                         numerics=numerics)
+    devices = _gather(describe_device(device), world)
+    if rank == 0:
+        print(f"devices: {', '.join(devices)}; numerics: {numerics.describe()}", flush=True)
 
     start_epoch = step.restore(trainee, step.newest_state(_ray_state(ray.train.get_checkpoint()),
                                                           paths.manifest_dir))
@@ -66,7 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, spec.optim.epochs + 1):
         metrics = step.run_epoch(trainee, spec, train_data, val_data, epoch=epoch, start_epoch=start_epoch,
-                                 rank=rank, world=world, local_batch=local_batch, node_ids=node_ids)
+                                 rank=rank, world=world, local_batch=local_batch, node_ids=node_ids,
+                                 devices=devices)
         if rank == 0:
             history.append(metrics)
             step.write_history(paths.metrics, history)
@@ -106,9 +116,28 @@ def _ray_state(ray_checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | 
 
 def _node_ids(world: int) -> list[str]:
     """Every rank's Ray node id (gathered to all), so logs and metrics show where the workers ran."""
-    node = ray.get_runtime_context().get_node_id()
+    return _gather(ray.get_runtime_context().get_node_id(), world)
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    """`value` of every rank, rank 0 first, on every rank."""
     if world == 1:
-        return [node]
+        return [value]
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, node)
+    dist.all_gather_object(gathered, value)
     return gathered
+
+
+def _decide_numerics(spec: JobSpec, device: torch.device, train_set: Dataset, local_batch: int, rank: int,
+                     world: int) -> Numerics:
+    """precision/channels_last for this run: rank 0 decides (timing candidates when `auto` leaves a choice,
+    trainer/precision.py) and every rank follows, so all ranks compute alike."""
+    decided: list[Any] = [None]
+    if rank == 0:
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model)
+        sample = train_set.take(torch.arange(min(len(train_set), local_batch)))
+        decided[0] = choose_numerics(spec, device, model, sample.images, sample.labels, local_batch).to_dict()
+    if world > 1:
+        dist.broadcast_object_list(decided, src=0)
+    return Numerics.from_dict(decided[0])

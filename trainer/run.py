@@ -21,6 +21,7 @@ from trainer import checkpoint as ckpt
 from trainer import contract
 from trainer.contract import CheckpointEntry, ErrorKind, ExitCode, RunState, SearchOutcome, Summary
 from trainer.data import DataError
+from trainer.placement import PlacementError
 from trainer.spec import JobSpec
 
 log = logging.getLogger("trainer.run")
@@ -164,7 +165,8 @@ def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseExc
 def classify(exc: BaseException) -> ErrorKind:
     """Why a run failed, looking through Ray's wrappers at the worker's error text."""
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, (UserError, DataError)) or "DataError" in text or "UserError" in text:
+    if isinstance(exc, (UserError, DataError, PlacementError)) or \
+            any(name in text for name in ("DataError", "UserError", "PlacementError")):
         return ErrorKind.USER
     if isinstance(exc, objstore.StorageUnavailable) or any(m in text for m in STORAGE_ERROR_MARKERS):
         return ErrorKind.STORAGE

@@ -16,7 +16,7 @@ import math
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -33,6 +33,23 @@ MAX_SEARCH_VALUES = 1_000             # values in one choice/grid list
 # memory behind cpus_per_worker's back.
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "trainctl_driver")
 RESERVED_RESOURCE_PREFIXES = ("node:",)
+
+
+def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any:
+    """A number in [low, high] (low excluded if low_open) or the string "auto", with one error message
+    naming both (a plain union would report one error per member, under odd field names)."""
+    bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return "auto"
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (kind is float or float(value).is_integer())
+        if not ok_type or not ((value > low if low_open else value >= low) and value <= high):
+            raise ValueError(f'must be "auto" or {"an integer" if kind is int else "a number"} {bound}, '
+                             f"got {value!r}")
+        return kind(value)
+    return Annotated[kind | Literal["auto"], PlainValidator(check, json_schema_input_type=kind | Literal["auto"])]
 
 
 class Section(BaseModel):
@@ -79,10 +96,15 @@ class ScheduleSpec(Section):
 
 
 class ScalingSpec(Section):
-    num_workers: int = Field(default=2, ge=1, le=1024)
-    # None = use GPUs when the cluster has one per worker, else CPUs.
+    # Resolved against the cluster when the run starts (trainer/placement.py, docs/scaling.md):
+    # "auto" = one worker per GPU (at most max_workers) when the cluster has GPUs, else one CPU worker.
+    num_workers: _auto_or(int, 1, 1024) = "auto"  # type: ignore[valid-type]
+    max_workers: int = Field(default=8, ge=1, le=1024, description="cap on num_workers=auto")
+    # None = GPUs whenever the cluster has at least one (asking for more than it has is an error naming
+    # scaling.num_workers, never a silent CPU run); true = GPUs, waiting for the autoscaler; false = CPUs.
     use_gpu: bool | None = None
-    cpus_per_worker: float = Field(default=1.0, gt=0.0, le=256.0)
+    # "auto" = the CPUs the worker can get: its node's CPUs (per GPU on GPU nodes) less one for the driver.
+    cpus_per_worker: _auto_or(float, 0, 256, low_open=True) = "auto"  # type: ignore[valid-type]
     # Extra Ray resources each worker reserves, e.g. {"trainslot": 1} to spread workers over nodes that
     # advertise one slot each, or {"accelerator_type:A10G": 0.001} to pin a GPU type.
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
@@ -182,8 +204,10 @@ class JobSpec(Section):
     optim: OptimSpec = OptimSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     scaling: ScalingSpec = ScalingSpec()
-    # auto = bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), fp32 elsewhere.
+    # auto = bf16 autocast on CUDA; on CPUs with native bf16 (AMX / AVX512-BF16) whichever of bf16 and fp32
+    # a few timed steps of the job's own model and batch find faster at start; fp32 elsewhere.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # auto = on for CUDA; on CPUs the faster memory layout by the same measurement (trainer/precision.py).
     channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
@@ -210,7 +234,7 @@ class JobSpec(Section):
         if m.se and m.se_reduction > min(m.widths):
             fail(("model", "se_reduction"), m.se_reduction,
                  f"must not exceed the smallest width ({min(m.widths)}), or the SE bottleneck has 0 channels")
-        if o.batch_size % s.num_workers:
+        if isinstance(s.num_workers, int) and o.batch_size % s.num_workers:
             fail(("optim", "batch_size"), o.batch_size,
                  f"the global batch must divide evenly over scaling.num_workers={s.num_workers}")
         if self.data.max_train_images is not None and self.data.max_train_images < o.batch_size:
@@ -292,7 +316,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"max_train_images": 512, "val_fraction": 0.25},
         "optim": {"lr": 0.05, "batch_size": 64, "epochs": 2, "weight_decay": 5e-4},
         "schedule": {"kind": "constant"},
-        "scaling": {"num_workers": 2, "use_gpu": False},
+        # Pinned: the tests run 2-worker DDP on CPUs, one thread each, whatever the cluster has.
+        "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
         "precision": "fp32",
         "exports": [],  # an export adds seconds to every test run; the export tests ask for it
     },

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import objstore
 from trainer import checkpoint as ckpt
 from trainer import contract
-from trainer.contract import EpochMetrics
+from trainer.contract import EpochMetrics, NumericsRecord
 from trainer.data import DeviceData
 from trainer.model import build_model
-from trainer.precision import autocast, resolve_precision
+from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.schedule import build_scheduler
 from trainer.spec import JobSpec
 
@@ -45,6 +45,7 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     amp_dtype: torch.dtype | None
+    numerics: Numerics | None = None  # precision + layout in use, and how they were chosen
 
     @property
     def lr(self) -> float:
@@ -61,9 +62,18 @@ def build(
     steps_per_epoch: int,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     channels_last: bool = False,
+    numerics: Numerics | None = None,
 ) -> Trainee:
     """The model, optimizer and schedule of `spec` on `device`. `wrap` moves the model to the device and
-    wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it."""
+    wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it.
+    `numerics` (trainer/precision.py) sets the precision and layout; without it, the rule (no measuring)."""
+    if numerics is not None:
+        channels_last = numerics.channels_last
+    if device.type == "cuda":
+        # Fixed batch shapes: let cuDNN time its convolution algorithms once and keep the fastest; fp32 runs
+        # may use TF32 tensor cores (bf16 autocast runs are unaffected).
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(spec.model)
     if channels_last:
@@ -76,7 +86,8 @@ def build(
         model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
     )
     scheduler = build_scheduler(optimizer, spec.schedule, steps_per_epoch, o.epochs)
-    return Trainee(model, raw_model, forward, optimizer, scheduler, device, resolve_precision(spec, device))
+    amp_dtype = numerics.amp_dtype if numerics is not None else resolve_precision(spec, device)
+    return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics)
 
 
 def restore(trainee: Trainee, state: dict[str, Any] | None) -> int:
@@ -99,6 +110,12 @@ def checkpoint_state(trainee: Trainee, spec: JobSpec, epoch: int, metrics: Epoch
         "spec": spec.model_dump_json(),
         "rng": torch.get_rng_state(),
         "metrics": metrics.scalars(),
+        # offline evaluation uses the run's own precision and layout (trainer/evaluate.py)
+        **(
+            {"numerics": {"precision": trainee.numerics.precision, "channels_last": trainee.numerics.channels_last}}
+            if trainee.numerics is not None
+            else {}
+        ),
     }
 
 
@@ -144,11 +161,13 @@ def train_epoch(
         loss.backward()
         trainee.optimizer.step()
         trainee.scheduler.step()
+        # torch.full, not torch.tensor(..., device=...): the latter is a blocking host-to-device copy every
+        # step, which keeps the CPU from queueing the next step while the GPU works.
         sums += torch.stack(
             [
                 loss.detach().float() * len(y),
                 (logits.argmax(1) == y).sum().float(),
-                torch.tensor(float(len(y)), device=device),
+                torch.full((), float(len(y)), device=device),
             ]
         )
     if device.type == "cuda":
@@ -169,7 +188,7 @@ def evaluate(
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
             sums += torch.stack(
-                [loss, (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)]
+                [loss, (logits.argmax(1) == y).sum().float(), torch.full((), float(len(y)), device=device)]
             )
     model.train(was_training)
     return sums
@@ -200,6 +219,8 @@ def epoch_metrics(
     epoch_seconds: float,
     resumed: bool,
     node_ids: list[str],
+    devices: list[str] | None = None,
+    numerics: Numerics | None = None,
 ) -> EpochMetrics:
     """One metrics.jsonl line from the all-reduced sums."""
     tl, tc, tn = train_sums.tolist()
@@ -217,6 +238,8 @@ def epoch_metrics(
         time=time.time(),
         resumed=resumed,
         node_ids=node_ids,
+        devices=devices or [],
+        numerics=NumericsRecord(**numerics.to_dict()) if numerics is not None else None,
     )
 
 
@@ -232,6 +255,7 @@ def run_epoch(
     world: int,
     local_batch: int,
     node_ids: list[str],
+    devices: list[str] | None = None,
 ) -> EpochMetrics:
     """Train one epoch, synchronise BatchNorm, evaluate, all-reduce: the epoch's metrics (equal on every
     rank). Every rank must call it (it runs collectives when world > 1)."""
@@ -260,6 +284,8 @@ def run_epoch(
         epoch_seconds=time.perf_counter() - t0,
         resumed=epoch == start_epoch and start_epoch > 1,
         node_ids=node_ids,
+        devices=devices,
+        numerics=trainee.numerics,
     )
 
 

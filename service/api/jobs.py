@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import threading
 from typing import Annotated, Any, Literal
 
@@ -115,7 +116,9 @@ def get_metrics(job: JobDep, runner: RunnerDep,
     writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
     writer.writeheader()
     for m in metrics:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.model_dump().items()})
+        row = m.model_dump()
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else
+                         json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()})
     return PlainTextResponse(out.getvalue(), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 

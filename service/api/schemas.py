@@ -14,7 +14,7 @@ from service import jobdir
 from service.states import JobState
 from service.store import Job
 from trainer import contract
-from trainer.contract import EpochMetrics, TrialRow
+from trainer.contract import EpochMetrics, NumericsRecord, TrialRow
 from trainer.spec import JobSpec, resolve
 
 
@@ -86,6 +86,10 @@ class JobView(BaseModel):
     updated_at: dt.datetime
     spec: dict[str, Any] | None = None
     search: SearchProgress | None = Field(default=None, description="searches only: trials and best so far")
+    devices: list[str] | None = Field(default=None, description="what each rank trains on, rank 0 first, e.g. "
+                                      "[\"cuda:0 NVIDIA H100 80GB HBM3\"] (from the latest epoch's metrics)")
+    numerics: NumericsRecord | None = Field(default=None, description="precision and channels_last in use, how they "
+                                            "were chosen and, when measured, each candidate's images/s")
 
 
 class JobList(BaseModel):
@@ -161,4 +165,5 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     return JobView(id=job.id, owner=job.owner, state=job.state, progress=Progress(**progress), metrics=latest,
                    best_val_acc=best, attempts=job.attempts, attempt_log=job.attempt_log, message=job.message,
                    ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),
-                   updated_at=_time(job.updated_at), spec=job.spec if with_spec else None, search=search)
+                   updated_at=_time(job.updated_at), spec=job.spec if with_spec else None, search=search,
+                   devices=latest.devices or None if latest else None, numerics=latest.numerics if latest else None)

@@ -226,3 +226,24 @@ def test_version_and_completion(capsys) -> None:
     import subprocess
 
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_watch_prints_the_devices_once(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def job(state: str, epoch: int, devices: list[str] | None) -> dict:
+        return {"id": "j1", "state": state, "progress": {"epoch": epoch, "epochs": 3, "eta_seconds": None},
+                "metrics": {"val_acc": 0.5} if epoch else None, "best_val_acc": None, "message": None,
+                "devices": devices, "numerics": {"precision": "bf16", "channels_last": True, "chosen_by": "measured",
+                                                 "images_per_s": {"bf16": 170.0, "fp32": 100.0}} if devices else None}
+    devs = ["cpu (1 threads, bf16 AVX512-BF16) AMD EPYC"] * 2
+    answers = iter([job("RUNNING", 0, None), job("RUNNING", 1, devs), job("RUNNING", 2, devs),
+                    job("SUCCEEDED", 3, devs)])
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
+        "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=next(answers)))))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["watch", "j1", "--interval", "0"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("devices: ") == 1, out
+    assert (f"devices: {devs[0]}, {devs[1]} · bf16 + channels_last (measured: bf16 170.0 img/s, fp32 100.0 img/s)"
+            in out)
+    assert "epoch 3/3" in out

@@ -15,6 +15,7 @@ from trainer.data import DeviceData, load
 from trainer.evaluate import load_model, predict_logits, predict_to_csv
 from trainer.export import export_checkpoint
 from trainer.model import build_model
+from trainer.precision import Numerics
 from trainer.spec import resolve
 
 pytestmark = pytest.mark.slow  # trains a few steps and exports twice: ~1 minute
@@ -50,7 +51,7 @@ def test_exports_predict_like_evaluate(checkpoint: str, images: torch.Tensor, tm
     assert {e.name for e in entries} == {"model.safetensors", "model.pt2"}
     for e in entries:
         assert e.sha256 == ckpt.sha256_file(e.uri) and e.size == Path(e.uri).stat().st_size
-    reference = predict_logits(*load_model(checkpoint), images)  # what `evaluate` computes
+    reference = predict_logits(*_model_and_numerics(checkpoint), images)  # what `evaluate` computes
 
     program = torch.export.load(str(tmp_path / "model.pt2")).module()  # plain torch from here on
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_predict_reads_folders_parquets_and_exports(checkpoint: str, images: tor
     for i in range(20):
         write_png(images[i], str(folder / f"img{i:03d}.png"))
     export_checkpoint(checkpoint, str(tmp_path / "export"), ["pt2"])
-    expected = predict_logits(*load_model(checkpoint), images[:20]).argmax(1).tolist()
+    expected = predict_logits(*_model_and_numerics(checkpoint), images[:20]).argmax(1).tolist()
 
     for model in (checkpoint, str(tmp_path / "export" / "model.pt2")):
         out = tmp_path / "pred.csv"
@@ -93,3 +94,8 @@ def test_predict_reads_folders_parquets_and_exports(checkpoint: str, images: tor
     out = tmp_path / "parquet.csv"
     assert predict_to_csv(checkpoint, str(small), str(out)) == 20
     assert [int(r[1]) for r in list(csv.reader(out.open()))[1:]] == expected
+
+
+def _model_and_numerics(checkpoint: str) -> tuple[torch.nn.Module, Numerics]:
+    model, _spec, numerics = load_model(checkpoint)  # the run's own precision and layout, as evaluate uses
+    return model, numerics

@@ -154,3 +154,16 @@ def test_forwarded_env_holds_no_secret(monkeypatch):
     env = forwarded_env()
     assert env["TRAINCTL_S3_ENDPOINT"] == "http://127.0.0.1:8333"
     assert not set(secrets) & set(env) and not set(secrets.values()) & set(env.values())
+
+
+def test_every_rank_names_its_device_and_the_numerics_are_recorded(trained_job):
+    metrics = read_jsonl(trained_job / "metrics.jsonl")
+    for m in metrics:
+        # the debug preset: 2 CPU workers, 1 CPU each → one thread each
+        assert len(m["devices"]) == 2 and all(d.startswith("cpu (1 threads, ") for d in m["devices"]), m["devices"]
+        # precision pinned to fp32 by the preset; the layout (auto) was timed on the job's own model and batch
+        n = m["numerics"]
+        assert n["precision"] == "fp32" and n["chosen_by"] == "measured", n
+        assert set(n["images_per_s"]) == {"fp32", "fp32+channels_last"} and n["channels_last"] in (True, False)
+    state = ckpt.load(json.loads((trained_job / "summary.json").read_text())["best_checkpoint"])
+    assert state["numerics"] == {"precision": "fp32", "channels_last": metrics[0]["numerics"]["channels_last"]}
