@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import cli
+from service import cli, client
 
 
 def parse(*argv: str):
@@ -36,7 +36,7 @@ def test_submit_body_from_preset_and_file(tmp_path: Path) -> None:
 
 def test_token_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINCTL_TOKEN", raising=False)
-    monkeypatch.setattr(cli, "CONFIG_PATH", tmp_path / "config.json")
+    monkeypatch.setattr(client, "CONFIG_PATH", tmp_path / "config.json")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "admin-token").write_text("tok-file\n")
     assert cli._token(parse("list", "--data-dir", str(tmp_path / "data"))) == "tok-file"
@@ -58,8 +58,8 @@ def test_best_verifies_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=payload, headers={"X-Checkpoint-SHA256": sha})
 
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: httpx.Client(
-        base_url="http://test", transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
+        "http://test", None, transport=httpx.MockTransport(handler)))
     out = tmp_path / "best.pt"
     args = parse("best", "job1", "-o", str(out))
     if announced_ok:
@@ -74,8 +74,8 @@ def test_best_verifies_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_errors_are_printed_with_fields(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     body = {"error": {"code": "invalid_spec", "message": "1 invalid field(s)",
                       "details": [{"field": "optim.lr", "message": "Input should be greater than 0"}]}}
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: httpx.Client(
-        base_url="http://test", transport=httpx.MockTransport(lambda r: httpx.Response(422, json=body))))
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
+        "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(422, json=body))))
     with pytest.raises(SystemExit) as exc:
         cli.main(["submit", "--preset", "debug", "--set", "optim.lr=-1"])
     assert exc.value.code == 1
@@ -110,8 +110,8 @@ class FakeService:
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, fake: FakeService) -> None:
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: httpx.Client(
-        base_url="http://test", transport=httpx.MockTransport(fake.handler)))
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
+        "http://test", None, transport=httpx.MockTransport(fake.handler)))
     monkeypatch.setattr(cli.time, "sleep", lambda s: None)
 
 
