@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ CliError = ClientError  # what the CLI prints as `error: ...` with exit status 1
 # --- connection ------------------------------------------------------------------------------------------------
 
 def _url(args: argparse.Namespace) -> str:
-    return resolve_url(args.url)
+    return resolve_url(args.url, args.data_dir)
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -224,11 +225,27 @@ def cmd_trials(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        data = api.checkpoints(args.id)
+    if args.json:
+        _print_json(data)
+        return 0
+    if not data["checkpoints"]:
+        print(f"job {args.id} has no checkpoint yet")
+        return 0
+    print(f"{'EPOCH':>5} {'VAL_ACC':>8} {'SIZE':>12}  SHA256")
+    for c in data["checkpoints"]:
+        print(f"{c['epoch'] if c['epoch'] is not None else '-':>5} {_fmt_acc(c['val_acc']):>8} "
+              f"{c['size'] if c['size'] is not None else '-':>12}  {c['sha256'] or '-'}")
+    print(f"download the best with: trainctl best {args.id}")
+    return 0
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     """Download the best checkpoint; written only once its sha256 matches what the server announced."""
-    out = Path(args.output)
     with _client(args, timeout=300) as api:
-        sha256, size = api.download_best(args.id, out)
+        sha256, size, out = api.download_best(args.id, Path(args.output) if args.output else None)
     if args.json:
         _print_json({"path": str(out), "sha256": sha256, "size": size})
     else:
@@ -252,6 +269,12 @@ def _serve(args: argparse.Namespace) -> int:
     from service.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
 
     return cmd_serve(args)
+
+
+def _down(args: argparse.Namespace) -> int:
+    from service.serve import cmd_down
+
+    return cmd_down(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,8 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("best", parents=[common], help="download the best checkpoint (sha256-verified)")
     s.add_argument("id")
-    s.add_argument("-o", "--output", required=True, help="where to write the checkpoint")
+    s.add_argument("-o", "--output", help="where to write the checkpoint (default <id>-epochN.pt here)")
     s.set_defaults(fn=cmd_best)
+
+    s = sub.add_parser("checkpoints", parents=[common], help="the kept checkpoints: epoch, val_acc, size, sha256")
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_checkpoints)
+
+    s = sub.add_parser("down", parents=[common], help="stop this data dir's `serve` and its local Ray head "
+                                                      "(which otherwise outlives `serve`)")
+    s.set_defaults(fn=_down)
 
     s = sub.add_parser("token", help="manage API tokens")
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -328,15 +359,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ids_as_positionals(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Job ids made before ids stopped starting with '-' (`-Xb3...`) would read as options: a token that
+    starts with '-', is not an option of the command and is as long as an id goes after `--`, where argparse
+    takes it as the id."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None or not argv or argv[0] not in sub.choices:
+        return argv
+    command = sub.choices[argv[0]]
+    if not any(a.dest == "id" and not a.option_strings for a in command._actions):
+        return argv
+    takes_value = {o for a in command._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
+    known = {o for a in command._actions for o in a.option_strings}
+    rest, ids, skip = [], [], False
+    for tok in argv[1:]:
+        if skip:
+            rest.append(tok)
+            skip = False
+        elif tok.startswith("-") and len(tok) >= 16 and tok.split("=", 1)[0] not in known and "--" not in rest:
+            ids.append(tok)
+        else:
+            rest.append(tok)
+            skip = tok in takes_value
+    return [argv[0], *rest, "--", *ids] if ids else argv
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_ids_as_positionals(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         code = args.fn(args)
+        sys.stdout.flush()
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # `trainctl list --json | head`: the reader left; that is not an error worth a traceback. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

@@ -7,7 +7,8 @@ The CLI is one user of it; scripts and notebooks can use it too:
     job = api.submit({"preset": "debug", "overrides": {"data.train": "/data/train.parquet"}})
     print(api.job(job["id"])["state"])
 
-Where to connect: the `url` argument, else TRAINCTL_URL, else ~/.config/trainctl/config.json {"url", "token"},
+Where to connect: the `url` argument, else TRAINCTL_URL, else the URL a running `trainctl serve` recorded in
+<data dir>/serve.json, else ~/.config/trainctl/config.json {"url", "token"},
 else http://127.0.0.1:8000. The token: the `token` argument, else TRAINCTL_TOKEN, else <data dir>/admin-token
 (data dir from the argument / TRAINCTL_DATA_DIR, default ./data), else the config file.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +42,20 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
         return {}
 
 
-def resolve_url(url: str | None = None) -> str:
-    return (url or os.environ.get("TRAINCTL_URL") or load_config().get("url") or DEFAULT_URL).rstrip("/")
+def resolve_url(url: str | None = None, data_dir: str | None = None) -> str:
+    return (url or os.environ.get("TRAINCTL_URL") or served_url(data_dir) or load_config().get("url")
+            or DEFAULT_URL).rstrip("/")
+
+
+def served_url(data_dir: str | None = None) -> str | None:
+    """The URL `trainctl serve` recorded in its data dir (<data dir>/serve.json) while it runs, so a
+    `serve --port N` is found by the CLI run with the same data dir."""
+    folder = Path(data_dir or os.environ.get("TRAINCTL_DATA_DIR") or "data").expanduser()
+    try:
+        url = json.loads((folder / "serve.json").read_text()).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) and url.startswith("http") else None
 
 
 def resolve_token(token: str | None = None, data_dir: str | None = None) -> str | None:
@@ -150,28 +164,37 @@ class TrainctlClient:
     def metrics_csv(self, job_id: str) -> str:
         return self.request("GET", f"/v1/jobs/{job_id}/metrics", params={"format": "csv"}).text
 
+    def checkpoints(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints").json()  # type: ignore[no-any-return]
+
     def trials(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/trials").json()  # type: ignore[no-any-return]
 
     def create_token(self, name: str) -> dict[str, Any]:
         return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
 
-    def download_best(self, job_id: str, out: Path) -> tuple[str, int]:
+    def download_best(self, job_id: str, out: Path | None = None) -> tuple[str, int, Path]:
         """Download the best checkpoint to `<out>.part`, check its sha256 against X-Checkpoint-SHA256, and only
-        then move it to `out`; a mismatch deletes it and raises. Returns (sha256, size)."""
-        part = out.with_name(out.name + ".part")
+        then move it to `out` (default: the server's name for it, `<id>-epochN.pt`, in the working directory);
+        a mismatch deletes it and raises. Returns (sha256, size, path)."""
         digest, size = hashlib.sha256(), 0
+        part: Path | None = None
         try:
             with self.stream("GET", f"/v1/jobs/{job_id}/checkpoints/best") as resp:
                 expected = resp.headers.get("X-Checkpoint-SHA256")
+                if out is None:
+                    out = Path(_attachment_name(resp.headers.get("Content-Disposition")) or f"{job_id}-best.pt")
+                part = out.with_name(out.name + ".part")
                 with open(part, "wb") as f:
                     for chunk in resp.iter_bytes(1 << 20):
                         f.write(chunk)
                         digest.update(chunk)
                         size += len(chunk)
         except BaseException:
-            part.unlink(missing_ok=True)
+            if part is not None:
+                part.unlink(missing_ok=True)
             raise
+        assert out is not None and part is not None
         actual = digest.hexdigest()
         if not expected or actual != expected:
             part.unlink(missing_ok=True)
@@ -179,4 +202,11 @@ class TrainctlClient:
                               f"{actual}; {out} was NOT written. Try again; if it persists the stored checkpoint "
                               "is damaged.")
         os.replace(part, out)
-        return actual, size
+        return actual, size, out
+
+
+def _attachment_name(disposition: str | None) -> str | None:
+    """The file name of `attachment; filename="x.pt"`, reduced to a bare name (never a path)."""
+    m = re.search(r'filename="?([^";]+)"?', disposition or "")
+    name = os.path.basename(m.group(1)) if m else ""
+    return name if name and not name.startswith(".") else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import threading
 import time
@@ -30,6 +31,47 @@ FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TR
 
 # trainer.run's exit codes (docs/architecture.md).
 EXIT_USER, EXIT_STORAGE = 2, 3
+# Resubmissions after failures the cluster or the service caused (the head restarted, the driver was killed by
+# a signal, Ray stopped it) do not count against checkpoint.max_restarts; this caps them so a cluster that
+# keeps killing a job cannot resubmit it forever.
+MAX_FREE_RESTARTS = 10
+
+
+def cluster_caused(info: RayJobInfo | None) -> bool:
+    """Whether a run that ended without success was ended by the cluster or the service, not by the job's
+    own code: Ray forgot it (the head restarted), stopped it without our cancel, or its driver never exited
+    by itself (no exit code: it never started or its supervisor died; a signal: killed from outside)."""
+    if info is None or info.status == "STOPPED":
+        return True
+    code = info.exit_code
+    return code is None or code < 0 or code in (128 + 9, 128 + 15)
+
+
+# `trainer.data.DataError: ...` inside the worker traceback Ray wraps an error in: our own error types first.
+_OWN_ERROR = re.compile(r"^(?:[\w.]+\.)?((?:DataError|UserError|StorageUnavailable)\b.*)$")
+_ANY_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b:.*)$")
+
+
+def reason_line(text: str, limit: int = 300) -> str:
+    """One line of reason from an error text that may hold tracebacks (Ray wraps a worker's error with its
+    traceback): the last line naming one of our own error types, else the last `SomethingError: ...`
+    line, else the first line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for pattern in (_OWN_ERROR, _ANY_ERROR):
+        found = [m.group(1) for ln in lines if (m := pattern.match(ln))]
+        if found:
+            line = found[-1]
+            break
+    else:
+        line = lines[0] if lines else str(text)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def restarts_charged(attempt_log: list[dict[str, Any]]) -> tuple[int, int]:
+    """(resubmissions charged to checkpoint.max_restarts, free ones caused by the cluster or service)."""
+    later = [e for e in attempt_log if int(e.get("attempt", 1)) > 1]
+    free = sum(1 for e in later if e.get("charged") is False)
+    return len(later) - free, free
 
 
 class Runner:
@@ -70,7 +112,7 @@ class Runner:
                     continue
                 free -= 1
 
-    def _submit(self, job: Job, attempt: int, reason: str) -> Job:
+    def _submit(self, job: Job, attempt: int, reason: str, charged: bool = True) -> Job:
         """Write spec.json, submit `<id>-<attempt>` to Ray, then record it (STARTING). The record is written
         after Ray accepted the job, so attempts only count real submissions; if the job was cancelled in the
         meantime the new Ray job is stopped again."""
@@ -82,6 +124,8 @@ class Runner:
                         env_vars=env, metadata={"trainctl_job_id": job.id, "attempt": str(attempt)},
                         resources=self.settings.entrypoint_resources or None)
         entry = {"attempt": attempt, "submission_id": submission_id, "reason": reason, "submitted_at": time.time()}
+        if attempt > 1:
+            entry["charged"] = charged  # counts against checkpoint.max_restarts
         try:
             return self.store.transition(job.id, JobState.STARTING, expect={job.state},
                                          ray_submission_id=submission_id, attempts=attempt,
@@ -151,7 +195,7 @@ class Runner:
         if info is None:
             # Ray forgot the job (the head restarted) or the submission never landed: the driver is gone.
             self._after_failure(job, job_dir, f"Ray has no record of {job.ray_submission_id} "
-                                              "(head restarted?)", exit_code=None)
+                                              "(head restarted?)", exit_code=None, by_cluster=True)
             return
         if not info.is_terminal:
             if job.cancel_requested:  # an earlier cancel could not reach Ray
@@ -187,31 +231,37 @@ class Runner:
             return
         self._after_failure(job, job_dir, f"Ray job {job.ray_submission_id} {info.status}: "
                                           f"{(info.message or '').strip()[:500]}", exit_code=info.exit_code,
-                            summary=summary)
+                            summary=summary, by_cluster=cluster_caused(info))
 
     def _after_failure(self, job: Job, job_dir: str, reason: str, exit_code: int | None,
-                       summary: dict[str, Any] | None = None) -> None:
+                       summary: dict[str, Any] | None = None, by_cluster: bool = False) -> None:
         """A run ended without success and without our cancel: retry infrastructure failures up to
-        spec.checkpoint.max_restarts times, never a user error; a storage outage fails the job."""
+        spec.checkpoint.max_restarts times, never a user error; a storage outage fails the job. A failure the
+        cluster or service caused (`by_cluster`) is retried without using up the job's own budget."""
         if summary is None and exit_code != EXIT_STORAGE:
             summary = jobdir.read_summary(job_dir)
         kind = summary.get("error_kind") if summary and summary.get("state") == "failed" else None
-        error = (summary or {}).get("error") or reason
+        # The message is one line of reason, first (what `trainctl list` shows); tracebacks stay in the log.
+        error = reason_line((summary or {}).get("error") or reason)
         if kind == "user" or exit_code == EXIT_USER:
-            self._fail(job.id, f"the job's spec or data is wrong (not retried): {error}")
+            self._fail(job.id, f"{error} (the job's spec or data is wrong; not retried)")
             return
         if kind == "storage" or exit_code == EXIT_STORAGE:
             self._fail(job.id, f"storage was unreachable ({objstore.redact(self.settings.storage_root)}): {error}")
             return
         max_restarts = int(job.spec.get("checkpoint", {}).get("max_restarts", 0))
-        if job.attempts - 1 < max_restarts:
-            log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, reason)
+        charged, free = restarts_charged(job.attempt_log)
+        if (free < MAX_FREE_RESTARTS) if by_cluster else (charged < max_restarts):
+            log.warning("job %s attempt %d failed (%s); resubmitting%s", job.id, job.attempts, reason,
+                        " (caused by the cluster: not counted against max_restarts)" if by_cluster else "")
             # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
             # attempt's if that one dies before writing its own.
             objstore.delete_tree(objstore.join(job_dir, jobdir.SUMMARY))
-            self._submit(job, attempt=job.attempts + 1, reason=f"attempt {job.attempts} failed: {error}")
+            self._submit(job, attempt=job.attempts + 1, reason=f"attempt {job.attempts} failed: {error}",
+                         charged=not by_cluster)
         else:
-            self._fail(job.id, f"failed after {job.attempts} attempt(s): {error}")
+            self._fail(job.id, f"{error} (failed after {job.attempts} attempt(s); {charged} restart(s) of "
+                               f"checkpoint.max_restarts={max_restarts} used)")
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.transition(job_id, JobState.FAILED, message=message)
