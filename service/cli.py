@@ -157,25 +157,42 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    """Every attempt's log (each under a header when there were several); with -f, then the current attempt's
+    new lines until the job ends. No log is an error saying why, except while -f waits for a queued job."""
     api = _client(args)
-    text = api.logs(args.id, tail=None if args.follow else args.tail)
-    sys.stdout.write(text)
     if not args.follow:
+        sys.stdout.write(api.logs(args.id, tail=args.tail))
         return 0
-    seen, submission = len(text), None
+    seen: int | None = None  # how much of the current attempt's log is printed
+    attempt = None
     while True:
         job = api.job(args.id)
-        if submission is not None and job["ray_submission_id"] != submission:
-            seen = 0  # a new attempt: its log starts afresh
-            print(f"--- attempt {job['attempts']} ---")
-        submission = job["ray_submission_id"]
-        text = api.logs(args.id)
-        sys.stdout.write(text[seen:])
+        if job["attempts"] and job["attempts"] != attempt:
+            if attempt is None:  # first look: everything so far, then follow the current attempt
+                text = _logs_or_empty(api, args.id, None)
+                sys.stdout.write(text)
+                seen = len(_logs_or_empty(api, args.id, job["attempts"])) if job["attempts"] > 1 else len(text)
+            else:
+                print(f"=== attempt {job['attempts']} ===")
+                seen = 0
+            attempt = job["attempts"]
+        if attempt is not None:
+            text = _logs_or_empty(api, args.id, attempt)
+            sys.stdout.write(text[seen:])
+            seen = len(text)
         sys.stdout.flush()
-        seen = len(text)
         if job["state"] in TERMINAL:
             return 0
         time.sleep(2)
+
+
+def _logs_or_empty(api: TrainctlClient, job_id: str, attempt: int | None) -> str:
+    try:
+        return api.logs(job_id, attempt=attempt)
+    except ClientError as exc:
+        if str(exc).startswith("no_log:"):
+            return ""
+        raise
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -154,8 +154,8 @@ class TrainctlClient:
     def delete(self, job_id: str) -> None:
         self.request("DELETE", f"/v1/jobs/{job_id}")
 
-    def logs(self, job_id: str, tail: int | None = None) -> str:
-        params = {"tail": tail} if tail is not None else {}
+    def logs(self, job_id: str, tail: int | None = None, attempt: int | None = None) -> str:
+        params = {k: v for k, v in (("tail", tail), ("attempt", attempt)) if v is not None}
         return self.request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
     def metrics(self, job_id: str) -> dict[str, Any]:

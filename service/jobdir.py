@@ -13,10 +13,19 @@ from trainer.spec import SearchSpec
 
 SPEC, METRICS, MANIFEST, SUMMARY = "spec.json", "metrics.jsonl", "manifest.json", "summary.json"
 TRIALS = "trials.json"  # searches only
+LOGS = "logs"  # logs/attempt-N.log: each attempt's driver log, copied there by the service while it runs
 
 
 def job_uri(storage_root: str, job_id: str) -> str:
     return objstore.join(storage_root, "jobs", job_id)
+
+
+def attempt_log_uri(job_dir: str, attempt: int) -> str:
+    return objstore.join(job_dir, LOGS, f"attempt-{attempt}.log")
+
+
+def read_attempt_log(job_dir: str, attempt: int) -> str | None:
+    return _read_text(attempt_log_uri(job_dir, attempt))
 
 
 def _read_text(uri: str) -> str | None:

@@ -35,6 +35,18 @@ EXIT_USER, EXIT_STORAGE = 2, 3
 # a signal, Ray stopped it) do not count against checkpoint.max_restarts; this caps them so a cluster that
 # keeps killing a job cannot resubmit it forever.
 MAX_FREE_RESTARTS = 10
+# A running attempt's driver log is copied into the job dir at most this often (and once more at its end).
+LOG_COPY_INTERVAL_S = 5.0
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """Ray's driver log colours its lines; a saved log, and one served over HTTP, is plain text."""
+    return _ANSI.sub("", text)
+
+
+class NoLog(Exception):
+    """There is no log to show; the message says why."""
 
 
 def cluster_caused(info: RayJobInfo | None) -> bool:
@@ -78,6 +90,7 @@ class Runner:
     def __init__(self, settings: Settings, store: Store, ray: RayJobs) -> None:
         self.settings, self.store, self.ray = settings, store, ray
         self._lock = threading.RLock()
+        self._log_copies: dict[str, tuple[float, int]] = {}  # submission id -> (when copied, length)
 
     # --- paths and the job directory ---------------------------------------------------------------------
 
@@ -203,10 +216,12 @@ class Runner:
                     self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
                 return
             if info.status == "RUNNING":
+                self._copy_log(job, job_dir)
                 self._record_progress(job, job_dir)
                 if job.state is JobState.STARTING:
                     self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING})
             return
+        self._copy_log(job, job_dir, final=True)
         # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
         # it, so what cannot be read now counts as missing and the exit code decides.
         storage_up = True
@@ -278,14 +293,77 @@ class Runner:
 
     # --- logs and deletion -----------------------------------------------------------------------------------
 
-    def logs(self, job: Job, tail: int | None = None) -> str:
-        if not job.ray_submission_id:
-            return ""
-        text = self.ray.logs(job.ray_submission_id)
+    def _copy_log(self, job: Job, job_dir: str, final: bool = False) -> None:
+        """Copy the current attempt's driver log (ANSI colours stripped) to logs/attempt-N.log, at most every
+        LOG_COPY_INTERVAL_S while it runs and once at its end, so it survives the Ray head. Best effort: a log
+        that cannot be copied now must never hold up reconciling the job."""
+        sid = job.ray_submission_id
+        if not sid:
+            return
+        when, length = self._log_copies.get(sid, (0.0, -1))
+        if not final and time.monotonic() - when < LOG_COPY_INTERVAL_S:
+            return
+        try:
+            text = strip_ansi(self.ray.logs(sid))
+            if len(text) != length and (text or length < 0):
+                objstore.write_text(jobdir.attempt_log_uri(job_dir, job.attempts), text)
+            self._log_copies[sid] = (time.monotonic(), len(text))
+        except Exception as exc:  # noqa: BLE001 - best effort, see above
+            log.info("could not copy the log of %s: %s", sid, exc)
+        if final:
+            self._log_copies.pop(sid, None)
+
+    def logs(self, job: Job, tail: int | None = None, attempt: int | None = None) -> str:
+        """The driver log of one attempt, or of every attempt (each under a header) when there were several:
+        the running attempt's live from Ray, the others from the copies in the job dir. Raises NoLog saying
+        why when there is none."""
+        if job.attempts == 0:
+            raise NoLog(f"job {job.id} is {job.state} and has not started, so it has no log yet")
+        if attempt is not None and not 1 <= attempt <= job.attempts:
+            raise NoLog(f"job {job.id} has no attempt {attempt}; it had {job.attempts}")
+        job_dir = self.job_dir(job.id)
+        numbers = [attempt] if attempt is not None else list(range(1, job.attempts + 1))
+        parts, missing = [], []
+        for n in numbers:
+            text = self._attempt_log(job, job_dir, n)
+            if text is None:
+                missing.append(n)
+                continue
+            if len(numbers) > 1:
+                entry = next((e for e in job.attempt_log if e.get("attempt") == n), {})
+                text = f"=== attempt {n} ({entry.get('submission_id', '?')}): {entry.get('reason', '')} ===\n" + text
+            parts.append(text)
+        if not parts:
+            raise NoLog(f"no log was kept for attempt(s) {', '.join(map(str, missing))} of job {job.id}: the Ray "
+                        "head that ran it no longer knows it and no copy reached the job dir (logs/attempt-N.log)")
+        text = "".join(parts)
         if tail is not None:
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-tail:]) if tail > 0 else ""
         return text
+
+    def _attempt_log(self, job: Job, job_dir: str, attempt: int) -> str | None:
+        current = attempt == job.attempts and not job.state.is_terminal()
+        if current and job.ray_submission_id:
+            try:
+                if self.ray.info(job.ray_submission_id) is not None:
+                    return strip_ansi(self.ray.logs(job.ray_submission_id))
+            except RayUnavailable:
+                saved = jobdir.read_attempt_log(job_dir, attempt)
+                if saved is None:
+                    raise  # 503: the live log is there, just not reachable right now
+                return saved
+        saved = jobdir.read_attempt_log(job_dir, attempt)
+        if saved is not None:
+            return saved
+        entry = next((e for e in job.attempt_log if e.get("attempt") == attempt), None)
+        if entry and entry.get("submission_id"):  # finished before logs were copied: Ray may still have it
+            try:
+                if self.ray.info(entry["submission_id"]) is not None:
+                    return strip_ansi(self.ray.logs(entry["submission_id"]))
+            except RayUnavailable:
+                pass
+        return None
 
     def delete(self, job: Job) -> bool:
         """Delete a terminal job: its storage prefix, its Ray job records (best effort), then its record."""

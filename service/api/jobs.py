@@ -22,6 +22,7 @@ from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView
                                  TrialList, TrialView, job_view, request_hash, resolve_body)
 from service.errors import ApiError
 from service.states import JobState
+from service.runner import NoLog
 from service.store import IdempotencyConflict
 
 router = APIRouter(tags=["jobs"])
@@ -98,9 +99,15 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
 def get_logs(job: JobDep, runner: RunnerDep,
-             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
-    """The Ray job's driver log of the current attempt (empty while queued)."""
-    return runner.logs(job, tail)
+             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None,
+             attempt: Annotated[int | None, Query(ge=1, description="one attempt's log only")] = None) -> str:
+    """The driver log (ANSI colours stripped): of every attempt, each under a header, or of one `attempt`.
+    Kept in the job dir (logs/attempt-N.log), so it outlives the Ray head; 404 `no_log` says why there is
+    none (queued, or the log was lost)."""
+    try:
+        return runner.logs(job, tail, attempt)
+    except NoLog as exc:
+        raise ApiError(404, "no_log", str(exc)) from None
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)

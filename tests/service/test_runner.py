@@ -245,3 +245,30 @@ def test_a_submission_wakes_the_reconciler(make_api) -> None:
         time.sleep(0.05)
     api.client.__exit__(None, None, None)  # lifespan shutdown stops the reconciler cleanly
     assert api.client.app.state.trainctl.reconciler._task is None
+
+
+def test_logs_are_kept_per_attempt_and_outlive_ray(api: Api) -> None:
+    job_id = submit(api)
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_log" and "QUEUED" in r.json()["error"]["message"]
+    api.reconcile()
+    api.ray.jobs[f"{job_id}-1"].logs = "\x1b[36m(RayTrainWorker pid=1)\x1b[0m epoch 1\n"
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.reconcile()
+    saved = api.job_dir(job_id) / "logs" / "attempt-1.log"
+    assert saved.read_text() == "(RayTrainWorker pid=1) epoch 1\n"  # copied while it runs, colours stripped
+    api.ray.forget(f"{job_id}-1")  # the head restarted: Ray's copy is gone; the job is resubmitted
+    api.reconcile()
+    api.ray.jobs[f"{job_id}-2"].logs = "resumed at epoch 2\n"
+    write_summary(api, job_id, state="succeeded", best_val_acc=0.4, epochs_completed=2)
+    api.ray.set(f"{job_id}-2", "SUCCEEDED", exit_code=0)
+    api.reconcile()
+    api.ray.forget(f"{job_id}-2")
+    text = api.get(f"/v1/jobs/{job_id}/logs").text
+    assert "(RayTrainWorker pid=1) epoch 1" in text and "resumed at epoch 2" in text
+    assert text.index("=== attempt 1") < text.index("=== attempt 2")
+    assert api.get(f"/v1/jobs/{job_id}/logs", params={"attempt": 2}).text == "resumed at epoch 2\n"
+    (api.job_dir(job_id) / "logs" / "attempt-1.log").unlink()
+    (api.job_dir(job_id) / "logs" / "attempt-2.log").unlink()
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    assert r.status_code == 404 and "no log was kept" in r.json()["error"]["message"]
