@@ -60,8 +60,11 @@ def _progress_line(job: dict[str, Any]) -> str:
         return (f"{job['state']:<9} trials {s['trials_finished']}/{s['trials_total']} done, {s['trials_running']} "
                 f"running, {s['stopped_early']} stopped early  best {s['metric']} {_fmt_acc(s['best_metric'])}"
                 f" ({s['best_trial'] or '-'})")
-    return (f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
+    line = (f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
             f"  best {_fmt_acc(job.get('best_val_acc'))}  eta {_fmt_eta(p.get('eta_seconds'))}")
+    if job["state"] in ("QUEUED", "STARTING") and job.get("message"):
+        line += f"  ({job['message']})"  # what it waits for, e.g. "waiting for resources: needs 8 CPU, 2 free"
+    return line
 
 
 # --- commands talking to the service ---------------------------------------------------------------------------

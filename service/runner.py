@@ -79,6 +79,10 @@ def reason_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _is_wait_message(message: str | None) -> bool:
+    return bool(message) and message.startswith(("waiting for resources", "starting:"))  # type: ignore[union-attr]
+
+
 def restarts_charged(attempt_log: list[dict[str, Any]]) -> tuple[int, int]:
     """(resubmissions charged to checkpoint.max_restarts, free ones caused by the cluster or service)."""
     later = [e for e in attempt_log if int(e.get("attempt", 1)) > 1]
@@ -219,7 +223,7 @@ class Runner:
                 self._copy_log(job, job_dir)
                 self._record_progress(job, job_dir)
                 if job.state is JobState.STARTING:
-                    self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING})
+                    self._start_running(job, info)
             return
         self._copy_log(job, job_dir, final=True)
         # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
@@ -247,6 +251,18 @@ class Runner:
         self._after_failure(job, job_dir, f"Ray job {job.ray_submission_id} {info.status}: "
                                           f"{(info.message or '').strip()[:500]}", exit_code=info.exit_code,
                             summary=summary, by_cluster=cluster_caused(info))
+
+    def _start_running(self, job: Job, info: RayJobInfo) -> None:
+        """STARTING → RUNNING once the driver's workers are placed (or Ray cannot tell); until then the job
+        stays STARTING and its message says what it waits for ("waiting for resources: needs 8 CPU, 1.5
+        free"), so a job queued behind others on the cluster is never shown as training."""
+        placement = self.ray.placement(info)
+        waiting = placement.waiting_text() if placement is not None else None
+        if waiting is None:
+            self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING},
+                                  **({"message": None} if _is_wait_message(job.message) else {}))
+        elif waiting != job.message:
+            self.store.update(job.id, message=waiting)
 
     def _after_failure(self, job: Job, job_dir: str, reason: str, exit_code: int | None,
                        summary: dict[str, Any] | None = None, by_cluster: bool = False) -> None:

@@ -147,6 +147,8 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     else:
         progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
         best = job.best_val_acc
+    if job.state in (JobState.QUEUED, JobState.STARTING):
+        progress["eta_seconds"] = None  # no ETA until this attempt's workers train (not a dead attempt's)
     search = None
     if trials is not None:
         search = SearchProgress(**jobdir.search_progress(job.spec["search"], trials))

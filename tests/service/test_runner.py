@@ -272,3 +272,21 @@ def test_logs_are_kept_per_attempt_and_outlive_ray(api: Api) -> None:
     (api.job_dir(job_id) / "logs" / "attempt-2.log").unlink()
     r = api.get(f"/v1/jobs/{job_id}/logs")
     assert r.status_code == 404 and "no log was kept" in r.json()["error"]["message"]
+
+
+def test_a_job_waiting_for_resources_is_not_running(api: Api) -> None:
+    from service.rayjobs import Placement
+
+    job_id = submit(api)
+    api.reconcile()
+    sub = f"{job_id}-1"
+    api.ray.placements[sub] = Placement(False, {"CPU": 2.0}, {"CPU": 1.5})
+    api.ray.set(sub, "RUNNING")  # the driver runs, its workers wait for CPUs
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "STARTING" and job["message"] == "waiting for resources: needs 2 CPU, 1.5 free"
+    assert job["progress"]["eta_seconds"] is None
+    api.ray.placements[sub] = Placement(True, {}, {})
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "RUNNING" and job["message"] is None
