@@ -135,6 +135,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"job       {job['id']}  (owner {job['owner']})")
     print(f"state     {_progress_line(job)}")
+    if job.get("search") and job["search"].get("best_trial"):
+        s = job["search"]
+        config = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in (s.get("best_config") or {}).items())
+        print(f"best      trial {s['best_trial']}  {s['metric']} {_fmt_acc(s['best_metric'])}  {config}")
     print(f"attempts  {job['attempts']}  ray submission {job['ray_submission_id'] or '-'}")
     print(f"created   {job['created_at']}   updated {job['updated_at']}")
     if job["message"]:

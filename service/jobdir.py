@@ -66,10 +66,20 @@ def read_trials(job_dir: str) -> list[dict[str, Any]]:
     return [t for t in data if isinstance(t, dict) and t.get("trial_id")] if isinstance(data, list) else []
 
 
+def settle_trials(trials: list[dict[str, Any]], job_state: str) -> list[dict[str, Any]]:
+    """Trials as they stand once their job ended: one the trainer left `running`/`pending` because it was
+    stopped (cancelled, or its driver died) ended with the job — `cancelled`, or `failed` — never running."""
+    if job_state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        return trials
+    ended = "cancelled" if job_state == "CANCELLED" else "failed"
+    return [{**t, "state": ended} if t.get("state") in ("running", "pending") else t for t in trials]
+
+
 def search_progress(search: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, metric}."""
+    """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, best_config,
+    metric}."""
     spec = SearchSpec.model_validate(search)
-    finished = [t for t in trials if t.get("state") in ("succeeded", "stopped_early", "failed")]
+    finished = [t for t in trials if t.get("state") in ("succeeded", "stopped_early", "failed", "cancelled")]
     scored = [t for t in trials if isinstance(t.get("best_metric"), (int, float)) and t.get("state") != "failed"]
     pick = max if spec.mode == "max" else min
     best = pick(scored, key=lambda t: t["best_metric"]) if scored else None
@@ -77,7 +87,8 @@ def search_progress(search: dict[str, Any], trials: list[dict[str, Any]]) -> dic
             "trials_running": sum(t.get("state") == "running" for t in trials),
             "stopped_early": sum(bool(t.get("stopped_early")) for t in trials),
             "best_trial": best["trial_id"] if best else None,
-            "best_metric": best["best_metric"] if best else None, "metric": spec.metric}
+            "best_metric": best["best_metric"] if best else None,
+            "best_config": best.get("config") if best else None, "metric": spec.metric}
 
 
 def read_metrics(job_dir: str) -> list[dict[str, Any]]:

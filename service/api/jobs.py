@@ -92,7 +92,8 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     search = job.spec.get("search")
     if not search:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
-    trials = jobdir.read_trials(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
+    trials = jobdir.settle_trials(jobdir.read_trials(runner.job_dir(job.id)), job.state.value) \
+        if job.state is not JobState.QUEUED else []
     return TrialList(job_id=job.id, metric=search.get("metric", "val_acc"), mode=search.get("mode", "max"),
                      trials=[TrialView(**{k: t.get(k) for k in TrialView.model_fields if k in t}) for t in trials])
 

@@ -58,13 +58,14 @@ class SearchProgress(BaseModel):
     stopped_early: int
     best_trial: str | None
     best_metric: float | None
+    best_config: dict[str, Any] | None = Field(default=None, description="the best trial's sampled values")
     metric: str
 
 
 class TrialView(BaseModel):
     trial_id: str
     config: dict[str, Any]
-    state: str = Field(description="pending | running | succeeded | stopped_early | failed")
+    state: str = Field(description="pending | running | succeeded | stopped_early | failed | cancelled")
     epochs: int
     best_metric: float | None
     stopped_early: bool
@@ -134,7 +135,8 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     if job_dir is not None and job.state is not JobState.QUEUED:
         try:
             metrics = jobdir.read_metrics(job_dir)
-            trials = jobdir.read_trials(job_dir) if job.spec.get("search") else None
+            trials = jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) \
+                if job.spec.get("search") else None
         except objstore.StorageUnavailable:
             metrics = trials = None
     if metrics is not None:
