@@ -72,17 +72,24 @@ def accuracy(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> dict[str, 
 
 
 def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
-    """The paper's Kaggle format: a pickle with b'data' (N×32×32×3 uint8) and b'ids' → CSV `ID,Labels`."""
+    """The paper's Kaggle format, CSV `ID,Labels`, for a pickle with b'data' as N×32×32×3 (HWC, the Kaggle
+    test pickle) or N×3072 (CHW rows, the CIFAR-10 python layout, e.g. `test_batch`) uint8; IDs from b'ids',
+    else 1..N in file order."""
     try:
         batch = pickle.load(io.BytesIO(objstore.read_bytes(input_uri)), encoding="bytes")
-        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
+        data = np.asarray(batch[b"data"])
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means bad input
-        raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
-    if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
-        raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
-                        f"got {data.dtype} {data.shape} and {len(ids)} ids")
+        raise DataError(f"{input_uri}: expected a pickle with b'data' ({exc})") from exc
+    ids = list(batch[b"ids"]) if b"ids" in batch else list(range(1, len(data) + 1))
+    if data.dtype != np.uint8 or len(ids) != len(data) or not (
+            (data.ndim == 4 and data.shape[1:] == (32, 32, 3)) or (data.ndim == 2 and data.shape[1] == 3072)):
+        raise DataError(f"{input_uri}: b'data' must be uint8 N×32×32×3 (HWC) or N×3072 (CIFAR-10 CHW rows), "
+                        f"with one id each; got {data.dtype} {data.shape} and {len(ids)} ids")
     model, spec = load_model(checkpoint_uri)
-    images = torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous()
+    if data.ndim == 2:
+        images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    else:
+        images = torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous()
     labels = predict_logits(model, spec, images).argmax(1).tolist()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
