@@ -64,7 +64,7 @@ _OWN_ERROR = re.compile(r"^(?:[\w.]+\.)?((?:DataError|UserError|StorageUnavailab
 _ANY_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b:.*)$")
 
 
-def reason_line(text: str, limit: int = 300) -> str:
+def reason_line(text: str, limit: int = 500) -> str:
     """One line of reason from an error text that may hold tracebacks (Ray wraps a worker's error with its
     traceback): the last line naming one of our own error types, else the last `SomethingError: ...`
     line, else the first line."""

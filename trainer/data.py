@@ -81,8 +81,8 @@ def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 1
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SUPPORTED = ("a CIFAR-10 python directory (data_batch_1..5, test_batch), a Hugging Face image parquet "
-             "(columns img{bytes} and label), or an empty or missing directory (torchvision downloads CIFAR-10)")
+SUPPORTED = ("a CIFAR-10 python folder (data_batch_1..5, test_batch), a Hugging Face image parquet (img{bytes}, "
+             "label), or an empty folder (torchvision downloads CIFAR-10)")
 
 
 def _image_files(folder: str, depth: int = 2) -> list[str]:
@@ -107,9 +107,9 @@ def _refuse_image_folder(uri: str) -> None:
             or os.path.isdir(os.path.join(local, "cifar-10-batches-py")):
         return
     if _image_files(local):
-        raise DataError(f"{uri} is a folder of PNG/JPEG images, which training does not read directly. Supported: "
-                        f"{SUPPORTED}. Convert it (one sub-folder per class) with: python -m trainer "
-                        f"convert-images {local} {local.rstrip('/')}.parquet — then set data.train to that file")
+        raise DataError(f"{uri}: a folder of PNG/JPEG images is not a training format; convert it (one sub-folder "
+                        f"per class) with `python -m trainer convert-images {local} {local.rstrip('/')}.parquet` "
+                        f"and set data.train to that file. Supported: {SUPPORTED}")
 
 
 def image_folder_to_parquet(folder: str, out_uri: str) -> tuple[list[str], int]:

@@ -148,9 +148,9 @@ def test_user_error_fails_without_retry(service: Service, tmp_path: Path) -> Non
         assert c.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
 
 
-def _cli(service: Service, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def _cli(service: Service, *args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**service.env, "TRAINCTL_URL": service.url, "TRAINCTL_TOKEN": service.token}
-    return subprocess.run([TRAINCTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([TRAINCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: Path) -> None:
@@ -180,6 +180,80 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     assert logs.returncode == 0 and logs.stdout
     missing = _cli(service, "status", "no-such-job")
     assert missing.returncode == 1 and "not_found" in missing.stderr
+    # `best` without -o writes the server's name for it here; `checkpoints` lists what is kept
+    default = _cli(service, "best", job_id, cwd=tmp_path)
+    assert default.returncode == 0 and (tmp_path / f"{job_id}-epoch1.pt").read_bytes() == out.read_bytes()
+    cps = _cli(service, "checkpoints", job_id)
+    assert cps.returncode == 0 and cps.stdout.splitlines()[1].split()[0] == "1", cps.stdout
+    # a reader that leaves early is no error: no BrokenPipe traceback
+    piped = subprocess.run(f"{TRAINCTL} list --json | head -1", shell=True, capture_output=True, text=True,
+                           env={**service.env, "TRAINCTL_URL": service.url, "TRAINCTL_TOKEN": service.token},
+                           timeout=60)
+    assert piped.stdout.strip() == "{" and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
+def test_section_overrides_merge_and_ids_with_a_leading_dash(service: Service, cifar_parquet: Path,
+                                                             tmp_path: Path) -> None:
+    import sqlite3
+
+    # natural YAML: `optim: {lr: 0.1}` changes lr and keeps the debug preset's epochs, batch and data size
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(f"preset: debug\noverrides:\n  optim: {{lr: 0.1}}\n  data: {{train: {cifar_parquet}}}\n"
+                         "  checkpoint: {max_restarts: 0}\n")
+    sub = _cli(service, "submit", str(spec_file), "--json")
+    assert sub.returncode == 0, sub.stderr
+    job = json.loads(sub.stdout)
+    assert job["spec"]["optim"] == {**job["spec"]["optim"], "lr": 0.1, "epochs": 2, "batch_size": 64}
+    assert job["spec"]["data"]["max_train_images"] == 512 and job["spec"]["data"]["train"] == str(cifar_parquet)
+    assert job["spec"]["checkpoint"]["keep_best"] == 2  # the section's other fields keep their defaults
+    assert _cli(service, "cancel", job["id"]).returncode == 0
+    # A job made before ids stopped starting with '-': every command still takes it.
+    dashed = "-" + job["id"][1:]
+    with sqlite3.connect(service.data_dir / "trainctl.db") as db:
+        db.execute("UPDATE jobs SET id = ? WHERE id = ?", (dashed, job["id"]))
+    for args in (("status", dashed), ("status", dashed, "--json"), ("watch", dashed, "--interval", "0.2")):
+        done = _cli(service, *args)
+        assert done.returncode == (2 if args[0] == "watch" else 0), (args, done.stdout, done.stderr)  # CANCELLED
+        assert dashed in done.stdout or "CANCELLED" in done.stdout, done.stdout
+
+
+def test_a_job_waiting_for_cpus_is_not_shown_running(service: Service, cifar_parquet: Path) -> None:
+    """Its workers need more CPUs than the cluster has free: the driver runs, the job stays STARTING and says
+    what it waits for, with no ETA (the session head has 6 logical CPUs; 2 workers x 4 CPUs never fit)."""
+    body = job_body(cifar_parquet, epochs=1, **{"scaling.cpus_per_worker": 4})
+    with service.client() as c:
+        job_id = c.post("/v1/jobs", json=body).json()["id"]
+        job = wait_for(c, job_id, lambda j: (j["message"] or "").startswith("waiting for resources") or finished(j),
+                       300, "the job to say it waits for resources")
+        assert job["state"] == "STARTING" and job["progress"]["eta_seconds"] is None, job
+        assert "needs 8 CPU" in job["message"] and "free" in job["message"], job["message"]
+        status = _cli(service, "status", job_id)
+        assert "STARTING" in status.stdout and "waiting for resources: needs 8 CPU" in status.stdout
+        assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "STARTING"
+        assert c.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "CANCELLED"
+
+
+def test_an_image_folder_fails_with_one_line_naming_the_formats(service: Service, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from torchvision.io import encode_png
+
+    folder = tmp_path / "pngs"
+    (folder / "cat").mkdir(parents=True)
+    for i in range(2):
+        img = torch.from_numpy(np.full((3, 32, 32), 40 * i, dtype=np.uint8))
+        (folder / "cat" / f"{i}.png").write_bytes(bytes(encode_png(img).numpy()))
+    with service.client() as c:
+        job_id = c.post("/v1/jobs", json={"preset": "debug", "overrides": {"data.train": str(folder)}}).json()["id"]
+        job = wait_for(c, job_id, finished, 300, "the job to fail")
+    assert job["state"] == "FAILED" and job["attempts"] == 1, job
+    message = job["message"]
+    assert "\n" not in message and len(message) <= 600 and "Traceback" not in message, message
+    assert message.startswith("DataError: ") and "PNG/JPEG" in message and "convert-images" in message
+    listing = _cli(service, "list")
+    row = next(ln for ln in listing.stdout.splitlines() if ln.startswith(job_id))
+    assert "DataError: " in row and "not retried" not in row  # the reason, not the boilerplate
+
 
 
 def test_restart_api_mid_job(ray_head: RayHead, cifar_parquet: Path, tmp_path: Path) -> None:
