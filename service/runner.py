@@ -14,14 +14,16 @@ import re
 import shlex
 import threading
 import time
-from typing import Any
+from dataclasses import replace
 
 import objstore
 from service import jobdir
+from service.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide, restarts_used
 from service.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.settings import Settings
-from service.states import InvalidTransition, JobState
+from service.states import InvalidTransition, JobNotFound, JobState
 from service.store import Job, Store
+from trainer import contract
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,6 @@ log = logging.getLogger(__name__)
 # the cluster itself, because a job's runtime_env is visible to anyone who can read the Ray dashboard.
 FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS")
 
-# trainer.run's exit codes (docs/architecture.md).
-EXIT_USER, EXIT_STORAGE = 2, 3
-# Resubmissions after failures the cluster or the service caused (the head restarted, the driver was killed by
-# a signal, Ray stopped it) do not count against checkpoint.max_restarts; this caps them so a cluster that
-# keeps killing a job cannot resubmit it forever.
-MAX_FREE_RESTARTS = 10
 # A running attempt's driver log is copied into the job dir at most this often (and once more at its end).
 LOG_COPY_INTERVAL_S = 5.0
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -49,45 +45,9 @@ class NoLog(Exception):
     """There is no log to show; the message says why."""
 
 
-def cluster_caused(info: RayJobInfo | None) -> bool:
-    """Whether a run that ended without success was ended by the cluster or the service, not by the job's
-    own code: Ray forgot it (the head restarted), stopped it without our cancel, or its driver never exited
-    by itself (no exit code: it never started or its supervisor died; a signal: killed from outside)."""
-    if info is None or info.status == "STOPPED":
-        return True
-    code = info.exit_code
-    return code is None or code < 0 or code in (128 + 9, 128 + 15)
-
-
-# `trainer.data.DataError: ...` inside the worker traceback Ray wraps an error in: our own error types first.
-_OWN_ERROR = re.compile(r"^(?:[\w.]+\.)?((?:DataError|UserError|StorageUnavailable)\b.*)$")
-_ANY_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b:.*)$")
-
-
-def reason_line(text: str, limit: int = 500) -> str:
-    """One line of reason from an error text that may hold tracebacks (Ray wraps a worker's error with its
-    traceback): the last line naming one of our own error types, else the last `SomethingError: ...`
-    line, else the first line."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    for pattern in (_OWN_ERROR, _ANY_ERROR):
-        found = [m.group(1) for ln in lines if (m := pattern.match(ln))]
-        if found:
-            line = found[-1]
-            break
-    else:
-        line = lines[0] if lines else str(text)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _is_wait_message(message: str | None) -> bool:
     return bool(message) and message.startswith(("waiting for resources", "starting:"))  # type: ignore[union-attr]
 
-
-def restarts_charged(attempt_log: list[dict[str, Any]]) -> tuple[int, int]:
-    """(resubmissions charged to checkpoint.max_restarts, free ones caused by the cluster or service)."""
-    later = [e for e in attempt_log if int(e.get("attempt", 1)) > 1]
-    free = sum(1 for e in later if e.get("charged") is False)
-    return len(later) - free, free
 
 
 class Runner:
@@ -123,7 +83,7 @@ class Runner:
                     return  # the next round tries again, in the same order
                 except InvalidTransition:
                     continue  # cancelled meanwhile
-                except Exception as exc:  # noqa: BLE001 - a broken submission must not block the queue
+                except Exception as exc:  # a broken submission must not block the queue
                     log.exception("submitting job %s failed", job.id)
                     self._fail(job.id, f"could not submit the job to Ray: {exc}")
                     continue
@@ -148,14 +108,14 @@ class Runner:
                                          ray_submission_id=submission_id, attempts=attempt,
                                          attempt_log=[*job.attempt_log, entry],
                                          message=None if attempt == 1 else f"restarted: {reason}")
-        except (InvalidTransition, KeyError):
+        except (InvalidTransition, JobNotFound):
             self._stop_quietly(submission_id)
             raise InvalidTransition(job.id, job.state, JobState.STARTING) from None
 
     def _stop_quietly(self, submission_id: str) -> None:
         try:
             self.ray.stop(submission_id)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("could not stop orphaned Ray job %s", submission_id, exc_info=True)
 
     # --- cancel ----------------------------------------------------------------------------------------------
@@ -163,11 +123,11 @@ class Runner:
     def cancel(self, job_id: str) -> Job:
         """Cancel a job; idempotent. QUEUED: cancelled at once. STARTING/RUNNING: the Ray job is stopped,
         then the job is CANCELLED. Raises RayUnavailable when Ray cannot be told (the request is kept, and
-        the reconciler stops the job once Ray answers)."""
+        the reconciler stops the job once Ray answers), JobNotFound when there is no such job."""
         with self._lock:
             job = self.store.get(job_id)
             if job is None:
-                raise KeyError(job_id)
+                raise JobNotFound(job_id)
             if job.state.is_terminal():
                 return job
             if job.state is JobState.QUEUED:
@@ -177,14 +137,11 @@ class Runner:
             assert job.ray_submission_id
             if self.ray.stop(job.ray_submission_id):
                 return self.store.transition(job_id, JobState.CANCELLED, message="cancelled by user")
-            # The Ray job had already ended (or never existed): its outcome decides; a failure or stop
-            # counts as our cancel.
+            # The Ray job had already ended (or never existed): its outcome decides (service/decide.py: a
+            # failure or stop counts as our cancel, a success stands).
             job = self.store.get(job_id)
             assert job is not None
-            info = self.ray.info(job.ray_submission_id or "")
-            if info is None or info.status != "SUCCEEDED":
-                return self.store.transition(job_id, JobState.CANCELLED, message="cancelled by user")
-            self._reconcile(job, info)
+            self._reconcile(job, self.ray.info(job.ray_submission_id or ""))
             return self.store.get(job_id) or job
 
     # --- reconciling -------------------------------------------------------------------------------------------
@@ -203,54 +160,58 @@ class Runner:
                     log.warning("reconcile job %s: %s", job.id, exc)
                 except InvalidTransition as exc:
                     log.info("reconcile job %s: %s (changed meanwhile)", job.id, exc)
-                except Exception:  # noqa: BLE001 - one broken job must not stop the others
+                except Exception:  # one broken job must not stop the others
                     log.exception("reconcile job %s failed", job.id)
             self.schedule()
 
     def _reconcile(self, job: Job, info: RayJobInfo | None) -> None:
+        """Gather the facts about one active job, let service/decide.py decide, and carry it out."""
         job_dir = self.job_dir(job.id)
-        if info is None:
-            # Ray forgot the job (the head restarted) or the submission never landed: the driver is gone.
-            self._after_failure(job, job_dir, f"Ray has no record of {job.ray_submission_id} "
-                                              "(head restarted?)", exit_code=None, by_cluster=True)
-            return
-        if not info.is_terminal:
-            if job.cancel_requested:  # an earlier cancel could not reach Ray
-                if self.ray.stop(job.ray_submission_id or ""):
-                    self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
-                return
-            if info.status == "RUNNING":
-                self._copy_log(job, job_dir)
-                self._record_progress(job, job_dir)
-                if job.state is JobState.STARTING:
-                    self._start_running(job, info)
-            return
-        self._copy_log(job, job_dir, final=True)
+        facts = self._facts(job, info, job_dir)
+        if facts.run_over:
+            self._copy_log(job, job_dir, final=True)
+        action = decide(facts)
+        if isinstance(action, Progress):
+            self._copy_log(job, job_dir)
+            self._record_progress(job, job_dir)
+            if action.start and info is not None:
+                self._start_running(job, info)
+        elif isinstance(action, Stop):
+            if self.ray.stop(job.ray_submission_id or ""):
+                self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
+        elif isinstance(action, Cancel):
+            self.store.transition(job.id, JobState.CANCELLED, message=action.message)
+        elif isinstance(action, Succeed):
+            self.store.transition(job.id, JobState.SUCCEEDED, message=None, best_val_acc=action.best_val_acc,
+                                  last_epoch=action.last_epoch or job.last_epoch)
+        elif isinstance(action, Fail):
+            self._fail(job.id, action.message)
+        elif isinstance(action, Resubmit):
+            log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, action.log_reason)
+            # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
+            # attempt's if that one dies before writing its own.
+            jobdir.delete_summary(job_dir)
+            self._submit(job, attempt=job.attempts + 1, reason=action.reason, charged=action.charged)
+
+    def _facts(self, job: Job, info: RayJobInfo | None, job_dir: str) -> Facts:
+        charged, free = restarts_used(job.attempt_log)
+        facts = Facts(state=job.state, cancel_requested=job.cancel_requested,
+                      ray_status=info.status if info else None, submission_id=job.ray_submission_id or "",
+                      exit_code=info.exit_code if info else None, ray_message=info.message if info else None,
+                      attempts=job.attempts,
+                      max_restarts=int(job.spec.get("checkpoint", {}).get("max_restarts", 0)),
+                      charged_restarts=charged, free_restarts=free,
+                      storage_name=objstore.redact(self.settings.storage_root))
+        if not facts.run_over:
+            return facts
         # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
         # it, so what cannot be read now counts as missing and the exit code decides.
-        storage_up = True
         try:
             self._record_progress(job, job_dir)
-            summary = jobdir.read_summary(job_dir)
+            return replace(facts, summary=jobdir.read_summary(job_dir))
         except objstore.StorageUnavailable as exc:
             log.warning("job %s ended while storage is unreachable: %s", job.id, exc)
-            storage_up, summary = False, None
-        if job.cancel_requested and info.status != "SUCCEEDED":
-            self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
-            return
-        if not storage_up and info.exit_code != EXIT_STORAGE:
-            return  # decide once storage answers again: a summary may say more than the exit code
-        if info.status == "SUCCEEDED":
-            if summary and summary.get("state") == "succeeded":
-                self.store.transition(job.id, JobState.SUCCEEDED, message=None,
-                                      best_val_acc=summary.get("best_val_acc"),
-                                      last_epoch=summary.get("epochs_completed") or job.last_epoch)
-            else:
-                self._fail(job.id, "the trainer exited 0 but wrote no successful summary.json")
-            return
-        self._after_failure(job, job_dir, f"Ray job {job.ray_submission_id} {info.status}: "
-                                          f"{(info.message or '').strip()[:500]}", exit_code=info.exit_code,
-                            summary=summary, by_cluster=cluster_caused(info))
+            return replace(facts, storage_up=False)
 
     def _start_running(self, job: Job, info: RayJobInfo) -> None:
         """STARTING → RUNNING once the driver's workers are placed (or Ray cannot tell); until then the job
@@ -264,36 +225,6 @@ class Runner:
         elif waiting != job.message:
             self.store.update(job.id, message=waiting)
 
-    def _after_failure(self, job: Job, job_dir: str, reason: str, exit_code: int | None,
-                       summary: dict[str, Any] | None = None, by_cluster: bool = False) -> None:
-        """A run ended without success and without our cancel: retry infrastructure failures up to
-        spec.checkpoint.max_restarts times, never a user error; a storage outage fails the job. A failure the
-        cluster or service caused (`by_cluster`) is retried without using up the job's own budget."""
-        if summary is None and exit_code != EXIT_STORAGE:
-            summary = jobdir.read_summary(job_dir)
-        kind = summary.get("error_kind") if summary and summary.get("state") == "failed" else None
-        # The message is one line of reason, first (what `trainctl list` shows); tracebacks stay in the log.
-        error = reason_line((summary or {}).get("error") or reason)
-        if kind == "user" or exit_code == EXIT_USER:
-            self._fail(job.id, f"{error} (the job's spec or data is wrong; not retried)")
-            return
-        if kind == "storage" or exit_code == EXIT_STORAGE:
-            self._fail(job.id, f"storage was unreachable ({objstore.redact(self.settings.storage_root)}): {error}")
-            return
-        max_restarts = int(job.spec.get("checkpoint", {}).get("max_restarts", 0))
-        charged, free = restarts_charged(job.attempt_log)
-        if (free < MAX_FREE_RESTARTS) if by_cluster else (charged < max_restarts):
-            log.warning("job %s attempt %d failed (%s); resubmitting%s", job.id, job.attempts, reason,
-                        " (caused by the cluster: not counted against max_restarts)" if by_cluster else "")
-            # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
-            # attempt's if that one dies before writing its own.
-            objstore.delete_tree(objstore.join(job_dir, jobdir.SUMMARY))
-            self._submit(job, attempt=job.attempts + 1, reason=f"attempt {job.attempts} failed: {error}",
-                         charged=not by_cluster)
-        else:
-            self._fail(job.id, f"{error} (failed after {job.attempts} attempt(s); {charged} restart(s) of "
-                               f"checkpoint.max_restarts={max_restarts} used)")
-
     def _fail(self, job_id: str, message: str) -> None:
         self.store.transition(job_id, JobState.FAILED, message=message)
 
@@ -301,9 +232,8 @@ class Runner:
         metrics = jobdir.read_metrics(job_dir)
         if not metrics:
             return
-        accs = [m["val_acc"] for m in metrics if isinstance(m.get("val_acc"), (int, float))]
-        best = max(accs) if accs else None
-        last = metrics[-1]["epoch"]
+        best = contract.best_so_far(metrics)
+        last = metrics[-1].epoch
         if (best, last) != (job.best_val_acc, job.last_epoch):
             self.store.update(job.id, best_val_acc=best, last_epoch=last)
 
@@ -389,6 +319,6 @@ class Runner:
         for entry in job.attempt_log:
             try:
                 self.ray.delete(entry["submission_id"])
-            except Exception:  # noqa: BLE001 - Ray's records are a convenience, the store is the truth
+            except Exception:  # Ray's records are a convenience, the store is the truth
                 log.info("could not delete Ray job %s", entry.get("submission_id"), exc_info=True)
         return self.store.delete(job.id)

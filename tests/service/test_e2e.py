@@ -155,7 +155,7 @@ def _cli(service: Service, *args: str, timeout: float = 60, cwd: Path | None = N
 
 def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: Path) -> None:
     bad = _cli(service, "submit", "--preset", "debug", "--set", "optim.lr=-1")
-    assert bad.returncode == 1 and "optim.lr" in bad.stderr
+    assert bad.returncode == 5 and "optim.lr" in bad.stderr
     sub = _cli(service, "submit", "--preset", "debug", "--set", f"data.train={cifar_parquet}",
                "--set", "optim.epochs=1", "-q")
     assert sub.returncode == 0, sub.stderr
@@ -179,7 +179,7 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     logs = _cli(service, "logs", job_id, "--tail", "3")
     assert logs.returncode == 0 and logs.stdout
     missing = _cli(service, "status", "no-such-job")
-    assert missing.returncode == 1 and "not_found" in missing.stderr
+    assert missing.returncode == 5 and "not_found" in missing.stderr
     # `best` without -o writes the server's name for it here; `checkpoints` lists what is kept
     default = _cli(service, "best", job_id, cwd=tmp_path)
     assert default.returncode == 0 and (tmp_path / f"{job_id}-epoch1.pt").read_bytes() == out.read_bytes()
@@ -213,7 +213,7 @@ def test_section_overrides_merge_and_ids_with_a_leading_dash(service: Service, c
         db.execute("UPDATE jobs SET id = ? WHERE id = ?", (dashed, job["id"]))
     for args in (("status", dashed), ("status", dashed, "--json"), ("watch", dashed, "--interval", "0.2")):
         done = _cli(service, *args)
-        assert done.returncode == (2 if args[0] == "watch" else 0), (args, done.stdout, done.stderr)  # CANCELLED
+        assert done.returncode == (3 if args[0] == "watch" else 0), (args, done.stdout, done.stderr)  # CANCELLED
         assert dashed in done.stdout or "CANCELLED" in done.stdout, done.stdout
 
 

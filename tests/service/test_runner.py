@@ -158,7 +158,7 @@ def test_infra_failures_are_resubmitted_up_to_max_restarts(api: Api) -> None:
 
 
 def test_cluster_caused_restarts_never_use_the_budget_but_are_capped(api: Api) -> None:
-    from service.runner import MAX_FREE_RESTARTS
+    from service.decide import MAX_FREE_RESTARTS
 
     job_id = submit(api, **{"checkpoint.max_restarts": 0})
     api.reconcile()
@@ -290,3 +290,16 @@ def test_a_job_waiting_for_resources_is_not_running(api: Api) -> None:
     api.reconcile()
     job = state(api, job_id)
     assert job["state"] == "RUNNING" and job["message"] is None
+
+
+def test_a_cancelled_job_that_ray_forgot_is_cancelled_not_resubmitted(api: Api) -> None:
+    job_id = submit(api, **{"checkpoint.max_restarts": 2})
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.ray.down = True
+    assert api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers()).status_code == 503
+    api.ray.down = False
+    api.ray.forget(f"{job_id}-1")  # the head restarted meanwhile
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "CANCELLED" and job["attempts"] == 1 and f"{job_id}-2" not in api.ray.jobs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.states import InvalidTransition, JobState, can_transition
+from service.states import InvalidTransition, JobNotFound, JobState, can_transition
 from service.store import IdempotencyConflict, Store, TokenNameTaken
 
 
@@ -47,7 +47,7 @@ def test_transition_checks_expected_state(store: Store) -> None:
     store.transition(job.id, JobState.CANCELLED, expect={JobState.QUEUED})
     with pytest.raises(InvalidTransition):
         store.transition(job.id, JobState.STARTING, expect={JobState.QUEUED})
-    with pytest.raises(KeyError):
+    with pytest.raises(JobNotFound, match="nope"):
         store.transition("nope", JobState.CANCELLED)
     with pytest.raises(ValueError):
         store.update(job.id, state="RUNNING")
@@ -113,6 +113,7 @@ def test_schema_survives_reopen(tmp_path: Path) -> None:
 
 def test_search_progress_counts_trials_and_picks_the_best() -> None:
     from service.jobdir import search_progress
+    from trainer.contract import TrialRow
     search = {"space": {"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
               "num_samples": 2, "mode": "min", "metric": "val_loss"}
     trials = [{"trial_id": "a", "state": "succeeded", "best_metric": 1.5},
@@ -120,12 +121,13 @@ def test_search_progress_counts_trials_and_picks_the_best() -> None:
                "config": {"optim.lr": 0.01}},
               {"trial_id": "c", "state": "failed", "best_metric": 0.1},
               {"trial_id": "d", "state": "running", "best_metric": None}]
+    trials = [TrialRow.model_validate(t) for t in trials]
     p = search_progress(search, trials)
     assert p == {"trials_total": 6, "trials_finished": 3, "trials_running": 1, "stopped_early": 1,
                  "best_trial": "b", "best_metric": 1.2, "best_config": {"optim.lr": 0.01}, "metric": "val_loss"}
     # once the search was cancelled no trial is left running
     from service.jobdir import settle_trials
     settled = settle_trials(trials, "CANCELLED")
-    assert [t["state"] for t in settled] == ["succeeded", "stopped_early", "failed", "cancelled"]
+    assert [str(t.state) for t in settled] == ["succeeded", "stopped_early", "failed", "cancelled"]
     assert search_progress(search, settled)["trials_running"] == 0
     assert settle_trials(trials, "RUNNING") == trials
