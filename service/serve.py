@@ -104,9 +104,13 @@ def _local_head(settings: Any, ray_num_cpus: int | None) -> str:
     """The Jobs API URL of this data dir's local Ray head: the recorded one when it still runs (a restart of
     the API re-attaches, and running jobs never notice), else a new one started detached — it outlives this
     process and is stopped by `trainctl down`."""
-    from service.localray import LocalRayHead, live_head, write_head_record
+    from service.localray import LocalRayHead, live_head, read_head_record, write_head_record
 
-    rec = live_head(settings.data_dir)
+    rec = live_head(settings.data_dir, wait_s=60)
+    if rec is None and (stuck := read_head_record(settings.data_dir)) is not None:
+        # Still running, not answering: never start a second head over it (the first would be orphaned).
+        raise ClientError(f"the local Ray head of {settings.data_dir} (pid {stuck.pid}) runs but its dashboard "
+                          f"{stuck.dashboard_url} does not answer; try again, or stop it with `trainctl down`")
     auth_mode = rec.auth_mode if rec else settings.ray_auth_mode
     # The same auth mode (and token) for the head and for our own Jobs client.
     os.environ["RAY_AUTH_MODE"] = auth_mode
