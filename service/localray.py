@@ -56,16 +56,12 @@ class LocalRayHead:
                 tail = Path(log_path).read_text(errors="replace")[-3000:]
                 head.stop()
                 raise RuntimeError(f"`ray start` exited with {proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(head.dashboard_url + "/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        return head
-            except urllib.error.HTTPError as exc:
-                if exc.code == 401:  # token auth: the dashboard is up and asks for the token
-                    return head
-                time.sleep(0.5)
-            except OSError:
-                time.sleep(0.5)
+            # The dashboard answers before the raylet is up, and on a loaded machine the raylet can still time
+            # out after that: only `ray start`'s own "started" line says the node is complete.
+            started = "Ray runtime started" in Path(log_path).read_text(errors="replace")
+            if started and _dashboard_answers(head.dashboard_url, timeout_s=2):
+                return head
+            time.sleep(0.5)
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         head.stop()
         raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f}s:\n{tail}")
