@@ -168,7 +168,7 @@ class Runner:
         """Gather the facts about one active job, let service/decide.py decide, and carry it out."""
         job_dir = self.job_dir(job.id)
         facts = self._facts(job, info, job_dir)
-        if facts.run_over:
+        if facts.run_over and info is not None:  # (a run Ray forgot has no log left there to copy)
             self._copy_log(job, job_dir, final=True)
         action = decide(facts)
         if isinstance(action, Progress):
@@ -251,9 +251,12 @@ class Runner:
             return
         try:
             text = strip_ansi(self.ray.logs(sid))
-            if len(text) != length and (text or length < 0):
+            if length < 0:  # first look in this process (the service restarted): never replace a longer copy
+                saved = jobdir.read_attempt_log(job_dir, job.attempts)
+                length = len(saved) if saved is not None else -1
+            if text and len(text) > length:
                 objstore.write_text(jobdir.attempt_log_uri(job_dir, job.attempts), text)
-            self._log_copies[sid] = (time.monotonic(), len(text))
+            self._log_copies[sid] = (time.monotonic(), max(len(text), length))
         except Exception as exc:  # noqa: BLE001 - best effort, see above
             log.info("could not copy the log of %s: %s", sid, exc)
         if final:
