@@ -186,17 +186,30 @@ class TrainctlClient:
     def create_token(self, name: str) -> dict[str, Any]:
         return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
 
+    def artifacts(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()  # type: ignore[no-any-return]
+
     def download_best(self, job_id: str, out: Path | None = None) -> tuple[str, int, Path]:
-        """Download the best checkpoint to `<out>.part`, check its sha256 against X-Checkpoint-SHA256, and only
-        then move it to `out` (default: the server's name for it, `<id>-epochN.pt`, in the working directory);
-        a mismatch deletes it and raises. Returns (sha256, size, path)."""
+        """The best checkpoint, verified (see _download), to `out` (default: the server's name for it,
+        `<id>-epochN.pt`, in the working directory). Returns (sha256, size, path)."""
+        return self._download(f"/v1/jobs/{job_id}/checkpoints/best", "X-Checkpoint-SHA256", out, f"{job_id}-best.pt")
+
+    def download_artifact(self, job_id: str, name: str, out: Path) -> tuple[str, int]:
+        """An exported model (model.safetensors, model.pt2), verified (see _download)."""
+        sha256, size, _ = self._download(f"/v1/jobs/{job_id}/artifacts/{name}", "X-Artifact-SHA256", out, name)
+        return sha256, size
+
+    def _download(self, path: str, sha_header: str, out: Path | None, fallback_name: str) -> tuple[str, int, Path]:
+        """Download to `<out>.part`, check its sha256 against the one the server announced, and only then move it
+        to `out` (None: the name in Content-Disposition, else `fallback_name`); a mismatch deletes it and
+        raises. Returns (sha256, size, path)."""
         digest, size = hashlib.sha256(), 0
         part: Path | None = None
         try:
-            with self.stream("GET", f"/v1/jobs/{job_id}/checkpoints/best") as resp:
-                expected = resp.headers.get("X-Checkpoint-SHA256")
+            with self.stream("GET", path) as resp:
+                expected = resp.headers.get(sha_header)
                 if out is None:
-                    out = Path(_attachment_name(resp.headers.get("Content-Disposition")) or f"{job_id}-best.pt")
+                    out = Path(_attachment_name(resp.headers.get("Content-Disposition")) or fallback_name)
                 part = out.with_name(out.name + ".part")
                 with open(part, "wb") as f:
                     for chunk in resp.iter_bytes(1 << 20):
@@ -212,7 +225,7 @@ class TrainctlClient:
         if not expected or actual != expected:
             part.unlink(missing_ok=True)
             raise ClientError(f"CHECKSUM MISMATCH: the server announced sha256 {expected}, the download has "
-                              f"{actual}; {out} was NOT written. Try again; if it persists the stored checkpoint "
+                              f"{actual}; {out} was NOT written. Try again; if it persists the stored file "
                               "is damaged.")
         os.replace(part, out)
         return actual, size, out

@@ -38,11 +38,11 @@ from trainer.contract import ErrorKind, ExitCode, Summary
 class Facts:
     """Everything the decision depends on."""
 
-    state: JobState                 # the job's state in the store (STARTING or RUNNING)
+    state: JobState  # the job's state in the store (STARTING or RUNNING)
     cancel_requested: bool
     ray_status: RayJobStatus | None  # None: Ray has no record of the submission
     submission_id: str
-    exit_code: int | None = None    # the driver's, once it ended
+    exit_code: int | None = None  # the driver's, once it ended
     ray_message: str | None = None
     summary: Summary | None = None  # summary.json (None: missing, unreadable, or storage down)
     storage_up: bool = True

@@ -13,6 +13,7 @@ from trainer.spec import PRESETS, error_list, parse_override, resolve
 
 def describe(args: argparse.Namespace) -> int:
     import yaml
+
     from trainer.model import build_model, count_parameters
     base = None
     if args.spec:
@@ -71,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True, help="pickle with b'data' uint8 N×32×32×3 or N×3072 (e.g. CIFAR-10's "
-                                                  "test_batch), and b'ids' (else 1..N)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt, or an exported model.pt2")
+    p.add_argument("--input", required=True,
+                   help="a folder of 32×32 PNG/JPEG images, a Hugging Face parquet, or a pickle with b'data' uint8 "
+                        "N×32×32×3 (the Kaggle file) or N×3072 (CIFAR-10's test_batch) and b'ids' (else 1..N)")
     p.add_argument("--out", required=True, help="CSV path or URI")
     p.set_defaults(func=predict)
     p = sub.add_parser("convert-images", help="a folder of PNG/JPEG images, one sub-folder per class, → a "

@@ -14,8 +14,13 @@ from service.states import JobState
 from trainer.contract import ErrorKind, RunState, Summary
 
 S, R = JobState.STARTING, JobState.RUNNING
-PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (RayJobStatus.PENDING, RayJobStatus.RUNNING, RayJobStatus.STOPPED,
-                                                RayJobStatus.SUCCEEDED, RayJobStatus.FAILED)
+PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
+    RayJobStatus.PENDING,
+    RayJobStatus.RUNNING,
+    RayJobStatus.STOPPED,
+    RayJobStatus.SUCCEEDED,
+    RayJobStatus.FAILED,
+)
 GONE = None  # Ray has no record of the submission
 
 OK = Summary(state=RunState.SUCCEEDED, best_val_acc=0.4, epochs_completed=3)
@@ -53,8 +58,12 @@ ROWS: list[tuple[str, Facts, type[Action], str]] = [
     ("storage down, exit 1: wait for the summary", facts(R, FAILED, exit_code=1, storage_up=False), Wait, ""),
     ("storage down, exit 0: wait", facts(R, SUCCEEDED, exit_code=0, storage_up=False), Wait, ""),
     ("storage down, Ray forgot: wait", facts(R, GONE, storage_up=False), Wait, ""),
-    ("storage down, exit 3: fail now", facts(R, FAILED, exit_code=3, storage_up=False), Fail,
-     "storage was unreachable (s3://bucket/root)"),
+    (
+        "storage down, exit 3: fail now",
+        facts(R, FAILED, exit_code=3, storage_up=False),
+        Fail,
+        "storage was unreachable (s3://bucket/root)",
+    ),
     # --- succeeded ---------------------------------------------------------------------------------------
     ("succeeded with summary", facts(R, SUCCEEDED, exit_code=0, summary=OK), Succeed, "last_epoch=3"),
     ("succeeded from STARTING", facts(S, SUCCEEDED, exit_code=0, summary=OK), Succeed, ""),
@@ -142,8 +151,9 @@ def _check_invariants(f: Facts, action: Action) -> None:
 
 def test_ray_status_enum() -> None:
     assert [s for s in RayJobStatus if s.is_terminal()] == [STOPPED, SUCCEEDED, FAILED]
-    assert RayJobInfo("RUNNING").status is RUNNING and not RayJobInfo("RUNNING").is_terminal  # type: ignore[arg-type]
+    assert RayJobInfo("RUNNING").status is RUNNING  # type: ignore[arg-type]
     from ray.job_submission import JobStatus  # Ray's own enum converts by value, both ways
+
     assert {RayJobStatus(str(s)) for s in JobStatus} == set(RayJobStatus)
     assert all(RayJobStatus(str(s)).is_terminal() == s.is_terminal() for s in JobStatus)
     assert replace(facts(), ray_status=None).run_over
