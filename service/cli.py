@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", parents=[common], help="run the API (starts a local Ray head unless "
+    s = sub.add_parser("serve", parents=[common], help="run the API (with this data dir's local Ray head, "
+                                                       "started or re-attached, which outlives serve; unless "
                                                        "TRAINCTL_RAY_ADDRESS / RAY_ADDRESS is set)")
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
