@@ -47,7 +47,8 @@ export TRAINCTL_URL="http://127.0.0.1:$PORT" TRAINCTL_DATA_DIR="$DATA_DIR"
 
 trainctl serve --data-dir "$DATA_DIR" --port "$PORT" &
 SERVE_PID=$!
-stop_service() { kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null || true; }
+# `trainctl down` stops serve and its local Ray head (which outlives serve by design).
+stop_service() { trainctl down --data-dir "$DATA_DIR" || true; wait "$SERVE_PID" 2>/dev/null || true; }
 trap stop_service EXIT
 
 for _ in $(seq 1 120); do

@@ -29,7 +29,7 @@ CliError = ClientError  # what the CLI prints as `error: ...` with exit status E
 # --- connection ------------------------------------------------------------------------------------------------
 
 def _url(args: argparse.Namespace) -> str:
-    return resolve_url(args.url)
+    return resolve_url(args.url, args.data_dir)
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -69,7 +69,10 @@ def _progress_line(job: dict[str, Any]) -> str:
     line += f"  best {_fmt_acc(job.get('best_val_acc'))}"
     if isinstance(m.get("images_per_s"), (int, float)):
         line += f"  {m['images_per_s']:.0f} img/s"
-    return line + f"  eta {_fmt_eta(p.get('eta_seconds'))}"
+    line += f"  eta {_fmt_eta(p.get('eta_seconds'))}"
+    if job["state"] in ("QUEUED", "STARTING") and job.get("message"):
+        line += f"  ({job['message']})"  # what it waits for, e.g. "waiting for resources: needs 8 CPU, 2 free"
+    return line
 
 
 def _bar(job: dict[str, Any], width: int = 24) -> str:
@@ -180,6 +183,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"job       {job['id']}  (owner {job['owner']})")
     print(f"state     {_progress_line(job)}")
+    if job.get("search") and job["search"].get("best_trial"):
+        s = job["search"]
+        config = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in (s.get("best_config") or {}).items())
+        print(f"best      trial {s['best_trial']}  {s['metric']} {_fmt_acc(s['best_metric'])}  {config}")
     print(f"attempts  {job['attempts']}  ray submission {job['ray_submission_id'] or '-'}")
     print(f"created   {job['created_at']}   updated {job['updated_at']}")
     if job["message"]:
@@ -255,30 +263,55 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    """Every attempt's log (each under a header when there were several); with -f, then the current attempt's
+    new lines until the job ends. No log is an error saying why, except while -f waits for a queued job."""
     api = _client(args)
     if not args.follow:
         sys.stdout.write(api.logs(args.id, tail=args.tail))
         return 0
-    # Follow: each poll asks only for what was added after the bytes already printed (X-Log-Size); a server
-    # that does not say its log's size gets the whole log compared instead.
-    text, size = api.logs_since(args.id, 0)
-    sys.stdout.write(text)
-    seen, submission = (size if size is not None else len(text)), None
+    # Follow the current attempt; each poll asks only for the bytes added after those already printed
+    # (X-Log-Size / ?since=). A server that does not say its log's size gets whole logs compared instead.
+    seen, attempt = 0, None
     while True:
         job = api.job(args.id)
-        if submission is not None and job["ray_submission_id"] != submission:
-            seen = 0  # a new attempt: its log starts afresh
-            print(f"--- attempt {job['attempts']} ---")
-        submission = job["ray_submission_id"]
-        text, size = api.logs_since(args.id, seen)
-        if size is None:  # an older server sent the whole log
-            text, size = text[seen:], len(text)
-        sys.stdout.write(text)
+        if job["attempts"] and job["attempts"] != attempt:
+            if attempt is None:  # first look: everything so far, then follow the current attempt from its end
+                sys.stdout.write(_logs_or_empty(api, args.id, None))
+                _, size = _logs_since_or_empty(api, args.id, job["attempts"], 0, tail=0)
+                seen = size or len(_logs_or_empty(api, args.id, job["attempts"]))
+            else:
+                print(f"=== attempt {job['attempts']} ===")
+                seen = 0
+            attempt = job["attempts"]
+        if attempt is not None:
+            text, size = _logs_since_or_empty(api, args.id, attempt, seen)
+            if size is None:  # an older server sent the whole log
+                text, size = text[seen:], len(text)
+            sys.stdout.write(text)
+            seen = size
         sys.stdout.flush()
-        seen = size
         if job["state"] in TERMINAL:
             return 0
         time.sleep(2)
+
+
+def _logs_since_or_empty(api: TrainctlClient, job_id: str, attempt: int, since: int, tail: int | None = None
+                         ) -> tuple[str, int | None]:
+    try:
+        return api.logs_since(job_id, since, tail=tail, attempt=attempt)
+    except ClientError as exc:
+        if str(exc).startswith("no_log:"):
+            return "", since
+        raise
+
+
+def _logs_or_empty(api: TrainctlClient, job_id: str, attempt: int | None) -> str:
+    try:
+        return api.logs(job_id, attempt=attempt)
+    except ClientError as exc:
+        if str(exc).startswith("no_log:"):
+            return ""
+        raise
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -329,11 +362,27 @@ def cmd_trials(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        data = api.checkpoints(args.id)
+    if args.json:
+        _print_json(data)
+        return 0
+    if not data["checkpoints"]:
+        print(f"job {args.id} has no checkpoint yet")
+        return 0
+    print(f"{'EPOCH':>5} {'VAL_ACC':>8} {'SIZE':>12}  SHA256")
+    for c in data["checkpoints"]:
+        print(f"{c['epoch'] if c['epoch'] is not None else '-':>5} {_fmt_acc(c['val_acc']):>8} "
+              f"{c['size'] if c['size'] is not None else '-':>12}  {c['sha256'] or '-'}")
+    print(f"download the best with: trainctl best {args.id}")
+    return 0
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     """Download the best checkpoint; written only once its sha256 matches what the server announced."""
-    out = Path(args.output)
     with _client(args, timeout=300) as api:
-        sha256, size = api.download_best(args.id, out)
+        sha256, size, out = api.download_best(args.id, Path(args.output) if args.output else None)
     if args.json:
         _print_json({"path": str(out), "sha256": sha256, "size": size})
     else:
@@ -463,6 +512,12 @@ def _serve(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
+def _down(args: argparse.Namespace) -> int:
+    from service.serve import cmd_down
+
+    return cmd_down(args)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -511,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", parents=[common], help="run the API (starts a local Ray head unless "
+    s = sub.add_parser("serve", parents=[common], help="run the API (with this data dir's local Ray head, "
+                                                       "started or re-attached, which outlives serve; unless "
                                                        "TRAINCTL_RAY_ADDRESS / RAY_ADDRESS is set)")
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
@@ -568,8 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("best", parents=[common], help="download the best checkpoint (sha256-verified)")
     s.add_argument("id")
-    s.add_argument("-o", "--output", required=True, help="where to write the checkpoint")
+    s.add_argument("-o", "--output", help="where to write the checkpoint (default <id>-epochN.pt here)")
     s.set_defaults(fn=cmd_best)
+
+    s = sub.add_parser("checkpoints", parents=[common], help="the kept checkpoints: epoch, val_acc, size, sha256")
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_checkpoints)
+
+    s = sub.add_parser("down", parents=[common], help="stop this data dir's `serve` and its local Ray head "
+                                                      "(which otherwise outlives `serve`)")
+    s.set_defaults(fn=_down)
 
     s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")
     s.add_argument("id")
@@ -609,10 +673,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ids_as_positionals(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Job ids made before ids stopped starting with '-' (`-Xb3...`) would read as options: a token that
+    starts with '-', is not an option of the command and is as long as an id goes after `--`, where argparse
+    takes it as the id."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None or not argv or argv[0] not in sub.choices:
+        return argv
+    command = sub.choices[argv[0]]
+    if not any(a.dest == "id" and not a.option_strings for a in command._actions):
+        return argv
+    takes_value = {o for a in command._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
+    known = {o for a in command._actions for o in a.option_strings}
+    rest, ids, skip = [], [], False
+    for tok in argv[1:]:
+        if skip:
+            rest.append(tok)
+            skip = False
+        elif tok.startswith("-") and len(tok) >= 16 and tok.split("=", 1)[0] not in known and "--" not in rest:
+            ids.append(tok)
+        else:
+            rest.append(tok)
+            skip = tok in takes_value
+    return [argv[0], *rest, "--", *ids] if ids else argv
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_ids_as_positionals(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         code = args.fn(args)
+        sys.stdout.flush()
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_ERROR

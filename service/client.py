@@ -7,7 +7,8 @@ The CLI is one user of it; scripts and notebooks can use it too:
     job = api.submit({"preset": "debug", "overrides": {"data.train": "/data/train.parquet"}})
     print(api.job(job["id"])["state"])
 
-Where to connect: the `url` argument, else TRAINCTL_URL, else ~/.config/trainctl/config.json {"url", "token"},
+Where to connect: the `url` argument, else TRAINCTL_URL, else the URL a running `trainctl serve` recorded in
+<data dir>/serve.json, else ~/.config/trainctl/config.json {"url", "token"},
 else http://127.0.0.1:8000. The token: the `token` argument, else TRAINCTL_TOKEN, else <data dir>/admin-token
 (data dir from the argument / TRAINCTL_DATA_DIR, default ./data), else the config file.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,8 +54,20 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
         return {}
 
 
-def resolve_url(url: str | None = None) -> str:
-    return (url or os.environ.get("TRAINCTL_URL") or load_config().get("url") or DEFAULT_URL).rstrip("/")
+def resolve_url(url: str | None = None, data_dir: str | None = None) -> str:
+    return (url or os.environ.get("TRAINCTL_URL") or served_url(data_dir) or load_config().get("url")
+            or DEFAULT_URL).rstrip("/")
+
+
+def served_url(data_dir: str | None = None) -> str | None:
+    """The URL `trainctl serve` recorded in its data dir (<data dir>/serve.json) while it runs, so a
+    `serve --port N` is found by the CLI run with the same data dir."""
+    folder = Path(data_dir or os.environ.get("TRAINCTL_DATA_DIR") or "data").expanduser()
+    try:
+        url = json.loads((folder / "serve.json").read_text()).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) and url.startswith("http") else None
 
 
 def resolve_token(token: str | None = None, data_dir: str | None = None) -> str | None:
@@ -156,16 +170,19 @@ class TrainctlClient:
     def delete(self, job_id: str) -> None:
         self.request("DELETE", f"/v1/jobs/{job_id}")
 
-    def logs(self, job_id: str, tail: int | None = None) -> str:
-        params = {"tail": tail} if tail is not None else {}
+    def logs(self, job_id: str, tail: int | None = None, attempt: int | None = None) -> str:
+        params = {k: v for k, v in (("tail", tail), ("attempt", attempt)) if v is not None}
         return self.request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
-    def logs_since(self, job_id: str, since: int, tail: int | None = None) -> tuple[str, int | None]:
-        """What the log gained after byte `since`, and the log's size now (None from a server that does not
-        say: then the caller compares whole logs)."""
+    def logs_since(self, job_id: str, since: int, tail: int | None = None, attempt: int | None = None
+                   ) -> tuple[str, int | None]:
+        """What the log (of every attempt, or of one) gained after byte `since`, and its size now (None from a
+        server that does not say: then the caller compares whole logs)."""
         params: dict[str, int] = {"since": since}
         if tail is not None:
             params["tail"] = tail
+        if attempt is not None:
+            params["attempt"] = attempt
         resp = self.request("GET", f"/v1/jobs/{job_id}/logs", params=params)
         size = resp.headers.get("x-log-size")
         return resp.text, int(size) if size and size.isdigit() else None
@@ -175,6 +192,9 @@ class TrainctlClient:
 
     def metrics_csv(self, job_id: str) -> str:
         return self.request("GET", f"/v1/jobs/{job_id}/metrics", params={"format": "csv"}).text
+
+    def checkpoints(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints").json()  # type: ignore[no-any-return]
 
     def trials(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/trials").json()  # type: ignore[no-any-return]
@@ -203,30 +223,38 @@ class TrainctlClient:
     def artifacts(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()  # type: ignore[no-any-return]
 
-    def download_best(self, job_id: str, out: Path) -> tuple[str, int]:
-        """The best checkpoint, verified (see _download). Returns (sha256, size)."""
-        return self._download(f"/v1/jobs/{job_id}/checkpoints/best", "X-Checkpoint-SHA256", out)
+    def download_best(self, job_id: str, out: Path | None = None) -> tuple[str, int, Path]:
+        """The best checkpoint, verified (see _download), to `out` (default: the server's name for it,
+        `<id>-epochN.pt`, in the working directory). Returns (sha256, size, path)."""
+        return self._download(f"/v1/jobs/{job_id}/checkpoints/best", "X-Checkpoint-SHA256", out, f"{job_id}-best.pt")
 
     def download_artifact(self, job_id: str, name: str, out: Path) -> tuple[str, int]:
         """An exported model (model.safetensors, model.pt2), verified (see _download)."""
-        return self._download(f"/v1/jobs/{job_id}/artifacts/{name}", "X-Artifact-SHA256", out)
+        sha256, size, _ = self._download(f"/v1/jobs/{job_id}/artifacts/{name}", "X-Artifact-SHA256", out, name)
+        return sha256, size
 
-    def _download(self, path: str, sha_header: str, out: Path) -> tuple[str, int]:
+    def _download(self, path: str, sha_header: str, out: Path | None, fallback_name: str) -> tuple[str, int, Path]:
         """Download to `<out>.part`, check its sha256 against the one the server announced, and only then move it
-        to `out`; a mismatch deletes it and raises. Returns (sha256, size)."""
-        part = out.with_name(out.name + ".part")
+        to `out` (None: the name in Content-Disposition, else `fallback_name`); a mismatch deletes it and
+        raises. Returns (sha256, size, path)."""
         digest, size = hashlib.sha256(), 0
+        part: Path | None = None
         try:
             with self.stream("GET", path) as resp:
                 expected = resp.headers.get(sha_header)
+                if out is None:
+                    out = Path(_attachment_name(resp.headers.get("Content-Disposition")) or fallback_name)
+                part = out.with_name(out.name + ".part")
                 with open(part, "wb") as f:
                     for chunk in resp.iter_bytes(1 << 20):
                         f.write(chunk)
                         digest.update(chunk)
                         size += len(chunk)
         except BaseException:
-            part.unlink(missing_ok=True)
+            if part is not None:
+                part.unlink(missing_ok=True)
             raise
+        assert out is not None and part is not None
         actual = digest.hexdigest()
         if not expected or actual != expected:
             part.unlink(missing_ok=True)
@@ -234,4 +262,11 @@ class TrainctlClient:
                               f"{actual}; {out} was NOT written. Try again; if it persists the stored file "
                               "is damaged.")
         os.replace(part, out)
-        return actual, size
+        return actual, size, out
+
+
+def _attachment_name(disposition: str | None) -> str | None:
+    """The file name of `attachment; filename="x.pt"`, reduced to a bare name (never a path)."""
+    m = re.search(r'filename="?([^";]+)"?', disposition or "")
+    name = os.path.basename(m.group(1)) if m else ""
+    return name if name and not name.startswith(".") else None

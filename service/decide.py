@@ -15,11 +15,18 @@ combination is tested as a table (tests/service/test_decide.py). The precedence,
    c. SUCCEEDED → `Succeed` with the summary's figures, or `Fail` if there is no successful summary;
    d. the summary's error kind or the exit code says the spec/data is wrong → `Fail`, never retried;
    e. ... says storage was unreachable → `Fail` (retrying into a dead store cannot help);
-   f. restarts left (attempts - 1 < checkpoint.max_restarts) → `Resubmit`; else `Fail`.
+   f. the cluster or the service ended the run (Ray forgot it — the head restarted —, stopped it without
+      our cancel, or its driver never exited by itself) → `Resubmit` without using the job's restart
+      budget (up to MAX_FREE_RESTARTS such restarts); else restarts left (charged restarts <
+      checkpoint.max_restarts) → `Resubmit`; else `Fail`.
+
+A failure's message is one line, the reason first (`DataError: /d/x: file not found (...; not retried)`):
+tracebacks stay in the job's log.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from service.rayjobs import RayJobStatus
@@ -41,7 +48,9 @@ class Facts:
     storage_up: bool = True
     attempts: int = 1
     max_restarts: int = 0
-    storage_name: str = "storage"  # how to name the storage in a message (redacted)
+    charged_restarts: int = 0       # resubmissions so far that counted against max_restarts
+    free_restarts: int = 0          # resubmissions so far that the cluster or service caused
+    storage_name: str = "storage"   # how to name the storage in a message (redacted)
 
     @property
     def run_over(self) -> bool:
@@ -83,8 +92,9 @@ class Fail:
 
 @dataclass(frozen=True)
 class Resubmit:
-    reason: str  # for the attempt log and the job's message
-    log_reason: str  # what ended this attempt, for the service log
+    reason: str          # for the attempt log and the job's message
+    log_reason: str      # what ended this attempt, for the service log
+    charged: bool = True  # counts against checkpoint.max_restarts (False: the cluster or service caused it)
 
 
 Action = Wait | Progress | Stop | Cancel | Succeed | Fail | Resubmit
@@ -110,19 +120,66 @@ def decide(f: Facts) -> Action:
 
 
 def _after_failure(f: Facts) -> Action:
-    """A run ended without success and without our cancel: retry infrastructure failures up to
-    max_restarts times, never a user error; a storage outage fails the job."""
+    """A run ended without success and without our cancel: retry infrastructure failures (free when the
+    cluster or service caused them, else within max_restarts), never a user error; a storage outage fails
+    the job."""
     if f.ray_status is None:
         reason = f"Ray has no record of {f.submission_id} (head restarted?)"
     else:
         reason = f"Ray job {f.submission_id} {f.ray_status}: {(f.ray_message or '').strip()[:500]}"
     failed = f.summary if f.summary is not None and not f.summary.succeeded() else None
     kind = failed.error_kind if failed else None
-    error = (f.summary.error if f.summary else None) or reason
+    error = reason_line((f.summary.error if f.summary else None) or reason)
     if kind is ErrorKind.USER or f.exit_code == ExitCode.USER:
-        return Fail(f"the job's spec or data is wrong (not retried): {error}")
+        return Fail(f"{error} (the job's spec or data is wrong; not retried)")
     if kind is ErrorKind.STORAGE or f.exit_code == ExitCode.STORAGE:
         return Fail(f"storage was unreachable ({f.storage_name}): {error}")
-    if f.attempts - 1 < f.max_restarts:
+    if cluster_caused(f.ray_status, f.exit_code):
+        if f.free_restarts < MAX_FREE_RESTARTS:
+            return Resubmit(reason=f"attempt {f.attempts} failed: {error}", log_reason=reason, charged=False)
+    elif f.charged_restarts < f.max_restarts:
         return Resubmit(reason=f"attempt {f.attempts} failed: {error}", log_reason=reason)
-    return Fail(f"failed after {f.attempts} attempt(s): {error}")
+    return Fail(f"{error} (failed after {f.attempts} attempt(s); {f.charged_restarts} restart(s) of "
+                f"checkpoint.max_restarts={f.max_restarts} used)")
+
+
+# Resubmissions after failures the cluster or the service caused do not count against checkpoint.max_restarts;
+# this caps them so a cluster that keeps killing a job cannot resubmit it forever.
+MAX_FREE_RESTARTS = 10
+
+
+def cluster_caused(status: RayJobStatus | None, exit_code: int | None) -> bool:
+    """Whether a run that ended without success was ended by the cluster or the service, not by the job's
+    own code: Ray forgot it (the head restarted), stopped it without our cancel, or its driver never exited
+    by itself (no exit code: it never started or its supervisor died; a signal: killed from outside)."""
+    if status is None or status is RayJobStatus.STOPPED:
+        return True
+    return exit_code is None or exit_code < 0 or exit_code in (128 + 9, 128 + 15)
+
+
+# `trainer.data.DataError: ...` inside the worker traceback Ray wraps an error in: our own error types first.
+_OWN_ERROR = re.compile(r"^(?:[\w.]+\.)?((?:DataError|UserError|StorageUnavailable)\b.*)$")
+_ANY_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b:.*)$")
+
+
+def reason_line(text: str, limit: int = 500) -> str:
+    """One line of reason from an error text that may hold tracebacks (Ray wraps a worker's error with its
+    traceback): the last line naming one of our own error types, else the last `SomethingError: ...`
+    line, else the first line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for pattern in (_OWN_ERROR, _ANY_ERROR):
+        found = [m.group(1) for ln in lines if (m := pattern.match(ln))]
+        if found:
+            line = found[-1]
+            break
+    else:
+        line = lines[0] if lines else str(text)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def restarts_used(attempt_log: list[dict[str, object]]) -> tuple[int, int]:
+    """(resubmissions charged to checkpoint.max_restarts, free ones the cluster or service caused), from a
+    job's attempt log (an entry without `charged` predates the distinction and counts as charged)."""
+    later = [e for e in attempt_log if int(str(e.get("attempt", 1))) > 1]
+    free = sum(1 for e in later if e.get("charged") is False)
+    return len(later) - free, free

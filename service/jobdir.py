@@ -23,9 +23,19 @@ from trainer.contract import (
 )
 from trainer.spec import SearchSpec
 
+LOGS = "logs"  # logs/attempt-N.log: each attempt's driver log, copied there by the service while it runs
+
 
 def job_uri(storage_root: str, job_id: str) -> str:
     return objstore.join(storage_root, "jobs", job_id)
+
+
+def attempt_log_uri(job_dir: str, attempt: int) -> str:
+    return objstore.join(job_dir, LOGS, f"attempt-{attempt}.log")
+
+
+def read_attempt_log(job_dir: str, attempt: int) -> str | None:
+    return _read_text(attempt_log_uri(job_dir, attempt))
 
 
 def _read_text(uri: str) -> str | None:
@@ -67,15 +77,27 @@ def read_metrics(job_dir: str) -> list[EpochMetrics]:
     return contract.parse_metrics(_read_text(objstore.join(job_dir, contract.METRICS)))
 
 
+def settle_trials(trials: list[TrialRow], job_state: str) -> list[TrialRow]:
+    """Trials as they stand once their job ended: one the trainer left `running`/`pending` because it was
+    stopped (cancelled, or its driver died) ended with the job — `cancelled`, or `failed` — never running."""
+    if job_state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        return trials
+    ended = TrialState.CANCELLED if job_state == "CANCELLED" else TrialState.FAILED
+    return [t.model_copy(update={"state": ended}) if t.state in (TrialState.RUNNING, TrialState.PENDING) else t
+            for t in trials]
+
+
 def search_progress(search: dict[str, Any], trials: list[TrialRow]) -> dict[str, Any]:
-    """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, metric}."""
+    """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, best_config,
+    metric}."""
     spec = SearchSpec.model_validate(search)
     best = contract.best_trial(trials, spec.mode)
     return {"trials_total": spec.total_trials(), "trials_finished": sum(t.state.is_finished() for t in trials),
             "trials_running": sum(t.state is TrialState.RUNNING for t in trials),
             "stopped_early": sum(t.stopped_early for t in trials),
             "best_trial": best.trial_id if best else None,
-            "best_metric": best.best_metric if best else None, "metric": spec.metric}
+            "best_metric": best.best_metric if best else None, "best_config": best.config if best else None,
+            "metric": spec.metric}
 
 
 def progress(metrics: list[EpochMetrics], epochs: int | None, finished: bool) -> dict[str, Any]:

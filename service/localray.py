@@ -4,6 +4,7 @@ our Jobs client agree). Stopped by process group, never by name."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -55,16 +56,12 @@ class LocalRayHead:
                 tail = Path(log_path).read_text(errors="replace")[-3000:]
                 head.stop()
                 raise RuntimeError(f"`ray start` exited with {proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(head.dashboard_url + "/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        return head
-            except urllib.error.HTTPError as exc:
-                if exc.code == 401:  # token auth: the dashboard is up and asks for the token
-                    return head
-                time.sleep(0.5)
-            except OSError:
-                time.sleep(0.5)
+            # The dashboard answers before the raylet is up, and on a loaded machine the raylet can still time
+            # out after that: only `ray start`'s own "started" line says the node is complete.
+            started = "Ray runtime started" in Path(log_path).read_text(errors="replace")
+            if started and _dashboard_answers(head.dashboard_url, timeout_s=2):
+                return head
+            time.sleep(0.5)
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         head.stop()
         raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f}s:\n{tail}")
@@ -91,3 +88,116 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+# --- the detached head of `trainctl serve` ---------------------------------------------------------------
+# `serve` starts its head in a session of its own and records it in <data dir>/ray-head.json; the head
+# outlives the API process, so restarting or upgrading the control plane never stops a running job. The
+# next `serve` re-attaches to the recorded head; `trainctl down` stops it.
+
+HEAD_RECORD = "ray-head.json"
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    pid: int                # `ray start --block`: the leader of the head's process group
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    auth_mode: str
+    num_cpus: int
+    started_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def write_head_record(data_dir: Path, head: LocalRayHead, auth_mode: str, num_cpus: int) -> HeadRecord:
+    rec = HeadRecord(pid=head.proc.pid, gcs_address=head.gcs_address, dashboard_url=head.dashboard_url,
+                     temp_dir=head.temp_dir, auth_mode=auth_mode, num_cpus=num_cpus, started_at=time.time())
+    tmp = data_dir / (HEAD_RECORD + ".tmp")
+    tmp.write_text(rec.to_json())
+    os.replace(tmp, data_dir / HEAD_RECORD)
+    return rec
+
+
+def read_head_record(data_dir: Path) -> HeadRecord | None:
+    try:
+        return HeadRecord(**json.loads((data_dir / HEAD_RECORD).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _is_our_head(rec: HeadRecord) -> bool:
+    """The recorded pid is still that `ray start` (not a recycled pid): its command line names our temp dir."""
+    try:
+        cmdline = Path(f"/proc/{rec.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(a.endswith(b"start") for a in cmdline) and f"--temp-dir={rec.temp_dir}".encode() in cmdline
+
+
+def _dashboard_answers(url: str, timeout_s: float = 3) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/api/version", timeout=timeout_s) as r:
+            return bool(r.status == 200)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401  # token auth: up, and asking for the token
+    except OSError:
+        return False
+
+
+def live_head(data_dir: Path, wait_s: float = 20) -> HeadRecord | None:
+    """The recorded head when it is still running and its Jobs API answers (waiting up to `wait_s` for a
+    busy dashboard); None when there is none. A record of a head that is gone is removed."""
+    rec = read_head_record(data_dir)
+    if rec is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while _is_our_head(rec):
+        if _dashboard_answers(rec.dashboard_url):
+            return rec
+        if time.monotonic() > deadline:
+            return None  # running but not answering: leave it (and its record) to `trainctl down`
+        time.sleep(0.5)
+    forget_head(data_dir, rec)
+    return None
+
+
+def forget_head(data_dir: Path, rec: HeadRecord) -> None:
+    shutil.rmtree(rec.temp_dir, ignore_errors=True)
+    (data_dir / HEAD_RECORD).unlink(missing_ok=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_recorded_head(data_dir: Path, grace_s: float = 15) -> HeadRecord | None:
+    """Stop the head recorded in `data_dir` — only that process group, never other Ray clusters on the
+    machine: SIGTERM, `grace_s` to exit, then SIGKILL. Returns the record, or None when none was running."""
+    rec = read_head_record(data_dir)
+    if rec is None:
+        return None
+    if _is_our_head(rec):
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(rec.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while _group_alive(rec.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not _group_alive(rec.pid):
+                break
+        running = True
+    else:
+        running = False
+    forget_head(data_dir, rec)
+    return rec if running else None

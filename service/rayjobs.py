@@ -43,9 +43,35 @@ class RayJobInfo:
     status: RayJobStatus
     message: str | None = None
     exit_code: int | None = None  # the driver's exit code once it ended
+    driver_job_id: str | None = None  # Ray's own job id (hex) once the driver connected to the cluster
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RayJobStatus(str(self.status)))  # also from Ray's own enum or a str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a running driver's workers stand: `placed` once one of its placement groups is created (its
+    training workers hold their resources); else what its pending groups need and what the cluster has free."""
+
+    placed: bool
+    needs: dict[str, float]
+    free: dict[str, float]
+    note: str | None = None  # why nothing is placed when nothing is pending either
+
+    def waiting_text(self) -> str | None:
+        """`waiting for resources: needs 8 CPU, 5.5 free` (None once placed)."""
+        if self.placed:
+            return None
+        if not self.needs:
+            return self.note or "starting: the driver runs, its workers are not placed yet"
+        wants = ", ".join(f"{_num(v)} {k}, {_num(self.free.get(k, 0.0))} free" for k, v in sorted(self.needs.items())
+                          if k in ("CPU", "GPU") or not k.startswith(("memory", "object_store", "bundle", "node:")))
+        return f"waiting for resources: needs {wants or 'resources'}"
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
 
 
 class RayJobs(Protocol):
@@ -57,6 +83,7 @@ class RayJobs(Protocol):
     def logs(self, submission_id: str) -> str: ...
     def delete(self, submission_id: str) -> None: ...
     def ping(self) -> str: ...                                      # the cluster's Ray version
+    def placement(self, info: RayJobInfo) -> Placement | None: ...  # None: cannot tell
 
 
 def _not_found(exc: Exception) -> bool:
@@ -138,7 +165,7 @@ class RayJobsClient:
                 return None
             raise
         return RayJobInfo(status=RayJobStatus(str(d.status)), message=d.message,
-                          exit_code=getattr(d, "driver_exit_code", None))
+                          exit_code=getattr(d, "driver_exit_code", None), driver_job_id=getattr(d, "job_id", None))
 
     def stop(self, submission_id: str) -> bool:
         try:
@@ -164,3 +191,38 @@ class RayJobsClient:
 
     def ping(self) -> str:
         return str(self._call("read the cluster version", lambda c: c.get_version()))
+
+    def placement(self, info: RayJobInfo) -> Placement | None:
+        """The driver's placement groups (Ray's state API, through the dashboard with our client's auth) and
+        the cluster's free resources. None when Ray cannot tell: callers then go by the job status alone."""
+        if info.status != "RUNNING":
+            return None
+        if not info.driver_job_id:
+            return Placement(False, {}, {}, note="starting: the driver is connecting to the cluster")
+        try:
+            groups = self._get_json("/api/v0/placement_groups", {
+                "detail": "1", "limit": "1000", "filter_keys": "creator_job_id", "filter_predicates": "=",
+                "filter_values": info.driver_job_id})["data"]["result"]["result"]
+            if any(g.get("state") == "CREATED" for g in groups):
+                return Placement(True, {}, {})
+            needs: dict[str, float] = {}
+            for g in groups:
+                if g.get("state") == "PENDING":
+                    for b in g.get("bundles") or []:
+                        for k, v in (b.get("unit_resources") or {}).items():
+                            needs[k] = needs.get(k, 0.0) + float(v)
+            usage = self._get_json("/api/cluster_status", {})["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+            free = {k: float(total) - float(used) for k, (used, total) in usage.items()}
+            return Placement(False, needs, free)
+        except Exception as exc:  # noqa: BLE001 - an optional detail: never fail a reconcile pass for it
+            log.debug("placement of %s unknown: %s", info.driver_job_id, exc)
+            return None
+
+    def _get_json(self, path: str, params: dict[str, str]) -> Any:
+        from urllib.parse import urlencode
+
+        def get(c: Any) -> Any:
+            resp = c._do_request("GET", path + ("?" + urlencode(params) if params else ""))
+            resp.raise_for_status()
+            return resp.json()
+        return self._call("read the cluster state", get)

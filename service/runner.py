@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import threading
 import time
@@ -17,7 +18,7 @@ from dataclasses import replace
 
 import objstore
 from service import jobdir
-from service.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide
+from service.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide, restarts_used
 from service.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.settings import Settings
 from service.states import InvalidTransition, JobNotFound, JobState
@@ -62,12 +63,30 @@ def over_time_limit(job: Job, max_job_hours: float, now: float) -> float | None:
     started = float(job.attempt_log[0].get("submitted_at") or job.created_at)
     return limit_h if now - started > limit_h * 3600 else None
 
+# A running attempt's driver log is copied into the job dir at most this often (and once more at its end).
+LOG_COPY_INTERVAL_S = 5.0
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """Ray's driver log colours its lines; a saved log, and one served over HTTP, is plain text."""
+    return _ANSI.sub("", text)
+
+
+class NoLog(Exception):
+    """There is no log to show; the message says why."""
+
+
+def _is_wait_message(message: str | None) -> bool:
+    return bool(message) and message.startswith(("waiting for resources", "starting:"))  # type: ignore[union-attr]
+
 
 
 class Runner:
     def __init__(self, settings: Settings, store: Store, ray: RayJobs) -> None:
         self.settings, self.store, self.ray = settings, store, ray
         self._lock = threading.RLock()
+        self._log_copies: dict[str, tuple[float, int]] = {}  # submission id -> (when copied, length)
 
     # --- paths and the job directory ---------------------------------------------------------------------
 
@@ -103,7 +122,7 @@ class Runner:
                     continue
                 free -= 1
 
-    def _submit(self, job: Job, attempt: int, reason: str) -> Job:
+    def _submit(self, job: Job, attempt: int, reason: str, charged: bool = True) -> Job:
         """Write spec.json, submit `<id>-<attempt>` to Ray, then record it (STARTING). The record is written
         after Ray accepted the job, so attempts only count real submissions; if the job was cancelled in the
         meantime the new Ray job is stopped again."""
@@ -115,6 +134,8 @@ class Runner:
                         env_vars=env, metadata={"trainctl_job_id": job.id, "attempt": str(attempt)},
                         resources=self.settings.entrypoint_resources or None)
         entry = {"attempt": attempt, "submission_id": submission_id, "reason": reason, "submitted_at": time.time()}
+        if attempt > 1:
+            entry["charged"] = charged  # counts against checkpoint.max_restarts
         try:
             return self.store.transition(job.id, JobState.STARTING, expect={job.state},
                                          ray_submission_id=submission_id, attempts=attempt,
@@ -199,11 +220,14 @@ class Runner:
         """Gather the facts about one active job, let service/decide.py decide, and carry it out."""
         job_dir = self.job_dir(job.id)
         facts = self._facts(job, info, job_dir)
+        if facts.run_over and info is not None:  # (a run Ray forgot has no log left there to copy)
+            self._copy_log(job, job_dir, final=True)
         action = decide(facts)
         if isinstance(action, Progress):
+            self._copy_log(job, job_dir)
             self._record_progress(job, job_dir)
-            if action.start:
-                self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING})
+            if action.start and info is not None:
+                self._start_running(job, info)
         elif isinstance(action, Stop):
             if self.ray.stop(job.ray_submission_id or ""):
                 self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
@@ -219,14 +243,16 @@ class Runner:
             # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
             # attempt's if that one dies before writing its own.
             jobdir.delete_summary(job_dir)
-            self._submit(job, attempt=job.attempts + 1, reason=action.reason)
+            self._submit(job, attempt=job.attempts + 1, reason=action.reason, charged=action.charged)
 
     def _facts(self, job: Job, info: RayJobInfo | None, job_dir: str) -> Facts:
+        charged, free = restarts_used(job.attempt_log)
         facts = Facts(state=job.state, cancel_requested=job.cancel_requested,
                       ray_status=info.status if info else None, submission_id=job.ray_submission_id or "",
                       exit_code=info.exit_code if info else None, ray_message=info.message if info else None,
                       attempts=job.attempts,
                       max_restarts=int(job.spec.get("checkpoint", {}).get("max_restarts", 0)),
+                      charged_restarts=charged, free_restarts=free,
                       storage_name=objstore.redact(self.settings.storage_root))
         if not facts.run_over:
             return facts
@@ -238,6 +264,18 @@ class Runner:
         except objstore.StorageUnavailable as exc:
             log.warning("job %s ended while storage is unreachable: %s", job.id, exc)
             return replace(facts, storage_up=False)
+
+    def _start_running(self, job: Job, info: RayJobInfo) -> None:
+        """STARTING → RUNNING once the driver's workers are placed (or Ray cannot tell); until then the job
+        stays STARTING and its message says what it waits for ("waiting for resources: needs 8 CPU, 1.5
+        free"), so a job queued behind others on the cluster is never shown as training."""
+        placement = self.ray.placement(info)
+        waiting = placement.waiting_text() if placement is not None else None
+        if waiting is None:
+            self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING},
+                                  **({"message": None} if _is_wait_message(job.message) else {}))
+        elif waiting != job.message:
+            self.store.update(job.id, message=waiting)
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.transition(job_id, JobState.FAILED, message=message)
@@ -253,14 +291,80 @@ class Runner:
 
     # --- logs and deletion -----------------------------------------------------------------------------------
 
-    def logs(self, job: Job, tail: int | None = None) -> str:
-        if not job.ray_submission_id:
-            return ""
-        text = self.ray.logs(job.ray_submission_id)
+    def _copy_log(self, job: Job, job_dir: str, final: bool = False) -> None:
+        """Copy the current attempt's driver log (ANSI colours stripped) to logs/attempt-N.log, at most every
+        LOG_COPY_INTERVAL_S while it runs and once at its end, so it survives the Ray head. Best effort: a log
+        that cannot be copied now must never hold up reconciling the job."""
+        sid = job.ray_submission_id
+        if not sid:
+            return
+        when, length = self._log_copies.get(sid, (0.0, -1))
+        if not final and time.monotonic() - when < LOG_COPY_INTERVAL_S:
+            return
+        try:
+            text = strip_ansi(self.ray.logs(sid))
+            if length < 0:  # first look in this process (the service restarted): never replace a longer copy
+                saved = jobdir.read_attempt_log(job_dir, job.attempts)
+                length = len(saved) if saved is not None else -1
+            if text and len(text) > length:
+                objstore.write_text(jobdir.attempt_log_uri(job_dir, job.attempts), text)
+            self._log_copies[sid] = (time.monotonic(), max(len(text), length))
+        except Exception as exc:  # noqa: BLE001 - best effort, see above
+            log.info("could not copy the log of %s: %s", sid, exc)
+        if final:
+            self._log_copies.pop(sid, None)
+
+    def logs(self, job: Job, tail: int | None = None, attempt: int | None = None) -> str:
+        """The driver log of one attempt, or of every attempt (each under a header) when there were several:
+        the running attempt's live from Ray, the others from the copies in the job dir. Raises NoLog saying
+        why when there is none."""
+        if job.attempts == 0:
+            raise NoLog(f"job {job.id} is {job.state} and has not started, so it has no log yet")
+        if attempt is not None and not 1 <= attempt <= job.attempts:
+            raise NoLog(f"job {job.id} has no attempt {attempt}; it had {job.attempts}")
+        job_dir = self.job_dir(job.id)
+        numbers = [attempt] if attempt is not None else list(range(1, job.attempts + 1))
+        parts, missing = [], []
+        for n in numbers:
+            text = self._attempt_log(job, job_dir, n)
+            if text is None:
+                missing.append(n)
+                continue
+            if len(numbers) > 1:
+                entry = next((e for e in job.attempt_log if e.get("attempt") == n), {})
+                text = f"=== attempt {n} ({entry.get('submission_id', '?')}): {entry.get('reason', '')} ===\n" + text
+            parts.append(text)
+        if not parts:
+            raise NoLog(f"no log was kept for attempt(s) {', '.join(map(str, missing))} of job {job.id}: the Ray "
+                        "head that ran it no longer knows it and no copy reached the job dir (logs/attempt-N.log)")
+        text = "".join(parts)
         if tail is not None:
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-tail:]) if tail > 0 else ""
         return text
+
+    def _attempt_log(self, job: Job, job_dir: str, attempt: int) -> str | None:
+        current = attempt == job.attempts and not job.state.is_terminal()
+        if current and job.ray_submission_id:
+            try:
+                if self.ray.info(job.ray_submission_id) is not None:
+                    return strip_ansi(self.ray.logs(job.ray_submission_id))
+            except RayUnavailable:
+                saved = jobdir.read_attempt_log(job_dir, attempt)
+                if saved is None:
+                    raise  # 503: the live log is there, just not reachable right now
+                return saved
+        saved = jobdir.read_attempt_log(job_dir, attempt)
+        if saved is not None:
+            return saved
+        entry = next((e for e in job.attempt_log if e.get("attempt") == attempt), None)
+        if entry and entry.get("submission_id"):  # finished before logs were copied: Ray may still have it
+            try:
+                if self.ray.info(entry["submission_id"]) is not None:
+                    return strip_ansi(self.ray.logs(entry["submission_id"]))
+            except RayUnavailable:
+                pass
+        return None
 
     def delete(self, job: Job) -> bool:
         """Delete a terminal job: its storage prefix, its Ray job records (best effort), then its record."""

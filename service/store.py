@@ -127,8 +127,12 @@ class TokenNameTaken(Exception):
 
 
 def new_job_id() -> str:
-    # 16 random bytes: unguessable, URL-safe, and short enough to read in a terminal.
-    return secrets.token_urlsafe(16)
+    # 16 random bytes: unguessable, URL-safe, and short enough to read in a terminal. Never a leading
+    # '-' (about one id in 64 would have one), which a command line takes for an option.
+    while True:
+        job_id = secrets.token_urlsafe(16)
+        if not job_id.startswith("-"):
+            return job_id
 
 
 # Columns `update` may change; `state` only changes through `transition`.

@@ -10,7 +10,9 @@ import pytest
 pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3"]
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_PARQUET = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
+# TRAINCTL_TEST_CIFAR_PARQUET: where a checkout has no ../shared beside it (a git worktree elsewhere).
+CIFAR_PARQUET = Path(os.environ.get("TRAINCTL_TEST_CIFAR_PARQUET")
+                     or REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet")
 
 
 @pytest.fixture(scope="session")

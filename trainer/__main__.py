@@ -27,7 +27,9 @@ def describe(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, args.split, device=args.device)
+    # Without --data, the run's own validation split (the data it names); with --data, every image of it.
+    split = args.split or ("val" if args.data is None else "all")
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, split, device=args.device)
     if args.json:
         print(json.dumps(result))
     else:
@@ -44,6 +46,14 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_images(args: argparse.Namespace) -> int:
+    from trainer.data import image_folder_to_parquet
+    classes, n = image_folder_to_parquet(args.folder, args.out)
+    print(f"wrote {n} images of {len(classes)} classes to {args.out}; labels: "
+          + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder): path or URI")
     p.add_argument("--data", help="dataset path or URI (default with --split val: the run's data.train)")
     p.add_argument("--format", default="auto", choices=["auto", "cifar10-python", "parquet", "torchvision"])
-    p.add_argument("--split", default="all", choices=["all", "train", "test", "val"],
-                   help="val = the run's own seeded validation split")
+    p.add_argument("--split", choices=["all", "train", "test", "val"],
+                   help="val = the run's own seeded validation split (the default without --data); "
+                        "all = every image of --data (the default with it)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda, cuda:N, or auto (a GPU where there is one); a run's val_acc "
                         "reproduces on the device kind it trained on")
@@ -66,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt, or an exported model.pt2")
     p.add_argument("--input", required=True,
-                   help="a folder of 32×32 PNG/JPEG images, a Hugging Face parquet, or the Kaggle pickle "
-                        "(b'data' N×32×32×3 uint8 and b'ids')")
+                   help="a folder of 32×32 PNG/JPEG images, a Hugging Face parquet, or a pickle with b'data' uint8 "
+                        "N×32×32×3 (the Kaggle file) or N×3072 (CIFAR-10's test_batch) and b'ids' (else 1..N)")
     p.add_argument("--out", required=True, help="CSV path or URI")
     p.set_defaults(func=predict)
+    p = sub.add_parser("convert-images", help="a folder of PNG/JPEG images, one sub-folder per class, → a "
+                                              "training parquet (img{bytes,path}, label)")
+    p.add_argument("folder", help="e.g. train/airplane/*.png, train/cat/*.png, ...")
+    p.add_argument("out", help="the .parquet to write (path or URI)")
+    p.set_defaults(func=convert_images)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

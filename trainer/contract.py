@@ -89,12 +89,13 @@ class TrialState(str, Enum):
     SUCCEEDED = "succeeded"
     STOPPED_EARLY = "stopped_early"  # stopped by the scheduler (ASHA): not a failure
     FAILED = "failed"
+    CANCELLED = "cancelled"  # never written by the trainer: the service's view of a trial its ended job stopped
 
     def __str__(self) -> str:
         return self.value
 
     def is_finished(self) -> bool:
-        return self in (TrialState.SUCCEEDED, TrialState.STOPPED_EARLY, TrialState.FAILED)
+        return self in (TrialState.SUCCEEDED, TrialState.STOPPED_EARLY, TrialState.FAILED, TrialState.CANCELLED)
 
 
 # --- the records ------------------------------------------------------------------------------------------

@@ -116,6 +116,8 @@ def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 1
          limit: int | None = None) -> Dataset:
     """Decode a source into uint8 tensors. `split` picks train or test batches of a CIFAR-10 directory;
     `limit` reads at most that many images (smoke runs)."""
+    if fmt in ("auto", "cifar10-python"):
+        _refuse_image_folder(uri)
     fmt = detect_format(uri) if fmt == "auto" else fmt
     if fmt == "parquet":
         data = _read_parquet(uri, limit)
@@ -129,6 +131,67 @@ def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 1
         data = Dataset(data.images[:limit], data.labels[:limit])
     _check(data, uri, num_classes)
     return data
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SUPPORTED = ("a CIFAR-10 python folder (data_batch_1..5, test_batch), a Hugging Face image parquet (img{bytes}, "
+             "label), or an empty folder (torchvision downloads CIFAR-10)")
+
+
+def _image_files(folder: str, depth: int = 2) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if root[len(folder):].count(os.sep) >= depth:
+            dirs[:] = []
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+        if found:
+            break
+    return found
+
+
+def _refuse_image_folder(uri: str) -> None:
+    """A folder of PNG/JPEG files (ImageFolder: one sub-folder per class) is what most people try first:
+    say what is supported and how to convert it, instead of a missing-batch-file error."""
+    if objstore.is_s3(uri):
+        return
+    local = objstore.resolve(uri)[1]
+    if not os.path.isdir(local) or os.path.exists(os.path.join(local, "data_batch_1")) \
+            or os.path.exists(os.path.join(local, "test_batch")) \
+            or os.path.isdir(os.path.join(local, "cifar-10-batches-py")):
+        return
+    if _image_files(local):
+        raise DataError(f"{uri}: a folder of PNG/JPEG images is not a training format; convert it (one sub-folder "
+                        f"per class) with `python -m trainer convert-images {local} {local.rstrip('/')}.parquet` "
+                        f"and set data.train to that file. Supported: {SUPPORTED}")
+
+
+def image_folder_to_parquet(folder: str, out_uri: str) -> tuple[list[str], int]:
+    """ImageFolder layout (folder/<class>/<image>.png|jpg) → the Hugging Face parquet layout training reads
+    (img{bytes,path}, label). Labels follow CIFAR-10's class order when the folder names are its classes,
+    else the sorted folder names. Returns (class names by label, image count)."""
+    import pyarrow as pa
+
+    from trainer.evaluate import CLASSES
+    root = objstore.resolve(folder)[1]
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not names:
+        raise DataError(f"{folder}: expected one sub-folder per class (e.g. {folder}/cat/0001.png)")
+    classes = CLASSES if set(names) <= set(CLASSES) else names
+    blobs, paths, labels = [], [], []
+    for name in names:
+        for f in sorted(os.listdir(os.path.join(root, name))):
+            if f.lower().endswith(IMAGE_SUFFIXES):
+                with open(os.path.join(root, name, f), "rb") as fh:
+                    blobs.append(fh.read())
+                paths.append(f"{name}/{f}")
+                labels.append(classes.index(name))
+    if not blobs:
+        raise DataError(f"{folder}: no .png/.jpg/.jpeg files in its class sub-folders")
+    img = pa.StructArray.from_arrays([pa.array(blobs, pa.binary()), pa.array(paths)], names=["bytes", "path"])
+    table = pa.table({"img": img, "label": pa.array(labels, pa.int64())})
+    fs, path = objstore.resolve(out_uri)
+    pq.write_table(table, path, filesystem=fs)
+    return list(classes), len(blobs)
 
 
 def _check(data: Dataset, uri: str, num_classes: int) -> None:

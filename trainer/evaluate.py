@@ -124,15 +124,20 @@ def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: 
 
 
 def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
-    """The paper's Kaggle test file: a pickle with b'data' (N×32×32×3 uint8) and b'ids' (read without code)."""
+    """A pickle with b'data' as N×32×32×3 (HWC, the paper's Kaggle test file) or N×3072 (CHW rows, the CIFAR-10
+    python layout, e.g. `test_batch`) uint8; ids from b'ids', else 1..N in file order. Read without code."""
     batch = load_pickle(objstore.read_bytes(uri), uri, "a Kaggle input pickle")
     try:
-        data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
+        data = np.asarray(batch[b"data"])
+        ids = list(batch[b"ids"]) if b"ids" in batch else list(range(1, len(data) + 1))
     except (TypeError, KeyError, AttributeError):
-        raise DataError(f"{uri}: expected a pickle with b'data' and b'ids'") from None
-    if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
-        raise DataError(f"{uri}: b'data' must be N×32×32×3 uint8 with one id each; "
-                        f"got {data.dtype} {data.shape} and {len(ids)} ids")
+        raise DataError(f"{uri}: expected a pickle with b'data'") from None
+    if data.dtype != np.uint8 or len(ids) != len(data) or not (
+            (data.ndim == 4 and data.shape[1:] == (32, 32, 3)) or (data.ndim == 2 and data.shape[1] == 3072)):
+        raise DataError(f"{uri}: b'data' must be uint8 N×32×32×3 (HWC) or N×3072 (CIFAR-10 CHW rows), with one "
+                        f"id each; got {data.dtype} {data.shape} and {len(ids)} ids")
+    if data.ndim == 2:
+        return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), ids
     return torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous(), ids
 
 

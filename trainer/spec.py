@@ -343,7 +343,7 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
             unknown.append(InitErrorDetails(type=PydanticCustomError("unknown_field", why),
                                             loc=tuple(path.split(".")), input=path))
         else:
-            set_path(data, path, value)
+            merge_path(data, path, value)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -420,6 +420,38 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
             raise _path_error(path, f"{key!r} is not a section")
         node = child
     node[leaf] = value
+
+
+def _section_at(path: list[str]) -> type[BaseModel] | None:
+    """The Section class a path names (`optim`, `search.scheduler`...), or None for a plain field — a
+    dict-valued field such as `scaling.resources_per_worker` is a value, not a section."""
+    model: type[BaseModel] | None = JobSpec
+    for key in path:
+        field = model.model_fields.get(key) if model is not None else None
+        if field is None:
+            return None
+        candidates = [a for a in getattr(field.annotation, "__args__", ()) if a is not type(None)] \
+            or [field.annotation]
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, Section)]
+        model = sections[0] if len(sections) == 1 else None
+    return model
+
+
+def merge_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Apply one override: a value for a section (`optim: {lr: 0.1}`) merges into what the preset set
+    there, field by field and recursively; any other value replaces the field. So `{"optim": {"lr": 0.1}}`
+    on the debug preset changes lr and keeps debug's epochs and batch size, exactly like `optim.lr`."""
+    parts = path.split(".")
+    if isinstance(value, dict) and _section_at(parts) is not None:
+        try:
+            current = _get_path(data, path)
+        except KeyError:
+            current = None
+        if isinstance(current, dict):
+            for key, sub in value.items():
+                merge_path(data, f"{path}.{key}", sub)
+            return
+    set_path(data, path, value)
 
 
 def _get_path(data: dict[str, Any], path: str) -> Any:

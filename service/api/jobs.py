@@ -37,6 +37,7 @@ from service.api.schemas import (
     resolve_body,
 )
 from service.errors import ApiError
+from service.runner import NoLog
 from service.states import JobState
 from service.store import IdempotencyConflict, Store
 from trainer.contract import METRIC_COLUMNS
@@ -130,7 +131,8 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     search = job.spec.get("search")
     if not search:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
-    trials = jobdir.read_trials(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
+    trials = jobdir.settle_trials(jobdir.read_trials(runner.job_dir(job.id)), job.state.value) \
+        if job.state is not JobState.QUEUED else []
     search_spec = SearchSpec.model_validate(search)
     return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
 
@@ -139,12 +141,19 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
 def get_logs(job: JobDep, runner: RunnerDep,
              tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None,
              since: Annotated[int | None, Query(ge=0, le=MAX_OFFSET, description=(
-                 "bytes already read (the previous answer's X-Log-Size): only what is new"))] = None
+                 "bytes already read (the previous answer's X-Log-Size): only what is new"))] = None,
+             attempt: Annotated[int | None, Query(ge=1, le=1000, description="one attempt's log only")] = None,
              ) -> PlainTextResponse:
-    """The Ray job's driver log of the current attempt (empty while queued): at most the last
-    MAX_LOG_BYTES of it. X-Log-Size is the whole log's size in bytes: pass it as `since` next time to get only
-    what was added (`trainctl logs -f`); X-Log-Truncated says the answer was cut to its tail."""
-    text, size, truncated = log_window(runner.logs(job, None), tail, since)
+    """The driver log (ANSI colours stripped): of every attempt, each under a header, or of one `attempt`.
+    Kept in the job dir (logs/attempt-N.log), so it outlives the Ray head; 404 `no_log` says why there is
+    none (queued, or the log was lost). At most the last MAX_LOG_BYTES are sent; X-Log-Size is the whole
+    text's size in bytes: pass it as `since` next time to get only what was added (`trainctl logs -f`);
+    X-Log-Truncated says the answer was cut to its tail."""
+    try:
+        whole = runner.logs(job, None, attempt)
+    except NoLog as exc:
+        raise ApiError(404, "no_log", str(exc)) from None
+    text, size, truncated = log_window(whole, tail, since)
     return PlainTextResponse(text, headers={"X-Log-Size": str(size), "X-Log-Truncated": str(truncated).lower()})
 
 

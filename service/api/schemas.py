@@ -61,6 +61,7 @@ class SearchProgress(BaseModel):
     stopped_early: int
     best_trial: str | None
     best_metric: float | None
+    best_config: dict[str, Any] | None = Field(default=None, description="the best trial's sampled values")
     metric: str
 
 
@@ -146,7 +147,8 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     if job_dir is not None and job.state is not JobState.QUEUED:
         try:
             metrics = jobdir.read_metrics(job_dir)
-            trials = jobdir.read_trials(job_dir) if job.spec.get("search") else None
+            trials = jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) \
+                if job.spec.get("search") else None
         except objstore.StorageUnavailable:
             metrics = trials = None
     if metrics is not None:
@@ -159,6 +161,8 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     else:
         progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
         best = job.best_val_acc
+    if job.state in (JobState.QUEUED, JobState.STARTING):
+        progress["eta_seconds"] = None  # no ETA until this attempt's workers train (not a dead attempt's)
     search = None
     if trials is not None:
         search = SearchProgress(**jobdir.search_progress(job.spec["search"], trials))

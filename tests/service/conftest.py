@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.localray import stop_process_group
+from service.localray import read_head_record, stop_process_group
 from service.runner import Runner
 from service.settings import Settings, load_settings
 from tests.conftest import CIFAR_PARQUET
@@ -105,6 +105,8 @@ class Service:
     port: int
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    args: tuple[str, ...] = ()  # more `trainctl serve` flags
+    _reaped: set[int] = field(default_factory=set)
 
     @property
     def token(self) -> str:
@@ -118,13 +120,19 @@ class Service:
         assert self.proc is None
         self.log_path = self.data_dir.parent / f"serve-{time.time():.0f}.log"
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)],
+        self.proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
+                                      *self.args],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        reap_with_session(self.proc.pid)  # if pytest dies: SIGTERM lets serve stop a head it started
-        deadline = time.monotonic() + 60
+        reap_with_session(self.proc.pid)
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"trainctl serve exited {self.proc.returncode}:\n{self.log()}")
+            head = read_head_record(self.data_dir)
+            if head is not None and head.pid not in self._reaped:
+                # A local head outlives serve: if pytest dies, stop it too (by its own process group).
+                reap_with_session(head.pid)
+                self._reaped.add(head.pid)
             try:
                 if httpx.get(self.url + "/healthz", timeout=2).status_code in (200, 503):
                     return
@@ -132,7 +140,7 @@ class Service:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"trainctl serve did not answer in 60 s:\n{self.log()}")
+        raise RuntimeError(f"trainctl serve did not answer in 180 s:\n{self.log()}")
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL what is left: only what we started."""
@@ -140,6 +148,13 @@ class Service:
             return
         stop_process_group(self.proc, grace_s=20)
         self.proc = None
+
+    def down(self) -> subprocess.CompletedProcess:
+        """`trainctl down`: stop this data dir's serve and the local Ray head it started (a no-op without)."""
+        done = subprocess.run([TRAINCTL, "down", "--data-dir", str(self.data_dir)], env=self.env,
+                              capture_output=True, text=True, timeout=120)
+        self.stop()
+        return done
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path and self.log_path.exists() else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from service.rayjobs import RayJobInfo, RayUnavailable
+from service.rayjobs import Placement, RayJobInfo, RayUnavailable
 
 
 @dataclass
@@ -26,6 +26,7 @@ class FakeRay:
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     down: bool = False
     stopped: list[str] = field(default_factory=list)
+    placements: dict[str, Placement] = field(default_factory=dict)  # by submission id; absent: unknown
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _check(self) -> None:
@@ -45,7 +46,10 @@ class FakeRay:
     def info(self, submission_id: str) -> RayJobInfo | None:
         self._check()
         j = self.jobs.get(submission_id)
-        return RayJobInfo(j.status, j.message, j.exit_code) if j else None
+        return RayJobInfo(j.status, j.message, j.exit_code, driver_job_id=submission_id) if j else None
+
+    def placement(self, info: RayJobInfo) -> Placement | None:
+        return self.placements.get(info.driver_job_id or "")
 
     def stop(self, submission_id: str) -> bool:
         self._check()

@@ -247,3 +247,21 @@ def test_watch_prints_the_devices_once(monkeypatch: pytest.MonkeyPatch, capsys) 
     assert (f"devices: {devs[0]}, {devs[1]} · bf16 + channels_last (measured: bf16 170.0 img/s, fp32 100.0 img/s)"
             in out)
     assert "epoch 3/3" in out
+
+def test_an_id_starting_with_a_dash_is_taken_as_the_id() -> None:
+    dashed = "-Xb3kQ9pLm2Nr7Tv0Yw1Zq"
+    for argv, extra in [(["status", dashed], {}), (["best", dashed, "-o", "x.pt"], {"output": "x.pt"}),
+                        (["logs", "--tail", "5", dashed, "-f"], {"tail": 5, "follow": True}),
+                        (["watch", "--", dashed], {})]:
+        args = cli.build_parser().parse_args(cli._ids_as_positionals(cli.build_parser(), argv))
+        assert args.id == dashed and all(getattr(args, k) == v for k, v in extra.items()), argv
+    assert cli._ids_as_positionals(cli.build_parser(), ["list", "--json"]) == ["list", "--json"]
+
+
+def test_the_url_serve_recorded_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAINCTL_URL", raising=False)
+    monkeypatch.setattr(client, "CONFIG_PATH", tmp_path / "nope.json")
+    (tmp_path / "serve.json").write_text(json.dumps({"url": "http://127.0.0.1:8123", "pid": 1}))
+    assert cli._url(parse("list", "--data-dir", str(tmp_path))) == "http://127.0.0.1:8123"
+    assert cli._url(parse("list", "--data-dir", str(tmp_path), "--url", "http://h:1")) == "http://h:1"
+    assert cli._url(parse("list", "--data-dir", str(tmp_path / "other"))) == client.DEFAULT_URL

@@ -125,29 +125,66 @@ def test_storage_error_fails_with_a_clear_message(api: Api) -> None:
 
 
 def test_infra_failures_are_resubmitted_up_to_max_restarts(api: Api) -> None:
-    job_id = submit(api, **{"checkpoint.max_restarts": 2})
+    job_id = submit(api, **{"checkpoint.max_restarts": 1})
     api.reconcile()
     api.ray.set(f"{job_id}-1", "RUNNING")
     api.reconcile()
-    # 1: the driver died without a summary
+    # 1: the driver was killed from outside (a signal): the cluster's doing, not charged to the job
     api.ray.set(f"{job_id}-1", "FAILED", exit_code=-9, message="driver killed")
     api.reconcile()
     job = state(api, job_id)
     assert job["state"] == "STARTING" and job["attempts"] == 2 and job["ray_submission_id"] == f"{job_id}-2"
-    assert "driver killed" in job["attempt_log"][1]["reason"]
+    assert "driver killed" in job["attempt_log"][1]["reason"] and job["attempt_log"][1]["charged"] is False
     assert api.ray.jobs[f"{job_id}-2"].entrypoint == api.ray.jobs[f"{job_id}-1"].entrypoint  # same job dir
-    # 2: the head restarted and forgot the job
+    # 2: the head restarted and forgot the job: not charged either
     api.ray.forget(f"{job_id}-2")
     api.reconcile()
     job = state(api, job_id)
     assert job["attempts"] == 3 and "no record" in job["attempt_log"][2]["reason"]
-    # 3: an infra error reported by the trainer; no restarts left
+    assert job["attempt_log"][2]["charged"] is False
+    # 3: an infra error reported by the trainer (the job's own run failed): charged, 1 of 1
     write_summary(api, job_id, error="worker group died", error_kind="infra")
     api.ray.set(f"{job_id}-3", "FAILED", exit_code=1)
     api.reconcile()
     job = state(api, job_id)
-    assert job["state"] == "FAILED" and job["attempts"] == 3 and "after 3 attempt(s)" in job["message"]
-    assert [e["attempt"] for e in job["attempt_log"]] == [1, 2, 3]
+    assert job["state"] == "STARTING" and job["attempts"] == 4 and job["attempt_log"][3]["charged"] is True
+    # 4: again, and no restart of the budget is left
+    write_summary(api, job_id, error="worker group died", error_kind="infra")
+    api.ray.set(f"{job_id}-4", "FAILED", exit_code=1)
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "FAILED" and job["attempts"] == 4 and "after 4 attempt(s)" in job["message"]
+    assert job["message"].startswith("RuntimeError: worker group died") or "worker group died" in job["message"]
+    assert [e["attempt"] for e in job["attempt_log"]] == [1, 2, 3, 4]
+
+
+def test_cluster_caused_restarts_never_use_the_budget_but_are_capped(api: Api) -> None:
+    from service.decide import MAX_FREE_RESTARTS
+
+    job_id = submit(api, **{"checkpoint.max_restarts": 0})
+    api.reconcile()
+    for attempt in range(1, MAX_FREE_RESTARTS + 1):
+        api.ray.forget(f"{job_id}-{attempt}")  # the head went away under the job, again and again
+        api.reconcile()
+        assert state(api, job_id)["attempts"] == attempt + 1
+    api.ray.forget(f"{job_id}-{MAX_FREE_RESTARTS + 1}")
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "FAILED" and job["attempts"] == MAX_FREE_RESTARTS + 1
+
+
+def test_failure_message_is_one_line_of_reason(api: Api) -> None:
+    job_id = submit(api)
+    api.reconcile()
+    traceback = ("TrainingFailedError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+                 "Traceback (most recent call last):\n  File \"/x/loop.py\", line 3, in loop\n    load()\n"
+                 "trainer.data.DataError: /data/train.parquet: file not found\n")
+    write_summary(api, job_id, error=traceback, error_kind="user")
+    api.ray.set(f"{job_id}-1", "FAILED", exit_code=2)
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "FAILED" and "\n" not in job["message"]
+    assert job["message"].startswith("DataError: /data/train.parquet: file not found"), job["message"]
 
 
 def test_stopped_by_someone_else_is_resubmitted_then_succeeds(api: Api) -> None:
@@ -209,6 +246,53 @@ def test_a_submission_wakes_the_reconciler(make_api) -> None:
         time.sleep(0.05)
     api.client.__exit__(None, None, None)  # lifespan shutdown stops the reconciler cleanly
     assert api.client.app.state.trainctl.reconciler._task is None
+
+
+def test_logs_are_kept_per_attempt_and_outlive_ray(api: Api) -> None:
+    job_id = submit(api)
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_log" and "QUEUED" in r.json()["error"]["message"]
+    api.reconcile()
+    api.ray.jobs[f"{job_id}-1"].logs = "\x1b[36m(RayTrainWorker pid=1)\x1b[0m epoch 1\n"
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.reconcile()
+    saved = api.job_dir(job_id) / "logs" / "attempt-1.log"
+    assert saved.read_text() == "(RayTrainWorker pid=1) epoch 1\n"  # copied while it runs, colours stripped
+    api.ray.forget(f"{job_id}-1")  # the head restarted: Ray's copy is gone; the job is resubmitted ...
+    api.runner._log_copies.clear()  # ... by a service that restarted too (it has not seen this log yet)
+    api.reconcile()
+    assert saved.read_text() == "(RayTrainWorker pid=1) epoch 1\n"  # the copy is kept, not emptied
+    api.ray.jobs[f"{job_id}-2"].logs = "resumed at epoch 2\n"
+    write_summary(api, job_id, state="succeeded", best_val_acc=0.4, epochs_completed=2)
+    api.ray.set(f"{job_id}-2", "SUCCEEDED", exit_code=0)
+    api.reconcile()
+    api.ray.forget(f"{job_id}-2")
+    text = api.get(f"/v1/jobs/{job_id}/logs").text
+    assert "(RayTrainWorker pid=1) epoch 1" in text and "resumed at epoch 2" in text
+    assert text.index("=== attempt 1") < text.index("=== attempt 2")
+    assert api.get(f"/v1/jobs/{job_id}/logs", params={"attempt": 2}).text == "resumed at epoch 2\n"
+    (api.job_dir(job_id) / "logs" / "attempt-1.log").unlink()
+    (api.job_dir(job_id) / "logs" / "attempt-2.log").unlink()
+    r = api.get(f"/v1/jobs/{job_id}/logs")
+    assert r.status_code == 404 and "no log was kept" in r.json()["error"]["message"]
+
+
+def test_a_job_waiting_for_resources_is_not_running(api: Api) -> None:
+    from service.rayjobs import Placement
+
+    job_id = submit(api)
+    api.reconcile()
+    sub = f"{job_id}-1"
+    api.ray.placements[sub] = Placement(False, {"CPU": 2.0}, {"CPU": 1.5})
+    api.ray.set(sub, "RUNNING")  # the driver runs, its workers wait for CPUs
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "STARTING" and job["message"] == "waiting for resources: needs 2 CPU, 1.5 free"
+    assert job["progress"]["eta_seconds"] is None
+    api.ray.placements[sub] = Placement(True, {}, {})
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "RUNNING" and job["message"] is None
 
 
 def test_a_cancelled_job_that_ray_forgot_is_cancelled_not_resubmitted(api: Api) -> None:

@@ -64,4 +64,4 @@ def test_service_on_s3_survives_a_storage_outage(s3_server, s3_bucket_uri: str, 
             assert objstore.exists(objstore.join(job_dir, "summary.json"))
             assert not os.path.exists(tmp_path / "data" / "storage")  # nothing went to the local default
     finally:
-        svc.stop()
+        svc.down()  # serve and the Ray head it started (which outlives serve by design)

@@ -63,7 +63,14 @@ def test_search_trials_progress_and_cancel(service: Service, ray_head: RayHead, 
             time.sleep(0.5)
         assert alive_search_actors(ray_head) == [], "cancelling a search must stop every trial"
         print(f"search cancel → no trial actor alive after {time.monotonic() - cancelled_at:.1f} s")
-        assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "CANCELLED"
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "CANCELLED" and job["search"]["trials_running"] == 0, job["search"]
+        states = [t["state"] for t in c.get(f"/v1/jobs/{job_id}/trials").json()["trials"]]
+        assert "running" not in states and "pending" not in states and "cancelled" in states, states
+        assert job["search"]["best_config"] and 0.01 <= job["search"]["best_config"]["optim.lr"] <= 0.2
+        status = subprocess.run([TRAINCTL, "status", job_id, "--url", service.url, "--token", service.token],
+                                capture_output=True, text=True, timeout=60)
+        assert f"trial {job['search']['best_trial']}" in status.stdout and "optim.lr=" in status.stdout
 
         single = c.post("/v1/jobs", json={"preset": "debug", "overrides": {"data.train": str(cifar_parquet)}})
         single_id = single.json()["id"]

@@ -120,3 +120,31 @@ def test_torchvision_download_offline_fails_with_a_clear_message(tmp_path):
     # The real download path, run offline (this machine has no internet): a DataError naming the fix.
     with pytest.raises(DataError, match="could not download CIFAR-10.*point data.train at a local copy"):
         load(str(tmp_path / "cifar-download"), "auto")
+
+
+def test_a_folder_of_images_names_the_formats_and_converts(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from torchvision.io import encode_png
+
+    from trainer.data import DataError, load
+    folder = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    for name in ["airplane", "cat"]:
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            img = torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8))
+            (folder / name / f"{i}.png").write_bytes(bytes(encode_png(img).numpy()))
+    with pytest.raises(DataError) as exc:
+        load(str(folder))
+    message = str(exc.value)
+    assert "PNG/JPEG" in message and "parquet" in message and "data_batch_1" in message
+    assert f"python -m trainer convert-images {folder}" in message
+    out = tmp_path / "train.parquet"
+    done = subprocess.run([sys.executable, "-m", "trainer", "convert-images", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = load(str(out))
+    assert len(data) == 6 and sorted(data.labels.tolist()) == [0, 0, 0, 3, 3, 3]  # CIFAR-10's own labels

@@ -67,8 +67,9 @@ def test_manifest_checksums_and_retention(trained_job):
 
 def test_best_checkpoint_reproduces_val_acc_in_a_fresh_process(trained_job):
     summary = json.loads((trained_job / "summary.json").read_text())
+    # the defaults (no --data, no --split) evaluate the run's own validation split
     out = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--checkpoint", summary["best_checkpoint"],
-                          "--split", "val", "--json"], capture_output=True, text=True, timeout=300)
+                          "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert abs(result["accuracy"] - summary["best_val_acc"]) <= 0.005, (result, summary)
@@ -87,6 +88,15 @@ def test_predict_writes_kaggle_csv(trained_job, tmp_path):
     assert rows[0] == ["ID", "Labels"] and len(rows) == 13
     assert [int(r[0]) for r in rows[1:]] == list(range(100, 112))
     assert all(0 <= int(r[1]) <= 9 for r in rows[1:])
+    # the CIFAR-10 python layout (N×3072 CHW rows, no ids), e.g. test_batch: ids 1..N
+    batch = tmp_path / "test_batch"
+    write_cifar_python(tmp_path / "cifar", per_batch=7)
+    batch.write_bytes((tmp_path / "cifar" / "test_batch").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", summary["best_checkpoint"],
+                           "--input", str(batch), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(out.open()))
+    assert len(rows) == 8 and [int(r[0]) for r in rows[1:]] == list(range(1, 8))
 
 
 def test_corrupt_checkpoint_is_detected(trained_job, tmp_path):

@@ -87,6 +87,23 @@ def test_spec_module_imports_only_pydantic():
     json.dumps(JobSpec().model_dump(mode="json"))
 
 
+def test_section_valued_overrides_merge_into_the_preset():
+    # natural YAML (`optim: {lr: 0.1}`) changes one field and keeps the preset's others, like `optim.lr`
+    nested = resolve("debug", {"optim": {"lr": 0.1}, "data": {"train": "/d/train.parquet"}})
+    dotted = resolve("debug", {"optim.lr": 0.1, "data.train": "/d/train.parquet"})
+    assert nested == dotted
+    assert (nested.optim.lr, nested.optim.epochs, nested.optim.batch_size) == (0.1, 2, 64)
+    assert nested.data.max_train_images == PRESETS["debug"]["data"]["max_train_images"]
+    # a dict-valued field is a value, not a section: it is replaced
+    spec = resolve("debug", {"scaling": {"resources_per_worker": {"slot": 1}}})
+    assert spec.scaling.resources_per_worker == {"slot": 1.0} and spec.scaling.num_workers == 2
+    # a section the preset does not set is set as given; a misspelt field inside is still an error
+    assert resolve("debug", {"checkpoint": {"keep_best": 3}}).checkpoint.max_restarts == 2
+    with pytest.raises(ValidationError) as exc:
+        resolve("debug", {"optim": {"learning_rate": 0.1}})
+    assert fields(exc.value) == {"optim.learning_rate"}
+
+
 @pytest.mark.parametrize("path,message", [
     ("no.such.field", "unknown field 'no'"),
     ("optim.lrr", "did you mean 'optim.lr'?"),
