@@ -275,10 +275,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     while True:
         job = api.job(args.id)
         if job["attempts"] and job["attempts"] != attempt:
-            if attempt is None:  # first look: everything so far, then follow the current attempt from its end
+            if attempt is None and job["attempts"] > 1:  # first look: the earlier attempts in full ...
                 sys.stdout.write(_logs_or_empty(api, args.id, None))
                 _, size = _logs_since_or_empty(api, args.id, job["attempts"], 0, tail=0)
                 seen = size or len(_logs_or_empty(api, args.id, job["attempts"]))
+            elif attempt is None:  # ... or the only attempt, followed from its start below
+                seen = 0
             else:
                 print(f"=== attempt {job['attempts']} ===")
                 seen = 0
