@@ -43,7 +43,7 @@ class AugmentSpec(Section):
     flip: bool = Field(default=True, description="RandomHorizontalFlip(p 0.5)")
     autoaugment: bool = Field(default=False, description="AutoAugment, ImageNet policy, one sub-policy per image")
     random_erasing: bool = Field(default=False, description="RandomErasing after AutoAugment, value 0")
-    erasing_p: Fraction = 0.5
+    erasing_p: float = Field(default=0.5, ge=0.0, le=1.0)
     erasing_scale: tuple[float, float] = (0.02, 0.33)
     erasing_ratio: tuple[float, float] = (0.3, 3.3)
 
