@@ -9,82 +9,35 @@ prints the API's JSON for scripts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
+from service.client import ClientError, TrainctlClient, resolve_token, resolve_url
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-WATCH_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 2}
-CONFIG_PATH = Path("~/.config/trainctl/config.json").expanduser()
-
-
-class CliError(Exception):
-    """Printed as `error: ...` with exit status 1."""
+# Exit codes (docs/service.md). argparse uses 2 for usage errors, so no job outcome may use it.
+WATCH_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3}
+EXIT_LOST_CONTACT = 4  # `watch`/`submit --follow` gave up: the service stayed unreachable for --patience seconds
+EXIT_ERROR = 5         # the service refused the request (4xx/5xx) or could not be reached by a one-shot command
+CliError = ClientError  # what the CLI prints as `error: ...` with exit status EXIT_ERROR
 
 
 # --- connection ------------------------------------------------------------------------------------------------
 
-def _config() -> dict[str, Any]:
-    try:
-        data = json.loads(CONFIG_PATH.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _url(args: argparse.Namespace) -> str:
-    return (args.url or os.environ.get("TRAINCTL_URL") or _config().get("url") or "http://127.0.0.1:8000").rstrip("/")
+    return resolve_url(args.url)
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    if args.token or os.environ.get("TRAINCTL_TOKEN"):
-        return args.token or os.environ["TRAINCTL_TOKEN"]
-    data_dir = Path(args.data_dir or os.environ.get("TRAINCTL_DATA_DIR") or "data").expanduser()
-    try:
-        return (data_dir / "admin-token").read_text().strip()
-    except OSError:
-        return _config().get("token")
+    return resolve_token(args.token, args.data_dir)
 
 
-def _client(args: argparse.Namespace, timeout: float = 30) -> httpx.Client:
-    token = _token(args)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=_url(args), headers=headers, timeout=timeout)
-
-
-def _check(resp: httpx.Response) -> httpx.Response:
-    if resp.is_success:
-        return resp
-    try:
-        err = resp.json()["error"]
-        lines = [f"{err['code']}: {err['message']}" if not err.get("details") or not isinstance(err["details"], list)
-                 else f"{err['code']}:"]
-        if isinstance(err.get("details"), list):
-            lines += [f"  {d.get('field')}: {d.get('message')}" for d in err["details"] if isinstance(d, dict)]
-        elif err.get("details"):
-            lines.append(f"  {json.dumps(err['details'])}")
-    except (ValueError, KeyError, TypeError):
-        lines = [f"HTTP {resp.status_code}: {resp.text[:500]}"]
-    if resp.status_code == 401:
-        lines.append("  (set TRAINCTL_TOKEN, or run where <data dir>/admin-token is readable)")
-    raise CliError("\n".join(lines))
-
-
-def _request(args: argparse.Namespace, method: str, path: str, **kw: Any) -> httpx.Response:
-    try:
-        with _client(args) as c:
-            return _check(c.request(method, path, **kw))
-    except httpx.TransportError as exc:
-        raise CliError(f"cannot reach trainctl at {_url(args)} ({exc}); is `trainctl serve` running? "
-                       "(set TRAINCTL_URL)") from exc
+def _client(args: argparse.Namespace, timeout: float = 30) -> TrainctlClient:
+    return TrainctlClient(_url(args), _token(args), timeout=timeout)
 
 
 def _print_json(data: Any) -> None:
@@ -110,8 +63,20 @@ def _progress_line(job: dict[str, Any]) -> str:
         return (f"{job['state']:<9} trials {s['trials_finished']}/{s['trials_total']} done, {s['trials_running']} "
                 f"running, {s['stopped_early']} stopped early  best {s['metric']} {_fmt_acc(s['best_metric'])}"
                 f" ({s['best_trial'] or '-'})")
-    return (f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
-            f"  best {_fmt_acc(job.get('best_val_acc'))}  eta {_fmt_eta(p.get('eta_seconds'))}")
+    line = f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
+    if isinstance(m.get("test_acc"), (int, float)):
+        line += f"  test_acc {_fmt_acc(m['test_acc'])}"
+    line += f"  best {_fmt_acc(job.get('best_val_acc'))}"
+    if isinstance(m.get("images_per_s"), (int, float)):
+        line += f"  {m['images_per_s']:.0f} img/s"
+    return line + f"  eta {_fmt_eta(p.get('eta_seconds'))}"
+
+
+def _bar(job: dict[str, Any], width: int = 24) -> str:
+    p = job.get("progress") or {}
+    done, total = p.get("epoch") or 0, p.get("epochs") or 0
+    filled = int(width * done / total) if total else 0
+    return "[" + "#" * filled + "-" * (width - filled) + "] "
 
 
 # --- commands talking to the service ---------------------------------------------------------------------------
@@ -145,22 +110,54 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
+    """The spec the service would store for this body, resolved and validated here (pydantic only, no server);
+    field errors are reported exactly as the service's 422 names them."""
+    from pydantic import ValidationError
+
+    from trainer.spec import JobSpec, error_list, resolve
+
+    try:
+        if "preset" in body or "overrides" in body:
+            spec = resolve(body.get("preset"), body.get("overrides") or {})
+        else:
+            spec = JobSpec.model_validate(body)
+    except ValidationError as exc:
+        lines = [f"  {e['field']}: {e['message']}" for e in error_list(exc)]
+        raise CliError("invalid_spec (checked locally, nothing was submitted):\n" + "\n".join(lines)) from None
+    return spec.model_dump(mode="json")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-    job = _request(args, "POST", "/v1/jobs", json=_load_body(args), headers=headers).json()
-    if args.json:
+    body = _load_body(args)
+    if args.dry_run:
+        spec = _validate_locally(body)
+        if args.json:
+            _print_json(spec)
+        else:
+            import yaml
+
+            print(yaml.safe_dump(spec, sort_keys=False).rstrip())
+            print("# valid: this is the spec the service would run (nothing was submitted)")
+        return 0
+    with _client(args) as api:
+        job = api.submit(body, args.idempotency_key)
+    if args.json and not args.follow:
         _print_json(job)
     elif args.quiet:
-        print(job["id"])
+        print(job["id"], flush=True)
     else:
-        print(f"submitted job {job['id']} ({job['state']}); follow it with: trainctl watch {job['id']}")
-    return 0
+        print(f"submitted job {job['id']} ({job['state']})"
+              + ("" if args.follow else f"; follow it with: trainctl watch {job['id']}"), flush=True)
+    if not args.follow:
+        return 0
+    with _client(args) as api:
+        return _follow(api, job["id"], interval=args.interval, patience=args.patience, as_json=args.json)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    params: list[tuple[str, Any]] = [("limit", args.limit), ("offset", args.offset)]
-    params += [("state", s.upper()) for s in args.state or []]
-    page = _request(args, "GET", "/v1/jobs", params=params).json()
+    with _client(args) as api:
+        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state)
     if args.json:
         _print_json(page)
         return 0
@@ -175,7 +172,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    job = _request(args, "GET", f"/v1/jobs/{args.id}").json()
+    with _client(args) as api:
+        job = api.job(args.id)
     if args.json:
         _print_json(job)
         return 0
@@ -188,36 +186,71 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
-    """Print progress whenever it changes; exit 0/1/2 for SUCCEEDED/FAILED/CANCELLED."""
-    last = None
+def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: float, as_json: bool) -> int:
+    """Print progress whenever it changes until the job ends; return its exit code (WATCH_EXIT).
+
+    A refused connection, a time-out or a 502/503/504 (an API restart, say) is waited out with backoff for up
+    to `patience` seconds, saying so on stderr; then EXIT_LOST_CONTACT. Other errors (404, 401) raise."""
+    tty = sys.stdout.isatty() and not as_json
+    last, lost_since, backoff = None, None, 1.0
     while True:
-        job = _request(args, "GET", f"/v1/jobs/{args.id}").json()
-        line = json.dumps(job, sort_keys=True) if args.json else _progress_line(job)
+        try:
+            job = api.job(job_id)
+        except ClientError as exc:
+            if not exc.transient:
+                raise
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                reason = str(exc).splitlines()[0]
+                print(f"\nlost contact with the service ({reason}); retrying for up to {patience:.0f}s",
+                      file=sys.stderr, flush=True)
+            elif now - lost_since > patience:
+                print(f"gave up: no answer from the service for {patience:.0f}s (job {job_id} may still be running; "
+                      f"`trainctl watch {job_id}` resumes following it)", file=sys.stderr)
+                return EXIT_LOST_CONTACT
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            continue
+        if lost_since is not None:
+            print(f"contact restored after {time.monotonic() - lost_since:.0f}s", file=sys.stderr, flush=True)
+            lost_since, backoff = None, 1.0
+        line = json.dumps(job, sort_keys=True) if as_json else _progress_line(job)
         if line != last:
-            print(line, flush=True)
+            if tty:  # one live line with a bar, rewritten in place
+                print("\r\033[K" + _bar(job) + line, end="", flush=True)
+            else:
+                print(line, flush=True)
             last = line
         if job["state"] in TERMINAL:
-            if job.get("message") and not args.json:
+            if tty:
+                print()
+            if job.get("message") and not as_json:
                 print(f"{job['state']}: {job['message']}")
             return WATCH_EXIT[job["state"]]
-        time.sleep(args.interval)
+        time.sleep(interval)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow a job to its end; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 4 lost contact."""
+    with _client(args) as api:
+        return _follow(api, args.id, interval=args.interval, patience=args.patience, as_json=args.json)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    params = {"tail": args.tail} if args.tail is not None and not args.follow else {}
-    text = _request(args, "GET", f"/v1/jobs/{args.id}/logs", params=params).text
+    api = _client(args)
+    text = api.logs(args.id, tail=None if args.follow else args.tail)
     sys.stdout.write(text)
     if not args.follow:
         return 0
     seen, submission = len(text), None
     while True:
-        job = _request(args, "GET", f"/v1/jobs/{args.id}").json()
+        job = api.job(args.id)
         if submission is not None and job["ray_submission_id"] != submission:
             seen = 0  # a new attempt: its log starts afresh
             print(f"--- attempt {job['attempts']} ---")
         submission = job["ray_submission_id"]
-        text = _request(args, "GET", f"/v1/jobs/{args.id}/logs").text
+        text = api.logs(args.id)
         sys.stdout.write(text[seen:])
         sys.stdout.flush()
         seen = len(text)
@@ -227,22 +260,26 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    job = _request(args, "POST", f"/v1/jobs/{args.id}/cancel").json()
+    with _client(args) as api:
+        job = api.cancel(args.id)
     _print_json(job) if args.json else print(f"job {job['id']}: {job['state']}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _request(args, "DELETE", f"/v1/jobs/{args.id}")
+    with _client(args) as api:
+        api.delete(args.id)
     _print_json({"deleted": args.id}) if args.json else print(f"deleted job {args.id}")
     return 0
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     if args.csv:
-        sys.stdout.write(_request(args, "GET", f"/v1/jobs/{args.id}/metrics", params={"format": "csv"}).text)
+        with _client(args) as api:
+            sys.stdout.write(api.metrics_csv(args.id))
         return 0
-    data = _request(args, "GET", f"/v1/jobs/{args.id}/metrics").json()
+    with _client(args) as api:
+        data = api.metrics(args.id)
     if args.json:
         _print_json(data)
         return 0
@@ -257,7 +294,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_trials(args: argparse.Namespace) -> int:
-    data = _request(args, "GET", f"/v1/jobs/{args.id}/trials").json()
+    with _client(args) as api:
+        data = api.trials(args.id)
     if args.json:
         _print_json(data)
         return 0
@@ -269,43 +307,20 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    """Download the best checkpoint to a temporary name, check its sha256 against X-Checkpoint-SHA256, and
-    only then move it to the requested path; a mismatch deletes it and fails."""
+    """Download the best checkpoint; written only once its sha256 matches what the server announced."""
     out = Path(args.output)
-    part = out.with_name(out.name + ".part")
-    digest, size = hashlib.sha256(), 0
-    try:
-        with _client(args, timeout=300) as c, c.stream("GET", f"/v1/jobs/{args.id}/checkpoints/best") as resp:
-            if not resp.is_success:
-                resp.read()
-                _check(resp)
-            expected = resp.headers.get("X-Checkpoint-SHA256")
-            with open(part, "wb") as f:
-                for chunk in resp.iter_bytes(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-    except httpx.TransportError as exc:
-        part.unlink(missing_ok=True)
-        raise CliError(f"download from {_url(args)} failed: {exc}") from exc
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    actual = digest.hexdigest()
-    if not expected or actual != expected:
-        part.unlink(missing_ok=True)
-        raise CliError(f"CHECKSUM MISMATCH: the server announced sha256 {expected}, the download has {actual}; "
-                       f"{out} was NOT written. Try again; if it persists the stored checkpoint is damaged.")
-    os.replace(part, out)
+    with _client(args, timeout=300) as api:
+        sha256, size = api.download_best(args.id, out)
     if args.json:
-        _print_json({"path": str(out), "sha256": actual, "size": size})
+        _print_json({"path": str(out), "sha256": sha256, "size": size})
     else:
-        print(f"wrote {out} ({size} bytes, sha256 {actual}, verified)")
+        print(f"wrote {out} ({size} bytes, sha256 {sha256}, verified)")
     return 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    data = _request(args, "POST", "/v1/tokens", json={"name": args.name}).json()
+    with _client(args) as api:
+        data = api.create_token(args.name)
     if args.json:
         _print_json(data)
     else:
@@ -313,97 +328,43 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- serve -----------------------------------------------------------------------------------------------------
-
-def _ray_token_file(path: Path) -> Path:
-    """A Ray auth token for a local head, created once (mode 0600) and reused across restarts."""
-    import secrets
-
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service import auth
-    from service.app import create_app
-    from service.localray import LocalRayHead
-    from service.settings import load_settings
-    from service.store import Store
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, storage=args.storage,
-                             auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.auth:
-        store = Store(settings.db_path)
-        store.create_schema()
-        token = auth.ensure_admin_token(store, settings.admin_token_path)
-        store.close()
-        if token:
-            print(f"Created the admin token (shown once; also in {settings.admin_token_path}, mode 0600):\n"
-                  f"  {token}\nUse it as: export TRAINCTL_TOKEN={token}", flush=True)
-        else:
-            print(f"auth on; the admin token is in {settings.admin_token_path}", flush=True)
-    else:
-        bar = "!" * 78
-        print(f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
-              f"{settings.host}:{settings.port}\n!! can submit, read and delete jobs. Local experiments only.\n{bar}",
-              file=sys.stderr, flush=True)
-        if settings.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"!! and it listens on {settings.host}, not only on this machine.", file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGTERM, _on_sigterm)  # so `finally` below stops what we started
-    head: LocalRayHead | None = None
-    try:
-        if not settings.ray_address and os.environ.get("RAY_ADDRESS"):
-            settings = settings.model_copy(update={"ray_address": os.environ["RAY_ADDRESS"]})
-        if not settings.ray_address:
-            num_cpus = args.ray_num_cpus or max(os.cpu_count() or 1, 4)
-            print(f"starting a local Ray head (127.0.0.1, {num_cpus} logical CPUs, "
-                  f"RAY_AUTH_MODE={settings.ray_auth_mode}) ...", flush=True)
-            # The same auth mode (and token) for the head and for our own Jobs client.
-            os.environ["RAY_AUTH_MODE"] = settings.ray_auth_mode
-            if settings.ray_auth_mode == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
-                                                          or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-                # Our own token file, not ~/.ray/auth_token: that one would switch on token auth for every
-                # other Ray head started by this user on this machine.
-                os.environ["RAY_AUTH_TOKEN_PATH"] = str(_ray_token_file(settings.ray_token_path))
-            try:
-                head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=settings.ray_auth_mode)
-            except (RuntimeError, OSError) as exc:
-                raise CliError(f"could not start a local Ray head: {exc}\n(or point the service at a running "
-                               "cluster with TRAINCTL_RAY_ADDRESS)") from exc
-            print(f"Ray head up: {head.gcs_address}, dashboard {head.dashboard_url} (pid {head.proc.pid})",
-                  flush=True)
-            settings = settings.model_copy(update={"ray_address": head.dashboard_url})
-        print(f"trainctl API on http://{settings.host}:{settings.port} (docs at /docs), "
-              f"storage {settings.storage_root}", flush=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                               log_level="info", timeout_graceful_shutdown=10))
-        server.run()
-        return 0 if server.started else 1
-    except (KeyboardInterrupt, _Terminated):
-        return 0
-    finally:
-        if head is not None:
-            print("stopping the local Ray head ...", flush=True)
-            head.stop()
-
-
 # --- argument parsing ------------------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
+
+    return cmd_serve(args)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trainctl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Bash completion generated from this parser, so it can never go stale: commands, then their options."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    cases = "\n".join(
+        f'        {name}) opts="{" ".join(o for a in sp._actions for o in a.option_strings)}" ;;'
+        for name, sp in commands.items())
+    print(f"""_trainctl() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} opts
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "{' '.join(commands)} --help --version" -- "$cur")); return
+    fi
+    case "${{COMP_WORDS[1]}}" in
+{cases}
+    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}}
+complete -o default -F _trainctl trainctl""")
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -411,8 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", help="API token (default: TRAINCTL_TOKEN or <data dir>/admin-token)")
     common.add_argument("--data-dir", help="where `serve` keeps its state (default: TRAINCTL_DATA_DIR or ./data)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    following = argparse.ArgumentParser(add_help=False)  # `watch` and `submit --follow`
+    following.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    following.add_argument("--patience", type=float, default=300.0,
+                           help="keep retrying an unreachable service this long before exit 4 (default 300 s)")
 
-    p = argparse.ArgumentParser(prog="trainctl", description="Distributed training jobs on Ray.")
+    p = argparse.ArgumentParser(
+        prog="trainctl", description="Distributed training jobs on Ray.",
+        epilog="exit codes: 0 success (watch: SUCCEEDED), 1 FAILED, 2 usage error, 3 CANCELLED, "
+               "4 lost contact with the service, 5 the request failed")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", parents=[common], help="run the API (starts a local Ray head unless "
@@ -423,15 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, help="jobs running at once (default 2)")
     s.add_argument("--ray-num-cpus", type=int, help="logical CPUs of a local head (default max(cores, 4))")
     s.add_argument("--no-auth", action="store_true", help="DANGER: disable authentication (local experiments)")
-    s.set_defaults(fn=cmd_serve)
+    s.set_defaults(fn=_serve)
 
-    s = sub.add_parser("submit", parents=[common], help="submit a job from a spec file or a preset")
+    s = sub.add_parser("submit", parents=[common, following], help="submit a job from a spec file or a preset")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("file", nargs="?", help="spec file (.yaml/.json; '-' = stdin)")
     src.add_argument("--preset", help="a preset name, e.g. debug or paper")
     s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.epochs=3")
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
+    s.add_argument("-f", "--follow", action="store_true", help="then follow the job like `watch` (same exit codes)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved spec locally; submit nothing (needs no service)")
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("list", parents=[common], help="list your jobs")
@@ -446,9 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("watch", parents=[common], help="follow progress; exit 0 SUCCEEDED, 1 FAILED, 2 CANCELLED")
+    s = sub.add_parser("watch", parents=[common, following],
+                       help="follow progress; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 4 lost contact")
     s.add_argument("id")
-    s.add_argument("--interval", type=float, default=2.0)
     s.set_defaults(fn=cmd_watch)
 
     s = sub.add_parser("logs", parents=[common], help="the job's Ray driver log")
@@ -476,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("create", parents=[common], help="create a token for a new user (admin only)")
     t.add_argument("name")
     t.set_defaults(fn=cmd_token_create)
+
+    s = sub.add_parser("completion", help="print a shell completion script: eval \"$(trainctl completion bash)\"")
+    s.add_argument("shell", choices=["bash"])
+    s.set_defaults(fn=cmd_completion)
     return p
 
 
@@ -485,9 +461,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = args.fn(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        code = EXIT_ERROR
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # `trainctl list --json | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

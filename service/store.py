@@ -22,7 +22,7 @@ from sqlalchemy import (Boolean, Float, Integer, String, Text, UniqueConstraint,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from service.states import ACTIVE, TERMINAL, InvalidTransition, JobState, can_transition
+from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 
 
 class Base(DeclarativeBase):
@@ -212,14 +212,14 @@ class Store:
                    **fields: Any) -> Job:
         """Move a job to `new` (and set `fields`) in one transaction. Raises InvalidTransition when the
         table forbids it (always from a terminal state) or the job is not in one of `expect`;
-        KeyError when the job does not exist."""
+        JobNotFound when the job does not exist."""
         bad = set(fields) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} through transition()")
         with self._write_lock, self._sessions.begin() as s:
             m = s.scalar(select(JobModel).where(JobModel.id == job_id))
             if m is None:
-                raise KeyError(job_id)
+                raise JobNotFound(job_id)
             old = JobState(m.state)
             if (expect is not None and old not in set(expect)) or not can_transition(old, new):
                 raise InvalidTransition(job_id, old, new)

@@ -1,0 +1,195 @@
+"""A small HTTP client for the trainctl API: where to connect, how to authenticate, what an error says.
+
+The CLI is one user of it; scripts and notebooks can use it too:
+
+    from service.client import TrainctlClient, resolve_token, resolve_url
+    api = TrainctlClient(resolve_url(), resolve_token())
+    job = api.submit({"preset": "debug", "overrides": {"data.train": "/data/train.parquet"}})
+    print(api.job(job["id"])["state"])
+
+Where to connect: the `url` argument, else TRAINCTL_URL, else ~/.config/trainctl/config.json {"url", "token"},
+else http://127.0.0.1:8000. The token: the `token` argument, else TRAINCTL_TOKEN, else <data dir>/admin-token
+(data dir from the argument / TRAINCTL_DATA_DIR, default ./data), else the config file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+CONFIG_PATH = Path("~/.config/trainctl/config.json").expanduser()
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+# Answers a restarting or overloaded service gives; worth waiting out (a 500 is a bug, never retried).
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+
+
+class ClientError(Exception):
+    """Something the user should read: an API error with its fields, or an unreachable service.
+
+    `status` is the HTTP status (None when there was no answer); `transient` is True for a refused connection,
+    a time-out or a 502/503/504: the service may be back in a moment (a restart, say)."""
+
+    def __init__(self, message: str, status: int | None = None, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+
+
+def load_config(path: Path | None = None) -> dict[str, Any]:
+    try:
+        data = json.loads((path or CONFIG_PATH).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def resolve_url(url: str | None = None) -> str:
+    return (url or os.environ.get("TRAINCTL_URL") or load_config().get("url") or DEFAULT_URL).rstrip("/")
+
+
+def resolve_token(token: str | None = None, data_dir: str | None = None) -> str | None:
+    if token or os.environ.get("TRAINCTL_TOKEN"):
+        return token or os.environ["TRAINCTL_TOKEN"]
+    folder = Path(data_dir or os.environ.get("TRAINCTL_DATA_DIR") or "data").expanduser()
+    try:
+        return (folder / "admin-token").read_text().strip()
+    except OSError:
+        token_from_config = load_config().get("token")
+        return token_from_config if isinstance(token_from_config, str) else None
+
+
+def error_text(resp: httpx.Response) -> str:
+    """The API's `{"error": {code, message, details}}` as lines a person reads; field errors one per line."""
+    try:
+        err = resp.json()["error"]
+        details = err.get("details")
+        if isinstance(details, list):
+            lines = [f"{err['code']}:"]
+            lines += [f"  {d.get('field')}: {d.get('message')}" for d in details if isinstance(d, dict)]
+        else:
+            lines = [f"{err['code']}: {err['message']}"]
+            if details:
+                lines.append(f"  {json.dumps(details)}")
+    except (ValueError, KeyError, TypeError):
+        lines = [f"HTTP {resp.status_code}: {resp.text[:500]}"]
+    if resp.status_code == 401:
+        lines.append("  (set TRAINCTL_TOKEN, or run where <data dir>/admin-token is readable)")
+    return "\n".join(lines)
+
+
+def raise_for_error(resp: httpx.Response) -> httpx.Response:
+    if not resp.is_success:
+        raise ClientError(error_text(resp), resp.status_code,
+                          transient=resp.status_code in TRANSIENT_STATUSES)
+    return resp
+
+
+class TrainctlClient:
+    """One API endpoint and token. Every call raises ClientError with a readable text on failure."""
+
+    def __init__(self, url: str, token: str | None, *, timeout: float = 30,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> TrainctlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _unreachable(self, exc: httpx.TransportError) -> ClientError:
+        return ClientError(f"cannot reach trainctl at {self.url} ({exc}); is `trainctl serve` running? "
+                           "(set TRAINCTL_URL)", transient=True)
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            return raise_for_error(self.http.request(method, path, **kw))
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
+        """A streamed response that is already known to be a success."""
+        try:
+            with self.http.stream(method, path, **kw) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise_for_error(resp)
+                yield resp
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    # --- the routes ---------------------------------------------------------------------------------------------
+
+    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
+
+    def jobs(self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None) -> dict[str, Any]:
+        params: list[tuple[str, Any]] = [("limit", limit), ("offset", offset)]
+        params += [("state", s.upper()) for s in states or []]
+        return self.request("GET", "/v1/jobs", params=params).json()  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()  # type: ignore[no-any-return]
+
+    def delete(self, job_id: str) -> None:
+        self.request("DELETE", f"/v1/jobs/{job_id}")
+
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        params = {"tail": tail} if tail is not None else {}
+        return self.request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/metrics").json()  # type: ignore[no-any-return]
+
+    def metrics_csv(self, job_id: str) -> str:
+        return self.request("GET", f"/v1/jobs/{job_id}/metrics", params={"format": "csv"}).text
+
+    def trials(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/trials").json()  # type: ignore[no-any-return]
+
+    def create_token(self, name: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
+
+    def download_best(self, job_id: str, out: Path) -> tuple[str, int]:
+        """Download the best checkpoint to `<out>.part`, check its sha256 against X-Checkpoint-SHA256, and only
+        then move it to `out`; a mismatch deletes it and raises. Returns (sha256, size)."""
+        part = out.with_name(out.name + ".part")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self.stream("GET", f"/v1/jobs/{job_id}/checkpoints/best") as resp:
+                expected = resp.headers.get("X-Checkpoint-SHA256")
+                with open(part, "wb") as f:
+                    for chunk in resp.iter_bytes(1 << 20):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        actual = digest.hexdigest()
+        if not expected or actual != expected:
+            part.unlink(missing_ok=True)
+            raise ClientError(f"CHECKSUM MISMATCH: the server announced sha256 {expected}, the download has "
+                              f"{actual}; {out} was NOT written. Try again; if it persists the stored checkpoint "
+                              "is damaged.")
+        os.replace(part, out)
+        return actual, size
