@@ -38,6 +38,7 @@ TRIALS = "trials.json"      # [TrialRow], searches only
 TRIALS_DIR = "trials"       # a search's trials/<trial id>/ hold a single run's files each
 
 SearchMode = Literal["max", "min"]
+BestRule = Literal["val_acc", "final_epoch"]
 
 
 # --- exit codes and error kinds --------------------------------------------------------------------------
@@ -118,6 +119,11 @@ class EpochMetrics(Record):
     time: float = Field(description="unix time the epoch ended")
     resumed: bool = Field(default=False, description="the first epoch after resuming from a checkpoint")
     node_ids: list[str] = Field(default_factory=list, description="every rank's Ray node id")
+    # The test split (data.test, or data.train's own test_batch) every data.test_every_epochs and at the
+    # last epoch; null on other epochs and when there is no test split. test_loss uses the training
+    # criterion (label smoothing included), so it compares with train_loss as the paper's Figure 1 does.
+    test_loss: float | None = None
+    test_acc: float | None = None
 
     def scalars(self) -> dict[str, float]:
         """The numeric fields (what a checkpoint keeps of its epoch's metrics)."""
@@ -186,7 +192,15 @@ class Summary(Record):
     best_checkpoint_size: int | None = None
     epochs_completed: int = 0
     num_parameters: int | None = None
-    test_acc: float | None = Field(default=None, description="the best checkpoint on data.test, if any")
+    test_acc: float | None = Field(default=None, description="the best checkpoint on the test split, if any "
+                                   "(the same as best_checkpoint_test_acc; kept for older readers)")
+    # Test accuracy is the paper's headline. The best checkpoint is never chosen on it: on val_acc when
+    # the run has a validation split, else the final epoch (best_checkpoint_rule says which).
+    final_test_acc: float | None = Field(default=None, description="the last epoch's test_acc (the paper's figure)")
+    best_checkpoint_test_acc: float | None = Field(default=None, description="the best checkpoint's test_acc")
+    best_checkpoint_epoch: int | None = None
+    best_checkpoint_rule: BestRule | None = Field(
+        default=None, description="val_acc: the highest validation accuracy; final_epoch: no validation split")
     wall_seconds: float | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None

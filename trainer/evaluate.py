@@ -12,7 +12,7 @@ import torch
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, use_channels_last
+from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, test_source, use_channels_last
 from trainer.model import build_model
 from trainer.precision import autocast, resolve_precision
 from trainer.spec import JobSpec
@@ -45,15 +45,23 @@ def predict_logits(model: torch.nn.Module, spec: JobSpec, images: torch.Tensor, 
 def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: str = "auto",
                         split: str = "all", expected_sha256: str | None = None) -> dict[str, Any]:
     """{"accuracy", "per_class", "n"}. split: `val` rebuilds the run's own seeded validation split (so the
-    figure matches the reported val_acc), `test` reads a CIFAR-10 directory's test_batch, `train`/`all`
+    figure matches the reported val_acc), `test` reads a CIFAR-10 directory's test_batch (without data_uri:
+    the run's own test split, as its metrics' test_acc), `train`/`all`
     read every image of the source."""
     model, spec = load_model(checkpoint_uri, expected_sha256)
     if split == "val":
         data_spec = spec.data if data_uri is None else spec.data.model_copy(update={"train": data_uri})
         data = load_splits(data_spec, spec.seed, spec.model.num_classes)[1]
     else:
+        if data_uri is None and split == "test":
+            # The run's own test split: data.test, or data.train's test_batch (what its metrics report).
+            source = test_source(spec.data)
+            if source is None:
+                raise DataError("the run has no test split (data.test unset, data.train has no test_batch): "
+                                "pass --data")
+            data_uri, fmt = source
         if data_uri is None:
-            raise DataError("evaluate needs --data unless --split val")
+            raise DataError("evaluate needs --data unless --split val or test")
         data = load(data_uri, fmt, "test" if split == "test" else "train", spec.model.num_classes)
     return accuracy(model, spec, data)
 

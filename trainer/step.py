@@ -26,8 +26,8 @@ from trainer.contract import EpochMetrics
 from trainer.data import DeviceData
 from trainer.model import build_model
 from trainer.precision import autocast, resolve_precision
-from trainer.schedule import build_scheduler
-from trainer.spec import JobSpec
+from trainer.schedule import apply_epoch_settings, build_scheduler
+from trainer.spec import JobSpec, OptimSpec
 
 EVAL_BATCH = 1024
 
@@ -116,10 +116,12 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def train_epoch(trainee: Trainee, data: DeviceData, *, epoch: int, seed: int, rank: int, world: int,
-                local_batch: int, label_smoothing: float) -> torch.Tensor:
+                local_batch: int, label_smoothing: float, spec_optim: OptimSpec | None = None) -> torch.Tensor:
     """One pass over this rank's shard of `data`; returns this rank's [loss*n, correct, n]."""
     model, device = trainee.model, trainee.device
     model.train()
+    if spec_optim is not None:
+        apply_epoch_settings(trainee.optimizer, spec_optim, epoch)  # weight-decay milestones (pure in epoch)
     sums = torch.zeros(3, device=device)  # loss*n, correct, n
     for x, y in data.train_batches(epoch, seed, rank, world, local_batch):
         with autocast(device, trainee.amp_dtype):
@@ -137,8 +139,8 @@ def train_epoch(trainee: Trainee, data: DeviceData, *, epoch: int, seed: int, ra
 
 
 def evaluate(model: torch.nn.Module, data: DeviceData, rank: int, world: int, device: torch.device,
-             amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """[loss*n, correct, n] over this rank's slice of `data` (plain cross-entropy, no smoothing)."""
+             amp_dtype: torch.dtype | None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """[loss*n, correct, n] over this rank's slice of `data` (cross-entropy; plain unless label_smoothing)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=device)
@@ -146,7 +148,7 @@ def evaluate(model: torch.nn.Module, data: DeviceData, rank: int, world: int, de
         for x, y in data.eval_batches(rank, world, EVAL_BATCH):
             with autocast(device, amp_dtype):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
             sums += torch.stack([loss, (logits.argmax(1) == y).sum().float(),
                                  torch.tensor(float(len(y)), device=device)])
     model.train(was_training)
@@ -169,35 +171,54 @@ def all_reduce(sums: list[torch.Tensor], world: int) -> None:
 
 
 def epoch_metrics(*, epoch: int, train_sums: torch.Tensor, val_sums: torch.Tensor, lr: float,
-                  train_seconds: float, epoch_seconds: float, resumed: bool, node_ids: list[str]
-                  ) -> EpochMetrics:
+                  train_seconds: float, epoch_seconds: float, resumed: bool, node_ids: list[str],
+                  test_sums: torch.Tensor | None = None) -> EpochMetrics:
     """One metrics.jsonl line from the all-reduced sums."""
     tl, tc, tn = train_sums.tolist()
     vl, vc, vn = val_sums.tolist()
+    sl, sc, sn = test_sums.tolist() if test_sums is not None else (0.0, 0.0, 0.0)
     return EpochMetrics(
         epoch=epoch, train_loss=tl / tn, train_acc=tc / tn,
         # No validation split (val_fraction=0): null loss (JSON has no NaN), and 0 accuracy.
         val_loss=vl / vn if vn else None, val_acc=vc / vn if vn else 0.0,
         lr=lr, images_per_s=tn / train_seconds, epoch_seconds=epoch_seconds, time=time.time(),
         resumed=resumed, node_ids=node_ids,
+        test_loss=sl / sn if sn else None, test_acc=sc / sn if sn else None,
     )
 
 
+def tests_this_epoch(spec: JobSpec, epoch: int) -> bool:
+    """The test split is evaluated every data.test_every_epochs and at the last epoch (the figure the
+    paper reports), never when test_every_epochs is 0."""
+    n = spec.data.test_every_epochs
+    return n > 0 and (epoch % n == 0 or epoch == spec.optim.epochs)
+
+
 def run_epoch(trainee: Trainee, spec: JobSpec, train_data: DeviceData, val_data: DeviceData, *, epoch: int,
-              start_epoch: int, rank: int, world: int, local_batch: int, node_ids: list[str]) -> EpochMetrics:
-    """Train one epoch, synchronise BatchNorm, evaluate, all-reduce: the epoch's metrics (equal on every
-    rank). Every rank must call it (it runs collectives when world > 1)."""
+              start_epoch: int, rank: int, world: int, local_batch: int, node_ids: list[str],
+              test_data: DeviceData | None = None) -> EpochMetrics:
+    """Train one epoch, synchronise BatchNorm, evaluate (validation; the test split when this epoch tests
+    it), all-reduce: the epoch's metrics (equal on every rank). Every rank must call it (it runs
+    collectives when world > 1)."""
     seed_epoch(spec.seed, epoch, rank)
     t0 = time.perf_counter()
     train_sums = train_epoch(trainee, train_data, epoch=epoch, seed=spec.seed, rank=rank, world=world,
-                             local_batch=local_batch, label_smoothing=spec.optim.label_smoothing)
+                             local_batch=local_batch, label_smoothing=spec.optim.label_smoothing,
+                             spec_optim=spec.optim)
     train_seconds = time.perf_counter() - t0
     sync_buffers(trainee.raw_model, world)
     val_sums = evaluate(trainee.raw_model, val_data, rank, world, trainee.device, trainee.amp_dtype)
-    all_reduce([train_sums, val_sums], world)
+    sums = [train_sums, val_sums]
+    test_sums = None
+    if test_data is not None and tests_this_epoch(spec, epoch):
+        test_sums = evaluate(trainee.raw_model, test_data, rank, world, trainee.device, trainee.amp_dtype,
+                             label_smoothing=spec.optim.label_smoothing)
+        sums.append(test_sums)
+    all_reduce(sums, world)
     return epoch_metrics(epoch=epoch, train_sums=train_sums, val_sums=val_sums, lr=trainee.lr,
                          train_seconds=train_seconds, epoch_seconds=time.perf_counter() - t0,
-                         resumed=epoch == start_epoch and start_epoch > 1, node_ids=node_ids)
+                         resumed=epoch == start_epoch and start_epoch > 1, node_ids=node_ids,
+                         test_sums=test_sums)
 
 
 def read_history(metrics_uri: str, before_epoch: int) -> list[EpochMetrics]:
