@@ -201,3 +201,13 @@ def test_version_and_completion(capsys) -> None:
     import subprocess
 
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_progress_line_shows_test_accuracy_and_the_best_rule() -> None:
+    base = {"state": "SUCCEEDED", "progress": {"epoch": 3, "epochs": 3}, "metrics": {"val_acc": 0.0, "test_acc": 0.61}}
+    line = cli._progress_line({**base, "best_val_acc": None, "best_checkpoint_rule": "final_epoch",
+                               "final_test_acc": 0.61, "best_checkpoint_test_acc": 0.61})
+    assert "best = final epoch (no val split)" in line and "final test_acc 0.6100" in line
+    assert "best-ckpt test_acc 0.6100" in line
+    line = cli._progress_line({**base, "best_val_acc": 0.5, "best_checkpoint_rule": "val_acc"})
+    assert "best 0.5000" in line and "final test_acc" not in line
