@@ -122,8 +122,9 @@ def augment_cost(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     data = load(str(args.data), limit=args.images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = {"crop+flip": {}, "crop+flip+autoaugment+erasing": {"data.augment.autoaugment": True,
-                                                                   "data.augment.random_erasing": True}}
+    configs = {"crop+flip": {"data.augment.autoaugment": False, "data.augment.random_erasing": False},
+               "crop+flip+autoaugment+erasing": {"data.augment.autoaugment": True,
+                                                 "data.augment.random_erasing": True}}
     results: dict[str, dict[str, float]] = {}
     for name, extra in configs.items():
         spec = resolve("notebook", {"optim.batch_size": 256, **extra})
