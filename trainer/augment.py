@@ -207,7 +207,7 @@ class BatchedRandomErasing:
 
     @staticmethod
     def apply(images: torch.Tensor, params: ErasingParams) -> torch.Tensor:
-        n, _, height, width = images.shape
+        height, width = images.shape[-2:]
         rows = torch.arange(height, device=images.device)[None, :]
         cols = torch.arange(width, device=images.device)[None, :]
         in_rows = (rows >= params.top[:, None]) & (rows < (params.top + params.height)[:, None])  # N×H

@@ -8,7 +8,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.augment import (
-    IMAGENET_POLICY, AutoAugmentParams, BatchedAutoAugment, BatchedRandomErasing, ErasingParams, _SPACE,
+    IMAGENET_POLICY, BatchedAutoAugment, BatchedRandomErasing, ErasingParams, _SPACE,
 )
 from trainer.data import Dataset, DeviceData
 from trainer.spec import AugmentSpec
