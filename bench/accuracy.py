@@ -52,8 +52,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def run_preset(args: argparse.Namespace) -> int:
     cpus = os.cpu_count() or 1
-    overrides: dict[str, Any] = {"data.train": str(args.data), "scaling.num_workers": 1,
-                                 "scaling.cpus_per_worker": cpus, "scaling.use_gpu": None}
+    overrides: dict[str, Any] = {
+        "data.train": str(args.data),
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": cpus,
+        "scaling.use_gpu": None,
+    }
     if args.epochs is not None:
         overrides["optim.epochs"] = args.epochs
     overrides.update(dict(parse_override(s) for s in args.set))
@@ -61,27 +65,40 @@ def run_preset(args: argparse.Namespace) -> int:
     job_dir = Path(args.job_dir or ROOT / "data" / "bench" / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     job_dir.mkdir(parents=True, exist_ok=False)
     (job_dir / "spec.json").write_text(spec.to_json())
-    print(f"preset {args.preset}: {spec.optim.epochs} epochs, batch {spec.optim.batch_size}, "
-          f"{spec.schedule.kind} lr {spec.optim.lr}, wd {spec.optim.weight_decay}, precision {spec.precision}, "
-          f"augment {spec.data.augment.model_dump()}; data {spec.data.train} (val_fraction "
-          f"{spec.data.val_fraction}); {cpus} CPUs; job dir {job_dir}", flush=True)
+    print(
+        f"preset {args.preset}: {spec.optim.epochs} epochs, batch {spec.optim.batch_size}, "
+        f"{spec.schedule.kind} lr {spec.optim.lr}, wd {spec.optim.weight_decay}, precision {spec.precision}, "
+        f"augment {spec.data.augment.model_dump()}; data {spec.data.train} (val_fraction "
+        f"{spec.data.val_fraction}); {cpus} CPUs; job dir {job_dir}",
+        flush=True,
+    )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)], cwd=ROOT, env=env,
-                            stdout=open(job_dir / "trainer.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    print(f"{'epoch':>5} {'wall_s':>8} {'epoch_s':>8} {'img/s':>7} {'lr':>7} {'train_acc':>9} {'val_acc':>8} "
-          f"{'test_acc':>8}", flush=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(job_dir / "trainer.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    print(
+        f"{'epoch':>5} {'wall_s':>8} {'epoch_s':>8} {'img/s':>7} {'lr':>7} {'train_acc':>9} {'val_acc':>8} "
+        f"{'test_acc':>8}",
+        flush=True,
+    )
     shown, stopped = 0, False
     while True:
         done = proc.poll() is not None
         lines = read_metrics(job_dir / "metrics.jsonl")
         for m in lines[shown:]:
-            print(f"{m['epoch']:>5} {m['time'] - started:>8.1f} {m['epoch_seconds']:>8.1f} "
-                  f"{m['images_per_s']:>7.1f} {m['lr']:>7.4f} {fmt(m['train_acc']):>9} "
-                  f"{fmt(m['val_acc'] if spec.data.val_fraction else None):>8} {fmt(m.get('test_acc')):>8}",
-                  flush=True)
+            print(
+                f"{m['epoch']:>5} {m['time'] - started:>8.1f} {m['epoch_seconds']:>8.1f} "
+                f"{m['images_per_s']:>7.1f} {m['lr']:>7.4f} {fmt(m['train_acc']):>9} "
+                f"{fmt(m['val_acc'] if spec.data.val_fraction else None):>8} {fmt(m.get('test_acc')):>8}",
+                flush=True,
+            )
         shown = max(shown, len(lines))
         if done:
             break
@@ -97,15 +114,27 @@ def run_preset(args: argparse.Namespace) -> int:
         time.sleep(2)
     wall = time.time() - started
     if stopped:
-        print(f"stopped after {wall:.0f} s (--wall-seconds {args.wall_seconds}); reached epoch "
-              f"{lines[-1]['epoch'] if lines else 0}", flush=True)
+        print(
+            f"stopped after {wall:.0f} s (--wall-seconds {args.wall_seconds}); reached epoch "
+            f"{lines[-1]['epoch'] if lines else 0}",
+            flush=True,
+        )
         return 0
     summary_path = job_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    keys = ("state", "best_val_acc", "best_checkpoint_rule", "final_test_acc", "best_checkpoint_test_acc",
-            "epochs_completed", "num_parameters")
-    print(json.dumps({"exit_code": proc.returncode, "wall_seconds": round(wall, 1),
-                      **{k: summary.get(k) for k in keys}}), flush=True)
+    keys = (
+        "state",
+        "best_val_acc",
+        "best_checkpoint_rule",
+        "final_test_acc",
+        "best_checkpoint_test_acc",
+        "epochs_completed",
+        "num_parameters",
+    )
+    print(
+        json.dumps({"exit_code": proc.returncode, "wall_seconds": round(wall, 1), **{k: summary.get(k) for k in keys}}),
+        flush=True,
+    )
     return proc.returncode or 0
 
 
@@ -118,13 +147,15 @@ def augment_cost(args: argparse.Namespace) -> int:
     from trainer.data import DeviceData, load
     from trainer.model import build_model
     from trainer.precision import autocast, resolve_precision
+
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     data = load(str(args.data), limit=args.images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = {"crop+flip": {"data.augment.autoaugment": False, "data.augment.random_erasing": False},
-               "crop+flip+autoaugment+erasing": {"data.augment.autoaugment": True,
-                                                 "data.augment.random_erasing": True}}
+    configs = {
+        "crop+flip": {"data.augment.autoaugment": False, "data.augment.random_erasing": False},
+        "crop+flip+autoaugment+erasing": {"data.augment.autoaugment": True, "data.augment.random_erasing": True},
+    }
     results: dict[str, dict[str, float]] = {}
     for name, extra in configs.items():
         spec = resolve("notebook", {"optim.batch_size": 256, **extra})
@@ -151,12 +182,17 @@ def augment_cost(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         results[name] = {"augment_images_per_s": max(rates), "train_images_per_s": n / (time.perf_counter() - t0)}
-        print(f"{name:<32} data path {max(rates):9.1f} img/s   training step incl. data {results[name]['train_images_per_s']:7.1f} img/s",
-              flush=True)
+        print(
+            f"{name:<32} data path {max(rates):9.1f} img/s   "
+            f"training step incl. data {results[name]['train_images_per_s']:7.1f} img/s",
+            flush=True,
+        )
     base, full = results["crop+flip"], results["crop+flip+autoaugment+erasing"]
-    print(f"training throughput ratio (with AutoAugment + erasing / crop + flip): "
-          f"{full['train_images_per_s'] / base['train_images_per_s']:.3f} on {device.type}, {len(data)} images, "
-          f"{threads} threads")
+    print(
+        f"training throughput ratio (with AutoAugment + erasing / crop + flip): "
+        f"{full['train_images_per_s'] / base['train_images_per_s']:.3f} on {device.type}, {len(data)} images, "
+        f"{threads} threads"
+    )
     print(json.dumps(results))
     return 0
 

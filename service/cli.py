@@ -89,7 +89,7 @@ def _bar(job: dict[str, Any], width: int = 24) -> str:
 # --- commands talking to the service ---------------------------------------------------------------------------
 
 def _load_body(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.spec import set_path, parse_override  # pydantic only: no torch
+    from trainer.spec import parse_override, set_path  # pydantic only: no torch
 
     if args.file:
         import yaml
@@ -290,9 +290,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
         return 0
-    print(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} {'LR':>9} {'IMG/S':>8} {'SEC':>6}")
+    print(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} {'LR':>9} {'IMG/S':>8} "
+          f"{'SEC':>6}")
     for m in data["metrics"]:
-        def f(k: str, spec: str) -> str:
+        def f(k: str, spec: str, m: dict[str, Any] = m) -> str:
             v = m.get(k)
             return format(v, spec) if isinstance(v, (int, float)) else "-"
         print(f"{m['epoch']:>5} {f('train_loss', '10.4f')} {f('train_acc', '9.4f')} {f('val_loss', '9.4f')} "

@@ -8,6 +8,7 @@ win, and a terminal state is never left.
 
 from __future__ import annotations
 
+import builtins
 import json
 import secrets
 import threading
@@ -15,12 +16,25 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import (Boolean, Float, Integer, String, Text, UniqueConstraint, create_engine, event, func,
-                        select, text, update)
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 
@@ -83,7 +97,7 @@ class Job:
     request_hash: str | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, m: JobModel) -> "Job":
+    def of(cls, m: JobModel) -> Job:
         return cls(seq=m.seq, id=m.id, owner=m.owner, created_at=m.created_at, updated_at=m.updated_at,
                    state=JobState(m.state), spec=json.loads(m.spec), ray_submission_id=m.ray_submission_id,
                    attempts=m.attempts, attempt_log=json.loads(m.attempt_log or "[]"), message=m.message,
@@ -118,6 +132,11 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     if "attempt_log" in out:
         out["attempt_log"] = json.dumps(out["attempt_log"])
     return out
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """How many rows an UPDATE matched (its result is a CursorResult, typed as a plain Result)."""
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 class Store:
@@ -195,13 +214,13 @@ class Store:
             rows = s.scalars(q.order_by(JobModel.seq.desc()).limit(limit).offset(offset)).all()
             return [Job.of(m) for m in rows], total
 
-    def queued_in_order(self) -> list[Job]:
+    def queued_in_order(self) -> builtins.list[Job]:  # builtins: `list` here is the method above
         with self._sessions() as s:
             rows = s.scalars(select(JobModel).where(JobModel.state == JobState.QUEUED.value)
                              .order_by(JobModel.seq)).all()
             return [Job.of(m) for m in rows]
 
-    def active(self) -> list[Job]:
+    def active(self) -> builtins.list[Job]:
         """Jobs holding a slot (STARTING, RUNNING), oldest first."""
         with self._sessions() as s:
             rows = s.scalars(select(JobModel).where(JobModel.state.in_([st.value for st in ACTIVE]))
@@ -225,7 +244,7 @@ class Store:
                 raise InvalidTransition(job_id, old, new)
             result = s.execute(update(JobModel).where(JobModel.id == job_id, JobModel.state == old.value)
                                .values(state=new.value, updated_at=time.time(), **_encode(fields)))
-            if result.rowcount != 1:  # changed under us (another process): let the caller re-read
+            if _rowcount(result) != 1:  # changed under us (another process): let the caller re-read
                 raise InvalidTransition(job_id, old, new)
             s.flush()
             s.refresh(m)
@@ -242,7 +261,7 @@ class Store:
                                .where(JobModel.id == job_id,
                                       JobModel.state.not_in([st.value for st in TERMINAL]))
                                .values(updated_at=time.time(), **_encode(fields)))
-            if result.rowcount != 1:
+            if _rowcount(result) != 1:
                 return None
             m = s.scalar(select(JobModel).where(JobModel.id == job_id))
             return Job.of(m) if m else None
@@ -272,4 +291,4 @@ class Store:
 
     def has_admin_token(self) -> bool:
         with self._sessions() as s:
-            return s.scalar(select(func.count()).select_from(TokenModel).where(TokenModel.is_admin)) > 0
+            return (s.scalar(select(func.count()).select_from(TokenModel).where(TokenModel.is_admin)) or 0) > 0

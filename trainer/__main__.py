@@ -13,6 +13,7 @@ from trainer.spec import PRESETS, error_list, parse_override, resolve
 
 def describe(args: argparse.Namespace) -> int:
     import yaml
+
     from trainer.model import build_model, count_parameters
     base = None
     if args.spec:

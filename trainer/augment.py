@@ -68,9 +68,16 @@ def apply_op(images: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
     """One AutoAugment operation on a uint8 batch, exactly as torchvision's AutoAugment applies it to a
     tensor image (nearest interpolation, fill 0) — the reference the tests compare against."""
     if op == "ShearX":
-        return TF.affine(images, angle=0.0, translate=[0, 0], scale=1.0,
-                         shear=[math.degrees(math.atan(magnitude)), 0.0],
-                         interpolation=TF.InterpolationMode.NEAREST, fill=None, center=[0, 0])
+        return TF.affine(
+            images,
+            angle=0.0,
+            translate=[0, 0],
+            scale=1.0,
+            shear=[math.degrees(math.atan(magnitude)), 0.0],
+            interpolation=TF.InterpolationMode.NEAREST,
+            fill=None,
+            center=[0, 0],
+        )
     if op == "Rotate":
         return TF.rotate(images, angle=magnitude, interpolation=TF.InterpolationMode.NEAREST, fill=None)
     if op == "Color":
@@ -96,8 +103,8 @@ class AutoAugmentParams:
     """What each image of a batch drew: sub-policy, and per slot whether it applies and the magnitude's sign."""
 
     def __init__(self, policy: torch.Tensor, applied: torch.Tensor, negative: torch.Tensor):
-        self.policy = policy      # int64 N: sub-policy index
-        self.applied = applied    # bool N×2: slot s of the sub-policy runs on this image
+        self.policy = policy  # int64 N: sub-policy index
+        self.applied = applied  # bool N×2: slot s of the sub-policy runs on this image
         self.negative = negative  # bool N×2: signed magnitudes are negated
 
     def operation(self, i: int, slot: int) -> tuple[str, float] | None:
@@ -117,10 +124,10 @@ class BatchedAutoAugment:
 
     def __init__(self, device: torch.device):
         rows = [[_slot_code(p[s]) for s in range(2)] for p in IMAGENET_POLICY]
-        self.op_id = torch.tensor([[r[s][0] for s in range(2)] for r in rows], device=device)       # 25×2
-        self.prob = torch.tensor([[r[s][1] for s in range(2)] for r in rows], device=device)        # 25×2
-        self.bin = torch.tensor([[r[s][2] for s in range(2)] for r in rows], device=device)         # 25×2 (-1: none)
-        self.signed = torch.tensor([_SPACE[name][1] for name in OPS], device=device)                  # per op
+        self.op_id = torch.tensor([[r[s][0] for s in range(2)] for r in rows], device=device)  # 25×2
+        self.prob = torch.tensor([[r[s][1] for s in range(2)] for r in rows], device=device)  # 25×2
+        self.bin = torch.tensor([[r[s][2] for s in range(2)] for r in rows], device=device)  # 25×2 (-1: none)
+        self.signed = torch.tensor([_SPACE[name][1] for name in OPS], device=device)  # per op
         self.device = device
 
     def draw(self, n: int, gen: torch.Generator) -> AutoAugmentParams:
@@ -164,8 +171,9 @@ def _slot_code(slot: tuple[str, float, int | None]) -> tuple[int, float, int]:
 
 
 class ErasingParams:
-    def __init__(self, erase: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
-                 width: torch.Tensor):
+    def __init__(
+        self, erase: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor, width: torch.Tensor
+    ):
         self.erase, self.top, self.left, self.height, self.width = erase, top, left, height, width
 
 
@@ -183,10 +191,17 @@ class BatchedRandomErasing:
     def draw(self, n: int, height: int, width: int, gen: torch.Generator) -> ErasingParams:
         d, a = self.device, self.ATTEMPTS
         erase = torch.rand(n, device=d, generator=gen) < self.p
-        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) *
-                                 torch.rand(n, a, device=d, generator=gen, dtype=torch.float64))
-        log_r = self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * \
-            torch.rand(n, a, device=d, generator=gen, dtype=torch.float64)
+        area = (
+            height
+            * width
+            * (
+                self.scale[0]
+                + (self.scale[1] - self.scale[0]) * torch.rand(n, a, device=d, generator=gen, dtype=torch.float64)
+            )
+        )
+        log_r = self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * torch.rand(
+            n, a, device=d, generator=gen, dtype=torch.float64
+        )
         aspect = torch.exp(log_r)
         h = torch.round(torch.sqrt(area * aspect)).long()
         w = torch.round(torch.sqrt(area / aspect)).long()

@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # --- the file names -------------------------------------------------------------------------------------
 
-SPEC = "spec.json"          # the resolved JobSpec (trainer/spec.py), written by the service
-METRICS = "metrics.jsonl"   # EpochMetrics, one line per epoch
+SPEC = "spec.json"  # the resolved JobSpec (trainer/spec.py), written by the service
+METRICS = "metrics.jsonl"  # EpochMetrics, one line per epoch
 MANIFEST = "manifest.json"  # Manifest
-SUMMARY = "summary.json"    # Summary
-TRIALS = "trials.json"      # [TrialRow], searches only
-TRIALS_DIR = "trials"       # a search's trials/<trial id>/ hold a single run's files each
+SUMMARY = "summary.json"  # Summary
+TRIALS = "trials.json"  # [TrialRow], searches only
+TRIALS_DIR = "trials"  # a search's trials/<trial id>/ hold a single run's files each
 
 SearchMode = Literal["max", "min"]
 BestRule = Literal["val_acc", "final_epoch"]
@@ -43,21 +43,22 @@ BestRule = Literal["val_acc", "final_epoch"]
 
 # --- exit codes and error kinds --------------------------------------------------------------------------
 
+
 class ExitCode(IntEnum):
     """`python -m trainer.run`'s exit status."""
 
     OK = 0
-    FAILED = 1   # anything else (infrastructure): worth a retry
-    USER = 2     # the spec or data is wrong: never worth a retry
+    FAILED = 1  # anything else (infrastructure): worth a retry
+    USER = 2  # the spec or data is wrong: never worth a retry
     STORAGE = 3  # storage stayed unreachable
 
 
 class ErrorKind(str, Enum):
     """Why a run failed (summary.json's `error_kind`)."""
 
-    USER = "user"        # the spec or data is wrong: do not retry
+    USER = "user"  # the spec or data is wrong: do not retry
     STORAGE = "storage"  # storage unreachable
-    INFRA = "infra"      # anything else
+    INFRA = "infra"  # anything else
 
     def __str__(self) -> str:
         return self.value
@@ -94,6 +95,7 @@ class TrialState(str, Enum):
 
 
 # --- the records ------------------------------------------------------------------------------------------
+
 
 class Record(BaseModel):
     """A job-directory record. Unknown fields (a newer writer's) are ignored when read."""
@@ -192,15 +194,19 @@ class Summary(Record):
     best_checkpoint_size: int | None = None
     epochs_completed: int = 0
     num_parameters: int | None = None
-    test_acc: float | None = Field(default=None, description="the best checkpoint on the test split, if any "
-                                   "(the same as best_checkpoint_test_acc; kept for older readers)")
+    test_acc: float | None = Field(
+        default=None,
+        description="the best checkpoint on the test split, if any "
+        "(the same as best_checkpoint_test_acc; kept for older readers)",
+    )
     # Test accuracy is the paper's headline. The best checkpoint is never chosen on it: on val_acc when
     # the run has a validation split, else the final epoch (best_checkpoint_rule says which).
     final_test_acc: float | None = Field(default=None, description="the last epoch's test_acc (the paper's figure)")
     best_checkpoint_test_acc: float | None = Field(default=None, description="the best checkpoint's test_acc")
     best_checkpoint_epoch: int | None = None
     best_checkpoint_rule: BestRule | None = Field(
-        default=None, description="val_acc: the highest validation accuracy; final_epoch: no validation split")
+        default=None, description="val_acc: the highest validation accuracy; final_epoch: no validation split"
+    )
     wall_seconds: float | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None
@@ -325,6 +331,7 @@ def trials_json(rows: Iterable[TrialRow]) -> str:
 
 
 # --- "best" -----------------------------------------------------------------------------------------------
+
 
 def best_so_far(metrics: Sequence[EpochMetrics]) -> float | None:
     """The best val_acc of the epochs so far (None before the first)."""

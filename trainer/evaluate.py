@@ -84,7 +84,7 @@ def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
     try:
         batch = pickle.load(io.BytesIO(objstore.read_bytes(input_uri)), encoding="bytes")
         data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means bad input
+    except Exception as exc:  # any unpickling failure means bad input
         raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
         raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
@@ -95,6 +95,7 @@ def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["ID", "Labels"])
-    writer.writerows((int(i) if not isinstance(i, bytes) else i.decode(), lab) for i, lab in zip(ids, labels))
+    writer.writerows((int(i) if not isinstance(i, bytes) else i.decode(), lab)
+                     for i, lab in zip(ids, labels, strict=True))
     objstore.write_text(out_uri, out.getvalue())
     return len(labels)

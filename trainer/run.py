@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from trainer.fit import fit_single
             fit_single(spec, job_dir)
-    except BaseException as exc:  # noqa: BLE001 - every failure must end in summary.json
+    except BaseException as exc:  # every failure must end in summary.json
         if isinstance(exc, KeyboardInterrupt):
             raise
         error = exc

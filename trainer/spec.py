@@ -14,7 +14,7 @@ import difflib
 import json
 import math
 import typing
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -50,7 +50,7 @@ class AugmentSpec(Section):
     erasing_ratio: tuple[float, float] = (0.3, 3.3)
 
     @model_validator(mode="after")
-    def _ranges(self) -> "AugmentSpec":
+    def _ranges(self) -> AugmentSpec:
         lo, hi = self.erasing_scale
         if not 0.0 < lo <= hi < 1.0:
             raise ValueError(f"erasing_scale {self.erasing_scale} must satisfy 0 < low <= high < 1")
@@ -153,7 +153,7 @@ class Grid(Section):
     grid: list[Any] = Field(min_length=1)
 
 
-Distribution = Union[LogUniform, Uniform, RandInt, Choice, Grid]
+Distribution = LogUniform | Uniform | RandInt | Choice | Grid
 
 
 class AshaSpec(Section):
@@ -172,7 +172,7 @@ class SearchSpec(Section):
     num_samples: int = Field(default=4, ge=1, le=10000)
     metric: Literal["val_acc", "val_loss", "train_loss", "train_acc"] = "val_acc"
     mode: Literal["max", "min"] = "max"
-    scheduler: Annotated[Union[AshaSpec, NoScheduler], Field(discriminator="kind")] = AshaSpec()
+    scheduler: Annotated[AshaSpec | NoScheduler, Field(discriminator="kind")] = AshaSpec()
     max_concurrent_trials: PositiveInt = 1
     seed: int = 0
 
@@ -203,7 +203,7 @@ class JobSpec(Section):
     search: SearchSpec | None = None
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "JobSpec":
+    def _cross_field_checks(self) -> JobSpec:
         errors: list[InitErrorDetails] = []
 
         def fail(loc: tuple[str, ...], value: Any, message: str) -> None:
@@ -409,7 +409,7 @@ def _path_error(path: str, message: str) -> ValidationError:
         loc=tuple(path.split(".")), input=path)])
 
 
-def _check_search_path(spec: JobSpec, path: str, dist: BaseModel) -> str | None:
+def _check_search_path(spec: JobSpec, path: str, dist: Distribution) -> str | None:
     """Why `path` cannot be searched with `dist`, or None when it can: the path must name a scalar
     field outside `search`, and every value the distribution can produce must validate there."""
     if path.split(".")[0] == "search":

@@ -12,15 +12,25 @@ import io
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
-from pydantic import BeforeValidator
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BeforeValidator
 
 import objstore
 from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
-from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
-                                 TrialList, job_view, request_hash, resolve_body)
+from service.api.schemas import (
+    SUBMIT_EXAMPLES,
+    CheckpointList,
+    CheckpointView,
+    JobList,
+    JobView,
+    MetricsView,
+    TrialList,
+    job_view,
+    request_hash,
+    resolve_body,
+)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict
@@ -69,10 +79,10 @@ def get_job(job: JobDep, runner: RunnerDep) -> JobView:
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
 def get_metrics(job: JobDep, runner: RunnerDep,
-                format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
+                fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json") -> Any:
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    if format == "json":
+    if fmt == "json":
         return MetricsView(job_id=job.id, metrics=metrics)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)

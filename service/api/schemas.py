@@ -122,7 +122,7 @@ class CheckpointList(BaseModel):
 
 
 def _time(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
 
 def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:
@@ -159,6 +159,7 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
                    best_val_acc=best if has_val else None,
                    final_test_acc=summary.final_test_acc if summary else None,
                    best_checkpoint_test_acc=summary.best_checkpoint_test_acc if summary else None,
-                   best_checkpoint_rule="val_acc" if has_val else "final_epoch", attempts=job.attempts, attempt_log=job.attempt_log, message=job.message,
+                   best_checkpoint_rule="val_acc" if has_val else "final_epoch", attempts=job.attempts,
+                   attempt_log=job.attempt_log, message=job.message,
                    ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),
                    updated_at=_time(job.updated_at), spec=job.spec if with_spec else None, search=search)

@@ -8,13 +8,19 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.augment import (
-    IMAGENET_POLICY, BatchedAutoAugment, BatchedRandomErasing, ErasingParams, _SPACE,
+    _SPACE,
+    IMAGENET_POLICY,
+    BatchedAutoAugment,
+    BatchedRandomErasing,
+    ErasingParams,
 )
 from trainer.data import Dataset, DeviceData
 from trainer.spec import AugmentSpec
 
-DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device here"))]
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+]
 GEOMETRIC = {"Rotate", "ShearX"}  # nearest-neighbour resampling: allowed to differ by 1 level
 
 
@@ -114,8 +120,9 @@ def test_erasing_statistics_match_torchvision(device):
     # the same distribution of box areas as torchvision's per-image RandomErasing
     torch.manual_seed(0)
     tv = v2.RandomErasing(p=1.0, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
-    tv_areas = [float((tv(torch.full((3, 32, 32), 200, dtype=torch.uint8))[0] == 0).float().mean())
-                for _ in range(3000)]
+    tv_areas = [
+        float((tv(torch.full((3, 32, 32), 200, dtype=torch.uint8))[0] == 0).float().mean()) for _ in range(3000)
+    ]
     mean, tv_mean = sum(areas) / len(areas), sum(tv_areas) / len(tv_areas)
     assert abs(mean - tv_mean) < 0.01, (mean, tv_mean)
     assert abs(max(areas) - max(tv_areas)) < 0.03 and abs(min(areas) - min(tv_areas)) < 0.01
@@ -123,14 +130,27 @@ def test_erasing_statistics_match_torchvision(device):
 
 def test_erasing_box_equals_torchvision_erase():
     x = images(4)
-    params = ErasingParams(erase=torch.tensor([True, False, True, True]), top=torch.tensor([0, 3, 10, 25]),
-                           left=torch.tensor([5, 0, 0, 28]), height=torch.tensor([7, 4, 22, 7]),
-                           width=torch.tensor([9, 4, 31, 4]))
+    params = ErasingParams(
+        erase=torch.tensor([True, False, True, True]),
+        top=torch.tensor([0, 3, 10, 25]),
+        left=torch.tensor([5, 0, 0, 28]),
+        height=torch.tensor([7, 4, 22, 7]),
+        width=torch.tensor([9, 4, 31, 4]),
+    )
     out = BatchedRandomErasing.apply(x, params)
     for i in range(4):
-        expected = x[i] if not params.erase[i] else TF.erase(
-            x[i], int(params.top[i]), int(params.left[i]), int(params.height[i]), int(params.width[i]),
-            torch.zeros(3, 1, 1, dtype=torch.uint8))
+        expected = (
+            x[i]
+            if not params.erase[i]
+            else TF.erase(
+                x[i],
+                int(params.top[i]),
+                int(params.left[i]),
+                int(params.height[i]),
+                int(params.width[i]),
+                torch.zeros(3, 1, 1, dtype=torch.uint8),
+            )
+        )
         assert torch.equal(out[i], expected)
 
 
@@ -139,8 +159,9 @@ def test_device_data_applies_the_notebook_pipeline_in_order():
     plain = DeviceData(data, torch.device("cpu"), False, AugmentSpec(crop=False, flip=False))
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(plain._augment(plain.padded, gen), data.images)  # crop and flip off: the images
-    full = DeviceData(data, torch.device("cpu"), False,
-                      AugmentSpec(autoaugment=True, random_erasing=True, erasing_p=1.0))
+    full = DeviceData(
+        data, torch.device("cpu"), False, AugmentSpec(autoaugment=True, random_erasing=True, erasing_p=1.0)
+    )
     out = full._augment(full.padded, torch.Generator().manual_seed(0))
     assert out.shape == data.images.shape and out.dtype == torch.uint8
     assert ((out == 0).all(1).flatten(1).sum(1) > 0).all()  # erasing with p 1: every image has a box
@@ -157,4 +178,4 @@ def test_policy_table_is_torchvisions():
         assert signed == tv_signed
         assert (values is None) == (tv_values is None)
         if values is not None:
-            assert all(math.isclose(a, float(b)) for a, b in zip(values, tv_values))
+            assert all(math.isclose(a, float(b)) for a, b in zip(values, tv_values, strict=True))

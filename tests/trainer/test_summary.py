@@ -13,12 +13,29 @@ from trainer.spec import resolve
 
 
 def job_dir(tmp_path: Path, val_accs: list[float], test_accs: list[float]) -> Path:
-    rows = [EpochMetrics(epoch=e, train_loss=1.0, train_acc=0.5, val_loss=None if not v else 1.0, val_acc=v,
-                         lr=0.1, images_per_s=1.0, epoch_seconds=1.0, time=0.0, test_loss=1.2, test_acc=t)
-            for e, (v, t) in enumerate(zip(val_accs, test_accs), start=1)]
+    rows = [
+        EpochMetrics(
+            epoch=e,
+            train_loss=1.0,
+            train_acc=0.5,
+            val_loss=None if not v else 1.0,
+            val_acc=v,
+            lr=0.1,
+            images_per_s=1.0,
+            epoch_seconds=1.0,
+            time=0.0,
+            test_loss=1.2,
+            test_acc=t,
+        )
+        for e, (v, t) in enumerate(zip(val_accs, test_accs, strict=True), start=1)
+    ]
     (tmp_path / contract.METRICS).write_text(contract.metrics_jsonl(rows))
-    entries = [CheckpointEntry(epoch=m.epoch, val_acc=m.val_acc, uri=f"/x/epoch_{m.epoch}/checkpoint.pt",
-                               sha256="0" * 64, size=1) for m in rows]
+    entries = [
+        CheckpointEntry(
+            epoch=m.epoch, val_acc=m.val_acc, uri=f"/x/epoch_{m.epoch}/checkpoint.pt", sha256="0" * 64, size=1
+        )
+        for m in rows
+    ]
     (tmp_path / contract.MANIFEST).write_text(Manifest(checkpoints=entries, latest_epoch=len(rows)).to_json())
     return tmp_path
 
