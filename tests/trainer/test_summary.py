@@ -62,3 +62,12 @@ def test_an_unfinished_run_has_no_final_test_acc(tmp_path):
     d = job_dir(tmp_path, val_accs=[0.5, 0.6], test_accs=[0.5, 0.6])
     s = summarize(resolve("debug", {"optim.epochs": 3}), str(d), time.time(), RuntimeError("x"), None)
     assert s.final_test_acc is None and s.best_checkpoint_test_acc is None
+
+
+def test_ray_ranks_checkpoints_like_the_summary(tmp_path):
+    # Ray Train's retention must agree with the rule: by val_acc with a validation split, else by epoch.
+    from trainer.fit import run_config
+
+    with_val = run_config(resolve("fast"), str(tmp_path), "a").checkpoint_config
+    without = run_config(resolve("paper"), str(tmp_path), "b").checkpoint_config
+    assert (with_val.checkpoint_score_attribute, without.checkpoint_score_attribute) == ("val_acc", "epoch")
