@@ -326,6 +326,42 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_NAMES = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Download the job's best model as exported at the end of its run, sha256-verified."""
+    name = EXPORT_NAMES[args.format]
+    out = Path(args.output or f"{args.id}-{name}")
+    with _client(args, timeout=300) as api:
+        sha256, size = api.download_artifact(args.id, name, out)
+    if args.json:
+        _print_json({"path": str(out), "format": args.format, "sha256": sha256, "size": size})
+    else:
+        print(f"wrote {out} ({args.format}, {size} bytes, sha256 {sha256}, verified)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster."""
+    try:
+        from trainer.evaluate import predict_to_csv  # torch + torchvision: the [train] extra
+    except ImportError as exc:
+        raise CliError(f"`trainctl predict` runs the model on this machine and needs torch and torchvision "
+                       f"({exc}): pip install 'trainctl[train]'") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
+        model = Path(tmp) / "model.pt2"
+        api.download_artifact(args.id, "model.pt2", model)
+        n = predict_to_csv(str(model), args.input, args.output)
+    if args.json:
+        _print_json({"predictions": n, "out": args.output})
+    else:
+        print(f"wrote {n} predictions to {args.output}")
+    return 0
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     with _client(args) as api:
         data = api.create_token(args.name)
@@ -450,6 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("-o", "--output", required=True, help="where to write the checkpoint")
     s.set_defaults(fn=cmd_best)
+
+    s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")
+    s.add_argument("id")
+    s.add_argument("--format", choices=sorted(EXPORT_NAMES), default="pt2",
+                   help="pt2: a torch.export program (normalisation inside); safetensors: weights only")
+    s.add_argument("-o", "--output", help="where to write it (default <id>-model.<format>)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("predict", parents=[common], help="predict labels with the job's exported model, here")
+    s.add_argument("id")
+    s.add_argument("--input", required=True, help="a folder of 32×32 PNG/JPEG images, a parquet, or the Kaggle pickle")
+    s.add_argument("-o", "--output", required=True, help="CSV to write (ID,Labels)")
+    s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("token", help="manage API tokens")
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")

@@ -36,6 +36,8 @@ MANIFEST = "manifest.json"  # Manifest
 SUMMARY = "summary.json"  # Summary
 TRIALS = "trials.json"  # [TrialRow], searches only
 TRIALS_DIR = "trials"  # a search's trials/<trial id>/ hold a single run's files each
+ARTIFACTS_DIR = "artifacts"  # exported models (trainer/export.py) and their index
+ARTIFACTS = "artifacts/artifacts.json"  # ArtifactIndex
 
 SearchMode = Literal["max", "min"]
 BestRule = Literal["val_acc", "final_epoch"]
@@ -168,6 +170,23 @@ class Manifest(Record):
         return max(self.checkpoints, key=lambda e: e.epoch, default=None)
 
 
+class Artifact(Record):
+    """An exported model in artifacts/artifacts.json: written at the end of a run from the best checkpoint."""
+
+    name: str = Field(description="file name under artifacts/, e.g. model.pt2")
+    format: Literal["safetensors", "pt2"]
+    uri: str
+    sha256: str
+    size: int
+    epoch: int | None = Field(default=None, description="the checkpoint epoch it was exported from")
+
+
+class ArtifactIndex(Record):
+    """artifacts/artifacts.json."""
+
+    artifacts: list[Artifact] = Field(default_factory=list)
+
+
 class TrialCounts(Record):
     total: int
     stopped_early: int
@@ -287,6 +306,11 @@ def parse_summary(text: str | None) -> Summary | None:
 def parse_manifest(text: str | None) -> Manifest | None:
     """manifest.json's text → Manifest, or None when it is missing or unreadable."""
     return _parse(Manifest, text)
+
+
+def parse_artifacts(text: str | None) -> ArtifactIndex:
+    """artifacts/artifacts.json's text → the index (empty when missing or unreadable)."""
+    return _parse(ArtifactIndex, text) or ArtifactIndex()
 
 
 def parse_trials(text: str | None) -> list[TrialRow]:

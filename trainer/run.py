@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from trainer.fit import fit_single
             fit_single(spec, job_dir)
+        from trainer.export import export_best  # before summary.json: the service takes that as the end
+        export_best(job_dir, spec)
     except BaseException as exc:  # every failure must end in summary.json
         if isinstance(exc, KeyboardInterrupt):
             raise

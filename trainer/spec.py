@@ -188,6 +188,10 @@ class SearchSpec(Section):
 # --- the job spec ---------------------------------------------------------------------------------
 
 
+ExportFormat = Literal["safetensors", "pt2"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
+
+
 class JobSpec(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -201,6 +205,9 @@ class JobSpec(Section):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint: CheckpointSpec = CheckpointSpec()
     search: SearchSpec | None = None
+    # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
+    # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
+    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS))
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
@@ -303,6 +310,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"kind": "constant"},
         "scaling": {"num_workers": 2, "use_gpu": False},
         "precision": "fp32",
+        "exports": [],  # an export adds seconds to every test run; the export tests ask for it
     },
 }
 

@@ -121,6 +121,19 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointView]
 
 
+class ArtifactView(BaseModel):
+    name: str = Field(description="download it from /v1/jobs/{id}/artifacts/{name}")
+    format: str | None = Field(description="safetensors (weights only) or pt2 (a torch.export program)")
+    epoch: int | None = Field(description="the checkpoint epoch it was exported from (the best one)")
+    size: int | None
+    sha256: str | None
+
+
+class ArtifactList(BaseModel):
+    job_id: str
+    artifacts: list[ArtifactView]
+
+
 def _time(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
