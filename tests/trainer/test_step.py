@@ -220,3 +220,12 @@ def test_weight_decay_milestone_applies_from_its_epoch():
         step.run_epoch(trainee, s, train, val, epoch=e, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"])
         seen.append(trainee.optimizer.param_groups[0]["weight_decay"])
     assert seen == [1e-3, 1e-4]
+
+
+def test_an_epoch_trains_under_autoaugment_and_erasing():
+    s = spec(**{"data.augment.autoaugment": True, "data.augment.random_erasing": True, "optim.epochs": 1})
+    train = DeviceData(dataset(96, 1), CPU, False, s.data.augment)
+    val = DeviceData(dataset(32, 2), CPU, False)
+    trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
+    m = step.run_epoch(trainee, s, train, val, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"])
+    assert math.isfinite(m.train_loss) and m.images_per_s > 0
