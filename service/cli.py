@@ -66,7 +66,14 @@ def _progress_line(job: dict[str, Any]) -> str:
     line = f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
     if isinstance(m.get("test_acc"), (int, float)):
         line += f"  test_acc {_fmt_acc(m['test_acc'])}"
-    line += f"  best {_fmt_acc(job.get('best_val_acc'))}"
+    if job.get("best_checkpoint_rule") == "final_epoch":
+        line += "  best = final epoch (no val split)"
+    else:
+        line += f"  best {_fmt_acc(job.get('best_val_acc'))}"
+    if isinstance(job.get("final_test_acc"), (int, float)):
+        line += f"  final test_acc {_fmt_acc(job['final_test_acc'])}"
+    if isinstance(job.get("best_checkpoint_test_acc"), (int, float)):
+        line += f"  best-ckpt test_acc {_fmt_acc(job['best_checkpoint_test_acc'])}"
     if isinstance(m.get("images_per_s"), (int, float)):
         line += f"  {m['images_per_s']:.0f} img/s"
     line += f"  eta {_fmt_eta(p.get('eta_seconds'))}"

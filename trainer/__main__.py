@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=describe)
     p = sub.add_parser("evaluate", help="accuracy (overall and per class) of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder): path or URI")
-    p.add_argument("--data", help="dataset path or URI (default with --split val: the run's data.train)")
+    p.add_argument("--data", help="dataset path or URI (default with --split val/test: the run's own split)")
     p.add_argument("--format", default="auto", choices=["auto", "cifar10-python", "parquet", "torchvision"])
     p.add_argument("--split", choices=["all", "train", "test", "val"],
                    help="val = the run's own seeded validation split (the default without --data); "

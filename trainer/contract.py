@@ -42,6 +42,7 @@ CONFUSION = "confusion.json"  # Confusion: the best checkpoint's confusion matri
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (scalars per epoch, the confusion matrix at the end)
 
 SearchMode = Literal["max", "min"]
+BestRule = Literal["val_acc", "final_epoch"]
 
 
 # --- exit codes and error kinds --------------------------------------------------------------------------
@@ -138,6 +139,11 @@ class EpochMetrics(Record):
     devices: list[str] = Field(default_factory=list, description="what every rank trains on, rank 0 first, e.g. "
                                "'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (2 threads, bf16 AMX) Intel(R) Xeon(R) ...'")
     numerics: NumericsRecord | None = Field(default=None, description="precision and layout in use")
+    # The test split (data.test, or data.train's own test_batch) every data.test_every_epochs and at the
+    # last epoch; null on other epochs and when there is no test split. test_loss uses the training
+    # criterion (label smoothing included), so it compares with train_loss as the paper's Figure 1 does.
+    test_loss: float | None = None
+    test_acc: float | None = None
 
     def scalars(self) -> dict[str, float]:
         """The numeric fields (what a checkpoint keeps of its epoch's metrics)."""
@@ -223,7 +229,19 @@ class Summary(Record):
     best_checkpoint_size: int | None = None
     epochs_completed: int = 0
     num_parameters: int | None = None
-    test_acc: float | None = Field(default=None, description="the best checkpoint on data.test, if any")
+    test_acc: float | None = Field(
+        default=None,
+        description="the best checkpoint on the test split, if any "
+        "(the same as best_checkpoint_test_acc; kept for older readers)",
+    )
+    # Test accuracy is the paper's headline. The best checkpoint is never chosen on it: on val_acc when
+    # the run has a validation split, else the final epoch (best_checkpoint_rule says which).
+    final_test_acc: float | None = Field(default=None, description="the last epoch's test_acc (the paper's figure)")
+    best_checkpoint_test_acc: float | None = Field(default=None, description="the best checkpoint's test_acc")
+    best_checkpoint_epoch: int | None = None
+    best_checkpoint_rule: BestRule | None = Field(
+        default=None, description="val_acc: the highest validation accuracy; final_epoch: no validation split"
+    )
     wall_seconds: float | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None

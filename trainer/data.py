@@ -4,6 +4,8 @@ Every source is decoded once into `images` (uint8, N×3×32×32) and `labels` (i
 split then lives on the device as one padded uint8 tensor; each epoch draws a seeded permutation shared by
 all ranks, each rank takes its shard, and random-crop (4-pixel zero padding) + horizontal flip +
 normalisation run batched on the device — no per-sample Python in the hot loop (the airbench recipe).
+AutoAugment and RandomErasing (trainer/augment.py), when the spec turns them on, follow in the notebook's
+order, still batched and drawn per image.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 import objstore
-from trainer.spec import DataSpec, JobSpec
+from trainer.spec import AugmentSpec, DataSpec, JobSpec
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -307,10 +309,28 @@ def use_channels_last(spec: JobSpec) -> bool:
     return spec.channels_last if isinstance(spec.channels_last, bool) else True
 
 
+def test_source(spec: DataSpec) -> tuple[str, str] | None:
+    """(uri, format) of the test split: data.test when set; else data.train's own test_batch when it is a
+    CIFAR-10 python directory or the torchvision download (which fetches both splits); else None (a
+    parquet of training images has no test split)."""
+    if spec.test:
+        return spec.test, spec.format
+    fmt = detect_format(spec.train) if spec.format == "auto" else spec.format
+    if fmt == "torchvision":
+        return spec.train, fmt
+    if fmt == "cifar10-python":
+        base = spec.train
+        for candidate in (base, objstore.join(base, "cifar-10-batches-py")):
+            if objstore.exists(objstore.join(candidate, "test_batch")):
+                return candidate, fmt
+    return None
+
+
 class DeviceData:
     """One split on the training device, served as normalised float batches for one rank."""
 
-    def __init__(self, data: Dataset, device: torch.device, channels_last: bool):
+    def __init__(self, data: Dataset, device: torch.device, channels_last: bool,
+                 augment: AugmentSpec | None = None):
         # Padded once, so a random crop is a gather of a 32×32 window out of 40×40.
         self.padded = torch.nn.functional.pad(data.images, (PAD, PAD, PAD, PAD)).to(device)
         self.labels = data.labels.to(device)
@@ -318,6 +338,15 @@ class DeviceData:
         self.channels_last = channels_last
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+        self.augment = augment or AugmentSpec()
+        self.autoaugment = self.erasing = None
+        if self.augment.autoaugment or self.augment.random_erasing:
+            from trainer.augment import BatchedAutoAugment, BatchedRandomErasing  # needs torchvision
+            if self.augment.autoaugment:
+                self.autoaugment = BatchedAutoAugment(device)
+            if self.augment.random_erasing:
+                a = self.augment
+                self.erasing = BatchedRandomErasing(a.erasing_p, a.erasing_scale, a.erasing_ratio, device)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -347,14 +376,27 @@ class DeviceData:
             yield self._normalise(self._augment(self.padded[idx], gen)), self.labels[idx]
 
     def _augment(self, padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The notebook's order, batched and drawn per image: crop → flip → AutoAugment → RandomErasing."""
+        images = self._crop_flip(padded, gen)
+        if self.autoaugment is not None:
+            images = self.autoaugment(images, gen)
+        if self.erasing is not None:
+            images = self.erasing(images, gen)
+        return images
+
+    def _crop_flip(self, padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Random 32×32 crop of each 40×40 padded image, then a random horizontal flip, all batched."""
         n = padded.shape[0]
         dy = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=gen)
         dx = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=gen)
+        if not self.augment.crop:
+            dy = dx = torch.full((n,), PAD, device=self.device)  # the centre window: the image itself
         ar = torch.arange(32, device=self.device)
         rows = (dy[:, None] + ar)[:, None, :, None]           # n×1×32×1
         cols = (dx[:, None] + ar)[:, None, None, :]           # n×1×1×32
         flip = torch.rand(n, device=self.device, generator=gen) < 0.5
+        if not self.augment.flip:
+            flip = torch.zeros_like(flip)
         cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
         batch_i = torch.arange(n, device=self.device)[:, None, None, None]
         chan_i = torch.arange(3, device=self.device)[None, :, None, None]

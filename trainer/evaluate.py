@@ -13,7 +13,16 @@ import torch
 import objstore
 from trainer import checkpoint as ckpt
 from trainer.contract import Confusion
-from trainer.data import DataError, Dataset, images_to_batches, load, load_pickle, load_splits, use_channels_last
+from trainer.data import (
+    DataError,
+    Dataset,
+    images_to_batches,
+    load,
+    load_pickle,
+    load_splits,
+    test_source,
+    use_channels_last,
+)
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.spec import JobSpec
@@ -65,15 +74,23 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: s
                         split: str = "all", expected_sha256: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """{"accuracy", "per_class", "n", "device"}. split: `val` rebuilds the run's own seeded validation split (so
     the figure matches the reported val_acc on the device kind it trained on), `test` reads a CIFAR-10
-    directory's test_batch, `train`/`all` read every image of the source."""
+    directory's test_batch (without data_uri: the run's own test split, as its metrics' test_acc),
+    `train`/`all` read every image of the source."""
     dev = pick_device(device)
     model, spec, numerics = load_model(checkpoint_uri, expected_sha256, dev)
     if split == "val":
         data_spec = spec.data if data_uri is None else spec.data.model_copy(update={"train": data_uri})
         data = load_splits(data_spec, spec.seed, spec.model.num_classes)[1]
     else:
+        if data_uri is None and split == "test":
+            # The run's own test split: data.test, or data.train's test_batch (what its metrics report).
+            source = test_source(spec.data)
+            if source is None:
+                raise DataError("the run has no test split (data.test unset, data.train has no test_batch): "
+                                "pass --data")
+            data_uri, fmt = source
         if data_uri is None:
-            raise DataError("evaluate needs --data unless --split val")
+            raise DataError("evaluate needs --data unless --split val or test")
         data = load(data_uri, fmt, "test" if split == "test" else "train", spec.model.num_classes)
     return {**accuracy(model, spec, numerics, data, dev), "device": str(dev)}
 

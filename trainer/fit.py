@@ -94,8 +94,12 @@ def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[UserC
         storage_path=storage_path,
         storage_filesystem=filesystem,
         callbacks=callbacks,
+        # Without a validation split every val_acc is 0: rank checkpoints by epoch, so the best is the final
+        # epoch (summary.json's best_checkpoint_rule), never a tie broken by chance.
         checkpoint_config=CheckpointConfig(
-            num_to_keep=spec.checkpoint.keep_best, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+            num_to_keep=spec.checkpoint.keep_best,
+            checkpoint_score_attribute="val_acc" if spec.data.val_fraction > 0 else "epoch",
+            checkpoint_score_order="max",
         ),
         # controller_failure_limit: a worker group that cannot start (too few resources) is retried for
         # about 10 minutes (60 s each: room for an autoscaler to add a GPU node), then the run fails

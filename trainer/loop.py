@@ -23,7 +23,7 @@ import objstore
 from trainer import checkpoint as ckpt
 from trainer import step
 from trainer.contract import CheckpointEntry, EpochMetrics
-from trainer.data import Dataset, DeviceData, load_splits
+from trainer.data import Dataset, DeviceData, load, load_splits, test_source
 from trainer.hardware import describe_device, usable_cpus
 from trainer.model import build_model
 from trainer.precision import Numerics, choose_numerics
@@ -57,8 +57,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_set, val_set = load_splits(spec.data, spec.seed, spec.model.num_classes)
     local_batch = spec.optim.batch_size // world
     numerics = _decide_numerics(spec, device, train_set, local_batch, rank, world)
-    train_data = DeviceData(train_set, device, numerics.channels_last)
+    train_data = DeviceData(train_set, device, numerics.channels_last, spec.data.augment)
     val_data = DeviceData(val_set, device, numerics.channels_last)
+    source = test_source(spec.data) if spec.data.test_every_epochs else None
+    test_data = None if source is None else DeviceData(
+        load(source[0], source[1], "test", spec.model.num_classes), device, numerics.channels_last)
     trainee = step.build(spec, device, train_data.steps_per_epoch(local_batch, world),
                          wrap=ray.train.torch.prepare_model,  # to the device, in DDP when world > 1
                          numerics=numerics)
@@ -76,7 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, spec.optim.epochs + 1):
         metrics = step.run_epoch(trainee, spec, train_data, val_data, epoch=epoch, start_epoch=start_epoch,
                                  rank=rank, world=world, local_batch=local_batch, node_ids=node_ids,
-                                 devices=devices)
+                                 devices=devices, test_data=test_data)
         if rank == 0:
             history.append(metrics)
             step.write_history(paths.metrics, history)

@@ -89,7 +89,7 @@ def forwarded_env() -> dict[str, str]:
 def preflight(spec: JobSpec) -> None:
     """Fail fast, in the driver, on data that cannot work (missing file, wrong layout), instead of
     letting every worker restart hit the same error."""
-    from trainer.data import load
+    from trainer.data import load, test_source
     from trainer.dataroots import outside_roots
     for field, uri in outside_roots(spec):  # before any read: never tell whether such a file exists
         raise UserError(f"{field}: {objstore.redact(uri)} is outside the data roots this cluster allows "
@@ -102,13 +102,19 @@ def preflight(spec: JobSpec) -> None:
                 load(source, spec.data.format, split, spec.model.num_classes, limit=16)
             except DataError as exc:
                 raise DataError(f"{name}: {exc}") from None
+    if not spec.data.test and spec.data.test_every_epochs and test_source(spec.data) is None:
+        log.info("no test split: data.train (%s) has no test_batch and data.test is not set; the run reports "
+                 "no test accuracy", objstore.redact(spec.data.train))
 
 
 def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:
-    if not spec.data.test:
+    """The checkpoint's accuracy on the test split (data.test or data.train's test_batch), if there is one."""
+    from trainer.data import test_source
+    source = test_source(spec.data)
+    if source is None:
         return None
     from trainer.evaluate import evaluate_checkpoint
-    return evaluate_checkpoint(best.uri, spec.data.test, spec.data.format, split="test",
+    return evaluate_checkpoint(best.uri, source[0], source[1], split="test",
                                expected_sha256=best.sha256)["accuracy"]
 
 
@@ -146,17 +152,30 @@ def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseExc
         manifest = ckpt.read_manifest(job_dir)
         summary.epochs_completed = manifest.latest_epoch or 0
         metrics_uri = objstore.join(job_dir, contract.METRICS)
-        if objstore.exists(metrics_uri):
-            epochs = [m.epoch for m in contract.parse_metrics(objstore.read_text(metrics_uri))]
-            summary.epochs_completed = max([summary.epochs_completed, *epochs])
-        best = manifest.best()
+        metrics = contract.parse_metrics(objstore.read_text(metrics_uri)) if objstore.exists(metrics_uri) else []
+        summary.epochs_completed = max([summary.epochs_completed, *(m.epoch for m in metrics)])
+        by_epoch = {m.epoch: m for m in metrics}
+        final = by_epoch.get(spec.optim.epochs)
+        if final is not None:
+            summary.final_test_acc = final.test_acc  # the paper's figure: the last epoch, not a best one
+        # Never chosen on the test split: on validation accuracy, or the final epoch without a validation split.
+        has_val = spec.data.val_fraction > 0
+        best = manifest.best() if has_val else manifest.latest()
         if best:
-            summary.best_val_acc, summary.best_checkpoint = best.val_acc, best.uri
+            summary.best_val_acc = best.val_acc if has_val else None
+            summary.best_checkpoint, summary.best_checkpoint_epoch = best.uri, best.epoch
             summary.best_checkpoint_sha256, summary.best_checkpoint_size = best.sha256, best.size
+            summary.best_checkpoint_rule = "val_acc" if has_val else "final_epoch"
             if error is None:
+                tested = by_epoch.get(best.epoch)
                 confusion = final_confusion(spec, job_dir, best, summary.epochs_completed)
-                summary.test_acc = confusion.accuracy if confusion and confusion.split == "test" \
-                    else held_out_accuracy(spec, best)
+                if tested is not None and tested.test_acc is not None:
+                    summary.best_checkpoint_test_acc = tested.test_acc
+                elif confusion is not None and confusion.split == "test":
+                    summary.best_checkpoint_test_acc = confusion.accuracy
+                else:
+                    summary.best_checkpoint_test_acc = held_out_accuracy(spec, best)
+                summary.test_acc = summary.best_checkpoint_test_acc
     except objstore.StorageUnavailable as exc:
         summary.state, summary.error, summary.error_kind = RunState.FAILED, str(exc), ErrorKind.STORAGE
     return summary

@@ -26,8 +26,8 @@ from trainer.contract import EpochMetrics, NumericsRecord
 from trainer.data import DeviceData
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
-from trainer.schedule import build_scheduler
-from trainer.spec import JobSpec
+from trainer.schedule import apply_epoch_settings, build_scheduler
+from trainer.spec import JobSpec, OptimSpec
 
 EVAL_BATCH = 1024
 
@@ -148,10 +148,13 @@ def train_epoch(
     world: int,
     local_batch: int,
     label_smoothing: float,
+    spec_optim: OptimSpec | None = None,
 ) -> torch.Tensor:
     """One pass over this rank's shard of `data`; returns this rank's [loss*n, correct, n]."""
     model, device = trainee.model, trainee.device
     model.train()
+    if spec_optim is not None:
+        apply_epoch_settings(trainee.optimizer, spec_optim, epoch)  # weight-decay milestones (pure in epoch)
     sums = torch.zeros(3, device=device)  # loss*n, correct, n
     for x, y in data.train_batches(epoch, seed, rank, world, local_batch):
         with autocast(device, trainee.amp_dtype):
@@ -176,9 +179,15 @@ def train_epoch(
 
 
 def evaluate(
-    model: torch.nn.Module, data: DeviceData, rank: int, world: int, device: torch.device, amp_dtype: torch.dtype | None
+    model: torch.nn.Module,
+    data: DeviceData,
+    rank: int,
+    world: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """[loss*n, correct, n] over this rank's slice of `data` (plain cross-entropy, no smoothing)."""
+    """[loss*n, correct, n] over this rank's slice of `data` (cross-entropy; plain unless label_smoothing)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=device)
@@ -186,7 +195,7 @@ def evaluate(
         for x, y in data.eval_batches(rank, world, EVAL_BATCH):
             with autocast(device, amp_dtype):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
             sums += torch.stack(
                 [loss, (logits.argmax(1) == y).sum().float(), torch.full((), float(len(y)), device=device)]
             )
@@ -221,10 +230,12 @@ def epoch_metrics(
     node_ids: list[str],
     devices: list[str] | None = None,
     numerics: Numerics | None = None,
+    test_sums: torch.Tensor | None = None,
 ) -> EpochMetrics:
     """One metrics.jsonl line from the all-reduced sums."""
     tl, tc, tn = train_sums.tolist()
     vl, vc, vn = val_sums.tolist()
+    sl, sc, sn = test_sums.tolist() if test_sums is not None else (0.0, 0.0, 0.0)
     return EpochMetrics(
         epoch=epoch,
         train_loss=tl / tn,
@@ -240,7 +251,16 @@ def epoch_metrics(
         node_ids=node_ids,
         devices=devices or [],
         numerics=NumericsRecord(**numerics.to_dict()) if numerics is not None else None,
+        test_loss=sl / sn if sn else None,
+        test_acc=sc / sn if sn else None,
     )
+
+
+def tests_this_epoch(spec: JobSpec, epoch: int) -> bool:
+    """The test split is evaluated every data.test_every_epochs and at the last epoch (the figure the
+    paper reports), never when test_every_epochs is 0."""
+    n = spec.data.test_every_epochs
+    return n > 0 and (epoch % n == 0 or epoch == spec.optim.epochs)
 
 
 def run_epoch(
@@ -256,9 +276,11 @@ def run_epoch(
     local_batch: int,
     node_ids: list[str],
     devices: list[str] | None = None,
+    test_data: DeviceData | None = None,
 ) -> EpochMetrics:
-    """Train one epoch, synchronise BatchNorm, evaluate, all-reduce: the epoch's metrics (equal on every
-    rank). Every rank must call it (it runs collectives when world > 1)."""
+    """Train one epoch, synchronise BatchNorm, evaluate (validation; the test split when this epoch tests
+    it), all-reduce: the epoch's metrics (equal on every rank). Every rank must call it (it runs
+    collectives when world > 1)."""
     seed_epoch(spec.seed, epoch, rank)
     t0 = time.perf_counter()
     train_sums = train_epoch(
@@ -270,11 +292,25 @@ def run_epoch(
         world=world,
         local_batch=local_batch,
         label_smoothing=spec.optim.label_smoothing,
+        spec_optim=spec.optim,
     )
     train_seconds = time.perf_counter() - t0
     sync_buffers(trainee.raw_model, world)
     val_sums = evaluate(trainee.raw_model, val_data, rank, world, trainee.device, trainee.amp_dtype)
-    all_reduce([train_sums, val_sums], world)
+    sums = [train_sums, val_sums]
+    test_sums = None
+    if test_data is not None and tests_this_epoch(spec, epoch):
+        test_sums = evaluate(
+            trainee.raw_model,
+            test_data,
+            rank,
+            world,
+            trainee.device,
+            trainee.amp_dtype,
+            label_smoothing=spec.optim.label_smoothing,
+        )
+        sums.append(test_sums)
+    all_reduce(sums, world)
     return epoch_metrics(
         epoch=epoch,
         train_sums=train_sums,
@@ -286,6 +322,7 @@ def run_epoch(
         node_ids=node_ids,
         devices=devices,
         numerics=trainee.numerics,
+        test_sums=test_sums,
     )
 
 

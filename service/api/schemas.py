@@ -79,6 +79,13 @@ class JobView(BaseModel):
     progress: Progress
     metrics: EpochMetrics | None = Field(description="the latest epoch's metrics")
     best_val_acc: float | None
+    # Test accuracy is the headline (summary.json, once the run ended): the final epoch's (the figure the
+    # paper reports) and the best checkpoint's. The best checkpoint is never chosen on test accuracy.
+    final_test_acc: float | None = Field(default=None, description="the last epoch's test_acc")
+    best_checkpoint_test_acc: float | None = Field(default=None, description="the best checkpoint's test_acc")
+    best_checkpoint_rule: str = Field(
+        default="val_acc", description="what chose the best checkpoint: val_acc (highest validation "
+        "accuracy) or final_epoch (the run has no validation split)")
     attempts: int
     attempt_log: list[dict[str, Any]]
     message: str | None
@@ -144,11 +151,13 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     latest: EpochMetrics | None = None
     metrics: list[EpochMetrics] | None = None
     trials: list[TrialRow] | None = None
+    summary = None
     if job_dir is not None and job.state is not JobState.QUEUED:
         try:
             metrics = jobdir.read_metrics(job_dir)
             trials = jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) \
                 if job.spec.get("search") else None
+            summary = jobdir.read_summary(job_dir) if job.state.is_terminal() else None
         except objstore.StorageUnavailable:
             metrics = trials = None
     if metrics is not None:
@@ -166,8 +175,13 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     search = None
     if trials is not None:
         search = SearchProgress(**jobdir.search_progress(job.spec["search"], trials))
+    has_val = float((job.spec.get("data") or {}).get("val_fraction", 0.1)) > 0
     return JobView(id=job.id, owner=job.owner, state=job.state, progress=Progress(**progress), metrics=latest,
-                   best_val_acc=best, attempts=job.attempts, attempt_log=job.attempt_log, message=job.message,
+                   best_val_acc=best if has_val else None,
+                   final_test_acc=summary.final_test_acc if summary else None,
+                   best_checkpoint_test_acc=summary.best_checkpoint_test_acc if summary else None,
+                   best_checkpoint_rule="val_acc" if has_val else "final_epoch", attempts=job.attempts,
+                   attempt_log=job.attempt_log, message=job.message,
                    ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),
                    updated_at=_time(job.updated_at), spec=job.spec if with_spec else None, search=search,
                    devices=latest.devices or None if latest else None, numerics=latest.numerics if latest else None)

@@ -265,3 +265,13 @@ def test_the_url_serve_recorded_in_the_data_dir(tmp_path: Path, monkeypatch: pyt
     assert cli._url(parse("list", "--data-dir", str(tmp_path))) == "http://127.0.0.1:8123"
     assert cli._url(parse("list", "--data-dir", str(tmp_path), "--url", "http://h:1")) == "http://h:1"
     assert cli._url(parse("list", "--data-dir", str(tmp_path / "other"))) == client.DEFAULT_URL
+
+
+def test_progress_line_shows_test_accuracy_and_the_best_rule() -> None:
+    base = {"state": "SUCCEEDED", "progress": {"epoch": 3, "epochs": 3}, "metrics": {"val_acc": 0.0, "test_acc": 0.61}}
+    line = cli._progress_line({**base, "best_val_acc": None, "best_checkpoint_rule": "final_epoch",
+                               "final_test_acc": 0.61, "best_checkpoint_test_acc": 0.61})
+    assert "best = final epoch (no val split)" in line and "final test_acc 0.6100" in line
+    assert "best-ckpt test_acc 0.6100" in line
+    line = cli._progress_line({**base, "best_val_acc": 0.5, "best_checkpoint_rule": "val_acc"})
+    assert "best 0.5000" in line and "final test_acc" not in line

@@ -7,6 +7,8 @@ import json
 import shlex
 import sys
 
+import pytest
+
 from tests.service.conftest import Api
 
 
@@ -306,3 +308,23 @@ def test_a_cancelled_job_that_ray_forgot_is_cancelled_not_resubmitted(api: Api) 
     api.reconcile()
     job = state(api, job_id)
     assert job["state"] == "CANCELLED" and job["attempts"] == 1 and f"{job_id}-2" not in api.ray.jobs
+
+
+@pytest.mark.parametrize("val_fraction, rule", [(0.25, "val_acc"), (0.0, "final_epoch")])
+def test_job_view_shows_test_accuracy_and_the_best_checkpoint_rule(make_api, val_fraction: float,
+                                                                    rule: str) -> None:
+    api = make_api()
+    job_id = api.post({"preset": "debug", "overrides": {"data.val_fraction": val_fraction}}).json()["id"]
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.reconcile()
+    running = state(api, job_id)
+    assert running["best_checkpoint_rule"] == rule and running["final_test_acc"] is None
+    write_summary(api, job_id, state="succeeded", best_val_acc=0.3 if val_fraction else None, epochs_completed=2,
+                  final_test_acc=0.61, best_checkpoint_test_acc=0.59, best_checkpoint_rule=rule)
+    api.ray.set(f"{job_id}-1", "SUCCEEDED", exit_code=0)
+    api.reconcile()
+    done = state(api, job_id)
+    assert done["state"] == "SUCCEEDED" and done["best_checkpoint_rule"] == rule
+    assert (done["final_test_acc"], done["best_checkpoint_test_acc"]) == (0.61, 0.59)
+    assert done["best_val_acc"] == (0.3 if val_fraction else None)

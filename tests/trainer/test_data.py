@@ -148,3 +148,18 @@ def test_a_folder_of_images_names_the_formats_and_converts(tmp_path):
     assert done.returncode == 0, done.stderr
     data = load(str(out))
     assert len(data) == 6 and sorted(data.labels.tolist()) == [0, 0, 0, 3, 3, 3]  # CIFAR-10's own labels
+
+
+def test_test_split_defaults_to_the_cifar_directorys_test_batch(tmp_path):
+    from trainer.data import test_source
+    root = write_cifar_python(tmp_path / "cifar", per_batch=4)
+    assert test_source(DataSpec(train=str(root))) == (str(root), "cifar10-python")
+    nested = tmp_path / "outer"
+    (nested / "cifar-10-batches-py").parent.mkdir()
+    root.rename(nested / "cifar-10-batches-py")
+    uri, fmt = test_source(DataSpec(train=str(nested)))
+    assert uri.endswith("cifar-10-batches-py") and fmt == "cifar10-python"
+    assert load(uri, fmt, "test").images.shape == (4, 3, 32, 32)
+    # data.test wins; a parquet of training images has no test split
+    assert test_source(DataSpec(train=str(nested), test="/x/test.parquet")) == ("/x/test.parquet", "auto")
+    assert test_source(DataSpec(train=str(tmp_path / "train.parquet"))) is None

@@ -77,6 +77,24 @@ def test_best_checkpoint_reproduces_val_acc_in_a_fresh_process(trained_job):
                                         "horse", "ship", "truck"}
 
 
+def test_test_split_each_epoch_and_final_test_acc_reproduces_to_the_image(trained_job):
+    summary = json.loads((trained_job / "summary.json").read_text())
+    metrics = read_jsonl(trained_job / "metrics.jsonl")
+    assert all(isinstance(m["test_acc"], float) and isinstance(m["test_loss"], float) for m in metrics)
+    assert summary["final_test_acc"] == metrics[-1]["test_acc"]
+    assert summary["best_checkpoint_rule"] == "val_acc"  # the run has a validation split
+    best = next(m for m in metrics if m["epoch"] == summary["best_checkpoint_epoch"])
+    assert summary["best_checkpoint_test_acc"] == best["test_acc"] == summary["test_acc"]
+    final = max(json.loads((trained_job / "manifest.json").read_text())["checkpoints"], key=lambda e: e["epoch"])
+    assert final["epoch"] == 3
+    # `evaluate --split test` without --data: the run's own test split (data.test), in a fresh process
+    out = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--checkpoint", final["uri"], "--split",
+                          "test", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["n"] == 30 and round(result["accuracy"] * 30) == round(summary["final_test_acc"] * 30)
+
+
 def test_predict_writes_kaggle_csv(trained_job, tmp_path):
     summary = json.loads((trained_job / "summary.json").read_text())
     pkl = write_kaggle_input(tmp_path / "test.pkl", n=12)

@@ -11,8 +11,11 @@ def fields(exc: ValidationError) -> set[str]:
 
 
 def test_defaults_are_the_paper_recipe():
-    assert resolve("paper") == JobSpec()
-    spec = JobSpec()
+    # The paper preset is the field defaults plus what the text says about the data: all 50,000 images
+    # (no validation split) with the test split every epoch.
+    assert resolve("paper") == JobSpec().model_copy(update={"data": JobSpec().data.model_copy(
+        update={"val_fraction": 0.0})})
+    spec = resolve("paper")
     assert spec.model.widths == [32, 64, 256, 256] and spec.model.blocks == [2, 2, 2, 2]
     assert (spec.optim.lr, spec.optim.momentum, spec.optim.weight_decay) == (0.05, 0.9, 1e-3)
     assert (spec.optim.label_smoothing, spec.optim.batch_size, spec.optim.epochs) == (0.1, 512, 200)
@@ -102,6 +105,37 @@ def test_section_valued_overrides_merge_into_the_preset():
     with pytest.raises(ValidationError) as exc:
         resolve("debug", {"optim": {"learning_rate": 0.1}})
     assert fields(exc.value) == {"optim.learning_rate"}
+
+
+def test_presets_say_which_recipe_they_are():
+    paper, notebook, fast = resolve("paper"), resolve("notebook"), resolve("fast")
+    for spec in (paper, notebook, fast):
+        assert spec.model == JobSpec().model  # the paper's network, exactly
+    assert (paper.optim.batch_size, paper.optim.weight_decay, paper.data.val_fraction) == (512, 1e-3, 0.0)
+    assert paper.optim.weight_decay_milestones == {} and paper.data.test_every_epochs == 1
+    assert not paper.data.augment.autoaugment and not paper.data.augment.random_erasing
+    assert (notebook.optim.batch_size, notebook.schedule.step_per, notebook.data.val_fraction) == (256, "epoch", 0.0)
+    assert notebook.optim.weight_decay_milestones == {85: 1e-4} and notebook.schedule.restart_epochs == [85]
+    assert notebook.data.augment.autoaugment and notebook.data.augment.random_erasing
+    assert notebook.data.augment.erasing_scale == (0.02, 0.33) and notebook.data.augment.erasing_ratio == (0.3, 3.3)
+    assert fast.data.val_fraction > 0 and fast.schedule.kind == "onecycle" and fast.optim.epochs == 5
+    # JSON keys of the milestones are strings: the worker's re-validation must give the same spec back
+    assert JobSpec.model_validate_json(notebook.to_json()) == notebook
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"optim.weight_decay_milestones": {"50": 1e-4}}, "optim.weight_decay_milestones"),  # after epoch 2
+    ({"optim.weight_decay_milestones": {"0": 1e-4}}, "optim.weight_decay_milestones"),
+    ({"schedule.restart_epochs": [1]}, "schedule.restart_epochs"),
+    ({"schedule.step_per": "step"}, "schedule.step_per"),
+    ({"data.test_every_epochs": -1}, "data.test_every_epochs"),
+    ({"data.augment.erasing_scale": [0.5, 0.2]}, "data.augment"),
+    ({"data.augment.autoaugmnet": True}, "data.augment.autoaugmnet"),
+])
+def test_new_recipe_fields_name_their_errors(overrides, field):
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", overrides)
+    assert any(f.startswith(field) for f in fields(info.value)), error_list(info.value)
 
 
 @pytest.mark.parametrize("path,message", [

@@ -169,3 +169,63 @@ def test_two_ranks_agree_on_metrics_and_batchnorm_stats(tmp_path):
     # each rank saw half the images: the all-reduced counts cover all of them
     assert r0["metrics"]["images_per_s"] > 0
     assert all(torch.equal(a, b) for a, b in zip(r0["buffers"], r1["buffers"], strict=True))
+
+
+def test_the_test_split_is_evaluated_every_n_epochs_with_the_training_criterion():
+    s = spec(**{"data.test_every_epochs": 2, "optim.epochs": 3, "optim.label_smoothing": 0.1})
+    train, val, test = (DeviceData(dataset(n, seed), CPU, False) for n, seed in ((192, 1), (64, 2), (48, 3)))
+    trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
+    metrics = [
+        step.run_epoch(
+            trainee,
+            s,
+            train,
+            val,
+            epoch=e,
+            start_epoch=1,
+            rank=0,
+            world=1,
+            local_batch=32,
+            node_ids=["n"],
+            test_data=test,
+        )
+        for e in range(1, 4)
+    ]
+    # every 2nd epoch, and the last (the figure the paper reports)
+    assert [m.test_acc is not None for m in metrics] == [False, True, True]
+    assert metrics[0].test_loss is None
+    last = metrics[-1]
+    # test_loss is the label-smoothed criterion train_loss uses (Figure 1 compares the two)
+    plain = step.evaluate(trainee.raw_model, test, 0, 1, CPU, trainee.amp_dtype)
+    smoothed = step.evaluate(trainee.raw_model, test, 0, 1, CPU, trainee.amp_dtype, label_smoothing=0.1)
+    assert last.test_loss == pytest.approx(float(smoothed[0] / smoothed[2]))
+    assert last.test_loss != pytest.approx(float(plain[0] / plain[2]))
+    assert last.test_acc == pytest.approx(float(plain[1] / plain[2]))
+    assert not step.tests_this_epoch(spec(**{"data.test_every_epochs": 0}), 3)  # 0: never
+
+
+def test_weight_decay_milestone_applies_from_its_epoch():
+    s = spec(
+        **{
+            "optim.weight_decay": 1e-3,
+            "optim.weight_decay_milestones": {"2": 1e-4},
+            "optim.fresh_momentum_at_milestones": True,
+            "optim.momentum": 0.9,
+        }
+    )
+    train, val = DeviceData(dataset(64, 1), CPU, False), DeviceData(dataset(32, 2), CPU, False)
+    trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
+    seen = []
+    for e in (1, 2):
+        step.run_epoch(trainee, s, train, val, epoch=e, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"])
+        seen.append(trainee.optimizer.param_groups[0]["weight_decay"])
+    assert seen == [1e-3, 1e-4]
+
+
+def test_an_epoch_trains_under_autoaugment_and_erasing():
+    s = spec(**{"data.augment.autoaugment": True, "data.augment.random_erasing": True, "optim.epochs": 1})
+    train = DeviceData(dataset(96, 1), CPU, False, s.data.augment)
+    val = DeviceData(dataset(32, 2), CPU, False)
+    trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
+    m = step.run_epoch(trainee, s, train, val, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"])
+    assert math.isfinite(m.train_loss) and m.images_per_s > 0

@@ -1,0 +1,218 @@
+"""Time to accuracy of a preset: train through `python -m trainer.run` and print each epoch as it ends.
+
+    .venv/bin/python bench/accuracy.py --preset fast --epochs 5
+    .venv/bin/python bench/accuracy.py --preset paper --wall-seconds 1500   # how far in a fixed wall time
+    .venv/bin/python bench/accuracy.py --augment-cost                        # AutoAugment + erasing, img/s
+
+A benchmark, not a test: it asserts nothing, it prints what it measured. The job runs as the service would
+run it (a `python -m trainer.run` subprocess on a private local Ray, the job dir under ./data/bench/), with
+one Ray Train worker holding every core of this machine unless --set says otherwise. Each epoch line gives
+the wall seconds since the job started (Ray start-up and data decoding included), that epoch's own seconds,
+images/s, train/val/test accuracy. With --wall-seconds the job is stopped after that long and the last
+finished epoch is what the preset reached in that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.spec import PRESETS, parse_override, resolve  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
+if not DEFAULT_DATA.exists():  # a checkout next to ../shared (the layout README describes)
+    DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
+
+
+def fmt(value: Any) -> str:
+    return "   -  " if value is None else f"{value:.4f}"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:  # rank 0 is rewriting the file right now
+            break
+    return lines
+
+
+def run_preset(args: argparse.Namespace) -> int:
+    cpus = os.cpu_count() or 1
+    overrides: dict[str, Any] = {
+        "data.train": str(args.data),
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": cpus,
+        "scaling.use_gpu": None,
+    }
+    if args.epochs is not None:
+        overrides["optim.epochs"] = args.epochs
+    overrides.update(dict(parse_override(s) for s in args.set))
+    spec = resolve(args.preset, overrides)
+    job_dir = Path(args.job_dir or ROOT / "data" / "bench" / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    job_dir.mkdir(parents=True, exist_ok=False)
+    (job_dir / "spec.json").write_text(spec.to_json())
+    print(
+        f"preset {args.preset}: {spec.optim.epochs} epochs, batch {spec.optim.batch_size}, "
+        f"{spec.schedule.kind} lr {spec.optim.lr}, wd {spec.optim.weight_decay}, precision {spec.precision}, "
+        f"augment {spec.data.augment.model_dump()}; data {spec.data.train} (val_fraction "
+        f"{spec.data.val_fraction}); {cpus} CPUs; job dir {job_dir}",
+        flush=True,
+    )
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(job_dir / "trainer.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    print(
+        f"{'epoch':>5} {'wall_s':>8} {'epoch_s':>8} {'img/s':>7} {'lr':>7} {'train_acc':>9} {'val_acc':>8} "
+        f"{'test_acc':>8}",
+        flush=True,
+    )
+    shown, stopped = 0, False
+    while True:
+        done = proc.poll() is not None
+        lines = read_metrics(job_dir / "metrics.jsonl")
+        for m in lines[shown:]:
+            print(
+                f"{m['epoch']:>5} {m['time'] - started:>8.1f} {m['epoch_seconds']:>8.1f} "
+                f"{m['images_per_s']:>7.1f} {m['lr']:>7.4f} {fmt(m['train_acc']):>9} "
+                f"{fmt(m['val_acc'] if spec.data.val_fraction else None):>8} {fmt(m.get('test_acc')):>8}",
+                flush=True,
+            )
+        shown = max(shown, len(lines))
+        if done:
+            break
+        if args.wall_seconds and time.time() - started > args.wall_seconds:
+            os.killpg(proc.pid, signal.SIGTERM)  # the trainer's own process group only
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            stopped = True
+            break
+        time.sleep(2)
+    wall = time.time() - started
+    if stopped:
+        print(
+            f"stopped after {wall:.0f} s (--wall-seconds {args.wall_seconds}); reached epoch "
+            f"{lines[-1]['epoch'] if lines else 0}",
+            flush=True,
+        )
+        return 0
+    summary_path = job_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    keys = (
+        "state",
+        "best_val_acc",
+        "best_checkpoint_rule",
+        "final_test_acc",
+        "best_checkpoint_test_acc",
+        "epochs_completed",
+        "num_parameters",
+    )
+    print(
+        json.dumps({"exit_code": proc.returncode, "wall_seconds": round(wall, 1), **{k: summary.get(k) for k in keys}}),
+        flush=True,
+    )
+    return proc.returncode or 0
+
+
+def augment_cost(args: argparse.Namespace) -> int:
+    """Images/s of the training data path alone (crop + flip vs + AutoAugment + RandomErasing) and of a full
+    training step with each, on one process holding every core."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.data import DeviceData, load
+    from trainer.model import build_model
+    from trainer.precision import autocast, resolve_precision
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    data = load(str(args.data), limit=args.images)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = {
+        "crop+flip": {"data.augment.autoaugment": False, "data.augment.random_erasing": False},
+        "crop+flip+autoaugment+erasing": {"data.augment.autoaugment": True, "data.augment.random_erasing": True},
+    }
+    results: dict[str, dict[str, float]] = {}
+    for name, extra in configs.items():
+        spec = resolve("notebook", {"optim.batch_size": 256, **extra})
+        dd = DeviceData(data, device, True, spec.data.augment)
+        rates = []
+        for epoch in range(1, 4):
+            t0, n = time.perf_counter(), 0
+            for x, _ in dd.train_batches(epoch, 0, 0, 1, 256):
+                n += len(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates.append(n / (time.perf_counter() - t0))
+        model = build_model(spec.model).to(device).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        dtype = resolve_precision(spec, device)
+        t0, n = time.perf_counter(), 0
+        for x, y in dd.train_batches(9, 0, 0, 1, 256):
+            with autocast(device, dtype):
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        results[name] = {"augment_images_per_s": max(rates), "train_images_per_s": n / (time.perf_counter() - t0)}
+        print(
+            f"{name:<32} data path {max(rates):9.1f} img/s   "
+            f"training step incl. data {results[name]['train_images_per_s']:7.1f} img/s",
+            flush=True,
+        )
+    base, full = results["crop+flip"], results["crop+flip+autoaugment+erasing"]
+    print(
+        f"training throughput ratio (with AutoAugment + erasing / crop + flip): "
+        f"{full['train_images_per_s'] / base['train_images_per_s']:.3f} on {device.type}, {len(data)} images, "
+        f"{threads} threads"
+    )
+    print(json.dumps(results))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="fast")
+    parser.add_argument("--epochs", type=int, help="default: the preset's optim.epochs")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="training data (default: the shared parquet)")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="extra spec overrides")
+    parser.add_argument("--job-dir", help="default: ./data/bench/<preset>-<time>")
+    parser.add_argument("--wall-seconds", type=float, help="stop the job after this many seconds")
+    parser.add_argument("--augment-cost", action="store_true", help="measure the augmentation's cost instead")
+    parser.add_argument("--images", type=int, default=5120, help="images for --augment-cost")
+    args = parser.parse_args()
+    if not Path(args.data).exists():
+        print(f"dataset {args.data} not found (pass --data)", file=sys.stderr)
+        return 2
+    return augment_cost(args) if args.augment_cost else run_preset(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
