@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.db_path)
+        store = Store(settings.store_url)
         store.create_schema()
         if settings.auth:
             if auth.ensure_admin_token(store, settings.admin_token_path):

@@ -254,6 +254,14 @@ def _serve(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
+def _admin(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from service import admin  # SQLAlchemy/Alembic: only for these commands
+
+        return getattr(admin, name)(args)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="service URL (default: TRAINCTL_URL or http://127.0.0.1:8000)")
@@ -319,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("-o", "--output", required=True, help="where to write the checkpoint")
     s.set_defaults(fn=cmd_best)
+
+    s = sub.add_parser("db", help="the job database: schema migrations")
+    dsub = s.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for name, fn, text in [("upgrade", "cmd_db_upgrade", "apply pending migrations (serve also does at start)"),
+                           ("current", "cmd_db_current", "show the revision; exit 1 when not the newest")]:
+        d = dsub.add_parser(name, parents=[common], help=text)
+        d.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
+        d.set_defaults(fn=_admin(fn))
+
+    s = sub.add_parser("reindex", parents=[common], help="rebuild lost job records from the storage root's "
+                                                         "job directories")
+    s.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
+    s.add_argument("--storage", help="storage root URI (default: TRAINCTL_STORAGE or <data dir>/storage)")
+    s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
+    s.set_defaults(fn=_admin("cmd_reindex"))
 
     s = sub.add_parser("token", help="manage API tokens")
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")

@@ -13,6 +13,9 @@ from trainer.spec import SearchSpec
 
 SPEC, METRICS, MANIFEST, SUMMARY = "spec.json", "metrics.jsonl", "manifest.json", "summary.json"
 TRIALS = "trials.json"  # searches only
+# Written by the service, not the trainer: the job's record (owner, state, attempts, ...) as of its last
+# transition, so that `trainctl reindex` can rebuild a lost database from storage.
+RECORD = "record.json"
 
 
 def job_uri(storage_root: str, job_id: str) -> str:
@@ -38,6 +41,20 @@ def read_json(uri: str) -> Any | None:
 
 def write_spec(job_dir: str, spec: dict[str, Any]) -> None:
     objstore.write_text(objstore.join(job_dir, SPEC), json.dumps(spec, indent=2))
+
+
+def write_record(job_dir: str, record: dict[str, Any]) -> None:
+    objstore.write_text(objstore.join(job_dir, RECORD), json.dumps(record, indent=2))
+
+
+def read_record(job_dir: str) -> dict[str, Any] | None:
+    data = read_json(objstore.join(job_dir, RECORD))
+    return data if isinstance(data, dict) else None
+
+
+def read_spec(job_dir: str) -> dict[str, Any] | None:
+    data = read_json(objstore.join(job_dir, SPEC))
+    return data if isinstance(data, dict) else None
 
 
 def read_summary(job_dir: str) -> dict[str, Any] | None:

@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.auth:
-        store = Store(settings.db_path)
+        store = Store(settings.store_url)
         store.create_schema()
         token = auth.ensure_admin_token(store, settings.admin_token_path)
         store.close()

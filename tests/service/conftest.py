@@ -64,11 +64,12 @@ class Api:
 
 
 @pytest.fixture
-def make_api(tmp_path: Path) -> Iterator[Any]:
+def make_api(tmp_path: Path, database_url: str) -> Iterator[Any]:
     opened: list[TestClient] = []
 
     def make(keep_reconciler: bool = False, **overrides: Any) -> Api:
         settings = load_settings(**{"data_dir": tmp_path / "data", "reconcile_interval_s": 3600,
+                                    "database_url": database_url,
                                     "ray_address": "http://127.0.0.1:1", **overrides})
         ray = FakeRay()
         # raise_server_exceptions=False: see what a client sees (our JSON 500), never a traceback.

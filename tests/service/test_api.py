@@ -84,8 +84,16 @@ def test_auth(api: Api) -> None:
     # only the hash is stored; the file is private
     mode = stat.S_IMODE(api.settings.admin_token_path.stat().st_mode)
     assert mode == 0o600
-    db = b"".join(p.read_bytes() for p in api.settings.data_dir.glob("trainctl.db*"))  # + WAL
-    assert api.token.encode() not in db and hashlib.sha256(api.token.encode()).hexdigest().encode() in db
+    if api.settings.store_url.startswith("sqlite"):
+        db = b"".join(p.read_bytes() for p in api.settings.data_dir.glob("trainctl.db*"))  # + WAL
+        assert api.token.encode() not in db and hashlib.sha256(api.token.encode()).hexdigest().encode() in db
+    else:
+        from sqlalchemy import create_engine, text
+        engine = create_engine(api.settings.store_url)
+        with engine.connect() as conn:
+            hashes = [r[0] for r in conn.execute(text("SELECT token_hash FROM tokens"))]
+        engine.dispose()
+        assert api.token not in hashes and hashlib.sha256(api.token.encode()).hexdigest() in hashes
 
 
 def test_other_owners_jobs_are_404(api: Api) -> None:
