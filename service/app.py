@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from service import auth
-from service.api import health, jobs, tokens
+from service.api import health, jobs, prometheus, tokens
 from service.errors import install_error_handlers
+from service.metrics import Metrics
 from service.rayjobs import RayJobs, RayJobsClient
 from service.reconciler import Reconciler
 from service.runner import Runner
@@ -38,12 +39,13 @@ class AppState:
 def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
     """The app; `ray` replaces the real Ray Jobs client (tests pass a fake)."""
     settings = settings or load_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.store_url)
-        store.create_schema()
+        store.create_schema()  # migrations to head (also run by `trainctl serve` before it starts)
         if settings.auth:
             if auth.ensure_admin_token(store, settings.admin_token_path):
                 log.warning("created the admin token; it is in %s", settings.admin_token_path)
@@ -52,20 +54,25 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
                         settings.host, settings.port)
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
+        metrics.attach(runner, reconciler)
         app.state.trainctl = AppState(settings, store, runner, reconciler)
         reconciler.start()
         try:
             yield
         finally:
             await reconciler.stop()
+            metrics.detach()
             store.close()
 
     app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
                   description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`.")
     install_error_handlers(app)
+    app.state.metrics = metrics
+    app.middleware("http")(metrics.middleware)
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(tokens.router, prefix="/v1")
     app.include_router(health.router)
+    app.include_router(prometheus.router)
     return app
 
 

@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="storage root URI (default <data dir>/storage; s3://bucket/prefix)")
     s.add_argument("--max-concurrent", type=int, help="jobs running at once (default 2)")
     s.add_argument("--ray-num-cpus", type=int, help="logical CPUs of a local head (default max(cores, 4))")
+    s.add_argument("--database-url", help="job store (default: TRAINCTL_DATABASE_URL or SQLite <data dir>/trainctl.db;"
+                                          " postgresql+psycopg://user:password@host:5432/db for several replicas)")
     s.add_argument("--no-auth", action="store_true", help="DANGER: disable authentication (local experiments)")
     s.set_defaults(fn=_serve)
 

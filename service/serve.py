@@ -38,27 +38,40 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from service import auth
     from service.app import create_app
     from service.localray import LocalRayHead
+    from service.migrate import upgrade
     from service.settings import load_settings
-    from service.store import Store
+    from service.store import Store, TokenNameTaken, redact_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, storage=args.storage,
-                             auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent)
+                             auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent,
+                             database_url=args.database_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.auth:
-        store = Store(settings.store_url)
-        store.create_schema()
-        token = auth.ensure_admin_token(store, settings.admin_token_path)
+    store = Store(settings.store_url)
+    try:
+        # Migrations first: every replica runs this at start; they serialise on the database's lock.
+        before, after = upgrade(store.engine)
+    except SQLAlchemyError as exc:
         store.close()
+        raise ClientError(f"cannot open the job database {redact_url(settings.store_url)}: {exc}") from exc
+    print(f"job database {redact_url(settings.store_url)}: "
+          + (f"schema {after}" if before == after else f"schema upgraded {before or 'empty'} -> {after}"), flush=True)
+    if settings.auth:
+        try:
+            token = auth.ensure_admin_token(store, settings.admin_token_path)
+        except TokenNameTaken:  # another replica, starting at the same time, created it
+            token = None
         if token:
             print(f"Created the admin token (shown once; also in {settings.admin_token_path}, mode 0600):\n"
                   f"  {token}\nUse it as: export TRAINCTL_TOKEN={token}", flush=True)
         else:
-            print(f"auth on; the admin token is in {settings.admin_token_path}", flush=True)
+            print(f"auth on; the admin token is in {settings.admin_token_path}"
+                  + ("" if settings.admin_token_path.exists() else " of the replica that created it"), flush=True)
     else:
         bar = "!" * 78
         print(f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
@@ -66,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"!! and it listens on {settings.host}, not only on this machine.", file=sys.stderr, flush=True)
+    store.close()
 
     signal.signal(signal.SIGTERM, _on_sigterm)  # so `finally` below stops what we started
     head: LocalRayHead | None = None
