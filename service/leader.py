@@ -69,7 +69,14 @@ class LeaderLock:
     def release(self) -> None:
         if self._conn is not None:
             try:
-                self._conn.close()  # closing the session releases the advisory lock
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": RECONCILER_LOCK_KEY})
+            except Exception:  # noqa: BLE001 - already broken: the server has dropped it
+                pass
+            try:
+                # Really close the session (a pooled close would keep it, and the lock, alive in the pool);
+                # the server releases a session's advisory locks when it ends.
+                self._conn.invalidate()
+                self._conn.close()
             except Exception:  # noqa: BLE001 - already broken: the server has dropped it
                 pass
             self._conn = None

@@ -67,11 +67,11 @@ class Api:
 def make_api(tmp_path: Path, database_url: str) -> Iterator[Any]:
     opened: list[TestClient] = []
 
-    def make(keep_reconciler: bool = False, **overrides: Any) -> Api:
+    def make(keep_reconciler: bool = False, ray: FakeRay | None = None, **overrides: Any) -> Api:
         settings = load_settings(**{"data_dir": tmp_path / "data", "reconcile_interval_s": 3600,
                                     "database_url": database_url,
                                     "ray_address": "http://127.0.0.1:1", **overrides})
-        ray = FakeRay()
+        ray = ray or FakeRay()
         # raise_server_exceptions=False: see what a client sees (our JSON 500), never a traceback.
         client = TestClient(create_app(settings, ray=ray), raise_server_exceptions=False)
         client.__enter__()
