@@ -348,3 +348,33 @@ def test_job_record_is_mirrored_into_the_job_directory(api: Api) -> None:
     assert record["attempts"] == 1 and record["attempt_log"][0]["submission_id"] == f"{job_id}-1"
     api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers())
     assert _json.loads((api.job_dir(job_id) / "record.json").read_text())["state"] == "CANCELLED"
+
+
+def test_alert_rules_and_scrape_config_name_metrics_the_service_exports(api: Api) -> None:
+    """cluster/prometheus/: valid YAML of the expected shape, and every trainctl_* series an alert uses is
+    one that /metrics really exports (a renamed metric would silently disable an alert)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = Path(__file__).resolve().parents[2] / "cluster" / "prometheus"
+    config = yaml.safe_load((root / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and config["rule_files"] == ["alerts.yml"]
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    rules = [r for g in yaml.safe_load((root / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert len(rules) >= 6 and all({"alert", "expr", "annotations"} <= set(r) for r in rules)
+    # A job in every state, one running with progress: every family is present in the scrape.
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    (api.job_dir(job_id) / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.1, "images_per_s": 10.0}\n')
+    api.reconcile()
+    for _ in range(2):  # the second slot fills, the last one waits in the queue
+        api.post(DEBUG_JOB)
+    api.reconcile()
+    exported = {s.name for fam in text_string_to_metric_families(api.client.get("/metrics").text) for s in fam.samples}
+    used = {name for r in rules for name in re.findall(r"\btrainctl_[a-z_]+", r["expr"])}
+    assert used and used <= exported, used - exported

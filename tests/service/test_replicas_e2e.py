@@ -62,8 +62,8 @@ def test_two_replicas_one_reconciler_and_takeover_after_kill(ray_head: RayHead, 
     url = postgres.create_database("replicas")
     common = {"TRAINCTL_DATABASE_URL": url, "TRAINCTL_STORAGE": str(tmp_path / "storage"),
               "TRAINCTL_MAX_CONCURRENT_JOBS": "2"}
-    a = start_service(ray_head, tmp_path / "a" / "data", **common)
-    b = start_service(ray_head, tmp_path / "b" / "data", **common)
+    a = start_service(ray_head, tmp_path / "a", **common)
+    b = start_service(ray_head, tmp_path / "b", **common)
     replicas = [a, b]
     try:
         token = a.token  # b found the admin token in the database: one set of users for all replicas
