@@ -77,6 +77,7 @@ def notebook_loop(images: torch.Tensor, labels: torch.Tensor, epochs: int, threa
 
 def trainer_run(data: str, images: int, epochs: int, cpus: int, **overrides: object) -> dict[str, float]:
     """One `trainer.run` job on a private local Ray cluster; images/s of its best epoch after the first."""
+    from trainer import fit as trainer_fit
     from trainer import run as trainer_run_module
     spec = resolve("paper", {"data.train": data, "data.max_train_images": images, "data.val_fraction": 0.05,
                              "optim.batch_size": BATCH, "optim.epochs": epochs, "scaling.num_workers": 1,
@@ -86,7 +87,7 @@ def trainer_run(data: str, images: int, epochs: int, cpus: int, **overrides: obj
         os.makedirs(job_dir)
         Path(job_dir, "spec.json").write_text(spec.to_json())
         trainer_run_module.init_ray()
-        trainer_run_module.fit_single(spec, job_dir)
+        trainer_fit.fit_single(spec, job_dir)
         lines = [json.loads(x) for x in Path(job_dir, "metrics.jsonl").read_text().splitlines()]
     best = max(lines[1:] or lines, key=lambda m: m["images_per_s"])
     return {"images_per_s": best["images_per_s"], "epoch_seconds": best["epoch_seconds"]}

@@ -23,7 +23,9 @@ COPY --chown=1000:100 objstore/ objstore/
 
 # pyproject pins ray==2.60.0 (already in the image, so pip keeps it) and torch==2.14.1, whose Linux
 # wheels on PyPI bundle their CUDA 12 runtime libraries; the host only needs the NVIDIA driver.
-RUN pip install --no-cache-dir . \
+# DL3013 reads '.[train]' as an unpinned package; it is this project, whose pins are in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir '.[train]' \
     && python -c "import torch, ray, trainer.run, objstore; assert ray.__version__ == '2.60.0', ray.__version__"
 
 # Token auth on by default: a Ray node started from this image never runs unauthenticated by accident.

@@ -7,11 +7,38 @@ cd "$(dirname "$0")/.."
 
 DATA_DIR=${TRAINCTL_DATA_DIR:-$PWD/data}
 PORT=${TRAINCTL_PORT:-8000}
-DATASET=${DEMO_DATASET:-$(cd .. && pwd)/shared/datasets/cifar10-jpeg/train.parquet}
-if [ ! -f "$DATASET" ]; then
-  echo "demo dataset not found: $DATASET (set DEMO_DATASET to a CIFAR-10 parquet or python directory)" >&2
-  exit 2
+# The dataset: DEMO_DATASET if set; else the shared CIFAR-10 parquet beside this checkout; else CIFAR-10
+# downloaded once by torchvision into ~/.cache/trainctl/cifar10 (README: "Datasets").
+SHARED_PARQUET=$(cd .. && pwd)/shared/datasets/cifar10-jpeg/train.parquet
+CACHE=${TRAINCTL_CIFAR10_CACHE:-$HOME/.cache/trainctl/cifar10}
+if [ -n "${DEMO_DATASET:-}" ]; then
+  DATASET=$DEMO_DATASET
+  [ -e "$DATASET" ] || { echo "DEMO_DATASET=$DATASET does not exist" >&2; exit 2; }
+elif [ -f "$SHARED_PARQUET" ]; then
+  DATASET=$SHARED_PARQUET
+else
+  DATASET=$CACHE
+  python - "$CACHE" <<'PY' || exit 2
+import sys
+from pathlib import Path
+root = Path(sys.argv[1])
+if (root / "cifar-10-batches-py" / "data_batch_1").exists():
+    sys.exit(0)
+print(f"downloading CIFAR-10 (170 MB) with torchvision into {root} ...", flush=True)
+try:
+    import torchvision
+    torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+    torchvision.datasets.CIFAR10(str(root), train=False, download=True)
+except Exception as exc:  # offline, proxy, disk full: say what to do instead
+    print(f"could not download CIFAR-10 ({type(exc).__name__}: {exc}).\n"
+          "Offline? Point DEMO_DATASET at a CIFAR-10 copy: the python version's folder "
+          "(cifar-10-batches-py, from https://www.cs.toronto.edu/~kriz/cifar.html) or a Hugging Face "
+          "style parquet (columns img{bytes}, label).", file=sys.stderr)
+    sys.exit(2)
+PY
+  DATASET=$CACHE/cifar-10-batches-py
 fi
+echo "demo dataset: $DATASET"
 export TRAINCTL_URL="http://127.0.0.1:$PORT" TRAINCTL_DATA_DIR="$DATA_DIR"
 
 trainctl serve --data-dir "$DATA_DIR" --port "$PORT" &

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from service import auth
 from service.api import health, jobs, prometheus, tokens
+from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.rayjobs import RayJobs, RayJobsClient
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
                   description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`.")
     install_error_handlers(app)
+    install_openapi(app)
     app.state.metrics = metrics
     app.middleware("http")(metrics.middleware)
     app.include_router(jobs.router, prefix="/v1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,11 @@ from typing import Any, NoReturn
 from service.client import ClientError, TrainctlClient, resolve_token, resolve_url
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-WATCH_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 2}
-CliError = ClientError  # what the CLI prints as `error: ...` with exit status 1
+# Exit codes (docs/service.md). argparse uses 2 for usage errors, so no job outcome may use it.
+WATCH_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3}
+EXIT_LOST_CONTACT = 4  # `watch`/`submit --follow` gave up: the service stayed unreachable for --patience seconds
+EXIT_ERROR = 5         # the service refused the request (4xx/5xx) or could not be reached by a one-shot command
+CliError = ClientError  # what the CLI prints as `error: ...` with exit status EXIT_ERROR
 
 
 # --- connection ------------------------------------------------------------------------------------------------
@@ -59,8 +63,20 @@ def _progress_line(job: dict[str, Any]) -> str:
         return (f"{job['state']:<9} trials {s['trials_finished']}/{s['trials_total']} done, {s['trials_running']} "
                 f"running, {s['stopped_early']} stopped early  best {s['metric']} {_fmt_acc(s['best_metric'])}"
                 f" ({s['best_trial'] or '-'})")
-    return (f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
-            f"  best {_fmt_acc(job.get('best_val_acc'))}  eta {_fmt_eta(p.get('eta_seconds'))}")
+    line = f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
+    if isinstance(m.get("test_acc"), (int, float)):
+        line += f"  test_acc {_fmt_acc(m['test_acc'])}"
+    line += f"  best {_fmt_acc(job.get('best_val_acc'))}"
+    if isinstance(m.get("images_per_s"), (int, float)):
+        line += f"  {m['images_per_s']:.0f} img/s"
+    return line + f"  eta {_fmt_eta(p.get('eta_seconds'))}"
+
+
+def _bar(job: dict[str, Any], width: int = 24) -> str:
+    p = job.get("progress") or {}
+    done, total = p.get("epoch") or 0, p.get("epochs") or 0
+    filled = int(width * done / total) if total else 0
+    return "[" + "#" * filled + "-" * (width - filled) + "] "
 
 
 # --- commands talking to the service ---------------------------------------------------------------------------
@@ -94,17 +110,49 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
+    """The spec the service would store for this body, resolved and validated here (pydantic only, no server);
+    field errors are reported exactly as the service's 422 names them."""
+    from pydantic import ValidationError
+
+    from trainer.spec import JobSpec, error_list, resolve
+
+    try:
+        if "preset" in body or "overrides" in body:
+            spec = resolve(body.get("preset"), body.get("overrides") or {})
+        else:
+            spec = JobSpec.model_validate(body)
+    except ValidationError as exc:
+        lines = [f"  {e['field']}: {e['message']}" for e in error_list(exc)]
+        raise CliError("invalid_spec (checked locally, nothing was submitted):\n" + "\n".join(lines)) from None
+    return spec.model_dump(mode="json")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     body = _load_body(args)
+    if args.dry_run:
+        spec = _validate_locally(body)
+        if args.json:
+            _print_json(spec)
+        else:
+            import yaml
+
+            print(yaml.safe_dump(spec, sort_keys=False).rstrip())
+            print("# valid: this is the spec the service would run (nothing was submitted)")
+        return 0
     with _client(args) as api:
         job = api.submit(body, args.idempotency_key)
-    if args.json:
+    if args.json and not args.follow:
         _print_json(job)
     elif args.quiet:
-        print(job["id"])
+        print(job["id"], flush=True)
     else:
-        print(f"submitted job {job['id']} ({job['state']}); follow it with: trainctl watch {job['id']}")
-    return 0
+        print(f"submitted job {job['id']} ({job['state']})"
+              + ("" if args.follow else f"; follow it with: trainctl watch {job['id']}"), flush=True)
+    if not args.follow:
+        return 0
+    with _client(args) as api:
+        return _follow(api, job["id"], interval=args.interval, patience=args.patience, as_json=args.json)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -138,21 +186,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
-    """Print progress whenever it changes; exit 0/1/2 for SUCCEEDED/FAILED/CANCELLED."""
-    last = None
-    api = _client(args)
+def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: float, as_json: bool) -> int:
+    """Print progress whenever it changes until the job ends; return its exit code (WATCH_EXIT).
+
+    A refused connection, a time-out or a 502/503/504 (an API restart, say) is waited out with backoff for up
+    to `patience` seconds, saying so on stderr; then EXIT_LOST_CONTACT. Other errors (404, 401) raise."""
+    tty = sys.stdout.isatty() and not as_json
+    last, lost_since, backoff = None, None, 1.0
     while True:
-        job = api.job(args.id)
-        line = json.dumps(job, sort_keys=True) if args.json else _progress_line(job)
+        try:
+            job = api.job(job_id)
+        except ClientError as exc:
+            if not exc.transient:
+                raise
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                reason = str(exc).splitlines()[0]
+                print(f"\nlost contact with the service ({reason}); retrying for up to {patience:.0f}s",
+                      file=sys.stderr, flush=True)
+            elif now - lost_since > patience:
+                print(f"gave up: no answer from the service for {patience:.0f}s (job {job_id} may still be running; "
+                      f"`trainctl watch {job_id}` resumes following it)", file=sys.stderr)
+                return EXIT_LOST_CONTACT
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            continue
+        if lost_since is not None:
+            print(f"contact restored after {time.monotonic() - lost_since:.0f}s", file=sys.stderr, flush=True)
+            lost_since, backoff = None, 1.0
+        line = json.dumps(job, sort_keys=True) if as_json else _progress_line(job)
         if line != last:
-            print(line, flush=True)
+            if tty:  # one live line with a bar, rewritten in place
+                print("\r\033[K" + _bar(job) + line, end="", flush=True)
+            else:
+                print(line, flush=True)
             last = line
         if job["state"] in TERMINAL:
-            if job.get("message") and not args.json:
+            if tty:
+                print()
+            if job.get("message") and not as_json:
                 print(f"{job['state']}: {job['message']}")
             return WATCH_EXIT[job["state"]]
-        time.sleep(args.interval)
+        time.sleep(interval)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow a job to its end; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 4 lost contact."""
+    with _client(args) as api:
+        return _follow(api, args.id, interval=args.interval, patience=args.patience, as_json=args.json)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -260,6 +342,34 @@ def _admin(name: str) -> Any:
 
         return getattr(admin, name)(args)
     return run
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trainctl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Bash completion generated from this parser, so it can never go stale: commands, then their options."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    cases = "\n".join(
+        f'        {name}) opts="{" ".join(o for a in sp._actions for o in a.option_strings)}" ;;'
+        for name, sp in commands.items())
+    print(f"""_trainctl() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} opts
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "{' '.join(commands)} --help --version" -- "$cur")); return
+    fi
+    case "${{COMP_WORDS[1]}}" in
+{cases}
+    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}}
+complete -o default -F _trainctl trainctl""")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,8 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", help="API token (default: TRAINCTL_TOKEN or <data dir>/admin-token)")
     common.add_argument("--data-dir", help="where `serve` keeps its state (default: TRAINCTL_DATA_DIR or ./data)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    following = argparse.ArgumentParser(add_help=False)  # `watch` and `submit --follow`
+    following.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    following.add_argument("--patience", type=float, default=300.0,
+                           help="keep retrying an unreachable service this long before exit 4 (default 300 s)")
 
-    p = argparse.ArgumentParser(prog="trainctl", description="Distributed training jobs on Ray.")
+    p = argparse.ArgumentParser(
+        prog="trainctl", description="Distributed training jobs on Ray.",
+        epilog="exit codes: 0 success (watch: SUCCEEDED), 1 FAILED, 2 usage error, 3 CANCELLED, "
+               "4 lost contact with the service, 5 the request failed")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", parents=[common], help="run the API (starts a local Ray head unless "
@@ -284,13 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-auth", action="store_true", help="DANGER: disable authentication (local experiments)")
     s.set_defaults(fn=_serve)
 
-    s = sub.add_parser("submit", parents=[common], help="submit a job from a spec file or a preset")
+    s = sub.add_parser("submit", parents=[common, following], help="submit a job from a spec file or a preset")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("file", nargs="?", help="spec file (.yaml/.json; '-' = stdin)")
     src.add_argument("--preset", help="a preset name, e.g. debug or paper")
     s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.epochs=3")
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
+    s.add_argument("-f", "--follow", action="store_true", help="then follow the job like `watch` (same exit codes)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved spec locally; submit nothing (needs no service)")
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("list", parents=[common], help="list your jobs")
@@ -305,9 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("watch", parents=[common], help="follow progress; exit 0 SUCCEEDED, 1 FAILED, 2 CANCELLED")
+    s = sub.add_parser("watch", parents=[common, following],
+                       help="follow progress; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 4 lost contact")
     s.add_argument("id")
-    s.add_argument("--interval", type=float, default=2.0)
     s.set_defaults(fn=cmd_watch)
 
     s = sub.add_parser("logs", parents=[common], help="the job's Ray driver log")
@@ -350,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("create", parents=[common], help="create a token for a new user (admin only)")
     t.add_argument("name")
     t.set_defaults(fn=cmd_token_create)
+
+    s = sub.add_parser("completion", help="print a shell completion script: eval \"$(trainctl completion bash)\"")
+    s.add_argument("shell", choices=["bash"])
+    s.set_defaults(fn=cmd_completion)
     return p
 
 
@@ -359,9 +484,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = args.fn(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        code = EXIT_ERROR
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # `trainctl list --json | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

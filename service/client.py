@@ -28,8 +28,20 @@ CONFIG_PATH = Path("~/.config/trainctl/config.json").expanduser()
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+# Answers a restarting or overloaded service gives; worth waiting out (a 500 is a bug, never retried).
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+
+
 class ClientError(Exception):
-    """Something the user should read: an API error with its fields, or an unreachable service."""
+    """Something the user should read: an API error with its fields, or an unreachable service.
+
+    `status` is the HTTP status (None when there was no answer); `transient` is True for a refused connection,
+    a time-out or a 502/503/504: the service may be back in a moment (a restart, say)."""
+
+    def __init__(self, message: str, status: int | None = None, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
 
 
 def load_config(path: Path | None = None) -> dict[str, Any]:
@@ -76,7 +88,8 @@ def error_text(resp: httpx.Response) -> str:
 
 def raise_for_error(resp: httpx.Response) -> httpx.Response:
     if not resp.is_success:
-        raise ClientError(error_text(resp))
+        raise ClientError(error_text(resp), resp.status_code,
+                          transient=resp.status_code in TRANSIENT_STATUSES)
     return resp
 
 
@@ -100,7 +113,7 @@ class TrainctlClient:
 
     def _unreachable(self, exc: httpx.TransportError) -> ClientError:
         return ClientError(f"cannot reach trainctl at {self.url} ({exc}); is `trainctl serve` running? "
-                           "(set TRAINCTL_URL)")
+                           "(set TRAINCTL_URL)", transient=True)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import objstore
 from service.rayjobs import RayUnavailable
+from service.states import JobNotFound
 from trainer.spec import error_list
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(JobNotFound)
+    async def _job_gone(_: Request, exc: JobNotFound) -> JSONResponse:
+        # e.g. deleted between the route loading it and the runner acting on it
+        return error_response(404, "not_found", "no such job")
 
     @app.exception_handler(RayUnavailable)
     async def _ray_down(_: Request, exc: RayUnavailable) -> JSONResponse:

@@ -11,6 +11,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,35 @@ class RayUnavailable(RuntimeError):
     """The Ray cluster (its Jobs API) could not be reached."""
 
 
+class RayJobStatus(str, Enum):
+    """A Ray job's status: ray.job_submission.JobStatus, mirrored so the service need not import Ray."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def is_terminal(self) -> bool:
+        """A terminal status is never left."""
+        return self in (RayJobStatus.STOPPED, RayJobStatus.SUCCEEDED, RayJobStatus.FAILED)
+
+
 @dataclass(frozen=True)
 class RayJobInfo:
-    status: str               # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED (ray.job_submission.JobStatus)
+    status: RayJobStatus
     message: str | None = None
     exit_code: int | None = None  # the driver's exit code once it ended
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", RayJobStatus(str(self.status)))  # also from Ray's own enum or a str
+
     @property
     def is_terminal(self) -> bool:
-        return self.status in {"STOPPED", "SUCCEEDED", "FAILED"}
+        return self.status.is_terminal()
 
 
 class RayJobs(Protocol):
@@ -120,7 +141,7 @@ class RayJobsClient:
             if _not_found(exc):
                 return None
             raise
-        return RayJobInfo(status=str(d.status), message=d.message,
+        return RayJobInfo(status=RayJobStatus(str(d.status)), message=d.message,
                           exit_code=getattr(d, "driver_exit_code", None))
 
     def stop(self, submission_id: str) -> bool:

@@ -21,6 +21,8 @@ import objstore
 from service import jobdir
 from service.states import JobState
 from service.store import Job, Store
+from trainer import contract
+from trainer.contract import RunState, Summary
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,13 @@ class ReindexReport:
     skipped: dict[str, str] = field(default_factory=dict)  # not a job directory: why
 
 
-def _state(record: dict[str, Any] | None, summary: dict[str, Any] | None, attempts: int) -> JobState:
+def _state(record: dict[str, Any] | None, summary: Summary | None, attempts: int) -> JobState:
     recorded = None
     if record and record.get("state") in JobState.__members__:
         recorded = JobState(record["state"])
     if recorded is not None and recorded.is_terminal():
         return recorded
-    if summary and summary.get("state") == "succeeded":
+    if summary is not None and summary.state is RunState.SUCCEEDED:
         return JobState.SUCCEEDED  # the trainer finished after the last record was written
     if recorded is not None:
         return recorded
@@ -50,17 +52,16 @@ def rebuild_job(storage_root: str, job_id: str, default_owner: str) -> Job | str
     job_dir = jobdir.job_uri(storage_root, job_id)
     spec = jobdir.read_spec(job_dir)
     if spec is None:
-        return f"no {jobdir.SPEC}"
+        return f"no {contract.SPEC}"
     record = jobdir.read_record(job_dir) or {}
     summary = jobdir.read_summary(job_dir)
     metrics = jobdir.read_metrics(job_dir)
     attempt_log = record.get("attempt_log") if isinstance(record.get("attempt_log"), list) else []
     attempts = int(record.get("attempts") or len(attempt_log) or 1)
     state = _state(record or None, summary, attempts)
-    accs = [m["val_acc"] for m in metrics if isinstance(m.get("val_acc"), (int, float))]
-    best = summary.get("best_val_acc") if summary and isinstance(summary.get("best_val_acc"), (int, float)) \
-        else (max(accs) if accs else record.get("best_val_acc"))
-    last_epoch = metrics[-1]["epoch"] if metrics else record.get("last_epoch")
+    best = summary.best_val_acc if summary is not None and summary.best_val_acc is not None \
+        else (contract.best_so_far(metrics) if metrics else record.get("best_val_acc"))
+    last_epoch = metrics[-1].epoch if metrics else record.get("last_epoch")
     now = time.time()
     message = record.get("message")
     if not record:

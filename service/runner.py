@@ -14,14 +14,16 @@ import os
 import shlex
 import threading
 import time
-from typing import Any
+from dataclasses import replace
 
 import objstore
 from service import jobdir
+from service.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide
 from service.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.settings import Settings
-from service.states import InvalidTransition, JobState
+from service.states import InvalidTransition, JobNotFound, JobState
 from service.store import Job, Store
+from trainer import contract
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ log = logging.getLogger(__name__)
 # the cluster itself, because a job's runtime_env is visible to anyone who can read the Ray dashboard.
 FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS")
 
-# trainer.run's exit codes (docs/architecture.md).
-EXIT_USER, EXIT_STORAGE = 2, 3
 
 
 class Runner:
@@ -108,7 +108,7 @@ class Runner:
                                          ray_submission_id=submission_id, attempts=attempt,
                                          attempt_log=[*job.attempt_log, entry],
                                          message=None if attempt == 1 else f"restarted: {reason}")
-        except (InvalidTransition, KeyError):
+        except (InvalidTransition, JobNotFound):
             self._stop_quietly(submission_id)
             raise InvalidTransition(job.id, job.state, JobState.STARTING) from None
 
@@ -123,11 +123,11 @@ class Runner:
     def cancel(self, job_id: str) -> Job:
         """Cancel a job; idempotent. QUEUED: cancelled at once. STARTING/RUNNING: the Ray job is stopped,
         then the job is CANCELLED. Raises RayUnavailable when Ray cannot be told (the request is kept, and
-        the reconciler stops the job once Ray answers)."""
+        the reconciler stops the job once Ray answers), JobNotFound when there is no such job."""
         with self._lock:
             job = self.store.get(job_id)
             if job is None:
-                raise KeyError(job_id)
+                raise JobNotFound(job_id)
             if job.state.is_terminal():
                 return job
             if job.state is JobState.QUEUED:
@@ -137,14 +137,11 @@ class Runner:
             assert job.ray_submission_id
             if self.ray.stop(job.ray_submission_id):
                 return self.store.transition(job_id, JobState.CANCELLED, message="cancelled by user")
-            # The Ray job had already ended (or never existed): its outcome decides; a failure or stop
-            # counts as our cancel.
+            # The Ray job had already ended (or never existed): its outcome decides (service/decide.py: a
+            # failure or stop counts as our cancel, a success stands).
             job = self.store.get(job_id)
             assert job is not None
-            info = self.ray.info(job.ray_submission_id or "")
-            if info is None or info.status != "SUCCEEDED":
-                return self.store.transition(job_id, JobState.CANCELLED, message="cancelled by user")
-            self._reconcile(job, info)
+            self._reconcile(job, self.ray.info(job.ray_submission_id or ""))
             return self.store.get(job_id) or job
 
     # --- reconciling -------------------------------------------------------------------------------------------
@@ -168,71 +165,48 @@ class Runner:
             self.schedule()
 
     def _reconcile(self, job: Job, info: RayJobInfo | None) -> None:
+        """Gather the facts about one active job, let service/decide.py decide, and carry it out."""
         job_dir = self.job_dir(job.id)
-        if info is None:
-            # Ray forgot the job (the head restarted) or the submission never landed: the driver is gone.
-            self._after_failure(job, job_dir, f"Ray has no record of {job.ray_submission_id} "
-                                              "(head restarted?)", exit_code=None)
-            return
-        if not info.is_terminal:
-            if job.cancel_requested:  # an earlier cancel could not reach Ray
-                if self.ray.stop(job.ray_submission_id or ""):
-                    self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
-                return
-            if info.status == "RUNNING":
-                self._record_progress(job, job_dir)
-                if job.state is JobState.STARTING:
-                    self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING})
-            return
-        # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
-        # it, so what cannot be read now counts as missing and the exit code decides.
-        storage_up = True
-        try:
+        facts = self._facts(job, info, job_dir)
+        action = decide(facts)
+        if isinstance(action, Progress):
             self._record_progress(job, job_dir)
-            summary = jobdir.read_summary(job_dir)
-        except objstore.StorageUnavailable as exc:
-            log.warning("job %s ended while storage is unreachable: %s", job.id, exc)
-            storage_up, summary = False, None
-        if job.cancel_requested and info.status != "SUCCEEDED":
-            self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
-            return
-        if not storage_up and info.exit_code != EXIT_STORAGE:
-            return  # decide once storage answers again: a summary may say more than the exit code
-        if info.status == "SUCCEEDED":
-            if summary and summary.get("state") == "succeeded":
-                self.store.transition(job.id, JobState.SUCCEEDED, message=None,
-                                      best_val_acc=summary.get("best_val_acc"),
-                                      last_epoch=summary.get("epochs_completed") or job.last_epoch)
-            else:
-                self._fail(job.id, "the trainer exited 0 but wrote no successful summary.json")
-            return
-        self._after_failure(job, job_dir, f"Ray job {job.ray_submission_id} {info.status}: "
-                                          f"{(info.message or '').strip()[:500]}", exit_code=info.exit_code,
-                            summary=summary)
-
-    def _after_failure(self, job: Job, job_dir: str, reason: str, exit_code: int | None,
-                       summary: dict[str, Any] | None = None) -> None:
-        """A run ended without success and without our cancel: retry infrastructure failures up to
-        spec.checkpoint.max_restarts times, never a user error; a storage outage fails the job."""
-        if summary is None and exit_code != EXIT_STORAGE:
-            summary = jobdir.read_summary(job_dir)
-        kind = summary.get("error_kind") if summary and summary.get("state") == "failed" else None
-        error = (summary or {}).get("error") or reason
-        if kind == "user" or exit_code == EXIT_USER:
-            self._fail(job.id, f"the job's spec or data is wrong (not retried): {error}")
-            return
-        if kind == "storage" or exit_code == EXIT_STORAGE:
-            self._fail(job.id, f"storage was unreachable ({objstore.redact(self.settings.storage_root)}): {error}")
-            return
-        max_restarts = int(job.spec.get("checkpoint", {}).get("max_restarts", 0))
-        if job.attempts - 1 < max_restarts:
-            log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, reason)
+            if action.start:
+                self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING})
+        elif isinstance(action, Stop):
+            if self.ray.stop(job.ray_submission_id or ""):
+                self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
+        elif isinstance(action, Cancel):
+            self.store.transition(job.id, JobState.CANCELLED, message=action.message)
+        elif isinstance(action, Succeed):
+            self.store.transition(job.id, JobState.SUCCEEDED, message=None, best_val_acc=action.best_val_acc,
+                                  last_epoch=action.last_epoch or job.last_epoch)
+        elif isinstance(action, Fail):
+            self._fail(job.id, action.message)
+        elif isinstance(action, Resubmit):
+            log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, action.log_reason)
             # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
             # attempt's if that one dies before writing its own.
-            objstore.delete_tree(objstore.join(job_dir, jobdir.SUMMARY))
-            self._submit(job, attempt=job.attempts + 1, reason=f"attempt {job.attempts} failed: {error}")
-        else:
-            self._fail(job.id, f"failed after {job.attempts} attempt(s): {error}")
+            jobdir.delete_summary(job_dir)
+            self._submit(job, attempt=job.attempts + 1, reason=action.reason)
+
+    def _facts(self, job: Job, info: RayJobInfo | None, job_dir: str) -> Facts:
+        facts = Facts(state=job.state, cancel_requested=job.cancel_requested,
+                      ray_status=info.status if info else None, submission_id=job.ray_submission_id or "",
+                      exit_code=info.exit_code if info else None, ray_message=info.message if info else None,
+                      attempts=job.attempts,
+                      max_restarts=int(job.spec.get("checkpoint", {}).get("max_restarts", 0)),
+                      storage_name=objstore.redact(self.settings.storage_root))
+        if not facts.run_over:
+            return facts
+        # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
+        # it, so what cannot be read now counts as missing and the exit code decides.
+        try:
+            self._record_progress(job, job_dir)
+            return replace(facts, summary=jobdir.read_summary(job_dir))
+        except objstore.StorageUnavailable as exc:
+            log.warning("job %s ended while storage is unreachable: %s", job.id, exc)
+            return replace(facts, storage_up=False)
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.transition(job_id, JobState.FAILED, message=message)
@@ -241,12 +215,10 @@ class Runner:
         metrics = jobdir.read_metrics(job_dir)
         if not metrics:
             return
-        accs = [m["val_acc"] for m in metrics if isinstance(m.get("val_acc"), (int, float))]
-        best = max(accs) if accs else None
-        last = metrics[-1]["epoch"]
-        ips = metrics[-1].get("images_per_s")
-        if isinstance(ips, (int, float)) and not job.state.is_terminal():
-            self.images_per_s[job.id] = float(ips)
+        best = contract.best_so_far(metrics)
+        last = metrics[-1].epoch
+        if not job.state.is_terminal():
+            self.images_per_s[job.id] = metrics[-1].images_per_s
         if (best, last) != (job.best_val_acc, job.last_epoch):
             self.store.update(job.id, best_val_acc=best, last_epoch=last)
 

@@ -49,3 +49,11 @@ class InvalidTransition(RuntimeError):
     def __init__(self, job_id: str, old: JobState, new: JobState) -> None:
         super().__init__(f"job {job_id}: cannot go from {old} to {new}")
         self.job_id, self.old, self.new = job_id, old, new
+
+
+class JobNotFound(LookupError):
+    """No job with this id (never created, or deleted)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}")
+        self.job_id = job_id

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from service.states import ACTIVE, TERMINAL, InvalidTransition, JobState, can_transition
+from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 
 
 class Base(DeclarativeBase):
@@ -256,14 +256,14 @@ class Store:
                    **fields: Any) -> Job:
         """Move a job to `new` (and set `fields`) in one transaction. Raises InvalidTransition when the
         table forbids it (always from a terminal state) or the job is not in one of `expect`;
-        KeyError when the job does not exist."""
+        JobNotFound when the job does not exist."""
         bad = set(fields) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} through transition()")
         with self._writes.begin() as s:
             m = s.scalar(select(JobModel).where(JobModel.id == job_id).with_for_update())
             if m is None:
-                raise KeyError(job_id)
+                raise JobNotFound(job_id)
             old = JobState(m.state)
             if (expect is not None and old not in set(expect)) or not can_transition(old, new):
                 raise InvalidTransition(job_id, old, new)

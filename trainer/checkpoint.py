@@ -2,7 +2,7 @@
 
 The checkpoint file holds `{model, optimizer, scheduler, epoch, spec, rng, metrics}` with `spec` as JSON
 text, so it loads with `torch.load(weights_only=True)`: opening a checkpoint never runs pickled code.
-The manifest (`manifest.json`, see docs/architecture.md) lists a checkpoint only after its upload
+The manifest (`manifest.json`, trainer/contract.py's `Manifest`) lists a checkpoint only after its upload
 finished, with its sha256 and size; readers verify against it.
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 import objstore
+from trainer import contract
+from trainer.contract import CheckpointEntry, Manifest
 
 FILENAME = "checkpoint.pt"
 
@@ -54,43 +56,43 @@ def load(uri: str, expected_sha256: str | None = None) -> dict[str, Any]:
 
 # --- the manifest ------------------------------------------------------------------------------------
 
-def read_manifest(job_dir: str) -> dict[str, Any]:
-    uri = objstore.join(job_dir, "manifest.json")
+def read_manifest(job_dir: str) -> Manifest:
+    """The run's manifest; an empty one before the first checkpoint (or if it cannot be parsed)."""
+    uri = objstore.join(job_dir, contract.MANIFEST)
     if not objstore.exists(uri):
-        return {"checkpoints": [], "latest_epoch": None}
-    return json.loads(objstore.read_text(uri))
+        return Manifest()
+    return contract.parse_manifest(objstore.read_text(uri)) or Manifest()
 
 
-def kept(entries: list[dict[str, Any]], keep_best: int) -> list[dict[str, Any]]:
+def write_manifest(job_dir: str, manifest: Manifest) -> None:
+    objstore.write_text(objstore.join(job_dir, contract.MANIFEST), manifest.to_json())
+
+
+def kept(entries: list[CheckpointEntry], keep_best: int) -> list[CheckpointEntry]:
     """Retention: the best `keep_best` by val_acc, plus the latest (for resume) — Ray Train's own rule
     for CheckpointConfig(num_to_keep, score val_acc, max)."""
     if not entries:
         return []
-    latest = max(entries, key=lambda e: e["epoch"])
-    best = sorted(entries, key=lambda e: (e["val_acc"], e["epoch"]), reverse=True)[:keep_best]
-    chosen = {e["epoch"] for e in best} | {latest["epoch"]}
-    return sorted((e for e in entries if e["epoch"] in chosen), key=lambda e: e["epoch"])
+    latest = max(entries, key=lambda e: e.epoch)
+    best = sorted(entries, key=lambda e: (e.val_acc, e.epoch), reverse=True)[:keep_best]
+    chosen = {e.epoch for e in best} | {latest.epoch}
+    return sorted((e for e in entries if e.epoch in chosen), key=lambda e: e.epoch)
 
 
-def record(job_dir: str, entry: dict[str, Any], keep_best: int) -> dict[str, Any]:
+def record(job_dir: str, entry: CheckpointEntry, keep_best: int) -> Manifest:
     """Add a fully uploaded checkpoint to the manifest, applying retention; returns the new manifest."""
     manifest = read_manifest(job_dir)
-    entries = [e for e in manifest["checkpoints"] if e["epoch"] < entry["epoch"]] + [entry]
-    manifest = {"checkpoints": kept(entries, keep_best), "latest_epoch": entry["epoch"]}
-    objstore.write_text(objstore.join(job_dir, "manifest.json"), json.dumps(manifest, indent=2))
+    entries = [e for e in manifest.checkpoints if e.epoch < entry.epoch] + [entry]
+    manifest = Manifest(checkpoints=kept(entries, keep_best), latest_epoch=entry.epoch)
+    write_manifest(job_dir, manifest)
     return manifest
 
 
-def best(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    entries = manifest.get("checkpoints") or []
-    return max(entries, key=lambda e: (e["val_acc"], e["epoch"])) if entries else None
-
-
-def remove_orphans(run_dir: str, manifest: dict[str, Any]) -> list[str]:
+def remove_orphans(run_dir: str, manifest: Manifest) -> list[str]:
     """Delete `epoch_*` checkpoint folders that neither our manifest nor Ray Train's run snapshot
     references: uploads cut off by a crash, which Ray's num_to_keep never deletes. Call it only while no run
     is active in `run_dir` (Ray deletes folders of its own meanwhile). Returns their names."""
-    keep = {e["uri"].rstrip("/").split("/")[-2] for e in manifest.get("checkpoints", [])}
+    keep = {e.uri.rstrip("/").split("/")[-2] for e in manifest.checkpoints}
     snapshot_uri = objstore.join(run_dir, "checkpoint_manager_snapshot.json")
     try:
         if objstore.exists(snapshot_uri):

@@ -2,8 +2,8 @@
 
 The job dir's name is the Ray Train run name and the job dir is its storage path, so running this again on
 the same job dir resumes from the latest checkpoint; it never starts over from epoch 0. At the end it
-writes summary.json (docs/architecture.md) and exits 0 (succeeded), 2 (the spec or data is wrong: do not
-retry), 3 (storage unreachable) or 1 (anything else).
+writes summary.json and exits with an `ExitCode`: 0 (succeeded), 2 (the spec or data is wrong: do not
+retry), 3 (storage unreachable) or 1 (anything else) — both defined in trainer/contract.py.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
 
 import objstore
 from trainer import checkpoint as ckpt
+from trainer import contract
+from trainer.contract import CheckpointEntry, ErrorKind, ExitCode, RunState, SearchOutcome, Summary
 from trainer.data import DataError
 from trainer.spec import JobSpec
 
 log = logging.getLogger("trainer.run")
 
-EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_STORAGE = 0, 1, 2, 3
 # Forwarded to every Ray worker: storage endpoints and credentials are process environment, not config.
 FORWARDED_ENV_PREFIXES = ("TRAINCTL_", "AWS_")
 
@@ -40,7 +40,7 @@ class UserError(ValueError):
 
 
 def read_spec(job_dir: str) -> JobSpec:
-    uri = objstore.join(job_dir, "spec.json")
+    uri = objstore.join(job_dir, contract.SPEC)
     if not objstore.exists(uri):
         raise UserError(f"{uri} does not exist: the job dir must hold the job's spec.json")
     try:
@@ -82,13 +82,6 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
 
 
-def use_gpu(spec: JobSpec) -> bool:
-    if spec.scaling.use_gpu is not None:
-        return spec.scaling.use_gpu
-    import ray
-    return ray.cluster_resources().get("GPU", 0) >= spec.scaling.num_workers
-
-
 def preflight(spec: JobSpec) -> None:
     """Fail fast, in the driver, on data that cannot work (missing file, wrong layout), instead of
     letting every worker restart hit the same error."""
@@ -98,105 +91,49 @@ def preflight(spec: JobSpec) -> None:
         load(spec.data.test, spec.data.format, "test", spec.model.num_classes, limit=16)
 
 
-def fit_single(spec: JobSpec, job_dir: str) -> None:
-    """One TorchTrainer run whose checkpoints land in job_dir/<job dir name>/epoch_NNNN/."""
-    fit_run(spec, job_dir, name=job_dir.rstrip("/").rsplit("/", 1)[-1])
-
-
-def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> None:
-    """Fit one run, removing checkpoint folders orphaned by an earlier crash before it starts and after it
-    ends — never while it runs, when Ray Train's controller deletes old checkpoints of its own and
-    deleting one under it fails the run."""
-    run_dir = objstore.join(run_root, name)
-    ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
-    build_trainer(spec, run_root, name, callbacks).fit()
-    ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
-
-
-def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[Any] | None = None) -> Any:
-    """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
-    `run_root/name/` — the layout of a single job and of each search trial alike."""
-    from ray.train.torch import TorchTrainer
-
-    from trainer.loop import RunPaths, train_loop_per_worker
-    paths = RunPaths(metrics=objstore.join(run_root, "metrics.jsonl"), manifest_dir=run_root,
-                     run_dir=objstore.join(run_root, name))
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict()},
-        scaling_config=scaling_config(spec),
-        run_config=run_config(spec, run_root, name, callbacks),
-    )
-
-
-def scaling_config(spec: JobSpec) -> Any:
-    from ray.train import ScalingConfig
-    return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu(spec),
-                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
-                                               **spec.scaling.resources_per_worker})
-
-
-def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[Any] | None = None) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    storage_path, filesystem = objstore.ray_storage(storage_uri)
-    return RunConfig(
-        name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks,
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_best,
-                                           checkpoint_score_attribute="val_acc",
-                                           checkpoint_score_order="max"),
-        # controller_failure_limit: a worker group that cannot start (too few resources) is retried for
-        # about 10 minutes (60 s each: room for an autoscaler to add a GPU node), then the run fails
-        # instead of waiting forever (Ray's default).
-        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures, controller_failure_limit=10),
-    )
-
-
-def held_out_accuracy(spec: JobSpec, best: dict[str, Any]) -> float | None:
+def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:
     if not spec.data.test:
         return None
     from trainer.evaluate import evaluate_checkpoint
-    return evaluate_checkpoint(best["uri"], spec.data.test, spec.data.format, split="test",
-                               expected_sha256=best["sha256"])["accuracy"]
+    return evaluate_checkpoint(best.uri, spec.data.test, spec.data.format, split="test",
+                               expected_sha256=best.sha256)["accuracy"]
 
 
 def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseException | None,
-              error_kind: str | None) -> dict[str, Any]:
-    summary: dict[str, Any] = {"state": "failed" if error else "succeeded", "best_val_acc": None,
-                               "best_checkpoint": None, "best_checkpoint_sha256": None,
-                               "best_checkpoint_size": None, "epochs_completed": 0, "num_parameters": None,
-                               "test_acc": None, "wall_seconds": round(time.time() - started, 3),
-                               "error": None if error is None else f"{type(error).__name__}: {error}",
-                               "error_kind": error_kind}
+              error_kind: ErrorKind | None) -> Summary:
+    summary = Summary(state=RunState.FAILED if error else RunState.SUCCEEDED,
+                      wall_seconds=round(time.time() - started, 3),
+                      error=None if error is None else f"{type(error).__name__}: {error}", error_kind=error_kind)
     if spec is None:
         return summary
     from trainer.model import build_model, count_parameters
-    summary["num_parameters"] = count_parameters(build_model(spec.model))
+    summary.num_parameters = count_parameters(build_model(spec.model))
     try:
         manifest = ckpt.read_manifest(job_dir)
-        best = ckpt.best(manifest)
-        summary["epochs_completed"] = manifest.get("latest_epoch") or 0
-        metrics_uri = objstore.join(job_dir, "metrics.jsonl")
+        summary.epochs_completed = manifest.latest_epoch or 0
+        metrics_uri = objstore.join(job_dir, contract.METRICS)
         if objstore.exists(metrics_uri):
-            lines = [json.loads(x) for x in objstore.read_text(metrics_uri).splitlines() if x.strip()]
-            summary["epochs_completed"] = max([summary["epochs_completed"], *(m["epoch"] for m in lines)])
+            epochs = [m.epoch for m in contract.parse_metrics(objstore.read_text(metrics_uri))]
+            summary.epochs_completed = max([summary.epochs_completed, *epochs])
+        best = manifest.best()
         if best:
-            summary.update(best_val_acc=best["val_acc"], best_checkpoint=best["uri"],
-                           best_checkpoint_sha256=best["sha256"], best_checkpoint_size=best["size"])
+            summary.best_val_acc, summary.best_checkpoint = best.val_acc, best.uri
+            summary.best_checkpoint_sha256, summary.best_checkpoint_size = best.sha256, best.size
             if error is None:
-                summary["test_acc"] = held_out_accuracy(spec, best)
+                summary.test_acc = held_out_accuracy(spec, best)
     except objstore.StorageUnavailable as exc:
-        summary.update(state="failed", error=str(exc), error_kind="storage")
+        summary.state, summary.error, summary.error_kind = RunState.FAILED, str(exc), ErrorKind.STORAGE
     return summary
 
 
-def classify(exc: BaseException) -> tuple[str, int]:
-    """(error_kind, exit code) for a failure, looking through Ray's wrappers at the worker's error text."""
+def classify(exc: BaseException) -> ErrorKind:
+    """Why a run failed, looking through Ray's wrappers at the worker's error text."""
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (UserError, DataError)) or "DataError" in text or "UserError" in text:
-        return "user", EXIT_USER
+        return ErrorKind.USER
     if isinstance(exc, objstore.StorageUnavailable) or any(m in text for m in STORAGE_ERROR_MARKERS):
-        return "storage", EXIT_STORAGE
-    return "infra", EXIT_FAILED
+        return ErrorKind.STORAGE
+    return ErrorKind.INFRA
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,33 +144,38 @@ def main(argv: list[str] | None = None) -> int:
     job_dir, started = args.job_dir.rstrip("/"), time.time()
     spec: JobSpec | None = None
     error: BaseException | None = None
-    kind, code = None, EXIT_OK
-    extra: dict[str, Any] = {}
+    kind: ErrorKind | None = None
+    code = ExitCode.OK
+    outcome: SearchOutcome | None = None
     try:
         spec = read_spec(job_dir)
         preflight(spec)
         init_ray()
         if spec.search is not None:
             from trainer.tune import fit_search
-            extra = fit_search(spec, job_dir)
+            outcome = fit_search(spec, job_dir)
         else:
+            from trainer.fit import fit_single
             fit_single(spec, job_dir)
     except BaseException as exc:  # noqa: BLE001 - every failure must end in summary.json
         if isinstance(exc, KeyboardInterrupt):
             raise
         error = exc
-        kind, code = classify(exc)
+        kind = classify(exc)
+        code = kind.exit_code
         log.error("job failed (%s): %s", kind, "".join(traceback.format_exception(exc))[-4000:])
-    summary = {**summarize(spec, job_dir, started, error, kind), **extra}
-    if summary["state"] == "failed" and code == EXIT_OK:
-        code = EXIT_STORAGE
+    summary = summarize(spec, job_dir, started, error, kind)
+    if outcome is not None:
+        summary = summary.with_search(outcome)
+    if not summary.succeeded() and code == ExitCode.OK:
+        code = ExitCode.STORAGE
     try:
-        objstore.write_text(objstore.join(job_dir, "summary.json"), json.dumps(summary, indent=2))
+        objstore.write_text(objstore.join(job_dir, contract.SUMMARY), summary.to_json())
     except objstore.StorageUnavailable as exc:
         log.error("could not write summary.json: %s", exc)
-        code = EXIT_STORAGE
-    print(json.dumps({k: summary[k] for k in ("state", "best_val_acc", "epochs_completed", "error")}))
-    return code
+        code = ExitCode.STORAGE
+    print(summary.model_dump_json(include={"state", "best_val_acc", "epochs_completed", "error"}))
+    return int(code)
 
 
 if __name__ == "__main__":

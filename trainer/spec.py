@@ -10,8 +10,10 @@ the *resolved* spec is what gets stored and run, so a stored job never depends o
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
+import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -240,9 +242,48 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
     data = copy.deepcopy(PRESETS[preset]) if preset else {}
     if base:
         data = _deep_merge(data, base)
+    unknown = [(path, why) for path in (overrides or {}) if (why := unknown_path_reason(path))]
+    if unknown:
+        raise ValidationError.from_exception_data("JobSpec", [InitErrorDetails(
+            type=PydanticCustomError("unknown_field", why), loc=tuple(path.split(".")), input=path)
+            for path, why in unknown])
     for path, value in (overrides or {}).items():
         set_path(data, path, value)
     return JobSpec.model_validate(data)
+
+
+def _section_of(annotation: Any) -> type[Section] | None:
+    """The Section class a field holds (also inside Optional[...]), or None for a plain value or mapping."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
+def known_paths(model: type[Section] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted path a spec has, e.g. "optim.lr" (mappings such as `search.space` end the walk)."""
+    out = []
+    for name, field in (model or JobSpec).model_fields.items():
+        out.append(prefix + name)
+        section = _section_of(field.annotation)
+        if section is not None:
+            out += known_paths(section, f"{prefix}{name}.")
+    return out
+
+
+def unknown_path_reason(path: str) -> str | None:
+    """Why an override path names no spec field (with the closest valid path), or None when it does; so
+    `no.such.field` is reported as itself rather than as `no`, and `optim.lrr` suggests `optim.lr`."""
+    model: type[Section] | None = JobSpec
+    for key in path.split("."):
+        if model is None:  # inside a free-form mapping (resources_per_worker, search.space): any key goes
+            return None
+        if key not in model.model_fields:
+            close = difflib.get_close_matches(path, known_paths(), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see `python -m trainer describe`"
+            return f"unknown field {key!r}{hint}"
+        model = _section_of(model.model_fields[key].annotation)
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -288,7 +329,8 @@ def _get_path(data: dict[str, Any], path: str) -> Any:
 
 def _path_error(path: str, message: str) -> ValidationError:
     return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(
-        type=PydanticCustomError("bad_path", message), loc=tuple(path.split(".")), input=path)])
+        type=PydanticCustomError("bad_path", message),
+        loc=tuple(path.split(".")), input=path)])
 
 
 def _check_search_path(spec: JobSpec, path: str, dist: BaseModel) -> str | None:

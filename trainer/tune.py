@@ -13,16 +13,22 @@ sliver of CPU and concurrency defaults to 1: the session cluster keeps spare log
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import objstore
-from trainer.spec import Choice, Grid, JobSpec, LogUniform, RandInt, SearchSpec, Uniform, resolve
+from trainer import contract
+from trainer.contract import SearchOutcome, TrialCounts, TrialRow, TrialState
+from trainer.spec import Choice, Distribution, Grid, JobSpec, LogUniform, RandInt, SearchSpec, Uniform, resolve
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, ResultGrid
+    from ray.tune.search.sample import Domain
 
 TRIAL_DRIVER_CPUS = 0.1
 
 
-def to_tune_domain(dist: Any) -> Any:
+def to_tune_domain(dist: Distribution) -> Domain | dict[str, Any]:
+    """A Tune search domain (a grid is Tune's `{"grid_search": [...]}` marker dict)."""
     from ray import tune
     if isinstance(dist, LogUniform):
         return tune.loguniform(*dist.loguniform)
@@ -46,81 +52,85 @@ class TrialBook:
     """trials.json, rewritten whenever a trial starts, reports or ends (read by the service)."""
 
     def __init__(self, job_dir: str, search: SearchSpec, epochs: int):
-        self.uri = objstore.join(job_dir, "trials.json")
+        self.uri = objstore.join(job_dir, contract.TRIALS)
         self.search, self.epochs = search, epochs
-        self.trials: dict[str, dict[str, Any]] = {}
+        self.trials: dict[str, TrialRow] = {}
         if objstore.exists(self.uri):  # a restored search keeps the trials it already ran
-            self.trials = {row["trial_id"]: row for row in json.loads(objstore.read_text(self.uri))}
+            self.trials = {row.trial_id: row for row in contract.parse_trials(objstore.read_text(self.uri))}
+
+    def row(self, trial_id: str) -> TrialRow:
+        return self.trials.get(trial_id) or TrialRow(trial_id=trial_id)
 
     def update(self, trial_id: str, **fields: Any) -> None:
         # Tune calls its callbacks from its single driver loop: no locking needed (and Tune pickles them).
-        row = self.trials.setdefault(trial_id, {"trial_id": trial_id, "config": {}, "state": "pending",
-                                                 "epochs": 0, "best_metric": None, "stopped_early": False,
-                                                 "error": None})
-        row.update(fields)
-        objstore.write_text(self.uri, json.dumps(list(self.trials.values()), indent=2))
+        self.trials[trial_id] = TrialRow.model_validate({**self.row(trial_id).model_dump(), **fields})
+        objstore.write_text(self.uri, contract.trials_json(self.trials.values()))
 
-    def reconcile(self, grid: Any) -> None:
+    def finished(self, trial_id: str, epochs: int, **fields: Any) -> None:
+        """A trial ended without error: succeeded, or stopped early by the scheduler."""
+        early = epochs < self.epochs
+        self.update(trial_id, epochs=epochs, stopped_early=early,
+                    state=TrialState.STOPPED_EARLY if early else TrialState.SUCCEEDED, **fields)
+
+    def reconcile(self, grid: ResultGrid) -> None:
         """Bring every row up to date from Tune's final results (callbacks can miss events on restore)."""
         for result in grid:
-            metrics = result.metrics or {}
-            trial_id = metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
+            reported = result.metrics or {}
+            # `trial_id` is Tune's own key in every result it records.
+            trial_id = reported.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
             frame = result.metrics_dataframe
             best = None
             if frame is not None and self.search.metric in frame:
                 column = frame[self.search.metric].dropna()
                 if len(column):
                     best = float(column.max() if self.search.mode == "max" else column.min())
-            epochs = int(metrics.get("epoch", self.trials.get(trial_id, {}).get("epochs", 0)))
+            last = contract.parse_metrics_row(reported)
+            epochs = last.epoch if last is not None else self.row(trial_id).epochs
+            config = dict(result.config or {})
             if result.error is not None:
-                self.update(trial_id, config=dict(result.config or {}), state="failed", epochs=epochs,
-                            best_metric=best, error=str(result.error)[-2000:])
+                self.update(trial_id, config=config, state=TrialState.FAILED, epochs=epochs, best_metric=best,
+                            error=str(result.error)[-2000:])
             else:
-                early = epochs < self.epochs
-                self.update(trial_id, config=dict(result.config or {}), epochs=epochs, best_metric=best,
-                            state="stopped_early" if early else "succeeded", stopped_early=early)
+                self.finished(trial_id, epochs, config=config, best_metric=best)
 
     def better(self, a: float | None, b: float | None) -> bool:
-        if b is None:
-            return a is not None
-        if a is None:
-            return False
-        return a > b if self.search.mode == "max" else a < b
+        return contract.better(a, b, self.search.mode)
 
 
-def make_callback(book: TrialBook) -> Any:
+def make_callback(book: TrialBook) -> Callback:
     from ray.tune import Callback
+    from ray.tune.experiment import Trial
 
     class TrialBookCallback(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
-            book.update(trial.trial_id, config=dict(trial.config), state="running")
+        def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+            book.update(trial.trial_id, config=dict(trial.config), state=TrialState.RUNNING)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+        def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                            **info: Any) -> None:
             value = result.get(book.search.metric)
-            best = book.trials.get(trial.trial_id, {}).get("best_metric")
-            book.update(trial.trial_id, epochs=int(result.get("epoch", 0)),
+            best = book.row(trial.trial_id).best_metric
+            reported = contract.parse_metrics_row(result)
+            book.update(trial.trial_id, epochs=reported.epoch if reported is not None else 0,
                         best_metric=value if book.better(value, best) else best)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-            done = book.trials.get(trial.trial_id, {}).get("epochs", 0)
-            early = done < book.epochs
-            book.update(trial.trial_id, state="stopped_early" if early else "succeeded", stopped_early=early)
+        def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+            book.finished(trial.trial_id, book.row(trial.trial_id).epochs)
 
-        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-            book.update(trial.trial_id, state="failed", error=str(getattr(trial, "error_msg", "")
-                                                                     or "trial failed")[-2000:])
+        def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+            book.update(trial.trial_id, state=TrialState.FAILED,
+                        error=str(getattr(trial, "error_msg", "") or "trial failed")[-2000:])
 
     return TrialBookCallback()
 
 
-def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
-    """Run the search; make the best trial's checkpoint the job's. Returns fields for summary.json."""
+def fit_search(spec: JobSpec, job_dir: str) -> SearchOutcome:
+    """Run the search; make the best trial's checkpoint the job's. Returns what summary.json adds."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from trainer.run import fit_run
+    from trainer.fit import fit_run
 
     assert spec.search is not None
     search, job_id = spec.search, job_dir.rstrip("/").rsplit("/", 1)[-1]
@@ -130,7 +140,7 @@ def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
         # Runs inside a Tune trial actor: it owns one TorchTrainer run, under trials/<trial id>/.
         run_spec = trial_spec(JobSpec.model_validate_json(spec_json), config)
         trial_id = tune.get_context().get_trial_id()
-        fit_run(run_spec, objstore.join(job_dir, "trials", trial_id), name=f"{job_id}-{trial_id}",
+        fit_run(run_spec, objstore.join(job_dir, contract.TRIALS_DIR, trial_id), name=f"{job_id}-{trial_id}",
                 callbacks=[TuneReportCallback()])
 
     scheduler = None
@@ -162,23 +172,19 @@ def fit_search(spec: JobSpec, job_dir: str) -> dict[str, Any]:
     return promote_best_trial(job_dir, book, grid)
 
 
-def promote_best_trial(job_dir: str, book: TrialBook, grid: Any) -> dict[str, Any]:
+def promote_best_trial(job_dir: str, book: TrialBook, grid: ResultGrid) -> SearchOutcome:
     """Copy the best trial's manifest and metrics to the job level and name it in the summary."""
     from trainer import checkpoint as ckpt
-    best_id, best_value = None, None
-    for row in book.trials.values():
-        if row["state"] != "failed" and book.better(row["best_metric"], best_value):
-            best_id, best_value = row["trial_id"], row["best_metric"]
-    if best_id is None:
+    best = contract.best_trial(book.trials.values(), book.search.mode)
+    if best is None:
         errors = [r.error for r in grid if r.error is not None]
         raise RuntimeError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}")
-    trial_dir = objstore.join(job_dir, "trials", best_id)
-    manifest = ckpt.read_manifest(trial_dir)
-    objstore.write_text(objstore.join(job_dir, "manifest.json"), json.dumps(manifest, indent=2))
-    objstore.write_text(objstore.join(job_dir, "metrics.jsonl"),
-                        objstore.read_text(objstore.join(trial_dir, "metrics.jsonl")))
-    return {"best_trial": best_id, "best_config": book.trials[best_id]["config"],
-            "search_metric": book.search.metric, "best_metric": best_value,
-            "trials": {"total": len(book.trials),
-                       "stopped_early": sum(r["stopped_early"] for r in book.trials.values()),
-                       "failed": sum(r["state"] == "failed" for r in book.trials.values())}}
+    trial_dir = objstore.join(job_dir, contract.TRIALS_DIR, best.trial_id)
+    ckpt.write_manifest(job_dir, ckpt.read_manifest(trial_dir))
+    objstore.write_text(objstore.join(job_dir, contract.METRICS),
+                        objstore.read_text(objstore.join(trial_dir, contract.METRICS)))
+    rows = list(book.trials.values())
+    return SearchOutcome(best_trial=best.trial_id, best_config=best.config, search_metric=book.search.metric,
+                         best_metric=best.best_metric,
+                         trials=TrialCounts(total=len(rows), stopped_early=sum(r.stopped_early for r in rows),
+                                            failed=sum(r.state is TrialState.FAILED for r in rows)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import auth
 from service.errors import ApiError, not_found
@@ -40,11 +41,17 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 
 
+# Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False
+# so a missing token gets our own 401 body rather than FastAPI's.
+bearer = HTTPBearer(scheme_name="bearer", auto_error=False,
+                    description="an API token: <data dir>/admin-token, or one made by `trainctl token create`")
+
+
 def get_principal(settings: SettingsDep, store: StoreDep,
-                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> auth.Principal:
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
     if not settings.auth:
         return auth.Principal("local", is_admin=True)
-    principal = auth.authenticate(store, authorization)
+    principal = auth.authenticate(store, f"Bearer {credentials.credentials}" if credentials else None)
     if principal is None:
         raise ApiError(401, "unauthorized",
                        "missing or invalid token: send 'Authorization: Bearer <token>' (see <data dir>/admin-token)",

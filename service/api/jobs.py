@@ -18,24 +18,23 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 import objstore
 from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
+from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
-                                 TrialList, TrialView, job_view, request_hash, resolve_body)
+                                 TrialList, job_view, request_hash, resolve_body)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict
+from trainer.contract import METRIC_COLUMNS
+from trainer.spec import SearchSpec
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-                  "epoch_seconds", "time", "resumed", "node_ids"]
-
-
-@router.post("/jobs", status_code=201, response_model=JobView)
+@router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
 def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
-               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep,
+               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
@@ -48,6 +47,7 @@ def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAM
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, with_spec=True)
 
 
@@ -62,29 +62,28 @@ def list_jobs(principal: PrincipalDep, store: StoreDep,
     return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView)
+@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(404))
 def get_job(job: JobDep, runner: RunnerDep) -> JobView:
     return job_view(job, runner.job_dir(job.id), with_spec=True)
 
 
-@router.get("/jobs/{job_id}/metrics", response_model=MetricsView)
+@router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
 def get_metrics(job: JobDep, runner: RunnerDep,
                 format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
     if format == "json":
         return MetricsView(job_id=job.id, metrics=metrics)
-    extra = sorted({k for m in metrics for k in m} - set(METRIC_COLUMNS))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS + extra, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
     writer.writeheader()
     for m in metrics:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.items()})
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in m.model_dump().items()})
     return PlainTextResponse(out.getvalue(), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
 
 
-@router.get("/jobs/{job_id}/trials", response_model=TrialList)
+@router.get("/jobs/{job_id}/trials", response_model=TrialList, responses=errors(404, 409))
 def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     """A search's trials: config, state, epochs done, best metric, stopped early or not (409 for a job
     that is not a search)."""
@@ -92,25 +91,25 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     if not search:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
     trials = jobdir.read_trials(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    return TrialList(job_id=job.id, metric=search.get("metric", "val_acc"), mode=search.get("mode", "max"),
-                     trials=[TrialView(**{k: t.get(k) for k in TrialView.model_fields if k in t}) for t in trials])
+    search_spec = SearchSpec.model_validate(search)
+    return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
 
 
-@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
 def get_logs(job: JobDep, runner: RunnerDep,
              tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None) -> str:
     """The Ray job's driver log of the current attempt (empty while queued)."""
     return runner.logs(job, tail)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=errors(404))
 def cancel_job(job: JobDep, runner: RunnerDep) -> JobView:
     """Cancel: a queued job at once, a running one by stopping its Ray job. Idempotent."""
     job = runner.cancel(job.id)
     return job_view(job, runner.job_dir(job.id))
 
 
-@router.delete("/jobs/{job_id}", status_code=204)
+@router.delete("/jobs/{job_id}", status_code=204, responses=errors(404, 409))
 def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     """Delete a finished job: its record and everything under its storage prefix."""
     if not job.state.is_terminal():
@@ -120,27 +119,24 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
 def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
     """The checkpoints still kept (manifest.json), oldest epoch first."""
     cps = jobdir.checkpoints(runner.job_dir(job.id))
-    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView(**{k: c[k] for k in
-                                                                       ("epoch", "val_acc", "size", "sha256")})
-                                                      for c in cps])
+    return CheckpointList(job_id=job.id, checkpoints=[CheckpointView.model_validate(c.model_dump()) for c in cps])
 
 
 @router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
-                       409: {"description": "no checkpoint yet"},
-                       502: {"description": "the stored checkpoint does not match its recorded sha256/size"}})
+                       **errors(404, 409, 502)})
 def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     """Download the best checkpoint. It is hashed in a first streaming pass and only sent when it matches
     the sha256/size the trainer recorded (an error cannot be reported once the body has started)."""
     best = jobdir.best_checkpoint(runner.job_dir(job.id))
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
-    uri = best["uri"]
+    uri = best.uri
     digest, size = hashlib.sha256(), 0
     try:
         for chunk in objstore.iter_chunks(uri):
@@ -148,13 +144,13 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
             size += len(chunk)
     except FileNotFoundError:
         raise ApiError(502, "checkpoint_corrupt", "the best checkpoint is listed but missing from storage",
-                       {"epoch": best.get("epoch")}) from None
+                       {"epoch": best.epoch}) from None
     sha = digest.hexdigest()
-    if (best.get("sha256") and best["sha256"] != sha) or (best.get("size") is not None and best["size"] != size):
+    if (best.sha256 and best.sha256 != sha) or (best.size is not None and best.size != size):
         raise ApiError(502, "checkpoint_corrupt", "the stored checkpoint does not match its recorded sha256/size",
-                       {"expected_sha256": best.get("sha256"), "actual_sha256": sha,
-                        "expected_size": best.get("size"), "actual_size": size})
-    name = f"{job.id}-epoch{best['epoch']}.pt" if best.get("epoch") is not None else f"{job.id}-best.pt"
+                       {"expected_sha256": best.sha256, "actual_sha256": sha,
+                        "expected_size": best.size, "actual_size": size})
+    name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
     return StreamingResponse(objstore.iter_chunks(uri), media_type="application/octet-stream",
                              headers={"X-Checkpoint-SHA256": sha, "Content-Length": str(size),
                                       "Content-Disposition": f'attachment; filename="{name}"'})

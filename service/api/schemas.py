@@ -13,6 +13,8 @@ import objstore
 from service import jobdir
 from service.states import JobState
 from service.store import Job
+from trainer import contract
+from trainer.contract import EpochMetrics, TrialRow
 from trainer.spec import JobSpec, resolve
 
 
@@ -20,8 +22,9 @@ class PresetRequest(BaseModel):
     """`{"preset": "debug", "overrides": {"optim.epochs": 3}}`: a preset plus dotted-path overrides."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    preset: str | None = Field(None, description="a preset name: see `python -m trainer describe --preset NAME`")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description='dotted spec paths to values, e.g. {"optim.lr": 0.1}')
 
 
 SUBMIT_EXAMPLES = {
@@ -61,21 +64,11 @@ class SearchProgress(BaseModel):
     metric: str
 
 
-class TrialView(BaseModel):
-    trial_id: str
-    config: dict[str, Any]
-    state: str = Field(description="pending | running | succeeded | stopped_early | failed")
-    epochs: int
-    best_metric: float | None
-    stopped_early: bool
-    error: str | None = None
-
-
 class TrialList(BaseModel):
     job_id: str
     metric: str
     mode: str
-    trials: list[TrialView]
+    trials: list[TrialRow]
 
 
 class JobView(BaseModel):
@@ -83,7 +76,7 @@ class JobView(BaseModel):
     owner: str
     state: JobState
     progress: Progress
-    metrics: dict[str, Any] | None = Field(description="the latest epoch's metrics")
+    metrics: EpochMetrics | None = Field(description="the latest epoch's metrics")
     best_val_acc: float | None
     attempts: int
     attempt_log: list[dict[str, Any]]
@@ -104,14 +97,16 @@ class JobList(BaseModel):
 
 class MetricsView(BaseModel):
     job_id: str
-    metrics: list[dict[str, Any]]
+    metrics: list[EpochMetrics]
 
 
 class CheckpointView(BaseModel):
-    epoch: int | None
-    val_acc: float | None
-    size: int | None
-    sha256: str | None
+    """A kept checkpoint (manifest.json's entry, without its storage URI)."""
+
+    epoch: int
+    val_acc: float
+    size: int
+    sha256: str
 
 
 class CheckpointList(BaseModel):
@@ -128,9 +123,9 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     while storage is unreachable, from the values the reconciler last stored — a job's state stays
     readable during a storage outage."""
     epochs = (job.spec.get("optim") or {}).get("epochs")
-    latest: dict[str, Any] | None = None
-    metrics: list[dict[str, Any]] | None = None
-    trials: list[dict[str, Any]] | None = None
+    latest: EpochMetrics | None = None
+    metrics: list[EpochMetrics] | None = None
+    trials: list[TrialRow] | None = None
     if job_dir is not None and job.state is not JobState.QUEUED:
         try:
             metrics = jobdir.read_metrics(job_dir)
@@ -141,9 +136,9 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
         latest = metrics[-1] if metrics else None
         progress = jobdir.progress(metrics, epochs, finished=job.state.is_terminal())
         best = job.best_val_acc
-        accs = [m["val_acc"] for m in metrics if isinstance(m.get("val_acc"), (int, float))]
-        if accs and (best is None or max(accs) > best):
-            best = max(accs)
+        so_far = contract.best_so_far(metrics)
+        if so_far is not None and (best is None or so_far > best):
+            best = so_far
     else:
         progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
         best = job.best_val_acc

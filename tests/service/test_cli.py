@@ -78,7 +78,7 @@ def test_errors_are_printed_with_fields(monkeypatch: pytest.MonkeyPatch, capsys)
         "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(422, json=body))))
     with pytest.raises(SystemExit) as exc:
         cli.main(["submit", "--preset", "debug", "--set", "optim.lr=-1"])
-    assert exc.value.code == 1
+    assert exc.value.code == cli.EXIT_ERROR
     assert "optim.lr: Input should be greater than 0" in capsys.readouterr().err
 
 
@@ -87,7 +87,7 @@ def test_unreachable_service_names_the_url(monkeypatch: pytest.MonkeyPatch, caps
 
     with pytest.raises(SystemExit) as exc:
         cli.main(["list", "--url", f"http://127.0.0.1:{free_port()}", "--token", "x"])
-    assert exc.value.code == 1 and "cannot reach trainctl" in capsys.readouterr().err
+    assert exc.value.code == cli.EXIT_ERROR and "cannot reach trainctl" in capsys.readouterr().err
 
 
 class FakeService:
@@ -115,7 +115,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, fake: FakeService) -> None:
     monkeypatch.setattr(cli.time, "sleep", lambda s: None)
 
 
-@pytest.mark.parametrize("final,code", [("SUCCEEDED", 0), ("FAILED", 1), ("CANCELLED", 2)])
+@pytest.mark.parametrize("final,code", [("SUCCEEDED", 0), ("FAILED", 1), ("CANCELLED", 3)])
 def test_watch_exit_code_is_the_final_state(monkeypatch: pytest.MonkeyPatch, capsys, final: str,
                                              code: int) -> None:
     _use(monkeypatch, FakeService(["QUEUED", "RUNNING", "RUNNING", final], [""], final_message="why"))
@@ -129,3 +129,75 @@ def test_logs_follow_prints_each_line_once(monkeypatch: pytest.MonkeyPatch, caps
     _use(monkeypatch, FakeService(["RUNNING", "RUNNING", "SUCCEEDED"], logs))
     assert cli.cmd_logs(parse("logs", "j1", "-f")) == 0
     assert capsys.readouterr().out.splitlines() == ["a", "b", "c"]
+
+
+def test_no_job_outcome_shares_argparse_usage_exit_code() -> None:
+    codes = {*cli.WATCH_EXIT.values(), cli.EXIT_LOST_CONTACT, cli.EXIT_ERROR}
+    assert 2 not in codes and len(codes) == 5
+
+
+class FlakyService(FakeService):
+    """A FakeService that, for its first `outages` status requests, is down (connection refused or 503)."""
+
+    def __init__(self, outages: list[str], *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.outages = outages
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if self.outages and not request.url.path.endswith("/logs"):
+            kind = self.outages.pop(0)
+            if kind == "refused":
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(503, json={"error": {"code": "unavailable", "message": "restarting"}})
+        return super().handler(request)
+
+
+def test_watch_follows_through_an_api_restart(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    _use(monkeypatch, FlakyService(["refused", "refused", "503"], ["RUNNING", "RUNNING", "SUCCEEDED"], [""]))
+    assert cli.cmd_watch(parse("watch", "j1", "--interval", "0")) == 0
+    captured = capsys.readouterr()
+    assert "lost contact with the service" in captured.err and "contact restored" in captured.err
+    assert "SUCCEEDED" in captured.out
+
+
+def test_watch_gives_up_with_its_own_exit_code(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    clock = iter(range(0, 10_000, 7))
+    _use(monkeypatch, FlakyService(["refused"] * 100, ["RUNNING"], [""]))
+    monkeypatch.setattr(cli.time, "monotonic", lambda: float(next(clock)))
+    assert cli.cmd_watch(parse("watch", "j1", "--interval", "0", "--patience", "30")) == cli.EXIT_LOST_CONTACT
+    assert "gave up: no answer from the service for 30s" in capsys.readouterr().err
+
+
+def test_watch_does_not_retry_a_missing_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = {"error": {"code": "not_found", "message": "no job j1"}}
+    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
+        "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(404, json=body))))
+    with pytest.raises(cli.CliError, match="not_found"):
+        cli.cmd_watch(parse("watch", "j1", "--interval", "0"))
+
+
+def test_submit_follow_ends_with_the_jobs_exit_code(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    fake = FakeService(["QUEUED", "RUNNING", "CANCELLED"], [""])
+    original = fake.handler
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(201, json={"id": "j1", "state": "QUEUED"})
+        return original(request)
+
+    fake.handler = handler  # type: ignore[method-assign]
+    _use(monkeypatch, fake)
+    assert cli.cmd_submit(parse("submit", "--preset", "debug", "--follow", "--interval", "0")) == 3
+    assert "submitted job j1" in capsys.readouterr().out
+
+
+def test_version_and_completion(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("trainctl ")
+    assert cli.cmd_completion(parse("completion", "bash")) == 0
+    script = capsys.readouterr().out
+    assert "complete -o default -F _trainctl trainctl" in script and "--follow" in script
+    import subprocess
+
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)

@@ -155,7 +155,7 @@ def _cli(service: Service, *args: str, timeout: float = 60) -> subprocess.Comple
 
 def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: Path) -> None:
     bad = _cli(service, "submit", "--preset", "debug", "--set", "optim.lr=-1")
-    assert bad.returncode == 1 and "optim.lr" in bad.stderr
+    assert bad.returncode == 5 and "optim.lr" in bad.stderr
     sub = _cli(service, "submit", "--preset", "debug", "--set", f"data.train={cifar_parquet}",
                "--set", "optim.epochs=1", "-q")
     assert sub.returncode == 0, sub.stderr
@@ -179,7 +179,7 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     logs = _cli(service, "logs", job_id, "--tail", "3")
     assert logs.returncode == 0 and logs.stdout
     missing = _cli(service, "status", "no-such-job")
-    assert missing.returncode == 1 and "not_found" in missing.stderr
+    assert missing.returncode == 5 and "not_found" in missing.stderr
 
 
 def test_restart_api_mid_job(ray_head: RayHead, cifar_parquet: Path, tmp_path: Path) -> None:

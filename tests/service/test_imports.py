@@ -1,5 +1,6 @@
-"""The import rule (docs/architecture.md): `service` uses trainer.spec and objstore, nothing else of the
-trainer — the control plane never loads torch (and loads Ray only when it first talks to a cluster)."""
+"""The import rule (docs/architecture.md): `service` uses trainer.spec, trainer.contract and objstore,
+nothing else of the trainer — the control plane never loads torch (and loads Ray only when it first talks to
+a cluster). trainer.spec and trainer.contract import only pydantic and the standard library."""
 
 from __future__ import annotations
 
@@ -8,18 +9,35 @@ import subprocess
 import sys
 from pathlib import Path
 
-SERVICE = Path(__file__).resolve().parents[2] / "service"
+REPO = Path(__file__).resolve().parents[2]
+SERVICE = REPO / "service"
+SERVICE_MAY_IMPORT = {"trainer.spec", "trainer.contract"}
 
 
-def test_service_imports_only_trainer_spec() -> None:
+def _imports(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names += [node.module or ""] if node.module != "trainer" else [f"trainer.{a.name}" for a in node.names]
+    return names
+
+
+def test_service_imports_only_trainer_spec_and_contract() -> None:
     for path in SERVICE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                if name == "trainer" or name.startswith("trainer."):
-                    assert name == "trainer.spec", f"{path.name} imports {name}"
-                assert not name.startswith("torch"), f"{path.name} imports {name}"
+        for name in _imports(path):
+            if name == "trainer" or name.startswith("trainer."):
+                assert name in SERVICE_MAY_IMPORT, f"{path.name} imports {name}"
+            assert not name.startswith("torch"), f"{path.name} imports {name}"
+
+
+def test_the_contract_modules_import_only_pydantic_and_the_standard_library() -> None:
+    for module in ("spec", "contract"):
+        for name in _imports(REPO / "trainer" / f"{module}.py"):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top in ("pydantic", "pydantic_core", "__future__"), \
+                f"trainer/{module}.py imports {name}"
 
 
 def test_loading_the_app_and_cli_loads_no_torch_or_ray() -> None:

@@ -13,7 +13,7 @@ import pytest
 from service.leader import LeaderLock
 from service.reindex import reindex
 from service.store import Store, make_engine
-from tests.service.conftest import DEBUG_JOB, Api
+from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
 
 def _another_database(request: pytest.FixtureRequest, database_url: str, tmp_path) -> str:
@@ -30,8 +30,7 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
     api.reconcile()
     for job_id in (done, running):
         api.ray.set(f"{job_id}-1", "RUNNING")
-        (api.job_dir(job_id) / "metrics.jsonl").write_text(
-            '{"epoch": 1, "val_acc": 0.3, "images_per_s": 100.0}\n{"epoch": 2, "val_acc": 0.35}\n')
+        (api.job_dir(job_id) / "metrics.jsonl").write_text(metrics_line(1, 0.3) + metrics_line(2, 0.35))
     api.reconcile()
     (api.job_dir(done) / "summary.json").write_text(
         json.dumps({"state": "succeeded", "best_val_acc": 0.35, "epochs_completed": 2}))

@@ -208,3 +208,16 @@ def test_a_submission_wakes_the_reconciler(make_api) -> None:
         time.sleep(0.05)
     api.client.__exit__(None, None, None)  # lifespan shutdown stops the reconciler cleanly
     assert api.client.app.state.trainctl.reconciler._task is None
+
+
+def test_a_cancelled_job_that_ray_forgot_is_cancelled_not_resubmitted(api: Api) -> None:
+    job_id = submit(api, **{"checkpoint.max_restarts": 2})
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.ray.down = True
+    assert api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers()).status_code == 503
+    api.ray.down = False
+    api.ray.forget(f"{job_id}-1")  # the head restarted meanwhile
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "CANCELLED" and job["attempts"] == 1 and f"{job_id}-2" not in api.ray.jobs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.states import InvalidTransition, JobState, can_transition
+from service.states import InvalidTransition, JobNotFound, JobState, can_transition
 from service.store import IdempotencyConflict, Store, TokenNameTaken
 
 
@@ -47,7 +47,7 @@ def test_transition_checks_expected_state(store: Store) -> None:
     store.transition(job.id, JobState.CANCELLED, expect={JobState.QUEUED})
     with pytest.raises(InvalidTransition):
         store.transition(job.id, JobState.STARTING, expect={JobState.QUEUED})
-    with pytest.raises(KeyError):
+    with pytest.raises(JobNotFound, match="nope"):
         store.transition("nope", JobState.CANCELLED)
     with pytest.raises(ValueError):
         store.update(job.id, state="RUNNING")
@@ -113,13 +113,14 @@ def test_schema_survives_reopen(database_url: str) -> None:
 
 def test_search_progress_counts_trials_and_picks_the_best() -> None:
     from service.jobdir import search_progress
+    from trainer.contract import TrialRow
     search = {"space": {"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
               "num_samples": 2, "mode": "min", "metric": "val_loss"}
     trials = [{"trial_id": "a", "state": "succeeded", "best_metric": 1.5},
               {"trial_id": "b", "state": "stopped_early", "best_metric": 1.2, "stopped_early": True},
               {"trial_id": "c", "state": "failed", "best_metric": 0.1},
               {"trial_id": "d", "state": "running", "best_metric": None}]
-    p = search_progress(search, trials)
+    p = search_progress(search, [TrialRow.model_validate(t) for t in trials])
     assert p == {"trials_total": 6, "trials_finished": 3, "trials_running": 1, "stopped_early": 1,
                  "best_trial": "b", "best_metric": 1.2, "metric": "val_loss"}
 

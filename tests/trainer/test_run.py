@@ -17,6 +17,7 @@ import pytest
 from tests.trainer.cifar_files import write_cifar_python, write_kaggle_input
 from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run, wait_for_checkpoint
 from trainer import checkpoint as ckpt
+from trainer.contract import CheckpointEntry
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +55,7 @@ def test_manifest_checksums_and_retention(trained_job):
     entries = manifest["checkpoints"]
     assert manifest["latest_epoch"] == 3
     # keep_best=1 plus the latest: one or two checkpoints, and exactly those folders on disk
-    expected = {e["epoch"] for e in ckpt.kept(entries, 1)}
+    expected = {e.epoch for e in ckpt.kept([CheckpointEntry.model_validate(e) for e in entries], 1)}
     assert {e["epoch"] for e in entries} == expected and 3 in expected and len(expected) <= 2
     for e in entries:
         data = Path(e["uri"]).read_bytes()

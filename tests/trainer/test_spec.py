@@ -81,5 +81,23 @@ def test_spec_module_imports_only_pydantic():
     tree = ast.parse(pathlib.Path(trainer.spec.__file__).read_text())
     roots = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
             {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert roots <= {"__future__", "copy", "json", "math", "typing", "pydantic", "pydantic_core"}, roots
+    import sys
+    assert roots - set(sys.stdlib_module_names) <= {"pydantic", "pydantic_core"}, roots
     json.dumps(JobSpec().model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("path,message", [
+    ("no.such.field", "unknown field 'no'"),
+    ("optim.lrr", "did you mean 'optim.lr'?"),
+    ("model.widht", "did you mean 'model.width"),
+])
+def test_unknown_override_path_is_named_whole_with_a_suggestion(path: str, message: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        resolve("debug", {path: 1})
+    [err] = error_list(exc.value)
+    assert err["field"] == path and message in err["message"]
+
+
+def test_free_form_mappings_take_any_key() -> None:
+    spec = resolve("debug", {"scaling.resources_per_worker.accelerator_type_a100": 1})
+    assert spec.scaling.resources_per_worker == {"accelerator_type_a100": 1}

@@ -1,0 +1,144 @@
+"""The training step without Ray: one rank (and two, over gloo) on CPU, in seconds."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import contract, step
+from trainer.contract import CheckpointEntry, EpochMetrics
+from trainer.data import Dataset, DeviceData
+from trainer.spec import JobSpec, resolve
+
+CPU = torch.device("cpu")
+METRICS = EpochMetrics(epoch=1, train_loss=2.0, train_acc=0.1, val_loss=2.0, val_acc=0.1, lr=0.05,
+                       images_per_s=1.0, epoch_seconds=1.0, time=0.0)
+
+
+def spec(**overrides: object) -> JobSpec:
+    return resolve("debug", {"optim.batch_size": 32, "optim.epochs": 3, "scaling.num_workers": 1, **overrides})
+
+
+def dataset(n: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    # a learnable signal: each class brightens its own band of rows
+    images = torch.randint(0, 100, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        images[i, :, 3 * c:3 * c + 3, :] = 250
+    return Dataset(images, labels)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical results between runs
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(s: JobSpec, epochs: range, trainee: step.Trainee | None = None, start_epoch: int = 1
+        ) -> tuple[step.Trainee, list[EpochMetrics]]:
+    train, val = DeviceData(dataset(192, 1), CPU, False), DeviceData(dataset(64, 2), CPU, False)
+    trainee = trainee or step.build(s, CPU, train.steps_per_epoch(s.optim.batch_size, 1))
+    out = [step.run_epoch(trainee, s, train, val, epoch=e, start_epoch=start_epoch, rank=0, world=1,
+                          local_batch=s.optim.batch_size, node_ids=["n"]) for e in epochs]
+    return trainee, out
+
+
+def test_an_epoch_trains_and_reports_every_metric():
+    s = spec(**{"optim.lr": 0.1})
+    trainee, metrics = fit(s, range(1, 4))
+    assert [m.epoch for m in metrics] == [1, 2, 3]
+    last = metrics[-1]
+    assert metrics[-1].train_loss < metrics[0].train_loss  # it learns the row bands
+    assert 0.0 <= last.val_acc <= 1.0 and last.val_loss is not None and math.isfinite(last.val_loss)
+    assert last.lr == pytest.approx(0.1) and last.images_per_s > 0 and last.node_ids == ["n"]
+    assert last.epoch_seconds > 0 and 0.0 <= last.train_acc <= 1.0
+    assert not any(m.resumed for m in metrics)
+    assert trainee.scheduler.last_epoch == 3 * 6  # one scheduler step per batch: 192 images / 32
+
+
+def test_no_validation_split_gives_null_loss_and_zero_accuracy():
+    s = spec()
+    train, empty = DeviceData(dataset(64, 1), CPU, False), DeviceData(dataset(0, 2), CPU, False)
+    trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
+    m = step.run_epoch(trainee, s, train, empty, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32,
+                       node_ids=["n"])
+    assert m.val_loss is None and m.val_acc == 0.0
+    assert '"val_loss":null' in contract.metrics_jsonl([m])  # JSON has no NaN
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
+    s = spec()
+    straight, straight_metrics = fit(s, range(1, 4))
+    first, first_metrics = fit(s, range(1, 2))
+    sha, _ = ckpt.save(step.checkpoint_state(first, s, 1, first_metrics[-1]), str(tmp_path))
+    state = ckpt.load(str(tmp_path), sha)
+    assert state["epoch"] == 1 and JobSpec.model_validate_json(state["spec"]) == s
+    assert state["metrics"] == first_metrics[-1].scalars() and "node_ids" not in state["metrics"]
+
+    fresh = step.build(s, CPU, 6)
+    start = step.restore(fresh, state)
+    assert start == 2
+    resumed, resumed_metrics = fit(s, range(start, 4), trainee=fresh, start_epoch=start)
+    assert [m.resumed for m in resumed_metrics] == [True, False]
+    for a, b in zip(straight.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight_metrics[1:], resumed_metrics):
+        assert (a.train_loss, a.val_acc, a.lr) == (b.train_loss, b.val_acc, b.lr)
+
+
+def test_restore_without_a_checkpoint_starts_at_epoch_one():
+    assert step.restore(step.build(spec(), CPU, 1), None) == 1
+
+
+def test_newest_state_prefers_a_newer_verified_manifest_entry(tmp_path):
+    s = spec()
+    trainee = step.build(s, CPU, 1)
+    run = tmp_path / "run"
+    entries = {}
+    for epoch in (1, 2):
+        d = run / f"epoch_{epoch:04d}"
+        d.mkdir(parents=True)
+        sha, size = ckpt.save(step.checkpoint_state(trainee, s, epoch, METRICS), str(d))
+        entries[epoch] = CheckpointEntry(epoch=epoch, val_acc=0.1, uri=str(d / ckpt.FILENAME), sha256=sha, size=size)
+        ckpt.record(str(tmp_path), entries[epoch], keep_best=5)
+    ray_state = ckpt.load(entries[1].uri)
+    assert step.newest_state(ray_state, str(tmp_path))["epoch"] == 2  # Ray's snapshot lagged one epoch
+    assert step.newest_state(None, str(tmp_path))["epoch"] == 2
+    (run / "epoch_0002" / ckpt.FILENAME).write_bytes(b"torn upload")
+    assert step.newest_state(ray_state, str(tmp_path))["epoch"] == 1  # checksum mismatch: not trusted
+    assert step.newest_state(None, str(tmp_path / "nothing-here")) is None
+
+
+def _two_ranks(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        s = spec(**{"optim.batch_size": 64})
+        train, val = DeviceData(dataset(192, 1), CPU, False), DeviceData(dataset(64, 2), CPU, False)
+        trainee = step.build(s, CPU, train.steps_per_epoch(32, 2), wrap=DistributedDataParallel)
+        m = step.run_epoch(trainee, s, train, val, epoch=1, start_epoch=1, rank=rank, world=2, local_batch=32,
+                           node_ids=["a", "b"])
+        buffers = [b.clone() for b in trainee.raw_model.buffers()]
+        torch.save({"metrics": m.model_dump(), "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_agree_on_metrics_and_batchnorm_stats(tmp_path):
+    # fork: the ranks inherit the imported modules (spawn would import torch twice more: ~20 s here)
+    torch.multiprocessing.start_processes(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                          start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [r0["metrics"][k] for k in keys] == [r1["metrics"][k] for k in keys]
+    # each rank saw half the images: the all-reduced counts cover all of them
+    assert r0["metrics"]["images_per_s"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(r0["buffers"], r1["buffers"]))

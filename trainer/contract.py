@@ -1,0 +1,335 @@
+"""The job directory as types: the one definition the trainer writes and the service reads.
+
+A job owns `<storage root>/jobs/<job id>/` (docs/architecture.md). Every file the trainer writes there is a
+model below; writers build the model (so what they write is validated) and dump it with `to_json()` /
+`metrics_jsonl()`, readers parse with the tolerant `parse_*` functions, which never raise on what a crash or
+another version can leave behind:
+
+- a torn last line of metrics.jsonl (a writer caught mid-write) is skipped, a repeated epoch keeps its
+  last line;
+- a file written by an older version lacks newer fields: those have defaults;
+- a file written by a newer version has fields this version does not know: they are ignored
+  (`extra="ignore"`), never an error;
+- a file that is not JSON at all reads as missing (None / empty), to be read again next time.
+
+To add a field: add it to the model with a default (`None`, `0`, `[]`...) so older files still read, then
+write it in the trainer. The service, the API's views and the CSV columns pick it up from here.
+
+Like trainer/spec.py, this module imports only pydantic and the standard library: the service (which never
+loads torch) and the Ray workers both import it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from enum import Enum, IntEnum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# --- the file names -------------------------------------------------------------------------------------
+
+SPEC = "spec.json"          # the resolved JobSpec (trainer/spec.py), written by the service
+METRICS = "metrics.jsonl"   # EpochMetrics, one line per epoch
+MANIFEST = "manifest.json"  # Manifest
+SUMMARY = "summary.json"    # Summary
+TRIALS = "trials.json"      # [TrialRow], searches only
+TRIALS_DIR = "trials"       # a search's trials/<trial id>/ hold a single run's files each
+
+SearchMode = Literal["max", "min"]
+
+
+# --- exit codes and error kinds --------------------------------------------------------------------------
+
+class ExitCode(IntEnum):
+    """`python -m trainer.run`'s exit status."""
+
+    OK = 0
+    FAILED = 1   # anything else (infrastructure): worth a retry
+    USER = 2     # the spec or data is wrong: never worth a retry
+    STORAGE = 3  # storage stayed unreachable
+
+
+class ErrorKind(str, Enum):
+    """Why a run failed (summary.json's `error_kind`)."""
+
+    USER = "user"        # the spec or data is wrong: do not retry
+    STORAGE = "storage"  # storage unreachable
+    INFRA = "infra"      # anything else
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return {ErrorKind.USER: ExitCode.USER, ErrorKind.STORAGE: ExitCode.STORAGE}.get(self, ExitCode.FAILED)
+
+
+class RunState(str, Enum):
+    """summary.json's `state`."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TrialState(str, Enum):
+    """A search trial's state in trials.json."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    STOPPED_EARLY = "stopped_early"  # stopped by the scheduler (ASHA): not a failure
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def is_finished(self) -> bool:
+        return self in (TrialState.SUCCEEDED, TrialState.STOPPED_EARLY, TrialState.FAILED)
+
+
+# --- the records ------------------------------------------------------------------------------------------
+
+class Record(BaseModel):
+    """A job-directory record. Unknown fields (a newer writer's) are ignored when read."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class EpochMetrics(Record):
+    """One line of metrics.jsonl: one finished epoch, written by rank 0 after every epoch (all-reduced
+    over the ranks). Accuracies are fractions 0..1."""
+
+    epoch: int = Field(ge=1, description="1-based")
+    train_loss: float
+    train_acc: float
+    val_loss: float | None = Field(description="null when there is no validation split")
+    val_acc: float = Field(description="0 when there is no validation split")
+    lr: float = Field(description="the learning rate at the end of the epoch")
+    images_per_s: float = Field(description="training images per second over all ranks")
+    epoch_seconds: float = Field(description="training plus evaluation")
+    time: float = Field(description="unix time the epoch ended")
+    resumed: bool = Field(default=False, description="the first epoch after resuming from a checkpoint")
+    node_ids: list[str] = Field(default_factory=list, description="every rank's Ray node id")
+
+    def scalars(self) -> dict[str, float]:
+        """The numeric fields (what a checkpoint keeps of its epoch's metrics)."""
+        return {k: v for k, v in self.model_dump().items() if isinstance(v, (int, float))}
+
+
+# The metrics CSV's columns, in this order (list fields are joined with ';').
+METRIC_COLUMNS: list[str] = list(EpochMetrics.model_fields)
+
+
+class CheckpointEntry(Record):
+    """A checkpoint in manifest.json: listed only once fully uploaded, with what verifies it."""
+
+    epoch: int
+    val_acc: float
+    uri: str = Field(description="checkpoint.pt's URI")
+    sha256: str
+    size: int
+
+
+class Manifest(Record):
+    """manifest.json: the checkpoints retention still keeps, oldest first, and the newest epoch saved."""
+
+    checkpoints: list[CheckpointEntry] = Field(default_factory=list)
+    latest_epoch: int | None = None
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _drop_bad_entries(cls, value: Any) -> Any:
+        # One damaged entry must not hide the others.
+        if not isinstance(value, list):
+            return []
+        return [e for e in value if _valid(CheckpointEntry, e)]
+
+    def best(self) -> CheckpointEntry | None:
+        """The highest val_acc; the later epoch on a tie."""
+        return max(self.checkpoints, key=lambda e: (e.val_acc, e.epoch), default=None)
+
+    def latest(self) -> CheckpointEntry | None:
+        return max(self.checkpoints, key=lambda e: e.epoch, default=None)
+
+
+class TrialCounts(Record):
+    total: int
+    stopped_early: int
+    failed: int
+
+
+class SearchOutcome(Record):
+    """What a search adds to summary.json: its best trial and how its trials ended."""
+
+    best_trial: str
+    best_config: dict[str, Any]
+    search_metric: str
+    best_metric: float | None
+    trials: TrialCounts
+
+
+class Summary(Record):
+    """summary.json, written by the trainer's driver at the end of a run (and of each attempt)."""
+
+    state: RunState
+    best_val_acc: float | None = None
+    best_checkpoint: str | None = Field(default=None, description="URI of the best checkpoint.pt")
+    best_checkpoint_sha256: str | None = None
+    best_checkpoint_size: int | None = None
+    epochs_completed: int = 0
+    num_parameters: int | None = None
+    test_acc: float | None = Field(default=None, description="the best checkpoint on data.test, if any")
+    wall_seconds: float | None = None
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    # searches only (left out of the file for single runs)
+    best_trial: str | None = None
+    best_config: dict[str, Any] | None = None
+    search_metric: str | None = None
+    best_metric: float | None = None
+    trials: TrialCounts | None = None
+
+    @field_validator("error_kind", mode="before")
+    @classmethod
+    def _unknown_kind_is_infra(cls, value: Any) -> Any:
+        # A kind this version does not know is "anything else": retried like an infrastructure failure.
+        known = {k.value for k in ErrorKind}
+        return ErrorKind.INFRA if isinstance(value, str) and value not in known else value
+
+    def succeeded(self) -> bool:
+        return self.state is RunState.SUCCEEDED
+
+    def with_search(self, outcome: SearchOutcome) -> Summary:
+        return Summary.model_validate({**self.model_dump(), **outcome.model_dump()})
+
+    def to_json(self) -> str:
+        search_only = {name for name in SearchOutcome.model_fields if getattr(self, name) is None}
+        return self.model_dump_json(indent=2, exclude=search_only)
+
+
+class TrialRow(Record):
+    """One row of trials.json: a search trial, kept current while the search runs."""
+
+    trial_id: str = Field(min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict, description="the sampled values, by spec path")
+    state: TrialState = TrialState.PENDING
+    epochs: int = Field(default=0, description="epochs finished")
+    best_metric: float | None = Field(default=None, description="the search metric's best value so far")
+    stopped_early: bool = False
+    error: str | None = None
+
+
+# --- parsing (tolerant) and writing ----------------------------------------------------------------------
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def _valid(model: type[BaseModel], data: Any) -> bool:
+    try:
+        model.model_validate(data)
+    except ValidationError:
+        return False
+    return True
+
+
+def _json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None  # written by a non-atomic writer and caught half-way: read it again next time
+
+
+def _parse(model: type[R], text: str | None) -> R | None:
+    data = _json(text)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def parse_summary(text: str | None) -> Summary | None:
+    """summary.json's text (None: no file) → Summary, or None when it is missing or unreadable."""
+    return _parse(Summary, text)
+
+
+def parse_manifest(text: str | None) -> Manifest | None:
+    """manifest.json's text → Manifest, or None when it is missing or unreadable."""
+    return _parse(Manifest, text)
+
+
+def parse_trials(text: str | None) -> list[TrialRow]:
+    """trials.json's text → its valid rows ([] when missing or unreadable)."""
+    data = _json(text)
+    if not isinstance(data, list):
+        return []
+    rows = []
+    for item in data:
+        try:
+            rows.append(TrialRow.model_validate(item))
+        except ValidationError:
+            continue
+    return rows
+
+
+def parse_metrics_row(data: Any) -> EpochMetrics | None:
+    """One metrics record (a parsed line, or a dict Ray Tune forwarded) → EpochMetrics, or None."""
+    try:
+        return EpochMetrics.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def parse_metrics(text: str | None) -> list[EpochMetrics]:
+    """metrics.jsonl's text → every epoch once, ascending. A torn or invalid line is skipped; a repeated
+    epoch keeps its last line."""
+    by_epoch: dict[int, EpochMetrics] = {}
+    for line in (text or "").splitlines():
+        row = parse_metrics_row(_json(line)) if line.strip() else None
+        if row is not None:
+            by_epoch[row.epoch] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def metrics_jsonl(rows: Iterable[EpochMetrics]) -> str:
+    return "".join(row.model_dump_json() + "\n" for row in rows)
+
+
+def trials_json(rows: Iterable[TrialRow]) -> str:
+    return json.dumps([row.model_dump(mode="json") for row in rows], indent=2)
+
+
+# --- "best" -----------------------------------------------------------------------------------------------
+
+def best_so_far(metrics: Sequence[EpochMetrics]) -> float | None:
+    """The best val_acc of the epochs so far (None before the first)."""
+    return max((m.val_acc for m in metrics), default=None)
+
+
+def better(a: float | None, b: float | None, mode: SearchMode) -> bool:
+    """Is `a` strictly better than `b` under `mode`? A value beats no value."""
+    if b is None:
+        return a is not None
+    if a is None:
+        return False
+    return a > b if mode == "max" else a < b
+
+
+def best_trial(rows: Iterable[TrialRow], mode: SearchMode) -> TrialRow | None:
+    """The trial with the best `best_metric` (the first on a tie); failed trials never count."""
+    best: TrialRow | None = None
+    for row in rows:
+        if row.state is not TrialState.FAILED and better(row.best_metric, best.best_metric if best else None, mode):
+            best = row
+    return best
