@@ -30,8 +30,10 @@ pytestmark = pytest.mark.ray
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
-def body(parquet: Path, epochs: int) -> dict:
-    return {"preset": "debug", "overrides": {"data.train": str(parquet), "optim.epochs": epochs}}
+def body(data: Path, epochs: int) -> dict:
+    # One Ray Train worker: the smallest real run (these tests are about the service, on a 2-core machine).
+    return {"preset": "debug", "overrides": {"data.train": str(data), "optim.epochs": epochs,
+                                             "scaling.num_workers": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,7 @@ def ray_submissions(head: RayHead, job_ids: set[str]) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.timeout(1200)
 def test_two_replicas_one_reconciler_and_takeover_after_kill(ray_head: RayHead, postgres: PostgresServer,
                                                              cifar_parquet: Path, tmp_path: Path) -> None:
     url = postgres.create_database("replicas")
@@ -75,7 +78,7 @@ def test_two_replicas_one_reconciler_and_takeover_after_kill(ray_head: RayHead, 
         ids = []
         for svc in (a, b, a, b):
             with svc.client(token) as c:
-                resp = c.post("/v1/jobs", json=body(cifar_parquet, epochs=3))
+                resp = c.post("/v1/jobs", json=body(cifar_parquet, epochs=2))
                 assert resp.status_code == 201, resp.text
                 ids.append(resp.json()["id"])
         with follower.client(token) as c:  # the follower sees what the leader does: one database
@@ -92,7 +95,7 @@ def test_two_replicas_one_reconciler_and_takeover_after_kill(ray_head: RayHead, 
         print(f"take-over after {time.monotonic() - killed_at:.1f} s")
 
         with follower.client(token) as c:
-            jobs = [wait_for(c, j, lambda j: j["state"] in TERMINAL, 600, "every job to finish") for j in ids]
+            jobs = [wait_for(c, j, lambda j: j["state"] in TERMINAL, 900, "every job to finish") for j in ids]
         assert [j["state"] for j in jobs] == ["SUCCEEDED"] * 4, jobs
         assert [j["attempts"] for j in jobs] == [1] * 4, jobs
         # Exactly once on Ray too: one submission per job, never a second one by the new leader.
@@ -102,6 +105,7 @@ def test_two_replicas_one_reconciler_and_takeover_after_kill(ray_head: RayHead, 
             svc.stop()
 
 
+@pytest.mark.timeout(900)
 def test_reindex_after_the_database_is_lost(ray_head: RayHead, cifar_parquet: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     svc = start_service(ray_head, data, TRAINCTL_MAX_CONCURRENT_JOBS="2")
