@@ -6,8 +6,9 @@
 For each backend: a fresh data dir (and for PostgreSQL a fresh server from Debian's `postgresql`, as in the
 tests), one `trainctl serve` attached to one shared local Ray head, `--jobs` jobs stored (the first one
 really training, debug preset on small CIFAR-format batches, the rest queued behind it with one slot), then
-`--pollers` clients together send `--rate` requests/s (paced, open loop: a slow answer does not lower the
-offered rate) for `--seconds`, half `GET /v1/jobs/{id}` (a random stored job), half `GET /v1/jobs` (the
+`--pollers` clients together offer `--rate` requests/s for `--seconds` (each on a fixed schedule, catching
+up after a slow answer; at most `--pollers` requests in flight, so the achieved rate shows when the server
+cannot keep up), half `GET /v1/jobs/{id}` (a random stored job), half `GET /v1/jobs` (the
 first page). Prints p50/p99/max latency and the achieved requests/s per backend and route. The clients run
 on the same machine as the server: on a small machine they compete with it for CPU (say so with figures).
 Target (issue 14): p99 <= 20 ms at 200 req/s on a 2-core machine with a job running.

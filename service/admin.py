@@ -71,7 +71,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         print(json.dumps({"restored": report.restored, "kept": report.kept, "skipped": report.skipped}, indent=2))
     else:
         print(f"restored {len(report.restored)} job(s), kept {len(report.kept)} already in the database, "
-              f"skipped {len(report.skipped)} director(y/ies) that are not jobs")
+              f"skipped {len(report.skipped)} entr(y/ies) that are not job directories")
         for job_id in report.restored:
             print(f"  restored {job_id}")
         for job_id, why in report.skipped.items():
