@@ -44,6 +44,12 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), e.g. the server's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_serve(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log_path = data_dir.parent / f"serve-{port}.log"
@@ -142,7 +148,11 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
             for _ in range(args.jobs - 1):
                 ids.append(c.post("/v1/jobs", json={"preset": "debug", "overrides": {"optim.epochs": 1}}).json()["id"])
             time.sleep(2)
+            # The server's CPU time per answered request does not depend on how busy the machine is (its
+            # latency does): it bounds the rate one core could serve.
+            cpu0 = cpu_seconds(proc.pid)
             res = asyncio.run(load(url, token, ids, args.pollers, args.rate, args.seconds))
+            res["server_cpu_s"] = [cpu_seconds(proc.pid) - cpu0]
             state = c.get(f"/v1/jobs/{first}").json()
             if running and state["state"] != "RUNNING":
                 print(f"  warning: the training job is {state['state']} after the load", flush=True)
@@ -175,9 +185,13 @@ def main() -> None:
             res = run_backend(backend, args, head, cifar, work)
             elapsed = res.pop("elapsed")[0]
             errors = res.pop("errors")
+            server_cpu = res.pop("server_cpu_s")[0]
             total = sum(len(v) for v in res.values())
             print(f"  achieved {total / elapsed:.1f} req/s ({total} answers in {elapsed:.1f} s), errors {len(errors)}, "
                   f"load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"  server CPU {server_cpu:.1f} s = {1000 * server_cpu / max(total, 1):.2f} ms per request "
+                  f"(all of serve: API, reconciler), i.e. at most {total / max(server_cpu, 1e-9):.0f} req/s "
+                  "per fully available core", flush=True)
             every = [x for v in res.values() for x in v]
             for route, lat in [*res.items(), ("all", every)]:
                 if lat:
