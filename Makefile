@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 # The venv is rebuilt whenever pyproject.toml changes. torch/torchvision come from this machine's disk.
 $(STAMP): pyproject.toml
@@ -24,6 +24,18 @@ demo: venv
 # which fails this target (and CI) rather than passing silently.
 test: venv
 	$(BIN)/python -m pytest
+
+# The edit loop: the unit tests only — no Ray cluster, no S3 server, no subprocess importing torch, no
+# package install (markers in pyproject.toml). About a minute on 2 cores.
+FAST_MARKERS := not ray and not s3 and not install and not slow
+test-fast: venv
+	$(BIN)/python -m pytest -m "$(FAST_MARKERS)" -q
+
+# Lint, format check and types (configured in pyproject.toml). `.ci/run` runs this before the tests.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/python bench/throughput.py

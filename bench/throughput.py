@@ -23,15 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data import CIFAR10_MEAN, CIFAR10_STD, load  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.spec import JobSpec, resolve  # noqa: E402
+from trainer.data import CIFAR10_MEAN, CIFAR10_STD, load
+from trainer.model import build_model
+from trainer.spec import JobSpec, resolve
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
 BATCH = 256
@@ -112,7 +111,8 @@ def main() -> int:
         results["notebook_fp32"] = notebook_loop(data.images, data.labels, args.epochs, cpus)
         print(f"notebook loop (DataLoader + per-sample PIL, fp32): {results['notebook_fp32']:8.1f} img/s")
         for name, precision in (("trainctl_auto", "auto"), ("trainctl_fp32", "fp32")):
-            r = trainer_run(args.data, args.images, args.epochs, cpus, precision=precision, **{"scaling.use_gpu": False})
+            r = trainer_run(args.data, args.images, args.epochs, cpus, precision=precision,
+                            **{"scaling.use_gpu": False})
             results[name] = r["images_per_s"]
             print(f"trainctl, precision={precision:<5} (Ray Train, device data path): {r['images_per_s']:8.1f} img/s")
         print(f"ratio trainctl(auto)/notebook: {results['trainctl_auto'] / results['notebook_fp32']:.2f}")

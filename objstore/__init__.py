@@ -14,6 +14,7 @@ Every read and write goes through `retrying`, so a storage outage costs bounded 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import re
@@ -162,7 +163,7 @@ def retrying(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
     while True:
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:  # classified below
             if not _is_transient(exc):
                 raise
             remaining = deadline - time.monotonic()
@@ -277,7 +278,7 @@ def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         offset = 0
         while offset < total:
             n = min(chunk_size, total - offset)
-            chunk = retrying(lambda: f.read_at(n, offset), f"read {redact(uri)} at {offset}")
+            chunk = retrying(functools.partial(f.read_at, n, offset), f"read {redact(uri)} at {offset}")
             if not chunk:
                 raise OSError(f"{redact(uri)} ended at {offset} of {total} bytes while being read")
             yield chunk

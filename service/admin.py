@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from service.client import ClientError
 
+if TYPE_CHECKING:
+    from service.settings import Settings
 
-def _settings(args: argparse.Namespace):  # -> Settings
+
+def _settings(args: argparse.Namespace) -> Settings:
     from service.settings import load_settings
 
     return load_settings(data_dir=args.data_dir, database_url=getattr(args, "database_url", None),

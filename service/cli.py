@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -82,7 +83,7 @@ def _bar(job: dict[str, Any], width: int = 24) -> str:
 # --- commands talking to the service ---------------------------------------------------------------------------
 
 def _load_body(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.spec import set_path, parse_override  # pydantic only: no torch
+    from trainer.spec import parse_override, set_path  # pydantic only: no torch
 
     if args.file:
         import yaml
@@ -283,9 +284,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
         return 0
-    print(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} {'LR':>9} {'IMG/S':>8} {'SEC':>6}")
+    print(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} {'LR':>9} {'IMG/S':>8} "
+          f"{'SEC':>6}")
     for m in data["metrics"]:
-        def f(k: str, spec: str) -> str:
+        def f(k: str, spec: str, m: dict[str, Any] = m) -> str:
             v = m.get(k)
             return format(v, spec) if isinstance(v, (int, float)) else "-"
         print(f"{m['epoch']:>5} {f('train_loss', '10.4f')} {f('train_acc', '9.4f')} {f('val_loss', '9.4f')} "
@@ -318,6 +320,42 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_NAMES = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Download the job's best model as exported at the end of its run, sha256-verified."""
+    name = EXPORT_NAMES[args.format]
+    out = Path(args.output or f"{args.id}-{name}")
+    with _client(args, timeout=300) as api:
+        sha256, size = api.download_artifact(args.id, name, out)
+    if args.json:
+        _print_json({"path": str(out), "format": args.format, "sha256": sha256, "size": size})
+    else:
+        print(f"wrote {out} ({args.format}, {size} bytes, sha256 {sha256}, verified)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster."""
+    try:
+        from trainer.evaluate import predict_to_csv  # torch + torchvision: the [train] extra
+    except ImportError as exc:
+        raise CliError(f"`trainctl predict` runs the model on this machine and needs torch and torchvision "
+                       f"({exc}): pip install 'trainctl[train]'") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
+        model = Path(tmp) / "model.pt2"
+        api.download_artifact(args.id, "model.pt2", model)
+        n = predict_to_csv(str(model), args.input, args.output)
+    if args.json:
+        _print_json({"predictions": n, "out": args.output})
+    else:
+        print(f"wrote {n} predictions to {args.output}")
+    return 0
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     with _client(args) as api:
         data = api.create_token(args.name)
@@ -336,12 +374,15 @@ def _serve(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
-def _admin(name: str) -> Any:
+def _admin(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from service import admin  # SQLAlchemy/Alembic: only for these commands
 
-        return getattr(admin, name)(args)
+        command: Callable[[argparse.Namespace], int] = getattr(admin, name)
+        return command(args)
+
     return run
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -453,11 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("db", help="the job database: schema migrations")
     dsub = s.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    for name, fn, text in [("upgrade", "cmd_db_upgrade", "apply pending migrations (serve also does at start)"),
-                           ("current", "cmd_db_current", "show the revision; exit 1 when not the newest")]:
-        d = dsub.add_parser(name, parents=[common], help=text)
+    for action, admin_fn, text in [
+        ("upgrade", "cmd_db_upgrade", "apply pending migrations (serve also does at start)"),
+        ("current", "cmd_db_current", "show the revision; exit 1 when not the newest"),
+    ]:
+        d = dsub.add_parser(action, parents=[common], help=text)
         d.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
-        d.set_defaults(fn=_admin(fn))
+        d.set_defaults(fn=_admin(admin_fn))
 
     s = sub.add_parser("reindex", parents=[common], help="rebuild lost job records from the storage root's "
                                                          "job directories")
@@ -465,6 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="storage root URI (default: TRAINCTL_STORAGE or <data dir>/storage)")
     s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
     s.set_defaults(fn=_admin("cmd_reindex"))
+
+    s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")
+    s.add_argument("id")
+    s.add_argument("--format", choices=sorted(EXPORT_NAMES), default="pt2",
+                   help="pt2: a torch.export program (normalisation inside); safetensors: weights only")
+    s.add_argument("-o", "--output", help="where to write it (default <id>-model.<format>)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("predict", parents=[common], help="predict labels with the job's exported model, here")
+    s.add_argument("id")
+    s.add_argument("--input", required=True, help="a folder of 32×32 PNG/JPEG images, a parquet, or the Kaggle pickle")
+    s.add_argument("-o", "--output", required=True, help="CSV to write (ID,Labels)")
+    s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("token", help="manage API tokens")
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")

@@ -169,14 +169,25 @@ class TrainctlClient:
     def create_token(self, name: str) -> dict[str, Any]:
         return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
 
+    def artifacts(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()  # type: ignore[no-any-return]
+
     def download_best(self, job_id: str, out: Path) -> tuple[str, int]:
-        """Download the best checkpoint to `<out>.part`, check its sha256 against X-Checkpoint-SHA256, and only
-        then move it to `out`; a mismatch deletes it and raises. Returns (sha256, size)."""
+        """The best checkpoint, verified (see _download). Returns (sha256, size)."""
+        return self._download(f"/v1/jobs/{job_id}/checkpoints/best", "X-Checkpoint-SHA256", out)
+
+    def download_artifact(self, job_id: str, name: str, out: Path) -> tuple[str, int]:
+        """An exported model (model.safetensors, model.pt2), verified (see _download)."""
+        return self._download(f"/v1/jobs/{job_id}/artifacts/{name}", "X-Artifact-SHA256", out)
+
+    def _download(self, path: str, sha_header: str, out: Path) -> tuple[str, int]:
+        """Download to `<out>.part`, check its sha256 against the one the server announced, and only then move it
+        to `out`; a mismatch deletes it and raises. Returns (sha256, size)."""
         part = out.with_name(out.name + ".part")
         digest, size = hashlib.sha256(), 0
         try:
-            with self.stream("GET", f"/v1/jobs/{job_id}/checkpoints/best") as resp:
-                expected = resp.headers.get("X-Checkpoint-SHA256")
+            with self.stream("GET", path) as resp:
+                expected = resp.headers.get(sha_header)
                 with open(part, "wb") as f:
                     for chunk in resp.iter_bytes(1 << 20):
                         f.write(chunk)
@@ -189,7 +200,7 @@ class TrainctlClient:
         if not expected or actual != expected:
             part.unlink(missing_ok=True)
             raise ClientError(f"CHECKSUM MISMATCH: the server announced sha256 {expected}, the download has "
-                              f"{actual}; {out} was NOT written. Try again; if it persists the stored checkpoint "
+                              f"{actual}; {out} was NOT written. Try again; if it persists the stored file "
                               "is damaged.")
         os.replace(part, out)
         return actual, size

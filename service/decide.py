@@ -31,17 +31,17 @@ from trainer.contract import ErrorKind, ExitCode, Summary
 class Facts:
     """Everything the decision depends on."""
 
-    state: JobState                 # the job's state in the store (STARTING or RUNNING)
+    state: JobState  # the job's state in the store (STARTING or RUNNING)
     cancel_requested: bool
     ray_status: RayJobStatus | None  # None: Ray has no record of the submission
     submission_id: str
-    exit_code: int | None = None    # the driver's, once it ended
+    exit_code: int | None = None  # the driver's, once it ended
     ray_message: str | None = None
     summary: Summary | None = None  # summary.json (None: missing, unreadable, or storage down)
     storage_up: bool = True
     attempts: int = 1
     max_restarts: int = 0
-    storage_name: str = "storage"   # how to name the storage in a message (redacted)
+    storage_name: str = "storage"  # how to name the storage in a message (redacted)
 
     @property
     def run_over(self) -> bool:
@@ -83,8 +83,8 @@ class Fail:
 
 @dataclass(frozen=True)
 class Resubmit:
-    reason: str          # for the attempt log and the job's message
-    log_reason: str      # what ended this attempt, for the service log
+    reason: str  # for the attempt log and the job's message
+    log_reason: str  # what ended this attempt, for the service log
 
 
 Action = Wait | Progress | Stop | Cancel | Succeed | Fail | Resubmit

@@ -11,7 +11,7 @@ from typing import Any
 
 import objstore
 from trainer import contract
-from trainer.contract import CheckpointEntry, EpochMetrics, Manifest, Summary, TrialRow, TrialState
+from trainer.contract import Artifact, CheckpointEntry, EpochMetrics, Manifest, Summary, TrialRow, TrialState
 from trainer.spec import SearchSpec
 
 # Written by the service, not the trainer: the job's record (owner, state, attempts, ...) as of its last
@@ -141,3 +141,11 @@ def best_checkpoint(job_dir: str) -> BestCheckpoint | None:
     if best is None:
         return None
     return BestCheckpoint(uri=best.uri, sha256=best.sha256, size=best.size, epoch=best.epoch, val_acc=best.val_acc)
+
+
+def artifacts(job_dir: str) -> list[Artifact]:
+    """The exported models (trainer/export.py), with absolute URIs; empty before the run's end or when the job
+    exports nothing."""
+    index = contract.parse_artifacts(_read_text(objstore.join(job_dir, contract.ARTIFACTS)))
+    folder = objstore.join(job_dir, contract.ARTIFACTS_DIR)
+    return [a.model_copy(update={"uri": _absolute(folder, a.uri)}) for a in index.artifacts]

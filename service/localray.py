@@ -26,13 +26,13 @@ def free_port() -> int:
 
 @dataclass
 class LocalRayHead:
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     gcs_address: str
     dashboard_url: str
     temp_dir: str
 
     @classmethod
-    def start(cls, num_cpus: int, auth_mode: str, timeout_s: float = 120) -> "LocalRayHead":
+    def start(cls, num_cpus: int, auth_mode: str, timeout_s: float = 120) -> LocalRayHead:
         # Ray's unix socket paths must stay under 107 characters: a short dir under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="tcray", dir="/tmp")
         port, dash = free_port(), free_port()
@@ -79,7 +79,7 @@ class LocalRayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     """SIGTERM the process group led by `proc`, give it `grace_s` to exit, then SIGKILL it."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
         try:

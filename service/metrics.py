@@ -8,15 +8,14 @@ from the replica that leads reconciliation (`trainctl_reconciler_leader` == 1); 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
-
 
 if TYPE_CHECKING:
     from service.reconciler import Reconciler
@@ -28,7 +27,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 
 class _StoreCollector(Collector):
     """Metrics read when scraped: jobs by state, queue depth per owner, per-job progress, leadership."""
 
-    def __init__(self, runner: "Runner", reconciler: "Reconciler") -> None:
+    def __init__(self, runner: Runner, reconciler: Reconciler) -> None:
         self.runner, self.reconciler = runner, reconciler
 
     def collect(self) -> Iterator[Metric]:
@@ -72,7 +71,7 @@ class Metrics:
 
         self._collector: _StoreCollector | None = None
 
-    def attach(self, runner: "Runner", reconciler: "Reconciler") -> None:
+    def attach(self, runner: Runner, reconciler: Reconciler) -> None:
         self.detach()
         self._collector = _StoreCollector(runner, reconciler)
         self.registry.register(self._collector)
@@ -99,7 +98,7 @@ class Metrics:
                 time.perf_counter() - t0)
 
 
-def route_template(scope: dict) -> str:
+def route_template(scope: MutableMapping[str, Any]) -> str:
     """/v1/jobs/{job_id} for /v1/jobs/AbC: the matched path with its parameters put back as names (bounded
     label values); "<unmatched>" for a path no route matched (404s must not create series)."""
     if scope.get("route") is None:

@@ -47,10 +47,6 @@ class RayJobInfo:
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RayJobStatus(str(self.status)))  # also from Ray's own enum or a str
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status.is_terminal()
-
 
 class RayJobs(Protocol):
     def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
@@ -98,7 +94,7 @@ class RayJobsClient:
             if self.address:
                 os.environ["RAY_API_SERVER_ADDRESS"] = self.address
             return JobSubmissionClient(self.address or None)
-        except Exception as exc:  # noqa: BLE001 - any failure to connect means "unreachable" to callers
+        except Exception as exc:  # any failure to connect means "unreachable" to callers
             raise RayUnavailable(f"cannot reach the Ray Jobs API at {self.address or '(auto-detect)'}: {exc}") \
                 from exc
         finally:
@@ -117,7 +113,7 @@ class RayJobsClient:
             if re.search(r"status code 5\d\d", str(exc)):
                 raise RayUnavailable(f"Ray Jobs API error while trying to {what}: {exc}") from exc
             raise  # the job server answered (404, 400, ...): the caller decides
-        except Exception as exc:  # noqa: BLE001 - connection errors: drop the client, reconnect next time
+        except Exception as exc:  # connection errors: drop the client, reconnect next time
             with self._lock:
                 self._client = None
             raise RayUnavailable(f"Ray Jobs API unreachable while trying to {what}: {exc}") from exc

@@ -85,7 +85,7 @@ class Reconciler:
                 await asyncio.to_thread(self._pass)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the loop must survive anything one pass hits
+            except Exception:  # the loop must survive anything one pass hits
                 log.exception("reconcile pass failed")
             if self._stopping:
                 return

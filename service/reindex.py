@@ -56,7 +56,8 @@ def rebuild_job(storage_root: str, job_id: str, default_owner: str) -> Job | str
     record = jobdir.read_record(job_dir) or {}
     summary = jobdir.read_summary(job_dir)
     metrics = jobdir.read_metrics(job_dir)
-    attempt_log = record.get("attempt_log") if isinstance(record.get("attempt_log"), list) else []
+    raw_log = record.get("attempt_log")
+    attempt_log: list[dict[str, Any]] = [e for e in raw_log if isinstance(e, dict)] if isinstance(raw_log, list) else []
     attempts = int(record.get("attempts") or len(attempt_log) or 1)
     state = _state(record or None, summary, attempts)
     best = summary.best_val_acc if summary is not None and summary.best_val_acc is not None \

@@ -84,7 +84,7 @@ class Runner:
                     return  # the next round tries again, in the same order
                 except InvalidTransition:
                     continue  # cancelled meanwhile
-                except Exception as exc:  # noqa: BLE001 - a broken submission must not block the queue
+                except Exception as exc:  # a broken submission must not block the queue
                     self.submission_errors += 1
                     log.exception("submitting job %s failed", job.id)
                     self._fail(job.id, f"could not submit the job to Ray: {exc}")
@@ -115,7 +115,7 @@ class Runner:
     def _stop_quietly(self, submission_id: str) -> None:
         try:
             self.ray.stop(submission_id)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("could not stop orphaned Ray job %s", submission_id, exc_info=True)
 
     # --- cancel ----------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class Runner:
                     log.warning("reconcile job %s: %s", job.id, exc)
                 except InvalidTransition as exc:
                     log.info("reconcile job %s: %s (changed meanwhile)", job.id, exc)
-                except Exception:  # noqa: BLE001 - one broken job must not stop the others
+                except Exception:  # one broken job must not stop the others
                     log.exception("reconcile job %s failed", job.id)
             self.schedule()
 
@@ -241,6 +241,6 @@ class Runner:
         for entry in job.attempt_log:
             try:
                 self.ray.delete(entry["submission_id"])
-            except Exception:  # noqa: BLE001 - Ray's records are a convenience, the store is the truth
+            except Exception:  # Ray's records are a convenience, the store is the truth
                 log.info("could not delete Ray job %s", entry.get("submission_id"), exc_info=True)
         return self.store.delete(job.id)

@@ -13,19 +13,33 @@ The schema is owned by the Alembic migrations in service/migrations (`create_sch
 
 from __future__ import annotations
 
+import builtins
 import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import (Boolean, Float, Integer, String, Text, UniqueConstraint, create_engine, delete, event,
-                        func, select, text, update)
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import CursorResult, Engine, Result, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 
@@ -88,7 +102,7 @@ class Job:
     request_hash: str | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, m: JobModel) -> "Job":
+    def of(cls, m: JobModel) -> Job:
         return cls(seq=m.seq, id=m.id, owner=m.owner, created_at=m.created_at, updated_at=m.updated_at,
                    state=JobState(m.state), spec=json.loads(m.spec), ray_submission_id=m.ray_submission_id,
                    attempts=m.attempts, attempt_log=json.loads(m.attempt_log or "[]"), message=m.message,
@@ -123,6 +137,11 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     if "attempt_log" in out:
         out["attempt_log"] = json.dumps(out["attempt_log"])
     return out
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """How many rows an UPDATE matched (its result is a CursorResult, typed as a plain Result)."""
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def sqlite_url(db_path: Path) -> str:
@@ -239,13 +258,13 @@ class Store:
             rows = s.scalars(q.order_by(JobModel.seq.desc()).limit(limit).offset(offset)).all()
             return [Job.of(m) for m in rows], total
 
-    def queued_in_order(self) -> list[Job]:
+    def queued_in_order(self) -> builtins.list[Job]:  # builtins: `list` here is the method above
         with self._sessions() as s:
             rows = s.scalars(select(JobModel).where(JobModel.state == JobState.QUEUED.value)
                              .order_by(JobModel.seq)).all()
             return [Job.of(m) for m in rows]
 
-    def active(self) -> list[Job]:
+    def active(self) -> builtins.list[Job]:
         """Jobs holding a slot (STARTING, RUNNING), oldest first."""
         with self._sessions() as s:
             rows = s.scalars(select(JobModel).where(JobModel.state.in_([st.value for st in ACTIVE]))
@@ -269,7 +288,7 @@ class Store:
                 raise InvalidTransition(job_id, old, new)
             result = s.execute(update(JobModel).where(JobModel.id == job_id, JobModel.state == old.value)
                                .values(state=new.value, updated_at=time.time(), **_encode(fields)))
-            if result.rowcount != 1:  # changed under us (cannot happen under the row lock; kept as the CAS)
+            if _rowcount(result) != 1:  # changed under us (cannot happen under the row lock; kept as the CAS)
                 raise InvalidTransition(job_id, old, new)
             s.flush()
             s.refresh(m)
@@ -289,7 +308,7 @@ class Store:
                                .where(JobModel.id == job_id,
                                       JobModel.state.not_in([st.value for st in TERMINAL]))
                                .values(updated_at=time.time(), **_encode(fields)))
-            if result.rowcount != 1:
+            if _rowcount(result) != 1:
                 return None
             m = s.scalar(select(JobModel).where(JobModel.id == job_id))
             return Job.of(m) if m else None
@@ -299,7 +318,7 @@ class Store:
         with self._writes.begin() as s:
             result = s.execute(delete(JobModel).where(JobModel.id == job_id,
                                                       JobModel.state.in_([st.value for st in TERMINAL])))
-            return result.rowcount == 1
+            return _rowcount(result) == 1
 
     def import_job(self, job: Job) -> bool:
         """Insert a record rebuilt from storage (`trainctl reindex`), keeping its id, owner, state and
@@ -354,4 +373,4 @@ class Store:
 
     def has_admin_token(self) -> bool:
         with self._sessions() as s:
-            return s.scalar(select(func.count()).select_from(TokenModel).where(TokenModel.is_admin)) > 0
+            return (s.scalar(select(func.count()).select_from(TokenModel).where(TokenModel.is_admin)) or 0) > 0

@@ -13,6 +13,7 @@ from trainer.spec import PRESETS, error_list, parse_override, resolve
 
 def describe(args: argparse.Namespace) -> int:
     import yaml
+
     from trainer.model import build_model, count_parameters
     base = None
     if args.spec:
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True, help="pickle with b'data' N×32×32×3 uint8 and b'ids'")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt, or an exported model.pt2")
+    p.add_argument("--input", required=True,
+                   help="a folder of 32×32 PNG/JPEG images, a Hugging Face parquet, or the Kaggle pickle "
+                        "(b'data' N×32×32×3 uint8 and b'ids')")
     p.add_argument("--out", required=True, help="CSV path or URI")
     p.set_defaults(func=predict)
     args = parser.parse_args(argv)

@@ -30,33 +30,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # --- the file names -------------------------------------------------------------------------------------
 
-SPEC = "spec.json"          # the resolved JobSpec (trainer/spec.py), written by the service
-METRICS = "metrics.jsonl"   # EpochMetrics, one line per epoch
+SPEC = "spec.json"  # the resolved JobSpec (trainer/spec.py), written by the service
+METRICS = "metrics.jsonl"  # EpochMetrics, one line per epoch
 MANIFEST = "manifest.json"  # Manifest
-SUMMARY = "summary.json"    # Summary
-TRIALS = "trials.json"      # [TrialRow], searches only
-TRIALS_DIR = "trials"       # a search's trials/<trial id>/ hold a single run's files each
+SUMMARY = "summary.json"  # Summary
+TRIALS = "trials.json"  # [TrialRow], searches only
+TRIALS_DIR = "trials"  # a search's trials/<trial id>/ hold a single run's files each
+ARTIFACTS_DIR = "artifacts"  # exported models (trainer/export.py) and their index
+ARTIFACTS = "artifacts/artifacts.json"  # ArtifactIndex
 
 SearchMode = Literal["max", "min"]
 
 
 # --- exit codes and error kinds --------------------------------------------------------------------------
 
+
 class ExitCode(IntEnum):
     """`python -m trainer.run`'s exit status."""
 
     OK = 0
-    FAILED = 1   # anything else (infrastructure): worth a retry
-    USER = 2     # the spec or data is wrong: never worth a retry
+    FAILED = 1  # anything else (infrastructure): worth a retry
+    USER = 2  # the spec or data is wrong: never worth a retry
     STORAGE = 3  # storage stayed unreachable
 
 
 class ErrorKind(str, Enum):
     """Why a run failed (summary.json's `error_kind`)."""
 
-    USER = "user"        # the spec or data is wrong: do not retry
+    USER = "user"  # the spec or data is wrong: do not retry
     STORAGE = "storage"  # storage unreachable
-    INFRA = "infra"      # anything else
+    INFRA = "infra"  # anything else
 
     def __str__(self) -> str:
         return self.value
@@ -93,6 +96,7 @@ class TrialState(str, Enum):
 
 
 # --- the records ------------------------------------------------------------------------------------------
+
 
 class Record(BaseModel):
     """A job-directory record. Unknown fields (a newer writer's) are ignored when read."""
@@ -158,6 +162,23 @@ class Manifest(Record):
 
     def latest(self) -> CheckpointEntry | None:
         return max(self.checkpoints, key=lambda e: e.epoch, default=None)
+
+
+class Artifact(Record):
+    """An exported model in artifacts/artifacts.json: written at the end of a run from the best checkpoint."""
+
+    name: str = Field(description="file name under artifacts/, e.g. model.pt2")
+    format: Literal["safetensors", "pt2"]
+    uri: str
+    sha256: str
+    size: int
+    epoch: int | None = Field(default=None, description="the checkpoint epoch it was exported from")
+
+
+class ArtifactIndex(Record):
+    """artifacts/artifacts.json."""
+
+    artifacts: list[Artifact] = Field(default_factory=list)
 
 
 class TrialCounts(Record):
@@ -269,6 +290,11 @@ def parse_manifest(text: str | None) -> Manifest | None:
     return _parse(Manifest, text)
 
 
+def parse_artifacts(text: str | None) -> ArtifactIndex:
+    """artifacts/artifacts.json's text → the index (empty when missing or unreadable)."""
+    return _parse(ArtifactIndex, text) or ArtifactIndex()
+
+
 def parse_trials(text: str | None) -> list[TrialRow]:
     """trials.json's text → its valid rows ([] when missing or unreadable)."""
     data = _json(text)
@@ -311,6 +337,7 @@ def trials_json(rows: Iterable[TrialRow]) -> str:
 
 
 # --- "best" -----------------------------------------------------------------------------------------------
+
 
 def best_so_far(metrics: Sequence[EpochMetrics]) -> float | None:
     """The best val_acc of the epochs so far (None before the first)."""

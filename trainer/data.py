@@ -40,7 +40,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, index: torch.Tensor) -> "Dataset":
+    def take(self, index: torch.Tensor) -> Dataset:
         return Dataset(self.images[index], self.labels[index])
 
 
@@ -92,7 +92,7 @@ def _check(data: Dataset, uri: str, num_classes: int) -> None:
 
 
 def _read_parquet(uri: str, limit: int | None) -> Dataset:
-    from torchvision.io import decode_jpeg, decode_image  # torchvision only where data is decoded
+    from torchvision.io import decode_image, decode_jpeg  # torchvision only where data is decoded
     fs, path = objstore.resolve(uri)
     try:
         table = objstore.retrying(lambda: pq.read_table(path, filesystem=fs, columns=["img", "label"]),
@@ -143,7 +143,7 @@ def _read_cifar_python(uri: str, split: str) -> Dataset:
         try:
             batch = pickle.load(io.BytesIO(objstore.read_bytes(f)), encoding="bytes")
             data, labs = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        except Exception as exc:  # any unpickling failure means a corrupt file
             raise DataError(f"{f}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
         data = np.asarray(data)
         if labs is None or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
@@ -161,7 +161,7 @@ def _download_torchvision(uri: str, split: str) -> Dataset:
     root = objstore.resolve(uri)[1]
     try:
         torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
-    except Exception as exc:  # noqa: BLE001 - offline, DNS, checksum: all mean "could not fetch"
+    except Exception as exc:  # offline, DNS, checksum: all mean "could not fetch"
         raise DataError(f"{uri}: could not download CIFAR-10 with torchvision ({exc}); "
                         "point data.train at a local copy instead") from exc
     return _read_cifar_python(os.path.join(root, "cifar-10-batches-py"), split)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import pickle
 from typing import Any
 
@@ -71,22 +72,69 @@ def accuracy(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> dict[str, 
     return {"accuracy": float(correct.float().mean()), "per_class": per_class, "n": len(data)}
 
 
-def predict_to_csv(checkpoint_uri: str, input_uri: str, out_uri: str) -> int:
-    """The paper's Kaggle format: a pickle with b'data' (N×32×32×3 uint8) and b'ids' → CSV `ID,Labels`."""
+def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
+    """The paper's Kaggle test file: a pickle with b'data' (N×32×32×3 uint8) and b'ids'."""
     try:
-        batch = pickle.load(io.BytesIO(objstore.read_bytes(input_uri)), encoding="bytes")
+        batch = pickle.load(io.BytesIO(objstore.read_bytes(uri)), encoding="bytes")
         data, ids = np.asarray(batch[b"data"]), list(batch[b"ids"])
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means bad input
-        raise DataError(f"{input_uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
+    except Exception as exc:  # any unpickling failure means bad input
+        raise DataError(f"{uri}: expected a pickle with b'data' and b'ids' ({exc})") from exc
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ids) != len(data):
-        raise DataError(f"{input_uri}: b'data' must be N×32×32×3 uint8 with one id each; "
+        raise DataError(f"{uri}: b'data' must be N×32×32×3 uint8 with one id each; "
                         f"got {data.dtype} {data.shape} and {len(ids)} ids")
-    model, spec = load_model(checkpoint_uri)
-    images = torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous()
-    labels = predict_logits(model, spec, images).argmax(1).tolist()
+    return torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous(), ids
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_image_folder(uri: str) -> tuple[torch.Tensor, list[Any]]:
+    """Every PNG/JPEG file in a folder (sorted by name), each 32×32; ids are the file names."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    names = sorted(n for n in os.listdir(uri) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise DataError(f"{uri}: no .png/.jpg/.jpeg files in this folder")
+    images = []
+    for name in names:
+        img = decode_image(torch.frombuffer(bytearray(objstore.read_bytes(os.path.join(uri, name))),
+                                            dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if tuple(img.shape) != (3, 32, 32):
+            raise DataError(f"{uri}/{name}: image is {img.shape[2]}×{img.shape[1]}, expected 32×32")
+        images.append(img)
+    return torch.stack(images), names
+
+
+def read_predict_input(uri: str) -> tuple[torch.Tensor, list[Any]]:
+    """Images to predict (uint8 N×3×32×32) and their ids, from a folder of PNG/JPEG files (ids: file names),
+    a Hugging Face parquet (ids: row numbers) or the paper's Kaggle pickle (its ids)."""
+    local = objstore.resolve(uri)[1] if not objstore.is_s3(uri) else None
+    if local is not None and os.path.isdir(local):
+        return _read_image_folder(local)
+    if uri.endswith(".parquet"):
+        data = load(uri, "parquet")
+        return data.images, list(range(len(data)))
+    return _read_kaggle_pickle(uri)
+
+
+def load_exported(path: str) -> torch.nn.Module:
+    """A `model.pt2` export (trainer/export.py): raw 0..255 float pixels in, logits out; plain torch."""
+    return torch.export.load(path).module()
+
+
+def predict_to_csv(model_uri: str, input_uri: str, out_uri: str) -> int:
+    """Predictions as CSV `ID,Labels` (the paper's Kaggle format) for a checkpoint or a `.pt2` export."""
+    images, ids = read_predict_input(input_uri)
+    if model_uri.endswith(".pt2"):
+        exported = load_exported(objstore.resolve(model_uri)[1])
+        with torch.no_grad():
+            labels = torch.cat([exported(chunk.float()).argmax(1) for chunk in images.split(1024)]).tolist()
+    else:
+        model, spec = load_model(model_uri)
+        labels = predict_logits(model, spec, images).argmax(1).tolist()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["ID", "Labels"])
-    writer.writerows((int(i) if not isinstance(i, bytes) else i.decode(), lab) for i, lab in zip(ids, labels))
+    writer.writerows((i.decode() if isinstance(i, bytes) else i, lab) for i, lab in zip(ids, labels, strict=True))
     objstore.write_text(out_uri, out.getvalue())
     return len(labels)

@@ -23,6 +23,7 @@ def use_gpu(spec: JobSpec) -> bool:
     if spec.scaling.use_gpu is not None:
         return spec.scaling.use_gpu
     import ray
+
     return bool(ray.cluster_resources().get("GPU", 0) >= spec.scaling.num_workers)
 
 
@@ -41,15 +42,16 @@ def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallbac
     ckpt.remove_orphans(run_dir, ckpt.read_manifest(run_root))
 
 
-def build_trainer(spec: JobSpec, run_root: str, name: str,
-                  callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
     `run_root/name/` — the layout of a single job and of each search trial alike."""
     from ray.train.torch import TorchTrainer
 
     from trainer.loop import RunPaths, train_loop_per_worker
-    paths = RunPaths(metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root,
-                     run_dir=objstore.join(run_root, name))
+
+    paths = RunPaths(
+        metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root, run_dir=objstore.join(run_root, name)
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict()},
@@ -60,19 +62,26 @@ def build_trainer(spec: JobSpec, run_root: str, name: str,
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
     from ray.train import ScalingConfig
-    return ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu(spec),
-                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
-                                               **spec.scaling.resources_per_worker})
+
+    return ScalingConfig(
+        num_workers=spec.scaling.num_workers,
+        use_gpu=use_gpu(spec),
+        resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker},
+    )
 
 
 def run_config(spec: JobSpec, storage_uri: str, name: str, callbacks: list[UserCallback] | None = None) -> RunConfig:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
     storage_path, filesystem = objstore.ray_storage(storage_uri)
     return RunConfig(
-        name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks,
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_best,
-                                           checkpoint_score_attribute="val_acc",
-                                           checkpoint_score_order="max"),
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=callbacks,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=spec.checkpoint.keep_best, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+        ),
         # controller_failure_limit: a worker group that cannot start (too few resources) is retried for
         # about 10 minutes (60 s each: room for an autoscaler to add a GPU node), then the run fails
         # instead of waiting forever (Ray's default).

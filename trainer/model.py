@@ -63,7 +63,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, first, 3, padding=1, bias=False), nn.BatchNorm2d(first),
                                   _activation(spec.activation))
         stages, in_ch = [], first
-        for i, (width, n) in enumerate(zip(spec.widths, spec.blocks)):
+        for i, (width, n) in enumerate(zip(spec.widths, spec.blocks, strict=True)):
             stride = 1 if i == 0 else 2  # stage 1 keeps 32x32; each later stage halves the resolution
             for j in range(n):
                 stages.append(BasicBlock(in_ch, width, stride if j == 0 else 1, spec))

@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from trainer.fit import fit_single
             fit_single(spec, job_dir)
-    except BaseException as exc:  # noqa: BLE001 - every failure must end in summary.json
+        from trainer.export import export_best  # before summary.json: the service takes that as the end
+        export_best(job_dir, spec)
+    except BaseException as exc:  # every failure must end in summary.json
         if isinstance(exc, KeyboardInterrupt):
             raise
         error = exc

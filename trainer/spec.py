@@ -14,7 +14,7 @@ import difflib
 import json
 import math
 import typing
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -116,7 +116,7 @@ class Grid(Section):
     grid: list[Any] = Field(min_length=1)
 
 
-Distribution = Union[LogUniform, Uniform, RandInt, Choice, Grid]
+Distribution = LogUniform | Uniform | RandInt | Choice | Grid
 
 
 class AshaSpec(Section):
@@ -135,7 +135,7 @@ class SearchSpec(Section):
     num_samples: int = Field(default=4, ge=1, le=10000)
     metric: Literal["val_acc", "val_loss", "train_loss", "train_acc"] = "val_acc"
     mode: Literal["max", "min"] = "max"
-    scheduler: Annotated[Union[AshaSpec, NoScheduler], Field(discriminator="kind")] = AshaSpec()
+    scheduler: Annotated[AshaSpec | NoScheduler, Field(discriminator="kind")] = AshaSpec()
     max_concurrent_trials: PositiveInt = 1
     seed: int = 0
 
@@ -151,6 +151,10 @@ class SearchSpec(Section):
 # --- the job spec ---------------------------------------------------------------------------------
 
 
+ExportFormat = Literal["safetensors", "pt2"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
+
+
 class JobSpec(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -164,9 +168,12 @@ class JobSpec(Section):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint: CheckpointSpec = CheckpointSpec()
     search: SearchSpec | None = None
+    # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
+    # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
+    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS))
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "JobSpec":
+    def _cross_field_checks(self) -> JobSpec:
         errors: list[InitErrorDetails] = []
 
         def fail(loc: tuple[str, ...], value: Any, message: str) -> None:
@@ -227,6 +234,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"kind": "constant"},
         "scaling": {"num_workers": 2, "use_gpu": False},
         "precision": "fp32",
+        "exports": [],  # an export adds seconds to every test run; the export tests ask for it
     },
 }
 
@@ -333,7 +341,7 @@ def _path_error(path: str, message: str) -> ValidationError:
         loc=tuple(path.split(".")), input=path)])
 
 
-def _check_search_path(spec: JobSpec, path: str, dist: BaseModel) -> str | None:
+def _check_search_path(spec: JobSpec, path: str, dist: Distribution) -> str | None:
     """Why `path` cannot be searched with `dist`, or None when it can: the path must name a scalar
     field outside `search`, and every value the distribution can produce must validate there."""
     if path.split(".")[0] == "search":

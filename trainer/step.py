@@ -55,8 +55,13 @@ def _to_device(device: torch.device) -> Callable[[torch.nn.Module], torch.nn.Mod
     return lambda model: model.to(device)
 
 
-def build(spec: JobSpec, device: torch.device, steps_per_epoch: int,
-          wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, channels_last: bool = False) -> Trainee:
+def build(
+    spec: JobSpec,
+    device: torch.device,
+    steps_per_epoch: int,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    channels_last: bool = False,
+) -> Trainee:
     """The model, optimizer and schedule of `spec` on `device`. `wrap` moves the model to the device and
     wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it."""
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -67,8 +72,9 @@ def build(spec: JobSpec, device: torch.device, steps_per_epoch: int,
     raw_model = model.module if hasattr(model, "module") else model
     forward = torch.compile(model) if spec.compile else model
     o = spec.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                weight_decay=o.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
     scheduler = build_scheduler(optimizer, spec.schedule, steps_per_epoch, o.epochs)
     return Trainee(model, raw_model, forward, optimizer, scheduler, device, resolve_precision(spec, device))
 
@@ -115,8 +121,17 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(seed * 1009 + epoch * 31 + rank)
 
 
-def train_epoch(trainee: Trainee, data: DeviceData, *, epoch: int, seed: int, rank: int, world: int,
-                local_batch: int, label_smoothing: float) -> torch.Tensor:
+def train_epoch(
+    trainee: Trainee,
+    data: DeviceData,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    local_batch: int,
+    label_smoothing: float,
+) -> torch.Tensor:
     """One pass over this rank's shard of `data`; returns this rank's [loss*n, correct, n]."""
     model, device = trainee.model, trainee.device
     model.train()
@@ -129,15 +144,21 @@ def train_epoch(trainee: Trainee, data: DeviceData, *, epoch: int, seed: int, ra
         loss.backward()
         trainee.optimizer.step()
         trainee.scheduler.step()
-        sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
-                             torch.tensor(float(len(y)), device=device)])
+        sums += torch.stack(
+            [
+                loss.detach().float() * len(y),
+                (logits.argmax(1) == y).sum().float(),
+                torch.tensor(float(len(y)), device=device),
+            ]
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()  # kernels run asynchronously: time the work, not its launch
     return sums
 
 
-def evaluate(model: torch.nn.Module, data: DeviceData, rank: int, world: int, device: torch.device,
-             amp_dtype: torch.dtype | None) -> torch.Tensor:
+def evaluate(
+    model: torch.nn.Module, data: DeviceData, rank: int, world: int, device: torch.device, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
     """[loss*n, correct, n] over this rank's slice of `data` (plain cross-entropy, no smoothing)."""
     was_training = model.training
     model.eval()
@@ -147,8 +168,9 @@ def evaluate(model: torch.nn.Module, data: DeviceData, rank: int, world: int, de
             with autocast(device, amp_dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            sums += torch.stack([loss, (logits.argmax(1) == y).sum().float(),
-                                 torch.tensor(float(len(y)), device=device)])
+            sums += torch.stack(
+                [loss, (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)]
+            )
     model.train(was_training)
     return sums
 
@@ -168,36 +190,77 @@ def all_reduce(sums: list[torch.Tensor], world: int) -> None:
             dist.all_reduce(s)
 
 
-def epoch_metrics(*, epoch: int, train_sums: torch.Tensor, val_sums: torch.Tensor, lr: float,
-                  train_seconds: float, epoch_seconds: float, resumed: bool, node_ids: list[str]
-                  ) -> EpochMetrics:
+def epoch_metrics(
+    *,
+    epoch: int,
+    train_sums: torch.Tensor,
+    val_sums: torch.Tensor,
+    lr: float,
+    train_seconds: float,
+    epoch_seconds: float,
+    resumed: bool,
+    node_ids: list[str],
+) -> EpochMetrics:
     """One metrics.jsonl line from the all-reduced sums."""
     tl, tc, tn = train_sums.tolist()
     vl, vc, vn = val_sums.tolist()
     return EpochMetrics(
-        epoch=epoch, train_loss=tl / tn, train_acc=tc / tn,
+        epoch=epoch,
+        train_loss=tl / tn,
+        train_acc=tc / tn,
         # No validation split (val_fraction=0): null loss (JSON has no NaN), and 0 accuracy.
-        val_loss=vl / vn if vn else None, val_acc=vc / vn if vn else 0.0,
-        lr=lr, images_per_s=tn / train_seconds, epoch_seconds=epoch_seconds, time=time.time(),
-        resumed=resumed, node_ids=node_ids,
+        val_loss=vl / vn if vn else None,
+        val_acc=vc / vn if vn else 0.0,
+        lr=lr,
+        images_per_s=tn / train_seconds,
+        epoch_seconds=epoch_seconds,
+        time=time.time(),
+        resumed=resumed,
+        node_ids=node_ids,
     )
 
 
-def run_epoch(trainee: Trainee, spec: JobSpec, train_data: DeviceData, val_data: DeviceData, *, epoch: int,
-              start_epoch: int, rank: int, world: int, local_batch: int, node_ids: list[str]) -> EpochMetrics:
+def run_epoch(
+    trainee: Trainee,
+    spec: JobSpec,
+    train_data: DeviceData,
+    val_data: DeviceData,
+    *,
+    epoch: int,
+    start_epoch: int,
+    rank: int,
+    world: int,
+    local_batch: int,
+    node_ids: list[str],
+) -> EpochMetrics:
     """Train one epoch, synchronise BatchNorm, evaluate, all-reduce: the epoch's metrics (equal on every
     rank). Every rank must call it (it runs collectives when world > 1)."""
     seed_epoch(spec.seed, epoch, rank)
     t0 = time.perf_counter()
-    train_sums = train_epoch(trainee, train_data, epoch=epoch, seed=spec.seed, rank=rank, world=world,
-                             local_batch=local_batch, label_smoothing=spec.optim.label_smoothing)
+    train_sums = train_epoch(
+        trainee,
+        train_data,
+        epoch=epoch,
+        seed=spec.seed,
+        rank=rank,
+        world=world,
+        local_batch=local_batch,
+        label_smoothing=spec.optim.label_smoothing,
+    )
     train_seconds = time.perf_counter() - t0
     sync_buffers(trainee.raw_model, world)
     val_sums = evaluate(trainee.raw_model, val_data, rank, world, trainee.device, trainee.amp_dtype)
     all_reduce([train_sums, val_sums], world)
-    return epoch_metrics(epoch=epoch, train_sums=train_sums, val_sums=val_sums, lr=trainee.lr,
-                         train_seconds=train_seconds, epoch_seconds=time.perf_counter() - t0,
-                         resumed=epoch == start_epoch and start_epoch > 1, node_ids=node_ids)
+    return epoch_metrics(
+        epoch=epoch,
+        train_sums=train_sums,
+        val_sums=val_sums,
+        lr=trainee.lr,
+        train_seconds=train_seconds,
+        epoch_seconds=time.perf_counter() - t0,
+        resumed=epoch == start_epoch and start_epoch > 1,
+        node_ids=node_ids,
+    )
 
 
 def read_history(metrics_uri: str, before_epoch: int) -> list[EpochMetrics]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,9 +14,12 @@ from service.runner import Runner
 from service.settings import Settings
 from service.store import Job, Store
 
+if TYPE_CHECKING:
+    from service.app import AppState  # not at run time: service.app imports the routers, which import this
 
-def _state(request: Request):  # -> service.app.AppState (not imported: app imports the routers)
-    return request.app.state.trainctl
+
+def _state(request: Request) -> AppState:
+    return cast("AppState", request.app.state.trainctl)
 
 
 def get_settings(request: Request) -> Settings:

@@ -12,15 +12,28 @@ import io
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
-from pydantic import BeforeValidator
+from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BeforeValidator
 
 import objstore
 from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
-from service.api.schemas import (SUBMIT_EXAMPLES, CheckpointList, CheckpointView, JobList, JobView, MetricsView,
-                                 TrialList, job_view, request_hash, resolve_body)
+from service.api.schemas import (
+    SUBMIT_EXAMPLES,
+    ArtifactList,
+    ArtifactView,
+    CheckpointList,
+    CheckpointView,
+    JobList,
+    JobView,
+    MetricsView,
+    TrialList,
+    job_view,
+    request_hash,
+    resolve_body,
+)
 from service.errors import ApiError
 from service.states import JobState
 from service.store import IdempotencyConflict
@@ -69,10 +82,10 @@ def get_job(job: JobDep, runner: RunnerDep) -> JobView:
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
 def get_metrics(job: JobDep, runner: RunnerDep,
-                format: Annotated[Literal["json", "csv"], Query()] = "json") -> Any:  # noqa: A002
+                fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json") -> Any:
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
-    if format == "json":
+    if fmt == "json":
         return MetricsView(job_id=job.id, metrics=metrics)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
@@ -136,21 +149,48 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     best = jobdir.best_checkpoint(runner.job_dir(job.id))
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
-    uri = best.uri
-    digest, size = hashlib.sha256(), 0
+    name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
+    return verified_download(best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256", {"epoch": best.epoch})
+
+
+@router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=errors(404))
+def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:
+    """The best checkpoint exported for use outside trainctl (written at the end of a run; see spec.exports)."""
+    found = jobdir.artifacts(runner.job_dir(job.id))
+    return ArtifactList(job_id=job.id, artifacts=[ArtifactView(**a.model_dump(include=set(ArtifactView.model_fields)))
+                                                  for a in found])
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the file; its sha256 is in X-Artifact-SHA256"},
+                       **errors(404, 502)})
+def download_artifact(job: JobDep, runner: RunnerDep, name: Annotated[str, FastApiPath(max_length=128)]
+                      ) -> StreamingResponse:
+    """Download one exported model, verified against its recorded sha256/size like a checkpoint."""
+    found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a.name == name), None)
+    if found is None:
+        raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts")
+    return verified_download(found.uri, found.sha256, found.size, f"{job.id}-{name}", "X-Artifact-SHA256",
+                             {"name": name})
+
+
+def verified_download(uri: str, sha256: str | None, size: int | None, filename: str, sha_header: str,
+                      context: dict[str, Any]) -> StreamingResponse:
+    """Stream a stored file only once it matches the sha256/size the trainer recorded: it is hashed in a first
+    pass, because an error can no longer be reported once the body has started."""
+    digest, actual_size = hashlib.sha256(), 0
     try:
         for chunk in objstore.iter_chunks(uri):
             digest.update(chunk)
-            size += len(chunk)
+            actual_size += len(chunk)
     except FileNotFoundError:
-        raise ApiError(502, "checkpoint_corrupt", "the best checkpoint is listed but missing from storage",
-                       {"epoch": best.epoch}) from None
+        raise ApiError(502, "checkpoint_corrupt", "the file is listed but missing from storage", context) from None
     sha = digest.hexdigest()
-    if (best.sha256 and best.sha256 != sha) or (best.size is not None and best.size != size):
-        raise ApiError(502, "checkpoint_corrupt", "the stored checkpoint does not match its recorded sha256/size",
-                       {"expected_sha256": best.sha256, "actual_sha256": sha,
-                        "expected_size": best.size, "actual_size": size})
-    name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
+    if (sha256 and sha256 != sha) or (size is not None and size != actual_size):
+        raise ApiError(502, "checkpoint_corrupt", "the stored file does not match its recorded sha256/size",
+                       {**context, "expected_sha256": sha256, "actual_sha256": sha, "expected_size": size,
+                        "actual_size": actual_size})
     return StreamingResponse(objstore.iter_chunks(uri), media_type="application/octet-stream",
-                             headers={"X-Checkpoint-SHA256": sha, "Content-Length": str(size),
-                                      "Content-Disposition": f'attachment; filename="{name}"'})
+                             headers={sha_header: sha, "Content-Length": str(actual_size),
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})

@@ -91,7 +91,8 @@ def install_openapi(app: FastAPI, *, submit_path: str = "/v1/jobs") -> None:
         if post is not None:
             content = post.setdefault("requestBody", {"required": True}).setdefault("content", {})
             examples = content.get("application/json", {}).get("examples")
-            content["application/json"] = {"schema": _submit_body_schema(), **({"examples": examples} if examples else {})}
+            content["application/json"] = {"schema": _submit_body_schema(),
+                                           **({"examples": examples} if examples else {})}
         app.openapi_schema = schema
         return schema
 

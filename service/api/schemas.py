@@ -114,8 +114,21 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointView]
 
 
+class ArtifactView(BaseModel):
+    name: str = Field(description="download it from /v1/jobs/{id}/artifacts/{name}")
+    format: str | None = Field(description="safetensors (weights only) or pt2 (a torch.export program)")
+    epoch: int | None = Field(description="the checkpoint epoch it was exported from (the best one)")
+    size: int | None
+    sha256: str | None
+
+
+class ArtifactList(BaseModel):
+    job_id: str
+    artifacts: list[ArtifactView]
+
+
 def _time(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
 
 def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:

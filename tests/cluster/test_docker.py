@@ -15,8 +15,15 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from tests.cluster.checks import (CONSOLE_SCRIPTS, PYPROJECT, REPO, check_command, dockerfile_from_images,
-                                  dockerignore_excludes, image_is_pinned)
+from tests.cluster.checks import (
+    CONSOLE_SCRIPTS,
+    PYPROJECT,
+    REPO,
+    check_command,
+    dockerfile_from_images,
+    dockerignore_excludes,
+    image_is_pinned,
+)
 
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
@@ -89,7 +96,7 @@ def test_compose_commands_exist(compose: dict) -> None:
     # ray-head: `ray start ...` must parse with Ray's CLI, and keep the head in the foreground.
     head = [str(a) for a in services["ray-head"]["command"]]
     assert check_command(head) == "ray" and "--block" in head
-    for name, svc in services.items():
+    for svc in services.values():
         test = svc.get("healthcheck", {}).get("test", [])
         if test[:1] == ["CMD"] and test[1] in ("python", "python3"):
             check_command(test[1:])
@@ -222,7 +229,8 @@ def test_service_requirements_match_pyproject() -> None:
         assert r.name.lower() in project, f"{r.name} is not a dependency in pyproject.toml"
         pins = [s for s in r.specifier if s.operator == "=="]
         assert len(pins) == 1, f"{r}: pin an exact version"
-        assert project[r.name.lower()].specifier.contains(pins[0].version), f"{r} violates pyproject's {project[r.name.lower()]}"
+        assert project[r.name.lower()].specifier.contains(pins[0].version), \
+            f"{r} violates pyproject's {project[r.name.lower()]}"
     ray = next(r for r in reqs if r.name == "ray")
     assert "default" in ray.extras, "the Jobs client needs ray[default]"
 
@@ -257,7 +265,7 @@ def test_service_healthcheck_passes_on_200_and_503_only(compose: dict) -> None:
     status = {"code": 200}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(status["code"] if self.path == "/healthz" else 404)
             self.end_headers()
 

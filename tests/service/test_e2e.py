@@ -157,7 +157,7 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     bad = _cli(service, "submit", "--preset", "debug", "--set", "optim.lr=-1")
     assert bad.returncode == 5 and "optim.lr" in bad.stderr
     sub = _cli(service, "submit", "--preset", "debug", "--set", f"data.train={cifar_parquet}",
-               "--set", "optim.epochs=1", "-q")
+               "--set", "optim.epochs=1", "--set", 'exports=["safetensors", "pt2"]', "-q")
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip()
     watch = _cli(service, "watch", job_id, "--interval", "1", timeout=400)
@@ -178,6 +178,16 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     assert listing.returncode == 0 and job_id in listing.stdout
     logs = _cli(service, "logs", job_id, "--tail", "3")
     assert logs.returncode == 0 and logs.stdout
+    # The exported model leaves trainctl: listed, downloaded verified, and run by plain torch here.
+    with service.client() as c:
+        names = {a["name"] for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["artifacts"]}
+    assert names == {"model.safetensors", "model.pt2"}
+    exported = _cli(service, "export", job_id, "--format", "pt2", "-o", str(tmp_path / "model.pt2"))
+    assert exported.returncode == 0 and "verified" in exported.stdout, exported.stderr
+    import torch
+
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    assert program(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     missing = _cli(service, "status", "no-such-job")
     assert missing.returncode == 5 and "not_found" in missing.stderr
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "service"
 SERVICE_MAY_IMPORT = {"trainer.spec", "trainer.contract"}
@@ -40,6 +42,7 @@ def test_the_contract_modules_import_only_pydantic_and_the_standard_library() ->
                 f"trainer/{module}.py imports {name}"
 
 
+@pytest.mark.slow
 def test_loading_the_app_and_cli_loads_no_torch_or_ray() -> None:
     code = ("import sys, service.app, service.cli; from service.settings import load_settings; "
             "service.app.create_app(load_settings(data_dir='/tmp/unused-trainctl')); "

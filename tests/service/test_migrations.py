@@ -128,6 +128,6 @@ def test_trainctl_db_upgrade_command(tmp_path, database_url: str) -> None:
     engine = create_engine(database_url)
     assert {"jobs", "tokens", "alembic_version"} <= set(inspect(engine).get_table_names())
     engine.dispose()
-    again = subprocess.run([*cmd[:4], "current", *cmd[5:]], env={**os.environ, **env_url}, capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run([*cmd[:4], "current", *cmd[5:]], env={**os.environ, **env_url}, capture_output=True,
+                           text=True, timeout=120)
     assert again.returncode == 0 and head_revision() in again.stdout, again.stderr

@@ -30,8 +30,8 @@ def schema(api: Api) -> dict[str, Any]:
 
 
 def test_bearer_scheme_is_declared_on_every_v1_route(schema: dict[str, Any]) -> None:
-    assert schema["components"]["securitySchemes"]["bearer"] == {
-        "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["bearer"]["description"]}
+    bearer = schema["components"]["securitySchemes"]["bearer"]
+    assert bearer == {"type": "http", "scheme": "bearer", "description": bearer["description"]}
     for path, item in schema["paths"].items():
         for method, op in item.items():
             if path.startswith("/v1/"):
@@ -93,6 +93,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
         thread.join(timeout=15)
 
 
+@pytest.mark.slow
 def test_a_generated_client_submits_and_reads_a_job(served: tuple[str, str, dict[str, Any]], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     generator = shutil.which("openapi-python-client", path=str(Path(sys.executable).parent))

@@ -4,9 +4,9 @@ and PostgreSQL. The app runs over a fake Ray; the storage is real (local directo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 

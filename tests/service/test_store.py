@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from service.states import InvalidTransition, JobNotFound, JobState, can_transition
@@ -139,7 +137,8 @@ def test_transitions_are_atomic_across_connections(database_url: str) -> None:
             losses: list[int] = []
             barrier = threading.Barrier(len(stores))
 
-            def race(i: int, job_id: str = job.id) -> None:
+            def race(i: int, job_id: str = job.id, barrier: threading.Barrier = barrier,
+                     wins: list[int] = wins, losses: list[int] = losses) -> None:
                 barrier.wait()
                 try:
                     stores[i].transition(job_id, JobState.STARTING, expect={JobState.QUEUED},

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.trainer.cifar_files import write_cifar_python
-from trainer.data import PAD, Dataset, DataError, DeviceData, load, load_splits
+from trainer.data import PAD, DataError, Dataset, DeviceData, load, load_splits
 from trainer.spec import DataSpec
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import objstore
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run, wait_for_checkpoint
+from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, start_run, wait_for_checkpoint
 from trainer.spec import resolve
 
 pytestmark = pytest.mark.ray
@@ -53,8 +53,9 @@ def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, 
                                                     "data.max_train_images": 2048})
     proc = start_run(job_dir, ray_head.env())
     wait_for_checkpoint(proc, job_dir, epoch=1)
-    workers = list_actors(address=ray_head.dashboard_url, filters=[("class_name", "=", "RayTrainWorker"),
-                                                                   ("state", "=", "ALIVE")], raise_on_missing_output=False)
+    workers = list_actors(address=ray_head.dashboard_url,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                          raise_on_missing_output=False)
     assert len(workers) == 2, workers
     killed_at = time.time()
     os.kill(workers[-1].pid, 9)  # one DDP rank dies mid-run

@@ -17,6 +17,7 @@ def test_forward_shapes_and_variants():
 
 def test_model_file_knows_nothing_of_training():
     import pathlib
+
     import trainer.model
     text = pathlib.Path(trainer.model.__file__).read_text()
     for word in ("ray", "optim", "DistributedDataParallel", "cuda"):

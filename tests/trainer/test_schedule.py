@@ -29,14 +29,18 @@ def test_shapes_of_other_schedules():
 
 def test_scheduler_state_resumes_in_place():
     spec = ScheduleSpec(kind="cosine")
-    make = lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # noqa: E731
+    make = lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     a_opt = make()
     a = build_scheduler(a_opt, spec, 10, 5)
     for _ in range(23):
-        a_opt.step(); a.step()
+        a_opt.step()
+        a.step()
     b_opt = make()
     b = build_scheduler(b_opt, spec, 10, 5)
     b.load_state_dict(a.state_dict())
     b_opt.param_groups[0]["lr"] = a_opt.param_groups[0]["lr"]
-    a_opt.step(); a.step(); b_opt.step(); b.step()
-    assert b_opt.param_groups[0]["lr"] == a_opt.param_groups[0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * 24 / 50)))
+    for opt, sched in ((a_opt, a), (b_opt, b)):
+        opt.step()
+        sched.step()
+    expected = pytest.approx(0.05 * (1 + math.cos(math.pi * 24 / 50)))
+    assert b_opt.param_groups[0]["lr"] == a_opt.param_groups[0]["lr"] == expected

@@ -77,6 +77,7 @@ def test_parse_override():
 def test_spec_module_imports_only_pydantic():
     import ast
     import pathlib
+
     import trainer.spec
     tree = ast.parse(pathlib.Path(trainer.spec.__file__).read_text())
     roots = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \

@@ -15,8 +15,17 @@ from trainer.data import Dataset, DeviceData
 from trainer.spec import JobSpec, resolve
 
 CPU = torch.device("cpu")
-METRICS = EpochMetrics(epoch=1, train_loss=2.0, train_acc=0.1, val_loss=2.0, val_acc=0.1, lr=0.05,
-                       images_per_s=1.0, epoch_seconds=1.0, time=0.0)
+METRICS = EpochMetrics(
+    epoch=1,
+    train_loss=2.0,
+    train_acc=0.1,
+    val_loss=2.0,
+    val_acc=0.1,
+    lr=0.05,
+    images_per_s=1.0,
+    epoch_seconds=1.0,
+    time=0.0,
+)
 
 
 def spec(**overrides: object) -> JobSpec:
@@ -29,7 +38,7 @@ def dataset(n: int, seed: int) -> Dataset:
     # a learnable signal: each class brightens its own band of rows
     images = torch.randint(0, 100, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
     for i, c in enumerate(labels.tolist()):
-        images[i, :, 3 * c:3 * c + 3, :] = 250
+        images[i, :, 3 * c : 3 * c + 3, :] = 250
     return Dataset(images, labels)
 
 
@@ -41,12 +50,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def fit(s: JobSpec, epochs: range, trainee: step.Trainee | None = None, start_epoch: int = 1
-        ) -> tuple[step.Trainee, list[EpochMetrics]]:
+def fit(
+    s: JobSpec, epochs: range, trainee: step.Trainee | None = None, start_epoch: int = 1
+) -> tuple[step.Trainee, list[EpochMetrics]]:
     train, val = DeviceData(dataset(192, 1), CPU, False), DeviceData(dataset(64, 2), CPU, False)
     trainee = trainee or step.build(s, CPU, train.steps_per_epoch(s.optim.batch_size, 1))
-    out = [step.run_epoch(trainee, s, train, val, epoch=e, start_epoch=start_epoch, rank=0, world=1,
-                          local_batch=s.optim.batch_size, node_ids=["n"]) for e in epochs]
+    out = [
+        step.run_epoch(
+            trainee,
+            s,
+            train,
+            val,
+            epoch=e,
+            start_epoch=start_epoch,
+            rank=0,
+            world=1,
+            local_batch=s.optim.batch_size,
+            node_ids=["n"],
+        )
+        for e in epochs
+    ]
     return trainee, out
 
 
@@ -67,8 +90,9 @@ def test_no_validation_split_gives_null_loss_and_zero_accuracy():
     s = spec()
     train, empty = DeviceData(dataset(64, 1), CPU, False), DeviceData(dataset(0, 2), CPU, False)
     trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
-    m = step.run_epoch(trainee, s, train, empty, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32,
-                       node_ids=["n"])
+    m = step.run_epoch(
+        trainee, s, train, empty, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"]
+    )
     assert m.val_loss is None and m.val_acc == 0.0
     assert '"val_loss":null' in contract.metrics_jsonl([m])  # JSON has no NaN
 
@@ -87,9 +111,9 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
     assert start == 2
     resumed, resumed_metrics = fit(s, range(start, 4), trainee=fresh, start_epoch=start)
     assert [m.resumed for m in resumed_metrics] == [True, False]
-    for a, b in zip(straight.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+    for a, b in zip(straight.raw_model.state_dict().values(), resumed.raw_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(straight_metrics[1:], resumed_metrics):
+    for a, b in zip(straight_metrics[1:], resumed_metrics, strict=True):
         assert (a.train_loss, a.val_acc, a.lr) == (b.train_loss, b.val_acc, b.lr)
 
 
@@ -121,11 +145,13 @@ def _two_ranks(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         from torch.nn.parallel import DistributedDataParallel
+
         s = spec(**{"optim.batch_size": 64})
         train, val = DeviceData(dataset(192, 1), CPU, False), DeviceData(dataset(64, 2), CPU, False)
         trainee = step.build(s, CPU, train.steps_per_epoch(32, 2), wrap=DistributedDataParallel)
-        m = step.run_epoch(trainee, s, train, val, epoch=1, start_epoch=1, rank=rank, world=2, local_batch=32,
-                           node_ids=["a", "b"])
+        m = step.run_epoch(
+            trainee, s, train, val, epoch=1, start_epoch=1, rank=rank, world=2, local_batch=32, node_ids=["a", "b"]
+        )
         buffers = [b.clone() for b in trainee.raw_model.buffers()]
         torch.save({"metrics": m.model_dump(), "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -134,11 +160,12 @@ def _two_ranks(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_two_ranks_agree_on_metrics_and_batchnorm_stats(tmp_path):
     # fork: the ranks inherit the imported modules (spawn would import torch twice more: ~20 s here)
-    torch.multiprocessing.start_processes(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                          start_method="fork")
+    torch.multiprocessing.start_processes(
+        _two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
     assert [r0["metrics"][k] for k in keys] == [r1["metrics"][k] for k in keys]
     # each rank saw half the images: the all-reduced counts cover all of them
     assert r0["metrics"]["images_per_s"] > 0
-    assert all(torch.equal(a, b) for a, b in zip(r0["buffers"], r1["buffers"]))
+    assert all(torch.equal(a, b) for a, b in zip(r0["buffers"], r1["buffers"], strict=True))
