@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv browser-deps demo test test-fast lint bench clean
 
 # The venv is rebuilt whenever pyproject.toml changes. torch/torchvision come from this machine's disk.
 $(STAMP): pyproject.toml
@@ -20,9 +20,13 @@ venv: $(STAMP)
 demo: venv
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
+# Debian's chromium + chromium-driver for the browser tests, when missing (needs root; else they skip).
+browser-deps:
+	bash scripts/browser-deps.sh
+
 # The whole test suite: real Ray, real SeaweedFS, real HTTP. pytest exits 5 when it collects no test,
 # which fails this target (and CI) rather than passing silently.
-test: venv
+test: venv browser-deps
 	$(BIN)/python -m pytest
 
 # The edit loop: the unit tests only — no Ray cluster, no S3 server, no subprocess importing torch, no

@@ -52,9 +52,10 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 
+echo "trainctl dashboard: $TRAINCTL_URL/ui/ — sign in with the token in $DATA_DIR/admin-token"
 t0=$(date +%s.%N)
 JOB=$(trainctl submit examples/demo.yaml --set "data.train=$DATASET" -q)
-echo "submitted job $JOB"
+echo "submitted job $JOB — watch it at $TRAINCTL_URL/ui/jobs/$JOB"
 # time to RUNNING (the Ray job's driver started), for the record
 until trainctl status "$JOB" --json | python -c 'import json,sys; s=json.load(sys.stdin)["state"]; sys.exit(s == "QUEUED" or s == "STARTING")'; do
   sleep 0.2

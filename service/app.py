@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from service import auth
-from service.api import health, jobs, prometheus, tokens
+from service.api import events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -23,6 +23,8 @@ from service.reconciler import Reconciler
 from service.runner import Runner
 from service.settings import Settings, load_settings
 from service.store import Store
+from service.ui import routes as ui
+from service.ui import session
 
 log = logging.getLogger("trainctl")
 
@@ -35,6 +37,7 @@ class AppState:
     store: Store
     runner: Runner
     reconciler: Reconciler
+    sessions: session.Sessions
 
 
 def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
@@ -56,7 +59,8 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
-        app.state.trainctl = AppState(settings, store, runner, reconciler)
+        sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
+        app.state.trainctl = AppState(settings, store, runner, reconciler, sessions)
         reconciler.start()
         try:
             yield
@@ -66,15 +70,19 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
             store.close()
 
     app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
-                  description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`.")
+                  description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
+                              "the web dashboard is at /ui/.")
     install_error_handlers(app)
     install_openapi(app)
     app.state.metrics = metrics
     app.middleware("http")(metrics.middleware)
     app.include_router(jobs.router, prefix="/v1")
+    app.include_router(events.router, prefix="/v1")
+    app.include_router(plots.router, prefix="/v1")
     app.include_router(tokens.router, prefix="/v1")
     app.include_router(health.router)
     app.include_router(prometheus.router)
+    ui.install(app)
     return app
 
 

@@ -337,23 +337,55 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster."""
-    try:
-        from trainer.evaluate import predict_to_csv  # torch + torchvision: the [train] extra
-    except ImportError as exc:
-        raise CliError(f"`trainctl predict` runs the model on this machine and needs torch and torchvision "
-                       f"({exc}): pip install 'trainctl[train]'") from None
+    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster. The model runs in a
+    `python -m trainer predict` child (the CLI itself never imports the trainer or torch)."""
+    import importlib.util
+    import subprocess
     import tempfile
 
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("trainer.evaluate") is None:
+        raise CliError("`trainctl predict` runs the model on this machine and needs torch and torchvision: "
+                       "pip install 'trainctl[train]'")
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
         model = Path(tmp) / "model.pt2"
         api.download_artifact(args.id, "model.pt2", model)
-        n = predict_to_csv(str(model), args.input, args.output)
+        child = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(model),
+                                "--input", args.input, "--out", args.output])
+    return EXIT_ERROR if child.returncode else 0
+PLOTS = ("curves", "lr", "confusion")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Save the job's pictures as DIR/<id>-<name>.png; one that has nothing to draw yet is skipped with a note
+    (the confusion matrix exists only once the run has ended)."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(PLOTS)
+    unknown = [n for n in names if n not in PLOTS]
+    if unknown:
+        raise CliError(f"--only: unknown plot(s) {', '.join(unknown)}; choose from {', '.join(PLOTS)}")
+    written: dict[str, str] = {}
+    skipped: list[str] = []
+    with _client(args, timeout=120) as api:
+        for name in names:
+            png = api.plot(args.id, name)
+            if png is None:
+                skipped.append(name)
+                continue
+            target = out / f"{args.id}-{name}.png"
+            part = target.with_name(target.name + ".part")
+            part.write_bytes(png)
+            os.replace(part, target)
+            written[name] = str(target)
     if args.json:
-        _print_json({"predictions": n, "out": args.output})
+        _print_json({"written": written, "skipped": skipped})
     else:
-        print(f"wrote {n} predictions to {args.output}")
-    return 0
+        for path in written.values():
+            print(f"wrote {path}")
+        for name in skipped:
+            print(f"skipped {name}: nothing to draw yet" + (" (written when the run ends)" if name == "confusion"
+                                                           else ""), file=sys.stderr)
+    return 0 if written else EXIT_ERROR
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -521,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="a folder of 32×32 PNG/JPEG images, a parquet, or the Kaggle pickle")
     s.add_argument("-o", "--output", required=True, help="CSV to write (ID,Labels)")
     s.set_defaults(fn=cmd_predict)
+    s = sub.add_parser("plot", parents=[common], help="save the job's PNGs: curves (loss and accuracy per epoch), "
+                                                      "lr, confusion (the best checkpoint's, once the run ended)")
+    s.add_argument("id")
+    s.add_argument("-o", "--output", required=True, help="directory to write <id>-<name>.png into")
+    s.add_argument("--only", help="comma-separated subset of curves,lr,confusion")
+    s.set_defaults(fn=cmd_plot)
 
     s = sub.add_parser("token", help="manage API tokens")
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")

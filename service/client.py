@@ -166,6 +166,15 @@ class TrainctlClient:
     def trials(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/trials").json()  # type: ignore[no-any-return]
 
+    def plot(self, job_id: str, name: str) -> bytes | None:
+        """One of the job's PNGs (curves, lr, confusion); None while there is nothing to draw (409)."""
+        try:
+            return self.request("GET", f"/v1/jobs/{job_id}/plots/{name}.png").content
+        except ClientError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
     def create_token(self, name: str) -> dict[str, Any]:
         return self.request("POST", "/v1/tokens", json={"name": name}).json()  # type: ignore[no-any-return]
 

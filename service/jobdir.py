@@ -11,7 +11,16 @@ from typing import Any
 
 import objstore
 from trainer import contract
-from trainer.contract import Artifact, CheckpointEntry, EpochMetrics, Manifest, Summary, TrialRow, TrialState
+from trainer.contract import (
+    Artifact,
+    CheckpointEntry,
+    Confusion,
+    EpochMetrics,
+    Manifest,
+    Summary,
+    TrialRow,
+    TrialState,
+)
 from trainer.spec import SearchSpec
 
 # Written by the service, not the trainer: the job's record (owner, state, attempts, ...) as of its last
@@ -65,6 +74,11 @@ def read_summary(job_dir: str) -> Summary | None:
 
 def read_manifest(job_dir: str) -> Manifest | None:
     return contract.parse_manifest(_read_text(objstore.join(job_dir, contract.MANIFEST)))
+
+
+def read_confusion(job_dir: str) -> Confusion | None:
+    """confusion.json once the run wrote it, else None."""
+    return contract.parse_confusion(_read_text(objstore.join(job_dir, contract.CONFUSION)))
 
 
 def read_trials(job_dir: str) -> list[TrialRow]:

@@ -107,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = settings.model_copy(update={"ray_address": head.dashboard_url})
         print(f"trainctl API on http://{settings.host}:{settings.port} (docs at /docs), "
               f"storage {settings.storage_root}", flush=True)
+        print(f"trainctl dashboard: http://{settings.host}:{settings.port}/ui/ (sign in with an API token)", flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                                                log_level="info", timeout_graceful_shutdown=10))
         server.run()

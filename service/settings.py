@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # with only the head advertising `trainctl_driver`: drivers then never run on a worker node that may go away.
     entrypoint_resources: dict[str, float] = Field(default_factory=dict)
     reconcile_interval_s: float = Field(default=2.0, gt=0.0)
+    # How often GET /v1/jobs/{id}/events looks at the store and metrics.jsonl for news.
+    events_poll_s: float = Field(default=1.0, gt=0.0)
 
     @field_validator("data_dir")
     @classmethod
@@ -60,6 +62,11 @@ class Settings(BaseSettings):
     @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
+
+    @property
+    def session_secret_path(self) -> Path:
+        """The key that signs the dashboard's session cookies."""
+        return self.data_dir / "session-secret"
 
     @property
     def ray_token_path(self) -> Path:

@@ -38,6 +38,8 @@ TRIALS = "trials.json"  # [TrialRow], searches only
 TRIALS_DIR = "trials"  # a search's trials/<trial id>/ hold a single run's files each
 ARTIFACTS_DIR = "artifacts"  # exported models (trainer/export.py) and their index
 ARTIFACTS = "artifacts/artifacts.json"  # ArtifactIndex
+CONFUSION = "confusion.json"  # Confusion: the best checkpoint's confusion matrix, written when a run ends
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (scalars per epoch, the confusion matrix at the end)
 
 SearchMode = Literal["max", "min"]
 
@@ -248,6 +250,31 @@ class TrialRow(Record):
     error: str | None = None
 
 
+class Confusion(Record):
+    """confusion.json: the best checkpoint evaluated once the run ended, on the test split where the spec
+    has one (data.test), else on the run's own validation split."""
+
+    split: Literal["test", "val"]
+    classes: list[str] = Field(min_length=1)
+    matrix: list[list[int]] = Field(description="matrix[true][predicted] = number of images")
+    accuracy: float
+    n: int = Field(ge=0, description="images evaluated")
+    checkpoint: str | None = Field(default=None, description="URI of the checkpoint evaluated")
+    epoch: int | None = None
+
+    @field_validator("matrix")
+    @classmethod
+    def _square(cls, value: list[list[int]], info: Any) -> list[list[int]]:
+        classes = info.data.get("classes") or []
+        if len(value) != len(classes) or any(len(row) != len(classes) for row in value):
+            raise ValueError(f"matrix must be {len(classes)}x{len(classes)} (one row and column per class)")
+        return value
+
+    def per_class_accuracy(self) -> dict[str, float | None]:
+        pairs = enumerate(zip(self.classes, self.matrix, strict=True))
+        return {c: (row[i] / sum(row) if sum(row) else None) for i, (c, row) in pairs}
+
+
 # --- parsing (tolerant) and writing ----------------------------------------------------------------------
 
 R = TypeVar("R", bound=BaseModel)
@@ -293,6 +320,11 @@ def parse_manifest(text: str | None) -> Manifest | None:
 def parse_artifacts(text: str | None) -> ArtifactIndex:
     """artifacts/artifacts.json's text → the index (empty when missing or unreadable)."""
     return _parse(ArtifactIndex, text) or ArtifactIndex()
+
+
+def parse_confusion(text: str | None) -> Confusion | None:
+    """confusion.json's text → Confusion, or None when it is missing or unreadable."""
+    return _parse(Confusion, text)
 
 
 def parse_trials(text: str | None) -> list[TrialRow]:

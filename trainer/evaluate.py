@@ -6,13 +6,14 @@ import csv
 import io
 import os
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import objstore
 from trainer import checkpoint as ckpt
+from trainer.contract import Confusion
 from trainer.data import DataError, Dataset, images_to_batches, load, load_splits, use_channels_last
 from trainer.model import build_model
 from trainer.precision import autocast, resolve_precision
@@ -70,6 +71,37 @@ def accuracy(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> dict[str, 
             name = CLASSES[c] if num_classes == len(CLASSES) else str(c)
             per_class[name] = float(correct[mask].float().mean())
     return {"accuracy": float(correct.float().mean()), "per_class": per_class, "n": len(data)}
+
+
+def class_names(num_classes: int) -> list[str]:
+    return list(CLASSES) if num_classes == len(CLASSES) else [str(c) for c in range(num_classes)]
+
+
+def confusion_matrix(model: torch.nn.Module, spec: JobSpec, data: Dataset) -> list[list[int]]:
+    """matrix[true][predicted] = number of images."""
+    n = spec.model.num_classes
+    pred = predict_logits(model, spec, data.images).argmax(1)
+    counts = torch.bincount(data.labels.long() * n + pred.long(), minlength=n * n)
+    matrix: list[list[int]] = counts.reshape(n, n).tolist()
+    return matrix
+
+
+def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: str | None = None,
+                       epoch: int | None = None) -> Confusion | None:
+    """The checkpoint's confusion matrix on the run's test split (data.test) where it has one, else on its
+    own seeded validation split; None when it has neither (val_fraction 0 and no test data)."""
+    model, spec = load_model(checkpoint_uri, expected_sha256)
+    split: Literal["test", "val"]
+    if run_spec.data.test:
+        split, data = "test", load(run_spec.data.test, run_spec.data.format, "test", spec.model.num_classes)
+    else:
+        split, data = "val", load_splits(run_spec.data, spec.seed, spec.model.num_classes)[1]
+    if len(data) == 0:
+        return None
+    matrix = confusion_matrix(model, spec, data)
+    correct = sum(matrix[i][i] for i in range(len(matrix)))
+    return Confusion(split=split, classes=class_names(spec.model.num_classes), matrix=matrix,
+                     accuracy=correct / len(data), n=len(data), checkpoint=checkpoint_uri, epoch=epoch)
 
 
 def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:

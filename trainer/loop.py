@@ -25,6 +25,7 @@ from trainer import step
 from trainer.contract import CheckpointEntry, EpochMetrics
 from trainer.data import DeviceData, load_splits, use_channels_last
 from trainer.spec import JobSpec
+from trainer.tensorboard import EventLog
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                           paths.manifest_dir))
     history = step.read_history(paths.metrics, before_epoch=start_epoch) if rank == 0 else []
     node_ids = _node_ids(world)  # a worker group never moves: where each rank runs holds for the whole run
+    # Rank 0's TensorBoard event files in <run dir>/tensorboard/ (a resumed run purges the epochs it redoes).
+    events = EventLog(paths.manifest_dir, purge_step=start_epoch if start_epoch > 1 else None) if rank == 0 else None
 
     for epoch in range(start_epoch, spec.optim.epochs + 1):
         metrics = step.run_epoch(trainee, spec, train_data, val_data, epoch=epoch, start_epoch=start_epoch,
@@ -67,10 +70,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             history.append(metrics)
             step.write_history(paths.metrics, history)
+            assert events is not None
+            events.epoch(metrics)
         if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.optim.epochs:
             _report_with_checkpoint(spec, paths, rank, epoch, metrics, trainee)
         else:
             ray.train.report(metrics.model_dump())
+    if events is not None:
+        events.close()
 
 
 def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: int, metrics: EpochMetrics,

@@ -99,6 +99,27 @@ def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:
                                expected_sha256=best.sha256)["accuracy"]
 
 
+def final_confusion(spec: JobSpec, job_dir: str, best: CheckpointEntry, last_epoch: int) -> contract.Confusion | None:
+    """Evaluate the best checkpoint on the test split (else val), write confusion.json and the matrix as an
+    image into the TensorBoard event files. A failure here costs the picture, never the run: logged, None."""
+    try:
+        from trainer.evaluate import evaluate_confusion
+        from trainer.tensorboard import EventLog
+        confusion = evaluate_confusion(best.uri, spec, best.sha256, best.epoch)
+        if confusion is None:
+            return None
+        objstore.write_text(objstore.join(job_dir, contract.CONFUSION), confusion.to_json())
+        events = EventLog(job_dir)
+        events.confusion(confusion, step=max(last_epoch, 1))
+        events.close()
+        return confusion
+    except objstore.StorageUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("no confusion matrix: %s: %s", type(exc).__name__, exc)
+        return None
+
+
 def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseException | None,
               error_kind: ErrorKind | None) -> Summary:
     summary = Summary(state=RunState.FAILED if error else RunState.SUCCEEDED,
@@ -120,7 +141,9 @@ def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseExc
             summary.best_val_acc, summary.best_checkpoint = best.val_acc, best.uri
             summary.best_checkpoint_sha256, summary.best_checkpoint_size = best.sha256, best.size
             if error is None:
-                summary.test_acc = held_out_accuracy(spec, best)
+                confusion = final_confusion(spec, job_dir, best, summary.epochs_completed)
+                summary.test_acc = confusion.accuracy if confusion and confusion.split == "test" \
+                    else held_out_accuracy(spec, best)
     except objstore.StorageUnavailable as exc:
         summary.state, summary.error, summary.error_kind = RunState.FAILED, str(exc), ErrorKind.STORAGE
     return summary

@@ -13,6 +13,7 @@ from service.reconciler import Reconciler
 from service.runner import Runner
 from service.settings import Settings
 from service.store import Job, Store
+from service.ui import session
 
 if TYPE_CHECKING:
     from service.app import AppState  # not at run time: service.app imports the routers, which import this
@@ -50,16 +51,35 @@ bearer = HTTPBearer(scheme_name="bearer", auto_error=False,
                     description="an API token: <data dir>/admin-token, or one made by `trainctl token create`")
 
 
-def get_principal(settings: SettingsDep, store: StoreDep,
+def get_principal(request: Request, settings: SettingsDep, store: StoreDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
     if not settings.auth:
         return auth.Principal("local", is_admin=True)
     principal = auth.authenticate(store, f"Bearer {credentials.credentials}" if credentials else None)
+    if principal is None and "authorization" not in request.headers:
+        principal = session_principal(request, store)  # the dashboard's cookie (CSRF-checked)
     if principal is None:
         raise ApiError(401, "unauthorized",
                        "missing or invalid token: send 'Authorization: Bearer <token>' (see <data dir>/admin-token)",
                        headers={"WWW-Authenticate": "Bearer"})
     return principal
+
+
+def session_principal(request: Request, store: Store) -> auth.Principal | None:
+    """The principal of the dashboard's session cookie, or None. A POST/DELETE with the cookie must carry
+    the page's CSRF token (header X-CSRF-Token): a 403 otherwise, even though SameSite=Strict already
+    keeps the cookie off cross-site requests."""
+    cookie = request.cookies.get(session.COOKIE)
+    sessions: session.Sessions = _state(request).sessions
+    token_hash = sessions.token_hash(cookie)
+    if cookie is None or token_hash is None:
+        return None
+    if request.method not in session.SAFE_METHODS and \
+            not sessions.csrf_ok(cookie, request.headers.get(session.CSRF_HEADER)):
+        raise ApiError(403, "csrf_failed", "this request came with the dashboard's session cookie but without "
+                                           "its CSRF token (X-CSRF-Token); reload the page and try again")
+    owner = store.token_owner(token_hash)
+    return auth.Principal(*owner) if owner else None
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]

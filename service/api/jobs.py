@@ -152,6 +152,18 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
     return verified_download(best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256", {"epoch": best.epoch})
 
+@router.get("/jobs/{job_id}/checkpoints/{epoch}/file", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
+                       **errors(404, 502)})
+def checkpoint_file(job: JobDep, runner: RunnerDep, epoch: int) -> StreamingResponse:
+    """Download one kept checkpoint (see GET .../checkpoints), verified like the best one."""
+    entry = next((c for c in jobdir.checkpoints(runner.job_dir(job.id)) if c.epoch == epoch), None)
+    if entry is None:
+        raise ApiError(404, "not_found", f"job {job.id} keeps no checkpoint of epoch {epoch}")
+    return verified_download(entry.uri, entry.sha256, entry.size, f"{job.id}-epoch{epoch}.pt", "X-Checkpoint-SHA256",
+                             {"epoch": epoch})
+
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=errors(404))
 def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:

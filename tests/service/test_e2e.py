@@ -188,6 +188,18 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
 
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
     assert program(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    from torchvision.io import write_png
+
+    from trainer.data import load
+
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i, img in enumerate(load(str(cifar_parquet), "parquet", limit=5).images):
+        write_png(img, str(pngs / f"{i}.png"))
+    predicted = _cli(service, "predict", job_id, "--input", str(pngs), "-o", str(tmp_path / "pred.csv"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert (tmp_path / "pred.csv").read_text().splitlines()[0] == "ID,Labels"
+    assert len((tmp_path / "pred.csv").read_text().splitlines()) == 6
     missing = _cli(service, "status", "no-such-job")
     assert missing.returncode == 5 and "not_found" in missing.stderr
 

@@ -1,0 +1,72 @@
+"""Browser sessions for the dashboard: a login page trades an API token for an HttpOnly, SameSite=Strict
+cookie; unsafe requests carrying that cookie must also carry a CSRF token.
+
+The cookie holds `<token sha256>.<expiry>.<hmac>` signed with a per-data-dir secret: never the token
+itself, and the token hash is looked up on every request, so a token that no longer exists ends its
+sessions too. The CSRF token is an HMAC of the cookie value (synchronizer pattern without server state):
+pages embed it, scripts send it as `X-CSRF-Token`, forms as the `csrf` field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+
+COOKIE = "trainctl_session"
+CSRF_HEADER = "x-csrf-token"
+TTL_S = 12 * 3600
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The signing key in `path` (mode 0600), created on first use; restarts keep sessions valid."""
+    if path.exists():
+        raw = path.read_text().strip()
+        if len(raw) >= 32:
+            return raw.encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (key + "\n").encode())
+    finally:
+        os.close(fd)
+    return key.encode()
+
+
+class Sessions:
+    def __init__(self, secret: bytes, ttl_s: int = TTL_S) -> None:
+        self._secret, self.ttl_s = secret, ttl_s
+
+    def _sign(self, purpose: str, payload: str) -> str:
+        return hmac.new(self._secret, f"{purpose}|{payload}".encode(), hashlib.sha256).hexdigest()
+
+    def issue(self, token_hash: str, now: float | None = None) -> str:
+        expires = int((now if now is not None else time.time()) + self.ttl_s)
+        payload = f"{token_hash}.{expires}"
+        return f"{payload}.{self._sign('session', payload)}"
+
+    def token_hash(self, cookie: str | None, now: float | None = None) -> str | None:
+        """The token hash a valid, unexpired cookie names, else None."""
+        if not cookie or cookie.count(".") != 2:
+            return None
+        token_hash, expires, sig = cookie.split(".")
+        if not hmac.compare_digest(sig, self._sign("session", f"{token_hash}.{expires}")):
+            return None
+        try:
+            if int(expires) < (now if now is not None else time.time()):
+                return None
+        except ValueError:
+            return None
+        return token_hash
+
+    def csrf_token(self, cookie: str) -> str:
+        return self._sign("csrf", cookie)
+
+    def csrf_ok(self, cookie: str, presented: str | None) -> bool:
+        return bool(presented) and hmac.compare_digest(self.csrf_token(cookie), presented or "")
