@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from service import auth
-from service.api import events, health, jobs, plots, tokens
+from service.api import events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
+from service.metrics import Metrics
 from service.rayjobs import RayJobs, RayJobsClient
 from service.reconciler import Reconciler
 from service.runner import Runner
@@ -47,13 +48,14 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     if not settings.auth and not is_loopback(settings.host):
         raise ValueError(f"authentication can only be turned off on a loopback host (127.0.0.1, localhost), "
                          f"not {settings.host!r}: anyone who reaches the port could run and delete jobs")
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(settings.data_dir, 0o700)  # the job database, tokens and default storage live here
-        store = Store(settings.db_path)
-        store.create_schema()
+        store = Store(settings.store_url)
+        store.create_schema()  # migrations to head (also run by `trainctl serve` before it starts)
         restrict_files(settings)
         if settings.auth:
             if auth.ensure_admin_token(store, settings.admin_token_path):
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
                         settings.host, settings.port)
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
+        metrics.attach(runner, reconciler)
         sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
         app.state.trainctl = AppState(settings, store, runner, reconciler, sessions)
         reconciler.start()
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
             yield
         finally:
             await reconciler.stop()
+            metrics.detach()
             store.close()
 
     app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
@@ -77,6 +81,8 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
                               "the web dashboard is at /ui/.")
     install_error_handlers(app)
     install_openapi(app)
+    app.state.metrics = metrics
+    app.middleware("http")(metrics.middleware)
     # Outermost last: the Host check runs first, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if not settings.auth:
@@ -86,6 +92,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app.include_router(plots.router, prefix="/v1")
     app.include_router(tokens.router, prefix="/v1")
     app.include_router(health.router)
+    app.include_router(prometheus.router)
     ui.install(app)
     return app
 

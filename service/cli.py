@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -527,6 +528,15 @@ def _down(args: argparse.Namespace) -> int:
     return cmd_down(args)
 
 
+def _admin(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from service import admin  # SQLAlchemy/Alembic: only for these commands
+
+        command: Callable[[argparse.Namespace], int] = getattr(admin, name)
+        return command(args)
+
+    return run
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -583,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="storage root URI (default <data dir>/storage; s3://bucket/prefix)")
     s.add_argument("--max-concurrent", type=int, help="jobs running at once (default 2)")
     s.add_argument("--ray-num-cpus", type=int, help="logical CPUs of a local head (default max(cores, 4))")
+    s.add_argument("--database-url", help="job store (default: TRAINCTL_DATABASE_URL or SQLite <data dir>/trainctl.db;"
+                                          " postgresql+psycopg://user:password@host:5432/db for several replicas)")
     s.add_argument("--no-auth", action="store_true", help="DANGER: disable authentication (local experiments)")
     s.set_defaults(fn=_serve)
 
@@ -643,6 +655,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("down", parents=[common], help="stop this data dir's `serve` and its local Ray head "
                                                       "(which otherwise outlives `serve`)")
     s.set_defaults(fn=_down)
+    s = sub.add_parser("db", help="the job database: schema migrations")
+    dsub = s.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for action, admin_fn, text in [
+        ("upgrade", "cmd_db_upgrade", "apply pending migrations (serve also does at start)"),
+        ("current", "cmd_db_current", "show the revision; exit 1 when not the newest"),
+    ]:
+        d = dsub.add_parser(action, parents=[common], help=text)
+        d.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
+        d.set_defaults(fn=_admin(admin_fn))
+
+    s = sub.add_parser("reindex", parents=[common], help="rebuild lost job records from the storage root's "
+                                                         "job directories")
+    s.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
+    s.add_argument("--storage", help="storage root URI (default: TRAINCTL_STORAGE or <data dir>/storage)")
+    s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
+    s.set_defaults(fn=_admin("cmd_reindex"))
 
     s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")
     s.add_argument("id")

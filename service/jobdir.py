@@ -25,6 +25,9 @@ from trainer.spec import SearchSpec
 
 LOGS = "logs"  # logs/attempt-N.log: each attempt's driver log, copied there by the service while it runs
 
+# Written by the service, not the trainer: the job's record (owner, state, attempts, ...) as of its last
+# transition, so that `trainctl reindex` can rebuild a lost database from storage.
+RECORD = "record.json"
 
 def job_uri(storage_root: str, job_id: str) -> str:
     return objstore.join(storage_root, "jobs", job_id)
@@ -51,6 +54,28 @@ def write_spec(job_dir: str, spec: dict[str, Any]) -> None:
 
 def delete_summary(job_dir: str) -> None:
     objstore.delete_tree(objstore.join(job_dir, contract.SUMMARY))
+
+
+def write_record(job_dir: str, record: dict[str, Any]) -> None:
+    objstore.write_text(objstore.join(job_dir, RECORD), json.dumps(record, indent=2))
+
+
+def _read_object(uri: str) -> dict[str, Any] | None:
+    """A JSON object file; None when missing or not (yet) a whole JSON object."""
+    raw = _read_text(uri)
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_record(job_dir: str) -> dict[str, Any] | None:
+    return _read_object(objstore.join(job_dir, RECORD))
+
+
+def read_spec(job_dir: str) -> dict[str, Any] | None:
+    return _read_object(objstore.join(job_dir, contract.SPEC))
 
 
 def read_summary(job_dir: str) -> Summary | None:

@@ -8,6 +8,7 @@ stops Ray jobs, so a cancel never interleaves with a submission of the same job.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -87,6 +88,23 @@ class Runner:
         self.settings, self.store, self.ray = settings, store, ray
         self._lock = threading.RLock()
         self._log_copies: dict[str, tuple[float, int]] = {}  # submission id -> (when copied, length)
+        store.on_transition = self.save_record
+        # Observability (service/metrics.py): the latest training throughput of each active job, and how
+        # often Ray refused a submission. Kept by whichever replica reconciles.
+        self.images_per_s: dict[str, float] = {}
+        self.submission_errors = 0
+
+    def save_record(self, job: Job) -> None:
+        """Mirror a job's record into its directory (record.json) for `trainctl reindex`. Best effort: the
+        database stays the truth, and the next transition writes it again."""
+        record = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("seq", "spec")}
+        record["state"] = job.state.value
+        try:
+            jobdir.write_record(self.job_dir(job.id), record)
+        except Exception as exc:  # noqa: BLE001 - never fail a transition over its mirror
+            log.warning("job %s: could not write %s: %s", job.id, jobdir.RECORD, exc)
+        if job.state.is_terminal():
+            self.images_per_s.pop(job.id, None)
 
     # --- paths and the job directory ---------------------------------------------------------------------
 
@@ -110,6 +128,8 @@ class Runner:
                 try:
                     self._submit(job, attempt=1, reason="submitted")
                 except (RayUnavailable, objstore.StorageUnavailable) as exc:
+                    if isinstance(exc, RayUnavailable):
+                        self.submission_errors += 1
                     log.warning("job %s stays queued: %s", job.id, exc)
                     # Say why on the job itself, so a user polling a job stuck in QUEUED sees the reason.
                     self.store.update(job.id, message=f"waiting to submit, will retry: {str(exc)[:300]}")
@@ -117,6 +137,7 @@ class Runner:
                 except InvalidTransition:
                     continue  # cancelled meanwhile
                 except Exception as exc:  # a broken submission must not block the queue
+                    self.submission_errors += 1
                     log.exception("submitting job %s failed", job.id)
                     self._fail(job.id, f"could not submit the job to Ray: {exc}")
                     continue
@@ -286,6 +307,8 @@ class Runner:
             return
         best = contract.best_so_far(metrics)
         last = metrics[-1].epoch
+        if not job.state.is_terminal():
+            self.images_per_s[job.id] = metrics[-1].images_per_s
         if (best, last) != (job.best_val_acc, job.last_epoch):
             self.store.update(job.id, best_val_acc=best, last_epoch=last)
 

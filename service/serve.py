@@ -44,16 +44,19 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from service import auth
     from service.app import create_app
     from service.guards import is_loopback
+    from service.migrate import upgrade
     from service.settings import load_settings
-    from service.store import Store
+    from service.store import Store, TokenNameTaken, redact_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, storage=args.storage,
-                             auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent)
+                             auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent,
+                             database_url=args.database_url)
     # Everything this process and the Ray head it starts write (database, tokens, local storage, logs) is
     # readable by this user only.
     os.umask(0o077)
@@ -62,11 +65,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.auth and not is_loopback(settings.host):
         raise ClientError(f"--no-auth only on a loopback host (127.0.0.1, localhost), not {settings.host}: anyone "
                           "who can reach the port could run and delete jobs")
-    if settings.auth:
-        store = Store(settings.db_path)
-        store.create_schema()
-        created = auth.ensure_admin_token(store, settings.admin_token_path)
+    store = Store(settings.store_url)
+    try:
+        # Migrations first: every replica runs this at start; they serialise on the database's lock.
+        before, after = upgrade(store.engine)
+    except SQLAlchemyError as exc:
         store.close()
+        raise ClientError(f"cannot open the job database {redact_url(settings.store_url)}: {exc}") from exc
+    print(f"job database {redact_url(settings.store_url)}: "
+          + (f"schema {after}" if before == after else f"schema upgraded {before or 'empty'} -> {after}"), flush=True)
+    if settings.auth:
+        try:
+            created = auth.ensure_admin_token(store, settings.admin_token_path)
+        except TokenNameTaken:  # another replica, starting at the same time, created it
+            created = None
         # Where the token is, never the token itself: this output ends up in service logs.
         print(f"auth on; {'a new' if created else 'the'} admin token is in {settings.admin_token_path} "
               f"(mode 0600). Use it as: export TRAINCTL_TOKEN=$(cat {settings.admin_token_path})", flush=True)
@@ -75,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
               f"{settings.host}:{settings.port}\n!! can submit, read and delete jobs. Local experiments only.\n{bar}",
               file=sys.stderr, flush=True)
+    store.close()
 
     signal.signal(signal.SIGTERM, _on_sigterm)  # so `finally` below removes the serve record
     record = settings.data_dir / SERVE_RECORD

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINCTL_", extra="ignore")
 
     data_dir: Path = Field(default=Path("data"), description="SQLite store, admin token, default storage")
+    # The job store. Empty: the SQLite file <data_dir>/trainctl.db (the embedded default). Production:
+    # postgresql+psycopg://user:password@host:5432/trainctl, shared by any number of API replicas.
+    database_url: str = ""
     storage: str = Field(default="", description="storage root URI; empty: <data_dir>/storage")
     # Either the cluster's GCS address (host:6379, ray://...) or its dashboard / Jobs API URL
     # (http://host:8265). Empty: `trainctl serve` starts a local head; the bare app lets Ray auto-detect.
@@ -71,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "trainctl.db"
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
 
     @property
     def admin_token_path(self) -> Path:

@@ -1,9 +1,14 @@
-"""The job store: one SQLite file under the data dir, accessed through SQLAlchemy 2.
+"""The job store, through SQLAlchemy 2: a SQLite file under the data dir by default, or PostgreSQL
+(`TRAINCTL_DATABASE_URL=postgresql+psycopg://...`), with the same code for both.
 
-Every write runs in its own transaction. `Store.transition` is the only function that changes a job's
-state: it checks the transition table in `service.states` and applies it as a compare-and-set
-(`UPDATE ... WHERE state = <what we read>`), so the reconciler and a concurrent cancel can never both
-win, and a terminal state is never left.
+Every write runs in its own transaction, and every read-check-write is atomic in the database itself, not
+in this process, so several API replicas can share one PostgreSQL: `Store.transition` (the only function
+that changes a job's state) locks the row (`SELECT ... FOR UPDATE`; on SQLite the write transaction is
+`BEGIN IMMEDIATE`, which takes the database's write lock up front) and applies the change as a
+compare-and-set (`UPDATE ... WHERE state = <what we read>`), so the reconciler and a concurrent cancel, in
+any process, can never both win, and a terminal state is never left.
+
+The schema is owned by the Alembic migrations in service/migrations (`create_schema` upgrades to head).
 """
 
 from __future__ import annotations
@@ -11,9 +16,8 @@ from __future__ import annotations
 import builtins
 import json
 import secrets
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -26,13 +30,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy.engine import CursorResult, Engine, Result, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -152,31 +157,65 @@ def _rowcount(result: Result[Any]) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
 
-class Store:
-    def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{db_path}", connect_args={"check_same_thread": False,
-                                                                           "timeout": 30})
+def sqlite_url(db_path: Path) -> str:
+    return f"sqlite:///{db_path}"
 
-        @event.listens_for(self.engine, "connect")
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite: WAL (readers never block the writer), a busy timeout, and write
+    transactions that start with BEGIN IMMEDIATE (see `Store`); PostgreSQL: pre-pinged pooled connections."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the reconciler's writes
+            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # A deferred transaction that reads and then writes cannot wait for another process's writer
+            # (SQLITE_BUSY at once); IMMEDIATE takes the write lock first and waits for it (busy_timeout).
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("trainctl_write")
+                                 else "BEGIN")
+
+        return engine
+    if u.get_backend_name() != "postgresql":
+        raise ValueError(f"unsupported database URL {redact_url(url)}: use sqlite:///path or "
+                         "postgresql+psycopg://user:password@host:port/dbname")
+    return create_engine(u, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Store:
+    """`url_or_path`: a SQLAlchemy URL, or a Path to a SQLite file."""
+
+    def __init__(self, url_or_path: str | Path) -> None:
+        self.url = sqlite_url(url_or_path) if isinstance(url_or_path, Path) else url_or_path
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name  # "sqlite" | "postgresql"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # SQLite serialises writers anyway; this lock keeps read-check-write sequences in this process atomic
-        # without relying on SQLite's deferred-transaction upgrade behaviour.
-        self._write_lock = threading.RLock()
+        # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
+        self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
+        # Called with the new snapshot after every committed transition (the runner mirrors the record into
+        # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
+        self.on_transition: Callable[[Job], None] | None = None
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
-        # Columns added after a database was first created (create_all never alters a table).
-        with self.engine.begin() as conn:
-            cols = {row[1] for row in conn.execute(text("PRAGMA table_info(tokens)"))}
-            if "expires_at" not in cols:
-                conn.execute(text("ALTER TABLE tokens ADD COLUMN expires_at FLOAT"))
+        """Bring the schema to the newest migration (creates it in an empty database)."""
+        from service.migrate import upgrade
+
+        upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -193,7 +232,7 @@ class Store:
         (created=False) when the request hash matches, else IdempotencyConflict."""
         for _ in range(2):  # a second round only when another process inserted the same key meanwhile
             try:
-                with self._write_lock, self._sessions.begin() as s:
+                with self._writes.begin() as s:
                     if idempotency_key is not None:
                         existing = s.scalar(select(JobModel).where(JobModel.owner == owner,
                                                                    JobModel.idempotency_key == idempotency_key))
@@ -265,8 +304,8 @@ class Store:
         bad = set(fields) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} through transition()")
-        with self._write_lock, self._sessions.begin() as s:
-            m = s.scalar(select(JobModel).where(JobModel.id == job_id))
+        with self._writes.begin() as s:
+            m = s.scalar(select(JobModel).where(JobModel.id == job_id).with_for_update())
             if m is None:
                 raise JobNotFound(job_id)
             old = JobState(m.state)
@@ -274,11 +313,14 @@ class Store:
                 raise InvalidTransition(job_id, old, new)
             result = s.execute(update(JobModel).where(JobModel.id == job_id, JobModel.state == old.value)
                                .values(state=new.value, updated_at=time.time(), **_encode(fields)))
-            if _rowcount(result) != 1:  # changed under us (another process): let the caller re-read
+            if _rowcount(result) != 1:  # changed under us (cannot happen under the row lock; kept as the CAS)
                 raise InvalidTransition(job_id, old, new)
             s.flush()
             s.refresh(m)
-            return Job.of(m)
+            job = Job.of(m)
+        if self.on_transition is not None:
+            self.on_transition(job)
+        return job
 
     def update(self, job_id: str, **fields: Any) -> Job | None:
         """Set non-state fields of a job that is not terminal (a finished job's record is final).
@@ -286,7 +328,7 @@ class Store:
         bad = set(fields) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} through update(); use transition()")
-        with self._write_lock, self._sessions.begin() as s:
+        with self._writes.begin() as s:
             result = s.execute(update(JobModel)
                                .where(JobModel.id == job_id,
                                       JobModel.state.not_in([st.value for st in TERMINAL]))
@@ -298,21 +340,56 @@ class Store:
 
     def delete(self, job_id: str) -> bool:
         """Delete a terminal job's record. False when it is missing or not terminal."""
-        with self._write_lock, self._sessions.begin() as s:
-            m = s.scalar(select(JobModel).where(JobModel.id == job_id))
-            if m is None or not JobState(m.state).is_terminal():
-                return False
-            s.delete(m)
+        with self._writes.begin() as s:
+            result = s.execute(delete(JobModel).where(JobModel.id == job_id,
+                                                      JobModel.state.in_([st.value for st in TERMINAL])))
+            return _rowcount(result) == 1
+
+    def import_job(self, job: Job) -> bool:
+        """Insert a record rebuilt from storage (`trainctl reindex`), keeping its id, owner, state and
+        history. False (and nothing changes) when a job with that id exists."""
+        row = {f: getattr(job, f) for f in ("id", "owner", "created_at", "updated_at", "ray_submission_id",
+                                            "attempts", "message", "best_val_acc", "last_epoch",
+                                            "cancel_requested", "idempotency_key", "request_hash")}
+        try:
+            with self._writes.begin() as s:
+                if s.scalar(select(JobModel.seq).where(JobModel.id == job.id)) is not None:
+                    return False
+                s.add(JobModel(**row, state=job.state.value, spec=json.dumps(job.spec),
+                               attempt_log=json.dumps(job.attempt_log)))
             return True
+        except IntegrityError:  # the same id inserted meanwhile, or its idempotency key is taken
+            return False
+
+    def counts_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, 0 when none)."""
+        with self._sessions() as s:
+            rows = s.execute(select(JobModel.state, func.count()).group_by(JobModel.state)).all()
+        counts = {st: 0 for st in JobState}
+        for state, n in rows:
+            counts[JobState(state)] = n
+        return counts
+
+    def queued_by_owner(self) -> dict[str, int]:
+        with self._sessions() as s:
+            rows = s.execute(select(JobModel.owner, func.count()).where(JobModel.state == JobState.QUEUED.value)
+                             .group_by(JobModel.owner)).all()
+        return {owner: n for owner, n in rows}
 
     # --- tokens -----------------------------------------------------------------------------------------
 
     def add_token(self, name: str, token_hash: str, is_admin: bool = False, expires_at: float | None = None) -> None:
-        with self._write_lock, self._sessions.begin() as s:
-            if s.get(TokenModel, name) is not None:
-                raise TokenNameTaken(name)
-            s.add(TokenModel(name=name, token_hash=token_hash, is_admin=is_admin, created_at=time.time(),
-                             expires_at=expires_at))
+        try:
+            with self._writes.begin() as s:
+                if s.get(TokenModel, name) is not None:
+                    raise TokenNameTaken(name)
+                s.add(TokenModel(name=name, token_hash=token_hash, is_admin=is_admin, created_at=time.time(),
+                                 expires_at=expires_at))
+        except IntegrityError:  # another replica added the same name between our read and our insert
+            with self._sessions() as s:
+                if s.get(TokenModel, name) is not None:
+                    raise TokenNameTaken(name) from None
+            raise
 
     def token_owner(self, token_hash: str) -> tuple[str, bool] | None:
         """(name, is_admin) for a token hash that exists and has not expired, or None."""
@@ -329,7 +406,7 @@ class Store:
 
     def delete_token(self, name: str) -> bool:
         """Revoke a token: it stops working at once. False when there is none by that name."""
-        with self._write_lock, self._sessions.begin() as s:
+        with self._writes.begin() as s:
             m = s.get(TokenModel, name)
             if m is None:
                 return False

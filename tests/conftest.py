@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3"]
+pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3", "tests.plugins.postgres"]
 
 REPO = Path(__file__).resolve().parents[1]
 # TRAINCTL_TEST_CIFAR_PARQUET: where a checkout has no ../shared beside it (a git worktree elsewhere).
@@ -23,3 +23,12 @@ def cifar_parquet() -> Path:
             pytest.fail(f"{CIFAR_PARQUET} is missing, and CI must have ../shared/datasets")
         pytest.skip(f"{CIFAR_PARQUET} not present (it lives in ../shared beside the checkout)")
     return CIFAR_PARQUET
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The job store's URL: every store and API test runs on the embedded SQLite and on a real PostgreSQL
+    (a fresh database on the session's server, tests/plugins/postgres.py)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'trainctl.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,8 @@ import objstore
 from tests.cluster.checks import PYPROJECT, REPO, bash_syntax_ok, check_command, image_is_pinned, simple_commands
 
 CLUSTER_YAML = REPO / "cluster" / "gpu.yaml"
+SERVICE_UNIT = REPO / "cluster" / "trainctl.service"
+PATH_UNIT = REPO / "cluster" / "trainctl.path"
 # Ray GCS, dashboard / Jobs API, Ray client, and the trainctl API.
 PRIVATE_PORTS = {6379: "Ray GCS", 8265: "Ray dashboard/Jobs API", 10001: "Ray client", 8000: "trainctl API"}
 
@@ -27,6 +30,40 @@ def raw() -> dict:
 def prepared(raw: dict) -> dict:
     from ray.autoscaler._private.util import prepare_config
     return prepare_config(copy.deepcopy(raw))
+
+
+def unit_entries(path: Path) -> dict[str, list[str]]:
+    """`Key=value` lines of a systemd unit, by key (a key may repeat, e.g. ExecStartPre)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def serve_argv() -> list[str]:
+    """The `trainctl serve ...` that the systemd unit runs in the head container (systemd's `$$` is `$`)."""
+    start = unit_entries(SERVICE_UNIT)["ExecStart"]
+    assert len(start) == 1
+    script = bash_script(start[0])
+    found = [argv for argv in simple_commands(script) if argv[:2] == ["trainctl", "serve"]]
+    assert len(found) == 1, script
+    return found[0]
+
+
+def bash_script(exec_line: str) -> str:
+    """The script of `docker exec ... bash -c SCRIPT` in a unit's Exec line."""
+    (argv,) = simple_commands(exec_line.replace("$$", "$"))
+    assert argv[:2] == ["/usr/bin/docker", "exec"] and "bash" in argv, argv
+    return argv[argv.index("bash") + 2]
+
+
+def serve_settings(raw: dict) -> str:
+    """The head_start_ray_commands entry that writes the API's settings (serve.env)."""
+    found = [c for c in raw["head_start_ray_commands"] if "serve.env" in c]
+    assert len(found) == 1
+    return found[0]
 
 
 def all_commands(config: dict) -> dict[str, list[str]]:
@@ -87,20 +124,17 @@ def test_commands_reference_things_that_exist(raw: dict) -> None:
                     checked.setdefault(section, []).append(" ".join(argv[:2]))
     # Not vacuous: the commands that matter were found and checked.
     assert "ray start" in checked["head_start_ray_commands"]
-    assert "trainctl serve" in checked["head_start_ray_commands"]
+    assert check_command(serve_argv()) == "trainctl"
     assert "ray start" in checked["worker_start_ray_commands"]
     assert any(c.startswith("python") for c in checked["setup_commands"])
 
 
 def test_trainctl_serve_on_loopback_with_s3_and_the_cluster(raw: dict) -> None:
-    serve = [argv for cmd in raw["head_start_ray_commands"] for argv in simple_commands(cmd)
-             if argv[:2] == ["trainctl", "serve"]]
-    assert len(serve) == 1
-    argv = serve[0]
+    argv = serve_argv()
     assert "--no-auth" not in argv, "the API keeps its bearer-token auth"
     # The documented choice (docs/scaling.md): API on the head's loopback, reached through SSH.
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    start = " ".join(raw["head_start_ray_commands"])
+    start = serve_settings(raw)
     assert "TRAINCTL_RAY_ADDRESS=http://127.0.0.1:8265" in start
     assert "TRAINCTL_DATA_DIR=/home/ray/trainctl-data" in start
     assert any("/home/ray/trainctl-data" in o for o in raw["docker"]["head_run_options"]), \
@@ -174,8 +208,7 @@ def test_ray_token_auth_everywhere(raw: dict) -> None:
         assert starts, section
         for cmd in starts:
             assert re.search(r"export RAY_AUTH_MODE=token\s*;.*\bray start\b", cmd, flags=re.S), cmd
-    serve = [c for c in raw["head_start_ray_commands"] if "trainctl serve" in c]
-    assert all("RAY_AUTH_MODE=token" in c for c in serve), "the Jobs client must use token auth too"
+    assert "RAY_AUTH_MODE=token" in serve_settings(raw), "the Jobs client must use token auth too"
     # The token reaches every node as a file from the operator's machine, never as text in this file.
     mounts = raw["file_mounts"]
     assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token"
@@ -234,6 +267,48 @@ def test_job_drivers_are_pinned_to_the_head(raw: dict) -> None:
     holders = [name for name, node in raw["available_node_types"].items()
                if node.get("resources", {}).get("trainctl_driver")]
     assert holders == [head_type]
-    serve = next(c for c in raw["head_start_ray_commands"] if "trainctl serve" in c)
+    serve = serve_settings(raw)
     match = re.search(r"TRAINCTL_ENTRYPOINT_RESOURCES='([^']*)'", serve)
     assert match and json.loads(match.group(1)) == {"trainctl_driver": 1}
+
+
+# --- the API under systemd ---------------------------------------------------------------------------------
+
+def test_api_runs_under_systemd_and_is_restarted(raw: dict) -> None:
+    unit = unit_entries(SERVICE_UNIT)
+    assert unit["Restart"] == ["always"] and unit["StartLimitIntervalSec"] == ["0"]
+    assert unit["ExecStart"][0].startswith("/usr/bin/docker exec --env-file /home/ubuntu/trainctl-data/serve.env "
+                                           f"{raw['docker']['container_name']} ")
+    # ExecStop stops exactly the process ExecStart wrote into the PID file (docker exec forwards no signal).
+    assert "serve.pid" in unit["ExecStart"][0] and "serve.pid" in unit["ExecStop"][0]
+    for cmd in unit["ExecStart"] + unit["ExecStop"]:
+        ok, err = bash_syntax_ok(bash_script(cmd))
+        assert ok, (cmd, err)
+    assert unit_entries(PATH_UNIT)["PathExists"] == ["/home/ubuntu/trainctl-data/serve.env"]
+    # Installed on the host from the file mounts by the setup commands, and enabled.
+    mounts = raw["file_mounts"]
+    for name in ("trainctl.service", "trainctl.path"):
+        target = next(t for t, src in mounts.items() if src == f"cluster/{name}")
+        staged = f"/tmp/ray_tmp_mount/{raw['cluster_name']}{target}"
+        assert any(staged in c and "/etc/systemd/system/" in c for c in raw["initialization_commands"]), name
+    assert any("systemctl enable --now trainctl.path" in c for c in raw["initialization_commands"])
+    # serve.env lands where the unit reads it (the host side of the data-dir bind mount) and `ray up`
+    # restarts the API by the PID the unit wrote.
+    settings = serve_settings(raw)
+    assert "> /home/ray/trainctl-data/serve.env.tmp" in settings and "serve.pid" in settings
+    assert any("/home/ubuntu/trainctl-data:/home/ray/trainctl-data" in o for o in raw["docker"]["head_run_options"])
+    assert "nohup" not in " ".join(raw["head_start_ray_commands"])
+
+
+def test_systemd_accepts_the_units() -> None:
+    """systemd's own checker: no error but the absence of docker on this test machine."""
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    out = subprocess.run(["systemd-analyze", "verify", str(SERVICE_UNIT), str(PATH_UNIT)], capture_output=True,
+                         text=True, timeout=60)
+    problems = [line for line in (out.stdout + out.stderr).splitlines()
+                if line.strip() and "docker" not in line]
+    assert problems == [], problems

@@ -250,3 +250,37 @@ def test_hadolint(dockerfile: Path) -> None:
     proc = subprocess.run([hadolint_binary(), "--no-color", "--failure-threshold", "style", str(dockerfile)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_service_healthcheck_passes_on_200_and_503_only(compose: dict) -> None:
+    """The API's compose healthcheck, run for real against a loopback server answering 200, then 503, then
+    500, then nothing: alive means "answers /healthz" (503 = Ray or storage down, not this container)."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    test = compose["services"]["service"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    status = {"code": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"] if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = test[3].replace("127.0.0.1:8000", f"127.0.0.1:{server.server_address[1]}")
+    try:
+        results = {}
+        for status["code"] in (200, 503, 500):
+            results[status["code"]] = subprocess.run([sys.executable, "-c", code], timeout=30).returncode
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused = subprocess.run([sys.executable, "-c", code], timeout=30).returncode
+    assert results == {200: 0, 503: 0, 500: 1} and refused != 0, (results, refused)

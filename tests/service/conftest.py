@@ -64,13 +64,14 @@ class Api:
 
 
 @pytest.fixture
-def make_api(tmp_path: Path) -> Iterator[Any]:
+def make_api(tmp_path: Path, database_url: str) -> Iterator[Any]:
     opened: list[TestClient] = []
 
-    def make(keep_reconciler: bool = False, **overrides: Any) -> Api:
+    def make(keep_reconciler: bool = False, ray: FakeRay | None = None, **overrides: Any) -> Api:
         settings = load_settings(**{"data_dir": tmp_path / "data", "reconcile_interval_s": 3600,
+                                    "database_url": database_url,
                                     "ray_address": "http://127.0.0.1:1", **overrides})
-        ray = FakeRay()
+        ray = ray or FakeRay()
         # raise_server_exceptions=False: see what a client sees (our JSON 500), never a traceback.
         client = TestClient(create_app(settings, ray=ray), raise_server_exceptions=False)
         client.__enter__()
@@ -91,6 +92,12 @@ def api(make_api: Any) -> Api:
 
 
 DEBUG_JOB = {"preset": "debug", "overrides": {"optim.epochs": 2}}
+
+
+def metrics_line(epoch: int, val_acc: float, images_per_s: float = 100.0) -> str:
+    """One metrics.jsonl line as the trainer writes it (every field of trainer.contract.EpochMetrics)."""
+    return json.dumps({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.1, "val_loss": 1.0, "val_acc": val_acc,
+                       "lr": 0.05, "images_per_s": images_per_s, "epoch_seconds": 3.0, "time": 1e9 + epoch}) + "\n"
 
 
 # --- end-to-end: real processes -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from tests.service.conftest import DEBUG_JOB, Api
+from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
 
 def error(resp) -> dict:
@@ -84,8 +84,16 @@ def test_auth(api: Api) -> None:
     # only the hash is stored; the file is private
     mode = stat.S_IMODE(api.settings.admin_token_path.stat().st_mode)
     assert mode == 0o600
-    db = b"".join(p.read_bytes() for p in api.settings.data_dir.glob("trainctl.db*"))  # + WAL
-    assert api.token.encode() not in db and hashlib.sha256(api.token.encode()).hexdigest().encode() in db
+    if api.settings.store_url.startswith("sqlite"):
+        db = b"".join(p.read_bytes() for p in api.settings.data_dir.glob("trainctl.db*"))  # + WAL
+        assert api.token.encode() not in db and hashlib.sha256(api.token.encode()).hexdigest().encode() in db
+    else:
+        from sqlalchemy import create_engine, text
+        engine = create_engine(api.settings.store_url)
+        with engine.connect() as conn:
+            hashes = [r[0] for r in conn.execute(text("SELECT token_hash FROM tokens"))]
+        engine.dispose()
+        assert api.token not in hashes and hashlib.sha256(api.token.encode()).hexdigest() in hashes
 
 
 def test_other_owners_jobs_are_404(api: Api) -> None:
@@ -287,3 +295,99 @@ def test_our_own_validation_bugs_are_500_not_422(api: Api, monkeypatch: pytest.M
     monkeypatch.setattr(jobs, "job_view", broken_view)
     resp = api.post(DEBUG_JOB)
     assert resp.status_code == 500 and error(resp)["code"] == "internal_error"
+
+
+def _scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = api.client.get("/metrics")  # no token: scraped like /healthz
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain"), resp.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(resp.text) for s in fam.samples}
+
+
+def test_prometheus_metrics_parse_and_move_when_a_job_finishes(api: Api) -> None:
+    before = _scrape(api)
+    assert before[("trainctl_jobs", (("state", "SUCCEEDED"),))] == 0
+    job_id = api.post({"preset": "debug", "overrides": {"optim.epochs": 2}}).json()["id"]
+    queued = api.post(DEBUG_JOB).json()["id"]
+    api.post(DEBUG_JOB)
+    m = _scrape(api)
+    assert m[("trainctl_jobs", (("state", "QUEUED"),))] == 3
+    assert m[("trainctl_queue_depth", (("owner", "admin"),))] == 3
+    api.reconcile()  # two slots: two jobs start
+    sub = f"{job_id}-1"
+    api.ray.set(sub, "RUNNING")
+    job_dir = api.job_dir(job_id)
+    (job_dir / "metrics.jsonl").write_text(metrics_line(1, 0.4, images_per_s=1234.5))
+    api.reconcile()
+    m = _scrape(api)
+    labels = (("job_id", job_id), ("owner", "admin"))
+    assert m[("trainctl_job_epochs_finished", labels)] == 1
+    assert m[("trainctl_job_train_images_per_second", labels)] == 1234.5
+    assert m[("trainctl_jobs", (("state", "RUNNING"),))] == 1
+    assert m[("trainctl_queue_depth", (("owner", "admin"),))] == 1
+    assert m[("trainctl_reconciler_leader", ())] in (0, 1)
+    # The run succeeds: the counts move, the job's progress series go away.
+    (job_dir / "summary.json").write_text('{"state": "succeeded", "best_val_acc": 0.4, "epochs_completed": 1}')
+    api.ray.set(sub, "SUCCEEDED", exit_code=0)
+    api.reconcile()
+    after = _scrape(api)
+    assert after[("trainctl_jobs", (("state", "SUCCEEDED"),))] == 1
+    assert ("trainctl_job_epochs_finished", labels) not in after
+    assert ("trainctl_job_train_images_per_second", labels) not in after
+    # Latency histograms are labelled by route template, never by a raw job id.
+    assert after[("trainctl_http_request_duration_seconds_count",
+                  (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")))] == 3
+    routes = {dict(k[1]).get("route") for k in after if k[0].startswith("trainctl_http_request")}
+    assert "/metrics" in routes and not any(job_id in (r or "") for r in routes)
+    # Ray refusing a submission is counted (nothing active, one job waiting).
+    for job in api.get("/v1/jobs").json()["jobs"]:
+        api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=api.headers())
+    assert queued and api.post(DEBUG_JOB).status_code == 201
+    assert after[("trainctl_ray_submission_errors_total", ())] == 0
+    api.ray.down = True
+    api.reconcile()
+    assert _scrape(api)[("trainctl_ray_submission_errors_total", ())] == 1
+
+
+def test_job_record_is_mirrored_into_the_job_directory(api: Api) -> None:
+    import json as _json
+
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    record = _json.loads((api.job_dir(job_id) / "record.json").read_text())
+    assert record["id"] == job_id and record["owner"] == "admin" and record["state"] == "STARTING"
+    assert record["attempts"] == 1 and record["attempt_log"][0]["submission_id"] == f"{job_id}-1"
+    api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers())
+    assert _json.loads((api.job_dir(job_id) / "record.json").read_text())["state"] == "CANCELLED"
+
+
+def test_alert_rules_and_scrape_config_name_metrics_the_service_exports(api: Api) -> None:
+    """cluster/prometheus/: valid YAML of the expected shape, and every trainctl_* series an alert uses is
+    one that /metrics really exports (a renamed metric would silently disable an alert)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = Path(__file__).resolve().parents[2] / "cluster" / "prometheus"
+    config = yaml.safe_load((root / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and config["rule_files"] == ["alerts.yml"]
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    rules = [r for g in yaml.safe_load((root / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert len(rules) >= 6 and all({"alert", "expr", "annotations"} <= set(r) for r in rules)
+    # A job in every state, one running with progress: every family is present in the scrape.
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    (api.job_dir(job_id) / "metrics.jsonl").write_text(metrics_line(1, 0.1))
+    api.reconcile()
+    for _ in range(2):  # the second slot fills, the last one waits in the queue
+        api.post(DEBUG_JOB)
+    api.reconcile()
+    exported = {s.name for fam in text_string_to_metric_families(api.client.get("/metrics").text) for s in fam.samples}
+    used = {name for r in rules for name in re.findall(r"\btrainctl_[a-z_]+", r["expr"])}
+    assert used and used <= exported, used - exported

@@ -1,0 +1,108 @@
+"""Prometheus metrics (`GET /metrics`, prometheus-client's text format), one registry per app.
+
+Job counts come from the database at scrape time, so every replica reports the same cluster-wide numbers
+(aggregate with max(), not sum()). Per-job training progress (epochs, images/s) and reconcile timings come
+from the replica that leads reconciliation (`trainctl_reconciler_leader` == 1); see docs/service.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from service.reconciler import Reconciler
+    from service.runner import Runner
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _StoreCollector(Collector):
+    """Metrics read when scraped: jobs by state, queue depth per owner, per-job progress, leadership."""
+
+    def __init__(self, runner: Runner, reconciler: Reconciler) -> None:
+        self.runner, self.reconciler = runner, reconciler
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.runner.store
+        jobs = GaugeMetricFamily("trainctl_jobs", "Jobs in the database by state", labels=["state"])
+        for state, n in store.counts_by_state().items():
+            jobs.add_metric([state.value], n)
+        yield jobs
+        queue = GaugeMetricFamily("trainctl_queue_depth", "QUEUED jobs per owner", labels=["owner"])
+        for owner, n in sorted(store.queued_by_owner().items()):
+            queue.add_metric([owner], n)
+        yield queue
+        epochs = GaugeMetricFamily("trainctl_job_epochs_finished", "Epochs finished by each active job",
+                                   labels=["job_id", "owner"])
+        ips = GaugeMetricFamily("trainctl_job_train_images_per_second",
+                                "Training images/s of each active job's latest epoch (leading replica)",
+                                labels=["job_id", "owner"])
+        for job in store.active():
+            epochs.add_metric([job.id, job.owner], job.last_epoch or 0)
+            rate = self.runner.images_per_s.get(job.id)
+            if rate is not None:
+                ips.add_metric([job.id, job.owner], rate)
+        yield epochs
+        yield ips
+        yield CounterMetricFamily("trainctl_ray_submission_errors", "Ray refused or failed a job submission",
+                                  value=self.runner.submission_errors)
+        yield GaugeMetricFamily("trainctl_reconciler_leader", "1 on the replica that reconciles, else 0",
+                                value=1 if self.reconciler.is_leader else 0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_latency = Histogram("trainctl_http_request_duration_seconds", "HTTP request latency by route",
+                                      ["method", "route", "status"], buckets=LATENCY_BUCKETS,
+                                      registry=self.registry)
+        self.reconcile_pass = Histogram("trainctl_reconcile_pass_duration_seconds",
+                                        "Duration of one reconcile pass (leading replica)",
+                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                        registry=self.registry)
+
+        self._collector: _StoreCollector | None = None
+
+    def attach(self, runner: Runner, reconciler: Reconciler) -> None:
+        self.detach()
+        self._collector = _StoreCollector(runner, reconciler)
+        self.registry.register(self._collector)
+        reconciler.on_pass = self.reconcile_pass.observe
+
+    def detach(self) -> None:
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Time every request, labelled by the route's template (/v1/jobs/{job_id}), never the raw path."""
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            self.http_latency.labels(request.method, route_template(request.scope), str(status)).observe(
+                time.perf_counter() - t0)
+
+
+def route_template(scope: MutableMapping[str, Any]) -> str:
+    """/v1/jobs/{job_id} for /v1/jobs/AbC: the matched path with its parameters put back as names (bounded
+    label values); "<unmatched>" for a path no route matched (404s must not create series)."""
+    if scope.get("route") is None:
+        return "<unmatched>"
+    values = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
+    return "/".join(f"{{{values[seg]}}}" if seg in values else seg for seg in scope["path"].split("/"))
+
