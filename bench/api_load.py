@@ -54,8 +54,13 @@ def start_serve(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, 
     port = free_port()
     log_path = data_dir.parent / f"serve-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(data_dir), "--port", str(port)], env=env,
-                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [TRAINCTL, "serve", "--data-dir", str(data_dir), "--port", str(port)],
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -71,14 +76,16 @@ def start_serve(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, 
     raise RuntimeError(f"serve did not answer:\n{log_path.read_text()[-3000:]}")
 
 
-async def load(url: str, token: str, job_ids: list[str], pollers: int, rate: float, seconds: float
-               ) -> dict[str, list[float]]:
+async def load(
+    url: str, token: str, job_ids: list[str], pollers: int, rate: float, seconds: float
+) -> dict[str, list[float]]:
     """{route: [latency_s, ...]} plus "errors" (as a list of 1.0s) and "elapsed" ([wall seconds])."""
     results: dict[str, list[float]] = {"GET /v1/jobs/{id}": [], "GET /v1/jobs": [], "errors": []}
     interval = pollers / rate  # each poller's period
     limits = httpx.Limits(max_connections=pollers, max_keepalive_connections=pollers)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30, limits=limits
+    ) as client:
         start = time.perf_counter() + 0.2
         end = start + seconds
 
@@ -116,8 +123,14 @@ async def load(url: str, token: str, job_ids: list[str], pollers: int, rate: flo
 
 def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifar: Path, work: Path) -> dict:
     pg = None
-    env = {**os.environ, "TRAINCTL_RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_MODE": "disabled",
-           "TRAINCTL_MAX_CONCURRENT_JOBS": "1", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "TRAINCTL_RAY_ADDRESS": head.dashboard_url,
+        "RAY_AUTH_MODE": "disabled",
+        "TRAINCTL_MAX_CONCURRENT_JOBS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     if backend == "postgresql":
         pg = start_postgres()
@@ -129,8 +142,10 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
             ids = []
             # Trains for the whole measurement (cancelled after it): one Ray Train worker, debug model.
-            body = {"preset": "debug", "overrides": {"data.train": str(cifar), "optim.epochs": 10000,
-                                                     "scaling.num_workers": 1}}
+            body = {
+                "preset": "debug",
+                "overrides": {"data.train": str(cifar), "optim.epochs": 10000, "scaling.num_workers": 1},
+            }
             resp = c.post("/v1/jobs", json=body)
             if resp.status_code != 201:
                 raise RuntimeError(f"submit: {resp.status_code} {resp.text}")
@@ -180,24 +195,36 @@ def main() -> None:
     head = LocalRayHead.start(num_cpus=4, auth_mode="disabled")
     try:
         for backend in args.backends.split(","):
-            print(f"== {backend}: {args.jobs} jobs stored, {'one' if not args.no_running_job else 'no'} job "
-                  f"training; {args.pollers} pollers, {args.rate:.0f} req/s offered, {args.seconds:.0f} s", flush=True)
+            print(
+                f"== {backend}: {args.jobs} jobs stored, {'one' if not args.no_running_job else 'no'} job "
+                f"training; {args.pollers} pollers, {args.rate:.0f} req/s offered, {args.seconds:.0f} s",
+                flush=True,
+            )
             res = run_backend(backend, args, head, cifar, work)
             elapsed = res.pop("elapsed")[0]
             errors = res.pop("errors")
             server_cpu = res.pop("server_cpu_s")[0]
             total = sum(len(v) for v in res.values())
-            print(f"  achieved {total / elapsed:.1f} req/s ({total} answers in {elapsed:.1f} s), errors {len(errors)}, "
-                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
-            print(f"  server CPU {server_cpu:.1f} s = {1000 * server_cpu / max(total, 1):.2f} ms per request "
-                  f"(all of serve: API, reconciler), i.e. at most {total / max(server_cpu, 1e-9):.0f} req/s "
-                  "per fully available core", flush=True)
+            print(
+                f"  achieved {total / elapsed:.1f} req/s ({total} answers in {elapsed:.1f} s), errors {len(errors)}, "
+                f"load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+            print(
+                f"  server CPU {server_cpu:.1f} s = {1000 * server_cpu / max(total, 1):.2f} ms per request "
+                f"(all of serve: API, reconciler), i.e. at most {total / max(server_cpu, 1e-9):.0f} req/s "
+                "per fully available core",
+                flush=True,
+            )
             every = [x for v in res.values() for x in v]
             for route, lat in [*res.items(), ("all", every)]:
                 if lat:
                     ms = [x * 1000 for x in lat]
-                    print(f"  {route:<20} n={len(ms):<6} p50 {statistics.median(ms):6.1f} ms   "
-                          f"p99 {percentile(ms, 99):6.1f} ms   max {max(ms):6.1f} ms", flush=True)
+                    print(
+                        f"  {route:<20} n={len(ms):<6} p50 {statistics.median(ms):6.1f} ms   "
+                        f"p99 {percentile(ms, 99):6.1f} ms   max {max(ms):6.1f} ms",
+                        flush=True,
+                    )
     finally:
         head.stop()
 

@@ -61,8 +61,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         if scheme not in ("s3", "file"):
             raise _reject(uri, "unsupported scheme: use a local path, file:// or s3://")
         if "@" in parsed.netloc or parsed.query or parsed.fragment or "?" in uri or "#" in uri:
-            raise _reject(uri, "credentials, query strings and fragments are not allowed in storage URIs: put "
-                               "the endpoint in TRAINCTL_S3_ENDPOINT and credentials in AWS_* variables")
+            raise _reject(
+                uri,
+                "credentials, query strings and fragments are not allowed in storage URIs: put "
+                "the endpoint in TRAINCTL_S3_ENDPOINT and credentials in AWS_* variables",
+            )
         if scheme == "s3":
             if not parsed.netloc:
                 raise _reject(uri, "no bucket: use s3://bucket/prefix")
@@ -120,6 +123,7 @@ def redact(uri: str) -> str:
 
 # --- where a URI points: normalised forms and containment -------------------------------------------------
 
+
 def normalise(uri: str) -> str:
     """A canonical form for containment checks: local paths (plain, `~/`, `file://`) become absolute real
     paths (`..` and symlinks resolved); `s3://bucket/key` keeps its bucket and a key with `.`/`..` segments
@@ -163,17 +167,42 @@ def parse_roots(text: str) -> list[str]:
 # during <Op> operation: ...". Classify by the AWS error code and HTTP status, never by words that could
 # come from a key or bucket name (a job called "network-test" must not turn AccessDenied into a retry).
 _AWS_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))?")
-_TRANSIENT_AWS_CODES = {"NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING", "REQUEST_TIMEOUT",
-                        "INTERNAL_FAILURE", "REQUEST_LIMIT_EXCEEDED"}
-_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
-                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE}
-_TRANSIENT_WORDS = ("connect", "timeout", "timed out", "unreachable", "curl", "network", "broken pipe",
-                    "connection reset", "slowdown", "temporarily", "service unavailable")
+_TRANSIENT_AWS_CODES = {
+    "NETWORK_CONNECTION",
+    "SERVICE_UNAVAILABLE",
+    "SLOW_DOWN",
+    "THROTTLING",
+    "REQUEST_TIMEOUT",
+    "INTERNAL_FAILURE",
+    "REQUEST_LIMIT_EXCEEDED",
+}
+_TRANSIENT_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EPIPE,
+}
+_TRANSIENT_WORDS = (
+    "connect",
+    "timeout",
+    "timed out",
+    "unreachable",
+    "curl",
+    "network",
+    "broken pipe",
+    "connection reset",
+    "slowdown",
+    "temporarily",
+    "service unavailable",
+)
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                        FileExistsError)):
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -208,14 +237,14 @@ def retrying(fn: Callable[[], T], what: str, budget_s: float | None = None) -> T
                 raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StorageUnavailable(f"storage unreachable for {budget:g}s while trying to {what}: {exc}") \
-                    from exc
+                raise StorageUnavailable(f"storage unreachable for {budget:g}s while trying to {what}: {exc}") from exc
             # Never sleep past the deadline; the last attempt happens at the deadline.
             time.sleep(min(delay * (0.5 + random.random()), remaining))
             delay = min(delay * 2, 5.0)
 
 
 # --- small file operations (whole files; checkpoints are streamed) -----------------------------------------
+
 
 def ensure_dir(uri: str) -> None:
     fs, path = resolve(uri)
@@ -245,6 +274,7 @@ def read_bytes(uri: str) -> bytes:
     def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
     return retrying(read, f"read {redact(uri)}")
 
 
@@ -274,6 +304,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
+
     retrying(write, f"write {redact(uri)}")
 
 
@@ -284,8 +315,7 @@ def write_text(uri: str, text: str) -> None:
 def list_dir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; empty when it does not exist."""
     fs, path = resolve(uri)
-    infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)),
-                     f"list {redact(uri)}")
+    infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), f"list {redact(uri)}")
     return sorted(i.base_name for i in infos)
 
 
@@ -298,6 +328,7 @@ def delete_tree(uri: str) -> None:
             fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
             fs.delete_file(path)
+
     retrying(delete, f"delete {redact(uri)}")
 
 

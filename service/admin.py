@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 def _settings(args: argparse.Namespace) -> Settings:
     from service.settings import load_settings
 
-    return load_settings(data_dir=args.data_dir, database_url=getattr(args, "database_url", None),
-                         storage=getattr(args, "storage", None))
+    return load_settings(
+        data_dir=args.data_dir, database_url=getattr(args, "database_url", None), storage=getattr(args, "storage", None)
+    )
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -74,8 +75,10 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"restored": report.restored, "kept": report.kept, "skipped": report.skipped}, indent=2))
     else:
-        print(f"restored {len(report.restored)} job(s), kept {len(report.kept)} already in the database, "
-              f"skipped {len(report.skipped)} entr(y/ies) that are not job directories")
+        print(
+            f"restored {len(report.restored)} job(s), kept {len(report.kept)} already in the database, "
+            f"skipped {len(report.skipped)} entr(y/ies) that are not job directories"
+        )
         for job_id in report.restored:
             print(f"  restored {job_id}")
         for job_id, why in report.skipped.items():

@@ -46,8 +46,10 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     """The app; `ray` replaces the real Ray Jobs client (tests pass a fake)."""
     settings = settings or load_settings()
     if not settings.auth and not is_loopback(settings.host):
-        raise ValueError(f"authentication can only be turned off on a loopback host (127.0.0.1, localhost), "
-                         f"not {settings.host!r}: anyone who reaches the port could run and delete jobs")
+        raise ValueError(
+            f"authentication can only be turned off on a loopback host (127.0.0.1, localhost), "
+            f"not {settings.host!r}: anyone who reaches the port could run and delete jobs"
+        )
     metrics = Metrics()
 
     @asynccontextmanager
@@ -61,8 +63,11 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
             if auth.ensure_admin_token(store, settings.admin_token_path):
                 log.warning("created a new admin token; it is in %s", settings.admin_token_path)
         else:
-            log.warning("AUTHENTICATION IS DISABLED: anyone who can reach %s:%s can run and delete jobs",
-                        settings.host, settings.port)
+            log.warning(
+                "AUTHENTICATION IS DISABLED: anyone who can reach %s:%s can run and delete jobs",
+                settings.host,
+                settings.port,
+            )
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
@@ -76,9 +81,13 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
             metrics.detach()
             store.close()
 
-    app = FastAPI(title="trainctl", version=VERSION, lifespan=lifespan,
-                  description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
-                              "the web dashboard is at /ui/.")
+    app = FastAPI(
+        title="trainctl",
+        version=VERSION,
+        lifespan=lifespan,
+        description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
+        "the web dashboard is at /ui/.",
+    )
     install_error_handlers(app)
     install_openapi(app)
     app.state.metrics = metrics
@@ -99,8 +108,12 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
 
 def restrict_files(settings: Settings) -> None:
     """Owner-only modes for the database (and SQLite's WAL/SHM files) and the token file."""
-    for path in (settings.db_path, settings.db_path.with_name(settings.db_path.name + "-wal"),
-                 settings.db_path.with_name(settings.db_path.name + "-shm"), settings.admin_token_path):
+    for path in (
+        settings.db_path,
+        settings.db_path.with_name(settings.db_path.name + "-wal"),
+        settings.db_path.with_name(settings.db_path.name + "-shm"),
+        settings.admin_token_path,
+    ):
         if path.exists():
             os.chmod(path, 0o600)
 

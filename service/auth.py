@@ -20,7 +20,7 @@ TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True)
 class Principal:
-    name: str        # the owner recorded on jobs
+    name: str  # the owner recorded on jobs
     is_admin: bool
 
 

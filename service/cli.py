@@ -23,11 +23,12 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 # Exit codes (docs/service.md). argparse uses 2 for usage errors, so no job outcome may use it.
 WATCH_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3}
 EXIT_LOST_CONTACT = 4  # `watch`/`submit --follow` gave up: the service stayed unreachable for --patience seconds
-EXIT_ERROR = 5         # the service refused the request (4xx/5xx) or could not be reached by a one-shot command
+EXIT_ERROR = 5  # the service refused the request (4xx/5xx) or could not be reached by a one-shot command
 CliError = ClientError  # what the CLI prints as `error: ...` with exit status EXIT_ERROR
 
 
 # --- connection ------------------------------------------------------------------------------------------------
+
 
 def _url(args: argparse.Namespace) -> str:
     return resolve_url(args.url, args.data_dir)
@@ -61,9 +62,11 @@ def _progress_line(job: dict[str, Any]) -> str:
     m = job.get("metrics") or {}
     if job.get("search"):
         s = job["search"]
-        return (f"{job['state']:<9} trials {s['trials_finished']}/{s['trials_total']} done, {s['trials_running']} "
-                f"running, {s['stopped_early']} stopped early  best {s['metric']} {_fmt_acc(s['best_metric'])}"
-                f" ({s['best_trial'] or '-'})")
+        return (
+            f"{job['state']:<9} trials {s['trials_finished']}/{s['trials_total']} done, {s['trials_running']} "
+            f"running, {s['stopped_early']} stopped early  best {s['metric']} {_fmt_acc(s['best_metric'])}"
+            f" ({s['best_trial'] or '-'})"
+        )
     line = f"{job['state']:<9} epoch {p.get('epoch', 0)}/{p.get('epochs') or '?'}  val_acc {_fmt_acc(m.get('val_acc'))}"
     if isinstance(m.get("test_acc"), (int, float)):
         line += f"  test_acc {_fmt_acc(m['test_acc'])}"
@@ -91,6 +94,7 @@ def _bar(job: dict[str, Any], width: int = 24) -> str:
 
 
 # --- commands talking to the service ---------------------------------------------------------------------------
+
 
 def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.spec import parse_override, set_path  # pydantic only: no torch
@@ -158,8 +162,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     elif args.quiet:
         print(job["id"], flush=True)
     else:
-        print(f"submitted job {job['id']} ({job['state']})"
-              + ("" if args.follow else f"; follow it with: trainctl watch {job['id']}"), flush=True)
+        print(
+            f"submitted job {job['id']} ({job['state']})"
+            + ("" if args.follow else f"; follow it with: trainctl watch {job['id']}"),
+            flush=True,
+        )
     if not args.follow:
         return 0
     with _client(args) as api:
@@ -175,9 +182,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'ID':<24} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
     for j in page["jobs"]:
         p = j["progress"]
-        print(f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} "
-              f"{_fmt_acc(j['best_val_acc']):>7}"
-              f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}")
+        print(
+            f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} "
+            f"{_fmt_acc(j['best_val_acc']):>7}"
+            f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}"
+        )
     if page["total"] > page["offset"] + len(page["jobs"]):
         print(f"... {page['total']} jobs in all; see more with --offset {page['offset'] + len(page['jobs'])}")
     return 0
@@ -193,8 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"state     {_progress_line(job)}")
     if job.get("search") and job["search"].get("best_trial"):
         s = job["search"]
-        config = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in (s.get("best_config") or {}).items())
+        config = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (s.get("best_config") or {}).items()
+        )
         print(f"best      trial {s['best_trial']}  {s['metric']} {_fmt_acc(s['best_metric'])}  {config}")
     print(f"attempts  {job['attempts']}  ray submission {job['ray_submission_id'] or '-'}")
     print(f"created   {job['created_at']}   updated {job['updated_at']}")
@@ -221,11 +231,17 @@ def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: floa
             if lost_since is None:
                 lost_since = now
                 reason = str(exc).splitlines()[0]
-                print(f"\nlost contact with the service ({reason}); retrying for up to {patience:.0f}s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\nlost contact with the service ({reason}); retrying for up to {patience:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             elif now - lost_since > patience:
-                print(f"gave up: no answer from the service for {patience:.0f}s (job {job_id} may still be running; "
-                      f"`trainctl watch {job_id}` resumes following it)", file=sys.stderr)
+                print(
+                    f"gave up: no answer from the service for {patience:.0f}s (job {job_id} may still be running; "
+                    f"`trainctl watch {job_id}` resumes following it)",
+                    file=sys.stderr,
+                )
                 return EXIT_LOST_CONTACT
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
@@ -259,8 +275,11 @@ def _devices_line(job: dict[str, Any]) -> str:
     if numerics.get("precision"):
         text += f" · {numerics['precision']}{' + channels_last' if numerics.get('channels_last') else ''}"
         rates = numerics.get("images_per_s") or {}
-        text += f" ({numerics.get('chosen_by', '?')}" + (": " + ", ".join(f"{k} {v} img/s" for k, v in rates.items())
-                                                         if rates else "") + ")"
+        text += (
+            f" ({numerics.get('chosen_by', '?')}"
+            + (": " + ", ".join(f"{k} {v} img/s" for k, v in rates.items()) if rates else "")
+            + ")"
+        )
     return text
 
 
@@ -305,8 +324,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
         time.sleep(2)
 
 
-def _logs_since_or_empty(api: TrainctlClient, job_id: str, attempt: int, since: int, tail: int | None = None
-                         ) -> tuple[str, int | None]:
+def _logs_since_or_empty(
+    api: TrainctlClient, job_id: str, attempt: int, since: int, tail: int | None = None
+) -> tuple[str, int | None]:
     try:
         return api.logs_since(job_id, since, tail=tail, attempt=attempt)
     except ClientError as exc:
@@ -348,14 +368,20 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
         return 0
-    print(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} {'LR':>9} {'IMG/S':>8} "
-          f"{'SEC':>6}")
+    print(
+        f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} {'LR':>9} {'IMG/S':>8} "
+        f"{'SEC':>6}"
+    )
     for m in data["metrics"]:
+
         def f(k: str, spec: str, m: dict[str, Any] = m) -> str:
             v = m.get(k)
             return format(v, spec) if isinstance(v, (int, float)) else "-"
-        print(f"{m['epoch']:>5} {f('train_loss', '10.4f')} {f('train_acc', '9.4f')} {f('val_loss', '9.4f')} "
-              f"{f('val_acc', '8.4f')} {f('lr', '9.5f')} {f('images_per_s', '8.1f')} {f('epoch_seconds', '6.1f')}")
+
+        print(
+            f"{m['epoch']:>5} {f('train_loss', '10.4f')} {f('train_acc', '9.4f')} {f('val_loss', '9.4f')} "
+            f"{f('val_acc', '8.4f')} {f('lr', '9.5f')} {f('images_per_s', '8.1f')} {f('epoch_seconds', '6.1f')}"
+        )
     return 0
 
 
@@ -383,8 +409,10 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         return 0
     print(f"{'EPOCH':>5} {'VAL_ACC':>8} {'SIZE':>12}  SHA256")
     for c in data["checkpoints"]:
-        print(f"{c['epoch'] if c['epoch'] is not None else '-':>5} {_fmt_acc(c['val_acc']):>8} "
-              f"{c['size'] if c['size'] is not None else '-':>12}  {c['sha256'] or '-'}")
+        print(
+            f"{c['epoch'] if c['epoch'] is not None else '-':>5} {_fmt_acc(c['val_acc']):>8} "
+            f"{c['size'] if c['size'] is not None else '-':>12}  {c['sha256'] or '-'}"
+        )
     print(f"download the best with: trainctl best {args.id}")
     return 0
 
@@ -439,14 +467,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import tempfile
 
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("trainer.evaluate") is None:
-        raise CliError("`trainctl predict` runs the model on this machine and needs torch and torchvision: "
-                       "pip install 'trainctl[train]'")
+        raise CliError(
+            "`trainctl predict` runs the model on this machine and needs torch and torchvision: "
+            "pip install 'trainctl[train]'"
+        )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
         model = Path(tmp) / "model.pt2"
         api.download_artifact(args.id, "model.pt2", model)
-        child = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", str(model),
-                                "--input", args.input, "--out", args.output])
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trainer",
+                "predict",
+                "--checkpoint",
+                str(model),
+                "--input",
+                args.input,
+                "--out",
+                args.output,
+            ]
+        )
     return EXIT_ERROR if child.returncode else 0
+
+
 PLOTS = ("curves", "lr", "confusion")
 
 
@@ -478,8 +522,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
         for path in written.values():
             print(f"wrote {path}")
         for name in skipped:
-            print(f"skipped {name}: nothing to draw yet" + (" (written when the run ends)" if name == "confusion"
-                                                           else ""), file=sys.stderr)
+            print(
+                f"skipped {name}: nothing to draw yet"
+                + (" (written when the run ends)" if name == "confusion" else ""),
+                file=sys.stderr,
+            )
     return 0 if written else EXIT_ERROR
 
 
@@ -516,6 +563,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 # --- argument parsing ------------------------------------------------------------------------------------------
 
+
 def _serve(args: argparse.Namespace) -> int:
     from service.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
 
@@ -537,6 +585,7 @@ def _admin(name: str) -> Callable[[argparse.Namespace], int]:
 
     return run
 
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -552,11 +601,12 @@ def cmd_completion(args: argparse.Namespace) -> int:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     cases = "\n".join(
         f'        {name}) opts="{" ".join(o for a in sp._actions for o in a.option_strings)}" ;;'
-        for name, sp in commands.items())
+        for name, sp in commands.items()
+    )
     print(f"""_trainctl() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} opts
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "{' '.join(commands)} --help --version" -- "$cur")); return
+        COMPREPLY=($(compgen -W "{" ".join(commands)} --help --version" -- "$cur")); return
     fi
     case "${{COMP_WORDS[1]}}" in
 {cases}
@@ -575,26 +625,39 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     following = argparse.ArgumentParser(add_help=False)  # `watch` and `submit --follow`
     following.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
-    following.add_argument("--patience", type=float, default=300.0,
-                           help="keep retrying an unreachable service this long before exit 4 (default 300 s)")
+    following.add_argument(
+        "--patience",
+        type=float,
+        default=300.0,
+        help="keep retrying an unreachable service this long before exit 4 (default 300 s)",
+    )
 
     p = argparse.ArgumentParser(
-        prog="trainctl", description="Distributed training jobs on Ray.",
+        prog="trainctl",
+        description="Distributed training jobs on Ray.",
         epilog="exit codes: 0 success (watch: SUCCEEDED), 1 FAILED, 2 usage error, 3 CANCELLED, "
-               "4 lost contact with the service, 5 the request failed")
+        "4 lost contact with the service, 5 the request failed",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", parents=[common], help="run the API (with this data dir's local Ray head, "
-                                                       "started or re-attached, which outlives serve; unless "
-                                                       "TRAINCTL_RAY_ADDRESS / RAY_ADDRESS is set)")
+    s = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the API (with this data dir's local Ray head, "
+        "started or re-attached, which outlives serve; unless "
+        "TRAINCTL_RAY_ADDRESS / RAY_ADDRESS is set)",
+    )
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--storage", help="storage root URI (default <data dir>/storage; s3://bucket/prefix)")
     s.add_argument("--max-concurrent", type=int, help="jobs running at once (default 2)")
     s.add_argument("--ray-num-cpus", type=int, help="logical CPUs of a local head (default max(cores, 4))")
-    s.add_argument("--database-url", help="job store (default: TRAINCTL_DATABASE_URL or SQLite <data dir>/trainctl.db;"
-                                          " postgresql+psycopg://user:password@host:5432/db for several replicas)")
+    s.add_argument(
+        "--database-url",
+        help="job store (default: TRAINCTL_DATABASE_URL or SQLite <data dir>/trainctl.db;"
+        " postgresql+psycopg://user:password@host:5432/db for several replicas)",
+    )
     s.add_argument("--no-auth", action="store_true", help="DANGER: disable authentication (local experiments)")
     s.set_defaults(fn=_serve)
 
@@ -606,8 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
     s.add_argument("-f", "--follow", action="store_true", help="then follow the job like `watch` (same exit codes)")
-    s.add_argument("--dry-run", action="store_true",
-                   help="validate and print the resolved spec locally; submit nothing (needs no service)")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the resolved spec locally; submit nothing (needs no service)",
+    )
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("list", parents=[common], help="list your jobs")
@@ -617,14 +683,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--owner", help="admin only: one owner's jobs (the admin lists everyone's by default)")
     s.set_defaults(fn=cmd_list)
 
-    for name, fn, text in [("status", cmd_status, "show one job"), ("cancel", cmd_cancel, "cancel a job"),
-                           ("delete", cmd_delete, "delete a finished job and its files")]:
+    for name, fn, text in [
+        ("status", cmd_status, "show one job"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("delete", cmd_delete, "delete a finished job and its files"),
+    ]:
         s = sub.add_parser(name, parents=[common], help=text)
         s.add_argument("id")
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("watch", parents=[common, following],
-                       help="follow progress; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 4 lost contact")
+    s = sub.add_parser(
+        "watch",
+        parents=[common, following],
+        help="follow progress; exit 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 4 lost contact",
+    )
     s.add_argument("id")
     s.set_defaults(fn=cmd_watch)
 
@@ -652,8 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.set_defaults(fn=cmd_checkpoints)
 
-    s = sub.add_parser("down", parents=[common], help="stop this data dir's `serve` and its local Ray head "
-                                                      "(which otherwise outlives `serve`)")
+    s = sub.add_parser(
+        "down",
+        parents=[common],
+        help="stop this data dir's `serve` and its local Ray head (which otherwise outlives `serve`)",
+    )
     s.set_defaults(fn=_down)
     s = sub.add_parser("db", help="the job database: schema migrations")
     dsub = s.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -665,8 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
         d.set_defaults(fn=_admin(admin_fn))
 
-    s = sub.add_parser("reindex", parents=[common], help="rebuild lost job records from the storage root's "
-                                                         "job directories")
+    s = sub.add_parser(
+        "reindex", parents=[common], help="rebuild lost job records from the storage root's job directories"
+    )
     s.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
     s.add_argument("--storage", help="storage root URI (default: TRAINCTL_STORAGE or <data dir>/storage)")
     s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
@@ -674,8 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")
     s.add_argument("id")
-    s.add_argument("--format", choices=sorted(EXPORT_NAMES), default="pt2",
-                   help="pt2: a torch.export program (normalisation inside); safetensors: weights only")
+    s.add_argument(
+        "--format",
+        choices=sorted(EXPORT_NAMES),
+        default="pt2",
+        help="pt2: a torch.export program (normalisation inside); safetensors: weights only",
+    )
     s.add_argument("-o", "--output", help="where to write it (default <id>-model.<format>)")
     s.set_defaults(fn=cmd_export)
 
@@ -684,8 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="a folder of 32×32 PNG/JPEG images, a parquet, or the Kaggle pickle")
     s.add_argument("-o", "--output", required=True, help="CSV to write (ID,Labels)")
     s.set_defaults(fn=cmd_predict)
-    s = sub.add_parser("plot", parents=[common], help="save the job's PNGs: curves (loss and accuracy per epoch), "
-                                                      "lr, confusion (the best checkpoint's, once the run ended)")
+    s = sub.add_parser(
+        "plot",
+        parents=[common],
+        help="save the job's PNGs: curves (loss and accuracy per epoch), "
+        "lr, confusion (the best checkpoint's, once the run ended)",
+    )
     s.add_argument("id")
     s.add_argument("-o", "--output", required=True, help="directory to write <id>-<name>.png into")
     s.add_argument("--only", help="comma-separated subset of curves,lr,confusion")
@@ -695,8 +779,12 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     t = tsub.add_parser("create", parents=[common], help="create a token for a new user (admin only)")
     t.add_argument("name")
-    t.add_argument("--expires-in", type=parse_duration, metavar="DURATION",
-                   help="the token stops working after this long: seconds, or 30m, 12h, 7d, 2w (default: never)")
+    t.add_argument(
+        "--expires-in",
+        type=parse_duration,
+        metavar="DURATION",
+        help="the token stops working after this long: seconds, or 30m, 12h, 7d, 2w (default: never)",
+    )
     t.set_defaults(fn=cmd_token_create)
     t = tsub.add_parser("list", parents=[common], help="list tokens: name, role, expiry (admin only)")
     t.set_defaults(fn=cmd_token_list)
@@ -704,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("name")
     t.set_defaults(fn=cmd_token_revoke)
 
-    s = sub.add_parser("completion", help="print a shell completion script: eval \"$(trainctl completion bash)\"")
+    s = sub.add_parser("completion", help='print a shell completion script: eval "$(trainctl completion bash)"')
     s.add_argument("shell", choices=["bash"])
     s.set_defaults(fn=cmd_completion)
     return p

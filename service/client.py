@@ -55,8 +55,9 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
 
 
 def resolve_url(url: str | None = None, data_dir: str | None = None) -> str:
-    return (url or os.environ.get("TRAINCTL_URL") or served_url(data_dir) or load_config().get("url")
-            or DEFAULT_URL).rstrip("/")
+    return (
+        url or os.environ.get("TRAINCTL_URL") or served_url(data_dir) or load_config().get("url") or DEFAULT_URL
+    ).rstrip("/")
 
 
 def served_url(data_dir: str | None = None) -> str | None:
@@ -102,16 +103,16 @@ def error_text(resp: httpx.Response) -> str:
 
 def raise_for_error(resp: httpx.Response) -> httpx.Response:
     if not resp.is_success:
-        raise ClientError(error_text(resp), resp.status_code,
-                          transient=resp.status_code in TRANSIENT_STATUSES)
+        raise ClientError(error_text(resp), resp.status_code, transient=resp.status_code in TRANSIENT_STATUSES)
     return resp
 
 
 class TrainctlClient:
     """One API endpoint and token. Every call raises ClientError with a readable text on failure."""
 
-    def __init__(self, url: str, token: str | None, *, timeout: float = 30,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, url: str, token: str | None, *, timeout: float = 30, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
@@ -126,8 +127,10 @@ class TrainctlClient:
         self.http.close()
 
     def _unreachable(self, exc: httpx.TransportError) -> ClientError:
-        return ClientError(f"cannot reach trainctl at {self.url} ({exc}); is `trainctl serve` running? "
-                           "(set TRAINCTL_URL)", transient=True)
+        return ClientError(
+            f"cannot reach trainctl at {self.url} ({exc}); is `trainctl serve` running? (set TRAINCTL_URL)",
+            transient=True,
+        )
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
@@ -153,8 +156,9 @@ class TrainctlClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
 
-    def jobs(self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None,
-             owner: str | None = None) -> dict[str, Any]:
+    def jobs(
+        self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None, owner: str | None = None
+    ) -> dict[str, Any]:
         params: list[tuple[str, Any]] = [("limit", limit), ("offset", offset)]
         if owner:
             params.append(("owner", owner))
@@ -174,8 +178,9 @@ class TrainctlClient:
         params = {k: v for k, v in (("tail", tail), ("attempt", attempt)) if v is not None}
         return self.request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
-    def logs_since(self, job_id: str, since: int, tail: int | None = None, attempt: int | None = None
-                   ) -> tuple[str, int | None]:
+    def logs_since(
+        self, job_id: str, since: int, tail: int | None = None, attempt: int | None = None
+    ) -> tuple[str, int | None]:
         """What the log (of every attempt, or of one) gained after byte `since`, and its size now (None from a
         server that does not say: then the caller compares whole logs)."""
         params: dict[str, int] = {"since": since}
@@ -258,9 +263,11 @@ class TrainctlClient:
         actual = digest.hexdigest()
         if not expected or actual != expected:
             part.unlink(missing_ok=True)
-            raise ClientError(f"CHECKSUM MISMATCH: the server announced sha256 {expected}, the download has "
-                              f"{actual}; {out} was NOT written. Try again; if it persists the stored file "
-                              "is damaged.")
+            raise ClientError(
+                f"CHECKSUM MISMATCH: the server announced sha256 {expected}, the download has "
+                f"{actual}; {out} was NOT written. Try again; if it persists the stored file "
+                "is damaged."
+            )
         os.replace(part, out)
         return actual, size, out
 

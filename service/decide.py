@@ -48,9 +48,9 @@ class Facts:
     storage_up: bool = True
     attempts: int = 1
     max_restarts: int = 0
-    charged_restarts: int = 0       # resubmissions so far that counted against max_restarts
-    free_restarts: int = 0          # resubmissions so far that the cluster or service caused
-    storage_name: str = "storage"   # how to name the storage in a message (redacted)
+    charged_restarts: int = 0  # resubmissions so far that counted against max_restarts
+    free_restarts: int = 0  # resubmissions so far that the cluster or service caused
+    storage_name: str = "storage"  # how to name the storage in a message (redacted)
 
     @property
     def run_over(self) -> bool:
@@ -92,8 +92,8 @@ class Fail:
 
 @dataclass(frozen=True)
 class Resubmit:
-    reason: str          # for the attempt log and the job's message
-    log_reason: str      # what ended this attempt, for the service log
+    reason: str  # for the attempt log and the job's message
+    log_reason: str  # what ended this attempt, for the service log
     charged: bool = True  # counts against checkpoint.max_restarts (False: the cluster or service caused it)
 
 
@@ -139,8 +139,10 @@ def _after_failure(f: Facts) -> Action:
             return Resubmit(reason=f"attempt {f.attempts} failed: {error}", log_reason=reason, charged=False)
     elif f.charged_restarts < f.max_restarts:
         return Resubmit(reason=f"attempt {f.attempts} failed: {error}", log_reason=reason)
-    return Fail(f"{error} (failed after {f.attempts} attempt(s); {f.charged_restarts} restart(s) of "
-                f"checkpoint.max_restarts={f.max_restarts} used)")
+    return Fail(
+        f"{error} (failed after {f.attempts} attempt(s); {f.charged_restarts} restart(s) of "
+        f"checkpoint.max_restarts={f.max_restarts} used)"
+    )
 
 
 # Resubmissions after failures the cluster or the service caused do not count against checkpoint.max_restarts;

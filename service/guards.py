@@ -16,8 +16,13 @@ def is_loopback(host: str) -> bool:
 
 async def _refuse(send: Any, status: int, code: str, message: str, details: Any = None) -> None:
     body = json.dumps({"error": {"code": code, "message": message, "details": details}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -32,8 +37,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = (f"the request body is over this service's limit of {self.max_bytes} bytes "
-                   "(TRAINCTL_MAX_BODY_BYTES)")
+        message = f"the request body is over this service's limit of {self.max_bytes} bytes (TRAINCTL_MAX_BODY_BYTES)"
         details = {"limit": "max_body_bytes", "max_bytes": self.max_bytes}
         for name, value in scope.get("headers", []):
             if name == b"content-length":
@@ -59,8 +63,9 @@ class BodyLimit:
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
-        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
-                                      receive), send)
+        await self.app(
+            scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive), send
+        )
 
 
 def _replay(messages: list[Any], receive: Any) -> Any:
@@ -68,6 +73,7 @@ def _replay(messages: list[Any], receive: Any) -> Any:
 
     async def replayed() -> Any:
         return pending.pop(0) if pending else await receive()
+
     return replayed
 
 
@@ -86,8 +92,13 @@ class LoopbackHostOnly:
                     break
             hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if not is_loopback(hostname.strip().lower()):
-                await _refuse(send, 400, "bad_host",
-                              "this service runs without authentication and answers only requests addressed to "
-                              "a loopback host (127.0.0.1, localhost)", {"host": host[:100]})
+                await _refuse(
+                    send,
+                    400,
+                    "bad_host",
+                    "this service runs without authentication and answers only requests addressed to "
+                    "a loopback host (127.0.0.1, localhost)",
+                    {"host": host[:100]},
+                )
                 return
         await self.app(scope, receive, send)

@@ -29,6 +29,7 @@ LOGS = "logs"  # logs/attempt-N.log: each attempt's driver log, copied there by 
 # transition, so that `trainctl reindex` can rebuild a lost database from storage.
 RECORD = "record.json"
 
+
 def job_uri(storage_root: str, job_id: str) -> str:
     return objstore.join(storage_root, "jobs", job_id)
 
@@ -108,8 +109,10 @@ def settle_trials(trials: list[TrialRow], job_state: str) -> list[TrialRow]:
     if job_state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
         return trials
     ended = TrialState.CANCELLED if job_state == "CANCELLED" else TrialState.FAILED
-    return [t.model_copy(update={"state": ended}) if t.state in (TrialState.RUNNING, TrialState.PENDING) else t
-            for t in trials]
+    return [
+        t.model_copy(update={"state": ended}) if t.state in (TrialState.RUNNING, TrialState.PENDING) else t
+        for t in trials
+    ]
 
 
 def search_progress(search: dict[str, Any], trials: list[TrialRow]) -> dict[str, Any]:
@@ -117,12 +120,16 @@ def search_progress(search: dict[str, Any], trials: list[TrialRow]) -> dict[str,
     metric}."""
     spec = SearchSpec.model_validate(search)
     best = contract.best_trial(trials, spec.mode)
-    return {"trials_total": spec.total_trials(), "trials_finished": sum(t.state.is_finished() for t in trials),
-            "trials_running": sum(t.state is TrialState.RUNNING for t in trials),
-            "stopped_early": sum(t.stopped_early for t in trials),
-            "best_trial": best.trial_id if best else None,
-            "best_metric": best.best_metric if best else None, "best_config": best.config if best else None,
-            "metric": spec.metric}
+    return {
+        "trials_total": spec.total_trials(),
+        "trials_finished": sum(t.state.is_finished() for t in trials),
+        "trials_running": sum(t.state is TrialState.RUNNING for t in trials),
+        "stopped_early": sum(t.stopped_early for t in trials),
+        "best_trial": best.trial_id if best else None,
+        "best_metric": best.best_metric if best else None,
+        "best_config": best.config if best else None,
+        "metric": spec.metric,
+    }
 
 
 def progress(metrics: list[EpochMetrics], epochs: int | None, finished: bool) -> dict[str, Any]:
@@ -168,11 +175,13 @@ def best_checkpoint(job_dir: str) -> BestCheckpoint | None:
     if summary and summary.best_checkpoint:
         uri = _absolute(job_dir, summary.best_checkpoint)
         match = next((c for c in checkpoints(job_dir) if c.uri == uri), None)
-        return BestCheckpoint(uri=uri, sha256=summary.best_checkpoint_sha256 or (match.sha256 if match else None),
-                              size=summary.best_checkpoint_size or (match.size if match else None),
-                              epoch=match.epoch if match else None,
-                              val_acc=summary.best_val_acc if summary.best_val_acc is not None
-                              else (match.val_acc if match else None))
+        return BestCheckpoint(
+            uri=uri,
+            sha256=summary.best_checkpoint_sha256 or (match.sha256 if match else None),
+            size=summary.best_checkpoint_size or (match.size if match else None),
+            epoch=match.epoch if match else None,
+            val_acc=summary.best_val_acc if summary.best_val_acc is not None else (match.val_acc if match else None),
+        )
     best = Manifest(checkpoints=checkpoints(job_dir)).best()
     if best is None:
         return None

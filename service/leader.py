@@ -25,7 +25,7 @@ RECONCILER_LOCK_KEY = 0x7472_6E02
 class LeaderLock:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._conn: Any = None   # PostgreSQL: the connection holding the advisory lock
+        self._conn: Any = None  # PostgreSQL: the connection holding the advisory lock
         self._fd: int | None = None  # SQLite: the flock'ed file
         self.held = False
 

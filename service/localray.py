@@ -40,12 +40,24 @@ class LocalRayHead:
         env = {**os.environ, "RAY_AUTH_MODE": auth_mode, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}",
-               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
-               # Ray's defaults for these are fixed ports (52365, 10001): with another head on the machine our
-               # dashboard agent could not listen, and a head without one refuses every job submission.
-               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        cmd = [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            # Ray's defaults for these are fixed ports (52365, 10001): with another head on the machine our
+            # dashboard agent could not listen, and a head without one refuses every job submission.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ]
         log_path = os.path.join(temp_dir, "ray-start.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -100,7 +112,7 @@ HEAD_RECORD = "ray-head.json"
 
 @dataclass(frozen=True)
 class HeadRecord:
-    pid: int                # `ray start --block`: the leader of the head's process group
+    pid: int  # `ray start --block`: the leader of the head's process group
     gcs_address: str
     dashboard_url: str
     temp_dir: str
@@ -113,8 +125,15 @@ class HeadRecord:
 
 
 def write_head_record(data_dir: Path, head: LocalRayHead, auth_mode: str, num_cpus: int) -> HeadRecord:
-    rec = HeadRecord(pid=head.proc.pid, gcs_address=head.gcs_address, dashboard_url=head.dashboard_url,
-                     temp_dir=head.temp_dir, auth_mode=auth_mode, num_cpus=num_cpus, started_at=time.time())
+    rec = HeadRecord(
+        pid=head.proc.pid,
+        gcs_address=head.gcs_address,
+        dashboard_url=head.dashboard_url,
+        temp_dir=head.temp_dir,
+        auth_mode=auth_mode,
+        num_cpus=num_cpus,
+        started_at=time.time(),
+    )
     tmp = data_dir / (HEAD_RECORD + ".tmp")
     tmp.write_text(rec.to_json())
     os.replace(tmp, data_dir / HEAD_RECORD)

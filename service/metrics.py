@@ -40,11 +40,14 @@ class _StoreCollector(Collector):
         for owner, n in sorted(store.queued_by_owner().items()):
             queue.add_metric([owner], n)
         yield queue
-        epochs = GaugeMetricFamily("trainctl_job_epochs_finished", "Epochs finished by each active job",
-                                   labels=["job_id", "owner"])
-        ips = GaugeMetricFamily("trainctl_job_train_images_per_second",
-                                "Training images/s of each active job's latest epoch (leading replica)",
-                                labels=["job_id", "owner"])
+        epochs = GaugeMetricFamily(
+            "trainctl_job_epochs_finished", "Epochs finished by each active job", labels=["job_id", "owner"]
+        )
+        ips = GaugeMetricFamily(
+            "trainctl_job_train_images_per_second",
+            "Training images/s of each active job's latest epoch (leading replica)",
+            labels=["job_id", "owner"],
+        )
         for job in store.active():
             epochs.add_metric([job.id, job.owner], job.last_epoch or 0)
             rate = self.runner.images_per_s.get(job.id)
@@ -52,22 +55,34 @@ class _StoreCollector(Collector):
                 ips.add_metric([job.id, job.owner], rate)
         yield epochs
         yield ips
-        yield CounterMetricFamily("trainctl_ray_submission_errors", "Ray refused or failed a job submission",
-                                  value=self.runner.submission_errors)
-        yield GaugeMetricFamily("trainctl_reconciler_leader", "1 on the replica that reconciles, else 0",
-                                value=1 if self.reconciler.is_leader else 0)
+        yield CounterMetricFamily(
+            "trainctl_ray_submission_errors",
+            "Ray refused or failed a job submission",
+            value=self.runner.submission_errors,
+        )
+        yield GaugeMetricFamily(
+            "trainctl_reconciler_leader",
+            "1 on the replica that reconciles, else 0",
+            value=1 if self.reconciler.is_leader else 0,
+        )
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.http_latency = Histogram("trainctl_http_request_duration_seconds", "HTTP request latency by route",
-                                      ["method", "route", "status"], buckets=LATENCY_BUCKETS,
-                                      registry=self.registry)
-        self.reconcile_pass = Histogram("trainctl_reconcile_pass_duration_seconds",
-                                        "Duration of one reconcile pass (leading replica)",
-                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                                        registry=self.registry)
+        self.http_latency = Histogram(
+            "trainctl_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_pass = Histogram(
+            "trainctl_reconcile_pass_duration_seconds",
+            "Duration of one reconcile pass (leading replica)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
 
         self._collector: _StoreCollector | None = None
 
@@ -95,7 +110,8 @@ class Metrics:
             return response
         finally:
             self.http_latency.labels(request.method, route_template(request.scope), str(status)).observe(
-                time.perf_counter() - t0)
+                time.perf_counter() - t0
+            )
 
 
 def route_template(scope: MutableMapping[str, Any]) -> str:
@@ -105,4 +121,3 @@ def route_template(scope: MutableMapping[str, Any]) -> str:
         return "<unmatched>"
     values = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
     return "/".join(f"{{{values[seg]}}}" if seg in values else seg for seg in scope["path"].split("/"))
-

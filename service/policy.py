@@ -50,16 +50,19 @@ def _data_problem(uri: str, fmt: str, settings: Settings) -> str | None:
         return str(exc)
     roots = settings.allowed_data_roots
     if not objstore.within_any(uri, roots):
-        return (f"{objstore.redact(uri)} is outside the data roots this service reads from "
-                f"({', '.join(roots)}); the operator adds roots with TRAINCTL_DATA_ROOTS")
+        return (
+            f"{objstore.redact(uri)} is outside the data roots this service reads from "
+            f"({', '.join(roots)}); the operator adds roots with TRAINCTL_DATA_ROOTS"
+        )
     if objstore.is_s3(uri):
         exists = _exists_quickly(uri)
     elif settings.check_local_data:
         exists = _exists_quickly(uri)
         # A missing directory in the download cache is where torchvision will put CIFAR-10: not an error.
-        if exists is False and (fmt == "torchvision" or
-                                (fmt == "auto" and objstore.within(uri, DOWNLOAD_CACHE)
-                                 and not uri.endswith(".parquet"))):
+        if exists is False and (
+            fmt == "torchvision"
+            or (fmt == "auto" and objstore.within(uri, DOWNLOAD_CACHE) and not uri.endswith(".parquet"))
+        ):
             exists = None
     else:
         exists = None
@@ -72,8 +75,9 @@ def _exists_quickly(uri: str) -> bool | None:
     """True/False when storage answers in time; None when it cannot tell (unreachable, no permission)."""
     try:
         fs, path = objstore.resolve(uri)
-        info = objstore.retrying(lambda: fs.get_file_info(path), f"stat {objstore.redact(uri)}",
-                                 budget_s=EXISTS_BUDGET_S)
+        info = objstore.retrying(
+            lambda: fs.get_file_info(path), f"stat {objstore.redact(uri)}", budget_s=EXISTS_BUDGET_S
+        )
     except (objstore.StorageUnavailable, OSError, ValueError):
         return None
     return bool(info.type != pafs.FileType.NotFound)
@@ -84,18 +88,31 @@ def limit_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
     params, _ = model_cost(spec.model)
     if params > settings.max_model_parameters:
         for field in ("model.widths", "model.blocks"):
-            out.append({"field": field, "message": f"the model has {params:,} parameters; this service allows "
-                                                   f"{settings.max_model_parameters:,} "
-                                                   "(TRAINCTL_MAX_MODEL_PARAMETERS)"})
+            out.append(
+                {
+                    "field": field,
+                    "message": f"the model has {params:,} parameters; this service allows "
+                    f"{settings.max_model_parameters:,} "
+                    "(TRAINCTL_MAX_MODEL_PARAMETERS)",
+                }
+            )
     if spec.search is not None and spec.search.total_trials() > settings.max_search_trials:
-        out.append({"field": "search.num_samples",
-                    "message": f"the search has {spec.search.total_trials():,} trials (num_samples x grid "
-                               f"combinations); this service allows {settings.max_search_trials:,} "
-                               "(TRAINCTL_MAX_SEARCH_TRIALS)"})
+        out.append(
+            {
+                "field": "search.num_samples",
+                "message": f"the search has {spec.search.total_trials():,} trials (num_samples x grid "
+                f"combinations); this service allows {settings.max_search_trials:,} "
+                "(TRAINCTL_MAX_SEARCH_TRIALS)",
+            }
+        )
     if spec.limits.max_hours > settings.max_job_hours:
-        out.append({"field": "limits.max_hours",
-                    "message": f"{spec.limits.max_hours:g} h is over this service's limit of "
-                               f"{settings.max_job_hours:g} h (TRAINCTL_MAX_JOB_HOURS)"})
+        out.append(
+            {
+                "field": "limits.max_hours",
+                "message": f"{spec.limits.max_hours:g} h is over this service's limit of "
+                f"{settings.max_job_hours:g} h (TRAINCTL_MAX_JOB_HOURS)",
+            }
+        )
     return out
 
 
@@ -117,10 +134,19 @@ def check_quota(store: Store, owner: str, settings: Settings) -> None:
     max_active, max_queued = settings.max_active_jobs_per_owner, settings.max_queued_jobs_per_owner
     if queued < max_queued + max(0, max_active - active):
         return
-    details: dict[str, Any] = {"limit": "max_queued_jobs_per_owner", "active": active, "queued": queued,
-                               "max_active_jobs_per_owner": max_active, "max_queued_jobs_per_owner": max_queued}
-    raise ApiError(429, "quota_exceeded",
-                   f"you have {active} active and {queued} queued job(s): at most {max_active} active "
-                   f"(TRAINCTL_MAX_ACTIVE_JOBS_PER_OWNER) and {max_queued} queued "
-                   f"(TRAINCTL_MAX_QUEUED_JOBS_PER_OWNER) per owner; wait for some to finish or cancel some",
-                   details, headers={"Retry-After": str(RETRY_AFTER_S)})
+    details: dict[str, Any] = {
+        "limit": "max_queued_jobs_per_owner",
+        "active": active,
+        "queued": queued,
+        "max_active_jobs_per_owner": max_active,
+        "max_queued_jobs_per_owner": max_queued,
+    }
+    raise ApiError(
+        429,
+        "quota_exceeded",
+        f"you have {active} active and {queued} queued job(s): at most {max_active} active "
+        f"(TRAINCTL_MAX_ACTIVE_JOBS_PER_OWNER) and {max_queued} queued "
+        f"(TRAINCTL_MAX_QUEUED_JOBS_PER_OWNER) per owner; wait for some to finish or cancel some",
+        details,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )

@@ -65,8 +65,11 @@ class Placement:
             return None
         if not self.needs:
             return self.note or "starting: the driver runs, its workers are not placed yet"
-        wants = ", ".join(f"{_num(v)} {k}, {_num(self.free.get(k, 0.0))} free" for k, v in sorted(self.needs.items())
-                          if k in ("CPU", "GPU") or not k.startswith(("memory", "object_store", "bundle", "node:")))
+        wants = ", ".join(
+            f"{_num(v)} {k}, {_num(self.free.get(k, 0.0))} free"
+            for k, v in sorted(self.needs.items())
+            if k in ("CPU", "GPU") or not k.startswith(("memory", "object_store", "bundle", "node:"))
+        )
         return f"waiting for resources: needs {wants or 'resources'}"
 
 
@@ -75,14 +78,21 @@ def _num(v: float) -> str:
 
 
 class RayJobs(Protocol):
-    def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
-               env_vars: dict[str, str], metadata: dict[str, str],
-               resources: dict[str, float] | None = None) -> None: ...
-    def info(self, submission_id: str) -> RayJobInfo | None: ...   # None: Ray has no such job
-    def stop(self, submission_id: str) -> bool: ...                 # False: it had already ended
+    def submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        *,
+        num_cpus: float,
+        env_vars: dict[str, str],
+        metadata: dict[str, str],
+        resources: dict[str, float] | None = None,
+    ) -> None: ...
+    def info(self, submission_id: str) -> RayJobInfo | None: ...  # None: Ray has no such job
+    def stop(self, submission_id: str) -> bool: ...  # False: it had already ended
     def logs(self, submission_id: str) -> str: ...
     def delete(self, submission_id: str) -> None: ...
-    def ping(self) -> str: ...                                      # the cluster's Ray version
+    def ping(self) -> str: ...  # the cluster's Ray version
     def placement(self, info: RayJobInfo) -> Placement | None: ...  # None: cannot tell
 
 
@@ -122,8 +132,7 @@ class RayJobsClient:
                 os.environ["RAY_API_SERVER_ADDRESS"] = self.address
             return JobSubmissionClient(self.address or None)
         except Exception as exc:  # any failure to connect means "unreachable" to callers
-            raise RayUnavailable(f"cannot reach the Ray Jobs API at {self.address or '(auto-detect)'}: {exc}") \
-                from exc
+            raise RayUnavailable(f"cannot reach the Ray Jobs API at {self.address or '(auto-detect)'}: {exc}") from exc
         finally:
             if saved is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
@@ -145,14 +154,29 @@ class RayJobsClient:
                 self._client = None
             raise RayUnavailable(f"Ray Jobs API unreachable while trying to {what}: {exc}") from exc
 
-    def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float,
-               env_vars: dict[str, str], metadata: dict[str, str],
-               resources: dict[str, float] | None = None) -> None:
+    def submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        *,
+        num_cpus: float,
+        env_vars: dict[str, str],
+        metadata: dict[str, str],
+        resources: dict[str, float] | None = None,
+    ) -> None:
         runtime_env = {"env_vars": env_vars} if env_vars else None
         try:
-            self._call("submit a job", lambda c: c.submit_job(
-                entrypoint=entrypoint, submission_id=submission_id, entrypoint_num_cpus=num_cpus,
-                entrypoint_resources=resources or None, runtime_env=runtime_env, metadata=metadata))
+            self._call(
+                "submit a job",
+                lambda c: c.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    entrypoint_num_cpus=num_cpus,
+                    entrypoint_resources=resources or None,
+                    runtime_env=runtime_env,
+                    metadata=metadata,
+                ),
+            )
         except RuntimeError as exc:
             if not _already_exists(exc):  # a retry after a lost response: it is submitted, fine
                 raise
@@ -164,8 +188,12 @@ class RayJobsClient:
             if _not_found(exc):
                 return None
             raise
-        return RayJobInfo(status=RayJobStatus(str(d.status)), message=d.message,
-                          exit_code=getattr(d, "driver_exit_code", None), driver_job_id=getattr(d, "job_id", None))
+        return RayJobInfo(
+            status=RayJobStatus(str(d.status)),
+            message=d.message,
+            exit_code=getattr(d, "driver_exit_code", None),
+            driver_job_id=getattr(d, "job_id", None),
+        )
 
     def stop(self, submission_id: str) -> bool:
         try:
@@ -200,9 +228,16 @@ class RayJobsClient:
         if not info.driver_job_id:
             return Placement(False, {}, {}, note="starting: the driver is connecting to the cluster")
         try:
-            groups = self._get_json("/api/v0/placement_groups", {
-                "detail": "1", "limit": "1000", "filter_keys": "creator_job_id", "filter_predicates": "=",
-                "filter_values": info.driver_job_id})["data"]["result"]["result"]
+            groups = self._get_json(
+                "/api/v0/placement_groups",
+                {
+                    "detail": "1",
+                    "limit": "1000",
+                    "filter_keys": "creator_job_id",
+                    "filter_predicates": "=",
+                    "filter_values": info.driver_job_id,
+                },
+            )["data"]["result"]["result"]
             if any(g.get("state") == "CREATED" for g in groups):
                 return Placement(True, {}, {})
             needs: dict[str, float] = {}
@@ -225,4 +260,5 @@ class RayJobsClient:
             resp = c._do_request("GET", path + ("?" + urlencode(params) if params else ""))
             resp.raise_for_status()
             return resp.json()
+
         return self._call("read the cluster state", get)

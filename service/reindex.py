@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReindexReport:
     restored: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)        # already in the database
+    kept: list[str] = field(default_factory=list)  # already in the database
     skipped: dict[str, str] = field(default_factory=dict)  # not a job directory: why
 
 
@@ -60,8 +60,11 @@ def rebuild_job(storage_root: str, job_id: str, default_owner: str) -> Job | str
     attempt_log: list[dict[str, Any]] = [e for e in raw_log if isinstance(e, dict)] if isinstance(raw_log, list) else []
     attempts = int(record.get("attempts") or len(attempt_log) or 1)
     state = _state(record or None, summary, attempts)
-    best = summary.best_val_acc if summary is not None and summary.best_val_acc is not None \
+    best = (
+        summary.best_val_acc
+        if summary is not None and summary.best_val_acc is not None
         else (contract.best_so_far(metrics) if metrics else record.get("best_val_acc"))
+    )
     last_epoch = metrics[-1].epoch if metrics else record.get("last_epoch")
     now = time.time()
     message = record.get("message")
@@ -69,12 +72,24 @@ def rebuild_job(storage_root: str, job_id: str, default_owner: str) -> Job | str
         message = "restored by `trainctl reindex` without record.json: owner and history unknown"
     elif state is JobState.SUCCEEDED and record.get("state") != "SUCCEEDED":
         message = None
-    return Job(seq=0, id=job_id, owner=str(record.get("owner") or default_owner),
-               created_at=float(record.get("created_at") or now), updated_at=now, state=state, spec=spec,
-               ray_submission_id=record.get("ray_submission_id") or (f"{job_id}-{attempts}" if attempts else None),
-               attempts=attempts, attempt_log=attempt_log, message=message, best_val_acc=best,
-               last_epoch=last_epoch, cancel_requested=bool(record.get("cancel_requested")),
-               idempotency_key=record.get("idempotency_key"), request_hash=record.get("request_hash"))
+    return Job(
+        seq=0,
+        id=job_id,
+        owner=str(record.get("owner") or default_owner),
+        created_at=float(record.get("created_at") or now),
+        updated_at=now,
+        state=state,
+        spec=spec,
+        ray_submission_id=record.get("ray_submission_id") or (f"{job_id}-{attempts}" if attempts else None),
+        attempts=attempts,
+        attempt_log=attempt_log,
+        message=message,
+        best_val_acc=best,
+        last_epoch=last_epoch,
+        cancel_requested=bool(record.get("cancel_requested")),
+        idempotency_key=record.get("idempotency_key"),
+        request_hash=record.get("request_hash"),
+    )
 
 
 def reindex(store: Store, storage_root: str, default_owner: str = "admin") -> ReindexReport:

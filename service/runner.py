@@ -64,6 +64,7 @@ def over_time_limit(job: Job, max_job_hours: float, now: float) -> float | None:
     started = float(job.attempt_log[0].get("submitted_at") or job.created_at)
     return limit_h if now - started > limit_h * 3600 else None
 
+
 # A running attempt's driver log is copied into the job dir at most this often (and once more at its end).
 LOG_COPY_INTERVAL_S = 5.0
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -80,7 +81,6 @@ class NoLog(Exception):
 
 def _is_wait_message(message: str | None) -> bool:
     return bool(message) and message.startswith(("waiting for resources", "starting:"))  # type: ignore[union-attr]
-
 
 
 class Runner:
@@ -112,8 +112,7 @@ class Runner:
         return jobdir.job_uri(self.settings.storage_root, job_id)
 
     def entrypoint(self, job_id: str) -> str:
-        return (f"{shlex.quote(self.settings.python)} -m trainer.run "
-                f"--job-dir {shlex.quote(self.job_dir(job_id))}")
+        return f"{shlex.quote(self.settings.python)} -m trainer.run --job-dir {shlex.quote(self.job_dir(job_id))}"
 
     # --- the queue ------------------------------------------------------------------------------------------
 
@@ -151,17 +150,27 @@ class Runner:
         jobdir.write_spec(job_dir, job.spec)
         submission_id = f"{job.id}-{attempt}"
         env = self.forwarded_env()
-        self.ray.submit(submission_id, self.entrypoint(job.id), num_cpus=self.settings.entrypoint_num_cpus,
-                        env_vars=env, metadata={"trainctl_job_id": job.id, "attempt": str(attempt)},
-                        resources=self.settings.entrypoint_resources or None)
+        self.ray.submit(
+            submission_id,
+            self.entrypoint(job.id),
+            num_cpus=self.settings.entrypoint_num_cpus,
+            env_vars=env,
+            metadata={"trainctl_job_id": job.id, "attempt": str(attempt)},
+            resources=self.settings.entrypoint_resources or None,
+        )
         entry = {"attempt": attempt, "submission_id": submission_id, "reason": reason, "submitted_at": time.time()}
         if attempt > 1:
             entry["charged"] = charged  # counts against checkpoint.max_restarts
         try:
-            return self.store.transition(job.id, JobState.STARTING, expect={job.state},
-                                         ray_submission_id=submission_id, attempts=attempt,
-                                         attempt_log=[*job.attempt_log, entry],
-                                         message=None if attempt == 1 else f"restarted: {reason}")
+            return self.store.transition(
+                job.id,
+                JobState.STARTING,
+                expect={job.state},
+                ray_submission_id=submission_id,
+                attempts=attempt,
+                attempt_log=[*job.attempt_log, entry],
+                message=None if attempt == 1 else f"restarted: {reason}",
+            )
         except (InvalidTransition, JobNotFound):
             self._stop_quietly(submission_id)
             raise InvalidTransition(job.id, job.state, JobState.STARTING) from None
@@ -192,8 +201,9 @@ class Runner:
             if job.state.is_terminal():
                 return job
             if job.state is JobState.QUEUED:
-                return self.store.transition(job_id, JobState.CANCELLED, expect={JobState.QUEUED},
-                                             message="cancelled while queued")
+                return self.store.transition(
+                    job_id, JobState.CANCELLED, expect={JobState.QUEUED}, message="cancelled while queued"
+                )
             self.store.update(job_id, cancel_requested=True)
             assert job.ray_submission_id
             if self.ray.stop(job.ray_submission_id):
@@ -255,8 +265,13 @@ class Runner:
         elif isinstance(action, Cancel):
             self.store.transition(job.id, JobState.CANCELLED, message=action.message)
         elif isinstance(action, Succeed):
-            self.store.transition(job.id, JobState.SUCCEEDED, message=None, best_val_acc=action.best_val_acc,
-                                  last_epoch=action.last_epoch or job.last_epoch)
+            self.store.transition(
+                job.id,
+                JobState.SUCCEEDED,
+                message=None,
+                best_val_acc=action.best_val_acc,
+                last_epoch=action.last_epoch or job.last_epoch,
+            )
         elif isinstance(action, Fail):
             self._fail(job.id, action.message)
         elif isinstance(action, Resubmit):
@@ -268,13 +283,19 @@ class Runner:
 
     def _facts(self, job: Job, info: RayJobInfo | None, job_dir: str) -> Facts:
         charged, free = restarts_used(job.attempt_log)
-        facts = Facts(state=job.state, cancel_requested=job.cancel_requested,
-                      ray_status=info.status if info else None, submission_id=job.ray_submission_id or "",
-                      exit_code=info.exit_code if info else None, ray_message=info.message if info else None,
-                      attempts=job.attempts,
-                      max_restarts=int(job.spec.get("checkpoint", {}).get("max_restarts", 0)),
-                      charged_restarts=charged, free_restarts=free,
-                      storage_name=objstore.redact(self.settings.storage_root))
+        facts = Facts(
+            state=job.state,
+            cancel_requested=job.cancel_requested,
+            ray_status=info.status if info else None,
+            submission_id=job.ray_submission_id or "",
+            exit_code=info.exit_code if info else None,
+            ray_message=info.message if info else None,
+            attempts=job.attempts,
+            max_restarts=int(job.spec.get("checkpoint", {}).get("max_restarts", 0)),
+            charged_restarts=charged,
+            free_restarts=free,
+            storage_name=objstore.redact(self.settings.storage_root),
+        )
         if not facts.run_over:
             return facts
         # The run is over. Storage may be down (that may be why it ended): the job's fate must not wait for
@@ -293,8 +314,12 @@ class Runner:
         placement = self.ray.placement(info)
         waiting = placement.waiting_text() if placement is not None else None
         if waiting is None:
-            self.store.transition(job.id, JobState.RUNNING, expect={JobState.STARTING},
-                                  **({"message": None} if _is_wait_message(job.message) else {}))
+            self.store.transition(
+                job.id,
+                JobState.RUNNING,
+                expect={JobState.STARTING},
+                **({"message": None} if _is_wait_message(job.message) else {}),
+            )
         elif waiting != job.message:
             self.store.update(job.id, message=waiting)
 
@@ -358,8 +383,10 @@ class Runner:
                 text = f"=== attempt {n} ({entry.get('submission_id', '?')}): {entry.get('reason', '')} ===\n" + text
             parts.append(text)
         if not parts:
-            raise NoLog(f"no log was kept for attempt(s) {', '.join(map(str, missing))} of job {job.id}: the Ray "
-                        "head that ran it no longer knows it and no copy reached the job dir (logs/attempt-N.log)")
+            raise NoLog(
+                f"no log was kept for attempt(s) {', '.join(map(str, missing))} of job {job.id}: the Ray "
+                "head that ran it no longer knows it and no copy reached the job dir (logs/attempt-N.log)"
+            )
         text = "".join(parts)
         if tail is not None:
             lines = text.splitlines(keepends=True)

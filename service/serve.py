@@ -54,17 +54,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.store import Store, TokenNameTaken, redact_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, storage=args.storage,
-                             auth=False if args.no_auth else None, max_concurrent_jobs=args.max_concurrent,
-                             database_url=args.database_url)
+    settings = load_settings(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        storage=args.storage,
+        auth=False if args.no_auth else None,
+        max_concurrent_jobs=args.max_concurrent,
+        database_url=args.database_url,
+    )
     # Everything this process and the Ray head it starts write (database, tokens, local storage, logs) is
     # readable by this user only.
     os.umask(0o077)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     if not settings.auth and not is_loopback(settings.host):
-        raise ClientError(f"--no-auth only on a loopback host (127.0.0.1, localhost), not {settings.host}: anyone "
-                          "who can reach the port could run and delete jobs")
+        raise ClientError(
+            f"--no-auth only on a loopback host (127.0.0.1, localhost), not {settings.host}: anyone "
+            "who can reach the port could run and delete jobs"
+        )
     store = Store(settings.store_url)
     try:
         # Migrations first: every replica runs this at start; they serialise on the database's lock.
@@ -72,21 +80,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SQLAlchemyError as exc:
         store.close()
         raise ClientError(f"cannot open the job database {redact_url(settings.store_url)}: {exc}") from exc
-    print(f"job database {redact_url(settings.store_url)}: "
-          + (f"schema {after}" if before == after else f"schema upgraded {before or 'empty'} -> {after}"), flush=True)
+    print(
+        f"job database {redact_url(settings.store_url)}: "
+        + (f"schema {after}" if before == after else f"schema upgraded {before or 'empty'} -> {after}"),
+        flush=True,
+    )
     if settings.auth:
         try:
             created = auth.ensure_admin_token(store, settings.admin_token_path)
         except TokenNameTaken:  # another replica, starting at the same time, created it
             created = None
         # Where the token is, never the token itself: this output ends up in service logs.
-        print(f"auth on; {'a new' if created else 'the'} admin token is in {settings.admin_token_path} "
-              f"(mode 0600). Use it as: export TRAINCTL_TOKEN=$(cat {settings.admin_token_path})", flush=True)
+        print(
+            f"auth on; {'a new' if created else 'the'} admin token is in {settings.admin_token_path} "
+            f"(mode 0600). Use it as: export TRAINCTL_TOKEN=$(cat {settings.admin_token_path})",
+            flush=True,
+        )
     else:
         bar = "!" * 78
-        print(f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
-              f"{settings.host}:{settings.port}\n!! can submit, read and delete jobs. Local experiments only.\n{bar}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
+            f"{settings.host}:{settings.port}\n!! can submit, read and delete jobs. Local experiments only.\n{bar}",
+            file=sys.stderr,
+            flush=True,
+        )
     store.close()
 
     signal.signal(signal.SIGTERM, _on_sigterm)  # so `finally` below removes the serve record
@@ -101,8 +118,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Where this data dir's API listens, so the CLI run with the same data dir finds a --port N.
         record.write_text(json.dumps({"url": url, "pid": os.getpid()}))
         print(f"trainctl dashboard: {url}/ui/ (sign in with an API token)", flush=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                               log_level="info", timeout_graceful_shutdown=5))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings),
+                host=settings.host,
+                port=settings.port,
+                log_level="info",
+                timeout_graceful_shutdown=5,
+            )
+        )
         server.run()
         return 0 if server.started else 1
     except (KeyboardInterrupt, _Terminated):
@@ -128,8 +152,10 @@ def _local_head(settings: Any, ray_num_cpus: int | None) -> str:
     rec = live_head(settings.data_dir, wait_s=60)
     if rec is None and (stuck := read_head_record(settings.data_dir)) is not None:
         # Still running, not answering: never start a second head over it (the first would be orphaned).
-        raise ClientError(f"the local Ray head of {settings.data_dir} (pid {stuck.pid}) runs but its dashboard "
-                          f"{stuck.dashboard_url} does not answer; try again, or stop it with `trainctl down`")
+        raise ClientError(
+            f"the local Ray head of {settings.data_dir} (pid {stuck.pid}) runs but its dashboard "
+            f"{stuck.dashboard_url} does not answer; try again, or stop it with `trainctl down`"
+        )
     auth_mode = rec.auth_mode if rec else settings.ray_auth_mode
     # The same auth mode (and token) for the head and for our own Jobs client.
     os.environ["RAY_AUTH_MODE"] = auth_mode
@@ -139,22 +165,32 @@ def _local_head(settings: Any, ray_num_cpus: int | None) -> str:
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(_ray_token_file(settings.ray_token_path))
     if rec is not None:
         if rec.auth_mode != settings.ray_auth_mode:
-            print(f"note: the running head uses RAY_AUTH_MODE={rec.auth_mode}; `trainctl down` and serve again "
-                  f"to change it", flush=True)
-        print(f"re-attached to the running local Ray head {rec.gcs_address} (pid {rec.pid}, {rec.num_cpus} "
-              f"logical CPUs, dashboard {rec.dashboard_url}); `trainctl down` stops it", flush=True)
+            print(
+                f"note: the running head uses RAY_AUTH_MODE={rec.auth_mode}; `trainctl down` and serve again "
+                f"to change it",
+                flush=True,
+            )
+        print(
+            f"re-attached to the running local Ray head {rec.gcs_address} (pid {rec.pid}, {rec.num_cpus} "
+            f"logical CPUs, dashboard {rec.dashboard_url}); `trainctl down` stops it",
+            flush=True,
+        )
         return rec.dashboard_url
     num_cpus = ray_num_cpus or max(os.cpu_count() or 1, 4)
-    print(f"starting a local Ray head (127.0.0.1, {num_cpus} logical CPUs, RAY_AUTH_MODE={auth_mode}) ...",
-          flush=True)
+    print(f"starting a local Ray head (127.0.0.1, {num_cpus} logical CPUs, RAY_AUTH_MODE={auth_mode}) ...", flush=True)
     try:
         head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=auth_mode)
     except (RuntimeError, OSError) as exc:
-        raise ClientError(f"could not start a local Ray head: {exc}\n(or point the service at a running "
-                          "cluster with TRAINCTL_RAY_ADDRESS)") from exc
+        raise ClientError(
+            f"could not start a local Ray head: {exc}\n(or point the service at a running "
+            "cluster with TRAINCTL_RAY_ADDRESS)"
+        ) from exc
     write_head_record(settings.data_dir, head, auth_mode, num_cpus)
-    print(f"Ray head up: {head.gcs_address}, dashboard {head.dashboard_url} (pid {head.proc.pid}); it keeps "
-          f"running jobs when the API stops: `trainctl down` stops it", flush=True)
+    print(
+        f"Ray head up: {head.gcs_address}, dashboard {head.dashboard_url} (pid {head.proc.pid}); it keeps "
+        f"running jobs when the API stops: `trainctl down` stops it",
+        flush=True,
+    )
     return head.dashboard_url
 
 

@@ -50,12 +50,12 @@ class Settings(BaseSettings):
     # Refuse at submission a data path that does not exist where the service can see it (local paths: set
     # false when the drivers run on another machine than the service and see other files).
     check_local_data: bool = True
-    max_active_jobs_per_owner: int = Field(default=4, ge=1)     # STARTING/RUNNING at once
-    max_queued_jobs_per_owner: int = Field(default=10, ge=0)    # QUEUED at once
+    max_active_jobs_per_owner: int = Field(default=4, ge=1)  # STARTING/RUNNING at once
+    max_queued_jobs_per_owner: int = Field(default=10, ge=0)  # QUEUED at once
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_model_parameters: int = Field(default=50_000_000, ge=1)
     max_search_trials: int = Field(default=256, ge=1)
-    max_job_hours: float = Field(default=72.0, gt=0.0)          # caps a spec's limits.max_hours
+    max_job_hours: float = Field(default=72.0, gt=0.0)  # caps a spec's limits.max_hours
 
     @field_validator("data_dir")
     @classmethod

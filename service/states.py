@@ -10,9 +10,9 @@ from enum import Enum
 
 
 class JobState(str, Enum):
-    QUEUED = "QUEUED"          # accepted, waiting for a free slot (max concurrent jobs)
-    STARTING = "STARTING"      # spec written, Ray job submitted, driver not running yet
-    RUNNING = "RUNNING"        # the Ray job's driver is running
+    QUEUED = "QUEUED"  # accepted, waiting for a free slot (max concurrent jobs)
+    STARTING = "STARTING"  # spec written, Ray job submitted, driver not running yet
+    RUNNING = "RUNNING"  # the Ray job's driver is running
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -31,10 +31,12 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.STARTING, JobState.FAILED, JobState.CANCELLED}),
     # STARTING -> STARTING / RUNNING -> STARTING: a resubmission after an infrastructure failure.
     # STARTING -> SUCCEEDED: a short job can finish between two reconciler polls.
-    JobState.STARTING: frozenset({JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED,
-                                  JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED,
-                                 JobState.CANCELLED}),
+    JobState.STARTING: frozenset(
+        {JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.RUNNING: frozenset(
+        {JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    ),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),

@@ -112,11 +112,24 @@ class Job:
 
     @classmethod
     def of(cls, m: JobModel) -> Job:
-        return cls(seq=m.seq, id=m.id, owner=m.owner, created_at=m.created_at, updated_at=m.updated_at,
-                   state=JobState(m.state), spec=json.loads(m.spec), ray_submission_id=m.ray_submission_id,
-                   attempts=m.attempts, attempt_log=json.loads(m.attempt_log or "[]"), message=m.message,
-                   best_val_acc=m.best_val_acc, last_epoch=m.last_epoch, cancel_requested=m.cancel_requested,
-                   idempotency_key=m.idempotency_key, request_hash=m.request_hash)
+        return cls(
+            seq=m.seq,
+            id=m.id,
+            owner=m.owner,
+            created_at=m.created_at,
+            updated_at=m.updated_at,
+            state=JobState(m.state),
+            spec=json.loads(m.spec),
+            ray_submission_id=m.ray_submission_id,
+            attempts=m.attempts,
+            attempt_log=json.loads(m.attempt_log or "[]"),
+            message=m.message,
+            best_val_acc=m.best_val_acc,
+            last_epoch=m.last_epoch,
+            cancel_requested=m.cancel_requested,
+            idempotency_key=m.idempotency_key,
+            request_hash=m.request_hash,
+        )
 
 
 class IdempotencyConflict(Exception):
@@ -141,8 +154,15 @@ def new_job_id() -> str:
 
 
 # Columns `update` may change; `state` only changes through `transition`.
-_UPDATABLE = {"ray_submission_id", "attempts", "attempt_log", "message", "best_val_acc", "last_epoch",
-              "cancel_requested"}
+_UPDATABLE = {
+    "ray_submission_id",
+    "attempts",
+    "attempt_log",
+    "message",
+    "best_val_acc",
+    "last_epoch",
+    "cancel_requested",
+}
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
@@ -187,13 +207,14 @@ def make_engine(url: str) -> Engine:
         def _begin(conn: Any) -> None:
             # A deferred transaction that reads and then writes cannot wait for another process's writer
             # (SQLITE_BUSY at once); IMMEDIATE takes the write lock first and waits for it (busy_timeout).
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("trainctl_write")
-                                 else "BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("trainctl_write") else "BEGIN")
 
         return engine
     if u.get_backend_name() != "postgresql":
-        raise ValueError(f"unsupported database URL {redact_url(url)}: use sqlite:///path or "
-                         "postgresql+psycopg://user:password@host:port/dbname")
+        raise ValueError(
+            f"unsupported database URL {redact_url(url)}: use sqlite:///path or "
+            "postgresql+psycopg://user:password@host:port/dbname"
+        )
     return create_engine(u, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
@@ -226,25 +247,36 @@ class Store:
 
     # --- jobs -------------------------------------------------------------------------------------------
 
-    def create_job(self, owner: str, spec: dict[str, Any], idempotency_key: str | None = None,
-                   request_hash: str | None = None) -> tuple[Job, bool]:
+    def create_job(
+        self, owner: str, spec: dict[str, Any], idempotency_key: str | None = None, request_hash: str | None = None
+    ) -> tuple[Job, bool]:
         """Insert a QUEUED job. With an idempotency key already used by this owner: the earlier job
         (created=False) when the request hash matches, else IdempotencyConflict."""
         for _ in range(2):  # a second round only when another process inserted the same key meanwhile
             try:
                 with self._writes.begin() as s:
                     if idempotency_key is not None:
-                        existing = s.scalar(select(JobModel).where(JobModel.owner == owner,
-                                                                   JobModel.idempotency_key == idempotency_key))
+                        existing = s.scalar(
+                            select(JobModel).where(JobModel.owner == owner, JobModel.idempotency_key == idempotency_key)
+                        )
                         if existing is not None:
                             if existing.request_hash != request_hash:
                                 raise IdempotencyConflict(existing.id)
                             return Job.of(existing), False
                     now = time.time()
-                    m = JobModel(id=new_job_id(), owner=owner, created_at=now, updated_at=now,
-                                 state=JobState.QUEUED.value, spec=json.dumps(spec), attempts=0,
-                                 attempt_log="[]", cancel_requested=False, idempotency_key=idempotency_key,
-                                 request_hash=request_hash)
+                    m = JobModel(
+                        id=new_job_id(),
+                        owner=owner,
+                        created_at=now,
+                        updated_at=now,
+                        state=JobState.QUEUED.value,
+                        spec=json.dumps(spec),
+                        attempts=0,
+                        attempt_log="[]",
+                        cancel_requested=False,
+                        idempotency_key=idempotency_key,
+                        request_hash=request_hash,
+                    )
                     s.add(m)
                     s.flush()
                     return Job.of(m), True
@@ -258,8 +290,9 @@ class Store:
             m = s.scalar(select(JobModel).where(JobModel.id == job_id))
             return Job.of(m) if m else None
 
-    def list(self, owner: str | None = None, states: Iterable[JobState] | None = None, limit: int = 50,
-             offset: int = 0) -> tuple[list[Job], int]:
+    def list(
+        self, owner: str | None = None, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Job], int]:
         """(page, total) in submission order, newest first."""
         q = select(JobModel)
         if owner is not None:
@@ -274,8 +307,9 @@ class Store:
     def count_by_state(self, owner: str) -> dict[JobState, int]:
         """How many jobs `owner` has in each state (states with none are absent)."""
         with self._sessions() as s:
-            rows = s.execute(select(JobModel.state, func.count()).where(JobModel.owner == owner)
-                             .group_by(JobModel.state)).all()
+            rows = s.execute(
+                select(JobModel.state, func.count()).where(JobModel.owner == owner).group_by(JobModel.state)
+            ).all()
             return {JobState(state): n for state, n in rows}
 
     def by_idempotency_key(self, owner: str, key: str) -> Job | None:
@@ -285,19 +319,20 @@ class Store:
 
     def queued_in_order(self) -> builtins.list[Job]:  # builtins: `list` here is the method above
         with self._sessions() as s:
-            rows = s.scalars(select(JobModel).where(JobModel.state == JobState.QUEUED.value)
-                             .order_by(JobModel.seq)).all()
+            rows = s.scalars(
+                select(JobModel).where(JobModel.state == JobState.QUEUED.value).order_by(JobModel.seq)
+            ).all()
             return [Job.of(m) for m in rows]
 
     def active(self) -> builtins.list[Job]:
         """Jobs holding a slot (STARTING, RUNNING), oldest first."""
         with self._sessions() as s:
-            rows = s.scalars(select(JobModel).where(JobModel.state.in_([st.value for st in ACTIVE]))
-                             .order_by(JobModel.seq)).all()
+            rows = s.scalars(
+                select(JobModel).where(JobModel.state.in_([st.value for st in ACTIVE])).order_by(JobModel.seq)
+            ).all()
             return [Job.of(m) for m in rows]
 
-    def transition(self, job_id: str, new: JobState, *, expect: Iterable[JobState] | None = None,
-                   **fields: Any) -> Job:
+    def transition(self, job_id: str, new: JobState, *, expect: Iterable[JobState] | None = None, **fields: Any) -> Job:
         """Move a job to `new` (and set `fields`) in one transaction. Raises InvalidTransition when the
         table forbids it (always from a terminal state) or the job is not in one of `expect`;
         JobNotFound when the job does not exist."""
@@ -311,8 +346,11 @@ class Store:
             old = JobState(m.state)
             if (expect is not None and old not in set(expect)) or not can_transition(old, new):
                 raise InvalidTransition(job_id, old, new)
-            result = s.execute(update(JobModel).where(JobModel.id == job_id, JobModel.state == old.value)
-                               .values(state=new.value, updated_at=time.time(), **_encode(fields)))
+            result = s.execute(
+                update(JobModel)
+                .where(JobModel.id == job_id, JobModel.state == old.value)
+                .values(state=new.value, updated_at=time.time(), **_encode(fields))
+            )
             if _rowcount(result) != 1:  # changed under us (cannot happen under the row lock; kept as the CAS)
                 raise InvalidTransition(job_id, old, new)
             s.flush()
@@ -329,10 +367,11 @@ class Store:
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} through update(); use transition()")
         with self._writes.begin() as s:
-            result = s.execute(update(JobModel)
-                               .where(JobModel.id == job_id,
-                                      JobModel.state.not_in([st.value for st in TERMINAL]))
-                               .values(updated_at=time.time(), **_encode(fields)))
+            result = s.execute(
+                update(JobModel)
+                .where(JobModel.id == job_id, JobModel.state.not_in([st.value for st in TERMINAL]))
+                .values(updated_at=time.time(), **_encode(fields))
+            )
             if _rowcount(result) != 1:
                 return None
             m = s.scalar(select(JobModel).where(JobModel.id == job_id))
@@ -341,22 +380,40 @@ class Store:
     def delete(self, job_id: str) -> bool:
         """Delete a terminal job's record. False when it is missing or not terminal."""
         with self._writes.begin() as s:
-            result = s.execute(delete(JobModel).where(JobModel.id == job_id,
-                                                      JobModel.state.in_([st.value for st in TERMINAL])))
+            result = s.execute(
+                delete(JobModel).where(JobModel.id == job_id, JobModel.state.in_([st.value for st in TERMINAL]))
+            )
             return _rowcount(result) == 1
 
     def import_job(self, job: Job) -> bool:
         """Insert a record rebuilt from storage (`trainctl reindex`), keeping its id, owner, state and
         history. False (and nothing changes) when a job with that id exists."""
-        row = {f: getattr(job, f) for f in ("id", "owner", "created_at", "updated_at", "ray_submission_id",
-                                            "attempts", "message", "best_val_acc", "last_epoch",
-                                            "cancel_requested", "idempotency_key", "request_hash")}
+        row = {
+            f: getattr(job, f)
+            for f in (
+                "id",
+                "owner",
+                "created_at",
+                "updated_at",
+                "ray_submission_id",
+                "attempts",
+                "message",
+                "best_val_acc",
+                "last_epoch",
+                "cancel_requested",
+                "idempotency_key",
+                "request_hash",
+            )
+        }
         try:
             with self._writes.begin() as s:
                 if s.scalar(select(JobModel.seq).where(JobModel.id == job.id)) is not None:
                     return False
-                s.add(JobModel(**row, state=job.state.value, spec=json.dumps(job.spec),
-                               attempt_log=json.dumps(job.attempt_log)))
+                s.add(
+                    JobModel(
+                        **row, state=job.state.value, spec=json.dumps(job.spec), attempt_log=json.dumps(job.attempt_log)
+                    )
+                )
             return True
         except IntegrityError:  # the same id inserted meanwhile, or its idempotency key is taken
             return False
@@ -372,8 +429,11 @@ class Store:
 
     def queued_by_owner(self) -> dict[str, int]:
         with self._sessions() as s:
-            rows = s.execute(select(JobModel.owner, func.count()).where(JobModel.state == JobState.QUEUED.value)
-                             .group_by(JobModel.owner)).all()
+            rows = s.execute(
+                select(JobModel.owner, func.count())
+                .where(JobModel.state == JobState.QUEUED.value)
+                .group_by(JobModel.owner)
+            ).all()
         return {owner: n for owner, n in rows}
 
     # --- tokens -----------------------------------------------------------------------------------------
@@ -383,8 +443,15 @@ class Store:
             with self._writes.begin() as s:
                 if s.get(TokenModel, name) is not None:
                     raise TokenNameTaken(name)
-                s.add(TokenModel(name=name, token_hash=token_hash, is_admin=is_admin, created_at=time.time(),
-                                 expires_at=expires_at))
+                s.add(
+                    TokenModel(
+                        name=name,
+                        token_hash=token_hash,
+                        is_admin=is_admin,
+                        created_at=time.time(),
+                        expires_at=expires_at,
+                    )
+                )
         except IntegrityError:  # another replica added the same name between our read and our insert
             with self._sessions() as s:
                 if s.get(TokenModel, name) is not None:
@@ -401,8 +468,10 @@ class Store:
 
     def list_tokens(self) -> builtins.list[TokenInfo]:
         with self._sessions() as s:
-            return [TokenInfo(m.name, m.is_admin, m.created_at, m.expires_at)
-                    for m in s.scalars(select(TokenModel).order_by(TokenModel.name)).all()]
+            return [
+                TokenInfo(m.name, m.is_admin, m.created_at, m.expires_at)
+                for m in s.scalars(select(TokenModel).order_by(TokenModel.name)).all()
+            ]
 
     def delete_token(self, name: str) -> bool:
         """Revoke a token: it stops working at once. False when there is none by that name."""

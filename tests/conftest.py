@@ -11,8 +11,10 @@ pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3", "tests.plugin
 
 REPO = Path(__file__).resolve().parents[1]
 # TRAINCTL_TEST_CIFAR_PARQUET: where a checkout has no ../shared beside it (a git worktree elsewhere).
-CIFAR_PARQUET = Path(os.environ.get("TRAINCTL_TEST_CIFAR_PARQUET")
-                     or REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet")
+CIFAR_PARQUET = Path(
+    os.environ.get("TRAINCTL_TEST_CIFAR_PARQUET")
+    or REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
+)
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,24 @@ def describe(args: argparse.Namespace) -> int:
     import yaml
 
     from trainer.model import build_model, count_parameters
+
     base = None
     if args.spec:
         with open(args.spec) as f:
             base = yaml.safe_load(f) or {}
     spec = resolve(args.preset, dict(parse_override(s) for s in args.set), base=base)
-    print(json.dumps({"spec": spec.model_dump(mode="json"),
-                      "num_parameters": count_parameters(build_model(spec.model))}, indent=2))
+    print(
+        json.dumps(
+            {"spec": spec.model_dump(mode="json"), "num_parameters": count_parameters(build_model(spec.model))},
+            indent=2,
+        )
+    )
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_checkpoint
+
     # Without --data, the run's own validation split (the data it names); with --data, every image of it.
     split = args.split or ("val" if args.data is None else "all")
     result = evaluate_checkpoint(args.checkpoint, args.data, args.format, split, device=args.device)
@@ -41,6 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     from trainer.evaluate import predict_to_csv
+
     n = predict_to_csv(args.checkpoint, args.input, args.out)
     print(f"wrote {n} predictions to {args.out}")
     return 0
@@ -48,9 +55,12 @@ def predict(args: argparse.Namespace) -> int:
 
 def convert_images(args: argparse.Namespace) -> int:
     from trainer.data import image_folder_to_parquet
+
     classes, n = image_folder_to_parquet(args.folder, args.out)
-    print(f"wrote {n} images of {len(classes)} classes to {args.out}; labels: "
-          + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+    print(
+        f"wrote {n} images of {len(classes)} classes to {args.out}; labels: "
+        + ", ".join(f"{i}={c}" for i, c in enumerate(classes))
+    )
     return 0
 
 
@@ -66,23 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its folder): path or URI")
     p.add_argument("--data", help="dataset path or URI (default with --split val/test: the run's own split)")
     p.add_argument("--format", default="auto", choices=["auto", "cifar10-python", "parquet", "torchvision"])
-    p.add_argument("--split", choices=["all", "train", "test", "val"],
-                   help="val = the run's own seeded validation split (the default without --data); "
-                        "all = every image of --data (the default with it)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default), cuda, cuda:N, or auto (a GPU where there is one); a run's val_acc "
-                        "reproduces on the device kind it trained on")
+    p.add_argument(
+        "--split",
+        choices=["all", "train", "test", "val"],
+        help="val = the run's own seeded validation split (the default without --data); "
+        "all = every image of --data (the default with it)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda, cuda:N, or auto (a GPU where there is one); a run's val_acc "
+        "reproduces on the device kind it trained on",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt, or an exported model.pt2")
-    p.add_argument("--input", required=True,
-                   help="a folder of 32×32 PNG/JPEG images, a Hugging Face parquet, or a pickle with b'data' uint8 "
-                        "N×32×32×3 (the Kaggle file) or N×3072 (CIFAR-10's test_batch) and b'ids' (else 1..N)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a folder of 32×32 PNG/JPEG images, a Hugging Face parquet, or a pickle with b'data' uint8 "
+        "N×32×32×3 (the Kaggle file) or N×3072 (CIFAR-10's test_batch) and b'ids' (else 1..N)",
+    )
     p.add_argument("--out", required=True, help="CSV path or URI")
     p.set_defaults(func=predict)
-    p = sub.add_parser("convert-images", help="a folder of PNG/JPEG images, one sub-folder per class, → a "
-                                              "training parquet (img{bytes,path}, label)")
+    p = sub.add_parser(
+        "convert-images",
+        help="a folder of PNG/JPEG images, one sub-folder per class, → a training parquet (img{bytes,path}, label)",
+    )
     p.add_argument("folder", help="e.g. train/airplane/*.png, train/cat/*.png, ...")
     p.add_argument("out", help="the .parquet to write (path or URI)")
     p.set_defaults(func=convert_images)

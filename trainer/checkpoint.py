@@ -56,6 +56,7 @@ def load(uri: str, expected_sha256: str | None = None) -> dict[str, Any]:
 
 # --- the manifest ------------------------------------------------------------------------------------
 
+
 def read_manifest(job_dir: str) -> Manifest:
     """The run's manifest; an empty one before the first checkpoint (or if it cannot be parsed)."""
     uri = objstore.join(job_dir, contract.MANIFEST)

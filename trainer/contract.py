@@ -116,8 +116,11 @@ class NumericsRecord(Record):
 
     precision: str = Field(description="bf16 (autocast) | fp32")
     channels_last: bool
-    chosen_by: str = Field(default="spec", description="spec (set explicitly) | rule (auto, one candidate) | "
-                                                       "measured (auto: the fastest of the timed candidates)")
+    chosen_by: str = Field(
+        default="spec",
+        description="spec (set explicitly) | rule (auto, one candidate) | "
+        "measured (auto: the fastest of the timed candidates)",
+    )
     images_per_s: dict[str, float] = Field(default_factory=dict, description="each timed candidate's images/s")
 
 
@@ -136,8 +139,11 @@ class EpochMetrics(Record):
     time: float = Field(description="unix time the epoch ended")
     resumed: bool = Field(default=False, description="the first epoch after resuming from a checkpoint")
     node_ids: list[str] = Field(default_factory=list, description="every rank's Ray node id")
-    devices: list[str] = Field(default_factory=list, description="what every rank trains on, rank 0 first, e.g. "
-                               "'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (2 threads, bf16 AMX) Intel(R) Xeon(R) ...'")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="what every rank trains on, rank 0 first, e.g. "
+        "'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (2 threads, bf16 AMX) Intel(R) Xeon(R) ...'",
+    )
     numerics: NumericsRecord | None = Field(default=None, description="precision and layout in use")
     # The test split (data.test, or data.train's own test_batch) every data.test_every_epochs and at the
     # last epoch; null on other epochs and when there is no test split. test_loss uses the training

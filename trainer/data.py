@@ -43,13 +43,19 @@ class DataError(ValueError):
 # Everything a CIFAR-10 python batch (or the Kaggle input of `trainer predict`) references: numpy's array
 # reconstruction, and `_codecs.encode`, which protocol-2 pickles written by Python 3 use for bytes. Python 2
 # pickles (the original CIFAR-10 files) name numpy.core; numpy 2 calls it numpy._core.
-_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
 
 
 def _allowed_global(module: str, name: str) -> object:
     if module == "_codecs":
         import codecs
+
         return codecs.encode
     if name == "_reconstruct":
         try:
@@ -81,8 +87,10 @@ def load_pickle(raw: bytes, uri: str, what: str = "a CIFAR-10 python batch") -> 
     try:
         return _DataUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _ForbiddenGlobal as exc:
-        raise DataError(f"{uri}: refused to load: the pickle references {exc}, which {what} never contains "
-                        "(only plain data and numpy arrays are read)") from None
+        raise DataError(
+            f"{uri}: refused to load: the pickle references {exc}, which {what} never contains "
+            "(only plain data and numpy arrays are read)"
+        ) from None
     except Exception:  # noqa: BLE001 - truncated, not a pickle, wrong protocol: all "unreadable"
         raise DataError(f"{uri}: not {what} (an unreadable or truncated pickle)") from None
 
@@ -101,6 +109,7 @@ class Dataset:
 
 # --- reading sources -------------------------------------------------------------------------------
 
+
 def detect_format(uri: str) -> str:
     if uri.endswith(".parquet"):
         return "parquet"
@@ -114,8 +123,7 @@ def detect_format(uri: str) -> str:
     return "cifar10-python"
 
 
-def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 10,
-         limit: int | None = None) -> Dataset:
+def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 10, limit: int | None = None) -> Dataset:
     """Decode a source into uint8 tensors. `split` picks train or test batches of a CIFAR-10 directory;
     `limit` reads at most that many images (smoke runs)."""
     if fmt in ("auto", "cifar10-python"):
@@ -136,14 +144,16 @@ def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 1
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SUPPORTED = ("a CIFAR-10 python folder (data_batch_1..5, test_batch), a Hugging Face image parquet (img{bytes}, "
-             "label), or an empty folder (torchvision downloads CIFAR-10)")
+SUPPORTED = (
+    "a CIFAR-10 python folder (data_batch_1..5, test_batch), a Hugging Face image parquet (img{bytes}, "
+    "label), or an empty folder (torchvision downloads CIFAR-10)"
+)
 
 
 def _image_files(folder: str, depth: int = 2) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
-        if root[len(folder):].count(os.sep) >= depth:
+        if root[len(folder) :].count(os.sep) >= depth:
             dirs[:] = []
         found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
         if found:
@@ -157,14 +167,19 @@ def _refuse_image_folder(uri: str) -> None:
     if objstore.is_s3(uri):
         return
     local = objstore.resolve(uri)[1]
-    if not os.path.isdir(local) or os.path.exists(os.path.join(local, "data_batch_1")) \
-            or os.path.exists(os.path.join(local, "test_batch")) \
-            or os.path.isdir(os.path.join(local, "cifar-10-batches-py")):
+    if (
+        not os.path.isdir(local)
+        or os.path.exists(os.path.join(local, "data_batch_1"))
+        or os.path.exists(os.path.join(local, "test_batch"))
+        or os.path.isdir(os.path.join(local, "cifar-10-batches-py"))
+    ):
         return
     if _image_files(local):
-        raise DataError(f"{uri}: a folder of PNG/JPEG images is not a training format; convert it (one sub-folder "
-                        f"per class) with `python -m trainer convert-images {local} {local.rstrip('/')}.parquet` "
-                        f"and set data.train to that file. Supported: {SUPPORTED}")
+        raise DataError(
+            f"{uri}: a folder of PNG/JPEG images is not a training format; convert it (one sub-folder "
+            f"per class) with `python -m trainer convert-images {local} {local.rstrip('/')}.parquet` "
+            f"and set data.train to that file. Supported: {SUPPORTED}"
+        )
 
 
 def image_folder_to_parquet(folder: str, out_uri: str) -> tuple[list[str], int]:
@@ -174,6 +189,7 @@ def image_folder_to_parquet(folder: str, out_uri: str) -> tuple[list[str], int]:
     import pyarrow as pa
 
     from trainer.evaluate import CLASSES
+
     root = objstore.resolve(folder)[1]
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not names:
@@ -205,22 +221,28 @@ def _check(data: Dataset, uri: str, num_classes: int) -> None:
         raise DataError(f"{uri}: {len(data.images)} images but {len(data.labels)} labels")
     low, high = int(data.labels.min()), int(data.labels.max())
     if low < 0 or high >= num_classes:
-        raise DataError(f"{uri}: label {low if low < 0 else high} is out of range 0..{num_classes - 1} "
-                        f"(model.num_classes={num_classes})")
+        raise DataError(
+            f"{uri}: label {low if low < 0 else high} is out of range 0..{num_classes - 1} "
+            f"(model.num_classes={num_classes})"
+        )
 
 
 def _read_parquet(uri: str, limit: int | None) -> Dataset:
     from torchvision.io import decode_image, decode_jpeg  # torchvision only where data is decoded
+
     fs, path = objstore.resolve(uri)
     try:
-        table = objstore.retrying(lambda: pq.read_table(path, filesystem=fs, columns=["img", "label"]),
-                                  f"read {objstore.redact(uri)}")
+        table = objstore.retrying(
+            lambda: pq.read_table(path, filesystem=fs, columns=["img", "label"]), f"read {objstore.redact(uri)}"
+        )
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
     except (KeyError, ValueError, OSError) as exc:  # pyarrow: missing columns / not a parquet file
         # pyarrow's message may quote the file's bytes: say only what kind of problem it is
-        raise DataError(f"{uri}: not a Hugging Face image parquet (needs columns img{{bytes}} and label; "
-                        f"pyarrow raised {type(exc).__name__})") from None
+        raise DataError(
+            f"{uri}: not a Hugging Face image parquet (needs columns img{{bytes}} and label; "
+            f"pyarrow raised {type(exc).__name__})"
+        ) from None
     if limit is not None:
         table = table.slice(0, limit)
     try:
@@ -251,8 +273,9 @@ def _read_cifar_python(uri: str, split: str) -> Dataset:
         files = [uri]
     else:
         base = uri
-        if not objstore.exists(objstore.join(base, names[0])) and \
-                objstore.exists(objstore.join(base, "cifar-10-batches-py", names[0])):
+        if not objstore.exists(objstore.join(base, names[0])) and objstore.exists(
+            objstore.join(base, "cifar-10-batches-py", names[0])
+        ):
             base = objstore.join(base, "cifar-10-batches-py")
         files = [objstore.join(base, n) for n in names]
     images, labels = [], []
@@ -277,12 +300,14 @@ def _read_cifar_python(uri: str, split: str) -> Dataset:
 def _download_torchvision(uri: str, split: str) -> Dataset:
     """torchvision's CIFAR-10 download (for online users), read back through the python-pickle path."""
     import torchvision
+
     root = objstore.resolve(uri)[1]
     try:
         torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
     except Exception as exc:  # offline, DNS, checksum: all mean "could not fetch"
-        raise DataError(f"{uri}: could not download CIFAR-10 with torchvision ({exc}); "
-                        "point data.train at a local copy instead") from exc
+        raise DataError(
+            f"{uri}: could not download CIFAR-10 with torchvision ({exc}); point data.train at a local copy instead"
+        ) from exc
     return _read_cifar_python(os.path.join(root, "cifar-10-batches-py"), split)
 
 
@@ -302,6 +327,7 @@ def load_splits(spec: DataSpec, seed: int, num_classes: int) -> tuple[Dataset, D
 
 
 # --- on-device batching and augmentation ------------------------------------------------------------
+
 
 def use_channels_last(spec: JobSpec) -> bool:
     """channels_last=auto → on: NHWC convolutions are faster on CUDA and on oneDNN CPUs alike. Training and
@@ -329,8 +355,7 @@ def test_source(spec: DataSpec) -> tuple[str, str] | None:
 class DeviceData:
     """One split on the training device, served as normalised float batches for one rank."""
 
-    def __init__(self, data: Dataset, device: torch.device, channels_last: bool,
-                 augment: AugmentSpec | None = None):
+    def __init__(self, data: Dataset, device: torch.device, channels_last: bool, augment: AugmentSpec | None = None):
         # Padded once, so a random crop is a gather of a 32×32 window out of 40×40.
         self.padded = torch.nn.functional.pad(data.images, (PAD, PAD, PAD, PAD)).to(device)
         self.labels = data.labels.to(device)
@@ -342,6 +367,7 @@ class DeviceData:
         self.autoaugment = self.erasing = None
         if self.augment.autoaugment or self.augment.random_erasing:
             from trainer.augment import BatchedAutoAugment, BatchedRandomErasing  # needs torchvision
+
             if self.augment.autoaugment:
                 self.autoaugment = BatchedAutoAugment(device)
             if self.augment.random_erasing:
@@ -367,12 +393,13 @@ class DeviceData:
     def steps_per_epoch(self, local_batch: int, world: int) -> int:
         return math.ceil(math.ceil(len(self) / world) / local_batch)
 
-    def train_batches(self, epoch: int, seed: int, rank: int, world: int, local_batch: int
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, epoch: int, seed: int, rank: int, world: int, local_batch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self.shard(epoch, seed, rank, world)
         gen = torch.Generator(device=self.device).manual_seed(seed * 7919 + epoch * 104729 + rank)
         for start in range(0, len(index), local_batch):
-            idx = index[start:start + local_batch]
+            idx = index[start : start + local_batch]
             yield self._normalise(self._augment(self.padded[idx], gen)), self.labels[idx]
 
     def _augment(self, padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -392,8 +419,8 @@ class DeviceData:
         if not self.augment.crop:
             dy = dx = torch.full((n,), PAD, device=self.device)  # the centre window: the image itself
         ar = torch.arange(32, device=self.device)
-        rows = (dy[:, None] + ar)[:, None, :, None]           # n×1×32×1
-        cols = (dx[:, None] + ar)[:, None, None, :]           # n×1×1×32
+        rows = (dy[:, None] + ar)[:, None, :, None]  # n×1×32×1
+        cols = (dx[:, None] + ar)[:, None, None, :]  # n×1×1×32
         flip = torch.rand(n, device=self.device, generator=gen) < 0.5
         if not self.augment.flip:
             flip = torch.zeros_like(flip)
@@ -408,11 +435,12 @@ class DeviceData:
         lo, hi = rank * per_rank, min(len(self), (rank + 1) * per_rank)
         for start in range(lo, hi, batch):
             stop = min(hi, start + batch)
-            yield self._normalise(self.padded[start:stop, :, PAD:PAD + 32, PAD:PAD + 32]), self.labels[start:stop]
+            yield self._normalise(self.padded[start:stop, :, PAD : PAD + 32, PAD : PAD + 32]), self.labels[start:stop]
 
 
-def images_to_batches(images: torch.Tensor, device: torch.device, channels_last: bool, batch: int
-                      ) -> Iterator[torch.Tensor]:
+def images_to_batches(
+    images: torch.Tensor, device: torch.device, channels_last: bool, batch: int
+) -> Iterator[torch.Tensor]:
     """Normalised float batches of raw uint8 N×3×32×32 images, for evaluation and prediction."""
     data = DeviceData(Dataset(images, torch.zeros(len(images), dtype=torch.int64)), device, channels_last)
     for x, _ in data.eval_batches(0, 1, batch):

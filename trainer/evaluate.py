@@ -44,8 +44,9 @@ def checkpoint_numerics(state: dict[str, Any], spec: JobSpec, device: torch.devi
     return Numerics("bf16" if resolve_precision(spec, device) is not None else "fp32", use_channels_last(spec), "rule")
 
 
-def load_model(checkpoint_uri: str, expected_sha256: str | None = None, device: torch.device | None = None
-               ) -> tuple[torch.nn.Module, JobSpec, Numerics]:
+def load_model(
+    checkpoint_uri: str, expected_sha256: str | None = None, device: torch.device | None = None
+) -> tuple[torch.nn.Module, JobSpec, Numerics]:
     device = device or torch.device("cpu")
     state = ckpt.load(checkpoint_uri, expected_sha256)
     spec = JobSpec.model_validate_json(state["spec"])
@@ -59,8 +60,13 @@ def load_model(checkpoint_uri: str, expected_sha256: str | None = None, device: 
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, numerics: Numerics, images: torch.Tensor, batch: int = 1024,
-                   device: torch.device | None = None) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module,
+    numerics: Numerics,
+    images: torch.Tensor,
+    batch: int = 1024,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Logits (on the CPU) in the run's own precision and memory layout, as its validation saw them."""
     device = device or torch.device("cpu")
     out = []
@@ -70,8 +76,14 @@ def predict_logits(model: torch.nn.Module, numerics: Numerics, images: torch.Ten
     return torch.cat(out)
 
 
-def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: str = "auto",
-                        split: str = "all", expected_sha256: str | None = None, device: str = "cpu") -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint_uri: str,
+    data_uri: str | None = None,
+    fmt: str = "auto",
+    split: str = "all",
+    expected_sha256: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """{"accuracy", "per_class", "n", "device"}. split: `val` rebuilds the run's own seeded validation split (so
     the figure matches the reported val_acc on the device kind it trained on), `test` reads a CIFAR-10
     directory's test_batch (without data_uri: the run's own test split, as its metrics' test_acc),
@@ -86,8 +98,9 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: s
             # The run's own test split: data.test, or data.train's test_batch (what its metrics report).
             source = test_source(spec.data)
             if source is None:
-                raise DataError("the run has no test split (data.test unset, data.train has no test_batch): "
-                                "pass --data")
+                raise DataError(
+                    "the run has no test split (data.test unset, data.train has no test_batch): pass --data"
+                )
             data_uri, fmt = source
         if data_uri is None:
             raise DataError("evaluate needs --data unless --split val or test")
@@ -95,8 +108,9 @@ def evaluate_checkpoint(checkpoint_uri: str, data_uri: str | None = None, fmt: s
     return {**accuracy(model, spec, numerics, data, dev), "device": str(dev)}
 
 
-def accuracy(model: torch.nn.Module, spec: JobSpec, numerics: Numerics, data: Dataset,
-             device: torch.device | None = None) -> dict[str, Any]:
+def accuracy(
+    model: torch.nn.Module, spec: JobSpec, numerics: Numerics, data: Dataset, device: torch.device | None = None
+) -> dict[str, Any]:
     num_classes = spec.model.num_classes
     pred = predict_logits(model, numerics, data.images, device=device).argmax(1)
     correct = pred == data.labels
@@ -122,8 +136,9 @@ def confusion_matrix(model: torch.nn.Module, spec: JobSpec, numerics: Numerics, 
     return matrix
 
 
-def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: str | None = None,
-                       epoch: int | None = None) -> Confusion | None:
+def evaluate_confusion(
+    checkpoint_uri: str, run_spec: JobSpec, expected_sha256: str | None = None, epoch: int | None = None
+) -> Confusion | None:
     """The checkpoint's confusion matrix on the run's test split (data.test) where it has one, else on its
     own seeded validation split; None when it has neither (val_fraction 0 and no test data)."""
     model, spec, numerics = load_model(checkpoint_uri, expected_sha256)
@@ -136,8 +151,15 @@ def evaluate_confusion(checkpoint_uri: str, run_spec: JobSpec, expected_sha256: 
         return None
     matrix = confusion_matrix(model, spec, numerics, data)
     correct = sum(matrix[i][i] for i in range(len(matrix)))
-    return Confusion(split=split, classes=class_names(spec.model.num_classes), matrix=matrix,
-                     accuracy=correct / len(data), n=len(data), checkpoint=checkpoint_uri, epoch=epoch)
+    return Confusion(
+        split=split,
+        classes=class_names(spec.model.num_classes),
+        matrix=matrix,
+        accuracy=correct / len(data),
+        n=len(data),
+        checkpoint=checkpoint_uri,
+        epoch=epoch,
+    )
 
 
 def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
@@ -149,10 +171,15 @@ def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
         ids = list(batch[b"ids"]) if b"ids" in batch else list(range(1, len(data) + 1))
     except (TypeError, KeyError, AttributeError):
         raise DataError(f"{uri}: expected a pickle with b'data'") from None
-    if data.dtype != np.uint8 or len(ids) != len(data) or not (
-            (data.ndim == 4 and data.shape[1:] == (32, 32, 3)) or (data.ndim == 2 and data.shape[1] == 3072)):
-        raise DataError(f"{uri}: b'data' must be uint8 N×32×32×3 (HWC) or N×3072 (CIFAR-10 CHW rows), with one "
-                        f"id each; got {data.dtype} {data.shape} and {len(ids)} ids")
+    if (
+        data.dtype != np.uint8
+        or len(ids) != len(data)
+        or not ((data.ndim == 4 and data.shape[1:] == (32, 32, 3)) or (data.ndim == 2 and data.shape[1] == 3072))
+    ):
+        raise DataError(
+            f"{uri}: b'data' must be uint8 N×32×32×3 (HWC) or N×3072 (CIFAR-10 CHW rows), with one "
+            f"id each; got {data.dtype} {data.shape} and {len(ids)} ids"
+        )
     if data.ndim == 2:
         return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), ids
     return torch.from_numpy(data.copy()).permute(0, 3, 1, 2).contiguous(), ids
@@ -170,8 +197,10 @@ def _read_image_folder(uri: str) -> tuple[torch.Tensor, list[Any]]:
         raise DataError(f"{uri}: no .png/.jpg/.jpeg files in this folder")
     images = []
     for name in names:
-        img = decode_image(torch.frombuffer(bytearray(objstore.read_bytes(os.path.join(uri, name))),
-                                            dtype=torch.uint8), mode=ImageReadMode.RGB)
+        img = decode_image(
+            torch.frombuffer(bytearray(objstore.read_bytes(os.path.join(uri, name))), dtype=torch.uint8),
+            mode=ImageReadMode.RGB,
+        )
         if tuple(img.shape) != (3, 32, 32):
             raise DataError(f"{uri}/{name}: image is {img.shape[2]}×{img.shape[1]}, expected 32×32")
         images.append(img)

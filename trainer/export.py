@@ -52,8 +52,13 @@ class Normalized(nn.Module):
 def _write_safetensors(net: nn.Module, spec: JobSpec, path: str) -> None:
     from safetensors.torch import save_file
 
-    meta = {"format": "pt", "spec": spec.model_dump_json(), "input": "float32 N×3×32×32, (x/255 - mean)/std",
-            "mean": json.dumps(list(CIFAR10_MEAN)), "std": json.dumps(list(CIFAR10_STD))}
+    meta = {
+        "format": "pt",
+        "spec": spec.model_dump_json(),
+        "input": "float32 N×3×32×32, (x/255 - mean)/std",
+        "mean": json.dumps(list(CIFAR10_MEAN)),
+        "std": json.dumps(list(CIFAR10_STD)),
+    }
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path, metadata=meta)
 
 
@@ -65,8 +70,9 @@ def _write_pt2(net: nn.Module, path: str) -> None:
     torch.export.save(program, path)
 
 
-def export_checkpoint(checkpoint_uri: str, out_dir: str, formats: list[ExportFormat],
-                      expected_sha256: str | None = None) -> list[Artifact]:
+def export_checkpoint(
+    checkpoint_uri: str, out_dir: str, formats: list[ExportFormat], expected_sha256: str | None = None
+) -> list[Artifact]:
     """Write each format of the checkpoint's model to out_dir (a local dir or storage URI) and index them."""
     state = ckpt.load(checkpoint_uri, expected_sha256)
     spec = JobSpec.model_validate_json(state["spec"])
@@ -82,8 +88,16 @@ def export_checkpoint(checkpoint_uri: str, out_dir: str, formats: list[ExportFor
             uri = objstore.join(out_dir, name)
             with open(local, "rb") as f:
                 objstore.write_bytes(uri, f.read())
-            entries.append(Artifact(name=name, format=fmt, uri=uri, sha256=ckpt.sha256_file(local),
-                                    size=os.path.getsize(local), epoch=state.get("epoch")))
+            entries.append(
+                Artifact(
+                    name=name,
+                    format=fmt,
+                    uri=uri,
+                    sha256=ckpt.sha256_file(local),
+                    size=os.path.getsize(local),
+                    epoch=state.get("epoch"),
+                )
+            )
     objstore.write_text(objstore.join(out_dir, "artifacts.json"), ArtifactIndex(artifacts=entries).to_json())
     return entries
 
@@ -97,8 +111,9 @@ def export_best(job_dir: str, spec: JobSpec) -> list[Artifact]:
     if best is None:
         return []
     try:
-        return export_checkpoint(best.uri, objstore.join(job_dir, contract.ARTIFACTS_DIR), list(spec.exports),
-                                 best.sha256)
+        return export_checkpoint(
+            best.uri, objstore.join(job_dir, contract.ARTIFACTS_DIR), list(spec.exports), best.sha256
+        )
     except Exception:  # see the docstring
         log.exception("exporting the best checkpoint failed; the run itself succeeded")
         return []

@@ -34,9 +34,10 @@ from trainer.tensorboard import EventLog
 @dataclass(frozen=True)
 class RunPaths:
     """Where one training run writes: the job dir for single runs, a trial dir for searches."""
-    metrics: str     # metrics.jsonl URI
+
+    metrics: str  # metrics.jsonl URI
     manifest_dir: str  # holds manifest.json
-    run_dir: str     # Ray Train's {storage_path}/{name}: checkpoints land in run_dir/epoch_NNNN/
+    run_dir: str  # Ray Train's {storage_path}/{name}: checkpoints land in run_dir/epoch_NNNN/
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -60,26 +61,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_data = DeviceData(train_set, device, numerics.channels_last, spec.data.augment)
     val_data = DeviceData(val_set, device, numerics.channels_last)
     source = test_source(spec.data) if spec.data.test_every_epochs else None
-    test_data = None if source is None else DeviceData(
-        load(source[0], source[1], "test", spec.model.num_classes), device, numerics.channels_last)
-    trainee = step.build(spec, device, train_data.steps_per_epoch(local_batch, world),
-                         wrap=ray.train.torch.prepare_model,  # to the device, in DDP when world > 1
-                         numerics=numerics)
+    test_data = (
+        None
+        if source is None
+        else DeviceData(load(source[0], source[1], "test", spec.model.num_classes), device, numerics.channels_last)
+    )
+    trainee = step.build(
+        spec,
+        device,
+        train_data.steps_per_epoch(local_batch, world),
+        wrap=ray.train.torch.prepare_model,  # to the device, in DDP when world > 1
+        numerics=numerics,
+    )
     devices = _gather(describe_device(device), world)
     if rank == 0:
         print(f"devices: {', '.join(devices)}; numerics: {numerics.describe()}", flush=True)
 
-    start_epoch = step.restore(trainee, step.newest_state(_ray_state(ray.train.get_checkpoint()),
-                                                          paths.manifest_dir))
+    start_epoch = step.restore(trainee, step.newest_state(_ray_state(ray.train.get_checkpoint()), paths.manifest_dir))
     history = step.read_history(paths.metrics, before_epoch=start_epoch) if rank == 0 else []
     node_ids = _node_ids(world)  # a worker group never moves: where each rank runs holds for the whole run
     # Rank 0's TensorBoard event files in <run dir>/tensorboard/ (a resumed run purges the epochs it redoes).
     events = EventLog(paths.manifest_dir, purge_step=start_epoch if start_epoch > 1 else None) if rank == 0 else None
 
     for epoch in range(start_epoch, spec.optim.epochs + 1):
-        metrics = step.run_epoch(trainee, spec, train_data, val_data, epoch=epoch, start_epoch=start_epoch,
-                                 rank=rank, world=world, local_batch=local_batch, node_ids=node_ids,
-                                 devices=devices, test_data=test_data)
+        metrics = step.run_epoch(
+            trainee,
+            spec,
+            train_data,
+            val_data,
+            epoch=epoch,
+            start_epoch=start_epoch,
+            rank=rank,
+            world=world,
+            local_batch=local_batch,
+            node_ids=node_ids,
+            devices=devices,
+            test_data=test_data,
+        )
         if rank == 0:
             history.append(metrics)
             step.write_history(paths.metrics, history)
@@ -93,8 +111,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         events.close()
 
 
-def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: int, metrics: EpochMetrics,
-                            trainee: step.Trainee) -> None:
+def _report_with_checkpoint(
+    spec: JobSpec, paths: RunPaths, rank: int, epoch: int, metrics: EpochMetrics, trainee: step.Trainee
+) -> None:
     dir_name = f"epoch_{epoch:04d}"
     if rank != 0:
         ray.train.report(metrics.model_dump(), checkpoint_dir_name=dir_name)
@@ -102,10 +121,16 @@ def _report_with_checkpoint(spec: JobSpec, paths: RunPaths, rank: int, epoch: in
     with tempfile.TemporaryDirectory() as tmp:
         sha256, size = ckpt.save(step.checkpoint_state(trainee, spec, epoch, metrics), tmp)
         # SYNC upload: when report returns, the checkpoint is fully in storage.
-        ray.train.report(metrics.model_dump(), checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=dir_name)
-    entry = CheckpointEntry(epoch=epoch, val_acc=metrics.val_acc, sha256=sha256, size=size,
-                            uri=objstore.join(paths.run_dir, dir_name, ckpt.FILENAME))
+        ray.train.report(
+            metrics.model_dump(), checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
+        )
+    entry = CheckpointEntry(
+        epoch=epoch,
+        val_acc=metrics.val_acc,
+        sha256=sha256,
+        size=size,
+        uri=objstore.join(paths.run_dir, dir_name, ckpt.FILENAME),
+    )
     ckpt.record(paths.manifest_dir, entry, spec.checkpoint.keep_best)
 
 
@@ -131,8 +156,9 @@ def _gather(value: Any, world: int) -> list[Any]:
     return gathered
 
 
-def _decide_numerics(spec: JobSpec, device: torch.device, train_set: Dataset, local_batch: int, rank: int,
-                     world: int) -> Numerics:
+def _decide_numerics(
+    spec: JobSpec, device: torch.device, train_set: Dataset, local_batch: int, rank: int, world: int
+) -> Numerics:
     """precision/channels_last for this run: rank 0 decides (timing candidates when `auto` leaves a choice,
     trainer/precision.py) and every rank follows, so all ranks compute alike."""
     decided: list[Any] = [None]

@@ -46,8 +46,9 @@ class BasicBlock(nn.Module):
         self.se = SqueezeExcite(out_ch, spec.se_reduction, spec.activation) if spec.se else nn.Identity()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
         self.act2 = _activation(spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +61,9 @@ class ResNet(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         first = spec.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(3, first, 3, padding=1, bias=False), nn.BatchNorm2d(first),
-                                  _activation(spec.activation))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, first, 3, padding=1, bias=False), nn.BatchNorm2d(first), _activation(spec.activation)
+        )
         stages, in_ch = [], first
         for i, (width, n) in enumerate(zip(spec.widths, spec.blocks, strict=True)):
             stride = 1 if i == 0 else 2  # stage 1 keeps 32x32; each later stage halves the resolution

@@ -29,14 +29,24 @@ log = logging.getLogger("trainer.run")
 # Forwarded to every Ray worker: a named allow-list of non-secret settings. Credentials (AWS keys, session
 # tokens, any trainctl token) never go into a runtime env, which Ray shows on its dashboard: workers get them
 # from the standard AWS chain on their node (instance profile, or the environment of the Ray processes).
-FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS",
-                 "TRAINCTL_DATA_ROOTS")
+FORWARDED_ENV = (
+    "TRAINCTL_S3_ENDPOINT",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "TRAINCTL_STORAGE_RETRY_SECONDS",
+    "TRAINCTL_DATA_ROOTS",
+)
 
 
 # What a storage outage looks like after Ray Train wrapped it (its own checkpoint uploads and snapshot
 # writes go straight to pyarrow, outside objstore.retrying).
-STORAGE_ERROR_MARKERS = ("StorageUnavailable", "AWS Error NETWORK_CONNECTION", "curlCode", "Couldn't connect to server",
-                         "AWS Error SERVICE_UNAVAILABLE")
+STORAGE_ERROR_MARKERS = (
+    "StorageUnavailable",
+    "AWS Error NETWORK_CONNECTION",
+    "curlCode",
+    "Couldn't connect to server",
+    "AWS Error SERVICE_UNAVAILABLE",
+)
 
 
 class UserError(ValueError):
@@ -57,6 +67,7 @@ def init_ray() -> None:
     """Attach to the cluster in RAY_ADDRESS (a Ray Job's driver always has it); with none (or `local`),
     start a private single-node cluster on 127.0.0.1 rather than attaching to whatever runs here."""
     import ray
+
     if ray.is_initialized():
         return
     env = forwarded_env()
@@ -70,8 +81,7 @@ def init_ray() -> None:
         ray.init(address=address, runtime_env=runtime_env)
     else:
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env=runtime_env)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env)
 
 
 def forwarded_env() -> dict[str, str]:
@@ -91,11 +101,15 @@ def preflight(spec: JobSpec) -> None:
     letting every worker restart hit the same error."""
     from trainer.data import load, test_source
     from trainer.dataroots import outside_roots
+
     for field, uri in outside_roots(spec):  # before any read: never tell whether such a file exists
-        raise UserError(f"{field}: {objstore.redact(uri)} is outside the data roots this cluster allows "
-                        f"(TRAINCTL_DATA_ROOTS)")
-    sources: list[tuple[str, str | None, str]] = [("data.train", spec.data.train, "train"),
-                                                  ("data.test", spec.data.test, "test")]
+        raise UserError(
+            f"{field}: {objstore.redact(uri)} is outside the data roots this cluster allows (TRAINCTL_DATA_ROOTS)"
+        )
+    sources: list[tuple[str, str | None, str]] = [
+        ("data.train", spec.data.train, "train"),
+        ("data.test", spec.data.test, "test"),
+    ]
     for name, source, split in sources:
         if source:
             try:
@@ -103,19 +117,23 @@ def preflight(spec: JobSpec) -> None:
             except DataError as exc:
                 raise DataError(f"{name}: {exc}") from None
     if not spec.data.test and spec.data.test_every_epochs and test_source(spec.data) is None:
-        log.info("no test split: data.train (%s) has no test_batch and data.test is not set; the run reports "
-                 "no test accuracy", objstore.redact(spec.data.train))
+        log.info(
+            "no test split: data.train (%s) has no test_batch and data.test is not set; the run reports "
+            "no test accuracy",
+            objstore.redact(spec.data.train),
+        )
 
 
 def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:
     """The checkpoint's accuracy on the test split (data.test or data.train's test_batch), if there is one."""
     from trainer.data import test_source
+
     source = test_source(spec.data)
     if source is None:
         return None
     from trainer.evaluate import evaluate_checkpoint
-    return evaluate_checkpoint(best.uri, source[0], source[1], split="test",
-                               expected_sha256=best.sha256)["accuracy"]
+
+    return evaluate_checkpoint(best.uri, source[0], source[1], split="test", expected_sha256=best.sha256)["accuracy"]
 
 
 def final_confusion(spec: JobSpec, job_dir: str, best: CheckpointEntry, last_epoch: int) -> contract.Confusion | None:
@@ -124,6 +142,7 @@ def final_confusion(spec: JobSpec, job_dir: str, best: CheckpointEntry, last_epo
     try:
         from trainer.evaluate import evaluate_confusion
         from trainer.tensorboard import EventLog
+
         confusion = evaluate_confusion(best.uri, spec, best.sha256, best.epoch)
         if confusion is None:
             return None
@@ -139,14 +158,19 @@ def final_confusion(spec: JobSpec, job_dir: str, best: CheckpointEntry, last_epo
         return None
 
 
-def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseException | None,
-              error_kind: ErrorKind | None) -> Summary:
-    summary = Summary(state=RunState.FAILED if error else RunState.SUCCEEDED,
-                      wall_seconds=round(time.time() - started, 3),
-                      error=None if error is None else f"{type(error).__name__}: {error}", error_kind=error_kind)
+def summarize(
+    spec: JobSpec | None, job_dir: str, started: float, error: BaseException | None, error_kind: ErrorKind | None
+) -> Summary:
+    summary = Summary(
+        state=RunState.FAILED if error else RunState.SUCCEEDED,
+        wall_seconds=round(time.time() - started, 3),
+        error=None if error is None else f"{type(error).__name__}: {error}",
+        error_kind=error_kind,
+    )
     if spec is None:
         return summary
     from trainer.model import build_model, count_parameters
+
     summary.num_parameters = count_parameters(build_model(spec.model))
     try:
         manifest = ckpt.read_manifest(job_dir)
@@ -184,8 +208,9 @@ def summarize(spec: JobSpec | None, job_dir: str, started: float, error: BaseExc
 def classify(exc: BaseException) -> ErrorKind:
     """Why a run failed, looking through Ray's wrappers at the worker's error text."""
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, (UserError, DataError, PlacementError)) or \
-            any(name in text for name in ("DataError", "UserError", "PlacementError")):
+    if isinstance(exc, (UserError, DataError, PlacementError)) or any(
+        name in text for name in ("DataError", "UserError", "PlacementError")
+    ):
         return ErrorKind.USER
     if isinstance(exc, objstore.StorageUnavailable) or any(m in text for m in STORAGE_ERROR_MARKERS):
         return ErrorKind.STORAGE
@@ -209,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         init_ray()
         if spec.search is not None:
             from trainer.tune import fit_search
+
             outcome = fit_search(spec, job_dir)
         else:
             from trainer.fit import fit_single
+
             fit_single(spec, job_dir)
         from trainer.export import export_best  # before summary.json: the service takes that as the end
+
         export_best(job_dir, spec)
     except BaseException as exc:  # every failure must end in summary.json
         if isinstance(exc, KeyboardInterrupt):

@@ -48,10 +48,10 @@ def lr_factor(spec: ScheduleSpec, step: int, steps_per_epoch: int, epochs: int) 
     raise ValueError(f"unknown schedule.kind {spec.kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(spec, step, steps_per_epoch, epochs))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, spec: ScheduleSpec, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step, steps_per_epoch, epochs))
 
 
 def weight_decay_at(spec: OptimSpec, epoch: int) -> float:

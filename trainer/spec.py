@@ -25,10 +25,10 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 # Hard ceilings every spec obeys, in the service and again in the driver that re-validates it: a spec must
 # not be able to make the driver (on the cluster's head) build a model that exhausts its memory, nor make
 # Tune enumerate an endless search. Operators can set lower limits in the service (TRAINCTL_MAX_*).
-MAX_PARAMETERS = 200_000_000          # the paper's model has 4.6 M
-MAX_MACS = 50_000_000_000             # multiply-accumulates per 32x32 image; the paper's model: ~0.6 G
+MAX_PARAMETERS = 200_000_000  # the paper's model has 4.6 M
+MAX_MACS = 50_000_000_000  # multiply-accumulates per 32x32 image; the paper's model: ~0.6 G
 MAX_TRIALS = 10_000
-MAX_SEARCH_VALUES = 1_000             # values in one choice/grid list
+MAX_SEARCH_VALUES = 1_000  # values in one choice/grid list
 # Ray's own resource names: a spec must not claim the head node's slot, the driver's slot, or set CPU/GPU/
 # memory behind cpus_per_worker's back.
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "trainctl_driver")
@@ -43,12 +43,15 @@ def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any
     def check(value: Any) -> Any:
         if value == "auto":
             return "auto"
-        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            (kind is float or float(value).is_integer())
+        ok_type = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (kind is float or float(value).is_integer())
+        )
         if not ok_type or not ((value > low if low_open else value >= low) and value <= high):
-            raise ValueError(f'must be "auto" or {"an integer" if kind is int else "a number"} {bound}, '
-                             f"got {value!r}")
+            raise ValueError(f'must be "auto" or {"an integer" if kind is int else "a number"} {bound}, got {value!r}')
         return kind(value)
+
     return Annotated[kind | Literal["auto"], PlainValidator(check, json_schema_input_type=kind | Literal["auto"])]
 
 
@@ -70,6 +73,7 @@ class ModelSpec(Section):
 class AugmentSpec(Section):
     """Training-time augmentation, batched on the device (trainer/augment.py), in the notebook's order:
     crop → flip → AutoAugment → RandomErasing → normalise. Evaluation images are only normalised."""
+
     crop: bool = Field(default=True, description="RandomCrop(32, padding 4), zero padding")
     flip: bool = Field(default=True, description="RandomHorizontalFlip(p 0.5)")
     autoaugment: bool = Field(default=False, description="AutoAugment, ImageNet policy, one sub-policy per image")
@@ -100,8 +104,9 @@ class DataSpec(Section):
     max_train_images: PositiveInt | None = None
     # With no data.test, a CIFAR-10 python directory (or the torchvision download) as data.train supplies
     # its own test_batch. 0 = never evaluate the test split during training.
-    test_every_epochs: int = Field(default=1, ge=0, le=10000,
-                                   description="evaluate the test split every N epochs (0: never)")
+    test_every_epochs: int = Field(
+        default=1, ge=0, le=10000, description="evaluate the test split every N epochs (0: never)"
+    )
     augment: AugmentSpec = AugmentSpec()
 
 
@@ -114,8 +119,7 @@ class OptimSpec(Section):
     batch_size: int = Field(default=512, ge=1, le=65536, description="global batch, split over workers")
     epochs: int = Field(default=200, ge=1, le=10000)
     # {epoch: weight decay from that epoch on}, e.g. {85: 1e-4}: the notebook's switch after its crash.
-    weight_decay_milestones: dict[PositiveInt, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
-        default_factory=dict)
+    weight_decay_milestones: dict[PositiveInt, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
     # At each milestone, start with empty momentum buffers (the notebook built a fresh SGD there).
     fresh_momentum_at_milestones: bool = False
 
@@ -153,8 +157,10 @@ class ScalingSpec(Section):
             if name in ("CPU", "GPU", "memory"):
                 raise ValueError(f"{name!r} is set by cpus_per_worker/use_gpu, not resources_per_worker")
             if name in RESERVED_RESOURCES or name.startswith(RESERVED_RESOURCE_PREFIXES):
-                raise ValueError(f"{name!r} is a resource name reserved by Ray or trainctl; "
-                                 "use a custom resource your nodes advertise")
+                raise ValueError(
+                    f"{name!r} is a resource name reserved by Ray or trainctl; "
+                    "use a custom resource your nodes advertise"
+                )
             if amount <= 0:
                 raise ValueError(f"resource {name!r} must be positive, got {amount}")
         return value
@@ -168,9 +174,13 @@ class CheckpointSpec(Section):
 
 
 class LimitsSpec(Section):
-    max_hours: float = Field(default=72.0, gt=0.0, le=24 * 365,
-                             description="wall-clock limit from the first submission; then the job ends FAILED "
-                                         "(the service may cap it lower)")
+    max_hours: float = Field(
+        default=72.0,
+        gt=0.0,
+        le=24 * 365,
+        description="wall-clock limit from the first submission; then the job ends FAILED "
+        "(the service may cap it lower)",
+    )
 
 
 # --- searches (Ray Tune) ------------------------------------------------------------------------
@@ -260,50 +270,78 @@ class JobSpec(Section):
         errors: list[InitErrorDetails] = []
 
         def fail(loc: tuple[str, ...], value: Any, message: str) -> None:
-            errors.append(
-                InitErrorDetails(type=PydanticCustomError("cross_field", message), loc=loc, input=value)
-            )
+            errors.append(InitErrorDetails(type=PydanticCustomError("cross_field", message), loc=loc, input=value))
 
         m, o, s = self.model, self.optim, self.scaling
         if len(m.widths) != len(m.blocks):
-            fail(("model", "blocks"), m.blocks,
-                 f"needs one entry per stage: model.widths has {len(m.widths)}, model.blocks has {len(m.blocks)}")
+            fail(
+                ("model", "blocks"),
+                m.blocks,
+                f"needs one entry per stage: model.widths has {len(m.widths)}, model.blocks has {len(m.blocks)}",
+            )
         if m.se and m.se_reduction > min(m.widths):
-            fail(("model", "se_reduction"), m.se_reduction,
-                 f"must not exceed the smallest width ({min(m.widths)}), or the SE bottleneck has 0 channels")
+            fail(
+                ("model", "se_reduction"),
+                m.se_reduction,
+                f"must not exceed the smallest width ({min(m.widths)}), or the SE bottleneck has 0 channels",
+            )
         if isinstance(s.num_workers, int) and o.batch_size % s.num_workers:
-            fail(("optim", "batch_size"), o.batch_size,
-                 f"the global batch must divide evenly over scaling.num_workers={s.num_workers}")
+            fail(
+                ("optim", "batch_size"),
+                o.batch_size,
+                f"the global batch must divide evenly over scaling.num_workers={s.num_workers}",
+            )
         if self.data.max_train_images is not None and self.data.max_train_images < o.batch_size:
-            fail(("data", "max_train_images"), self.data.max_train_images,
-                 f"must be at least optim.batch_size={o.batch_size}, or an epoch has no full batch")
+            fail(
+                ("data", "max_train_images"),
+                self.data.max_train_images,
+                f"must be at least optim.batch_size={o.batch_size}, or an epoch has no full batch",
+            )
         params, macs = model_cost(m)
         if params > MAX_PARAMETERS or macs > MAX_MACS:
-            what = (f"{params:,} parameters (limit {MAX_PARAMETERS:,})" if params > MAX_PARAMETERS
-                    else f"{macs:,} multiply-accumulates per image (limit {MAX_MACS:,})")
+            what = (
+                f"{params:,} parameters (limit {MAX_PARAMETERS:,})"
+                if params > MAX_PARAMETERS
+                else f"{macs:,} multiply-accumulates per image (limit {MAX_MACS:,})"
+            )
             for loc, value in ((("model", "widths"), m.widths), (("model", "blocks"), m.blocks)):
                 fail(loc, value, f"the model is too large: {what}; use smaller model.widths or fewer model.blocks")
         for epoch in sorted(o.weight_decay_milestones):
             if epoch > o.epochs:
-                fail(("optim", "weight_decay_milestones"), epoch,
-                     f"milestone epoch {epoch} is after the last epoch (optim.epochs={o.epochs})")
+                fail(
+                    ("optim", "weight_decay_milestones"),
+                    epoch,
+                    f"milestone epoch {epoch} is after the last epoch (optim.epochs={o.epochs})",
+                )
         for epoch in self.schedule.restart_epochs:
             if epoch > o.epochs or epoch == 1:
-                fail(("schedule", "restart_epochs"), epoch,
-                     f"restart epoch {epoch} must lie in 2..optim.epochs={o.epochs}")
+                fail(
+                    ("schedule", "restart_epochs"),
+                    epoch,
+                    f"restart epoch {epoch} must lie in 2..optim.epochs={o.epochs}",
+                )
         if self.search is not None:
             if self.search.total_trials() > MAX_TRIALS:
-                fail(("search", "num_samples"), self.search.num_samples,
-                     f"the search has {self.search.total_trials():,} trials (num_samples x grid combinations); "
-                     f"the limit is {MAX_TRIALS:,}")
+                fail(
+                    ("search", "num_samples"),
+                    self.search.num_samples,
+                    f"the search has {self.search.total_trials():,} trials (num_samples x grid combinations); "
+                    f"the limit is {MAX_TRIALS:,}",
+                )
             for path, dist in self.search.space.items():
                 problem = _check_search_path(self, path, dist)
                 if problem:
                     fail(("search", "space", path), path, problem)
-            if isinstance(self.search.scheduler, AshaSpec) and self.search.scheduler.max_t is not None \
-                    and self.search.scheduler.max_t > o.epochs:
-                fail(("search", "scheduler", "max_t"), self.search.scheduler.max_t,
-                     f"must not exceed optim.epochs={o.epochs}")
+            if (
+                isinstance(self.search.scheduler, AshaSpec)
+                and self.search.scheduler.max_t is not None
+                and self.search.scheduler.max_t > o.epochs
+            ):
+                fail(
+                    ("search", "scheduler", "max_t"),
+                    self.search.scheduler.max_t,
+                    f"must not exceed optim.epochs={o.epochs}",
+                )
         if errors:
             raise ValidationError.from_exception_data("JobSpec", errors)
         return self
@@ -347,17 +385,34 @@ def model_cost(m: ModelSpec) -> tuple[int, int]:
 # --- presets and overrides --------------------------------------------------------------------------
 
 # Each preset lists every field that makes it the recipe it names (docs/paper.md, field by field).
-PAPER_MODEL: dict[str, Any] = {"widths": [32, 64, 256, 256], "blocks": [2, 2, 2, 2], "activation": "mish",
-                               "se": True, "se_reduction": 16, "dropout": 0.5, "num_classes": 10}
+PAPER_MODEL: dict[str, Any] = {
+    "widths": [32, 64, 256, 256],
+    "blocks": [2, 2, 2, 2],
+    "activation": "mish",
+    "se": True,
+    "se_reduction": 16,
+    "dropout": 0.5,
+    "num_classes": 10,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's text as written: batch 512, wd 1e-3 throughout, crop + flip, 200 epochs on all 50,000
     # training images, the test split every epoch; its figure is the final epoch's test accuracy.
     "paper": {
         "model": PAPER_MODEL,
-        "data": {"val_fraction": 0.0, "test_every_epochs": 1,
-                 "augment": {"crop": True, "flip": True, "autoaugment": False, "random_erasing": False}},
-        "optim": {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-3, "label_smoothing": 0.1,
-                  "batch_size": 512, "epochs": 200},
+        "data": {
+            "val_fraction": 0.0,
+            "test_every_epochs": 1,
+            "augment": {"crop": True, "flip": True, "autoaugment": False, "random_erasing": False},
+        },
+        "optim": {
+            "lr": 0.05,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-3,
+            "label_smoothing": 0.1,
+            "batch_size": 512,
+            "epochs": 200,
+        },
         "schedule": {"kind": "cosine_warm_restarts", "t0": 10, "t_mult": 2, "step_per": "batch"},
     },
     # What the authors' notebook ran (DL-FINAL_CODE.ipynb): batch 256, crop → flip → AutoAugment (ImageNet)
@@ -365,24 +420,57 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 85 with a fresh optimizer and scheduler (its restart after a crash), no validation split.
     "notebook": {
         "model": PAPER_MODEL,
-        "data": {"val_fraction": 0.0, "test_every_epochs": 1,
-                 "augment": {"crop": True, "flip": True, "autoaugment": True, "random_erasing": True,
-                             "erasing_p": 0.5, "erasing_scale": [0.02, 0.33], "erasing_ratio": [0.3, 3.3]}},
-        "optim": {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-3, "label_smoothing": 0.1,
-                  "batch_size": 256, "epochs": 200, "weight_decay_milestones": {85: 1e-4},
-                  "fresh_momentum_at_milestones": True},
-        "schedule": {"kind": "cosine_warm_restarts", "t0": 10, "t_mult": 2, "step_per": "epoch",
-                     "restart_epochs": [85]},
+        "data": {
+            "val_fraction": 0.0,
+            "test_every_epochs": 1,
+            "augment": {
+                "crop": True,
+                "flip": True,
+                "autoaugment": True,
+                "random_erasing": True,
+                "erasing_p": 0.5,
+                "erasing_scale": [0.02, 0.33],
+                "erasing_ratio": [0.3, 3.3],
+            },
+        },
+        "optim": {
+            "lr": 0.05,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-3,
+            "label_smoothing": 0.1,
+            "batch_size": 256,
+            "epochs": 200,
+            "weight_decay_milestones": {85: 1e-4},
+            "fresh_momentum_at_milestones": True,
+        },
+        "schedule": {
+            "kind": "cosine_warm_restarts",
+            "t0": 10,
+            "t_mult": 2,
+            "step_per": "epoch",
+            "restart_epochs": [85],
+        },
     },
     # The same network (4,570,934 parameters) to the best accuracy in few epochs: one-cycle with a short
     # warm-up, Nesterov, a larger peak lr at batch 256, lighter weight decay, bf16 autocast where native; a 10 %
     # validation split chooses the best checkpoint honestly. docs/paper.md justifies each choice.
     "fast": {
         "model": PAPER_MODEL,
-        "data": {"val_fraction": 0.1, "test_every_epochs": 1,
-                 "augment": {"crop": True, "flip": True, "autoaugment": False, "random_erasing": False}},
-        "optim": {"lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1,
-                  "batch_size": 256, "epochs": 5},
+        "data": {
+            "val_fraction": 0.1,
+            "test_every_epochs": 1,
+            "augment": {"crop": True, "flip": True, "autoaugment": False, "random_erasing": False},
+        },
+        "optim": {
+            "lr": 0.2,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.1,
+            "batch_size": 256,
+            "epochs": 5,
+        },
         "schedule": {"kind": "onecycle", "warmup_fraction": 0.2, "step_per": "batch"},
         "precision": "auto",
     },
@@ -400,14 +488,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
-            base: dict[str, Any] | None = None) -> JobSpec:
+def resolve(
+    preset: str | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+) -> JobSpec:
     """A preset (or a base spec dict), plus dotted-path overrides, validated into one full JobSpec."""
     if preset is not None and preset not in PRESETS:
-        raise ValidationError.from_exception_data("JobSpec", [InitErrorDetails(
-            type=PydanticCustomError("unknown_preset", "unknown preset; choose one of: {names}",
-                                     {"names": ", ".join(sorted(PRESETS))}),
-            loc=("preset",), input=preset)])
+        raise ValidationError.from_exception_data(
+            "JobSpec",
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "unknown_preset",
+                        "unknown preset; choose one of: {names}",
+                        {"names": ", ".join(sorted(PRESETS))},
+                    ),
+                    loc=("preset",),
+                    input=preset,
+                )
+            ],
+        )
     data = copy.deepcopy(PRESETS[preset]) if preset else {}
     if base:
         data = _deep_merge(data, base)
@@ -416,8 +515,9 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
     for path, value in (overrides or {}).items():
         why = unknown_path_reason(path)
         if why:
-            unknown.append(InitErrorDetails(type=PydanticCustomError("unknown_field", why),
-                                            loc=tuple(path.split(".")), input=path))
+            unknown.append(
+                InitErrorDetails(type=PydanticCustomError("unknown_field", why), loc=tuple(path.split(".")), input=path)
+            )
         else:
             merge_path(data, path, value)
     try:
@@ -425,8 +525,10 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None,
     except ValidationError as exc:
         if not unknown:
             raise
-        unknown += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"])
-                    for e in exc.errors()]
+        unknown += [
+            InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"])
+            for e in exc.errors()
+        ]
     if unknown:
         raise ValidationError.from_exception_data("JobSpec", unknown)
     return spec
@@ -481,8 +583,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for key, value in b.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -506,8 +607,7 @@ def _section_at(path: list[str]) -> type[BaseModel] | None:
         field = model.model_fields.get(key) if model is not None else None
         if field is None:
             return None
-        candidates = [a for a in getattr(field.annotation, "__args__", ()) if a is not type(None)] \
-            or [field.annotation]
+        candidates = [a for a in getattr(field.annotation, "__args__", ()) if a is not type(None)] or [field.annotation]
         sections = [c for c in candidates if isinstance(c, type) and issubclass(c, Section)]
         model = sections[0] if len(sections) == 1 else None
     return model
@@ -540,9 +640,10 @@ def _get_path(data: dict[str, Any], path: str) -> Any:
 
 
 def _path_error(path: str, message: str) -> ValidationError:
-    return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(
-        type=PydanticCustomError("bad_path", message),
-        loc=tuple(path.split(".")), input=path)])
+    return ValidationError.from_exception_data(
+        "JobSpec",
+        [InitErrorDetails(type=PydanticCustomError("bad_path", message), loc=tuple(path.split(".")), input=path)],
+    )
 
 
 def _check_search_path(spec: JobSpec, path: str, dist: Distribution) -> str | None:

@@ -30,6 +30,7 @@ TRIAL_DRIVER_CPUS = 0.1
 def to_tune_domain(dist: Distribution) -> Domain | dict[str, Any]:
     """A Tune search domain (a grid is Tune's `{"grid_search": [...]}` marker dict)."""
     from ray import tune
+
     if isinstance(dist, LogUniform):
         return tune.loguniform(*dist.loguniform)
     if isinstance(dist, Uniform):
@@ -69,8 +70,13 @@ class TrialBook:
     def finished(self, trial_id: str, epochs: int, **fields: Any) -> None:
         """A trial ended without error: succeeded, or stopped early by the scheduler."""
         early = epochs < self.epochs
-        self.update(trial_id, epochs=epochs, stopped_early=early,
-                    state=TrialState.STOPPED_EARLY if early else TrialState.SUCCEEDED, **fields)
+        self.update(
+            trial_id,
+            epochs=epochs,
+            stopped_early=early,
+            state=TrialState.STOPPED_EARLY if early else TrialState.SUCCEEDED,
+            **fields,
+        )
 
     def reconcile(self, grid: ResultGrid) -> None:
         """Bring every row up to date from Tune's final results (callbacks can miss events on restore)."""
@@ -88,8 +94,14 @@ class TrialBook:
             epochs = last.epoch if last is not None else self.row(trial_id).epochs
             config = dict(result.config or {})
             if result.error is not None:
-                self.update(trial_id, config=config, state=TrialState.FAILED, epochs=epochs, best_metric=best,
-                            error=str(result.error)[-2000:])
+                self.update(
+                    trial_id,
+                    config=config,
+                    state=TrialState.FAILED,
+                    epochs=epochs,
+                    best_metric=best,
+                    error=str(result.error)[-2000:],
+                )
             else:
                 self.finished(trial_id, epochs, config=config, best_metric=best)
 
@@ -105,20 +117,27 @@ def make_callback(book: TrialBook) -> Callback:
         def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
             book.update(trial.trial_id, config=dict(trial.config), state=TrialState.RUNNING)
 
-        def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
-                            **info: Any) -> None:
+        def on_trial_result(
+            self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+        ) -> None:
             value = result.get(book.search.metric)
             best = book.row(trial.trial_id).best_metric
             reported = contract.parse_metrics_row(result)
-            book.update(trial.trial_id, epochs=reported.epoch if reported is not None else 0,
-                        best_metric=value if book.better(value, best) else best)
+            book.update(
+                trial.trial_id,
+                epochs=reported.epoch if reported is not None else 0,
+                best_metric=value if book.better(value, best) else best,
+            )
 
         def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
             book.finished(trial.trial_id, book.row(trial.trial_id).epochs)
 
         def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-            book.update(trial.trial_id, state=TrialState.FAILED,
-                        error=str(getattr(trial, "error_msg", "") or "trial failed")[-2000:])
+            book.update(
+                trial.trial_id,
+                state=TrialState.FAILED,
+                error=str(getattr(trial, "error_msg", "") or "trial failed")[-2000:],
+            )
 
     return TrialBookCallback()
 
@@ -140,32 +159,45 @@ def fit_search(spec: JobSpec, job_dir: str) -> SearchOutcome:
         # Runs inside a Tune trial actor: it owns one TorchTrainer run, under trials/<trial id>/.
         run_spec = trial_spec(JobSpec.model_validate_json(spec_json), config)
         trial_id = tune.get_context().get_trial_id()
-        fit_run(run_spec, objstore.join(job_dir, contract.TRIALS_DIR, trial_id), name=f"{job_id}-{trial_id}",
-                callbacks=[TuneReportCallback()])
+        fit_run(
+            run_spec,
+            objstore.join(job_dir, contract.TRIALS_DIR, trial_id),
+            name=f"{job_id}-{trial_id}",
+            callbacks=[TuneReportCallback()],
+        )
 
     scheduler = None
     if search.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=search.scheduler.max_t or spec.optim.epochs,
-                                  grace_period=search.scheduler.grace_period,
-                                  reduction_factor=search.scheduler.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=search.scheduler.max_t or spec.optim.epochs,
+            grace_period=search.scheduler.grace_period,
+            reduction_factor=search.scheduler.reduction_factor,
+        )
     book = TrialBook(job_dir, search, spec.optim.epochs)
     storage_path, filesystem = objstore.ray_storage(objstore.join(job_dir, "tune"))
     trainable = tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPUS})
     experiment = objstore.join(storage_path, job_id) if filesystem is None else f"{storage_path}/{job_id}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         # The driver died mid-search: finish the unfinished trials (each resumes from its checkpoint).
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=filesystem)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={path: to_tune_domain(d) for path, d in search.space.items()},
-            tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                                        max_concurrent_trials=search.max_concurrent_trials, scheduler=scheduler,
-                                        search_alg=BasicVariantGenerator(random_state=search.seed,
-                                                                         max_concurrent=search.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=job_id, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[make_callback(book)]),
+            tune_config=tune.TuneConfig(
+                metric=search.metric,
+                mode=search.mode,
+                num_samples=search.num_samples,
+                max_concurrent_trials=search.max_concurrent_trials,
+                scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials),
+            ),
+            run_config=tune.RunConfig(
+                name=job_id, storage_path=storage_path, storage_filesystem=filesystem, callbacks=[make_callback(book)]
+            ),
         )
     grid = tuner.fit()
     book.reconcile(grid)
@@ -175,16 +207,25 @@ def fit_search(spec: JobSpec, job_dir: str) -> SearchOutcome:
 def promote_best_trial(job_dir: str, book: TrialBook, grid: ResultGrid) -> SearchOutcome:
     """Copy the best trial's manifest and metrics to the job level and name it in the summary."""
     from trainer import checkpoint as ckpt
+
     best = contract.best_trial(book.trials.values(), book.search.mode)
     if best is None:
         errors = [r.error for r in grid if r.error is not None]
         raise RuntimeError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}")
     trial_dir = objstore.join(job_dir, contract.TRIALS_DIR, best.trial_id)
     ckpt.write_manifest(job_dir, ckpt.read_manifest(trial_dir))
-    objstore.write_text(objstore.join(job_dir, contract.METRICS),
-                        objstore.read_text(objstore.join(trial_dir, contract.METRICS)))
+    objstore.write_text(
+        objstore.join(job_dir, contract.METRICS), objstore.read_text(objstore.join(trial_dir, contract.METRICS))
+    )
     rows = list(book.trials.values())
-    return SearchOutcome(best_trial=best.trial_id, best_config=best.config, search_metric=book.search.metric,
-                         best_metric=best.best_metric,
-                         trials=TrialCounts(total=len(rows), stopped_early=sum(r.stopped_early for r in rows),
-                                            failed=sum(r.state is TrialState.FAILED for r in rows)))
+    return SearchOutcome(
+        best_trial=best.trial_id,
+        best_config=best.config,
+        search_metric=book.search.metric,
+        best_metric=best.best_metric,
+        trials=TrialCounts(
+            total=len(rows),
+            stopped_early=sum(r.stopped_early for r in rows),
+            failed=sum(r.state is TrialState.FAILED for r in rows),
+        ),
+    )

@@ -47,21 +47,31 @@ ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 
 # Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False
 # so a missing token gets our own 401 body rather than FastAPI's.
-bearer = HTTPBearer(scheme_name="bearer", auto_error=False,
-                    description="an API token: <data dir>/admin-token, or one made by `trainctl token create`")
+bearer = HTTPBearer(
+    scheme_name="bearer",
+    auto_error=False,
+    description="an API token: <data dir>/admin-token, or one made by `trainctl token create`",
+)
 
 
-def get_principal(request: Request, settings: SettingsDep, store: StoreDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
+def get_principal(
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> auth.Principal:
     if not settings.auth:
         return auth.Principal("local", is_admin=True)
     principal = auth.authenticate(store, f"Bearer {credentials.credentials}" if credentials else None)
     if principal is None and "authorization" not in request.headers:
         principal = session_principal(request, store)  # the dashboard's cookie (CSRF-checked)
     if principal is None:
-        raise ApiError(401, "unauthorized",
-                       "missing or invalid token: send 'Authorization: Bearer <token>' (see <data dir>/admin-token)",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or invalid token: send 'Authorization: Bearer <token>' (see <data dir>/admin-token)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return principal
 
 
@@ -74,10 +84,15 @@ def session_principal(request: Request, store: Store) -> auth.Principal | None:
     token_hash = sessions.token_hash(cookie)
     if cookie is None or token_hash is None:
         return None
-    if request.method not in session.SAFE_METHODS and \
-            not sessions.csrf_ok(cookie, request.headers.get(session.CSRF_HEADER)):
-        raise ApiError(403, "csrf_failed", "this request came with the dashboard's session cookie but without "
-                                           "its CSRF token (X-CSRF-Token); reload the page and try again")
+    if request.method not in session.SAFE_METHODS and not sessions.csrf_ok(
+        cookie, request.headers.get(session.CSRF_HEADER)
+    ):
+        raise ApiError(
+            403,
+            "csrf_failed",
+            "this request came with the dashboard's session cookie but without "
+            "its CSRF token (X-CSRF-Token); reload the page and try again",
+        )
     owner = store.token_owner(token_hash)
     return auth.Principal(*owner) if owner else None
 

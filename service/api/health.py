@@ -38,10 +38,15 @@ def _storage_probe(root: str) -> None:
 
 
 @router.get("/healthz")
-async def healthz(settings: SettingsDep, store: StoreDep, runner: RunnerDep,
-                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> JSONResponse:
+async def healthz(
+    settings: SettingsDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> JSONResponse:
     store_c, ray_c, storage_c = await asyncio.gather(
-        _check(store.ping), _check(runner.ray.ping), _check(lambda: _storage_probe(settings.storage_root)))
+        _check(store.ping), _check(runner.ray.ping), _check(lambda: _storage_probe(settings.storage_root))
+    )
     checks = {"store": store_c, "ray": ray_c, "storage": storage_c}
     down = [name for name, c in checks.items() if not c["ok"]]
     body: dict[str, Any] = {"status": "ok" if not down else "degraded"}

@@ -53,10 +53,16 @@ MAX_OFFSET = 1_000_000_000  # integer query parameters are bounded: SQLite's int
 
 
 @router.post("/jobs", status_code=201, response_model=JobView, responses=errors(409, 413, 429))
-def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)], principal: PrincipalDep,
-               store: StoreDep, runner: RunnerDep, reconciler: ReconcilerDep, settings: SettingsDep,
-               response: Response,
-               idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobView:
+def submit_job(
+    body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAMPLES)],
+    principal: PrincipalDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    reconciler: ReconcilerDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
     request returns the same job; the same key with a different body is a 409."""
@@ -73,25 +79,27 @@ def submit_job(body: Annotated[dict[str, Any], Body(openapi_examples=SUBMIT_EXAM
     return job_view(job, with_spec=True)
 
 
-def _create(store: Store, owner: str, spec: Any, body: dict[str, Any],
-            idempotency_key: str | None) -> tuple[Any, bool]:
+def _create(store: Store, owner: str, spec: Any, body: dict[str, Any], idempotency_key: str | None) -> tuple[Any, bool]:
     try:
-        job, created = store.create_job(owner, spec.model_dump(mode="json"), idempotency_key,
-                                        request_hash(body) if idempotency_key else None)
+        job, created = store.create_job(
+            owner, spec.model_dump(mode="json"), idempotency_key, request_hash(body) if idempotency_key else None
+        )
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
     return job, created
 
 
 @router.get("/jobs", response_model=JobList, responses=errors(403))
-def list_jobs(principal: PrincipalDep, store: StoreDep,
-              state: Annotated[list[StateParam] | None,
-                               Query(description="repeat to match several; any case")] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-              owner: Annotated[str | None, Query(max_length=64, description="admin only: one owner's jobs "
-                                                                            "(default: everyone's)")] = None
-              ) -> JobList:
+def list_jobs(
+    principal: PrincipalDep,
+    store: StoreDep,
+    state: Annotated[list[StateParam] | None, Query(description="repeat to match several; any case")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    owner: Annotated[
+        str | None, Query(max_length=64, description="admin only: one owner's jobs (default: everyone's)")
+    ] = None,
+) -> JobList:
     """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one)."""
     if not principal.is_admin:
         if owner is not None and owner != principal.name:
@@ -107,8 +115,9 @@ def get_job(job: JobDep, runner: RunnerDep) -> JobView:
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
-def get_metrics(job: JobDep, runner: RunnerDep,
-                fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json") -> Any:
+def get_metrics(
+    job: JobDep, runner: RunnerDep, fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json"
+) -> Any:
     """Every finished epoch, once, ascending (from the job's metrics.jsonl)."""
     metrics = jobdir.read_metrics(runner.job_dir(job.id)) if job.state is not JobState.QUEUED else []
     if fmt == "json":
@@ -118,10 +127,21 @@ def get_metrics(job: JobDep, runner: RunnerDep,
     writer.writeheader()
     for m in metrics:
         row = m.model_dump()
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else
-                         json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()})
-    return PlainTextResponse(out.getvalue(), media_type="text/csv",
-                             headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'})
+        writer.writerow(
+            {
+                k: ";".join(map(str, v))
+                if isinstance(v, list)
+                else json.dumps(v, sort_keys=True)
+                if isinstance(v, dict)
+                else v
+                for k, v in row.items()
+            }
+        )
+    return PlainTextResponse(
+        out.getvalue(),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'},
+    )
 
 
 @router.get("/jobs/{job_id}/trials", response_model=TrialList, responses=errors(404, 409))
@@ -131,19 +151,28 @@ def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     search = job.spec.get("search")
     if not search:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
-    trials = jobdir.settle_trials(jobdir.read_trials(runner.job_dir(job.id)), job.state.value) \
-        if job.state is not JobState.QUEUED else []
+    trials = (
+        jobdir.settle_trials(jobdir.read_trials(runner.job_dir(job.id)), job.state.value)
+        if job.state is not JobState.QUEUED
+        else []
+    )
     search_spec = SearchSpec.model_validate(search)
     return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))
-def get_logs(job: JobDep, runner: RunnerDep,
-             tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None,
-             since: Annotated[int | None, Query(ge=0, le=MAX_OFFSET, description=(
-                 "bytes already read (the previous answer's X-Log-Size): only what is new"))] = None,
-             attempt: Annotated[int | None, Query(ge=1, le=1000, description="one attempt's log only")] = None,
-             ) -> PlainTextResponse:
+def get_logs(
+    job: JobDep,
+    runner: RunnerDep,
+    tail: Annotated[int | None, Query(ge=0, le=100_000, description="last N lines")] = None,
+    since: Annotated[
+        int | None,
+        Query(
+            ge=0, le=MAX_OFFSET, description=("bytes already read (the previous answer's X-Log-Size): only what is new")
+        ),
+    ] = None,
+    attempt: Annotated[int | None, Query(ge=1, le=1000, description="one attempt's log only")] = None,
+) -> PlainTextResponse:
     """The driver log (ANSI colours stripped): of every attempt, each under a header, or of one `attempt`.
     Kept in the job dir (logs/attempt-N.log), so it outlives the Ray head; 404 `no_log` says why there is
     none (queued, or the log was lost). At most the last MAX_LOG_BYTES are sent; X-Log-Size is the whole
@@ -160,8 +189,7 @@ def get_logs(job: JobDep, runner: RunnerDep,
 MAX_LOG_BYTES = 1 << 20
 
 
-def log_window(text: str, tail: int | None, since: int | None, max_bytes: int = MAX_LOG_BYTES
-               ) -> tuple[str, int, bool]:
+def log_window(text: str, tail: int | None, since: int | None, max_bytes: int = MAX_LOG_BYTES) -> tuple[str, int, bool]:
     """(what to send, the whole log's size in bytes, cut to max_bytes?) for a log, its last `tail` lines and/or
     what follows byte `since` (the whole log when `since` is past its end: a new attempt's log)."""
     data = text.encode("utf-8", errors="replace")
@@ -201,10 +229,17 @@ def list_checkpoints(job: JobDep, runner: RunnerDep) -> CheckpointList:
     return CheckpointList(job_id=job.id, checkpoints=[CheckpointView.model_validate(c.model_dump()) for c in cps])
 
 
-@router.get("/jobs/{job_id}/checkpoints/best", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}},
-                             "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
-                       **errors(404, 409, 502)})
+@router.get(
+    "/jobs/{job_id}/checkpoints/best",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256",
+        },
+        **errors(404, 409, 502),
+    },
+)
 def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     """Download the best checkpoint. It is hashed in a first streaming pass and only sent when it matches
     the sha256/size the trainer recorded (an error cannot be reported once the body has started)."""
@@ -212,46 +247,85 @@ def best_checkpoint(job: JobDep, runner: RunnerDep) -> StreamingResponse:
     if best is None:
         raise ApiError(409, "no_checkpoint", f"job {job.id} has no checkpoint yet (state {job.state})")
     name = f"{job.id}-epoch{best.epoch}.pt" if best.epoch is not None else f"{job.id}-best.pt"
-    return verified_download(runner.job_dir(job.id), best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256",
-                             {"epoch": best.epoch})
+    return verified_download(
+        runner.job_dir(job.id), best.uri, best.sha256, best.size, name, "X-Checkpoint-SHA256", {"epoch": best.epoch}
+    )
 
-@router.get("/jobs/{job_id}/checkpoints/{epoch}/file", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}},
-                             "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256"},
-                       **errors(404, 502)})
+
+@router.get(
+    "/jobs/{job_id}/checkpoints/{epoch}/file",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "the checkpoint; its sha256 is in X-Checkpoint-SHA256",
+        },
+        **errors(404, 502),
+    },
+)
 def checkpoint_file(job: JobDep, runner: RunnerDep, epoch: int) -> StreamingResponse:
     """Download one kept checkpoint (see GET .../checkpoints), verified like the best one."""
     entry = next((c for c in jobdir.checkpoints(runner.job_dir(job.id)) if c.epoch == epoch), None)
     if entry is None:
         raise ApiError(404, "not_found", f"job {job.id} keeps no checkpoint of epoch {epoch}")
-    return verified_download(runner.job_dir(job.id), entry.uri, entry.sha256, entry.size, f"{job.id}-epoch{epoch}.pt",
-                             "X-Checkpoint-SHA256", {"epoch": epoch})
+    return verified_download(
+        runner.job_dir(job.id),
+        entry.uri,
+        entry.sha256,
+        entry.size,
+        f"{job.id}-epoch{epoch}.pt",
+        "X-Checkpoint-SHA256",
+        {"epoch": epoch},
+    )
 
 
 @router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=errors(404))
 def list_artifacts(job: JobDep, runner: RunnerDep) -> ArtifactList:
     """The best checkpoint exported for use outside trainctl (written at the end of a run; see spec.exports)."""
     found = jobdir.artifacts(runner.job_dir(job.id))
-    return ArtifactList(job_id=job.id, artifacts=[ArtifactView(**a.model_dump(include=set(ArtifactView.model_fields)))
-                                                  for a in found])
+    return ArtifactList(
+        job_id=job.id, artifacts=[ArtifactView(**a.model_dump(include=set(ArtifactView.model_fields))) for a in found]
+    )
 
 
-@router.get("/jobs/{job_id}/artifacts/{name}", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}},
-                             "description": "the file; its sha256 is in X-Artifact-SHA256"},
-                       **errors(404, 502)})
-def download_artifact(job: JobDep, runner: RunnerDep, name: Annotated[str, FastApiPath(max_length=128)]
-                      ) -> StreamingResponse:
+@router.get(
+    "/jobs/{job_id}/artifacts/{name}",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "the file; its sha256 is in X-Artifact-SHA256",
+        },
+        **errors(404, 502),
+    },
+)
+def download_artifact(
+    job: JobDep, runner: RunnerDep, name: Annotated[str, FastApiPath(max_length=128)]
+) -> StreamingResponse:
     """Download one exported model, verified against its recorded sha256/size like a checkpoint."""
     found = next((a for a in jobdir.artifacts(runner.job_dir(job.id)) if a.name == name), None)
     if found is None:
         raise ApiError(404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts")
-    return verified_download(runner.job_dir(job.id), found.uri, found.sha256, found.size, f"{job.id}-{name}",
-                             "X-Artifact-SHA256", {"name": name})
+    return verified_download(
+        runner.job_dir(job.id),
+        found.uri,
+        found.sha256,
+        found.size,
+        f"{job.id}-{name}",
+        "X-Artifact-SHA256",
+        {"name": name},
+    )
 
 
-def verified_download(job_dir: str, uri: str, sha256: str | None, size: int | None, filename: str,
-                      sha_header: str, context: dict[str, Any]) -> StreamingResponse:
+def verified_download(
+    job_dir: str,
+    uri: str,
+    sha256: str | None,
+    size: int | None,
+    filename: str,
+    sha_header: str,
+    context: dict[str, Any],
+) -> StreamingResponse:
     """Stream a stored file only once it matches the sha256/size the trainer recorded: it is hashed in a first
     pass, because an error can no longer be reported once the body has started.
 
@@ -259,11 +333,19 @@ def verified_download(job_dir: str, uri: str, sha256: str | None, size: int | No
     is read (an absolute path, file:// URI, `..` or symlink pointing at the admin token, say), and nothing
     whose hash was not recorded is sent."""
     if not objstore.within(uri, job_dir):
-        raise ApiError(502, "checkpoint_corrupt", "the recorded file lies outside the job's storage prefix; "
-                                                  "refusing to read it", context)
+        raise ApiError(
+            502,
+            "checkpoint_corrupt",
+            "the recorded file lies outside the job's storage prefix; refusing to read it",
+            context,
+        )
     if not sha256:
-        raise ApiError(502, "checkpoint_corrupt", "the file has no recorded sha256, so it cannot be verified; "
-                                                  "refusing to send it", context)
+        raise ApiError(
+            502,
+            "checkpoint_corrupt",
+            "the file has no recorded sha256, so it cannot be verified; refusing to send it",
+            context,
+        )
     digest, actual_size = hashlib.sha256(), 0
     try:
         for chunk in objstore.iter_chunks(uri):
@@ -273,9 +355,24 @@ def verified_download(job_dir: str, uri: str, sha256: str | None, size: int | No
         raise ApiError(502, "checkpoint_corrupt", "the file is listed but missing from storage", context) from None
     sha = digest.hexdigest()
     if sha256 != sha or (size is not None and size != actual_size):
-        raise ApiError(502, "checkpoint_corrupt", "the stored file does not match its recorded sha256/size",
-                       {**context, "expected_sha256": sha256, "actual_sha256": sha, "expected_size": size,
-                        "actual_size": actual_size})
-    return StreamingResponse(objstore.iter_chunks(uri), media_type="application/octet-stream",
-                             headers={sha_header: sha, "Content-Length": str(actual_size),
-                                      "Content-Disposition": f'attachment; filename="{filename}"'})
+        raise ApiError(
+            502,
+            "checkpoint_corrupt",
+            "the stored file does not match its recorded sha256/size",
+            {
+                **context,
+                "expected_sha256": sha256,
+                "actual_sha256": sha,
+                "expected_size": size,
+                "actual_size": actual_size,
+            },
+        )
+    return StreamingResponse(
+        objstore.iter_chunks(uri),
+        media_type="application/octet-stream",
+        headers={
+            sha_header: sha,
+            "Content-Length": str(actual_size),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        },
+    )

@@ -58,8 +58,10 @@ COMMON_ERRORS = errors(401, 422, 500, 503)
 
 
 def _submit_body_schema() -> dict[str, Any]:
-    return {"oneOf": [{"$ref": "#/components/schemas/PresetRequest"}, {"$ref": "#/components/schemas/JobSpec"}],
-            "description": "a preset plus dotted-path overrides, or a full spec (omitted fields take defaults)"}
+    return {
+        "oneOf": [{"$ref": "#/components/schemas/PresetRequest"}, {"$ref": "#/components/schemas/JobSpec"}],
+        "description": "a preset plus dotted-path overrides, or a full spec (omitted fields take defaults)",
+    }
 
 
 def install_openapi(app: FastAPI, *, submit_path: str = "/v1/jobs") -> None:
@@ -91,8 +93,10 @@ def install_openapi(app: FastAPI, *, submit_path: str = "/v1/jobs") -> None:
         if post is not None:
             content = post.setdefault("requestBody", {"required": True}).setdefault("content", {})
             examples = content.get("application/json", {}).get("examples")
-            content["application/json"] = {"schema": _submit_body_schema(),
-                                           **({"examples": examples} if examples else {})}
+            content["application/json"] = {
+                "schema": _submit_body_schema(),
+                **({"examples": examples} if examples else {}),
+            }
         app.openapi_schema = schema
         return schema
 

@@ -23,15 +23,20 @@ class PresetRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: str | None = Field(None, description="a preset name: see `python -m trainer describe --preset NAME`")
-    overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description='dotted spec paths to values, e.g. {"optim.lr": 0.1}')
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='dotted spec paths to values, e.g. {"optim.lr": 0.1}'
+    )
 
 
 SUBMIT_EXAMPLES = {
-    "preset": {"summary": "A preset with overrides",
-               "value": {"preset": "debug", "overrides": {"optim.epochs": 3, "data.train": "/data/cifar10"}}},
-    "full": {"summary": "A full spec (omitted fields take their defaults)",
-             "value": {"optim": {"epochs": 10, "lr": 0.05}, "scaling": {"num_workers": 2}}},
+    "preset": {
+        "summary": "A preset with overrides",
+        "value": {"preset": "debug", "overrides": {"optim.epochs": 3, "data.train": "/data/cifar10"}},
+    },
+    "full": {
+        "summary": "A full spec (omitted fields take their defaults)",
+        "value": {"optim": {"epochs": 10, "lr": 0.05}, "scaling": {"num_workers": 2}},
+    },
 }
 
 
@@ -84,8 +89,10 @@ class JobView(BaseModel):
     final_test_acc: float | None = Field(default=None, description="the last epoch's test_acc")
     best_checkpoint_test_acc: float | None = Field(default=None, description="the best checkpoint's test_acc")
     best_checkpoint_rule: str = Field(
-        default="val_acc", description="what chose the best checkpoint: val_acc (highest validation "
-        "accuracy) or final_epoch (the run has no validation split)")
+        default="val_acc",
+        description="what chose the best checkpoint: val_acc (highest validation "
+        "accuracy) or final_epoch (the run has no validation split)",
+    )
     attempts: int
     attempt_log: list[dict[str, Any]]
     message: str | None
@@ -94,10 +101,16 @@ class JobView(BaseModel):
     updated_at: dt.datetime
     spec: dict[str, Any] | None = None
     search: SearchProgress | None = Field(default=None, description="searches only: trials and best so far")
-    devices: list[str] | None = Field(default=None, description="what each rank trains on, rank 0 first, e.g. "
-                                      "[\"cuda:0 NVIDIA H100 80GB HBM3\"] (from the latest epoch's metrics)")
-    numerics: NumericsRecord | None = Field(default=None, description="precision and channels_last in use, how they "
-                                            "were chosen and, when measured, each candidate's images/s")
+    devices: list[str] | None = Field(
+        default=None,
+        description="what each rank trains on, rank 0 first, e.g. "
+        '["cuda:0 NVIDIA H100 80GB HBM3"] (from the latest epoch\'s metrics)',
+    )
+    numerics: NumericsRecord | None = Field(
+        default=None,
+        description="precision and channels_last in use, how they "
+        "were chosen and, when measured, each candidate's images/s",
+    )
 
 
 class JobList(BaseModel):
@@ -155,8 +168,9 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     if job_dir is not None and job.state is not JobState.QUEUED:
         try:
             metrics = jobdir.read_metrics(job_dir)
-            trials = jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) \
-                if job.spec.get("search") else None
+            trials = (
+                jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) if job.spec.get("search") else None
+            )
             summary = jobdir.read_summary(job_dir) if job.state.is_terminal() else None
         except objstore.StorageUnavailable:
             metrics = trials = None
@@ -176,12 +190,24 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     if trials is not None:
         search = SearchProgress(**jobdir.search_progress(job.spec["search"], trials))
     has_val = float((job.spec.get("data") or {}).get("val_fraction", 0.1)) > 0
-    return JobView(id=job.id, owner=job.owner, state=job.state, progress=Progress(**progress), metrics=latest,
-                   best_val_acc=best if has_val else None,
-                   final_test_acc=summary.final_test_acc if summary else None,
-                   best_checkpoint_test_acc=summary.best_checkpoint_test_acc if summary else None,
-                   best_checkpoint_rule="val_acc" if has_val else "final_epoch", attempts=job.attempts,
-                   attempt_log=job.attempt_log, message=job.message,
-                   ray_submission_id=job.ray_submission_id, created_at=_time(job.created_at),
-                   updated_at=_time(job.updated_at), spec=job.spec if with_spec else None, search=search,
-                   devices=latest.devices or None if latest else None, numerics=latest.numerics if latest else None)
+    return JobView(
+        id=job.id,
+        owner=job.owner,
+        state=job.state,
+        progress=Progress(**progress),
+        metrics=latest,
+        best_val_acc=best if has_val else None,
+        final_test_acc=summary.final_test_acc if summary else None,
+        best_checkpoint_test_acc=summary.best_checkpoint_test_acc if summary else None,
+        best_checkpoint_rule="val_acc" if has_val else "final_epoch",
+        attempts=job.attempts,
+        attempt_log=job.attempt_log,
+        message=job.message,
+        ray_submission_id=job.ray_submission_id,
+        created_at=_time(job.created_at),
+        updated_at=_time(job.updated_at),
+        spec=job.spec if with_spec else None,
+        search=search,
+        devices=latest.devices or None if latest else None,
+        numerics=latest.numerics if latest else None,
+    )

@@ -21,8 +21,9 @@ MAX_EXPIRES_IN_S = 10 * 365 * 86400
 
 class TokenRequest(BaseModel):
     name: str = Field(pattern=auth.TOKEN_NAME.pattern, description="the owner name jobs are recorded under")
-    expires_in_s: float | None = Field(default=None, gt=0, le=MAX_EXPIRES_IN_S,
-                                       description="seconds until the token stops working; omitted: never")
+    expires_in_s: float | None = Field(
+        default=None, gt=0, le=MAX_EXPIRES_IN_S, description="seconds until the token stops working; omitted: never"
+    )
 
 
 class TokenCreated(BaseModel):
@@ -65,10 +66,18 @@ def create_token(body: TokenRequest, store: StoreDep, _admin: AdminDep) -> Token
 def list_tokens(store: StoreDep, _admin: AdminDep) -> TokenList:
     """Every token's name, role and expiry (never the token: only its hash is stored)."""
     now = dt.datetime.now(dt.UTC).timestamp()
-    return TokenList(tokens=[TokenView(name=t.name, is_admin=t.is_admin, created_at=_time(t.created_at),
-                                       expires_at=_maybe_time(t.expires_at),
-                                       expired=t.expires_at is not None and t.expires_at <= now)
-                             for t in store.list_tokens()])
+    return TokenList(
+        tokens=[
+            TokenView(
+                name=t.name,
+                is_admin=t.is_admin,
+                created_at=_time(t.created_at),
+                expires_at=_maybe_time(t.expires_at),
+                expired=t.expires_at is not None and t.expires_at <= now,
+            )
+            for t in store.list_tokens()
+        ]
+    )
 
 
 @router.delete("/tokens/{name}", status_code=204, responses=errors(403, 404, 409))
@@ -76,8 +85,11 @@ def revoke_token(name: Annotated[str, Path(max_length=64)], store: StoreDep, adm
     """Revoke a token at once. The admin's own token is rotated by deleting <data dir>/admin-token and
     restarting the service, not here (that would lock the admin out)."""
     if name == admin.name:
-        raise ApiError(409, "conflict", "the admin token cannot revoke itself; delete <data dir>/admin-token and "
-                                        "restart the service to rotate it")
+        raise ApiError(
+            409,
+            "conflict",
+            "the admin token cannot revoke itself; delete <data dir>/admin-token and restart the service to rotate it",
+        )
     if not store.delete_token(name):
         raise not_found("token")
     return Response(status_code=204)

@@ -12,6 +12,7 @@ if connection is None:
     raise RuntimeError("run migrations through `trainctl db upgrade` (service.migrate), not the alembic CLI")
 
 # render_as_batch: SQLite cannot ALTER most things; batch mode recreates the table instead.
-context.configure(connection=connection, target_metadata=Base.metadata,
-                  render_as_batch=connection.dialect.name == "sqlite")
+context.configure(
+    connection=connection, target_metadata=Base.metadata, render_as_batch=connection.dialect.name == "sqlite"
+)
 context.run_migrations()

@@ -33,14 +33,14 @@ def simple_commands(script: str) -> list[list[str]]:
     i = 0
     while i < len(tokens):
         tok = tokens[i]
-        if tok in _SEPARATORS or (tok and set(tok) <= set(";&|()\n")):   # also ");" and friends
+        if tok in _SEPARATORS or (tok and set(tok) <= set(";&|()\n")):  # also ");" and friends
             if current:
                 commands.append(current)
             current = []
         elif tok in _REDIRECTS or (tok and set(tok) <= set("<>&|")):
-            if current and current[-1].isdigit():          # the "2" of 2>&1
+            if current and current[-1].isdigit():  # the "2" of 2>&1
                 current.pop()
-            i += 1                                          # skip the target
+            i += 1  # skip the target
         else:
             current.append(tok)
         i += 1
@@ -75,6 +75,7 @@ def check_trainctl(argv: list[str]) -> None:
     """`trainctl ...` must be a console script of this project and parse with its real argument parser."""
     assert argv[0] in CONSOLE_SCRIPTS, f"{argv[0]} is not a console script in pyproject.toml"
     from service.cli import build_parser
+
     try:
         build_parser().parse_args(argv[1:])
     except SystemExit as exc:  # argparse exits on unknown commands/flags
@@ -83,7 +84,7 @@ def check_trainctl(argv: list[str]) -> None:
 
 def check_ray(argv: list[str]) -> None:
     """`ray start ...` (the only ray subcommand with options we rely on) must parse with Ray's own CLI."""
-    with warnings.catch_warnings():                         # ray.scripts imports Serve: noisy
+    with warnings.catch_warnings():  # ray.scripts imports Serve: noisy
         warnings.simplefilter("ignore")
         from ray.scripts.scripts import cli
     assert len(argv) >= 2 and argv[1] in cli.commands, f"`{shlex.join(argv)}`: no such ray subcommand"
@@ -123,6 +124,7 @@ def check_command(argv: list[str]) -> str | None:
 
 # --- images ------------------------------------------------------------------------------------------------
 
+
 def image_is_pinned(ref: str) -> bool:
     """`name:tag` with a real tag (not `latest`), or a digest."""
     if "@sha256:" in ref:
@@ -140,7 +142,7 @@ def dockerfile_from_images(text: str) -> list[str]:
     for line in text.splitlines():
         m = re.match(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", line, flags=re.I)
         if m:
-            if m.group(1) not in stages:                    # FROM <earlier stage> is not an image
+            if m.group(1) not in stages:  # FROM <earlier stage> is not an image
                 images.append(m.group(1))
             if m.group(2):
                 stages.add(m.group(2))

@@ -29,6 +29,7 @@ def raw() -> dict:
 @pytest.fixture(scope="module")
 def prepared(raw: dict) -> dict:
     from ray.autoscaler._private.util import prepare_config
+
     return prepare_config(copy.deepcopy(raw))
 
 
@@ -67,8 +68,14 @@ def serve_settings(raw: dict) -> str:
 
 
 def all_commands(config: dict) -> dict[str, list[str]]:
-    sections = ["initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"]
+    sections = [
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ]
     out = {s: list(config.get(s) or []) for s in sections}
     for name, node_type in config["available_node_types"].items():
         for s in ("initialization_commands", "worker_setup_commands"):
@@ -79,8 +86,10 @@ def all_commands(config: dict) -> dict[str, list[str]]:
 
 # --- Ray's own validation ---------------------------------------------------------------------------------
 
+
 def test_validates_with_rays_schema(prepared: dict) -> None:
     from ray.autoscaler._private.util import validate_config
+
     validate_config(prepared)
     assert prepared["provider"]["type"] == "aws"
     assert prepared["head_node_type"] in prepared["available_node_types"]
@@ -104,6 +113,7 @@ def test_node_types(raw: dict) -> None:
 
 
 # --- commands exist and parse ----------------------------------------------------------------------------------
+
 
 def test_every_command_is_valid_bash(raw: dict) -> None:
     for section, commands in all_commands(raw).items():
@@ -137,8 +147,9 @@ def test_trainctl_serve_on_loopback_with_s3_and_the_cluster(raw: dict) -> None:
     start = serve_settings(raw)
     assert "TRAINCTL_RAY_ADDRESS=http://127.0.0.1:8265" in start
     assert "TRAINCTL_DATA_DIR=/home/ray/trainctl-data" in start
-    assert any("/home/ray/trainctl-data" in o for o in raw["docker"]["head_run_options"]), \
+    assert any("/home/ray/trainctl-data" in o for o in raw["docker"]["head_run_options"]), (
         "the job store must survive container re-creation"
+    )
 
 
 def test_dashboard_listens_on_loopback_only(raw: dict) -> None:
@@ -152,6 +163,7 @@ def test_dashboard_listens_on_loopback_only(raw: dict) -> None:
 
 # --- nothing exposed --------------------------------------------------------------------------------------------
 
+
 def _public(rule: dict) -> bool:
     for r in rule.get("IpRanges", []):
         net = ipaddress.ip_network(r.get("CidrIp", "255.255.255.255/32"), strict=False)
@@ -160,7 +172,7 @@ def _public(rule: dict) -> bool:
     for r in rule.get("Ipv6Ranges", []):
         if ipaddress.ip_network(r.get("CidrIpv6", "::1/128"), strict=False).prefixlen == 0:
             return True
-    return bool(rule.get("PrefixListIds"))      # a managed prefix list could be anything: reject too
+    return bool(rule.get("PrefixListIds"))  # a managed prefix list could be anything: reject too
 
 
 def exposed_private_ports(rules: list[dict]) -> list[str]:
@@ -184,21 +196,25 @@ def test_security_group_opens_no_ray_or_api_port(raw: dict) -> None:
         assert "SecurityGroupIds" not in t["node_config"], name
 
 
-@pytest.mark.parametrize("rule,bad", [
-    ({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
-    ({"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 7000, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
-    ({"IpProtocol": "tcp", "FromPort": 10000, "ToPort": 10001, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}, True),
-    ({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
-    ({"IpProtocol": "tcp", "FromPort": 7999, "ToPort": 8001, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
-    ({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, False),
-    ({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}, False),
-    ({"IpProtocol": "udp", "FromPort": 8000, "ToPort": 9000, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, False),
-])
+@pytest.mark.parametrize(
+    "rule,bad",
+    [
+        ({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
+        ({"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 7000, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
+        ({"IpProtocol": "tcp", "FromPort": 10000, "ToPort": 10001, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}, True),
+        ({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
+        ({"IpProtocol": "tcp", "FromPort": 7999, "ToPort": 8001, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, True),
+        ({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, False),
+        ({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}, False),
+        ({"IpProtocol": "udp", "FromPort": 8000, "ToPort": 9000, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, False),
+    ],
+)
 def test_exposure_check_itself(rule: dict, bad: bool) -> None:
     assert bool(exposed_private_ports([rule])) is bad
 
 
 # --- auth and secrets ---------------------------------------------------------------------------------------
+
 
 def test_ray_token_auth_everywhere(raw: dict) -> None:
     text = CLUSTER_YAML.read_text()
@@ -223,6 +239,7 @@ def test_no_credentials_in_the_file() -> None:
 
 
 # --- images and storage ----------------------------------------------------------------------------------------
+
 
 def test_images_are_pinned(raw: dict) -> None:
     docker = raw["docker"]
@@ -253,7 +270,7 @@ def test_storage_is_s3_and_consistent(raw: dict) -> None:
     assert len(uris) == 1, f"one storage root everywhere, got {uris}"
     uri = uris.pop()
     assert objstore.is_s3(uri), "workers on other machines can only share S3, not a local directory"
-    objstore.resolve(uri)                                     # no credentials/query in it
+    objstore.resolve(uri)  # no credentials/query in it
     region = raw["provider"]["region"]
     assert set(re.findall(r"AWS_REGION=(\S+?)['\s]", text)) == {region}
     assert set(re.findall(r"\.ecr\.([a-z0-9-]+)\.amazonaws\.com", text)) == {region}
@@ -263,9 +280,11 @@ def test_storage_is_s3_and_consistent(raw: dict) -> None:
 def test_job_drivers_are_pinned_to_the_head(raw: dict) -> None:
     """Drivers ask for a resource only the head has, so the autoscaler never removes a node under one."""
     import json
+
     head_type = raw["head_node_type"]
-    holders = [name for name, node in raw["available_node_types"].items()
-               if node.get("resources", {}).get("trainctl_driver")]
+    holders = [
+        name for name, node in raw["available_node_types"].items() if node.get("resources", {}).get("trainctl_driver")
+    ]
     assert holders == [head_type]
     serve = serve_settings(raw)
     match = re.search(r"TRAINCTL_ENTRYPOINT_RESOURCES='([^']*)'", serve)
@@ -274,11 +293,13 @@ def test_job_drivers_are_pinned_to_the_head(raw: dict) -> None:
 
 # --- the API under systemd ---------------------------------------------------------------------------------
 
+
 def test_api_runs_under_systemd_and_is_restarted(raw: dict) -> None:
     unit = unit_entries(SERVICE_UNIT)
     assert unit["Restart"] == ["always"] and unit["StartLimitIntervalSec"] == ["0"]
-    assert unit["ExecStart"][0].startswith("/usr/bin/docker exec --env-file /home/ubuntu/trainctl-data/serve.env "
-                                           f"{raw['docker']['container_name']} ")
+    assert unit["ExecStart"][0].startswith(
+        f"/usr/bin/docker exec --env-file /home/ubuntu/trainctl-data/serve.env {raw['docker']['container_name']} "
+    )
     # ExecStop stops exactly the process ExecStart wrote into the PID file (docker exec forwards no signal).
     assert "serve.pid" in unit["ExecStart"][0] and "serve.pid" in unit["ExecStop"][0]
     for cmd in unit["ExecStart"] + unit["ExecStop"]:
@@ -307,8 +328,8 @@ def test_systemd_accepts_the_units() -> None:
 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    out = subprocess.run(["systemd-analyze", "verify", str(SERVICE_UNIT), str(PATH_UNIT)], capture_output=True,
-                         text=True, timeout=60)
-    problems = [line for line in (out.stdout + out.stderr).splitlines()
-                if line.strip() and "docker" not in line]
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(SERVICE_UNIT), str(PATH_UNIT)], capture_output=True, text=True, timeout=60
+    )
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if line.strip() and "docker" not in line]
     assert problems == [], problems

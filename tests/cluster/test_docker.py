@@ -67,6 +67,7 @@ def test_the_expected_files_exist() -> None:
 
 # --- compose ------------------------------------------------------------------------------------------------
 
+
 def test_compose_parses_and_has_the_three_services(compose: dict) -> None:
     assert set(compose["services"]) == {"seaweedfs", "ray-head", "service"}
     for name, svc in compose["services"].items():
@@ -134,16 +135,18 @@ def test_compose_carries_no_secrets(compose: dict) -> None:
 
 def test_compose_storage_is_the_seaweedfs_s3(compose: dict) -> None:
     import objstore
+
     cmd = [str(a) for a in compose["services"]["service"]["command"]]
     storage = cmd[cmd.index("--storage") + 1]
     assert objstore.is_s3(storage)
     objstore.resolve(storage)
-    for name in ("service", "ray-head"):   # the trainer runs in the head container and needs S3 too
+    for name in ("service", "ray-head"):  # the trainer runs in the head container and needs S3 too
         assert compose["services"][name]["environment"]["TRAINCTL_S3_ENDPOINT"] == "http://seaweedfs:8333"
     assert compose["services"]["ray-head"]["shm_size"]
 
 
 # --- Dockerfiles -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_base_images_pinned(dockerfile: Path) -> None:
@@ -155,8 +158,11 @@ def test_base_images_pinned(dockerfile: Path) -> None:
 
 def test_versions_match_the_project() -> None:
     """The trainer image's Ray and Python are the project's (a node with another Ray cannot join)."""
-    ray_pin = next(str(Requirement(d).specifier) for d in PYPROJECT["project"]["optional-dependencies"]["train"]
-                   if Requirement(d).name == "ray")
+    ray_pin = next(
+        str(Requirement(d).specifier)
+        for d in PYPROJECT["project"]["optional-dependencies"]["train"]
+        if Requirement(d).name == "ray"
+    )
     trainer_from = dockerfile_from_images((DOCKER / "trainer.Dockerfile").read_text())[-1]
     assert trainer_from.startswith(f"rayproject/ray:{ray_pin.lstrip('=')}-py311-cu12")
     service_from = dockerfile_from_images((DOCKER / "service.Dockerfile").read_text())[-1]
@@ -191,8 +197,15 @@ def test_copied_files_exist_and_are_in_the_build_context(dockerfile: Path) -> No
 
 def test_dockerignore_keeps_secrets_and_state_out() -> None:
     ignore = (REPO / ".dockerignore").read_text().splitlines()
-    for path in (".venv/bin/python", ".git/config", "data/trainctl.db", "docker/.env",
-                 "docker/secrets/ray_auth_token", "trainer/__pycache__/run.cpython-311.pyc", "x.pt"):
+    for path in (
+        ".venv/bin/python",
+        ".git/config",
+        "data/trainctl.db",
+        "docker/.env",
+        "docker/secrets/ray_auth_token",
+        "trainer/__pycache__/run.cpython-311.pyc",
+        "x.pt",
+    ):
         assert dockerignore_excludes(ignore, path), path
 
 
@@ -206,7 +219,7 @@ def test_entrypoint_and_cmd_exist(dockerfile: Path) -> None:
     if argv[0] in CONSOLE_SCRIPTS:
         assert check_command(argv) == argv[0]
     else:
-        assert argv[0] in ("bash", "ray"), argv     # the trainer image: the launcher supplies `ray start`
+        assert argv[0] in ("bash", "ray"), argv  # the trainer image: the launcher supplies `ray start`
     # Sanity checks the images run at build time import modules that exist.
     for i, args in instructions(dockerfile):
         if i == "RUN":
@@ -218,8 +231,9 @@ def test_service_requirements_match_pyproject() -> None:
     """docker/service-requirements.txt pins the service's dependencies; each pin must satisfy
     pyproject.toml, and it must not drag in the trainer's torch."""
     extras = PYPROJECT["project"]["optional-dependencies"]
-    project = {Requirement(d).name.lower(): Requirement(d)
-               for d in PYPROJECT["project"]["dependencies"] + extras["service"]}
+    project = {
+        Requirement(d).name.lower(): Requirement(d) for d in PYPROJECT["project"]["dependencies"] + extras["service"]
+    }
     lines = [ln.strip() for ln in (DOCKER / "service-requirements.txt").read_text().splitlines()]
     reqs = [Requirement(ln) for ln in lines if ln and not ln.startswith("#")]
     names = {r.name.lower() for r in reqs}
@@ -229,13 +243,15 @@ def test_service_requirements_match_pyproject() -> None:
         assert r.name.lower() in project, f"{r.name} is not a dependency in pyproject.toml"
         pins = [s for s in r.specifier if s.operator == "=="]
         assert len(pins) == 1, f"{r}: pin an exact version"
-        assert project[r.name.lower()].specifier.contains(pins[0].version), \
+        assert project[r.name.lower()].specifier.contains(pins[0].version), (
             f"{r} violates pyproject's {project[r.name.lower()]}"
+        )
     ray = next(r for r in reqs if r.name == "ray")
     assert "default" in ray.extras, "the Jobs client needs ray[default]"
 
 
 # --- hadolint --------------------------------------------------------------------------------------------------
+
 
 def hadolint_binary() -> str:
     for candidate in (Path(sys.executable).with_name("hadolint"), shutil.which("hadolint")):
@@ -247,8 +263,12 @@ def hadolint_binary() -> str:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint(dockerfile: Path) -> None:
     """No findings at all (errors, warnings, info, style)."""
-    proc = subprocess.run([hadolint_binary(), "--no-color", "--failure-threshold", "style", str(dockerfile)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint_binary(), "--no-color", "--failure-threshold", "style", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -45,10 +45,10 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 @dataclass
 class MultiNode:
-    cluster: Any                    # ray.cluster_utils.Cluster
+    cluster: Any  # ray.cluster_utils.Cluster
     head: RayHead
     service: Service
-    storage: str                    # s3://bucket/prefix
+    storage: str  # s3://bucket/prefix
     s3: S3Server
     temp_dir: str
 
@@ -60,8 +60,9 @@ class MultiNode:
         return {n.node_id: n for n in self.cluster.worker_nodes}
 
     def add_worker(self) -> Any:
-        return self.cluster.add_node(num_cpus=WORKER_CPUS, resources={SLOT: 1}, node_ip_address="127.0.0.1",
-                                     temp_dir=self.temp_dir)
+        return self.cluster.add_node(
+            num_cpus=WORKER_CPUS, resources={SLOT: 1}, node_ip_address="127.0.0.1", temp_dir=self.temp_dir
+        )
 
     def ray_job(self, submission_id: str) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.head.dashboard_url}/api/jobs/{submission_id}", timeout=10) as r:
@@ -118,10 +119,19 @@ def multinode(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
         mp.delenv("AWS_PROFILE", raising=False)
         try:
             dash = free_port()
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": HEAD_CPUS, "resources": {DRIVER_RESOURCE: 4}, "node_ip_address": "127.0.0.1",
-                "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
-                "dashboard_agent_listen_port": free_port(), "temp_dir": temp_dir})
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": HEAD_CPUS,
+                    "resources": {DRIVER_RESOURCE: 4},
+                    "node_ip_address": "127.0.0.1",
+                    "include_dashboard": True,
+                    "dashboard_host": "127.0.0.1",
+                    "dashboard_port": dash,
+                    "dashboard_agent_listen_port": free_port(),
+                    "temp_dir": temp_dir,
+                },
+            )
             gcs_address = cluster.address
             # A job's supervisor tells the driver which cluster to join by reading `ray_current_cluster` in
             # the node's temp dir; Cluster writes it only to /tmp/ray, and without it Ray falls back to
@@ -134,9 +144,13 @@ def multinode(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
             cluster.wait_for_nodes(timeout=60)
             _wait_dashboard(head.dashboard_url)
             service = start_service(
-                head, tmp_path_factory.mktemp("mn") / "data", TRAINCTL_STORAGE=storage,
-                TRAINCTL_S3_ENDPOINT=s3_server.endpoint, TRAINCTL_MAX_CONCURRENT_JOBS="1",
-                TRAINCTL_ENTRYPOINT_RESOURCES=json.dumps({DRIVER_RESOURCE: 1}))
+                head,
+                tmp_path_factory.mktemp("mn") / "data",
+                TRAINCTL_STORAGE=storage,
+                TRAINCTL_S3_ENDPOINT=s3_server.endpoint,
+                TRAINCTL_MAX_CONCURRENT_JOBS="1",
+                TRAINCTL_ENTRYPOINT_RESOURCES=json.dumps({DRIVER_RESOURCE: 1}),
+            )
             mn.service = service
             yield mn
         finally:
@@ -152,16 +166,25 @@ def multinode(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _job_body(parquet: Path, **overrides: Any) -> dict[str, Any]:
-    return {"preset": "debug", "overrides": {"data.train": str(parquet), "optim.epochs": 2,
-                                             "scaling.num_workers": 2,
-                                             "scaling.resources_per_worker": {SLOT: 1}, **overrides}}
+    return {
+        "preset": "debug",
+        "overrides": {
+            "data.train": str(parquet),
+            "optim.epochs": 2,
+            "scaling.num_workers": 2,
+            "scaling.resources_per_worker": {SLOT: 1},
+            **overrides,
+        },
+    }
 
 
 def _explain(mn: MultiNode, c: httpx.Client, job_id: str) -> str:
     """What to print when a job did not do what it should: its driver log and the service's log."""
     service_log = "\n".join(line for line in mn.service.log().splitlines() if '"GET /' not in line)
-    return (f"--- job log:\n{c.get(f'/v1/jobs/{job_id}/logs', params={'tail': 80}).text}\n"
-            f"--- service log:\n{service_log[-3000:]}")
+    return (
+        f"--- job log:\n{c.get(f'/v1/jobs/{job_id}/logs', params={'tail': 80}).text}\n"
+        f"--- service log:\n{service_log[-3000:]}"
+    )
 
 
 def _expect_success(mn: MultiNode, c: httpx.Client, job: dict[str, Any]) -> None:
@@ -184,8 +207,11 @@ def test_debug_job_runs_on_two_worker_nodes(multinode: MultiNode, cifar_parquet:
         workers = set(mn.worker_nodes())
         for m in metrics:
             assert len(m["node_ids"]) == 2 and len(set(m["node_ids"])) == 2, m["node_ids"]
-            assert set(m["node_ids"]) <= workers and mn.head_node_id not in m["node_ids"], \
-                (m["node_ids"], workers, mn.head_node_id)
+            assert set(m["node_ids"]) <= workers and mn.head_node_id not in m["node_ids"], (
+                m["node_ids"],
+                workers,
+                mn.head_node_id,
+            )
         # The driver ran on the head (pinned by TRAINCTL_ENTRYPOINT_RESOURCES), the ranks on the workers.
         assert mn.ray_job(f"{job_id}-1")["driver_node_id"] == mn.head_node_id
         print(f"\nrun 1: job {job_id} ranks on nodes {metrics[-1]['node_ids']}, driver on head {mn.head_node_id}")
@@ -195,8 +221,9 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
     mn = multinode
     epochs = 6
     with mn.service.client() as c:
-        resp = c.post("/v1/jobs", json=_job_body(cifar_parquet, **{"optim.epochs": epochs,
-                                                                  "data.max_train_images": 2048}))
+        resp = c.post(
+            "/v1/jobs", json=_job_body(cifar_parquet, **{"optim.epochs": epochs, "data.max_train_images": 2048})
+        )
         assert resp.status_code == 201, resp.text
         job_id = resp.json()["id"]
 
@@ -219,8 +246,10 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
         removed_at = time.time()
         mn.cluster.remove_node(victim, allow_graceful=False)
         replacement = mn.add_worker()
-        print(f"\nrun 2: removed node {victim_id} (rank 0) after epoch {before[-1]['epoch']} "
-              f"(checkpointed: {checkpointed}); replacement {replacement.node_id}")
+        print(
+            f"\nrun 2: removed node {victim_id} (rank 0) after epoch {before[-1]['epoch']} "
+            f"(checkpointed: {checkpointed}); replacement {replacement.node_id}"
+        )
 
         job = wait_for(c, job_id, lambda j: j["state"] in TERMINAL, 480, "the job to end after the node loss")
         _expect_success(mn, c, job)
@@ -238,5 +267,7 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
         assert first["epoch"] > 1 and first["epoch"] >= checkpointed + 1, first  # ... from a checkpoint
         assert victim_id not in first["node_ids"] and len(set(first["node_ids"])) == 2, first["node_ids"]
         assert replacement.node_id in first["node_ids"], (first["node_ids"], replacement.node_id)
-        print(f"run 2: resumed at epoch {first['epoch']} on {first['node_ids']}; recovery (node removal → "
-              f"first resumed epoch start) {started - removed_at:.1f} s; job {job_id} SUCCEEDED")
+        print(
+            f"run 2: resumed at epoch {first['epoch']} on {first['node_ids']}; recovery (node removal → "
+            f"first resumed epoch start) {started - removed_at:.1f} s; job {job_id} SUCCEEDED"
+        )

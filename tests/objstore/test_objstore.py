@@ -31,12 +31,13 @@ def root(request: pytest.FixtureRequest, tmp_path) -> str:
 
 # --- round trips on both backends ---------------------------------------------------------------------
 
+
 def test_write_read_roundtrip(root: str) -> None:
     uri = objstore.join(root, "jobs", "j1", "spec.json")
     objstore.write_text(uri, '{"a": 1}')
     assert objstore.read_text(uri) == '{"a": 1}'
     data = os.urandom(70_000) + b"\x00\xff"
-    objstore.write_bytes(uri, data)                      # overwrite
+    objstore.write_bytes(uri, data)  # overwrite
     assert objstore.read_bytes(uri) == data
     objstore.write_bytes(objstore.join(root, "empty.bin"), b"")
     assert objstore.read_bytes(objstore.join(root, "empty.bin")) == b""
@@ -50,10 +51,10 @@ def test_exists_and_size(root: str) -> None:
     assert not objstore.exists(root)
     objstore.write_text(f, "hello")
     assert objstore.exists(f)
-    assert objstore.exists(objstore.join(root, "a"))     # a "directory" (an S3 prefix)
+    assert objstore.exists(objstore.join(root, "a"))  # a "directory" (an S3 prefix)
     assert objstore.size(f) == 5
     with pytest.raises(FileNotFoundError):
-        objstore.size(objstore.join(root, "a"))          # a directory has no size
+        objstore.size(objstore.join(root, "a"))  # a directory has no size
     with pytest.raises(FileNotFoundError):
         objstore.size(objstore.join(root, "missing"))
 
@@ -69,7 +70,7 @@ def test_missing_file_is_not_an_outage(root: str) -> None:
 
 
 def test_list_dir(root: str) -> None:
-    assert objstore.list_dir(root) == []                 # missing: empty, not an error
+    assert objstore.list_dir(root) == []  # missing: empty, not an error
     for name in ("b.txt", "a.txt", "sub/x.txt", "sub/deeper/y.txt"):
         objstore.write_text(objstore.join(root, name), name)
     assert objstore.list_dir(root) == ["a.txt", "b.txt", "sub"]
@@ -86,16 +87,20 @@ def test_local_write_leaves_no_temp_files(tmp_path) -> None:
 
 
 def test_delete_tree(root: str) -> None:
-    for name in ("ep/epoch_0001/checkpoint.pt", "ep/epoch_0001/meta/x", "ep/epoch_00010/checkpoint.pt",
-                 "ep/manifest.json"):
+    for name in (
+        "ep/epoch_0001/checkpoint.pt",
+        "ep/epoch_0001/meta/x",
+        "ep/epoch_00010/checkpoint.pt",
+        "ep/manifest.json",
+    ):
         objstore.write_text(objstore.join(root, name), "x")
     objstore.delete_tree(objstore.join(root, "ep", "epoch_0001"))
     # Only that folder: a sibling sharing its name as a prefix (S3 keys are prefixes) survives.
     assert objstore.list_dir(objstore.join(root, "ep")) == ["epoch_00010", "manifest.json"]
     assert not objstore.exists(objstore.join(root, "ep", "epoch_0001", "checkpoint.pt"))
-    objstore.delete_tree(objstore.join(root, "ep", "manifest.json"))       # a single file
+    objstore.delete_tree(objstore.join(root, "ep", "manifest.json"))  # a single file
     assert objstore.list_dir(objstore.join(root, "ep")) == ["epoch_00010"]
-    objstore.delete_tree(objstore.join(root, "ep", "never-existed"))       # missing: no-op
+    objstore.delete_tree(objstore.join(root, "ep", "never-existed"))  # missing: no-op
     objstore.delete_tree(objstore.join(root, "ep"))
     assert objstore.list_dir(root) == []
     assert not objstore.exists(objstore.join(root, "ep"))
@@ -118,7 +123,7 @@ def test_iter_chunks(root: str, size: int, chunk: int) -> None:
 def test_ensure_dir(root: str) -> None:
     d = objstore.join(root, "jobs", "j2")
     objstore.ensure_dir(d)
-    objstore.ensure_dir(d)                                # idempotent
+    objstore.ensure_dir(d)  # idempotent
     assert objstore.exists(d)
     assert objstore.list_dir(objstore.join(root, "jobs")) == ["j2"]
 
@@ -138,20 +143,24 @@ def test_join() -> None:
 
 # --- URIs never carry secrets -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("uri", [
-    f"s3://AKIAEXAMPLE:{SECRET}@bucket/prefix",
-    f"s3://bucket/prefix?endpoint_override=http://127.0.0.1:8333&secret_key={SECRET}",
-    f"s3://bucket/prefix#{SECRET}",
-    f"file:///data/x?token={SECRET}",
-    f"gs://user:{SECRET}@bucket/x",
-    f"https://user:{SECRET}@example.com/x",
-    f"s3://[broken/x?k={SECRET}",
-])
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"s3://AKIAEXAMPLE:{SECRET}@bucket/prefix",
+        f"s3://bucket/prefix?endpoint_override=http://127.0.0.1:8333&secret_key={SECRET}",
+        f"s3://bucket/prefix#{SECRET}",
+        f"file:///data/x?token={SECRET}",
+        f"gs://user:{SECRET}@bucket/x",
+        f"https://user:{SECRET}@example.com/x",
+        f"s3://[broken/x?k={SECRET}",
+    ],
+)
 def test_uris_with_credentials_or_queries_are_rejected(uri: str) -> None:
     with pytest.raises(ValueError) as err:
         objstore.resolve(uri)
     message = str(err.value)
-    assert SECRET not in message                          # the error itself is safe to log
+    assert SECRET not in message  # the error itself is safe to log
     assert "storage URI" in message
     # Every public operation goes through resolve(): none of them touches storage with such a URI.
     for op in (objstore.exists, objstore.read_bytes, objstore.list_dir, objstore.delete_tree):
@@ -175,17 +184,20 @@ def test_semicolon_is_part_of_the_key() -> None:
     assert objstore.resolve("s3://bucket/p/x;y")[1] == "bucket/p/x;y"
 
 
-@pytest.mark.parametrize("uri,expected", [
-    (f"s3://AKIA:{SECRET}@bucket/p/x", "s3://bucket/p/x"),
-    (f"s3://bucket/p?secret_key={SECRET}", "s3://bucket/p"),
-    (f"s3://bucket/p#{SECRET}", "s3://bucket/p"),
-    (f"https://u:p@ss:{SECRET}@host:9000/a", "https://host:9000/a"),
-    (f"s3://[oops/p?k={SECRET}", "s3://[oops/p"),
-    ("s3://bucket/jobs/j1/spec.json", "s3://bucket/jobs/j1/spec.json"),
-    ("file:///data/x", "file:///data/x"),
-    ("/data/x", "/data/x"),
-    ("~/x", "~/x"),
-])
+@pytest.mark.parametrize(
+    "uri,expected",
+    [
+        (f"s3://AKIA:{SECRET}@bucket/p/x", "s3://bucket/p/x"),
+        (f"s3://bucket/p?secret_key={SECRET}", "s3://bucket/p"),
+        (f"s3://bucket/p#{SECRET}", "s3://bucket/p"),
+        (f"https://u:p@ss:{SECRET}@host:9000/a", "https://host:9000/a"),
+        (f"s3://[oops/p?k={SECRET}", "s3://[oops/p"),
+        ("s3://bucket/jobs/j1/spec.json", "s3://bucket/jobs/j1/spec.json"),
+        ("file:///data/x", "file:///data/x"),
+        ("/data/x", "/data/x"),
+        ("~/x", "~/x"),
+    ],
+)
 def test_redact(uri: str, expected: str) -> None:
     assert objstore.redact(uri) == expected
     assert SECRET not in objstore.redact(uri)
@@ -193,24 +205,43 @@ def test_redact(uri: str, expected: str) -> None:
 
 # --- error classification --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("exc,transient", [
-    (OSError("When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
-             "HeadObject operation: curlCode: 7, Could not connect to server"), True),
-    (OSError("When reading 'b/k': AWS Error UNKNOWN (HTTP status 503) during GetObject operation"), True),
-    (OSError("AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate."), True),
-    (OSError("AWS Error UNKNOWN during GetObject operation: curlCode: 28, Timeout was reached"), True),
-    (ConnectionRefusedError(111, "Connection refused"), True),
-    (TimeoutError("timed out"), True),
-    # A key or bucket name that happens to contain an "outage" word does not make an error transient.
-    (OSError("When getting information for key 'jobs/network-timeout-500/spec.json' in bucket 'connect': "
-             "AWS Error ACCESS_DENIED during HeadObject operation: No response body."), False),
-    (OSError("When creating bucket 'b': AWS Error UNKNOWN (HTTP status 400) during CreateBucket operation: "
-             "InvalidBucketName"), False),
-    (OSError("Local error for '/data/connect-503/x': No space left on device"), False),
-    (FileNotFoundError("Path does not exist 'b/connection-timeout'"), False),
-    (PermissionError("denied"), False),
-    (ValueError("connect timeout"), False),
-])
+
+@pytest.mark.parametrize(
+    "exc,transient",
+    [
+        (
+            OSError(
+                "When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+                "HeadObject operation: curlCode: 7, Could not connect to server"
+            ),
+            True,
+        ),
+        (OSError("When reading 'b/k': AWS Error UNKNOWN (HTTP status 503) during GetObject operation"), True),
+        (OSError("AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate."), True),
+        (OSError("AWS Error UNKNOWN during GetObject operation: curlCode: 28, Timeout was reached"), True),
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (TimeoutError("timed out"), True),
+        # A key or bucket name that happens to contain an "outage" word does not make an error transient.
+        (
+            OSError(
+                "When getting information for key 'jobs/network-timeout-500/spec.json' in bucket 'connect': "
+                "AWS Error ACCESS_DENIED during HeadObject operation: No response body."
+            ),
+            False,
+        ),
+        (
+            OSError(
+                "When creating bucket 'b': AWS Error UNKNOWN (HTTP status 400) during CreateBucket operation: "
+                "InvalidBucketName"
+            ),
+            False,
+        ),
+        (OSError("Local error for '/data/connect-503/x': No space left on device"), False),
+        (FileNotFoundError("Path does not exist 'b/connection-timeout'"), False),
+        (PermissionError("denied"), False),
+        (ValueError("connect timeout"), False),
+    ],
+)
 def test_transient_classification(exc: BaseException, transient: bool) -> None:
     assert objstore._is_transient(exc) is transient
 
@@ -226,9 +257,9 @@ def test_retrying_gives_up_within_budget_and_passes_other_errors() -> None:
     with pytest.raises(objstore.StorageUnavailable, match="probe thing"):
         objstore.retrying(refused, "probe thing", budget_s=1.0)
     elapsed = time.monotonic() - t0
-    assert 1.0 <= elapsed <= 1.0 + 0.1                    # used its budget, and no more
-    assert len(calls) >= 3                                # it did retry
-    assert calls[-1] - t0 >= 0.95                         # the last attempt came at the deadline
+    assert 1.0 <= elapsed <= 1.0 + 0.1  # used its budget, and no more
+    assert len(calls) >= 3  # it did retry
+    assert calls[-1] - t0 >= 0.95  # the last attempt came at the deadline
 
     def missing() -> None:
         calls.append(0)
@@ -237,17 +268,18 @@ def test_retrying_gives_up_within_budget_and_passes_other_errors() -> None:
     calls.clear()
     with pytest.raises(FileNotFoundError):
         objstore.retrying(missing, "read", budget_s=5)
-    assert calls == [0]                                   # not retried
+    assert calls == [0]  # not retried
 
 
 # --- S3 only ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.s3
 def test_bucket_is_created_on_first_write(s3_bucket_uri: str, s3_server) -> None:
-    bucket = s3_bucket_uri[len("s3://"):].split("/")[0]
+    bucket = s3_bucket_uri[len("s3://") :].split("/")[0]
     admin = s3_server.filesystem()
     assert admin.get_file_info(bucket).type == pafs.FileType.NotFound
-    assert objstore.list_dir(s3_bucket_uri) == []         # reading a missing bucket is not an error
+    assert objstore.list_dir(s3_bucket_uri) == []  # reading a missing bucket is not an error
     assert not objstore.exists(objstore.join(s3_bucket_uri, "x"))
     objstore.write_text(objstore.join(s3_bucket_uri, "jobs", "j", "spec.json"), "{}")
     assert admin.get_file_info(bucket).type == pafs.FileType.Directory
@@ -259,7 +291,7 @@ def test_bucket_is_created_on_first_write(s3_bucket_uri: str, s3_server) -> None
 def test_ray_storage_is_usable_by_pyarrow(s3_bucket_uri: str) -> None:
     path, fs = objstore.ray_storage(s3_bucket_uri)
     assert isinstance(fs, pafs.S3FileSystem)
-    assert not path.startswith("s3://") and path == s3_bucket_uri[len("s3://"):]
+    assert not path.startswith("s3://") and path == s3_bucket_uri[len("s3://") :]
     fs.create_dir(f"{path}/run", recursive=True)
     with fs.open_output_stream(f"{path}/run/.validate_storage_marker") as f:
         f.write(b"ray")
@@ -276,8 +308,7 @@ def test_ray_storage_is_usable_by_pyarrow(s3_bucket_uri: str) -> None:
         src.create_dir(f"{local}/ckpt")
         with src.open_output_stream(f"{local}/ckpt/checkpoint.pt") as f:
             f.write(b"weights")
-        pafs.copy_files(f"{local}/ckpt", f"{path}/run/checkpoint_0", source_filesystem=src,
-                        destination_filesystem=fs)
+        pafs.copy_files(f"{local}/ckpt", f"{path}/run/checkpoint_0", source_filesystem=src, destination_filesystem=fs)
     finally:
         src.delete_dir(local)
     assert objstore.list_dir(objstore.join(s3_bucket_uri, "run")) == [".validate_storage_marker", "checkpoint_0"]
@@ -309,16 +340,17 @@ def test_session_token_is_passed(monkeypatch, s3_bucket_uri: str) -> None:
 
 # --- outages ------------------------------------------------------------------------------------------------
 
-BUDGET_S = 3.0          # for retrying() itself
-OP_BUDGET_S = 1.5       # for the public operations (objstore.DEFAULT_RETRY_BUDGET_S), to keep the test short
+BUDGET_S = 3.0  # for retrying() itself
+OP_BUDGET_S = 1.5  # for the public operations (objstore.DEFAULT_RETRY_BUDGET_S), to keep the test short
 # Past the budget comes at most one last attempt; against a closed port that takes well under a second
 # (connection refused). Allow for a slow CI box.
 SLACK_S = 2.5
 
 
 @pytest.mark.s3
-def test_outage_raises_storage_unavailable_within_budget_then_recovers(s3_server, s3_bucket_uri: str,
-                                                                      monkeypatch) -> None:
+def test_outage_raises_storage_unavailable_within_budget_then_recovers(
+    s3_server, s3_bucket_uri: str, monkeypatch
+) -> None:
     data = os.urandom(100_000)
     ckpt = objstore.join(s3_bucket_uri, "jobs", "j", "checkpoint.pt")
     objstore.write_bytes(ckpt, data)
@@ -353,8 +385,7 @@ def test_outage_raises_storage_unavailable_within_budget_then_recovers(s3_server
 
 
 @pytest.mark.s3
-def test_outage_shorter_than_budget_is_ridden_out_mid_download(s3_server, s3_bucket_uri: str,
-                                                              monkeypatch) -> None:
+def test_outage_shorter_than_budget_is_ridden_out_mid_download(s3_server, s3_bucket_uri: str, monkeypatch) -> None:
     """A download that loses the server between two chunks finishes once the server is back, with the
     same bytes: each chunk is retried on its own."""
     data = os.urandom(3 * 256 * 1024 + 17)
@@ -367,7 +398,7 @@ def test_outage_shorter_than_budget_is_ridden_out_mid_download(s3_server, s3_buc
     restarter = threading.Thread(target=lambda: (time.sleep(1.0), s3_server.start()))
     restarter.start()
     try:
-        received.extend(chunks)                          # blocks in retrying() until the server is back
+        received.extend(chunks)  # blocks in retrying() until the server is back
     finally:
         restarter.join()
         if not s3_server.running:
@@ -381,6 +412,7 @@ def test_server_env_reaches_the_server_from_a_subprocess(s3_server, s3_bucket_ur
     """`s3_server.env()` is what other tests hand to `trainctl serve` / `python -m trainer.run`."""
     import subprocess
     import sys
+
     uri = objstore.join(s3_bucket_uri, "from-parent.txt")
     objstore.write_text(uri, "hello child")
     env = s3_server.env()

@@ -54,8 +54,9 @@ class PostgresServer:
         import psycopg
 
         name = f"{prefix}_{os.getpid()}_{next(self._dbs)}"
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, password=self.password,
-                             dbname="postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=SUPERUSER, password=self.password, dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
@@ -88,23 +89,60 @@ def start_postgres() -> PostgresServer:
         for p in (root, root / "pw"):
             os.chown(p, info.pw_uid, info.pw_gid)
     data = root / "data"
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, f"--pwfile={root / 'pw'}",
-                    "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"], user=user,
-                   check=True, capture_output=True, cwd=root)
+    subprocess.run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            SUPERUSER,
+            f"--pwfile={root / 'pw'}",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ],
+        user=user,
+        check=True,
+        capture_output=True,
+        cwd=root,
+    )
     port = free_port()
     # The postmaster directly (not `pg_ctl start`, which daemonises): we hold its PID and stop exactly it.
     log = open(root / "postgres.log", "ab")
-    proc = subprocess.Popen([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-                             "-k", str(root), "-c", "fsync=off", "-c", "synchronous_commit=off",
-                             "-c", "full_page_writes=off", "-c", "max_connections=200"],
-                            user=user, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(root),
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+        ],
+        user=user,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        start_new_session=True,
+    )
     server = PostgresServer(port, password, root, proc)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"postgres exited {proc.returncode}:\n{(root / 'postgres.log').read_text()[-3000:]}")
-        ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                               capture_output=True)
+        ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
         if ready.returncode == 0:
             return server
         time.sleep(0.2)

@@ -23,8 +23,8 @@ RAY_CPUS = 6
 
 @dataclass(frozen=True)
 class RayHead:
-    address: str          # GCS address, for ray.init / RAY_ADDRESS
-    dashboard_url: str    # Jobs API
+    address: str  # GCS address, for ray.init / RAY_ADDRESS
+    dashboard_url: str  # Jobs API
     temp_dir: str
 
     def env(self) -> dict[str, str]:

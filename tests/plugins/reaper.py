@@ -38,6 +38,10 @@ for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
 
 def reap_with_session(process_group: int) -> subprocess.Popen:
     """Start the watchdog for `process_group`; it exits by itself when the group is gone."""
-    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(process_group)],
-                            start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(process_group)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

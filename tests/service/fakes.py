@@ -33,15 +33,28 @@ class FakeRay:
         if self.down:
             raise RayUnavailable("fake Ray is down")
 
-    def submit(self, submission_id: str, entrypoint: str, *, num_cpus: float, env_vars: dict[str, str],
-               metadata: dict[str, str], resources: dict[str, float] | None = None) -> None:
+    def submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        *,
+        num_cpus: float,
+        env_vars: dict[str, str],
+        metadata: dict[str, str],
+        resources: dict[str, float] | None = None,
+    ) -> None:
         self._check()
         with self.lock:
             if submission_id in self.jobs:
                 return  # like RayJobsClient: a duplicate submission id is "already submitted"
-            self.jobs[submission_id] = FakeJob(entrypoint, num_cpus, env_vars, metadata,
-                                               logs="".join(f"line {i}\n" for i in range(1, 11)),
-                                               resources=resources)
+            self.jobs[submission_id] = FakeJob(
+                entrypoint,
+                num_cpus,
+                env_vars,
+                metadata,
+                logs="".join(f"line {i}\n" for i in range(1, 11)),
+                resources=resources,
+            )
 
     def info(self, submission_id: str) -> RayJobInfo | None:
         self._check()

@@ -54,8 +54,16 @@ def test_malformed_specs_are_422_naming_the_field(api: Api, body: dict, field: s
     assert "Traceback" not in resp.text
 
 
-@pytest.mark.parametrize("raw,ctype", [("{not json", "application/json"), ("[1, 2]", "application/json"),
-                                       ("null", "application/json"), ("preset=debug", "text/plain"), ("", None)])
+@pytest.mark.parametrize(
+    "raw,ctype",
+    [
+        ("{not json", "application/json"),
+        ("[1, 2]", "application/json"),
+        ("null", "application/json"),
+        ("preset=debug", "text/plain"),
+        ("", None),
+    ],
+)
 def test_bodies_that_are_not_a_json_object_are_422(api: Api, raw: str, ctype: str | None) -> None:
     headers = {**api.headers(), **({"Content-Type": ctype} if ctype else {})}
     resp = api.client.post("/v1/jobs", content=raw, headers=headers)
@@ -89,6 +97,7 @@ def test_auth(api: Api) -> None:
         assert api.token.encode() not in db and hashlib.sha256(api.token.encode()).hexdigest().encode() in db
     else:
         from sqlalchemy import create_engine, text
+
         engine = create_engine(api.settings.store_url)
         with engine.connect() as conn:
             hashes = [r[0] for r in conn.execute(text("SELECT token_hash FROM tokens"))]
@@ -101,8 +110,15 @@ def test_other_owners_jobs_are_404(api: Api) -> None:
     resp = api.client.post("/v1/tokens", json={"name": "bob"}, headers=api.headers())
     assert resp.status_code == 201
     bob = resp.json()["token"]
-    for method, path in [("GET", ""), ("GET", "/metrics"), ("GET", "/logs"), ("POST", "/cancel"),
-                         ("GET", "/checkpoints"), ("GET", "/checkpoints/best"), ("DELETE", "")]:
+    for method, path in [
+        ("GET", ""),
+        ("GET", "/metrics"),
+        ("GET", "/logs"),
+        ("POST", "/cancel"),
+        ("GET", "/checkpoints"),
+        ("GET", "/checkpoints/best"),
+        ("DELETE", ""),
+    ]:
         r = api.client.request(method, f"/v1/jobs/{job_id}{path}", headers=api.headers(bob))
         assert r.status_code == 404 and error(r)["code"] == "not_found", (method, path, r.text)
     assert api.get("/v1/jobs", headers=api.headers(bob)).json()["total"] == 0
@@ -169,6 +185,7 @@ def test_unknown_routes_and_methods_use_the_error_shape(api: Api) -> None:
 def test_unexpected_errors_are_a_generic_500(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("secret internals /etc/passwd")
+
     monkeypatch.setattr(api.runner.store, "list", boom)
     resp = api.get("/v1/jobs")
     assert resp.status_code == 500 and error(resp)["code"] == "internal_error"
@@ -226,9 +243,22 @@ def test_metrics_logs_checkpoints(api: Api) -> None:
     assert r.status_code == 409 and error(r)["code"] == "no_checkpoint"
     api.reconcile()
     d = api.job_dir(job_id)
-    rows = [{"epoch": e, "train_loss": 1.0, "train_acc": 0.1, "val_loss": 1.0, "val_acc": 0.1 * e, "lr": 0.05,
-             "images_per_s": 100.0, "epoch_seconds": 4.0, "time": 1e9 + e, "resumed": e == 2,
-             "node_ids": ["n1", "n2"]} for e in (1, 2)]
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 1.0,
+            "train_acc": 0.1,
+            "val_loss": 1.0,
+            "val_acc": 0.1 * e,
+            "lr": 0.05,
+            "images_per_s": 100.0,
+            "epoch_seconds": 4.0,
+            "time": 1e9 + e,
+            "resumed": e == 2,
+            "node_ids": ["n1", "n2"],
+        }
+        for e in (1, 2)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 3, "tor')
     sub = f"{job_id}-1"
     api.ray.set(sub, "RUNNING")
@@ -250,10 +280,17 @@ def test_metrics_logs_checkpoints(api: Api) -> None:
     payload = b"x" * 3_000_000
     ckpt.write_bytes(payload)
     sha = hashlib.sha256(payload).hexdigest()
-    (d / "manifest.json").write_text(json.dumps({"checkpoints": [
-        {"epoch": 2, "val_acc": 0.2, "uri": str(ckpt), "sha256": sha, "size": len(payload)}], "latest_epoch": 2}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "checkpoints": [{"epoch": 2, "val_acc": 0.2, "uri": str(ckpt), "sha256": sha, "size": len(payload)}],
+                "latest_epoch": 2,
+            }
+        )
+    )
     assert api.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"] == [
-        {"epoch": 2, "val_acc": 0.2, "size": len(payload), "sha256": sha}]
+        {"epoch": 2, "val_acc": 0.2, "size": len(payload), "sha256": sha}
+    ]
     r = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
     assert r.status_code == 200 and r.headers["x-checkpoint-sha256"] == sha and r.content == payload
     ckpt.write_bytes(payload[:-1] + b"y")  # corrupted in storage
@@ -269,16 +306,59 @@ def test_random_bodies_never_500(api: Api) -> None:
     import random
 
     rng = random.Random(1234)
-    paths = ["optim.lr", "optim.epochs", "model.widths", "model.widths.0", "model", "scaling.num_workers",
-             "search", "search.space", "search.space.optim.lr", "seed", "seed.x", "", ".", "data.train",
-             "checkpoint.max_restarts", "precision", "channels_last", "schedule.kind", "x" * 300]
-    values = [None, True, 0, -1, 1, 3, 2**70, 1e308, 0.5, "", "x", [], [1, 2], [[1]], {}, {"a": 1},
-              {"choice": [0.1, 0.2]}, {"loguniform": [0, 1]}, {"randint": [5, 1]}, {"grid": []},
-              {"optim.lr": {"uniform": [0.1, 0.01]}}, {"space": {"optim.lr": {"choice": ["a"]}}}]
+    paths = [
+        "optim.lr",
+        "optim.epochs",
+        "model.widths",
+        "model.widths.0",
+        "model",
+        "scaling.num_workers",
+        "search",
+        "search.space",
+        "search.space.optim.lr",
+        "seed",
+        "seed.x",
+        "",
+        ".",
+        "data.train",
+        "checkpoint.max_restarts",
+        "precision",
+        "channels_last",
+        "schedule.kind",
+        "x" * 300,
+    ]
+    values = [
+        None,
+        True,
+        0,
+        -1,
+        1,
+        3,
+        2**70,
+        1e308,
+        0.5,
+        "",
+        "x",
+        [],
+        [1, 2],
+        [[1]],
+        {},
+        {"a": 1},
+        {"choice": [0.1, 0.2]},
+        {"loguniform": [0, 1]},
+        {"randint": [5, 1]},
+        {"grid": []},
+        {"optim.lr": {"uniform": [0.1, 0.01]}},
+        {"space": {"optim.lr": {"choice": ["a"]}}},
+    ]
     for _ in range(300):
         overrides = {rng.choice(paths): rng.choice(values) for _ in range(rng.randint(1, 3))}
-        body = rng.choice([{"preset": rng.choice(["debug", "paper", None, "nope"]), "overrides": overrides},
-                           {k.split(".")[0] or "k": v for k, v in overrides.items()}])
+        body = rng.choice(
+            [
+                {"preset": rng.choice(["debug", "paper", None, "nope"]), "overrides": overrides},
+                {k.split(".")[0] or "k": v for k, v in overrides.items()},
+            ]
+        )
         resp = api.post(body)
         assert resp.status_code in (201, 422), (body, resp.text)
         if resp.status_code == 422:
@@ -291,7 +371,9 @@ def test_our_own_validation_bugs_are_500_not_422(api: Api, monkeypatch: pytest.M
 
     def broken_view(*a, **k):
         from service.api.schemas import Progress
+
         return Progress(epoch="not a number", epochs=None, eta_seconds=None)
+
     monkeypatch.setattr(jobs, "job_view", broken_view)
     resp = api.post(DEBUG_JOB)
     assert resp.status_code == 500 and error(resp)["code"] == "internal_error"
@@ -302,8 +384,11 @@ def _scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
     resp = api.client.get("/metrics")  # no token: scraped like /healthz
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain"), resp.text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(resp.text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(resp.text)
+        for s in fam.samples
+    }
 
 
 def test_prometheus_metrics_parse_and_move_when_a_job_finishes(api: Api) -> None:
@@ -337,8 +422,15 @@ def test_prometheus_metrics_parse_and_move_when_a_job_finishes(api: Api) -> None
     assert ("trainctl_job_epochs_finished", labels) not in after
     assert ("trainctl_job_train_images_per_second", labels) not in after
     # Latency histograms are labelled by route template, never by a raw job id.
-    assert after[("trainctl_http_request_duration_seconds_count",
-                  (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")))] == 3
+    assert (
+        after[
+            (
+                "trainctl_http_request_duration_seconds_count",
+                (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")),
+            )
+        ]
+        == 3
+    )
     routes = {dict(k[1]).get("route") for k in after if k[0].startswith("trainctl_http_request")}
     assert "/metrics" in routes and not any(job_id in (r or "") for r in routes)
     # Ray refusing a submission is counted (nothing active, one job waiting).

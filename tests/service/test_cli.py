@@ -18,13 +18,15 @@ def parse(*argv: str):
 
 
 def test_submit_body_from_preset_and_file(tmp_path: Path) -> None:
-    assert cli._load_body(parse("submit", "--preset", "debug", "--set", "optim.epochs=3",
-                                "--set", "data.train=/x")) == {
-        "preset": "debug", "overrides": {"optim.epochs": 3, "data.train": "/x"}}
+    assert cli._load_body(
+        parse("submit", "--preset", "debug", "--set", "optim.epochs=3", "--set", "data.train=/x")
+    ) == {"preset": "debug", "overrides": {"optim.epochs": 3, "data.train": "/x"}}
     f = tmp_path / "job.yaml"
     f.write_text("preset: debug\noverrides:\n  optim.epochs: 5\n")
     assert cli._load_body(parse("submit", str(f), "--set", "optim.lr=0.1")) == {
-        "preset": "debug", "overrides": {"optim.epochs": 5, "optim.lr": 0.1}}
+        "preset": "debug",
+        "overrides": {"optim.epochs": 5, "optim.lr": 0.1},
+    }
     g = tmp_path / "full.json"
     g.write_text(json.dumps({"optim": {"epochs": 5}}))
     assert cli._load_body(parse("submit", str(g), "--set", "optim.lr=0.1")) == {"optim": {"epochs": 5, "lr": 0.1}}
@@ -50,16 +52,20 @@ def test_token_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("announced_ok", [True, False])
-def test_best_verifies_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
-                                    announced_ok: bool) -> None:
+def test_best_verifies_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, announced_ok: bool
+) -> None:
     payload = b"checkpoint-bytes" * 1000
     sha = hashlib.sha256(payload).hexdigest() if announced_ok else "0" * 64
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=payload, headers={"X-Checkpoint-SHA256": sha})
 
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
-        "http://test", None, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient("http://test", None, transport=httpx.MockTransport(handler)),
+    )
     out = tmp_path / "best.pt"
     args = parse("best", "job1", "-o", str(out))
     if announced_ok:
@@ -72,10 +78,20 @@ def test_best_verifies_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_errors_are_printed_with_fields(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    body = {"error": {"code": "invalid_spec", "message": "1 invalid field(s)",
-                      "details": [{"field": "optim.lr", "message": "Input should be greater than 0"}]}}
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
-        "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(422, json=body))))
+    body = {
+        "error": {
+            "code": "invalid_spec",
+            "message": "1 invalid field(s)",
+            "details": [{"field": "optim.lr", "message": "Input should be greater than 0"}],
+        }
+    }
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient(
+            "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(422, json=body))
+        ),
+    )
     with pytest.raises(SystemExit) as exc:
         cli.main(["submit", "--preset", "debug", "--set", "optim.lr=-1"])
     assert exc.value.code == cli.EXIT_ERROR
@@ -102,22 +118,37 @@ class FakeService:
             return httpx.Response(200, text=self.logs[min(i, len(self.logs) - 1)])
         self.step += 1
         state = self.states[i]
-        return httpx.Response(200, json={
-            "id": "j1", "owner": "admin", "state": state, "attempts": 1, "ray_submission_id": "j1-1",
-            "progress": {"epoch": i, "epochs": 3, "eta_seconds": 4.0}, "metrics": {"val_acc": 0.1 * i},
-            "best_val_acc": 0.1 * i, "message": self.final_message if state in cli.TERMINAL else None,
-            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"})
+        return httpx.Response(
+            200,
+            json={
+                "id": "j1",
+                "owner": "admin",
+                "state": state,
+                "attempts": 1,
+                "ray_submission_id": "j1-1",
+                "progress": {"epoch": i, "epochs": 3, "eta_seconds": 4.0},
+                "metrics": {"val_acc": 0.1 * i},
+                "best_val_acc": 0.1 * i,
+                "message": self.final_message if state in cli.TERMINAL else None,
+                "created_at": "2026-01-01T00:00:00Z",
+                "updated_at": "2026-01-01T00:00:00Z",
+            },
+        )
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, fake: FakeService) -> None:
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
-        "http://test", None, transport=httpx.MockTransport(fake.handler)))
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient(
+            "http://test", None, transport=httpx.MockTransport(fake.handler)
+        ),
+    )
     monkeypatch.setattr(cli.time, "sleep", lambda s: None)
 
 
 @pytest.mark.parametrize("final,code", [("SUCCEEDED", 0), ("FAILED", 1), ("CANCELLED", 3)])
-def test_watch_exit_code_is_the_final_state(monkeypatch: pytest.MonkeyPatch, capsys, final: str,
-                                             code: int) -> None:
+def test_watch_exit_code_is_the_final_state(monkeypatch: pytest.MonkeyPatch, capsys, final: str, code: int) -> None:
     _use(monkeypatch, FakeService(["QUEUED", "RUNNING", "RUNNING", final], [""], final_message="why"))
     assert cli.cmd_watch(parse("watch", "j1", "--interval", "0")) == code
     out = capsys.readouterr().out
@@ -195,8 +226,13 @@ def test_watch_gives_up_with_its_own_exit_code(monkeypatch: pytest.MonkeyPatch, 
 
 def test_watch_does_not_retry_a_missing_job(monkeypatch: pytest.MonkeyPatch) -> None:
     body = {"error": {"code": "not_found", "message": "no job j1"}}
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
-        "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(404, json=body))))
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient(
+            "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(404, json=body))
+        ),
+    )
     with pytest.raises(cli.CliError, match="not_found"):
         cli.cmd_watch(parse("watch", "j1", "--interval", "0"))
 
@@ -230,29 +266,52 @@ def test_version_and_completion(capsys) -> None:
 
 def test_watch_prints_the_devices_once(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def job(state: str, epoch: int, devices: list[str] | None) -> dict:
-        return {"id": "j1", "state": state, "progress": {"epoch": epoch, "epochs": 3, "eta_seconds": None},
-                "metrics": {"val_acc": 0.5} if epoch else None, "best_val_acc": None, "message": None,
-                "devices": devices, "numerics": {"precision": "bf16", "channels_last": True, "chosen_by": "measured",
-                                                 "images_per_s": {"bf16": 170.0, "fp32": 100.0}} if devices else None}
+        return {
+            "id": "j1",
+            "state": state,
+            "progress": {"epoch": epoch, "epochs": 3, "eta_seconds": None},
+            "metrics": {"val_acc": 0.5} if epoch else None,
+            "best_val_acc": None,
+            "message": None,
+            "devices": devices,
+            "numerics": {
+                "precision": "bf16",
+                "channels_last": True,
+                "chosen_by": "measured",
+                "images_per_s": {"bf16": 170.0, "fp32": 100.0},
+            }
+            if devices
+            else None,
+        }
+
     devs = ["cpu (1 threads, bf16 AVX512-BF16) AMD EPYC"] * 2
-    answers = iter([job("RUNNING", 0, None), job("RUNNING", 1, devs), job("RUNNING", 2, devs),
-                    job("SUCCEEDED", 3, devs)])
-    monkeypatch.setattr(cli, "_client", lambda args, timeout=30: client.TrainctlClient(
-        "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=next(answers)))))
+    answers = iter(
+        [job("RUNNING", 0, None), job("RUNNING", 1, devs), job("RUNNING", 2, devs), job("SUCCEEDED", 3, devs)]
+    )
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient(
+            "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=next(answers)))
+        ),
+    )
     with pytest.raises(SystemExit) as exit_:
         cli.main(["watch", "j1", "--interval", "0"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.count("devices: ") == 1, out
-    assert (f"devices: {devs[0]}, {devs[1]} · bf16 + channels_last (measured: bf16 170.0 img/s, fp32 100.0 img/s)"
-            in out)
+    assert f"devices: {devs[0]}, {devs[1]} · bf16 + channels_last (measured: bf16 170.0 img/s, fp32 100.0 img/s)" in out
     assert "epoch 3/3" in out
+
 
 def test_an_id_starting_with_a_dash_is_taken_as_the_id() -> None:
     dashed = "-Xb3kQ9pLm2Nr7Tv0Yw1Zq"
-    for argv, extra in [(["status", dashed], {}), (["best", dashed, "-o", "x.pt"], {"output": "x.pt"}),
-                        (["logs", "--tail", "5", dashed, "-f"], {"tail": 5, "follow": True}),
-                        (["watch", "--", dashed], {})]:
+    for argv, extra in [
+        (["status", dashed], {}),
+        (["best", dashed, "-o", "x.pt"], {"output": "x.pt"}),
+        (["logs", "--tail", "5", dashed, "-f"], {"tail": 5, "follow": True}),
+        (["watch", "--", dashed], {}),
+    ]:
         args = cli.build_parser().parse_args(cli._ids_as_positionals(cli.build_parser(), argv))
         assert args.id == dashed and all(getattr(args, k) == v for k, v in extra.items()), argv
     assert cli._ids_as_positionals(cli.build_parser(), ["list", "--json"]) == ["list", "--json"]
@@ -269,8 +328,15 @@ def test_the_url_serve_recorded_in_the_data_dir(tmp_path: Path, monkeypatch: pyt
 
 def test_progress_line_shows_test_accuracy_and_the_best_rule() -> None:
     base = {"state": "SUCCEEDED", "progress": {"epoch": 3, "epochs": 3}, "metrics": {"val_acc": 0.0, "test_acc": 0.61}}
-    line = cli._progress_line({**base, "best_val_acc": None, "best_checkpoint_rule": "final_epoch",
-                               "final_test_acc": 0.61, "best_checkpoint_test_acc": 0.61})
+    line = cli._progress_line(
+        {
+            **base,
+            "best_val_acc": None,
+            "best_checkpoint_rule": "final_epoch",
+            "final_test_acc": 0.61,
+            "best_checkpoint_test_acc": 0.61,
+        }
+    )
     assert "best = final epoch (no val split)" in line and "final test_acc 0.6100" in line
     assert "best-ckpt test_acc 0.6100" in line
     line = cli._progress_line({**base, "best_val_acc": 0.5, "best_checkpoint_rule": "val_acc"})

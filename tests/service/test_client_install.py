@@ -29,8 +29,11 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("client-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # A regular (non-editable) install of this checkout with no extras: exactly what `pip install trainctl` gets.
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", str(REPO)],
-                   check=True, timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", str(REPO)],
+        check=True,
+        timeout=600,
+    )
     return venv
 
 
@@ -39,8 +42,9 @@ def served_app(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """The real app over HTTP on a free loopback port (Ray faked: this test is about the client)."""
     settings = load_settings(data_dir=tmp_path / "data", ray_address="http://127.0.0.1:1", reconcile_interval_s=3600)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, ray=FakeRay()), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, ray=FakeRay()), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -55,14 +59,20 @@ def served_app(tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 
 def run(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(venv / "bin" / "trainctl"), *args], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(venv.parent)})
+    return subprocess.run(
+        [str(venv / "bin" / "trainctl"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(venv.parent)},
+    )
 
 
 def test_client_install_has_no_torch_ray_or_server(client_venv: Path) -> None:
     for module in ("torch", "ray", "fastapi", "sqlalchemy", "pyarrow"):
-        probe = subprocess.run([str(client_venv / "bin" / "python"), "-c", f"import {module}"],
-                               capture_output=True, timeout=60)
+        probe = subprocess.run(
+            [str(client_venv / "bin" / "python"), "-c", f"import {module}"], capture_output=True, timeout=60
+        )
         assert probe.returncode != 0, f"the client-only install pulled in {module}"
     assert run(client_venv, "--help").returncode == 0
     version = run(client_venv, "--version")
@@ -79,8 +89,12 @@ def test_client_validates_a_spec_locally(client_venv: Path) -> None:
 
 def test_client_reads_a_job_from_a_served_app(client_venv: Path, served_app: tuple[str, str]) -> None:
     url, token = served_app
-    created = httpx.post(f"{url}/v1/jobs", json={"preset": "debug", "overrides": {"optim.epochs": 1}},
-                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    created = httpx.post(
+        f"{url}/v1/jobs",
+        json={"preset": "debug", "overrides": {"optim.epochs": 1}},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
     status = run(client_venv, "status", job_id, "--url", url, "--token", token, "--json")

@@ -41,13 +41,34 @@ STORAGE = Summary(state=RunState.FAILED, error="s3 timed out", error_kind=ErrorK
 INFRA = Summary(state=RunState.FAILED, error="worker group died", error_kind=ErrorKind.INFRA)
 
 
-def facts(state: JobState = R, status: RayJobStatus | None = RUNNING, *, cancel: bool = False,
-          exit_code: int | None = None, summary: Summary | None = None, storage_up: bool = True,
-          attempts: int = 1, max_restarts: int = 2, charged: int = 0, free: int = 0) -> Facts:
-    return Facts(state=state, cancel_requested=cancel, ray_status=status, submission_id="j-1", exit_code=exit_code,
-                 ray_message="driver said so", summary=summary, storage_up=storage_up, attempts=attempts,
-                 max_restarts=max_restarts, charged_restarts=charged, free_restarts=free,
-                 storage_name="s3://bucket/root")
+def facts(
+    state: JobState = R,
+    status: RayJobStatus | None = RUNNING,
+    *,
+    cancel: bool = False,
+    exit_code: int | None = None,
+    summary: Summary | None = None,
+    storage_up: bool = True,
+    attempts: int = 1,
+    max_restarts: int = 2,
+    charged: int = 0,
+    free: int = 0,
+) -> Facts:
+    return Facts(
+        state=state,
+        cancel_requested=cancel,
+        ray_status=status,
+        submission_id="j-1",
+        exit_code=exit_code,
+        ray_message="driver said so",
+        summary=summary,
+        storage_up=storage_up,
+        attempts=attempts,
+        max_restarts=max_restarts,
+        charged_restarts=charged,
+        free_restarts=free,
+        storage_name="s3://bucket/root",
+    )
 
 
 ROWS: list[tuple[str, Facts, type[Action], str]] = [
@@ -82,16 +103,24 @@ ROWS: list[tuple[str, Facts, type[Action], str]] = [
     ("succeeded without summary", facts(R, SUCCEEDED, exit_code=0), Fail, "wrote no successful summary.json"),
     ("succeeded, summary says failed", facts(R, SUCCEEDED, exit_code=0, summary=INFRA), Fail, "summary.json"),
     # --- failed: user errors are never retried ----------------------------------------------------------------
-    ("user error by summary", facts(R, FAILED, exit_code=2, summary=USER), Fail,
-     "message=\"data.train: no such file (the job's spec or data is wrong; not retried)"),
+    (
+        "user error by summary",
+        facts(R, FAILED, exit_code=2, summary=USER),
+        Fail,
+        "message=\"data.train: no such file (the job's spec or data is wrong; not retried)",
+    ),
     ("user error by exit code only", facts(R, FAILED, exit_code=2), Fail, "not retried"),
     ("user error by summary, odd exit", facts(R, FAILED, exit_code=1, summary=USER), Fail, "not retried"),
     # --- failed: storage ------------------------------------------------------------------------------------
     ("storage by summary", facts(R, FAILED, exit_code=3, summary=STORAGE), Fail, "unreachable (s3://bucket/root): s3"),
     ("storage by exit code", facts(R, FAILED, exit_code=3), Fail, "storage was unreachable"),
     # --- failed: infrastructure, retried within the budget ------------------------------------------------------
-    ("infra, restarts left", facts(R, FAILED, exit_code=1, summary=INFRA), Resubmit,
-     "attempt 1 failed: worker group died"),
+    (
+        "infra, restarts left",
+        facts(R, FAILED, exit_code=1, summary=INFRA),
+        Resubmit,
+        "attempt 1 failed: worker group died",
+    ),
     ("infra error is charged", facts(R, FAILED, exit_code=1, summary=INFRA), Resubmit, "charged=True"),
     # the cluster or the service ended the run: resubmitted without using the budget
     ("driver killed, no summary", facts(R, FAILED, exit_code=-9), Resubmit, "charged=False"),
@@ -102,14 +131,29 @@ ROWS: list[tuple[str, Facts, type[Action], str]] = [
     ("Ray forgot it an 11th time", facts(R, GONE, attempts=12, free=10), Fail, "no record"),
     ("Ray forgot a starting job", facts(S, GONE), Resubmit, "no record"),
     ("a stale succeeded summary does not count", facts(R, FAILED, exit_code=1, summary=OK), Resubmit, "FAILED"),
-    ("last restart used", facts(R, FAILED, exit_code=1, summary=INFRA, attempts=3, max_restarts=2, charged=2), Fail,
-     "worker group died (failed after 3 attempt(s); 2 restart(s) of checkpoint.max_restarts=2 used)"),
+    (
+        "last restart used",
+        facts(R, FAILED, exit_code=1, summary=INFRA, attempts=3, max_restarts=2, charged=2),
+        Fail,
+        "worker group died (failed after 3 attempt(s); 2 restart(s) of checkpoint.max_restarts=2 used)",
+    ),
     ("no restarts allowed", facts(R, FAILED, exit_code=1, max_restarts=0), Fail, "after 1 attempt(s)"),
-    ("a traceback becomes one line", facts(R, FAILED, exit_code=2, summary=Summary(
-        state=RunState.FAILED, error_kind=ErrorKind.USER,
-        error="TrainingFailedError: worker errors:\nTraceback (most recent call last):\n  File \"x.py\"\n"
-              "trainer.data.DataError: /d/train.parquet: file not found\n")), Fail,
-     "message=\"DataError: /d/train.parquet: file not found (the job"),
+    (
+        "a traceback becomes one line",
+        facts(
+            R,
+            FAILED,
+            exit_code=2,
+            summary=Summary(
+                state=RunState.FAILED,
+                error_kind=ErrorKind.USER,
+                error='TrainingFailedError: worker errors:\nTraceback (most recent call last):\n  File "x.py"\n'
+                "trainer.data.DataError: /d/train.parquet: file not found\n",
+            ),
+        ),
+        Fail,
+        'message="DataError: /d/train.parquet: file not found (the job',
+    ),
 ]
 
 
@@ -129,11 +173,27 @@ def test_the_table_covers_every_state_and_ray_status() -> None:
         assert type(decide(facts(state, status))) is type(decide(facts(R if state is S else S, status)))
 
 
-ALL = [facts(state, status, cancel=cancel, exit_code=code, summary=summary, storage_up=up, attempts=attempts,
-             charged=attempts - 1)
-       for state, status, cancel, code, summary, up, attempts in itertools.product(
-           (S, R), (*RayJobStatus, None), (False, True), (None, 0, 1, 2, 3, -9), (None, OK, USER, STORAGE, INFRA),
-           (True, False), (1, 3))]
+ALL = [
+    facts(
+        state,
+        status,
+        cancel=cancel,
+        exit_code=code,
+        summary=summary,
+        storage_up=up,
+        attempts=attempts,
+        charged=attempts - 1,
+    )
+    for state, status, cancel, code, summary, up, attempts in itertools.product(
+        (S, R),
+        (*RayJobStatus, None),
+        (False, True),
+        (None, 0, 1, 2, 3, -9),
+        (None, OK, USER, STORAGE, INFRA),
+        (True, False),
+        (1, 3),
+    )
+]
 
 
 def test_invariants_over_every_combination() -> None:

@@ -119,8 +119,11 @@ def test_clients_get_4xx_never_500(service: Service) -> None:
         assert anon.get("/v1/jobs").status_code == 401
         assert anon.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
         bob = c.post("/v1/tokens", json={"name": "bob-e2e"}).json()["token"]
-        mine = c.post("/v1/jobs", json={"preset": "debug", "overrides": {"optim.epochs": 1}},
-                      headers={"Idempotency-Key": "e2e-key"}).json()["id"]
+        mine = c.post(
+            "/v1/jobs",
+            json={"preset": "debug", "overrides": {"optim.epochs": 1}},
+            headers={"Idempotency-Key": "e2e-key"},
+        ).json()["id"]
         c.post(f"/v1/jobs/{mine}/cancel")
         with service.client(token=bob) as b:
             assert b.get(f"/v1/jobs/{mine}").status_code == 404
@@ -130,8 +133,11 @@ def test_clients_get_4xx_never_500(service: Service) -> None:
             assert r.status_code == 422 and field in [d["field"] for d in r.json()["error"]["details"]], r.text
         r = c.post("/v1/jobs", content=b"{oops", headers={"Content-Type": "application/json"})
         assert r.status_code == 422
-        r = c.post("/v1/jobs", json={"preset": "debug", "overrides": {"optim.epochs": 2}},
-                   headers={"Idempotency-Key": "e2e-key"})
+        r = c.post(
+            "/v1/jobs",
+            json={"preset": "debug", "overrides": {"optim.epochs": 2}},
+            headers={"Idempotency-Key": "e2e-key"},
+        )
         assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict"
         assert c.get("/v1/jobs/nope").status_code == 404
 
@@ -163,8 +169,19 @@ def _cli(service: Service, *args: str, timeout: float = 60, cwd: Path | None = N
 def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: Path) -> None:
     bad = _cli(service, "submit", "--preset", "debug", "--set", "optim.lr=-1")
     assert bad.returncode == 5 and "optim.lr" in bad.stderr
-    sub = _cli(service, "submit", "--preset", "debug", "--set", f"data.train={cifar_parquet}",
-               "--set", "optim.epochs=1", "--set", 'exports=["safetensors", "pt2"]', "-q")
+    sub = _cli(
+        service,
+        "submit",
+        "--preset",
+        "debug",
+        "--set",
+        f"data.train={cifar_parquet}",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        'exports=["safetensors", "pt2"]',
+        "-q",
+    )
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip()
     watch = _cli(service, "watch", job_id, "--interval", "1", timeout=400)
@@ -215,20 +232,28 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     cps = _cli(service, "checkpoints", job_id)
     assert cps.returncode == 0 and cps.stdout.splitlines()[1].split()[0] == "1", cps.stdout
     # a reader that leaves early is no error: no BrokenPipe traceback
-    piped = subprocess.run(f"{TRAINCTL} list --json | head -1", shell=True, capture_output=True, text=True,
-                           env={**service.env, "TRAINCTL_URL": service.url, "TRAINCTL_TOKEN": service.token},
-                           timeout=60)
+    piped = subprocess.run(
+        f"{TRAINCTL} list --json | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env={**service.env, "TRAINCTL_URL": service.url, "TRAINCTL_TOKEN": service.token},
+        timeout=60,
+    )
     assert piped.stdout.strip() == "{" and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
 
 
-def test_section_overrides_merge_and_ids_with_a_leading_dash(service: Service, cifar_parquet: Path,
-                                                             tmp_path: Path) -> None:
+def test_section_overrides_merge_and_ids_with_a_leading_dash(
+    service: Service, cifar_parquet: Path, tmp_path: Path
+) -> None:
     import sqlite3
 
     # natural YAML: `optim: {lr: 0.1}` changes lr and keeps the debug preset's epochs, batch and data size
     spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(f"preset: debug\noverrides:\n  optim: {{lr: 0.1}}\n  data: {{train: {cifar_parquet}}}\n"
-                         "  checkpoint: {max_restarts: 0}\n")
+    spec_file.write_text(
+        f"preset: debug\noverrides:\n  optim: {{lr: 0.1}}\n  data: {{train: {cifar_parquet}}}\n"
+        "  checkpoint: {max_restarts: 0}\n"
+    )
     sub = _cli(service, "submit", str(spec_file), "--json")
     assert sub.returncode == 0, sub.stderr
     job = json.loads(sub.stdout)
@@ -252,8 +277,13 @@ def test_a_job_waiting_for_cpus_is_not_shown_running(service: Service, cifar_par
     body = job_body(cifar_parquet, epochs=1, **{"scaling.cpus_per_worker": 4})
     with service.client() as c:
         job_id = c.post("/v1/jobs", json=body).json()["id"]
-        job = wait_for(c, job_id, lambda j: (j["message"] or "").startswith("waiting for resources") or finished(j),
-                       300, "the job to say it waits for resources")
+        job = wait_for(
+            c,
+            job_id,
+            lambda j: (j["message"] or "").startswith("waiting for resources") or finished(j),
+            300,
+            "the job to say it waits for resources",
+        )
         assert job["state"] == "STARTING" and job["progress"]["eta_seconds"] is None, job
         assert "needs 8 CPU" in job["message"] and "free" in job["message"], job["message"]
         status = _cli(service, "status", job_id)
@@ -282,7 +312,6 @@ def test_an_image_folder_fails_with_one_line_naming_the_formats(service: Service
     listing = _cli(service, "list")
     row = next(ln for ln in listing.stdout.splitlines() if ln.startswith(job_id))
     assert "DataError: " in row and "not retried" not in row  # the reason, not the boilerplate
-
 
 
 def test_restart_api_mid_job(ray_head: RayHead, cifar_parquet: Path, tmp_path: Path) -> None:
@@ -322,8 +351,10 @@ def test_driver_killed_is_resubmitted_and_resumes(service: Service, cifar_parque
         assert [m["epoch"] for m in metrics] == [1, 2, 3]  # no epoch repeated beyond the last checkpoint
         resumed = [m for m in metrics if m["resumed"]]
         assert len(resumed) == 1 and resumed[0]["epoch"] >= 2, metrics
-        print(f"driver kill → resumed epoch {resumed[0]['epoch']} started after "
-              f"{resumed[0]['time'] - resumed[0]['epoch_seconds'] - killed_at:.1f} s")
+        print(
+            f"driver kill → resumed epoch {resumed[0]['epoch']} started after "
+            f"{resumed[0]['time'] - resumed[0]['epoch_seconds'] - killed_at:.1f} s"
+        )
 
 
 def _group_alive(pgid: int) -> bool:
@@ -360,12 +391,12 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
         assert "admin token is in" in text and svc.token not in text
         ray_token = (data / "ray-auth-token").read_text().strip()
         assert httpx.get(head.dashboard_url + "/api/jobs/", timeout=10).status_code == 401  # token auth is on ...
-        ok = httpx.get(head.dashboard_url + "/api/jobs/", headers={"Authorization": f"Bearer {ray_token}"},
-                       timeout=10)
+        ok = httpx.get(head.dashboard_url + "/api/jobs/", headers={"Authorization": f"Bearer {ray_token}"}, timeout=10)
         assert ok.status_code == 200  # ... with the token serve generated, which it also uses
         # the CLI run with the same data dir finds this serve's port (not :8000)
-        listed = subprocess.run([TRAINCTL, "list", "--data-dir", str(data)], capture_output=True, text=True,
-                                env=env, timeout=60)
+        listed = subprocess.run(
+            [TRAINCTL, "list", "--data-dir", str(data)], capture_output=True, text=True, env=env, timeout=60
+        )
         assert listed.returncode == 0 and listed.stdout.startswith("ID"), listed.stderr
 
         body = job_body(cifar_parquet, epochs=10, **{"data.max_train_images": 2048, "checkpoint.max_restarts": 0})
@@ -385,14 +416,21 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
         svc.proc = None
         assert _group_alive(head.pid)
         auth = {"Authorization": f"Bearer {ray_token}"}
-        assert httpx.get(f"{head.dashboard_url}/api/jobs/{job_id}-1", headers=auth, timeout=10).json()["status"] \
+        assert (
+            httpx.get(f"{head.dashboard_url}/api/jobs/{job_id}-1", headers=auth, timeout=10).json()["status"]
             == "RUNNING"
+        )
         svc.start()
         assert "re-attached" in svc.log() and read_head_record(data) == head
         with svc.client() as c:
             before = c.get(f"/v1/jobs/{job_id}").json()["progress"]["epoch"]
-            job = wait_for(c, job_id, lambda j: j["progress"]["epoch"] > before or finished(j), 300,
-                           "an epoch under the re-attached serve")
+            job = wait_for(
+                c,
+                job_id,
+                lambda j: j["progress"]["epoch"] > before or finished(j),
+                300,
+                "an epoch under the re-attached serve",
+            )
             assert job["state"] == "RUNNING" and job["attempts"] == 1, job
             print(f"epoch {job['progress']['epoch']} under the re-attached serve at {time.monotonic() - t_start:.0f} s")
 

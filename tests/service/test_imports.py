@@ -38,14 +38,17 @@ def test_the_contract_modules_import_only_pydantic_and_the_standard_library() ->
     for module in ("spec", "contract"):
         for name in _imports(REPO / "trainer" / f"{module}.py"):
             top = name.split(".")[0]
-            assert top in sys.stdlib_module_names or top in ("pydantic", "pydantic_core", "__future__"), \
+            assert top in sys.stdlib_module_names or top in ("pydantic", "pydantic_core", "__future__"), (
                 f"trainer/{module}.py imports {name}"
+            )
 
 
 @pytest.mark.slow
 def test_loading_the_app_and_cli_loads_no_torch_or_ray() -> None:
-    code = ("import sys, service.app, service.cli; from service.settings import load_settings; "
-            "service.app.create_app(load_settings(data_dir='/tmp/unused-trainctl')); "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'torchvision')); "
-            "assert not bad, bad")
+    code = (
+        "import sys, service.app, service.cli; from service.settings import load_settings; "
+        "service.app.create_app(load_settings(data_dir='/tmp/unused-trainctl')); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'torchvision')); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

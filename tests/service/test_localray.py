@@ -12,8 +12,15 @@ from service.localray import HEAD_RECORD, HeadRecord, live_head, read_head_recor
 
 
 def _record(data: Path, pid: int, temp_dir: Path) -> HeadRecord:
-    rec = HeadRecord(pid=pid, gcs_address="127.0.0.1:1", dashboard_url="http://127.0.0.1:1",
-                     temp_dir=str(temp_dir), auth_mode="disabled", num_cpus=4, started_at=time.time())
+    rec = HeadRecord(
+        pid=pid,
+        gcs_address="127.0.0.1:1",
+        dashboard_url="http://127.0.0.1:1",
+        temp_dir=str(temp_dir),
+        auth_mode="disabled",
+        num_cpus=4,
+        started_at=time.time(),
+    )
     (data / HEAD_RECORD).write_text(rec.to_json())
     return rec
 

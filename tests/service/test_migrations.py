@@ -34,17 +34,32 @@ PRE_MIGRATION_DDL = [
        created_at FLOAT NOT NULL, PRIMARY KEY (name), UNIQUE (token_hash))""",
 ]
 
-OLD_JOB = {"id": "old-job-1", "owner": "alice", "created_at": 1.0, "updated_at": 2.0,
-           "state": "SUCCEEDED", "spec": json.dumps({"optim": {"epochs": 1}}), "ray_submission_id": "old-job-1-1",
-           "attempts": 1, "attempt_log": "[]", "message": None, "best_val_acc": 0.5, "last_epoch": 1,
-           "cancel_requested": False, "idempotency_key": None, "request_hash": None}
+OLD_JOB = {
+    "id": "old-job-1",
+    "owner": "alice",
+    "created_at": 1.0,
+    "updated_at": 2.0,
+    "state": "SUCCEEDED",
+    "spec": json.dumps({"optim": {"epochs": 1}}),
+    "ray_submission_id": "old-job-1-1",
+    "attempts": 1,
+    "attempt_log": "[]",
+    "message": None,
+    "best_val_acc": 0.5,
+    "last_epoch": 1,
+    "cancel_requested": False,
+    "idempotency_key": None,
+    "request_hash": None,
+}
 
 
 def _insert_old_rows(conn) -> None:
     cols = ", ".join(OLD_JOB)
     conn.execute(text(f"INSERT INTO jobs ({cols}) VALUES ({', '.join(':' + c for c in OLD_JOB)})"), OLD_JOB)
-    conn.execute(text("INSERT INTO tokens (name, token_hash, is_admin, created_at) VALUES ('admin', :h, :a, 1.0)"),
-                 {"h": "a" * 64, "a": True})
+    conn.execute(
+        text("INSERT INTO tokens (name, token_hash, is_admin, created_at) VALUES ('admin', :h, :a, 1.0)"),
+        {"h": "a" * 64, "a": True},
+    )
 
 
 def _check_old_rows_survive(url: str) -> None:
@@ -73,8 +88,13 @@ def test_pre_migration_database_is_stamped_and_upgraded(database_url: str) -> No
     engine = make_engine(database_url)
     with engine.begin() as conn:
         for ddl in PRE_MIGRATION_DDL:
-            conn.execute(text(ddl.replace("seq INTEGER NOT NULL", "seq SERIAL NOT NULL")
-                              if engine.dialect.name == "postgresql" else ddl))
+            conn.execute(
+                text(
+                    ddl.replace("seq INTEGER NOT NULL", "seq SERIAL NOT NULL")
+                    if engine.dialect.name == "postgresql"
+                    else ddl
+                )
+            )
         _insert_old_rows(conn)
     assert current_revision(engine) is None
     before, after = upgrade(engine)
@@ -128,6 +148,7 @@ def test_trainctl_db_upgrade_command(tmp_path, database_url: str) -> None:
     engine = create_engine(database_url)
     assert {"jobs", "tokens", "alembic_version"} <= set(inspect(engine).get_table_names())
     engine.dispose()
-    again = subprocess.run([*cmd[:4], "current", *cmd[5:]], env={**os.environ, **env_url}, capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        [*cmd[:4], "current", *cmd[5:]], env={**os.environ, **env_url}, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0 and head_revision() in again.stdout, again.stderr

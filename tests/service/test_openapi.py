@@ -94,14 +94,20 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
 
 
 @pytest.mark.slow
-def test_a_generated_client_submits_and_reads_a_job(served: tuple[str, str, dict[str, Any]], tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_generated_client_submits_and_reads_a_job(
+    served: tuple[str, str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     generator = shutil.which("openapi-python-client", path=str(Path(sys.executable).parent))
     assert generator, "openapi-python-client comes with the dev extra"
     url, token, schema = served
     (tmp_path / "openapi.json").write_text(json.dumps(schema))
-    gen = subprocess.run([generator, "generate", "--path", "openapi.json", "--meta", "none",
-                          "--output-path", "trainctl_api"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    gen = subprocess.run(
+        [generator, "generate", "--path", "openapi.json", "--meta", "none", "--output-path", "trainctl_api"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stdout + gen.stderr
     assert "Unable to process schema" not in gen.stdout + gen.stderr
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -111,8 +117,9 @@ def test_a_generated_client_submits_and_reads_a_job(served: tuple[str, str, dict
     models = importlib.import_module("trainctl_api.models")
 
     api = client_mod.AuthenticatedClient(base_url=url, token=token)
-    body = models.PresetRequest(preset="debug", overrides=models.PresetRequestOverrides.from_dict(
-        {"optim.epochs": 2}))  # data.train: the default, in the default data roots
+    body = models.PresetRequest(
+        preset="debug", overrides=models.PresetRequestOverrides.from_dict({"optim.epochs": 2})
+    )  # data.train: the default, in the default data roots
     created = submit.sync_detailed(client=api, body=body)
     assert created.status_code == 201, created.content
     job = get_job.sync(created.parsed.id, client=api)

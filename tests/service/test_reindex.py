@@ -24,8 +24,9 @@ def _another_database(request: pytest.FixtureRequest, database_url: str, tmp_pat
 
 def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request, database_url, tmp_path) -> None:
     api: Api = make_api()
-    done = api.post({"preset": "debug", "overrides": {"optim.epochs": 2}},
-                    headers={"Idempotency-Key": "k-done"}).json()["id"]
+    done = api.post(
+        {"preset": "debug", "overrides": {"optim.epochs": 2}}, headers={"Idempotency-Key": "k-done"}
+    ).json()["id"]
     running = api.post(DEBUG_JOB).json()["id"]
     api.reconcile()
     for job_id in (done, running):
@@ -33,7 +34,8 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
         (api.job_dir(job_id) / "metrics.jsonl").write_text(metrics_line(1, 0.3) + metrics_line(2, 0.35))
     api.reconcile()
     (api.job_dir(done) / "summary.json").write_text(
-        json.dumps({"state": "succeeded", "best_val_acc": 0.35, "epochs_completed": 2}))
+        json.dumps({"state": "succeeded", "best_val_acc": 0.35, "epochs_completed": 2})
+    )
     api.ray.set(f"{done}-1", "SUCCEEDED", exit_code=0)
     api.reconcile()
     cancelled = api.post(DEBUG_JOB).json()["id"]
@@ -53,8 +55,20 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
     for job_id, old in original.items():
         new = store.get(job_id)
         assert new is not None, job_id
-        for f in ("owner", "state", "spec", "attempts", "attempt_log", "ray_submission_id", "best_val_acc",
-                  "last_epoch", "created_at", "idempotency_key", "request_hash", "message"):
+        for f in (
+            "owner",
+            "state",
+            "spec",
+            "attempts",
+            "attempt_log",
+            "ray_submission_id",
+            "best_val_acc",
+            "last_epoch",
+            "created_at",
+            "idempotency_key",
+            "request_hash",
+            "message",
+        ):
             assert getattr(new, f) == getattr(old, f), (job_id, f, getattr(new, f), getattr(old, f))
     # Submission order is kept; a second run changes nothing.
     assert [j.id for j in store.list(limit=10)[0]] == [cancelled, running, done]
@@ -66,7 +80,8 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
     api2: Api = make_api(database_url=new_url, ray=api.ray)  # the same Ray cluster
     submitted = sorted(api.ray.jobs)
     (api.job_dir(running) / "summary.json").write_text(
-        json.dumps({"state": "succeeded", "best_val_acc": 0.35, "epochs_completed": 2}))
+        json.dumps({"state": "succeeded", "best_val_acc": 0.35, "epochs_completed": 2})
+    )
     api2.ray.set(f"{running}-1", "SUCCEEDED", exit_code=0)
     api2.reconcile()
     job = api2.client.get(f"/v1/jobs/{running}", headers=api2.headers()).json()
@@ -83,8 +98,9 @@ def test_reindex_command(make_api, request, database_url, tmp_path) -> None:
     api.reconcile()
     new_url = _another_database(request, database_url, tmp_path)
     env = {**os.environ, "TRAINCTL_DATABASE_URL": new_url, "TRAINCTL_DATA_DIR": str(api.settings.data_dir)}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "reindex", "--json"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "reindex", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["restored"] == [job_id]
     store = Store(new_url)
@@ -105,9 +121,17 @@ def test_leader_lock_is_exclusive_and_released(database_url: str) -> None:
 def test_leader_lock_is_released_when_its_process_is_killed(database_url: str) -> None:
     Store(database_url).create_schema()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom service.leader import LeaderLock\n"
-         "from service.store import make_engine\nassert LeaderLock(make_engine(sys.argv[1])).acquire()\n"
-         "print('held', flush=True)\ntime.sleep(600)\n", database_url], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom service.leader import LeaderLock\n"
+            "from service.store import make_engine\nassert LeaderLock(make_engine(sys.argv[1])).acquire()\n"
+            "print('held', flush=True)\ntime.sleep(600)\n",
+            database_url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         lock = LeaderLock(make_engine(database_url))

@@ -32,8 +32,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 def body(data: Path, epochs: int) -> dict:
     # One Ray Train worker: the smallest real run (these tests are about the service, on a 2-core machine).
-    return {"preset": "debug", "overrides": {"data.train": str(data), "optim.epochs": epochs,
-                                             "scaling.num_workers": 1}}
+    return {"preset": "debug", "overrides": {"data.train": str(data), "optim.epochs": epochs, "scaling.num_workers": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +59,15 @@ def ray_submissions(head: RayHead, job_ids: set[str]) -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(1200)
-def test_two_replicas_one_reconciler_and_takeover_after_kill(ray_head: RayHead, postgres: PostgresServer,
-                                                             cifar_parquet: Path, tmp_path: Path) -> None:
+def test_two_replicas_one_reconciler_and_takeover_after_kill(
+    ray_head: RayHead, postgres: PostgresServer, cifar_parquet: Path, tmp_path: Path
+) -> None:
     url = postgres.create_database("replicas")
-    common = {"TRAINCTL_DATABASE_URL": url, "TRAINCTL_STORAGE": str(tmp_path / "storage"),
-              "TRAINCTL_MAX_CONCURRENT_JOBS": "2"}
+    common = {
+        "TRAINCTL_DATABASE_URL": url,
+        "TRAINCTL_STORAGE": str(tmp_path / "storage"),
+        "TRAINCTL_MAX_CONCURRENT_JOBS": "2",
+    }
     a = start_service(ray_head, tmp_path / "a", **common)
     b = start_service(ray_head, tmp_path / "b", **common)
     replicas = [a, b]
@@ -115,14 +118,20 @@ def test_reindex_after_the_database_is_lost(ray_head: RayHead, cifar_parquet: Pa
             finished = wait_for(c, done, lambda j: j["state"] in TERMINAL, 400, "the short job")
             assert finished["state"] == "SUCCEEDED", finished
             running = c.post("/v1/jobs", json=body(cifar_parquet, epochs=200)).json()["id"]
-            before = wait_for(c, running, lambda j: j["state"] == "RUNNING" and j["progress"]["epoch"] >= 1, 400,
-                              "the long job to finish an epoch")
+            before = wait_for(
+                c,
+                running,
+                lambda j: j["state"] == "RUNNING" and j["progress"]["epoch"] >= 1,
+                400,
+                "the long job to finish an epoch",
+            )
         svc.stop()  # the Ray job goes on without the service
         for f in data.glob("trainctl.db*"):
             f.unlink()
 
-        out = subprocess.run([TRAINCTL, "reindex", "--data-dir", str(data)], env=svc.env, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run(
+            [TRAINCTL, "reindex", "--data-dir", str(data)], env=svc.env, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and "restored 2 job(s)" in out.stdout, out.stdout + out.stderr
 
         svc.start()
@@ -133,9 +142,13 @@ def test_reindex_after_the_database_is_lost(ray_head: RayHead, cifar_parquet: Pa
             after = c.get(f"/v1/jobs/{running}").json()
             assert after["state"] in ("STARTING", "RUNNING") and after["owner"] == before["owner"]
             # It goes on: same attempt, epochs keep coming from the same Ray job.
-            later = wait_for(c, running, lambda j: j["state"] == "RUNNING"
-                             and j["progress"]["epoch"] > before["progress"]["epoch"] + 1, 300,
-                             "the rebuilt running job to make progress")
+            later = wait_for(
+                c,
+                running,
+                lambda j: j["state"] == "RUNNING" and j["progress"]["epoch"] > before["progress"]["epoch"] + 1,
+                300,
+                "the rebuilt running job to make progress",
+            )
             assert later["attempts"] == 1
             assert c.post(f"/v1/jobs/{running}/cancel").json()["state"] == "CANCELLED"
         assert ray_submissions(ray_head, {done, running}) == {done: [f"{done}-1"], running: [f"{running}-1"]}

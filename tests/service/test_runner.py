@@ -24,8 +24,15 @@ def state(api: Api, job_id: str) -> dict:
 
 
 def write_summary(api: Api, job_id: str, **fields) -> None:
-    summary = {"state": "failed", "best_val_acc": None, "best_checkpoint": None, "epochs_completed": 0,
-               "error": None, "error_kind": None, **fields}
+    summary = {
+        "state": "failed",
+        "best_val_acc": None,
+        "best_checkpoint": None,
+        "epochs_completed": 0,
+        "error": None,
+        "error_kind": None,
+        **fields,
+    }
     (api.job_dir(job_id) / "summary.json").write_text(json.dumps(summary))
 
 
@@ -40,8 +47,10 @@ def test_submission_contract(api: Api, monkeypatch) -> None:
     job_dir = str(api.job_dir(job_id))
     assert shlex.split(fake.entrypoint) == [sys.executable, "-m", "trainer.run", "--job-dir", job_dir]
     assert fake.num_cpus == 0.5 and fake.resources is None
-    assert fake.env_vars == {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333",
-                             "TRAINCTL_DATA_ROOTS": ",".join(api.settings.allowed_data_roots)}
+    assert fake.env_vars == {
+        "TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333",
+        "TRAINCTL_DATA_ROOTS": ",".join(api.settings.allowed_data_roots),
+    }
     spec = json.loads((api.job_dir(job_id) / "spec.json").read_text())
     assert spec == job["spec"] and spec["optim"]["epochs"] == 2
 
@@ -178,9 +187,11 @@ def test_cluster_caused_restarts_never_use_the_budget_but_are_capped(api: Api) -
 def test_failure_message_is_one_line_of_reason(api: Api) -> None:
     job_id = submit(api)
     api.reconcile()
-    traceback = ("TrainingFailedError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
-                 "Traceback (most recent call last):\n  File \"/x/loop.py\", line 3, in loop\n    load()\n"
-                 "trainer.data.DataError: /data/train.parquet: file not found\n")
+    traceback = (
+        "TrainingFailedError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+        'Traceback (most recent call last):\n  File "/x/loop.py", line 3, in loop\n    load()\n'
+        "trainer.data.DataError: /data/train.parquet: file not found\n"
+    )
     write_summary(api, job_id, error=traceback, error_kind="user")
     api.ray.set(f"{job_id}-1", "FAILED", exit_code=2)
     api.reconcile()
@@ -311,8 +322,7 @@ def test_a_cancelled_job_that_ray_forgot_is_cancelled_not_resubmitted(api: Api) 
 
 
 @pytest.mark.parametrize("val_fraction, rule", [(0.25, "val_acc"), (0.0, "final_epoch")])
-def test_job_view_shows_test_accuracy_and_the_best_checkpoint_rule(make_api, val_fraction: float,
-                                                                    rule: str) -> None:
+def test_job_view_shows_test_accuracy_and_the_best_checkpoint_rule(make_api, val_fraction: float, rule: str) -> None:
     api = make_api()
     job_id = api.post({"preset": "debug", "overrides": {"data.val_fraction": val_fraction}}).json()["id"]
     api.reconcile()
@@ -320,8 +330,16 @@ def test_job_view_shows_test_accuracy_and_the_best_checkpoint_rule(make_api, val
     api.reconcile()
     running = state(api, job_id)
     assert running["best_checkpoint_rule"] == rule and running["final_test_acc"] is None
-    write_summary(api, job_id, state="succeeded", best_val_acc=0.3 if val_fraction else None, epochs_completed=2,
-                  final_test_acc=0.61, best_checkpoint_test_acc=0.59, best_checkpoint_rule=rule)
+    write_summary(
+        api,
+        job_id,
+        state="succeeded",
+        best_val_acc=0.3 if val_fraction else None,
+        epochs_completed=2,
+        final_test_acc=0.61,
+        best_checkpoint_test_acc=0.59,
+        best_checkpoint_rule=rule,
+    )
     api.ray.set(f"{job_id}-1", "SUCCEEDED", exit_code=0)
     api.reconcile()
     done = state(api, job_id)

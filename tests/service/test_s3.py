@@ -32,9 +32,15 @@ def test_service_on_s3(make_api, s3_bucket_uri: str, s3_server) -> None:
     ckpt = objstore.join(job_dir, job_id, "epoch_0002", "checkpoint.pt")
     objstore.write_bytes(ckpt, payload)
     sha = hashlib.sha256(payload).hexdigest()
-    objstore.write_text(objstore.join(job_dir, "manifest.json"), json.dumps(
-        {"checkpoints": [{"epoch": 2, "val_acc": 0.4, "uri": ckpt, "sha256": sha, "size": len(payload)}],
-         "latest_epoch": 2}))
+    objstore.write_text(
+        objstore.join(job_dir, "manifest.json"),
+        json.dumps(
+            {
+                "checkpoints": [{"epoch": 2, "val_acc": 0.4, "uri": ckpt, "sha256": sha, "size": len(payload)}],
+                "latest_epoch": 2,
+            }
+        ),
+    )
     api.ray.set(f"{job_id}-1", "RUNNING")
     api.reconcile()
     job = api.get(f"/v1/jobs/{job_id}").json()

@@ -49,20 +49,29 @@ def rapi(make_api, roots: Path) -> Api:
 
 
 def submit_data(api: Api, train: str, token: str | None = None, **more) -> object:
-    return api.post({"preset": "debug", "overrides": {"data.train": train, **more}},
-                    headers=api.headers(token) if token else {})
+    return api.post(
+        {"preset": "debug", "overrides": {"data.train": train, **more}}, headers=api.headers(token) if token else {}
+    )
 
 
 # --- 1. data only from where the operator allows ------------------------------------------------------------
+
 
 def test_data_outside_the_roots_is_a_422_naming_the_field(rapi: Api, roots: Path, tmp_path: Path) -> None:
     token = user_token(rapi)
     outside = tmp_path / "elsewhere.parquet"
     outside.write_bytes(b"PAR1")
     (roots / "escape").symlink_to(tmp_path)  # a symlink inside the root pointing out of it
-    for train in ("/etc/passwd", str(outside), f"{roots}/../elsewhere.parquet", f"file://{outside}",
-                  f"file://{roots}/../elsewhere.parquet", f"{roots}/escape/elsewhere.parquet",
-                  "s3://someone-elses-bucket/train.parquet", "~/../../etc/passwd"):
+    for train in (
+        "/etc/passwd",
+        str(outside),
+        f"{roots}/../elsewhere.parquet",
+        f"file://{outside}",
+        f"file://{roots}/../elsewhere.parquet",
+        f"{roots}/escape/elsewhere.parquet",
+        "s3://someone-elses-bucket/train.parquet",
+        "~/../../etc/passwd",
+    ):
         resp = submit_data(rapi, train, token)
         assert resp.status_code == 422, (train, resp.text)
         assert fields(resp) == ["data.train"], (train, resp.text)
@@ -86,8 +95,10 @@ def test_relative_and_missing_data_paths_are_422(rapi: Api, roots: Path) -> None
 
 
 def test_default_roots_hold_the_data_dir_and_the_download_cache(api: Api) -> None:
-    assert api.settings.allowed_data_roots == [str(api.settings.data_dir / "datasets"),
-                                               str(Path("~/.cache/trainctl").expanduser())]
+    assert api.settings.allowed_data_roots == [
+        str(api.settings.data_dir / "datasets"),
+        str(Path("~/.cache/trainctl").expanduser()),
+    ]
     # the default data.train is a (maybe missing) torchvision download directory in the cache: accepted
     assert api.post(DEBUG_JOB).status_code == 201
     resp = submit_data(api, "/etc/passwd")
@@ -95,8 +106,12 @@ def test_default_roots_hold_the_data_dir_and_the_download_cache(api: Api) -> Non
 
 
 def test_a_search_cannot_route_round_the_data_roots(rapi: Api) -> None:
-    resp = rapi.post({"preset": "debug", "overrides": {
-        "search": {"space": {"data.train": {"choice": ["/etc/passwd"]}}, "num_samples": 1}}})
+    resp = rapi.post(
+        {
+            "preset": "debug",
+            "overrides": {"search": {"space": {"data.train": {"choice": ["/etc/passwd"]}}, "num_samples": 1}},
+        }
+    )
     assert resp.status_code == 422 and "search.space.data.train" in fields(resp), resp.text
 
 
@@ -108,6 +123,7 @@ def test_the_driver_gets_the_roots_to_check_again(rapi: Api, roots: Path) -> Non
 
 # --- 4. downloads only from the job's own prefix, hash required ----------------------------------------------
 
+
 def _finished_job(api: Api) -> tuple[str, Path]:
     job_id = api.post(DEBUG_JOB).json()["id"]
     api.reconcile()
@@ -115,9 +131,17 @@ def _finished_job(api: Api) -> tuple[str, Path]:
 
 
 def _summary(job_dir: Path, uri: str, sha: str | None, size: int | None) -> None:
-    (job_dir / "summary.json").write_text(json.dumps({
-        "state": "succeeded", "best_val_acc": 0.5, "best_checkpoint": uri, "best_checkpoint_sha256": sha,
-        "best_checkpoint_size": size}))
+    (job_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "state": "succeeded",
+                "best_val_acc": 0.5,
+                "best_checkpoint": uri,
+                "best_checkpoint_sha256": sha,
+                "best_checkpoint_size": size,
+            }
+        )
+    )
 
 
 def test_a_summary_pointing_outside_the_job_is_a_502(api: Api, tmp_path: Path) -> None:
@@ -126,8 +150,13 @@ def test_a_summary_pointing_outside_the_job_is_a_502(api: Api, tmp_path: Path) -
     job_id, job_dir = _finished_job(api)
     sha = hashlib.sha256(secret).hexdigest()
     (job_dir / "link.pt").symlink_to(token_file)
-    for uri in (str(token_file), f"file://{token_file}", "../../../admin-token", str(job_dir / "link.pt"),
-                str(job_dir / ".." / ".." / ".." / "admin-token")):
+    for uri in (
+        str(token_file),
+        f"file://{token_file}",
+        "../../../admin-token",
+        str(job_dir / "link.pt"),
+        str(job_dir / ".." / ".." / ".." / "admin-token"),
+    ):
         _summary(job_dir, uri, sha, len(secret))  # even with the right hash and size
         resp = api.get(f"/v1/jobs/{job_id}/checkpoints/best")
         assert resp.status_code == 502, (uri, resp.text)
@@ -149,6 +178,7 @@ def test_a_checkpoint_without_a_recorded_hash_is_a_502(api: Api) -> None:
 
 # --- 5. quotas and limits -----------------------------------------------------------------------------------
 
+
 def test_a_burst_hits_the_per_owner_quota_while_another_user_still_starts(make_api) -> None:
     api = make_api(max_concurrent_jobs=5)
     alice, bob = user_token(api, "alice"), user_token(api, "bob")
@@ -166,8 +196,12 @@ def test_a_burst_hits_the_per_owner_quota_while_another_user_still_starts(make_a
     api.reconcile()
     # alice holds 4 slots (her limit), the 5th goes to bob although alice queued 10 jobs before him
     assert api.get(f"/v1/jobs/{bob_job}", headers=api.headers(bob)).json()["state"] == "STARTING"
-    states = [j["state"] for j in api.client.get("/v1/jobs", params={"owner": "alice", "limit": 100},
-                                                 headers=api.headers()).json()["jobs"]]
+    states = [
+        j["state"]
+        for j in api.client.get("/v1/jobs", params={"owner": "alice", "limit": 100}, headers=api.headers()).json()[
+            "jobs"
+        ]
+    ]
     assert states.count("STARTING") == 4 and states.count("QUEUED") == 10
 
 
@@ -181,9 +215,22 @@ def test_a_repeated_idempotency_key_is_not_refused_at_the_quota(make_api) -> Non
 
 
 def _job(seq: int, owner: str, state: JobState = JobState.QUEUED) -> Job:
-    return Job(seq=seq, id=f"j{seq}", owner=owner, created_at=0, updated_at=0, state=state, spec={},
-               ray_submission_id=None, attempts=0, attempt_log=[], message=None, best_val_acc=None,
-               last_epoch=None, cancel_requested=False)
+    return Job(
+        seq=seq,
+        id=f"j{seq}",
+        owner=owner,
+        created_at=0,
+        updated_at=0,
+        state=state,
+        spec={},
+        ray_submission_id=None,
+        attempts=0,
+        attempt_log=[],
+        message=None,
+        best_val_acc=None,
+        last_epoch=None,
+        cancel_requested=False,
+    )
 
 
 def test_fair_queue_is_round_robin_over_owners() -> None:
@@ -204,29 +251,42 @@ def test_request_bodies_over_the_limit_are_413(api: Api) -> None:
         for _ in range(20):
             yield b"y" * 65536
         yield b'"}}'
+
     resp = api.client.post("/v1/jobs", content=chunks(), headers={**api.headers(), "Content-Type": "application/json"})
     assert resp.status_code == 413, resp.text
     assert api.client.get("/v1/jobs", headers=api.headers()).json()["total"] == 0
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"model.widths": [1_000_000_000], "model.blocks": [1]}, "model.widths"),   # the driver builds it on the head
-    ({"model.widths": [4096, 4096, 4096, 4096]}, "model.widths"),               # 1.3 G parameters
-    ({"model.blocks": [10_000, 10_000, 10_000, 10_000]}, "model.blocks"),
-    ({"checkpoint.max_restarts": 11}, "checkpoint.max_restarts"),
-    ({"scaling.resources_per_worker": {"node:__internal_head__": 0.001}}, "scaling.resources_per_worker"),
-    ({"scaling.resources_per_worker": {"node:127.0.0.1": 1}}, "scaling.resources_per_worker"),
-    ({"scaling.resources_per_worker": {"trainctl_driver": 1}}, "scaling.resources_per_worker"),
-    ({"scaling.resources_per_worker": {"GPU": 1}}, "scaling.resources_per_worker"),
-    ({"scaling.resources_per_worker": {"memory": 1e9}}, "scaling.resources_per_worker"),
-    ({"limits.max_hours": 100}, "limits.max_hours"),                            # over TRAINCTL_MAX_JOB_HOURS=72
-    ({"search": {"space": {"optim.lr": {"grid": [0.1 + i / 1e4 for i in range(1000)]},
-                           "optim.weight_decay": {"grid": [i / 1e6 for i in range(1000)]},
-                           "optim.momentum": {"grid": [i / 1e4 for i in range(1000)]},
-                           "optim.label_smoothing": {"grid": [i / 1e4 for i in range(1000)]}},
-                 "num_samples": 1}}, "search.num_samples"),                     # a 10^12-trial grid
-    ({"search": {"space": {"optim.lr": {"grid": [0.01, 0.02]}}, "num_samples": 200}}, "search.num_samples"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"model.widths": [1_000_000_000], "model.blocks": [1]}, "model.widths"),  # the driver builds it on the head
+        ({"model.widths": [4096, 4096, 4096, 4096]}, "model.widths"),  # 1.3 G parameters
+        ({"model.blocks": [10_000, 10_000, 10_000, 10_000]}, "model.blocks"),
+        ({"checkpoint.max_restarts": 11}, "checkpoint.max_restarts"),
+        ({"scaling.resources_per_worker": {"node:__internal_head__": 0.001}}, "scaling.resources_per_worker"),
+        ({"scaling.resources_per_worker": {"node:127.0.0.1": 1}}, "scaling.resources_per_worker"),
+        ({"scaling.resources_per_worker": {"trainctl_driver": 1}}, "scaling.resources_per_worker"),
+        ({"scaling.resources_per_worker": {"GPU": 1}}, "scaling.resources_per_worker"),
+        ({"scaling.resources_per_worker": {"memory": 1e9}}, "scaling.resources_per_worker"),
+        ({"limits.max_hours": 100}, "limits.max_hours"),  # over TRAINCTL_MAX_JOB_HOURS=72
+        (
+            {
+                "search": {
+                    "space": {
+                        "optim.lr": {"grid": [0.1 + i / 1e4 for i in range(1000)]},
+                        "optim.weight_decay": {"grid": [i / 1e6 for i in range(1000)]},
+                        "optim.momentum": {"grid": [i / 1e4 for i in range(1000)]},
+                        "optim.label_smoothing": {"grid": [i / 1e4 for i in range(1000)]},
+                    },
+                    "num_samples": 1,
+                }
+            },
+            "search.num_samples",
+        ),  # a 10^12-trial grid
+        ({"search": {"space": {"optim.lr": {"grid": [0.01, 0.02]}}, "num_samples": 200}}, "search.num_samples"),
+    ],
+)
 def test_limits_are_422_naming_the_field(api: Api, overrides: dict, field: str) -> None:
     token = user_token(api)
     started = time.monotonic()
@@ -262,15 +322,22 @@ def test_a_job_past_its_time_limit_ends_failed(api: Api) -> None:
 def test_over_time_limit_counts_from_the_first_submission() -> None:
     job = _job(1, "a", JobState.RUNNING)
     assert over_time_limit(job, 72, time.time()) is None  # never submitted: no clock yet
-    job = Job(**{**job.__dict__, "spec": {"limits": {"max_hours": 1}},
-                 "attempt_log": [{"submitted_at": 1000.0}, {"submitted_at": 5000.0}]})
+    job = Job(
+        **{
+            **job.__dict__,
+            "spec": {"limits": {"max_hours": 1}},
+            "attempt_log": [{"submitted_at": 1000.0}, {"submitted_at": 5000.0}],
+        }
+    )
     assert over_time_limit(job, 72, 1000.0 + 3599) is None
     assert over_time_limit(job, 72, 1000.0 + 3601) == 1
     assert over_time_limit(job, 0.5, 1000.0 + 1801) == 0.5  # the service's cap wins
 
 
-@pytest.mark.parametrize("params", [{"offset": "1e20"}, {"offset": str(10 ** 20)}, {"offset": "-1"},
-                                    {"limit": str(10 ** 30)}, {"tail": str(10 ** 20)}])
+@pytest.mark.parametrize(
+    "params",
+    [{"offset": "1e20"}, {"offset": str(10**20)}, {"offset": "-1"}, {"limit": str(10**30)}, {"tail": str(10**20)}],
+)
 def test_integer_query_parameters_are_bounded(api: Api, params: dict) -> None:
     job_id = api.post(DEBUG_JOB).json()["id"]
     path = f"/v1/jobs/{job_id}/logs" if "tail" in params else "/v1/jobs"
@@ -280,10 +347,15 @@ def test_integer_query_parameters_are_bounded(api: Api, params: dict) -> None:
 
 # --- 6. no secrets in Ray's runtime env -----------------------------------------------------------------------
 
+
 def test_no_secret_reaches_the_ray_job(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    secrets = {"AWS_ACCESS_KEY_ID": "AKIASECRETKEY", "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
-               "AWS_SESSION_TOKEN": "aws-session-value", "TRAINCTL_TOKEN": api.token,
-               "RAY_AUTH_TOKEN": "ray-token-value"}
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIASECRETKEY",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+        "AWS_SESSION_TOKEN": "aws-session-value",
+        "TRAINCTL_TOKEN": api.token,
+        "RAY_AUTH_TOKEN": "ray-token-value",
+    }
     for k, v in secrets.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
@@ -297,6 +369,7 @@ def test_no_secret_reaches_the_ray_job(api: Api, monkeypatch: pytest.MonkeyPatch
 
 
 # --- 7. tokens and roles ----------------------------------------------------------------------------------------
+
 
 def test_tokens_can_be_listed_and_revoked(api: Api) -> None:
     token = user_token(api, "bob")
@@ -322,8 +395,9 @@ def test_tokens_expire(api: Api) -> None:
     assert api.client.get("/v1/jobs", headers=api.headers(token)).status_code == 200
     time.sleep(1.2)
     assert api.client.get("/v1/jobs", headers=api.headers(token)).status_code == 401
-    assert {t["name"]: t for t in api.client.get("/v1/tokens", headers=api.headers()).json()["tokens"]}[
-        "temp"]["expired"]
+    assert {t["name"]: t for t in api.client.get("/v1/tokens", headers=api.headers()).json()["tokens"]}["temp"][
+        "expired"
+    ]
 
 
 def test_the_admin_sees_cancels_and_deletes_every_job_users_only_their_own(api: Api) -> None:
@@ -361,10 +435,13 @@ def test_the_token_table_gains_expires_at_on_an_old_database(tmp_path: Path) -> 
     import sqlite3
 
     from service.store import Store
+
     db = tmp_path / "old.db"
     con = sqlite3.connect(db)
-    con.execute("CREATE TABLE tokens (name VARCHAR(64) PRIMARY KEY, token_hash VARCHAR(64) UNIQUE, "
-                "is_admin BOOLEAN, created_at FLOAT)")
+    con.execute(
+        "CREATE TABLE tokens (name VARCHAR(64) PRIMARY KEY, token_hash VARCHAR(64) UNIQUE, "
+        "is_admin BOOLEAN, created_at FLOAT)"
+    )
     con.execute("INSERT INTO tokens VALUES ('old', 'h', 0, 1.0)")
     con.commit()
     con.close()
@@ -376,9 +453,11 @@ def test_the_token_table_gains_expires_at_on_an_old_database(tmp_path: Path) -> 
 
 # --- 8. hardening -----------------------------------------------------------------------------------------------
 
+
 def test_files_are_owner_only(api: Api) -> None:
     def mode(p: Path) -> int:
         return stat.S_IMODE(os.stat(p).st_mode)
+
     assert mode(api.settings.data_dir) == 0o700
     assert mode(api.settings.db_path) == 0o600 and mode(api.settings.admin_token_path) == 0o600
     job_id = api.post(DEBUG_JOB).json()["id"]
@@ -389,6 +468,7 @@ def test_files_are_owner_only(api: Api) -> None:
 
 def test_logs_are_a_bounded_tail_and_since_gives_only_what_is_new(api: Api) -> None:
     from service.api.jobs import log_window
+
     job_id = api.post(DEBUG_JOB).json()["id"]
     api.reconcile()
     api.ray.jobs[f"{job_id}-1"].logs = "".join(f"line {i}\n" for i in range(1, 11))
@@ -411,9 +491,16 @@ def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
     import subprocess
 
     from tests.service.conftest import TRAINCTL
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS"))}
-    out = subprocess.run([TRAINCTL, "serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")],
-                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [TRAINCTL, "serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode != 0 and "loopback" in out.stderr, (out.stdout, out.stderr)
     assert "Ray head up" not in out.stdout  # refused before starting anything
 
@@ -422,8 +509,15 @@ def test_token_expiry_durations() -> None:
     import argparse
 
     from service.cli import parse_duration
+
     assert [parse_duration(x) for x in ("90", "90s", "30m", "12h", "7d", "2w")] == [
-        90, 90, 1800, 43200, 604800, 1209600]
+        90,
+        90,
+        1800,
+        43200,
+        604800,
+        1209600,
+    ]
     for bad in ("", "x", "-5m", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_duration(bad)

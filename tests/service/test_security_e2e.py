@@ -22,8 +22,12 @@ from tests.trainer.cifar_files import write_cifar_python
 
 pytestmark = pytest.mark.ray
 
-SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAE2ESECRETKEY", "AWS_SECRET_ACCESS_KEY": "e2e-aws-secret-value",
-           "AWS_SESSION_TOKEN": "e2e-aws-session-token", "TRAINCTL_TOKEN": "tc_e2e-exported-admin-token"}
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAE2ESECRETKEY",
+    "AWS_SECRET_ACCESS_KEY": "e2e-aws-secret-value",
+    "AWS_SESSION_TOKEN": "e2e-aws-session-token",
+    "TRAINCTL_TOKEN": "tc_e2e-exported-admin-token",
+}
 
 
 class _Plant:
@@ -32,6 +36,7 @@ class _Plant:
 
     def __reduce__(self):
         import os
+
         return (os.system, (f"touch {self.marker}",))
 
 
@@ -55,15 +60,25 @@ def test_attacks_through_the_real_service(ray_head: RayHead, tmp_path: Path) -> 
             base = {"optim.epochs": 1, "data.max_train_images": 128, "checkpoint.max_restarts": 2}
             bad = c.post("/v1/jobs", json={"preset": "debug", "overrides": {**base, "data.train": str(planted)}})
             assert bad.status_code == 201, bad.text
-            job = wait_for(c, bad.json()["id"], lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 300,
-                           "the planted job to fail")
+            job = wait_for(
+                c,
+                bad.json()["id"],
+                lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
+                300,
+                "the planted job to fail",
+            )
             assert job["state"] == "FAILED" and job["attempts"] == 1, job
             assert "refused to load" in job["message"] and "data.train" in job["message"], job["message"]
             assert not marker.exists()
 
             ok = c.post("/v1/jobs", json={"preset": "debug", "overrides": {**base, "data.train": str(good)}})
-            job = wait_for(c, ok.json()["id"], lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 300,
-                           "the good job to finish")
+            job = wait_for(
+                c,
+                ok.json()["id"],
+                lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
+                300,
+                "the good job to finish",
+            )
             assert job["state"] == "SUCCEEDED", (job, c.get(f"/v1/jobs/{job['id']}/logs").text[-3000:])
 
         # what Ray recorded for the job: runtime env, entrypoint, metadata
@@ -76,8 +91,9 @@ def test_attacks_through_the_real_service(ray_head: RayHead, tmp_path: Path) -> 
 
         # the admin revokes the user's token: 401 at once, through the CLI
         env = {**svc.env, "TRAINCTL_URL": svc.url, "TRAINCTL_TOKEN": svc.token}
-        out = subprocess.run([TRAINCTL, "token", "revoke", "mallory"], env=env, capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            [TRAINCTL, "token", "revoke", "mallory"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         listed = subprocess.run([TRAINCTL, "token", "list"], env=env, capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0 and "mallory" not in listed.stdout and "admin" in listed.stdout

@@ -112,19 +112,40 @@ def test_schema_survives_reopen(database_url: str) -> None:
 def test_search_progress_counts_trials_and_picks_the_best() -> None:
     from service.jobdir import search_progress
     from trainer.contract import TrialRow
-    search = {"space": {"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
-              "num_samples": 2, "mode": "min", "metric": "val_loss"}
-    trials = [{"trial_id": "a", "state": "succeeded", "best_metric": 1.5},
-              {"trial_id": "b", "state": "stopped_early", "best_metric": 1.2, "stopped_early": True,
-               "config": {"optim.lr": 0.01}},
-              {"trial_id": "c", "state": "failed", "best_metric": 0.1},
-              {"trial_id": "d", "state": "running", "best_metric": None}]
+
+    search = {
+        "space": {"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
+        "num_samples": 2,
+        "mode": "min",
+        "metric": "val_loss",
+    }
+    trials = [
+        {"trial_id": "a", "state": "succeeded", "best_metric": 1.5},
+        {
+            "trial_id": "b",
+            "state": "stopped_early",
+            "best_metric": 1.2,
+            "stopped_early": True,
+            "config": {"optim.lr": 0.01},
+        },
+        {"trial_id": "c", "state": "failed", "best_metric": 0.1},
+        {"trial_id": "d", "state": "running", "best_metric": None},
+    ]
     trials = [TrialRow.model_validate(t) for t in trials]
     p = search_progress(search, trials)
-    assert p == {"trials_total": 6, "trials_finished": 3, "trials_running": 1, "stopped_early": 1,
-                 "best_trial": "b", "best_metric": 1.2, "best_config": {"optim.lr": 0.01}, "metric": "val_loss"}
+    assert p == {
+        "trials_total": 6,
+        "trials_finished": 3,
+        "trials_running": 1,
+        "stopped_early": 1,
+        "best_trial": "b",
+        "best_metric": 1.2,
+        "best_config": {"optim.lr": 0.01},
+        "metric": "val_loss",
+    }
     # once the search was cancelled no trial is left running
     from service.jobdir import settle_trials
+
     settled = settle_trials(trials, "CANCELLED")
     assert [str(t.state) for t in settled] == ["succeeded", "stopped_early", "failed", "cancelled"]
     assert search_progress(search, settled)["trials_running"] == 0
@@ -145,12 +166,22 @@ def test_transitions_are_atomic_across_connections(database_url: str) -> None:
             losses: list[int] = []
             barrier = threading.Barrier(len(stores))
 
-            def race(i: int, job_id: str = job.id, barrier: threading.Barrier = barrier,
-                     wins: list[int] = wins, losses: list[int] = losses) -> None:
+            def race(
+                i: int,
+                job_id: str = job.id,
+                barrier: threading.Barrier = barrier,
+                wins: list[int] = wins,
+                losses: list[int] = losses,
+            ) -> None:
                 barrier.wait()
                 try:
-                    stores[i].transition(job_id, JobState.STARTING, expect={JobState.QUEUED},
-                                         ray_submission_id=f"{job_id}-{i}", attempts=1)
+                    stores[i].transition(
+                        job_id,
+                        JobState.STARTING,
+                        expect={JobState.QUEUED},
+                        ray_submission_id=f"{job_id}-{i}",
+                        attempts=1,
+                    )
                     wins.append(i)
                 except InvalidTransition:
                     losses.append(i)

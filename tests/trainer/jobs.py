@@ -22,8 +22,13 @@ def make_job_dir(root: Path, name: str, overrides: dict[str, Any]) -> Path:
 
 def start_run(job_dir: Path, env: dict[str, str]) -> subprocess.Popen:
     log = open(job_dir.parent / f"{job_dir.name}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.run", "--job-dir", str(job_dir)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def run(job_dir: Path, env: dict[str, str], timeout: float = 300) -> int:

@@ -5,8 +5,9 @@ from trainer.contract import CheckpointEntry, Manifest
 
 
 def entry(epoch: int, acc: float, uri: str | None = None) -> CheckpointEntry:
-    return CheckpointEntry(epoch=epoch, val_acc=acc, uri=uri or f"/r/run/epoch_{epoch:04d}/checkpoint.pt",
-                           sha256="x", size=1)
+    return CheckpointEntry(
+        epoch=epoch, val_acc=acc, uri=uri or f"/r/run/epoch_{epoch:04d}/checkpoint.pt", sha256="x", size=1
+    )
 
 
 def test_retention_keeps_best_k_and_the_latest():
@@ -33,7 +34,8 @@ def test_remove_orphans_spares_the_manifest_and_rays_snapshot(tmp_path):
         (run / f"epoch_{n:04d}").mkdir(parents=True)
         (run / f"epoch_{n:04d}" / "checkpoint.pt").write_bytes(b"x")
     (run / "checkpoint_manager_snapshot.json").write_text(
-        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "epoch_0003", "metrics": {}}]}))
+        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "epoch_0003", "metrics": {}}]})
+    )
     manifest = Manifest(checkpoints=[entry(4, 0.5, uri=str(run / "epoch_0004" / "checkpoint.pt"))])
     assert ckpt.remove_orphans(str(run), manifest) == ["epoch_0001", "epoch_0002"]
     assert sorted(p.name for p in run.glob("epoch_*")) == ["epoch_0003", "epoch_0004"]

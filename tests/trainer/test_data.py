@@ -17,12 +17,15 @@ def test_cifar_python_directory_loads(tmp_path):
     assert test.images.shape == (20, 3, 32, 32) and train.labels.dtype == torch.int64
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", "missing CIFAR-10 batch file"),
-    ("garbage", "not a CIFAR-10 python batch"),
-    ("shape", "N×3072 uint8"),
-    ("label", "out of range"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "missing CIFAR-10 batch file"),
+        ("garbage", "not a CIFAR-10 python batch"),
+        ("shape", "N×3072 uint8"),
+        ("label", "out of range"),
+    ],
+)
 def test_corrupt_cifar_python_fails_clearly(tmp_path, damage, message):
     root = write_cifar_python(tmp_path / "cifar", per_batch=4)
     victim = root / "data_batch_3"
@@ -50,6 +53,7 @@ def test_parquet_slice_of_the_real_dataset(cifar_parquet):
 def test_bad_parquet_fails_clearly(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"img": [{"bytes": b"not a jpeg", "path": "x.jpg"}], "label": [3]}), bad)
     with pytest.raises(DataError, match="row 0: undecodable image"):
@@ -84,17 +88,19 @@ def test_every_image_is_seen_once_per_epoch_across_ranks():
         seen += [int(v) for _, y in batches for v in y]
     assert steps[0] == steps[1] == data.steps_per_epoch(batch, world)
     assert set(seen) == set(range(n)) and len(seen) == 104  # one image padded in, as DistributedSampler
-    other_epoch = [int(v) for _, y in data.train_batches(epoch=4, seed=0, rank=0, world=world, local_batch=batch)
-                   for v in y]
-    assert other_epoch != seen[:len(other_epoch)]
+    other_epoch = [
+        int(v) for _, y in data.train_batches(epoch=4, seed=0, rank=0, world=world, local_batch=batch) for v in y
+    ]
+    assert other_epoch != seen[: len(other_epoch)]
 
 
 def test_augmentation_is_a_crop_with_zero_padding_and_a_flip():
     # one image whose columns are numbered: a crop shifts them, a flip reverses them
     img = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     img[..., :] = torch.arange(1, 33, dtype=torch.uint8)
-    data = DeviceData(Dataset(img.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.int64)),
-                      torch.device("cpu"), channels_last=False)
+    data = DeviceData(
+        Dataset(img.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.int64)), torch.device("cpu"), channels_last=False
+    )
     gen = torch.Generator().manual_seed(0)
     out = data._augment(data.padded, gen)
     assert out.shape == (64, 3, 32, 32)
@@ -102,8 +108,10 @@ def test_augmentation_is_a_crop_with_zero_padding_and_a_flip():
     for crop in out[:, 0, 16]:  # the middle row of channel 0
         values = [int(v) for v in crop if v > 0]
         zeros = 32 - len(values)
-        assert zeros <= PAD and values in (list(range(values[0], values[0] + len(values))),
-                                           list(range(values[0], values[0] - len(values), -1)))
+        assert zeros <= PAD and values in (
+            list(range(values[0], values[0] + len(values))),
+            list(range(values[0], values[0] - len(values), -1)),
+        )
         flipped += values[0] > values[-1]
     assert 10 < flipped < 54  # about half are flipped
 
@@ -130,6 +138,7 @@ def test_a_folder_of_images_names_the_formats_and_converts(tmp_path):
     from torchvision.io import encode_png
 
     from trainer.data import DataError, load
+
     folder = tmp_path / "train"
     rng = np.random.default_rng(0)
     for name in ["airplane", "cat"]:
@@ -143,8 +152,12 @@ def test_a_folder_of_images_names_the_formats_and_converts(tmp_path):
     assert "PNG/JPEG" in message and "parquet" in message and "data_batch_1" in message
     assert f"python -m trainer convert-images {folder}" in message
     out = tmp_path / "train.parquet"
-    done = subprocess.run([sys.executable, "-m", "trainer", "convert-images", str(folder), str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", "convert-images", str(folder), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     data = load(str(out))
     assert len(data) == 6 and sorted(data.labels.tolist()) == [0, 0, 0, 3, 3, 3]  # CIFAR-10's own labels
@@ -152,6 +165,7 @@ def test_a_folder_of_images_names_the_formats_and_converts(tmp_path):
 
 def test_test_split_defaults_to_the_cifar_directorys_test_batch(tmp_path):
     from trainer.data import test_source
+
     root = write_cifar_python(tmp_path / "cifar", per_batch=4)
     assert test_source(DataSpec(train=str(root))) == (str(root), "cifar10-python")
     nested = tmp_path / "outer"

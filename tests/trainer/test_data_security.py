@@ -49,12 +49,15 @@ def test_a_planted_pickle_does_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    # builtins that run code, and a global that is merely unexpected
-    b"cbuiltins\neval\n(S'1+1'\ntR.",
-    b"cos\nsystem\n(S'true'\ntR.",
-    b"cnumpy\nload\n(S'/etc/passwd'\ntR.",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # builtins that run code, and a global that is merely unexpected
+        b"cbuiltins\neval\n(S'1+1'\ntR.",
+        b"cos\nsystem\n(S'true'\ntR.",
+        b"cnumpy\nload\n(S'/etc/passwd'\ntR.",
+    ],
+)
 def test_only_data_globals_are_admitted(payload: bytes) -> None:
     with pytest.raises(DataError, match="refused to load"):
         load_pickle(payload, "mem://x")
@@ -97,11 +100,15 @@ def test_the_driver_checks_the_data_roots_again(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(UserError, match="outside the data roots"):
         preflight(resolve("debug", {"data.train": str(tmp_path / "datasets" / "link"), "data.max_train_images": 64}))
     with pytest.raises(UserError, match="data.test"):
-        preflight(resolve("debug", {"data.train": str(inside), "data.test": "/etc/passwd",
-                                    "data.max_train_images": 64}))
+        preflight(
+            resolve("debug", {"data.train": str(inside), "data.test": "/etc/passwd", "data.max_train_images": 64})
+        )
     # a data error names its field
     with pytest.raises(DataError, match="^data.train: "):
-        preflight(resolve("debug", {"data.train": str(tmp_path / "datasets" / "missing.parquet"),
-                                    "data.max_train_images": 64}))
+        preflight(
+            resolve(
+                "debug", {"data.train": str(tmp_path / "datasets" / "missing.parquet"), "data.max_train_images": 64}
+            )
+        )
     monkeypatch.delenv("TRAINCTL_DATA_ROOTS")  # trainer.run by hand: no restriction
     preflight(resolve("debug", {"data.train": str(outside), "data.max_train_images": 64}))

@@ -28,8 +28,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, cifar_parquet: Path) ->
     torch.manual_seed(0)
     spec = resolve("debug", {"precision": "fp32", "channels_last": False})
     model = build_model(spec.model)
-    train = DeviceData(load(str(cifar_parquet), "parquet", limit=3000).take(torch.arange(1000, 3000)),
-                       torch.device("cpu"), channels_last=False)
+    train = DeviceData(
+        load(str(cifar_parquet), "parquet", limit=3000).take(torch.arange(1000, 3000)),
+        torch.device("cpu"),
+        channels_last=False,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(2):
         for x, y in train.train_batches(epoch, seed=0, rank=0, world=1, local_batch=64):
@@ -70,8 +73,9 @@ def test_exports_predict_like_evaluate(checkpoint: str, images: torch.Tensor, tm
         assert torch.equal(program(images.float()).argmax(1), reference.argmax(1))
 
 
-def test_predict_reads_folders_parquets_and_exports(checkpoint: str, images: torch.Tensor, cifar_parquet: Path,
-                                                    tmp_path: Path) -> None:
+def test_predict_reads_folders_parquets_and_exports(
+    checkpoint: str, images: torch.Tensor, cifar_parquet: Path, tmp_path: Path
+) -> None:
     from torchvision.io import write_png
 
     folder = tmp_path / "pngs"

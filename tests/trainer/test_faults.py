@@ -39,11 +39,14 @@ def s3_jsonl(uri: str) -> list[dict]:
 def test_job_on_s3_with_data_from_the_bucket(ray_head, s3_server, s3_bucket_uri, cifar_parquet):
     data_uri = objstore.join(s3_bucket_uri, "datasets", "train.parquet")
     objstore.write_bytes(data_uri, cifar_parquet.read_bytes())
-    job = s3_job(objstore.join(s3_bucket_uri, "jobs", "s3job"),
-                 {"data.train": data_uri, "optim.epochs": 2, "checkpoint.keep_best": 1})
+    job = s3_job(
+        objstore.join(s3_bucket_uri, "jobs", "s3job"),
+        {"data.train": data_uri, "optim.epochs": 2, "checkpoint.keep_best": 1},
+    )
     env = private_ray_env(ray_head, s3_server)
-    out = subprocess.run([sys.executable, "-m", "trainer.run", "--job-dir", job], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.run", "--job-dir", job], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads(objstore.read_text(objstore.join(job, "summary.json")))
     assert summary["state"] == "succeeded" and summary["best_checkpoint"].startswith("s3://")
@@ -58,13 +61,17 @@ def test_job_on_s3_with_data_from_the_bucket(ray_head, s3_server, s3_bucket_uri,
 
 def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, tmp_path):
     from ray.util.state import list_actors
-    job_dir = make_job_dir(tmp_path, "workerkill", {"data.train": str(cifar_parquet), "optim.epochs": 5,
-                                                    "data.max_train_images": 2048})
+
+    job_dir = make_job_dir(
+        tmp_path, "workerkill", {"data.train": str(cifar_parquet), "optim.epochs": 5, "data.max_train_images": 2048}
+    )
     proc = start_run(job_dir, ray_head.env())
     wait_for_checkpoint(proc, job_dir, epoch=1)
-    workers = list_actors(address=ray_head.dashboard_url,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                          raise_on_missing_output=False)
+    workers = list_actors(
+        address=ray_head.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
     assert len(workers) == 2, workers
     killed_at = time.time()
     os.kill(workers[-1].pid, 9)  # one DDP rank dies mid-run
@@ -80,14 +87,27 @@ def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, 
 
 # Two runs, each starting its own private Ray (private_ray_env): ~1 minute more than on the session head.
 @pytest.mark.timeout(900)
-def test_storage_outage_fails_the_run_with_a_storage_error_then_recovers(ray_head, s3_server, s3_bucket_uri,
-                                                                         cifar_parquet):
+def test_storage_outage_fails_the_run_with_a_storage_error_then_recovers(
+    ray_head, s3_server, s3_bucket_uri, cifar_parquet
+):
     env = {**private_ray_env(ray_head, s3_server), "TRAINCTL_STORAGE_RETRY_SECONDS": "4"}
-    job = s3_job(objstore.join(s3_bucket_uri, "jobs", "outage"),
-                 {"data.train": str(cifar_parquet), "optim.epochs": 8, "data.max_train_images": 2048,
-                  "checkpoint.max_failures": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.run", "--job-dir", job], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = s3_job(
+        objstore.join(s3_bucket_uri, "jobs", "outage"),
+        {
+            "data.train": str(cifar_parquet),
+            "optim.epochs": 8,
+            "data.max_train_images": 2048,
+            "checkpoint.max_failures": 1,
+        },
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.run", "--job-dir", job],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics = objstore.join(job, "metrics.jsonl")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not objstore.exists(metrics):
@@ -107,8 +127,10 @@ def test_storage_outage_fails_the_run_with_a_storage_error_then_recovers(ray_hea
     summaries = [json.loads(ln) for ln in output.splitlines() if ln.startswith('{"state"')]
     assert summaries and summaries[-1]["state"] == "failed", output[-4000:]
     # storage is back: a new job on the same bucket succeeds
-    again = s3_job(objstore.join(s3_bucket_uri, "jobs", "after-outage"),
-                   {"data.train": str(cifar_parquet), "optim.epochs": 1})
-    out = subprocess.run([sys.executable, "-m", "trainer.run", "--job-dir", again], env=env, capture_output=True,
-                         text=True, timeout=300)
+    again = s3_job(
+        objstore.join(s3_bucket_uri, "jobs", "after-outage"), {"data.train": str(cifar_parquet), "optim.epochs": 1}
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.run", "--job-dir", again], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-3000:]

@@ -29,8 +29,11 @@ LEARNS = {"data.max_train_images": 2048, "optim.epochs": 3}
 def trained_job(ray_head, cifar_parquet, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("jobs")
     test_dir = write_cifar_python(root / "cifar-test", per_batch=30)
-    job_dir = make_job_dir(root, "learns", {**LEARNS, "data.train": str(cifar_parquet),
-                                             "data.test": str(test_dir), "checkpoint.keep_best": 1})
+    job_dir = make_job_dir(
+        root,
+        "learns",
+        {**LEARNS, "data.train": str(cifar_parquet), "data.test": str(test_dir), "checkpoint.keep_best": 1},
+    )
     code = run(job_dir, ray_head.env())
     assert code == 0, log_tail(job_dir)
     return job_dir
@@ -68,13 +71,27 @@ def test_manifest_checksums_and_retention(trained_job):
 def test_best_checkpoint_reproduces_val_acc_in_a_fresh_process(trained_job):
     summary = json.loads((trained_job / "summary.json").read_text())
     # the defaults (no --data, no --split) evaluate the run's own validation split
-    out = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--checkpoint", summary["best_checkpoint"],
-                          "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", "--checkpoint", summary["best_checkpoint"], "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert abs(result["accuracy"] - summary["best_val_acc"]) <= 0.005, (result, summary)
-    assert set(result["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                        "horse", "ship", "truck"}
+    assert set(result["per_class"]) == {
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    }
 
 
 def test_test_split_each_epoch_and_final_test_acc_reproduces_to_the_image(trained_job):
@@ -88,8 +105,12 @@ def test_test_split_each_epoch_and_final_test_acc_reproduces_to_the_image(traine
     final = max(json.loads((trained_job / "manifest.json").read_text())["checkpoints"], key=lambda e: e["epoch"])
     assert final["epoch"] == 3
     # `evaluate --split test` without --data: the run's own test split (data.test), in a fresh process
-    out = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--checkpoint", final["uri"], "--split",
-                          "test", "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", "--checkpoint", final["uri"], "--split", "test", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["n"] == 30 and round(result["accuracy"] * 30) == round(summary["final_test_acc"] * 30)
@@ -99,8 +120,23 @@ def test_predict_writes_kaggle_csv(trained_job, tmp_path):
     summary = json.loads((trained_job / "summary.json").read_text())
     pkl = write_kaggle_input(tmp_path / "test.pkl", n=12)
     out = tmp_path / "pred.csv"
-    proc = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", summary["best_checkpoint"],
-                           "--input", str(pkl), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "predict",
+            "--checkpoint",
+            summary["best_checkpoint"],
+            "--input",
+            str(pkl),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["ID", "Labels"] and len(rows) == 13
@@ -110,8 +146,23 @@ def test_predict_writes_kaggle_csv(trained_job, tmp_path):
     batch = tmp_path / "test_batch"
     write_cifar_python(tmp_path / "cifar", per_batch=7)
     batch.write_bytes((tmp_path / "cifar" / "test_batch").read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "trainer", "predict", "--checkpoint", summary["best_checkpoint"],
-                           "--input", str(batch), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "predict",
+            "--checkpoint",
+            summary["best_checkpoint"],
+            "--input",
+            str(batch),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(out.open()))
     assert len(rows) == 8 and [int(r[0]) for r in rows[1:]] == list(range(1, 8))
@@ -128,8 +179,9 @@ def test_corrupt_checkpoint_is_detected(trained_job, tmp_path):
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_head, cifar_parquet, tmp_path):
-    job_dir = make_job_dir(tmp_path, "resume", {"data.train": str(cifar_parquet), "optim.epochs": 5,
-                                                "data.max_train_images": 2048})
+    job_dir = make_job_dir(
+        tmp_path, "resume", {"data.train": str(cifar_parquet), "optim.epochs": 5, "data.max_train_images": 2048}
+    )
     proc = start_run(job_dir, ray_head.env())
     wait_for_checkpoint(proc, job_dir, epoch=2)
     assert proc.poll() is None, "the run finished before it could be stopped: " + log_tail(job_dir)
@@ -159,12 +211,15 @@ def test_bad_data_fails_fast_as_a_user_error(ray_head, tmp_path):
 def test_forwarded_env_leaves_out_what_the_ray_job_already_sets(monkeypatch):
     # A Ray Job's driver refuses a ray.init runtime_env that repeats one of the job's own env vars.
     from trainer.run import forwarded_env
+
     monkeypatch.setenv("TRAINCTL_S3_ENDPOINT", "http://127.0.0.1:8333")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert {"TRAINCTL_S3_ENDPOINT", "AWS_REGION"} <= set(forwarded_env())
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
-        {"runtime_env": {"env_vars": {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333"}}, "metadata": {}}))
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+        json.dumps({"runtime_env": {"env_vars": {"TRAINCTL_S3_ENDPOINT": "http://127.0.0.1:8333"}}, "metadata": {}}),
+    )
     env = forwarded_env()
     assert "TRAINCTL_S3_ENDPOINT" not in env and env["AWS_REGION"] == "eu-west-1"
 
@@ -173,8 +228,15 @@ def test_forwarded_env_holds_no_secret(monkeypatch):
     # Ray shows a job's runtime env on its dashboard: credentials reach workers through the AWS chain on the
     # nodes (instance profile, or the Ray processes' own environment), never through it.
     from trainer.run import forwarded_env
-    secrets = {"AWS_ACCESS_KEY_ID": "AKIAKEY", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "sess",
-               "TRAINCTL_TOKEN": "tc_admin", "TRAINCTL_ADMIN_TOKEN": "tc_admin2", "AWS_PROFILE": "prod"}
+
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAKEY",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "sess",
+        "TRAINCTL_TOKEN": "tc_admin",
+        "TRAINCTL_ADMIN_TOKEN": "tc_admin2",
+        "AWS_PROFILE": "prod",
+    }
     for k, v in secrets.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("TRAINCTL_S3_ENDPOINT", "http://127.0.0.1:8333")

@@ -13,8 +13,9 @@ def fields(exc: ValidationError) -> set[str]:
 def test_defaults_are_the_paper_recipe():
     # The paper preset is the field defaults plus what the text says about the data: all 50,000 images
     # (no validation split) with the test split every epoch.
-    assert resolve("paper") == JobSpec().model_copy(update={"data": JobSpec().data.model_copy(
-        update={"val_fraction": 0.0})})
+    assert resolve("paper") == JobSpec().model_copy(
+        update={"data": JobSpec().data.model_copy(update={"val_fraction": 0.0})}
+    )
     spec = resolve("paper")
     assert spec.model.widths == [32, 64, 256, 256] and spec.model.blocks == [2, 2, 2, 2]
     assert (spec.optim.lr, spec.optim.momentum, spec.optim.weight_decay) == (0.05, 0.9, 1e-3)
@@ -30,20 +31,23 @@ def test_presets_resolve_with_overrides():
     assert JobSpec.model_validate_json(spec.to_json()) == spec
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"optim.lr": 0}, "optim.lr"),
-    ({"optim.lr": "fast"}, "optim.lr"),
-    ({"optim.batch_size": 63}, "optim.batch_size"),  # not divisible by 2 workers
-    ({"model.blocks": [1, 1, 1]}, "model.blocks"),   # 4 widths, 3 stages
-    ({"model.se_reduction": 64}, "model.se_reduction"),
-    ({"data.val_fraction": 0.7}, "data.val_fraction"),
-    ({"data.max_train_images": 10}, "data.max_train_images"),
-    ({"schedule.kind": "step"}, "schedule.kind"),
-    ({"optim.learning_rate": 0.1}, "optim.learning_rate"),  # extra="forbid"
-    ({"precision": "fp16"}, "precision"),
-    ({"scaling.num_workers": 0}, "scaling.num_workers"),
-    ({"model.dropout": 1.0}, "model.dropout"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"optim.lr": 0}, "optim.lr"),
+        ({"optim.lr": "fast"}, "optim.lr"),
+        ({"optim.batch_size": 63}, "optim.batch_size"),  # not divisible by 2 workers
+        ({"model.blocks": [1, 1, 1]}, "model.blocks"),  # 4 widths, 3 stages
+        ({"model.se_reduction": 64}, "model.se_reduction"),
+        ({"data.val_fraction": 0.7}, "data.val_fraction"),
+        ({"data.max_train_images": 10}, "data.max_train_images"),
+        ({"schedule.kind": "step"}, "schedule.kind"),
+        ({"optim.learning_rate": 0.1}, "optim.learning_rate"),  # extra="forbid"
+        ({"precision": "fp16"}, "precision"),
+        ({"scaling.num_workers": 0}, "scaling.num_workers"),
+        ({"model.dropout": 1.0}, "model.dropout"),
+    ],
+)
 def test_errors_name_their_field(overrides, field):
     with pytest.raises(ValidationError) as info:
         resolve("debug", overrides)
@@ -58,15 +62,29 @@ def test_unknown_preset():
 
 
 def test_search_paths_are_checked_against_the_schema():
-    ok = resolve("debug", {"search": {"space": {"optim.lr": {"loguniform": [1e-3, 0.5]},
-                                                  "schedule.kind": {"choice": ["cosine", "onecycle"]}}}})
+    ok = resolve(
+        "debug",
+        {
+            "search": {
+                "space": {"optim.lr": {"loguniform": [1e-3, 0.5]}, "schedule.kind": {"choice": ["cosine", "onecycle"]}}
+            }
+        },
+    )
     assert ok.search.num_samples == 4
     with pytest.raises(ValidationError) as info:
-        resolve("debug", {"search": {"space": {"optim.nope": {"grid": [1, 2]},
-                                                "model.dropout": {"uniform": [0.0, 1.5]},
-                                                "schedule.kind": {"choice": ["cosine", "linear"]}}}})
-    assert fields(info.value) == {"search.space.optim.nope", "search.space.model.dropout",
-                                  "search.space.schedule.kind"}
+        resolve(
+            "debug",
+            {
+                "search": {
+                    "space": {
+                        "optim.nope": {"grid": [1, 2]},
+                        "model.dropout": {"uniform": [0.0, 1.5]},
+                        "schedule.kind": {"choice": ["cosine", "linear"]},
+                    }
+                }
+            },
+        )
+    assert fields(info.value) == {"search.space.optim.nope", "search.space.model.dropout", "search.space.schedule.kind"}
 
 
 def test_parse_override():
@@ -82,10 +100,13 @@ def test_spec_module_imports_only_pydantic():
     import pathlib
 
     import trainer.spec
+
     tree = ast.parse(pathlib.Path(trainer.spec.__file__).read_text())
-    roots = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
-            {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
     import sys
+
     assert roots - set(sys.stdlib_module_names) <= {"pydantic", "pydantic_core"}, roots
     json.dumps(JobSpec().model_dump(mode="json"))
 
@@ -123,26 +144,32 @@ def test_presets_say_which_recipe_they_are():
     assert JobSpec.model_validate_json(notebook.to_json()) == notebook
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"optim.weight_decay_milestones": {"50": 1e-4}}, "optim.weight_decay_milestones"),  # after epoch 2
-    ({"optim.weight_decay_milestones": {"0": 1e-4}}, "optim.weight_decay_milestones"),
-    ({"schedule.restart_epochs": [1]}, "schedule.restart_epochs"),
-    ({"schedule.step_per": "step"}, "schedule.step_per"),
-    ({"data.test_every_epochs": -1}, "data.test_every_epochs"),
-    ({"data.augment.erasing_scale": [0.5, 0.2]}, "data.augment"),
-    ({"data.augment.autoaugmnet": True}, "data.augment.autoaugmnet"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"optim.weight_decay_milestones": {"50": 1e-4}}, "optim.weight_decay_milestones"),  # after epoch 2
+        ({"optim.weight_decay_milestones": {"0": 1e-4}}, "optim.weight_decay_milestones"),
+        ({"schedule.restart_epochs": [1]}, "schedule.restart_epochs"),
+        ({"schedule.step_per": "step"}, "schedule.step_per"),
+        ({"data.test_every_epochs": -1}, "data.test_every_epochs"),
+        ({"data.augment.erasing_scale": [0.5, 0.2]}, "data.augment"),
+        ({"data.augment.autoaugmnet": True}, "data.augment.autoaugmnet"),
+    ],
+)
 def test_new_recipe_fields_name_their_errors(overrides, field):
     with pytest.raises(ValidationError) as info:
         resolve("debug", overrides)
     assert any(f.startswith(field) for f in fields(info.value)), error_list(info.value)
 
 
-@pytest.mark.parametrize("path,message", [
-    ("no.such.field", "unknown field 'no'"),
-    ("optim.lrr", "did you mean 'optim.lr'?"),
-    ("model.widht", "did you mean 'model.width"),
-])
+@pytest.mark.parametrize(
+    "path,message",
+    [
+        ("no.such.field", "unknown field 'no'"),
+        ("optim.lrr", "did you mean 'optim.lr'?"),
+        ("model.widht", "did you mean 'model.width"),
+    ],
+)
 def test_unknown_override_path_is_named_whole_with_a_suggestion(path: str, message: str) -> None:
     with pytest.raises(ValidationError) as exc:
         resolve("debug", {path: 1})

@@ -14,14 +14,20 @@ pytestmark = pytest.mark.ray
 
 # Two good learning rates and two that cannot learn in 3 epochs: ASHA's rung at epoch 2 compares each
 # later trial with the ones before, so at least one of the hopeless ones is stopped early.
-SEARCH = {"space": {"optim.lr": {"grid": [0.1, 1e-6, 0.05, 2e-6]}}, "num_samples": 1,
-          "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2, "max_t": 3},
-          "max_concurrent_trials": 1}
+SEARCH = {
+    "space": {"optim.lr": {"grid": [0.1, 1e-6, 0.05, 2e-6]}},
+    "num_samples": 1,
+    "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2, "max_t": 3},
+    "max_concurrent_trials": 1,
+}
 
 
 def test_asha_search_runs_trials_in_a_row_and_promotes_the_best(ray_head, cifar_parquet, tmp_path):
-    job_dir = make_job_dir(tmp_path, "search", {"data.train": str(cifar_parquet), "optim.epochs": 3,
-                                                "data.max_train_images": 1024, "search": SEARCH})
+    job_dir = make_job_dir(
+        tmp_path,
+        "search",
+        {"data.train": str(cifar_parquet), "optim.epochs": 3, "data.max_train_images": 1024, "search": SEARCH},
+    )
     started = time.monotonic()
     assert run(job_dir, ray_head.env(), timeout=540) == 0, log_tail(job_dir)
     print(f"search wall time: {time.monotonic() - started:.1f} s")
