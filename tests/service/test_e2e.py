@@ -381,6 +381,7 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
     env.update({"TRAINCTL_RECONCILE_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1"})
     data = tmp_path / "data"
     svc = Service(f"http://127.0.0.1:{port}", data, env, port, args=("--ray-num-cpus", "4"))
+    watcher: subprocess.Popen[str] | None = None
     t_start = time.monotonic()
     svc.start()
     try:
@@ -405,6 +406,15 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
             job = wait_for(c, job_id, lambda j: j["progress"]["epoch"] >= 1 or finished(j), 400, "the first epoch")
             assert job["state"] == "RUNNING", job
             print(f"epoch 1 done at {time.monotonic() - t_start:.0f} s")
+        # A user follows the job with `trainctl watch` through every restart below: it rides them out and
+        # ends with the job's own exit code (0), never the "lost contact" one.
+        watcher = subprocess.Popen(
+            [TRAINCTL, "watch", job_id, "--url", svc.url, "--token", svc.token, "--interval", "1", "--patience", "600"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
         # 1. SIGTERM to serve: it is gone within 10 s, the head and the Ray job are not
         t0 = time.monotonic()
@@ -464,7 +474,12 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
             assert first.status_code == 200 and "Running entrypoint" in first.text and "\x1b[" not in first.text
             both = c.get(f"/v1/jobs/{job_id}/logs").text
             assert "=== attempt 1" in both and "=== attempt 2" in both
+        out, err = watcher.communicate(timeout=120)
+        assert watcher.returncode == 0, (out[-2000:], err[-2000:])
+        assert "lost contact with the service" in err and "contact restored" in err and "SUCCEEDED" in out
     finally:
+        if watcher is not None and watcher.poll() is None:
+            watcher.kill()
         svc.down()
         rec = read_head_record(data)
         if rec is not None:
