@@ -114,14 +114,14 @@ def test_cancel_queued_and_running(service: Service, cifar_parquet: Path, ray_he
         assert c.delete(f"/v1/jobs/{b}").status_code == 204
 
 
-def test_clients_get_4xx_never_500(service: Service) -> None:
+def test_clients_get_4xx_never_500(service: Service, cifar_parquet: Path) -> None:
     with httpx.Client(base_url=service.url, timeout=30) as anon, service.client() as c:
         assert anon.get("/v1/jobs").status_code == 401
         assert anon.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
         bob = c.post("/v1/tokens", json={"name": "bob-e2e"}).json()["token"]
         mine = c.post(
             "/v1/jobs",
-            json={"preset": "debug", "overrides": {"optim.epochs": 1}},
+            json={"preset": "debug", "overrides": {"optim.epochs": 1, "data.train": str(cifar_parquet)}},
             headers={"Idempotency-Key": "e2e-key"},
         ).json()["id"]
         c.post(f"/v1/jobs/{mine}/cancel")

@@ -11,6 +11,7 @@ the test: these tests are about the service, not the data).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -69,6 +70,9 @@ def test_two_replicas_one_reconciler_and_takeover_after_kill(
         "TRAINCTL_MAX_CONCURRENT_JOBS": "2",
     }
     a = start_service(ray_head, tmp_path / "a", **common)
+    # Replicas share the admin token file (docs/operations.md): one that starts without it rotates the token.
+    (tmp_path / "b").mkdir(mode=0o700)
+    shutil.copy2(tmp_path / "a" / "admin-token", tmp_path / "b" / "admin-token")
     b = start_service(ray_head, tmp_path / "b", **common)
     replicas = [a, b]
     try:

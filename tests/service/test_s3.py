@@ -10,7 +10,7 @@ import shlex
 import pytest
 
 import objstore
-from tests.service.conftest import DEBUG_JOB
+from tests.service.conftest import DEBUG_JOB, metrics_line
 
 pytestmark = pytest.mark.s3
 
@@ -26,8 +26,7 @@ def test_service_on_s3(make_api, s3_bucket_uri: str, s3_server) -> None:
     assert "TRAINCTL_S3_ENDPOINT" in fake.env_vars
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(fake.env_vars)  # secrets stay put
 
-    rows = [{"epoch": e, "val_acc": 0.2 * e, "epoch_seconds": 3.0} for e in (1, 2)]
-    objstore.write_text(objstore.join(job_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    objstore.write_text(objstore.join(job_dir, "metrics.jsonl"), metrics_line(1, 0.2) + metrics_line(2, 0.4))
     payload = bytes(range(256)) * 12_000  # ~3 MB: several 1 MiB chunks
     ckpt = objstore.join(job_dir, job_id, "epoch_0002", "checkpoint.pt")
     objstore.write_bytes(ckpt, payload)
