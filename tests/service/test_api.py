@@ -382,7 +382,8 @@ def test_our_own_validation_bugs_are_500_not_422(api: Api, monkeypatch: pytest.M
 def _scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    resp = api.client.get("/metrics")  # no token: scraped like /healthz
+    assert api.client.get("/metrics").status_code == 401  # job ids and owners: the admin's only
+    resp = api.client.get("/metrics", headers=api.headers())
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain"), resp.text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -480,6 +481,10 @@ def test_alert_rules_and_scrape_config_name_metrics_the_service_exports(api: Api
     for _ in range(2):  # the second slot fills, the last one waits in the queue
         api.post(DEBUG_JOB)
     api.reconcile()
-    exported = {s.name for fam in text_string_to_metric_families(api.client.get("/metrics").text) for s in fam.samples}
+    exported = {
+        s.name
+        for fam in text_string_to_metric_families(api.client.get("/metrics", headers=api.headers()).text)
+        for s in fam.samples
+    }
     used = {name for r in rules for name in re.findall(r"\btrainctl_[a-z_]+", r["expr"])}
     assert used and used <= exported, used - exported

@@ -42,7 +42,7 @@ def cifar_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:  # (a CIFAR
 
 
 def is_leader(svc: Service) -> bool:
-    text = httpx.get(svc.url + "/metrics", timeout=10).text
+    text = httpx.get(svc.url + "/metrics", headers={"Authorization": f"Bearer {svc.token}"}, timeout=10).text
     for fam in text_string_to_metric_families(text):
         if fam.name == "trainctl_reconciler_leader":
             return fam.samples[0].value == 1
