@@ -432,20 +432,20 @@ def test_a_missing_admin_token_file_is_recreated_and_the_old_token_revoked(make_
 
 
 def test_the_token_table_gains_expires_at_on_an_old_database(tmp_path: Path) -> None:
-    import sqlite3
+    """A database made by the first migration (before tokens could expire) keeps its tokens and gains
+    tokens.expires_at (migration 0002) when a newer service opens it."""
+    from sqlalchemy import text
 
-    from service.store import Store
+    from service.migrate import FIRST_REVISION, upgrade
+    from service.store import Store, make_engine, sqlite_url
 
-    db = tmp_path / "old.db"
-    con = sqlite3.connect(db)
-    con.execute(
-        "CREATE TABLE tokens (name VARCHAR(64) PRIMARY KEY, token_hash VARCHAR(64) UNIQUE, "
-        "is_admin BOOLEAN, created_at FLOAT)"
-    )
-    con.execute("INSERT INTO tokens VALUES ('old', 'h', 0, 1.0)")
-    con.commit()
-    con.close()
-    store = Store(db)
+    url = sqlite_url(tmp_path / "old.db")
+    engine = make_engine(url)
+    upgrade(engine, FIRST_REVISION)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tokens VALUES ('old', 'h', 0, 1.0)"))
+    engine.dispose()
+    store = Store(url)
     store.create_schema()
     assert store.token_owner("h") == ("old", False) and store.list_tokens()[0].expires_at is None
     store.close()
@@ -458,8 +458,9 @@ def test_files_are_owner_only(api: Api) -> None:
     def mode(p: Path) -> int:
         return stat.S_IMODE(os.stat(p).st_mode)
 
-    assert mode(api.settings.data_dir) == 0o700
-    assert mode(api.settings.db_path) == 0o600 and mode(api.settings.admin_token_path) == 0o600
+    assert mode(api.settings.data_dir) == 0o700 and mode(api.settings.admin_token_path) == 0o600
+    if api.settings.store_url.startswith("sqlite"):  # PostgreSQL keeps its files in its own data dir
+        assert mode(api.settings.db_path) == 0o600
     job_id = api.post(DEBUG_JOB).json()["id"]
     api.reconcile()
     spec = api.job_dir(job_id) / "spec.json"
