@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.plugins.ray_cluster import RayHead
-from tests.service.conftest import TRAINCTL, Service, start_service, wait_for
+from tests.service.conftest import TRAINCTL, Service, start_service, test_data_roots, wait_for
 from tests.service.test_api import MALFORMED
 
 pytestmark = pytest.mark.ray
@@ -378,7 +378,9 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS", "RAY_AUTH"))}
-    env.update({"TRAINCTL_RECONCILE_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {"TRAINCTL_RECONCILE_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1", "TRAINCTL_DATA_ROOTS": test_data_roots()}
+    )
     data = tmp_path / "data"
     svc = Service(f"http://127.0.0.1:{port}", data, env, port, args=("--ray-num-cpus", "4"))
     watcher: subprocess.Popen[str] | None = None
