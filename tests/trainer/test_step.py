@@ -158,10 +158,12 @@ def _two_ranks(rank: int, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned Pythons importing torch
 def test_two_ranks_agree_on_metrics_and_batchnorm_stats(tmp_path):
-    # fork: the ranks inherit the imported modules (spawn would import torch twice more: ~20 s here)
+    # spawn, not fork: once autograd has run in this process (any earlier test that trained), a forked child
+    # cannot run backward ("Unable to handle autograd's threading in combination with fork"). Costs ~20 s.
     torch.multiprocessing.start_processes(
-        _two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+        _two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
