@@ -135,7 +135,7 @@ def test_clients_get_4xx_never_500(service: Service, cifar_parquet: Path) -> Non
         assert r.status_code == 422
         r = c.post(
             "/v1/jobs",
-            json={"preset": "debug", "overrides": {"optim.epochs": 2}},
+            json={"preset": "debug", "overrides": {"optim.epochs": 2, "data.train": str(cifar_parquet)}},
             headers={"Idempotency-Key": "e2e-key"},
         )
         assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict"
