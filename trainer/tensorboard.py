@@ -56,10 +56,38 @@ def scalars(metrics: EpochMetrics) -> dict[str, float]:
     return out
 
 
+LOCAL_PREFIX = "trainctl-tb-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_local_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the local directories of writers whose process is gone (a worker killed by a fault or a
+    restart never reaches close()); a directory of a live process, or one not named by this module, stays."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(tmp):
+        pid_text = name[len(LOCAL_PREFIX) :].split("-", 1)[0]
+        if name.startswith(LOCAL_PREFIX) and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 class EventLog:
     def __init__(self, run_dir: str, purge_step: int | None = None) -> None:
         self.dest = objstore.join(run_dir, contract.TENSORBOARD_DIR)
-        self._local = tempfile.mkdtemp(prefix="trainctl-tb-")
+        remove_stale_local_dirs()
+        # The pid in the name lets a later writer on this machine clean up after a killed one.
+        self._local = tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-")
         self._writer: Any = None
         try:
             from tensorboardX.event_file_writer import EventsWriter

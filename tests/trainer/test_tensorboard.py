@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from tests.trainer.cifar_files import write_cifar_python
 from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run
 from trainer.contract import Confusion, EpochMetrics
-from trainer.tensorboard import TAGS, EventLog, confusion_image, scalars
+from trainer.tensorboard import LOCAL_PREFIX, TAGS, EventLog, confusion_image, remove_stale_local_dirs, scalars
 
 
 def accumulator(path: Path):
@@ -61,6 +63,19 @@ def test_event_log_one_point_per_epoch_and_a_resume_purges(tmp_path: Path) -> No
     acc = accumulator(tmp_path / "tensorboard")
     assert [s.step for s in acc.Scalars("accuracy/val")] == [1, 2, 3, 4]
     assert len(list((tmp_path / "tensorboard").iterdir())) == 2
+
+
+def test_a_killed_writers_local_dir_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that was a process and is no more
+    dead = tmp_path / f"{LOCAL_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{LOCAL_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{LOCAL_PREFIX}notapid"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "events").write_bytes(b"x")
+    assert remove_stale_local_dirs(str(tmp_path)) == [dead.name]
+    assert not dead.exists() and live.exists() and other.exists()
 
 
 def test_confusion_image_and_tags(tmp_path: Path) -> None:
