@@ -3,13 +3,16 @@
     .venv/bin/python bench/accuracy.py --preset fast --epochs 5
     .venv/bin/python bench/accuracy.py --preset paper --wall-seconds 1500   # how far in a fixed wall time
     .venv/bin/python bench/accuracy.py --augment-cost                        # AutoAugment + erasing, img/s
+    .venv/bin/python bench/accuracy.py --compare fast,paper,notebook         # each in the first one's time
 
 A benchmark, not a test: it asserts nothing, it prints what it measured. The job runs as the service would
 run it (a `python -m trainer.run` subprocess on a private local Ray, the job dir under ./data/bench/), with
 one Ray Train worker holding every core of this machine unless --set says otherwise. Each epoch line gives
 the wall seconds since the job started (Ray start-up and data decoding included), that epoch's own seconds,
 images/s, train/val/test accuracy. With --wall-seconds the job is stopped after that long and the last
-finished epoch is what the preset reached in that time.
+finished epoch is what the preset reached in that time. --compare runs its first preset to the end and each
+other one for the first one's wall seconds, every one scored on the same held-out 10 % (data.val_fraction
+0.1, seed 0: `paper` and `notebook` train on all images by default and have no held-out score otherwise).
 """
 
 from __future__ import annotations
@@ -50,7 +53,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def run_preset(args: argparse.Namespace) -> int:
+def run_preset(
+    args: argparse.Namespace,
+    preset: str,
+    epochs: int | None,
+    wall_seconds: float | None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[int, float, list[dict[str, Any]]]:
+    """Train `preset` once; (exit code, wall seconds, its metrics lines)."""
     cpus = os.cpu_count() or 1
     overrides: dict[str, Any] = {
         "data.train": str(args.data),
@@ -58,15 +68,16 @@ def run_preset(args: argparse.Namespace) -> int:
         "scaling.cpus_per_worker": cpus,
         "scaling.use_gpu": None,
     }
-    if args.epochs is not None:
-        overrides["optim.epochs"] = args.epochs
+    if epochs is not None:
+        overrides["optim.epochs"] = epochs
+    overrides.update(extra or {})
     overrides.update(dict(parse_override(s) for s in args.set))
-    spec = resolve(args.preset, overrides)
-    job_dir = Path(args.job_dir or ROOT / "data" / "bench" / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    spec = resolve(preset, overrides)
+    job_dir = Path(args.job_dir or ROOT / "data" / "bench" / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     job_dir.mkdir(parents=True, exist_ok=False)
     (job_dir / "spec.json").write_text(spec.to_json())
     print(
-        f"preset {args.preset}: {spec.optim.epochs} epochs, batch {spec.optim.batch_size}, "
+        f"preset {preset}: {spec.optim.epochs} epochs, batch {spec.optim.batch_size}, "
         f"{spec.schedule.kind} lr {spec.optim.lr}, wd {spec.optim.weight_decay}, precision {spec.precision}, "
         f"augment {spec.data.augment.model_dump()}; data {spec.data.train} (val_fraction "
         f"{spec.data.val_fraction}); {cpus} CPUs; job dir {job_dir}",
@@ -102,7 +113,7 @@ def run_preset(args: argparse.Namespace) -> int:
         shown = max(shown, len(lines))
         if done:
             break
-        if args.wall_seconds and time.time() - started > args.wall_seconds:
+        if wall_seconds and time.time() - started > wall_seconds:
             os.killpg(proc.pid, signal.SIGTERM)  # the trainer's own process group only
             try:
                 proc.wait(60)
@@ -115,11 +126,11 @@ def run_preset(args: argparse.Namespace) -> int:
     wall = time.time() - started
     if stopped:
         print(
-            f"stopped after {wall:.0f} s (--wall-seconds {args.wall_seconds}); reached epoch "
+            f"stopped after {wall:.0f} s (wall limit {wall_seconds:.0f} s); reached epoch "
             f"{lines[-1]['epoch'] if lines else 0}",
             flush=True,
         )
-        return 0
+        return 0, wall, lines
     summary_path = job_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     keys = (
@@ -135,7 +146,35 @@ def run_preset(args: argparse.Namespace) -> int:
         json.dumps({"exit_code": proc.returncode, "wall_seconds": round(wall, 1), **{k: summary.get(k) for k in keys}}),
         flush=True,
     )
-    return proc.returncode or 0
+    return proc.returncode or 0, wall, lines
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The first preset to its end, then each other one for as many wall seconds; one table at the end."""
+    presets = [p.strip() for p in args.compare.split(",") if p.strip()]
+    unknown = [p for p in presets if p not in PRESETS]
+    if len(presets) < 2 or unknown:
+        print(f"--compare: give two or more of {sorted(PRESETS)} (unknown: {unknown})", file=sys.stderr)
+        return 2
+    held_out = {"data.val_fraction": 0.1}
+    rows = []
+    budget: float | None = None
+    for preset in presets:
+        # --epochs is the first preset's; the others keep their own schedules (cut by the wall time)
+        code, wall, lines = run_preset(args, preset, args.epochs if budget is None else None, budget, held_out)
+        if budget is None:
+            if code != 0:
+                print(f"{preset} failed (exit {code}); no wall time to compare against", file=sys.stderr)
+                return code
+            budget = wall
+        last = lines[-1] if lines else {}
+        best = max((m["val_acc"] for m in lines if m.get("val_acc") is not None), default=None)
+        rows.append((preset, wall, last.get("epoch", 0), last.get("val_acc"), best))
+    print(f"\nsame wall time ({budget:.0f} s, the first preset's), val accuracy on the same 10 % held out:")
+    print(f"{'preset':<10} {'wall_s':>7} {'epochs':>6} {'last val_acc':>12} {'best val_acc':>12}")
+    for preset, wall, epochs, last_acc, best_acc in rows:
+        print(f"{preset:<10} {wall:>7.0f} {epochs:>6} {fmt(last_acc):>12} {fmt(best_acc):>12}")
+    return 0
 
 
 def augment_cost(args: argparse.Namespace) -> int:
@@ -206,12 +245,17 @@ def main() -> int:
     parser.add_argument("--job-dir", help="default: ./data/bench/<preset>-<time>")
     parser.add_argument("--wall-seconds", type=float, help="stop the job after this many seconds")
     parser.add_argument("--augment-cost", action="store_true", help="measure the augmentation's cost instead")
+    parser.add_argument("--compare", metavar="P1,P2,...", help="P1 to its end, the others in P1's wall time")
     parser.add_argument("--images", type=int, default=5120, help="images for --augment-cost")
     args = parser.parse_args()
     if not Path(args.data).exists():
         print(f"dataset {args.data} not found (pass --data)", file=sys.stderr)
         return 2
-    return augment_cost(args) if args.augment_cost else run_preset(args)
+    if args.augment_cost:
+        return augment_cost(args)
+    if args.compare:
+        return compare(args)
+    return run_preset(args, args.preset, args.epochs, args.wall_seconds)[0]
 
 
 if __name__ == "__main__":
