@@ -729,6 +729,14 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="stop this data dir's `serve` and its local Ray head (which otherwise outlives `serve`)",
     )
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how long the head gets to stop its workers after SIGTERM before SIGKILL (default 15; Ray's own "
+        "`ray start --block` never exits on SIGTERM, so the head always takes this long)",
+    )
     s.set_defaults(fn=_down)
     s = sub.add_parser("db", help="the job database: schema migrations")
     dsub = s.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -78,9 +78,10 @@ class LocalRayHead:
         head.stop()
         raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f}s:\n{tail}")
 
-    def stop(self) -> None:
-        """SIGTERM the head's process group, wait, then SIGKILL whatever is left of it."""
-        stop_process_group(self.proc, grace_s=30)
+    def stop(self, grace_s: float = 30) -> None:
+        """SIGTERM the head's process group, wait, then SIGKILL whatever is left of it. `ray start --block`
+        never exits on SIGTERM (its subprocesses do), so this always takes `grace_s`."""
+        stop_process_group(self.proc, grace_s=grace_s)
         try:  # stragglers of the group (workers that ignored SIGTERM)
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -213,7 +213,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         while _is_serve(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
     record.unlink(missing_ok=True)
-    rec = stop_recorded_head(settings.data_dir)
+    rec = stop_recorded_head(settings.data_dir, grace_s=args.grace)
     if rec is None:
         print(f"no local Ray head is running for {settings.data_dir}", flush=True)
     else:

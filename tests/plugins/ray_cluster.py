@@ -47,4 +47,4 @@ def ray_head() -> Iterator[RayHead]:
             os.environ.pop("RAY_ADDRESS", None)
         else:
             os.environ["RAY_ADDRESS"] = old
-        local.stop()
+        local.stop(grace_s=5)  # a throwaway cluster: 5 s for the raylet to stop its workers is plenty

@@ -186,7 +186,8 @@ class Service:
     def down(self) -> subprocess.CompletedProcess:
         """`trainctl down`: stop this data dir's serve and the local Ray head it started (a no-op without)."""
         done = subprocess.run(
-            [TRAINCTL, "down", "--data-dir", str(self.data_dir)],
+            # a throwaway head: 3 s for its raylet to stop the workers, not the 15 s a real one gets
+            [TRAINCTL, "down", "--data-dir", str(self.data_dir), "--grace", "3"],
             env=self.env,
             capture_output=True,
             text=True,
