@@ -85,11 +85,11 @@ def remove_stale_local_dirs(tmp: str | None = None) -> list[str]:
 class EventLog:
     def __init__(self, run_dir: str, purge_step: int | None = None) -> None:
         self.dest = objstore.join(run_dir, contract.TENSORBOARD_DIR)
-        remove_stale_local_dirs()
         # The pid in the name lets a later writer on this machine clean up after a killed one.
         self._local = tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-")
         self._writer: Any = None
         try:
+            remove_stale_local_dirs()  # inside the try: housekeeping must not fail training either
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
 
