@@ -115,10 +115,9 @@ def settle_trials(trials: list[TrialRow], job_state: str) -> list[TrialRow]:
     ]
 
 
-def search_progress(search: dict[str, Any], trials: list[TrialRow]) -> dict[str, Any]:
+def search_progress(spec: SearchSpec, trials: list[TrialRow]) -> dict[str, Any]:
     """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, best_config,
     metric}."""
-    spec = SearchSpec.model_validate(search)
     best = contract.best_trial(trials, spec.mode)
     return {
         "trials_total": spec.total_trials(),

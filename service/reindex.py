@@ -20,7 +20,7 @@ from typing import Any
 import objstore
 from service import jobdir
 from service.states import JobState
-from service.store import Job, Store
+from service.store import Job, Store, parse_stored_spec
 from trainer import contract
 from trainer.contract import RunState, Summary
 
@@ -53,6 +53,7 @@ def rebuild_job(storage_root: str, job_id: str, default_owner: str) -> Job | str
     spec = jobdir.read_spec(job_dir)
     if spec is None:
         return f"no {contract.SPEC}"
+    stored_spec, spec_error = parse_stored_spec(spec)
     record = jobdir.read_record(job_dir) or {}
     summary = jobdir.read_summary(job_dir)
     metrics = jobdir.read_metrics(job_dir)
@@ -79,7 +80,8 @@ def rebuild_job(storage_root: str, job_id: str, default_owner: str) -> Job | str
         created_at=float(record.get("created_at") or now),
         updated_at=now,
         state=state,
-        spec=spec,
+        spec=stored_spec,
+        spec_error=spec_error,
         ray_submission_id=record.get("ray_submission_id") or (f"{job_id}-{attempts}" if attempts else None),
         attempts=attempts,
         attempt_log=attempt_log,

@@ -60,7 +60,7 @@ def over_time_limit(job: Job, max_job_hours: float, now: float) -> float | None:
     Ray, so time spent queued is free), else None."""
     if not job.attempt_log:
         return None
-    limit_h = min(float((job.spec.get("limits") or {}).get("max_hours", max_job_hours)), max_job_hours)
+    limit_h = min(job.spec.limits.max_hours, max_job_hours)
     started = float(job.attempt_log[0].get("submitted_at") or job.created_at)
     return limit_h if now - started > limit_h * 3600 else None
 
@@ -97,7 +97,10 @@ class Runner:
     def save_record(self, job: Job) -> None:
         """Mirror a job's record into its directory (record.json) for `trainctl reindex`. Best effort: the
         database stays the truth, and the next transition writes it again."""
-        record = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("seq", "spec")}
+        # Everything but the spec (spec.json holds it); not dataclasses.asdict, which would deep-copy the spec.
+        record = {
+            f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in ("seq", "spec", "spec_error")
+        }
         record["state"] = job.state.value
         try:
             jobdir.write_record(self.job_dir(job.id), record)
@@ -125,6 +128,9 @@ class Runner:
                 if free <= 0:
                     return
                 try:
+                    if job.spec_error is not None:  # never run a spec other than the one the user submitted
+                        self._fail(job.id, job.spec_error)
+                        continue
                     self._submit(job, attempt=1, reason="submitted")
                 except (RayUnavailable, objstore.StorageUnavailable) as exc:
                     if isinstance(exc, RayUnavailable):
@@ -147,7 +153,7 @@ class Runner:
         after Ray accepted the job, so attempts only count real submissions; if the job was cancelled in the
         meantime the new Ray job is stopped again."""
         job_dir = self.job_dir(job.id)
-        jobdir.write_spec(job_dir, job.spec)
+        jobdir.write_spec(job_dir, job.spec.model_dump(mode="json"))
         submission_id = f"{job.id}-{attempt}"
         env = self.forwarded_env()
         self.ray.submit(
@@ -274,6 +280,8 @@ class Runner:
             )
         elif isinstance(action, Fail):
             self._fail(job.id, action.message)
+        elif isinstance(action, Resubmit) and job.spec_error is not None:
+            self._fail(job.id, f"{action.reason}; not restarted: {job.spec_error}")
         elif isinstance(action, Resubmit):
             log.warning("job %s attempt %d failed (%s); resubmitting", job.id, job.attempts, action.log_reason)
             # This attempt's summary (its error is in the attempt log now) must not be mistaken for the next
@@ -291,7 +299,7 @@ class Runner:
             exit_code=info.exit_code if info else None,
             ray_message=info.message if info else None,
             attempts=job.attempts,
-            max_restarts=int(job.spec.get("checkpoint", {}).get("max_restarts", 0)),
+            max_restarts=job.spec.checkpoint.max_restarts,
             charged_restarts=charged,
             free_restarts=free,
             storage_name=objstore.redact(self.settings.storage_root),

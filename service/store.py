@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from pydantic import ValidationError
 from sqlalchemy import (
     Boolean,
     Float,
@@ -42,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
+from trainer.spec import JobSpec
 
 
 class Base(DeclarativeBase):
@@ -89,9 +91,79 @@ class TokenInfo:
     expires_at: float | None
 
 
+def parse_stored_spec(stored: str | dict[str, Any]) -> tuple[JobSpec, str | None]:
+    """A stored spec (JSON text or its dict) as a JobSpec, and None; or, for a spec written by an older
+    version that no longer validates, the closest valid JobSpec (each failing field back at its default)
+    and a message naming those fields. Reading a job never fails over its spec: the job stays listable and
+    deletable, and the runner fails such a job rather than start (or restart) it with a changed spec."""
+    try:
+        return (
+            JobSpec.model_validate_json(stored) if isinstance(stored, str) else JobSpec.model_validate(stored)
+        ), None
+    except ValidationError as exc:
+        first = exc
+    try:
+        data: Any = json.loads(stored) if isinstance(stored, str) else json.loads(json.dumps(stored))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        data = {}
+    reset: list[str] = []
+    spec = JobSpec()
+    for _ in range(20):  # each round drops the fields that failed; a few rounds settle any real spec
+        try:
+            spec = JobSpec.model_validate(data)
+            break
+        except ValidationError as exc:
+            if not _drop_failing(data, exc, reset):
+                reset = []  # nothing left to drop: every field at its default
+                break
+    fields = "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in first.errors(include_url=False)[:10]
+    )
+    message = (
+        f"the stored spec no longer validates ({fields}), so it is read with "
+        f"{', '.join(reset) if reset else 'every field'} dropped or back at the default; "
+        "the job cannot start or restart: resubmit it with a valid spec"
+    )
+    return spec, message
+
+
+def _drop_failing(data: dict[str, Any], exc: ValidationError, reset: list[str]) -> bool:
+    """Remove from `data` the field each error names (the deepest mapping key on its path); when every such
+    key is gone already (a cross-field error naming a field now at its default), the section holding it.
+    False when nothing was left to remove."""
+    exact: dict[str, tuple[dict[str, Any], str]] = {}
+    enclosing: dict[str, tuple[dict[str, Any], str]] = {}
+    for error in exc.errors(include_url=False):
+        node: Any = data
+        path: list[str] = []
+        target: tuple[dict[str, Any], str] | None = None
+        found = True
+        for key in error["loc"]:
+            if not isinstance(node, dict) or not isinstance(key, str):
+                break  # inside a list or a value: the whole field that holds it goes
+            if key not in node:
+                found = False
+                break
+            target = (node, key)
+            path.append(key)
+            node = node[key]
+        if target is not None:
+            (exact if found else enclosing)[".".join(path)] = target
+    chosen = exact or enclosing
+    for dotted, (parent, key) in chosen.items():
+        if key in parent:
+            del parent[key]
+            reset.append(dotted)
+    return bool(chosen)
+
+
 @dataclass(frozen=True)
 class Job:
-    """A snapshot of one job row (no live ORM object escapes the store)."""
+    """A snapshot of one job row (no live ORM object escapes the store). `spec` is validated when the
+    snapshot is made; `spec_error` says why a stored spec from an older version did not validate
+    (see `parse_stored_spec`), else None."""
 
     seq: int
     id: str
@@ -99,7 +171,7 @@ class Job:
     created_at: float
     updated_at: float
     state: JobState
-    spec: dict[str, Any]
+    spec: JobSpec
     ray_submission_id: str | None
     attempts: int
     attempt_log: list[dict[str, Any]]
@@ -109,9 +181,11 @@ class Job:
     cancel_requested: bool
     idempotency_key: str | None = field(default=None, repr=False)
     request_hash: str | None = field(default=None, repr=False)
+    spec_error: str | None = None
 
     @classmethod
     def of(cls, m: JobModel) -> Job:
+        spec, spec_error = parse_stored_spec(m.spec)
         return cls(
             seq=m.seq,
             id=m.id,
@@ -119,7 +193,7 @@ class Job:
             created_at=m.created_at,
             updated_at=m.updated_at,
             state=JobState(m.state),
-            spec=json.loads(m.spec),
+            spec=spec,
             ray_submission_id=m.ray_submission_id,
             attempts=m.attempts,
             attempt_log=json.loads(m.attempt_log or "[]"),
@@ -129,6 +203,7 @@ class Job:
             cancel_requested=m.cancel_requested,
             idempotency_key=m.idempotency_key,
             request_hash=m.request_hash,
+            spec_error=spec_error,
         )
 
 
@@ -248,7 +323,7 @@ class Store:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def create_job(
-        self, owner: str, spec: dict[str, Any], idempotency_key: str | None = None, request_hash: str | None = None
+        self, owner: str, spec: JobSpec, idempotency_key: str | None = None, request_hash: str | None = None
     ) -> tuple[Job, bool]:
         """Insert a QUEUED job. With an idempotency key already used by this owner: the earlier job
         (created=False) when the request hash matches, else IdempotencyConflict."""
@@ -270,7 +345,7 @@ class Store:
                         created_at=now,
                         updated_at=now,
                         state=JobState.QUEUED.value,
-                        spec=json.dumps(spec),
+                        spec=spec.model_dump_json(),
                         attempts=0,
                         attempt_log="[]",
                         cancel_requested=False,
@@ -411,7 +486,10 @@ class Store:
                     return False
                 s.add(
                     JobModel(
-                        **row, state=job.state.value, spec=json.dumps(job.spec), attempt_log=json.dumps(job.attempt_log)
+                        **row,
+                        state=job.state.value,
+                        spec=job.spec.model_dump_json(),
+                        attempt_log=json.dumps(job.attempt_log),
                     )
                 )
             return True

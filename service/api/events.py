@@ -71,7 +71,7 @@ async def job_events(
                     last_epoch, last_sent = m.epoch, time.monotonic()
             view = job_view(current).model_dump(mode="json")
             if metrics is not None:
-                epochs = (current.spec.get("optim") or {}).get("epochs")
+                epochs = current.spec.optim.epochs
                 view["progress"] = jobdir.progress(metrics, epochs, finished=current.state.is_terminal())
                 view["metrics"] = metrics[-1].model_dump(mode="json") if metrics else None
                 # fresher than the store's, which the reconciler updates on its own schedule

@@ -39,9 +39,9 @@ from service.api.schemas import (
 from service.errors import ApiError
 from service.runner import NoLog
 from service.states import JobState
-from service.store import IdempotencyConflict, Store
+from service.store import IdempotencyConflict, Job, Store
 from trainer.contract import METRIC_COLUMNS
-from trainer.spec import SearchSpec
+from trainer.spec import JobSpec
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 _SUBMIT_LOCK = threading.Lock()
@@ -79,11 +79,11 @@ def submit_job(
     return job_view(job, with_spec=True)
 
 
-def _create(store: Store, owner: str, spec: Any, body: dict[str, Any], idempotency_key: str | None) -> tuple[Any, bool]:
+def _create(
+    store: Store, owner: str, spec: JobSpec, body: dict[str, Any], idempotency_key: str | None
+) -> tuple[Job, bool]:
     try:
-        job, created = store.create_job(
-            owner, spec.model_dump(mode="json"), idempotency_key, request_hash(body) if idempotency_key else None
-        )
+        job, created = store.create_job(owner, spec, idempotency_key, request_hash(body) if idempotency_key else None)
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
     return job, created
@@ -148,16 +148,15 @@ def get_metrics(
 def list_trials(job: JobDep, runner: RunnerDep) -> TrialList:
     """A search's trials: config, state, epochs done, best metric, stopped early or not (409 for a job
     that is not a search)."""
-    search = job.spec.get("search")
-    if not search:
+    search = job.spec.search
+    if search is None:
         raise ApiError(409, "not_a_search", f"job {job.id} is a single run, not a search: it has no trials")
     trials = (
         jobdir.settle_trials(jobdir.read_trials(runner.job_dir(job.id)), job.state.value)
         if job.state is not JobState.QUEUED
         else []
     )
-    search_spec = SearchSpec.model_validate(search)
-    return TrialList(job_id=job.id, metric=search_spec.metric, mode=search_spec.mode, trials=trials)
+    return TrialList(job_id=job.id, metric=search.metric, mode=search.mode, trials=trials)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404))

@@ -160,7 +160,7 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     """With `job_dir`, progress and latest metrics come fresh from metrics.jsonl; without it (lists), or
     while storage is unreachable, from the values the reconciler last stored — a job's state stays
     readable during a storage outage."""
-    epochs = (job.spec.get("optim") or {}).get("epochs")
+    epochs = job.spec.optim.epochs
     latest: EpochMetrics | None = None
     metrics: list[EpochMetrics] | None = None
     trials: list[TrialRow] | None = None
@@ -168,9 +168,7 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     if job_dir is not None and job.state is not JobState.QUEUED:
         try:
             metrics = jobdir.read_metrics(job_dir)
-            trials = (
-                jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) if job.spec.get("search") else None
-            )
+            trials = jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) if job.spec.search else None
             summary = jobdir.read_summary(job_dir) if job.state.is_terminal() else None
         except objstore.StorageUnavailable:
             metrics = trials = None
@@ -187,9 +185,9 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     if job.state in (JobState.QUEUED, JobState.STARTING):
         progress["eta_seconds"] = None  # no ETA until this attempt's workers train (not a dead attempt's)
     search = None
-    if trials is not None:
-        search = SearchProgress(**jobdir.search_progress(job.spec["search"], trials))
-    has_val = float((job.spec.get("data") or {}).get("val_fraction", 0.1)) > 0
+    if trials is not None and job.spec.search is not None:
+        search = SearchProgress(**jobdir.search_progress(job.spec.search, trials))
+    has_val = job.spec.data.val_fraction > 0
     return JobView(
         id=job.id,
         owner=job.owner,
@@ -202,11 +200,11 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
         best_checkpoint_rule="val_acc" if has_val else "final_epoch",
         attempts=job.attempts,
         attempt_log=job.attempt_log,
-        message=job.message,
+        message="; ".join(m for m in (job.message, job.spec_error) if m) or None,
         ray_submission_id=job.ray_submission_id,
         created_at=_time(job.created_at),
         updated_at=_time(job.updated_at),
-        spec=job.spec if with_spec else None,
+        spec=job.spec.model_dump(mode="json") if with_spec else None,
         search=search,
         devices=latest.devices or None if latest else None,
         numerics=latest.numerics if latest else None,

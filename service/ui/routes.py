@@ -173,16 +173,16 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
         checkpoints = jobdir.checkpoints(runner.job_dir(job.id))
     except objstore.StorageUnavailable:
         view, checkpoints = job_view(job, with_spec=True), []
-    search = job.spec.get("search")
+    search = job.spec.search
     return _render(
         request,
         "job.html",
         principal=principal,
         job=view,
         checkpoints=checkpoints,
-        spec_yaml=yaml.safe_dump(job.spec, sort_keys=False, default_flow_style=None, width=100),
+        spec_yaml=yaml.safe_dump(job.spec.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100),
         search=search,
-        params=sorted((search or {}).get("space", {})),
+        params=sorted(search.space) if search else [],
         device=_device(job, view.metrics.model_dump() if view.metrics else None),
         created=_when(job.created_at),
     )
@@ -221,10 +221,9 @@ def _device(job: Job, metrics: dict[str, Any] | None) -> str:
         value = (metrics or {}).get(key)
         if value:
             return ", ".join(sorted(set(map(str, value)))) if isinstance(value, list) else str(value)
-    scaling = job.spec.get("scaling") or {}
-    use_gpu = scaling.get("use_gpu")
+    use_gpu = job.spec.scaling.use_gpu
     kind = "GPU if any" if use_gpu is None else "GPU" if use_gpu else "CPU"
-    return f"{scaling.get('num_workers', '?')} × {kind}"
+    return f"{job.spec.scaling.num_workers} × {kind}"
 
 
 def _when(t: float) -> str:
@@ -263,8 +262,8 @@ def jobs_table(
                 "test_acc": test_acc,
                 "device": _device(job, latest),
                 "age_seconds": round(now - job.created_at, 1),
-                "search": bool(job.spec.get("search")),
-                "message": job.message,
+                "search": job.spec.search is not None,
+                "message": "; ".join(m for m in (job.message, job.spec_error) if m) or None,
             }
         )
     return JSONResponse({"jobs": rows, "total": total}, headers={"Cache-Control": "no-store"})

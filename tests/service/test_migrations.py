@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, inspect, text
 from service.migrate import FIRST_REVISION, alembic_config, current_revision, head_revision, upgrade
 from service.states import JobState
 from service.store import Base, Store, make_engine
+from trainer.spec import JobSpec
 
 # What `Base.metadata.create_all` made before migrations existed (the first revision's schema, frozen here
 # as plain DDL so that later model changes cannot alter this test's starting point).
@@ -67,10 +68,10 @@ def _check_old_rows_survive(url: str) -> None:
     try:
         job = store.get("old-job-1")
         assert job is not None and job.state is JobState.SUCCEEDED and job.owner == "alice"
-        assert job.best_val_acc == 0.5 and job.spec == {"optim": {"epochs": 1}}
+        assert job.best_val_acc == 0.5 and job.spec.optim.epochs == 1 and job.spec_error is None
         assert store.token_owner("a" * 64) == ("admin", True)
         # New rows keep coming after the old ones (the sequence survived).
-        new, _ = store.create_job("alice", {})
+        new, _ = store.create_job("alice", JobSpec())
         assert new.seq > 1
     finally:
         store.close()

@@ -346,3 +346,41 @@ def test_job_view_shows_test_accuracy_and_the_best_checkpoint_rule(make_api, val
     assert done["state"] == "SUCCEEDED" and done["best_checkpoint_rule"] == rule
     assert (done["final_test_acc"], done["best_checkpoint_test_acc"]) == (0.61, 0.59)
     assert done["best_val_acc"] == (0.3 if val_fraction else None)
+
+
+def _store_raw_spec(api: Api, job_id: str, raw: dict) -> None:
+    """Write a stored spec as an older version might have left it (bypassing validation)."""
+    from sqlalchemy import update
+
+    from service.store import JobModel
+
+    with api.runner.store.engine.begin() as conn:
+        conn.execute(update(JobModel).where(JobModel.id == job_id).values(spec=json.dumps(raw)))
+
+
+def test_a_stored_spec_that_no_longer_validates_is_readable_and_never_runs(api: Api) -> None:
+    job_id = submit(api)
+    _store_raw_spec(api, job_id, {"optim": {"epochs": 2, "retired_knob": 1}, "seed": 3})
+    view = api.get(f"/v1/jobs/{job_id}")
+    assert view.status_code == 200, view.text
+    assert "optim.retired_knob" in view.json()["message"] and "resubmit" in view.json()["message"]
+    assert view.json()["spec"]["optim"]["epochs"] == 2 and view.json()["spec"]["seed"] == 3  # the valid rest kept
+    assert api.get("/v1/jobs").status_code == 200
+    assert api.get("/ui/api/jobs").status_code == 200  # the dashboard's rows
+    api.reconcile()
+    job = state(api, job_id)
+    assert job["state"] == "FAILED" and "optim.retired_knob" in job["message"], job
+    assert not api.ray.jobs  # never submitted with a spec the user did not write
+
+
+def test_the_spec_defaults_are_the_specs_own(api: Api) -> None:
+    """The runner reads checkpoint.max_restarts from the typed spec: a spec that omits it gets spec.py's
+    default (2), not a second default written in the service."""
+    from service.store import Job
+    from trainer.spec import CheckpointSpec
+
+    job_id = submit(api)
+    _store_raw_spec(api, job_id, {"optim": {"epochs": 2}})  # no checkpoint section at all
+    job = api.runner.store.get(job_id)
+    assert isinstance(job, Job) and job.spec_error is None
+    assert job.spec.checkpoint.max_restarts == CheckpointSpec().max_restarts == 2

@@ -16,6 +16,7 @@ from service.runner import fair_queue, over_time_limit
 from service.states import JobState
 from service.store import Job
 from tests.service.conftest import DEBUG_JOB, Api
+from trainer.spec import JobSpec
 
 
 def error(resp) -> dict:
@@ -222,7 +223,7 @@ def _job(seq: int, owner: str, state: JobState = JobState.QUEUED) -> Job:
         created_at=0,
         updated_at=0,
         state=state,
-        spec={},
+        spec=JobSpec(),
         ray_submission_id=None,
         attempts=0,
         attempt_log=[],
@@ -325,7 +326,7 @@ def test_over_time_limit_counts_from_the_first_submission() -> None:
     job = Job(
         **{
             **job.__dict__,
-            "spec": {"limits": {"max_hours": 1}},
+            "spec": JobSpec.model_validate({"limits": {"max_hours": 1}}),
             "attempt_log": [{"submitted_at": 1000.0}, {"submitted_at": 5000.0}],
         }
     )

@@ -6,6 +6,7 @@ import pytest
 
 from service.states import InvalidTransition, JobNotFound, JobState, can_transition
 from service.store import IdempotencyConflict, Store, TokenNameTaken
+from trainer.spec import JobSpec, SearchSpec
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_terminal_states_have_no_way_out() -> None:
 
 
 def test_happy_path_and_terminal_is_final(store: Store) -> None:
-    job, created = store.create_job("alice", {"optim": {"epochs": 1}})
+    job, created = store.create_job("alice", JobSpec.model_validate({"optim": {"epochs": 1}}))
     assert created and job.state is JobState.QUEUED and job.attempts == 0
     store.transition(job.id, JobState.STARTING, ray_submission_id=f"{job.id}-1", attempts=1)
     store.transition(job.id, JobState.RUNNING)
@@ -41,7 +42,7 @@ def test_happy_path_and_terminal_is_final(store: Store) -> None:
 
 
 def test_transition_checks_expected_state(store: Store) -> None:
-    job, _ = store.create_job("alice", {})
+    job, _ = store.create_job("alice", JobSpec())
     store.transition(job.id, JobState.CANCELLED, expect={JobState.QUEUED})
     with pytest.raises(InvalidTransition):
         store.transition(job.id, JobState.STARTING, expect={JobState.QUEUED})
@@ -52,24 +53,24 @@ def test_transition_checks_expected_state(store: Store) -> None:
 
 
 def test_ids_are_random_and_url_safe(store: Store) -> None:
-    ids = {store.create_job("a", {})[0].id for _ in range(20)}
+    ids = {store.create_job("a", JobSpec())[0].id for _ in range(20)}
     assert len(ids) == 20
     assert all(len(i) >= 20 and all(c.isalnum() or c in "-_" for c in i) for i in ids)
 
 
 def test_idempotency_key(store: Store) -> None:
-    a, created_a = store.create_job("alice", {"x": 1}, "k1", "h1")
-    b, created_b = store.create_job("alice", {"x": 1}, "k1", "h1")
+    a, created_a = store.create_job("alice", JobSpec(seed=1), "k1", "h1")
+    b, created_b = store.create_job("alice", JobSpec(seed=1), "k1", "h1")
     assert created_a and not created_b and a.id == b.id
     with pytest.raises(IdempotencyConflict):
-        store.create_job("alice", {"x": 2}, "k1", "h2")
-    c, created_c = store.create_job("bob", {"x": 2}, "k1", "h2")  # keys are per owner
+        store.create_job("alice", JobSpec(seed=2), "k1", "h2")
+    c, created_c = store.create_job("bob", JobSpec(seed=2), "k1", "h2")  # keys are per owner
     assert created_c and c.id != a.id
 
 
 def test_list_filters_and_pages(store: Store) -> None:
-    ids = [store.create_job("alice", {})[0].id for _ in range(5)]
-    store.create_job("bob", {})
+    ids = [store.create_job("alice", JobSpec())[0].id for _ in range(5)]
+    store.create_job("bob", JobSpec())
     store.transition(ids[0], JobState.CANCELLED)
     page, total = store.list(owner="alice", limit=2, offset=0)
     assert total == 5 and [j.id for j in page] == ids[::-1][:2]  # newest first
@@ -81,7 +82,7 @@ def test_list_filters_and_pages(store: Store) -> None:
 
 
 def test_delete_only_terminal(store: Store) -> None:
-    job, _ = store.create_job("alice", {})
+    job, _ = store.create_job("alice", JobSpec())
     assert not store.delete(job.id)
     store.transition(job.id, JobState.CANCELLED)
     assert store.delete(job.id) and store.get(job.id) is None
@@ -101,11 +102,11 @@ def test_tokens(store: Store) -> None:
 def test_schema_survives_reopen(database_url: str) -> None:
     s = Store(database_url)
     s.create_schema()
-    job, _ = s.create_job("alice", {"a": [1, 2]})
+    job, _ = s.create_job("alice", JobSpec(seed=7, exports=[]))
     s.close()
     s2 = Store(database_url)
     s2.create_schema()  # idempotent on an existing file
-    assert s2.get(job.id).spec == {"a": [1, 2]}
+    assert s2.get(job.id).spec == JobSpec(seed=7, exports=[])
     s2.close()
 
 
@@ -113,12 +114,14 @@ def test_search_progress_counts_trials_and_picks_the_best() -> None:
     from service.jobdir import search_progress
     from trainer.contract import TrialRow
 
-    search = {
-        "space": {"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
-        "num_samples": 2,
-        "mode": "min",
-        "metric": "val_loss",
-    }
+    search = SearchSpec.model_validate(
+        {
+            "space": {"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
+            "num_samples": 2,
+            "mode": "min",
+            "metric": "val_loss",
+        }
+    )
     trials = [
         {"trial_id": "a", "state": "succeeded", "best_metric": 1.5},
         {
@@ -161,7 +164,7 @@ def test_transitions_are_atomic_across_connections(database_url: str) -> None:
     stores[0].create_schema()
     try:
         for _ in range(3):
-            job, _ = stores[0].create_job("alice", {})
+            job, _ = stores[0].create_job("alice", JobSpec())
             wins: list[int] = []
             losses: list[int] = []
             barrier = threading.Barrier(len(stores))
@@ -199,7 +202,7 @@ def test_transitions_are_atomic_across_connections(database_url: str) -> None:
 
         def submit(i: int) -> None:
             barrier.wait()
-            made.append(stores[i].create_job("bob", {"x": 1}, "same-key", "h")[0].id)
+            made.append(stores[i].create_job("bob", JobSpec(seed=1), "same-key", "h")[0].id)
 
         threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(stores))]
         for t in threads:
@@ -213,9 +216,9 @@ def test_transitions_are_atomic_across_connections(database_url: str) -> None:
 
 
 def test_counts_for_metrics(store: Store) -> None:
-    a = store.create_job("alice", {})[0]
-    store.create_job("alice", {})
-    store.create_job("bob", {})
+    a = store.create_job("alice", JobSpec())[0]
+    store.create_job("alice", JobSpec())
+    store.create_job("bob", JobSpec())
     store.transition(a.id, JobState.CANCELLED)
     counts = store.counts_by_state()
     assert counts[JobState.QUEUED] == 2 and counts[JobState.CANCELLED] == 1 and counts[JobState.RUNNING] == 0
@@ -225,3 +228,19 @@ def test_counts_for_metrics(store: Store) -> None:
 def test_unsupported_database_url_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="postgresql\\+psycopg"):
         Store("mysql://x@localhost/db")
+
+
+def test_parse_stored_spec_keeps_what_still_validates() -> None:
+    from service.store import parse_stored_spec
+
+    spec, error = parse_stored_spec(JobSpec(seed=4).model_dump_json())
+    assert spec == JobSpec(seed=4) and error is None
+    # An older version's spec: an unknown field, an out-of-range value, a cross-field conflict.
+    spec, error = parse_stored_spec(
+        {"gone": 1, "optim": {"epochs": 0, "lr": 0.2}, "model": {"widths": [8, 16], "blocks": [1]}, "seed": 5}
+    )
+    assert error is not None and "gone" in error and "optim.epochs" in error
+    assert spec.seed == 5 and spec.optim.lr == 0.2 and spec.optim.epochs == JobSpec().optim.epochs
+    assert len(spec.model.widths) == len(spec.model.blocks)
+    spec, error = parse_stored_spec("not json")
+    assert spec == JobSpec() and error is not None and "every field" in error
