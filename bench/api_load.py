@@ -124,7 +124,9 @@ async def load(
 def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifar: Path, work: Path) -> dict:
     pg = None
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("TRAINCTL_")},  # the caller's settings
+        # The bench's dataset (under `work`) and the default data.train's folder are the data roots.
+        "TRAINCTL_DATA_ROOTS": f"{work},{Path('~/.cache/trainctl').expanduser()}",
         "TRAINCTL_RAY_ADDRESS": head.dashboard_url,
         "RAY_AUTH_MODE": "disabled",
         "TRAINCTL_MAX_CONCURRENT_JOBS": "1",

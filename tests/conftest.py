@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+
+# Tests never depend on the caller's trainctl settings (an operator's shell may set TRAINCTL_DATA_ROOTS,
+# TRAINCTL_DATA_DIR, ...). The test harness's own knobs (TRAINCTL_TEST_*, TRAINCTL_README_SCREENSHOT) stay.
+HARNESS_VARS = ("TRAINCTL_TEST_", "TRAINCTL_README_SCREENSHOT")
+
+
+def caller_settings(environ: Mapping[str, str]) -> list[str]:
+    """The TRAINCTL_* settings in `environ` that tests must not see."""
+    return [k for k in environ if k.startswith("TRAINCTL_") and not k.startswith(HARNESS_VARS)]
+
+
+# Removed here, before any test module (or the session's servers) is imported or started: some modules
+# read a setting at import time (objstore's retry budget), and subprocesses inherit os.environ.
+for _name in caller_settings(os.environ):
+    del os.environ[_name]
 
 pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3", "tests.plugins.postgres"]
 
@@ -15,6 +31,14 @@ CIFAR_PARQUET = Path(
     os.environ.get("TRAINCTL_TEST_CIFAR_PARQUET")
     or REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_caller_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without TRAINCTL_* settings, even ones an earlier test or fixture left behind;
+    a test sets what it needs with monkeypatch (undone after it)."""
+    for name in caller_settings(os.environ):
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
