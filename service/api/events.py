@@ -23,10 +23,11 @@ from fastapi.responses import StreamingResponse
 import objstore
 from service import jobdir
 from service.api.deps import JobDep, RunnerDep, SettingsDep, StoreDep
+from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import job_view
 from trainer.contract import EpochMetrics, best_so_far
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 
 KEEPALIVE_S = 15.0
 
@@ -43,7 +44,8 @@ def sse(event: str, data: object, event_id: int | None = None) -> str:
         200: {
             "content": {"text/event-stream": {}},
             "description": "events `state`, `epoch` and `end` (see the module docs)",
-        }
+        },
+        **errors(404),
     },
 )
 async def job_events(

@@ -33,7 +33,7 @@ class ErrorBody(BaseModel):
 
 
 _WHY = {
-    400: "bad request",
+    400: "the request body could not be read (e.g. not UTF-8)",
     401: "missing or invalid bearer token",
     403: "only the admin token may do this",
     404: "no such job (another owner's job answers the same)",
@@ -85,6 +85,9 @@ def install_openapi(app: FastAPI, *, submit_path: str = "/v1/jobs") -> None:
         error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
         for path_item in schema.get("paths", {}).values():
             for op in path_item.values():
+                if "requestBody" in op:  # any route that reads a body: an unreadable one (400), a huge one (413)
+                    for status in ("400", "413"):
+                        op.setdefault("responses", {}).setdefault(status, {})
                 for status, resp in op.get("responses", {}).items():
                     if status.startswith(("4", "5")):
                         resp["content"] = error_content

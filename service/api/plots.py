@@ -9,13 +9,15 @@ from fastapi import APIRouter, Response
 
 from service import jobdir, plots
 from service.api.deps import JobDep, RunnerDep
+from service.api.openapi import COMMON_ERRORS
 from service.errors import ApiError
 from service.states import JobState
 
-router = APIRouter(tags=["plots"])
+router = APIRouter(tags=["plots"], responses=COMMON_ERRORS)
 
 PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "a PNG"},
+    404: {"description": "no such job (another owner's job answers the same)"},
     409: {"description": "nothing to draw yet (no finished epoch / no confusion matrix)"},
 }
 
