@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from service.client import ClientError, TrainctlClient, resolve_token, resolve_url
+from trainer import contract
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 # Exit codes (docs/service.md). argparse uses 2 for usage errors, so no job outcome may use it.
@@ -443,7 +444,7 @@ def parse_duration(text: str) -> float:
     return value
 
 
-EXPORT_NAMES = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+EXPORT_NAMES = contract.EXPORT_FILES  # format → file name under the job's artifacts/
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -472,8 +473,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "pip install 'trainctl[train]'"
         )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
-        model = Path(tmp) / "model.pt2"
-        api.download_artifact(args.id, "model.pt2", model)
+        model = Path(tmp) / EXPORT_NAMES["pt2"]
+        api.download_artifact(args.id, EXPORT_NAMES["pt2"], model)
         child = subprocess.run(
             [
                 sys.executable,

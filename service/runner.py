@@ -28,10 +28,11 @@ from trainer import contract
 
 log = logging.getLogger(__name__)
 
-# Non-secret settings forwarded to the trainer; credentials (AWS_ACCESS_KEY_ID, ...) must be configured on
-# the cluster itself, because a job's runtime_env is visible to anyone who can read the Ray dashboard.
-FORWARDED_ENV = ("TRAINCTL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "TRAINCTL_STORAGE_RETRY_SECONDS")
-DATA_ROOTS_ENV = "TRAINCTL_DATA_ROOTS"  # read by trainer/dataroots.py in the driver
+# Non-secret settings forwarded to the trainer (contract.FORWARDED_ENV); credentials (AWS_ACCESS_KEY_ID, ...)
+# must be configured on the cluster itself, because a job's runtime_env is visible to anyone who can read the
+# Ray dashboard. The data roots are this service's setting, not whatever this process's environment says.
+FORWARDED_ENV = tuple(k for k in contract.FORWARDED_ENV if k != contract.DATA_ROOTS_ENV)
+DATA_ROOTS_ENV = contract.DATA_ROOTS_ENV
 
 
 def fair_queue(queued: list[Job], active: list[Job], max_active_per_owner: int) -> list[Job]:

@@ -41,6 +41,26 @@ ARTIFACTS = "artifacts/artifacts.json"  # ArtifactIndex
 CONFUSION = "confusion.json"  # Confusion: the best checkpoint's confusion matrix, written when a run ends
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (scalars per epoch, the confusion matrix at the end)
 
+# Each export format (trainer/spec.py ExportFormat) → its file under ARTIFACTS_DIR (trainer/export.py writes
+# it, `trainctl export` downloads it).
+EXPORT_FILES: dict[str, str] = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+
+# --- the environment a job's driver and workers get ------------------------------------------------------
+
+# The operator's data roots: the service forwards its own (its settings) with every job, and the driver checks
+# the spec's data paths against them again (trainer/dataroots.py).
+DATA_ROOTS_ENV = "TRAINCTL_DATA_ROOTS"
+# The allow-list of non-secret settings forwarded into a job's runtime env (service → driver → every Ray
+# worker). Credentials (AWS keys, session tokens, any trainctl token) never go there, because Ray shows a
+# runtime env on its dashboard: workers get them from the standard AWS chain on their node.
+FORWARDED_ENV = (
+    "TRAINCTL_S3_ENDPOINT",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "TRAINCTL_STORAGE_RETRY_SECONDS",
+    DATA_ROOTS_ENV,
+)
+
 SearchMode = Literal["max", "min"]
 BestRule = Literal["val_acc", "final_epoch"]
 

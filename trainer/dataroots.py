@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 
 import objstore
+from trainer.contract import DATA_ROOTS_ENV
 from trainer.spec import JobSpec
 
-ENV = "TRAINCTL_DATA_ROOTS"
+ENV = DATA_ROOTS_ENV
 
 
 def allowed_roots() -> list[str] | None:

@@ -33,7 +33,7 @@ from trainer.spec import ExportFormat, JobSpec
 
 log = logging.getLogger("trainer.export")
 
-FORMATS = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+FORMATS = contract.EXPORT_FILES  # format → file name under artifacts/
 
 
 class Normalized(nn.Module):

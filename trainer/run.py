@@ -26,16 +26,8 @@ from trainer.spec import JobSpec
 
 log = logging.getLogger("trainer.run")
 
-# Forwarded to every Ray worker: a named allow-list of non-secret settings. Credentials (AWS keys, session
-# tokens, any trainctl token) never go into a runtime env, which Ray shows on its dashboard: workers get them
-# from the standard AWS chain on their node (instance profile, or the environment of the Ray processes).
-FORWARDED_ENV = (
-    "TRAINCTL_S3_ENDPOINT",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "TRAINCTL_STORAGE_RETRY_SECONDS",
-    "TRAINCTL_DATA_ROOTS",
-)
+# Forwarded to every Ray worker: contract.FORWARDED_ENV, the allow-list of non-secret settings.
+FORWARDED_ENV = contract.FORWARDED_ENV
 
 
 # What a storage outage looks like after Ray Train wrapped it (its own checkpoint uploads and snapshot

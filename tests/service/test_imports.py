@@ -52,3 +52,21 @@ def test_loading_the_app_and_cli_loads_no_torch_or_ray() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_names_the_service_and_the_trainer_share_are_written_once() -> None:
+    """The forwarded settings, the data-roots variable and the export file names live in trainer/contract.py;
+    a second spelling elsewhere in service/ or trainer/ would drift (it did: the runner's allow-list)."""
+    from trainer import contract
+
+    shared = [*contract.FORWARDED_ENV, *contract.EXPORT_FILES.values()]
+    for path in [*SERVICE.rglob("*.py"), *(REPO / "trainer").rglob("*.py")]:
+        if path.name == "contract.py" and path.parent.name == "trainer":
+            continue
+        strings = {
+            node.value
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
+        for name in shared:
+            assert name not in strings, f"{path.relative_to(REPO)} spells {name!r}: use trainer.contract's"
