@@ -9,6 +9,7 @@
     reconciler.py  the background task that runs the runner's reconciliation
     auth.py        bearer tokens (only hashes stored)
     errors.py      the JSON error shape and exception handlers
+    startup.py     the start-up steps every API process runs (data dir, migrations, admin token, auth check)
     app.py         create_app(settings): the FastAPI app and its lifespan
     api/           routes (jobs, tokens, health), request dependencies, request/response schemas
     localray.py    a local Ray head for `trainctl serve`

@@ -1,5 +1,5 @@
-"""The FastAPI app, built by `create_app(settings)`. Its lifespan opens the store (creating the schema),
-makes sure an admin token exists, and starts the reconciler; on shutdown it stops them again.
+"""The FastAPI app, built by `create_app(settings)`. Its lifespan runs the start-up steps (service/startup.py:
+data dir, migrations, admin token) and starts the reconciler; on shutdown it stops them again.
 
 Run it with `trainctl serve`, or `uvicorn --factory service.app:app_from_env` (settings from TRAINCTL_*).
 """
@@ -7,18 +7,17 @@ Run it with `trainctl serve`, or `uvicorn --factory service.app:app_from_env` (s
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from service import auth
+from service import startup
 from service.api import events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
-from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
+from service.guards import BodyLimit, LoopbackHostOnly
 from service.metrics import Metrics
 from service.rayjobs import RayJobs, RayJobsClient
 from service.reconciler import Reconciler
@@ -42,32 +41,22 @@ class AppState:
     sessions: session.Sessions
 
 
-def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
-    """The app; `ray` replaces the real Ray Jobs client (tests pass a fake)."""
+def create_app(
+    settings: Settings | None = None, *, ray: RayJobs | None = None, announce_startup: bool = True
+) -> FastAPI:
+    """The app; `ray` replaces the real Ray Jobs client (tests pass a fake). `announce_startup=False`: the
+    caller ran startup.prepare and told the operator already (`trainctl serve`), so the lifespan's second,
+    idempotent run only logs at debug level."""
     settings = settings or load_settings()
-    if not settings.auth and not is_loopback(settings.host):
-        raise ValueError(
-            f"authentication can only be turned off on a loopback host (127.0.0.1, localhost), "
-            f"not {settings.host!r}: anyone who reaches the port could run and delete jobs"
-        )
+    startup.refuse_unsafe_auth(settings)  # here too, so a bad setting fails before anything is served
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(settings.data_dir, 0o700)  # the job database, tokens and default storage live here
-        store = Store(settings.store_url)
-        store.create_schema()  # migrations to head (also run by `trainctl serve` before it starts)
-        restrict_files(settings)
-        if settings.auth:
-            if auth.ensure_admin_token(store, settings.admin_token_path):
-                log.warning("created a new admin token; it is in %s", settings.admin_token_path)
+        if announce_startup:
+            store = startup.prepare(settings)
         else:
-            log.warning(
-                "AUTHENTICATION IS DISABLED: anyone who can reach %s:%s can run and delete jobs",
-                settings.host,
-                settings.port,
-            )
+            store = startup.prepare(settings, say=log.debug, warn=log.debug)
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
@@ -104,18 +93,6 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app.include_router(prometheus.router)
     ui.install(app)
     return app
-
-
-def restrict_files(settings: Settings) -> None:
-    """Owner-only modes for the database (and SQLite's WAL/SHM files) and the token file."""
-    for path in (
-        settings.db_path,
-        settings.db_path.with_name(settings.db_path.name + "-wal"),
-        settings.db_path.with_name(settings.db_path.name + "-shm"),
-        settings.admin_token_path,
-    ):
-        if path.exists():
-            os.chmod(path, 0o600)
 
 
 def app_from_env() -> FastAPI:

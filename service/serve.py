@@ -44,14 +44,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from service import auth
+    from service import startup
     from service.app import create_app
-    from service.guards import is_loopback
-    from service.migrate import upgrade
     from service.settings import load_settings
-    from service.store import Store, TokenNameTaken, redact_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(
@@ -66,45 +62,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Everything this process and the Ray head it starts write (database, tokens, local storage, logs) is
     # readable by this user only.
     os.umask(0o077)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.data_dir, 0o700)
-    if not settings.auth and not is_loopback(settings.host):
-        raise ClientError(
-            f"--no-auth only on a loopback host (127.0.0.1, localhost), not {settings.host}: anyone "
-            "who can reach the port could run and delete jobs"
-        )
-    store = Store(settings.store_url)
-    try:
-        # Migrations first: every replica runs this at start; they serialise on the database's lock.
-        before, after = upgrade(store.engine)
-    except SQLAlchemyError as exc:
-        store.close()
-        raise ClientError(f"cannot open the job database {redact_url(settings.store_url)}: {exc}") from exc
-    print(
-        f"job database {redact_url(settings.store_url)}: "
-        + (f"schema {after}" if before == after else f"schema upgraded {before or 'empty'} -> {after}"),
-        flush=True,
-    )
-    if settings.auth:
-        try:
-            created = auth.ensure_admin_token(store, settings.admin_token_path)
-        except TokenNameTaken:  # another replica, starting at the same time, created it
-            created = None
-        # Where the token is, never the token itself: this output ends up in service logs.
-        print(
-            f"auth on; {'a new' if created else 'the'} admin token is in {settings.admin_token_path} "
-            f"(mode 0600). Use it as: export TRAINCTL_TOKEN=$(cat {settings.admin_token_path})",
-            flush=True,
-        )
-    else:
-        bar = "!" * 78
-        print(
-            f"{bar}\n!! WARNING: --no-auth: NO AUTHENTICATION. Anyone who can reach "
-            f"{settings.host}:{settings.port}\n!! can submit, read and delete jobs. Local experiments only.\n{bar}",
-            file=sys.stderr,
-            flush=True,
-        )
-    store.close()
+    try:  # before any Ray head starts: a refused setting or an unreachable database starts nothing
+        startup.prepare(
+            settings,
+            say=lambda text: print(text, flush=True),
+            warn=lambda text: print(text, file=sys.stderr, flush=True),
+        ).close()
+    except startup.StartupRefused as exc:
+        raise ClientError(str(exc)) from exc
 
     signal.signal(signal.SIGTERM, _on_sigterm)  # so `finally` below removes the serve record
     record = settings.data_dir / SERVE_RECORD
@@ -120,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"trainctl dashboard: {url}/ui/ (sign in with an API token)", flush=True)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(settings),
+                create_app(settings, announce_startup=False),
                 host=settings.host,
                 port=settings.port,
                 log_level="info",
