@@ -448,16 +448,68 @@ EXPORT_NAMES = contract.EXPORT_FILES  # format → file name under the job's art
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Download the job's best model as exported at the end of its run, sha256-verified."""
+    """Download the job's best model as exported at the end of its run, sha256-verified; for a job whose run
+    did not export that format, build it here from the best checkpoint (see `_fetch_export`)."""
     name = EXPORT_NAMES[args.format]
     out = Path(args.output or f"{args.id}-{name}")
     with _client(args, timeout=300) as api:
-        sha256, size = api.download_artifact(args.id, name, out)
+        sha256, size, how = _fetch_export(api, args.id, args.format, out)
     if args.json:
-        _print_json({"path": str(out), "format": args.format, "sha256": sha256, "size": size})
+        _print_json({"path": str(out), "format": args.format, "sha256": sha256, "size": size, "source": how})
     else:
-        print(f"wrote {out} ({args.format}, {size} bytes, sha256 {sha256}, verified)")
+        detail = "verified" if how == "run" else "built here from the verified best checkpoint"
+        print(f"wrote {out} ({args.format}, {size} bytes, sha256 {sha256}, {detail})")
     return 0
+
+
+def _fetch_export(api: TrainctlClient, job_id: str, fmt: str, out: Path) -> tuple[str, int, str]:
+    """The job's `fmt` export at `out`: (sha256, size, "run") as its run exported it; or, when the run did
+    not (the spec's `exports` left it out, as the debug preset does), (sha256, size, "here"): exported on
+    this machine from the job's best checkpoint (downloaded sha256-verified) by `python -m trainer export`,
+    in a child process (the CLI itself never imports torch). Without the trainer installed here: an error
+    that says how to get the model."""
+    import hashlib
+    import importlib.util
+    import shutil
+    import subprocess
+    import tempfile
+
+    name = EXPORT_NAMES[fmt]
+    try:
+        sha256, size = api.download_artifact(job_id, name, out)
+        return sha256, size, "run"
+    except ClientError as exc:
+        # Another 404 (no such job) is raised by the listing; a listed artifact that 404s is the server's.
+        if exc.status != 404 or any(a["name"] == name for a in api.artifacts(job_id)["artifacts"]):
+            raise
+    exports = (api.job(job_id).get("spec") or {}).get("exports")
+    why = f"job {job_id} has no {fmt} export: its spec's `exports` is {json.dumps(exports)}"
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("trainer.export") is None:
+        raise CliError(
+            f"{why}. To build it from the job's best checkpoint on this machine, install the trainer "
+            f"(pip install 'trainctl[train]') and run `trainctl export {job_id} --format {fmt}` again; or "
+            f"submit the job again with `--set 'exports=[\"{fmt}\"]'` so its run exports it"
+        )
+    print(f"{why}; building it here from the job's best checkpoint", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="trainctl-export-") as tmp:
+        checkpoint = Path(tmp) / "best.pt"
+        api.download_best(job_id, checkpoint)  # sha256-verified; a job without one: the server's 409
+        child = subprocess.run(
+            [
+                *(sys.executable, "-m", "trainer", "export"),
+                *("--checkpoint", str(checkpoint), "--format", fmt, "--out-dir", str(Path(tmp) / "out")),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode:
+            raise CliError(f"exporting job {job_id}'s best checkpoint here failed: {child.stderr.strip()[-2000:]}")
+        shutil.move(Path(tmp) / "out" / name, out)
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest(), out.stat().st_size, "here"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -474,7 +526,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
         model = Path(tmp) / EXPORT_NAMES["pt2"]
-        api.download_artifact(args.id, EXPORT_NAMES["pt2"], model)
+        _fetch_export(api, args.id, "pt2", model)
         child = subprocess.run(
             [
                 sys.executable,
@@ -757,7 +809,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
     s.set_defaults(fn=_admin("cmd_reindex"))
 
-    s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")
+    s = sub.add_parser(
+        "export",
+        parents=[common],
+        help="download the best model exported for use outside trainctl (a job whose run did not export it: "
+        "built here from its best checkpoint, where the trainer is installed)",
+    )
     s.add_argument("id")
     s.add_argument(
         "--format",

@@ -1,4 +1,4 @@
-"""`python -m trainer describe | evaluate | predict` — the trainer's small command line."""
+"""`python -m trainer describe | evaluate | predict | export` — the trainer's small command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from trainer.spec import PRESETS, error_list, parse_override, resolve
+from trainer.spec import EXPORT_FORMATS, PRESETS, error_list, parse_override, resolve
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -50,6 +50,14 @@ def predict(args: argparse.Namespace) -> int:
 
     n = predict_to_csv(args.checkpoint, args.input, args.out)
     print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from trainer.export import export_checkpoint
+
+    for artifact in export_checkpoint(args.checkpoint, args.out_dir, [args.format]):
+        print(f"wrote {artifact.uri} ({artifact.size} bytes, sha256 {artifact.sha256})")
     return 0
 
 
@@ -100,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="CSV path or URI")
     p.set_defaults(func=predict)
+    p = sub.add_parser(
+        "export", help="a checkpoint's model as safetensors or a torch.export program (what a run's `exports` writes)"
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt: path or URI")
+    p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
+    p.add_argument("--out-dir", required=True, help="folder (path or URI) for the model and its artifacts.json")
+    p.set_defaults(func=export)
     p = sub.add_parser(
         "convert-images",
         help="a folder of PNG/JPEG images, one sub-folder per class, → a training parquet (img{bytes,path}, label)",

@@ -341,3 +341,43 @@ def test_progress_line_shows_test_accuracy_and_the_best_rule() -> None:
     assert "best-ckpt test_acc 0.6100" in line
     line = cli._progress_line({**base, "best_val_acc": 0.5, "best_checkpoint_rule": "val_acc"})
     assert "best 0.5000" in line and "final test_acc" not in line
+
+
+def _export_service(exports: list[str], checkpoint: bytes | None = None, job: str = "job1"):
+    """A scripted server for `trainctl export`: job `job` whose run exported `exports` (their files absent
+    here, so only the not-exported path is scripted) and whose best checkpoint is `checkpoint`."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if not path.startswith(f"/v1/jobs/{job}"):
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "no such job"}})
+        if path == f"/v1/jobs/{job}/artifacts":
+            return httpx.Response(200, json={"job_id": job, "artifacts": []})
+        if path.startswith(f"/v1/jobs/{job}/artifacts/"):
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "no artifact"}})
+        if path == f"/v1/jobs/{job}/checkpoints/best" and checkpoint is not None:
+            sha = hashlib.sha256(checkpoint).hexdigest()
+            return httpx.Response(200, content=checkpoint, headers={"X-Checkpoint-SHA256": sha})
+        if path == f"/v1/jobs/{job}":
+            return httpx.Response(200, json={"id": job, "spec": {"exports": exports}})
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
+
+    return lambda args, timeout=30: client.TrainctlClient("http://test", None, transport=httpx.MockTransport(handler))
+
+
+def test_export_of_a_job_that_exported_nothing_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the trainer installed here, `trainctl export` on a debug-preset job (exports: []) names the
+    spec field and both ways to get the model."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(cli, "_client", _export_service([]))
+    with pytest.raises(cli.CliError) as err:
+        cli.cmd_export(parse("export", "job1", "-o", str(tmp_path / "m.pt2")))
+    message = str(err.value)
+    assert "has no pt2 export: its spec's `exports` is []" in message
+    assert "pip install 'trainctl[train]'" in message and "--set 'exports=[\"pt2\"]'" in message
+    assert not (tmp_path / "m.pt2").exists()
+    with pytest.raises(client.ClientError, match="no such job"):  # an unknown job stays an unknown job
+        cli.cmd_export(parse("export", "other", "-o", str(tmp_path / "m.pt2")))

@@ -103,3 +103,23 @@ def test_predict_reads_folders_parquets_and_exports(
 def _model_and_numerics(checkpoint: str) -> tuple[torch.nn.Module, Numerics]:
     model, _spec, numerics = load_model(checkpoint)  # the run's own precision and layout, as evaluate uses
     return model, numerics
+
+
+def test_trainctl_export_builds_a_missing_export_from_the_best_checkpoint(
+    checkpoint: str, images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A debug-preset job exports nothing (`exports: []`); `trainctl export` with the trainer installed here
+    downloads its best checkpoint (verified) and exports it in a `python -m trainer export` child."""
+    from service import cli
+    from tests.service.test_cli import _export_service
+
+    monkeypatch.setattr(cli, "_client", _export_service([], checkpoint=Path(checkpoint).read_bytes()))
+    out = tmp_path / "job1-model.pt2"
+    assert cli.cmd_export(cli.build_parser().parse_args(["export", "job1", "-o", str(out), "--json"])) == 0
+    printed = capsys.readouterr()
+    assert "has no pt2 export" in printed.err and '"source": "here"' in printed.out
+    assert ckpt.sha256_file(str(out)) in printed.out
+    program = torch.export.load(str(out)).module()
+    reference = predict_logits(*_model_and_numerics(checkpoint), images[:200])
+    with torch.no_grad():
+        assert torch.equal(program(images[:200].float()).argmax(1), reference.argmax(1))
