@@ -383,4 +383,5 @@ def test_the_spec_defaults_are_the_specs_own(api: Api) -> None:
     _store_raw_spec(api, job_id, {"optim": {"epochs": 2}})  # no checkpoint section at all
     job = api.runner.store.get(job_id)
     assert isinstance(job, Job) and job.spec_error is None
-    assert job.spec.checkpoint.max_restarts == CheckpointSpec().max_restarts == 2
+    facts = api.runner._facts(job, None, str(api.job_dir(job_id)))  # what decide() is given
+    assert facts.max_restarts == CheckpointSpec().max_restarts == 2
