@@ -95,12 +95,13 @@ class FileCache:
     The stat comes before the read, so a write between the two is seen at the next look. A file whose
     mtime is under RACY_S before the stat, or an entry older than MAX_AGE_S, is read again."""
 
-    def __init__(self, size: int = 512) -> None:
+    def __init__(self, size: int = 512, clock: Callable[[], float] = time.time) -> None:
         self._entries: Lru[_Cached] = Lru(size)
+        self._clock = clock  # wall time, as the files' mtimes are
 
     def read(self, uri: str, parse: Callable[[str], T]) -> tuple[T, Stamp | None]:
         """(parse(uri), the file's key); `parse` reads the file itself (missing: its own empty value)."""
-        now = time.time()
+        now = self._clock()
         key = stamp(uri)
         hit = self._entries.get(uri)
         if (
