@@ -2,7 +2,7 @@
 storage, real auth and middleware; a fake Ray), profiled with cProfile.
 
     .venv/bin/python bench/profile_poll.py [--requests 2000] [--epochs 200] [--top 25] [--route one|list|both]
-                                           [--etag]
+                                           [--etag] [--sort cumulative|tottime]
 
 The app is driven as raw ASGI calls on one event loop (no HTTP client, no sockets), and FastAPI's
 threadpool hand-off is replaced by a direct call so that cProfile (one thread) sees the handler's work too.
@@ -150,7 +150,7 @@ async def run(args: argparse.Namespace) -> None:
                 flush=True,
             )
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(args.top)
+            pstats.Stats(prof, stream=out).sort_stats(args.sort).print_stats(args.top)
             print(out.getvalue(), flush=True)
 
 
@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--route", choices=["one", "list", "both"], default="both")
     p.add_argument("--etag", action="store_true")
+    p.add_argument("--sort", default="cumulative", help="pstats order: cumulative, tottime, ...")
     asyncio.run(run(p.parse_args()))
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -37,10 +38,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, Engine, Result, make_url
+from sqlalchemy.engine import CursorResult, Engine, Result, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from service.lru import Lru
 from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 
 
@@ -218,6 +220,14 @@ def make_engine(url: str) -> Engine:
     return create_engine(u, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+# The two reads every poll makes, prepared once (building a statement costs more than running it here).
+_JOB_BY_ID = select(JobModel.__table__).where(JobModel.id == bindparam("job_id"))
+_TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_at).where(
+    TokenModel.token_hash == bindparam("token_hash")
+)
+SNAPSHOTS = 2048  # Job snapshots kept for unchanged rows (a list page is 50 to 500)
+
+
 class Store:
     """`url_or_path`: a SQLAlchemy URL, or a Path to a SQLite file."""
 
@@ -228,6 +238,7 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
         self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
+        self._snapshots: Lru[Job] = Lru(SNAPSHOTS)
         # Called with the new snapshot after every committed transition (the runner mirrors the record into
         # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
         self.on_transition: Callable[[Job], None] | None = None
@@ -286,14 +297,21 @@ class Store:
         raise RuntimeError("could not create the job: idempotency key kept colliding")
 
     def get(self, job_id: str) -> Job | None:
-        # Every poll reads its job: plain rows through a pooled connection cost a quarter of an ORM load.
-        rows = self._rows(select(JobModel.__table__).where(JobModel.id == job_id))
-        return rows[0] if rows else None
-
-    def _rows(self, query: Any) -> builtins.list[Job]:
-        """Jobs from a Core query over the jobs table (a row has the model's attribute names)."""
+        # Every poll reads its job: a prepared Core query through a pooled connection costs a fraction of an
+        # ORM load, and an unchanged row's snapshot is not rebuilt (`_snapshot`).
         with self.engine.connect() as conn:
-            return [Job.of(cast(JobModel, row)) for row in conn.execute(query)]
+            row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+        return self._snapshot(row) if row is not None else None
+
+    def _snapshot(self, row: Row[Any]) -> Job:
+        """The Job for a jobs-table row, shared with earlier reads of the same row. Keyed on the whole row
+        (its content, not its id), so a row another replica changed never maps to an old snapshot; shared
+        snapshots are read-only, as Job (frozen) already says: never change their spec or attempt_log."""
+        job = self._snapshots.get(row)
+        if job is None:
+            job = Job.of(cast(JobModel, row))  # a row has the model's attribute names
+            self._snapshots.put(row, job)
+        return job
 
     def list(
         self, owner: str | None = None, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
@@ -308,7 +326,7 @@ class Store:
             total = conn.scalar(select(func.count()).select_from(q.subquery())) or 0
             page = q.with_only_columns(*JobModel.__table__.columns).order_by(JobModel.seq.desc())
             rows = conn.execute(page.limit(limit).offset(offset))
-            return [Job.of(cast(JobModel, row)) for row in rows], total
+            return [self._snapshot(row) for row in rows], total
 
     def count_by_state(self, owner: str) -> dict[JobState, int]:
         """How many jobs `owner` has in each state (states with none are absent)."""
@@ -468,11 +486,8 @@ class Store:
         """(name, is_admin) for a token hash that exists and has not expired, or None."""
         # Every request authenticates: one plain row through a pooled connection (a quarter of an ORM load),
         # and no cache, so a revoked token is refused at once by every replica.
-        query = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_at).where(
-            TokenModel.token_hash == token_hash
-        )
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_TOKEN_OWNER, {"token_hash": token_hash}).first()
         if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
             return None
         return row.name, bool(row.is_admin)

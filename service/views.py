@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
 import objstore
 from service import jobdir
 from service.api.schemas import JobView, Progress, SearchProgress
+from service.lru import Lru
 from service.states import JobState
 from service.store import Job
 from trainer import contract
@@ -35,8 +34,10 @@ from trainer.spec import SearchSpec
 T = TypeVar("T")
 
 # A file changed less than this long before it was stat'ed may change again without changing its (size,
-# mtime) key (S3's LastModified has 1 s resolution): such a file is re-read until it has been still this long.
+# mtime) key: such a file is re-read until it has been still this long. S3's LastModified has 1 s resolution;
+# a local file's mtime comes from the kernel's coarse clock (a few ms).
 RACY_S = 2.0
+RACY_LOCAL_S = 0.1
 # A cached file is re-read at least this often whatever its key says: the bound on a missed change when the
 # storage's clock runs behind ours.
 MAX_AGE_S = 30.0
@@ -53,36 +54,6 @@ def stamp(uri: str) -> Stamp | None:
     return int(info.size), int(info.mtime_ns or 0)
 
 
-class Lru(Generic[T]):
-    """A thread-safe mapping that keeps its `size` most recently used entries."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, T] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> T | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: T) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 @dataclass(frozen=True)
 class _Cached:
     stamp: Stamp
@@ -93,7 +64,8 @@ class _Cached:
 class FileCache:
     """Parsed job-directory files, keyed by URI and re-used while the file's (size, mtime) stays the same.
     The stat comes before the read, so a write between the two is seen at the next look. A file whose
-    mtime is under RACY_S before the stat, or an entry older than MAX_AGE_S, is read again."""
+    mtime was under RACY_S (local: RACY_LOCAL_S) before the read, or an entry older than MAX_AGE_S, is read
+    again."""
 
     def __init__(self, size: int = 512, clock: Callable[[], float] = time.time) -> None:
         self._entries: Lru[_Cached] = Lru(size)
@@ -108,7 +80,7 @@ class FileCache:
             key is not None
             and hit is not None
             and hit.stamp == key
-            and hit.read_at - key[1] / 1e9 >= RACY_S
+            and hit.read_at - key[1] / 1e9 >= (RACY_S if objstore.is_s3(uri) else RACY_LOCAL_S)
             and now - hit.read_at < MAX_AGE_S
         ):
             return hit.value, key

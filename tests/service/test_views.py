@@ -75,7 +75,8 @@ def test_the_rendered_view_is_what_the_response_model_says(api: Api) -> None:
 
 
 def test_a_file_is_parsed_again_only_when_its_size_or_mtime_changes(tmp_path: Path) -> None:
-    cache = views.FileCache(size=2)
+    now = [time.time()]
+    cache = views.FileCache(size=2, clock=lambda: now[0])
     path = tmp_path / "metrics.jsonl"
     calls: list[str] = []
 
@@ -83,23 +84,21 @@ def test_a_file_is_parsed_again_only_when_its_size_or_mtime_changes(tmp_path: Pa
         calls.append(uri)
         return Path(uri).read_text()
 
-    def settle() -> None:  # a file last written long ago: its (size, mtime) can be trusted
-        old = time.time() - 10
-        os.utime(path, (old, old))
+    def write(text: str, age_s: float) -> None:  # a file written `age_s` before `now`
+        path.write_text(text)
+        os.utime(path, (now[0] - age_s, now[0] - age_s))
 
-    path.write_text("a")
-    settle()
+    write("a", 10)
     assert cache.read(str(path), parse)[0] == "a" and cache.read(str(path), parse)[0] == "a"
     assert len(calls) == 1
-    path.write_text("bb")  # a new size
+    write("bb", 10)  # a new size
     assert cache.read(str(path), parse)[0] == "bb" and len(calls) == 2
-    # Written just now: even with the same size and mtime as the cached copy it is read again, since a
-    # second write within the storage's mtime resolution would not change its key (S3: 1 s).
-    path.write_text("cc")
-    stamp = path.stat().st_mtime_ns
-    assert cache.read(str(path), parse)[0] == "cc"
-    path.write_text("dd")
-    os.utime(path, ns=(stamp, stamp))
+    # Read just after it was written: even with the same size and mtime as the cached copy it is read again,
+    # since a second write within the storage's mtime resolution would not change its key.
+    now[0] += 60
+    write("cc", views.RACY_LOCAL_S / 2)
+    assert cache.read(str(path), parse)[0] == "cc" and len(calls) == 3
+    write("dd", views.RACY_LOCAL_S / 2)  # the same size and mtime
     assert cache.read(str(path), parse)[0] == "dd" and len(calls) == 4
     # a missing file is never cached
     missing = tmp_path / "nothing"
@@ -174,3 +173,22 @@ def test_the_client_polls_with_the_last_etag(api: Api) -> None:
         assert client.job(job_id)["progress"]["epoch"] == 1 and statuses[-1] == 200
         other = api.post(DEBUG_JOB).json()["id"]
         assert client.job(other)["state"] == "QUEUED" and statuses[-1] == 200  # another job: no stale tag
+
+
+def test_store_snapshots_are_reused_only_for_an_unchanged_row(database_url: str, tmp_path: Path) -> None:
+    from service.store import Store
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    one, other = Store(database_url), Store(database_url)  # two replicas
+    one.create_schema()
+    try:
+        job, _ = one.create_job("alice", {"optim": {"epochs": 3}}, None, None)
+        first = one.get(job.id)
+        assert first is not None and one.get(job.id) is first  # unchanged: the same snapshot
+        other.update(job.id, message="changed elsewhere")
+        fresh = one.get(job.id)
+        assert fresh is not None and fresh is not first and fresh.message == "changed elsewhere"
+        assert one.list()[0][0] is fresh
+    finally:
+        one.close()
+        other.close()
