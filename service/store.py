@@ -14,6 +14,7 @@ The schema is owned by the Alembic migrations in service/migrations (`create_sch
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import secrets
 import time
@@ -41,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult, Engine, Result, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.sql import Select
 
 from service.lru import Lru
 from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
@@ -225,6 +227,19 @@ _JOB_BY_ID = select(JobModel.__table__).where(JobModel.id == bindparam("job_id")
 _TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_at).where(
     TokenModel.token_hash == bindparam("token_hash")
 )
+@functools.lru_cache(maxsize=64)
+def _list_queries(by_owner: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
+    """(count, page) for Store.list, prepared once per filter shape; owner, limit and offset are parameters."""
+    q = select(JobModel.__table__)
+    if by_owner:
+        q = q.where(JobModel.owner == bindparam("owner"))
+    if states is not None:
+        q = q.where(JobModel.state.in_(sorted(states)))
+    count = select(func.count()).select_from(q.subquery())
+    page = q.order_by(JobModel.seq.desc()).limit(bindparam("limit")).offset(bindparam("offset"))
+    return count, page
+
+
 SNAPSHOTS = 2048  # Job snapshots kept for unchanged rows (a list page is 50 to 500)
 
 
@@ -317,15 +332,11 @@ class Store:
         self, owner: str | None = None, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[Job], int]:
         """(page, total) in submission order, newest first."""
-        q = select(JobModel)
-        if owner is not None:
-            q = q.where(JobModel.owner == owner)
-        if states is not None:
-            q = q.where(JobModel.state.in_([st.value for st in states]))
+        count, page = _list_queries(owner is not None, None if states is None else frozenset(st.value for st in states))
+        params = {"owner": owner, "limit": limit, "offset": offset}
         with self.engine.connect() as conn:
-            total = conn.scalar(select(func.count()).select_from(q.subquery())) or 0
-            page = q.with_only_columns(*JobModel.__table__.columns).order_by(JobModel.seq.desc())
-            rows = conn.execute(page.limit(limit).offset(offset))
+            total = conn.scalar(count, params) or 0
+            rows = conn.execute(page, params)
             return [self._snapshot(row) for row in rows], total
 
     def count_by_state(self, owner: str) -> dict[JobState, int]:
