@@ -227,6 +227,8 @@ _JOB_BY_ID = select(JobModel.__table__).where(JobModel.id == bindparam("job_id")
 _TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_at).where(
     TokenModel.token_hash == bindparam("token_hash")
 )
+
+
 @functools.lru_cache(maxsize=64)
 def _list_queries(by_owner: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
     """(count, page) for Store.list, prepared once per filter shape; owner, limit and offset are parameters."""
