@@ -67,8 +67,9 @@ class FileCache:
     mtime was under RACY_S (local: RACY_LOCAL_S) before the read, or an entry older than MAX_AGE_S, is read
     again."""
 
-    def __init__(self, size: int = 512, clock: Callable[[], float] = time.time) -> None:
-        self._entries: Lru[_Cached] = Lru(size)
+    def __init__(self, size: int = 512, max_bytes: int = 32 << 20, clock: Callable[[], float] = time.time) -> None:
+        # Bounded by count and by the files' total size (parsed, an entry takes a few times its file's size).
+        self._entries: Lru[_Cached] = Lru(size, max_weight=max_bytes)
         self._clock = clock  # wall time, as the files' mtimes are
 
     def read(self, uri: str, parse: Callable[[str], T]) -> tuple[T, Stamp | None]:
@@ -86,7 +87,7 @@ class FileCache:
             return hit.value, key
         value = parse(uri)
         if key is not None:
-            self._entries.put(uri, _Cached(key, now, value))
+            self._entries.put(uri, _Cached(key, now, value), weight=key[0])
         return value, key
 
     def clear(self) -> None:
@@ -267,8 +268,8 @@ def _row_key(job: Job) -> Hashable:
 class ViewCache:
     """Rendered views by (row version, files' key, with_spec): a poll of an unchanged job renders nothing."""
 
-    def __init__(self, size: int = 2048) -> None:
-        self._entries: Lru[Rendered] = Lru(size)
+    def __init__(self, size: int = 2048, max_bytes: int = 32 << 20) -> None:
+        self._entries: Lru[Rendered] = Lru(size, max_weight=max_bytes)
 
     def render(self, job: Job, files: JobFiles | None = None, with_spec: bool = False) -> Rendered:
         files = files or JobFiles()
@@ -278,7 +279,7 @@ class ViewCache:
             return hit
         rendered = Rendered.of(job_view(job, files, with_spec).model_dump_json().encode())
         if cacheable:
-            self._entries.put(key, rendered)
+            self._entries.put(key, rendered, weight=len(rendered.body))
         return rendered
 
     def clear(self) -> None:

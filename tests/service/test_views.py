@@ -128,6 +128,17 @@ def test_file_cache_entries_expire_and_the_cache_stays_bounded(tmp_path: Path) -
     now[0] += views.MAX_AGE_S + 1
     cache.read(paths[0], parse)
     assert calls.count(paths[0]) == 3
+    # and by the files' total size: a file larger than the whole budget is not kept at all
+    small = views.FileCache(size=10, max_bytes=2, clock=lambda: now[0])
+    for p in paths:
+        small.read(p, parse)
+    assert len(small._entries) == 2 and small._entries.weight == 2
+    big = tmp_path / "big"
+    big.write_text("xyz")
+    os.utime(big, (now[0] - 10, now[0] - 10))
+    small.read(str(big), parse)
+    small.read(str(big), parse)
+    assert calls.count(str(big)) == 2 and len(small._entries) == 2
 
 
 def test_a_revoked_token_is_refused_at_once_by_another_replica(make_api: Any) -> None:
