@@ -80,7 +80,7 @@ def create_app(
     install_error_handlers(app)
     install_openapi(app)
     app.state.metrics = metrics
-    app.middleware("http")(metrics.middleware)
+    app.add_middleware(metrics.middleware)  # innermost: times the routes
     # Outermost last: the Host check runs first, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if not settings.auth:

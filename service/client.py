@@ -116,6 +116,7 @@ class TrainctlClient:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._last_job: tuple[str, str, str] | None = None  # (job id, ETag, body) of the last `job` answer
 
     def __enter__(self) -> TrainctlClient:
         return self
@@ -166,7 +167,20 @@ class TrainctlClient:
         return self.request("GET", "/v1/jobs", params=params).json()  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
+        """The job's view. Polling the same job again (`watch`) sends the last answer's ETag: while the job is
+        unchanged the service answers an empty 304 and this returns the answer it already has."""
+        last = self._last_job if self._last_job and self._last_job[0] == job_id else None
+        headers = {"If-None-Match": last[1]} if last else {}
+        try:
+            resp = self.http.get(f"/v1/jobs/{job_id}", headers=headers)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if resp.status_code == 304 and last:
+            return json.loads(last[2])  # type: ignore[no-any-return]
+        raise_for_error(resp)
+        etag = resp.headers.get("etag")
+        self._last_job = (job_id, etag, resp.text) if etag else None
+        return resp.json()  # type: ignore[no-any-return]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()  # type: ignore[no-any-return]

@@ -21,7 +21,6 @@ from trainer.contract import (
     TrialRow,
     TrialState,
 )
-from trainer.spec import SearchSpec
 
 LOGS = "logs"  # logs/attempt-N.log: each attempt's driver log, copied there by the service while it runs
 
@@ -113,36 +112,6 @@ def settle_trials(trials: list[TrialRow], job_state: str) -> list[TrialRow]:
         t.model_copy(update={"state": ended}) if t.state in (TrialState.RUNNING, TrialState.PENDING) else t
         for t in trials
     ]
-
-
-def search_progress(spec: SearchSpec, trials: list[TrialRow]) -> dict[str, Any]:
-    """{trials_total, trials_finished, trials_running, stopped_early, best_trial, best_metric, best_config,
-    metric}."""
-    best = contract.best_trial(trials, spec.mode)
-    return {
-        "trials_total": spec.total_trials(),
-        "trials_finished": sum(t.state.is_finished() for t in trials),
-        "trials_running": sum(t.state is TrialState.RUNNING for t in trials),
-        "stopped_early": sum(t.stopped_early for t in trials),
-        "best_trial": best.trial_id if best else None,
-        "best_metric": best.best_metric if best else None,
-        "best_config": best.config if best else None,
-        "metric": spec.metric,
-    }
-
-
-def progress(metrics: list[EpochMetrics], epochs: int | None, finished: bool) -> dict[str, Any]:
-    """{epoch, epochs, eta_seconds}: the ETA is the mean `epoch_seconds` of the last (up to 3) epochs times
-    the epochs left (recent epochs track the current cluster); None until one epoch finished."""
-    epoch = metrics[-1].epoch if metrics else 0
-    eta: float | None = None
-    if finished:
-        eta = 0.0 if metrics else None
-    elif metrics and epochs:
-        times = [m.epoch_seconds for m in metrics[-3:] if m.epoch_seconds > 0]
-        if times:
-            eta = round(sum(times) / len(times) * max(epochs - epoch, 0), 1)
-    return {"epoch": epoch, "epochs": epochs, "eta_seconds": eta}
 
 
 def _absolute(job_dir: str, uri: str) -> str:

@@ -14,6 +14,7 @@ The schema is owned by the Alembic migrations in service/migrations (`create_sch
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import secrets
 import time
@@ -30,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -38,10 +40,12 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, Engine, Result, make_url
+from sqlalchemy.engine import CursorResult, Engine, Result, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.sql import Select
 
+from service.lru import Lru
 from service.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 from trainer.spec import JobSpec
 
@@ -293,6 +297,29 @@ def make_engine(url: str) -> Engine:
     return create_engine(u, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+# The two reads every poll makes, prepared once (building a statement costs more than running it here).
+_JOB_BY_ID = select(JobModel.__table__).where(JobModel.id == bindparam("job_id"))
+_TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_at).where(
+    TokenModel.token_hash == bindparam("token_hash")
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _list_queries(by_owner: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
+    """(count, page) for Store.list, prepared once per filter shape; owner, limit and offset are parameters."""
+    q = select(JobModel.__table__)
+    if by_owner:
+        q = q.where(JobModel.owner == bindparam("owner"))
+    if states is not None:
+        q = q.where(JobModel.state.in_(sorted(states)))
+    count = select(func.count()).select_from(q.subquery())
+    page = q.order_by(JobModel.seq.desc()).limit(bindparam("limit")).offset(bindparam("offset"))
+    return count, page
+
+
+SNAPSHOTS = 2048  # Job snapshots kept for unchanged rows (a list page is 50 to 500)
+
+
 class Store:
     """`url_or_path`: a SQLAlchemy URL, or a Path to a SQLite file."""
 
@@ -303,6 +330,7 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
         self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
+        self._snapshots: Lru[Job] = Lru(SNAPSHOTS)
         # Called with the new snapshot after every committed transition (the runner mirrors the record into
         # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
         self.on_transition: Callable[[Job], None] | None = None
@@ -361,23 +389,32 @@ class Store:
         raise RuntimeError("could not create the job: idempotency key kept colliding")
 
     def get(self, job_id: str) -> Job | None:
-        with self._sessions() as s:
-            m = s.scalar(select(JobModel).where(JobModel.id == job_id))
-            return Job.of(m) if m else None
+        # Every poll reads its job: a prepared Core query through a pooled connection costs a fraction of an
+        # ORM load, and an unchanged row's snapshot is not rebuilt (`_snapshot`).
+        with self.engine.connect() as conn:
+            row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+        return self._snapshot(row) if row is not None else None
+
+    def _snapshot(self, row: Row[Any]) -> Job:
+        """The Job for a jobs-table row, shared with earlier reads of the same row. Keyed on the whole row
+        (its content, not its id), so a row another replica changed never maps to an old snapshot; shared
+        snapshots are read-only, as Job (frozen) already says: never change their spec or attempt_log."""
+        job = self._snapshots.get(row)
+        if job is None:
+            job = Job.of(cast(JobModel, row))  # a row has the model's attribute names
+            self._snapshots.put(row, job)
+        return job
 
     def list(
         self, owner: str | None = None, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[Job], int]:
         """(page, total) in submission order, newest first."""
-        q = select(JobModel)
-        if owner is not None:
-            q = q.where(JobModel.owner == owner)
-        if states is not None:
-            q = q.where(JobModel.state.in_([st.value for st in states]))
-        with self._sessions() as s:
-            total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
-            rows = s.scalars(q.order_by(JobModel.seq.desc()).limit(limit).offset(offset)).all()
-            return [Job.of(m) for m in rows], total
+        count, page = _list_queries(owner is not None, None if states is None else frozenset(st.value for st in states))
+        params = {"owner": owner, "limit": limit, "offset": offset}
+        with self.engine.connect() as conn:
+            total = conn.scalar(count, params) or 0
+            rows = conn.execute(page, params)
+            return [self._snapshot(row) for row in rows], total
 
     def count_by_state(self, owner: str) -> dict[JobState, int]:
         """How many jobs `owner` has in each state (states with none are absent)."""
@@ -538,11 +575,13 @@ class Store:
 
     def token_owner(self, token_hash: str) -> tuple[str, bool] | None:
         """(name, is_admin) for a token hash that exists and has not expired, or None."""
-        with self._sessions() as s:
-            m = s.scalar(select(TokenModel).where(TokenModel.token_hash == token_hash))
-            if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
-                return None
-            return m.name, m.is_admin
+        # Every request authenticates: one plain row through a pooled connection (a quarter of an ORM load),
+        # and no cache, so a revoked token is refused at once by every replica.
+        with self.engine.connect() as conn:
+            row = conn.execute(_TOKEN_OWNER, {"token_hash": token_hash}).first()
+        if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
+            return None
+        return row.name, bool(row.is_admin)
 
     def list_tokens(self) -> builtins.list[TokenInfo]:
         with self._sessions() as s:

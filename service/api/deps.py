@@ -23,19 +23,21 @@ def _state(request: Request) -> AppState:
     return cast("AppState", request.app.state.trainctl)
 
 
-def get_settings(request: Request) -> Settings:
+# `async def`, though nothing here awaits: FastAPI runs a plain `def` dependency in its threadpool, and
+# each such hand-off costs more CPU than a status poll's whole database read.
+async def get_settings(request: Request) -> Settings:
     return _state(request).settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return _state(request).store
 
 
-def get_runner(request: Request) -> Runner:
+async def get_runner(request: Request) -> Runner:
     return _state(request).runner
 
 
-def get_reconciler(request: Request) -> Reconciler:
+async def get_reconciler(request: Request) -> Reconciler:
     return _state(request).reconciler
 
 

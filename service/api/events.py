@@ -24,8 +24,8 @@ import objstore
 from service import jobdir
 from service.api.deps import JobDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
-from service.api.schemas import job_view
-from trainer.contract import EpochMetrics, best_so_far
+from service.views import JobFiles, job_view
+from trainer.contract import EpochMetrics
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 
@@ -71,14 +71,9 @@ async def job_events(
                     seq += 1
                     yield sse("epoch", m.model_dump(mode="json"), seq)
                     last_epoch, last_sent = m.epoch, time.monotonic()
-            view = job_view(current).model_dump(mode="json")
-            if metrics is not None:
-                epochs = current.spec.optim.epochs
-                view["progress"] = jobdir.progress(metrics, epochs, finished=current.state.is_terminal())
-                view["metrics"] = metrics[-1].model_dump(mode="json") if metrics else None
-                # fresher than the store's, which the reconciler updates on its own schedule
-                bests = [b for b in (view["best_val_acc"], best_so_far(metrics)) if b is not None]
-                view["best_val_acc"] = max(bests) if bests else None
+            # progress, latest metrics and best so far from the metrics just read: fresher than the store's,
+            # which the reconciler updates on its own schedule
+            view = job_view(current, JobFiles(metrics=metrics)).model_dump(mode="json")
             key = (view["state"], view["progress"]["epoch"], view["attempts"], view["message"])
             if key != last_key:
                 seq += 1

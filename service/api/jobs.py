@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BeforeValidator
 
 import objstore
-from service import jobdir, policy
+from service import jobdir, policy, views
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
@@ -32,7 +32,6 @@ from service.api.schemas import (
     JobView,
     MetricsView,
     TrialList,
-    job_view,
     request_hash,
     resolve_body,
 )
@@ -40,6 +39,7 @@ from service.errors import ApiError
 from service.runner import NoLog
 from service.states import JobState
 from service.store import IdempotencyConflict, Job, Store
+from service.views import job_view
 from trainer.contract import METRIC_COLUMNS
 from trainer.spec import JobSpec
 
@@ -89,29 +89,49 @@ def _create(
     return job, created
 
 
-@router.get("/jobs", response_model=JobList, responses=errors(403))
+# A poll that sends back the ETag of the answer it already has gets an empty 304 while nothing changed.
+IfNoneMatch = Annotated[
+    str | None,
+    Header(max_length=1024, description="the ETag of an earlier answer: 304 with no body while it is unchanged"),
+]
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "unchanged since the ETag sent in If-None-Match (no body)"}
+}
+
+
+def conditional(rendered: views.Rendered, if_none_match: str | None) -> Response:
+    """The rendered JSON with its ETag, or a 304 when the client already holds it. `no-cache`: a cache may
+    keep the answer but must ask again (with its ETag) before it reuses it."""
+    headers = {"ETag": rendered.etag, "Cache-Control": "private, no-cache"}
+    if rendered.matches(if_none_match):
+        return Response(status_code=304, headers=headers)
+    return Response(rendered.body, media_type="application/json", headers=headers)
+
+
+@router.get("/jobs", response_model=JobList, responses={**errors(403), **NOT_MODIFIED})
 def list_jobs(
     principal: PrincipalDep,
     store: StoreDep,
+    if_none_match: IfNoneMatch = None,
     state: Annotated[list[StateParam] | None, Query(description="repeat to match several; any case")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     owner: Annotated[
         str | None, Query(max_length=64, description="admin only: one owner's jobs (default: everyone's)")
     ] = None,
-) -> JobList:
+) -> Response:
     """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one)."""
     if not principal.is_admin:
         if owner is not None and owner != principal.name:
             raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
         owner = principal.name
     jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset)
-    return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
+    return conditional(views.render_list(jobs, total, limit, offset), if_none_match)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(404))
-def get_job(job: JobDep, runner: RunnerDep) -> JobView:
-    return job_view(job, runner.job_dir(job.id), with_spec=True)
+@router.get("/jobs/{job_id}", response_model=JobView, responses={**errors(404), **NOT_MODIFIED})
+def get_job(job: JobDep, runner: RunnerDep, if_none_match: IfNoneMatch = None) -> Response:
+    return conditional(views.render_job(job, runner.job_dir(job.id), with_spec=True), if_none_match)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))
@@ -208,7 +228,7 @@ def log_window(text: str, tail: int | None, since: int | None, max_bytes: int = 
 def cancel_job(job: JobDep, runner: RunnerDep) -> JobView:
     """Cancel: a queued job at once, a running one by stopping its Ray job. Idempotent."""
     job = runner.cancel(job.id)
-    return job_view(job, runner.job_dir(job.id))
+    return views.fresh_view(job, runner.job_dir(job.id))
 
 
 @router.delete("/jobs/{job_id}", status_code=204, responses=errors(404, 409))

@@ -1,4 +1,4 @@
-"""Request and response shapes of the HTTP API, and the conversion of a stored job into its view."""
+"""Request and response shapes of the HTTP API (service/views.py builds a stored job's view)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-import objstore
-from service import jobdir
 from service.states import JobState
-from service.store import Job
-from trainer import contract
 from trainer.contract import EpochMetrics, NumericsRecord, TrialRow
 from trainer.spec import JobSpec, resolve
 
@@ -150,62 +146,3 @@ class ArtifactView(BaseModel):
 class ArtifactList(BaseModel):
     job_id: str
     artifacts: list[ArtifactView]
-
-
-def _time(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, tz=dt.UTC)
-
-
-def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> JobView:
-    """With `job_dir`, progress and latest metrics come fresh from metrics.jsonl; without it (lists), or
-    while storage is unreachable, from the values the reconciler last stored — a job's state stays
-    readable during a storage outage."""
-    epochs = job.spec.optim.epochs
-    latest: EpochMetrics | None = None
-    metrics: list[EpochMetrics] | None = None
-    trials: list[TrialRow] | None = None
-    summary = None
-    if job_dir is not None and job.state is not JobState.QUEUED:
-        try:
-            metrics = jobdir.read_metrics(job_dir)
-            trials = jobdir.settle_trials(jobdir.read_trials(job_dir), job.state.value) if job.spec.search else None
-            summary = jobdir.read_summary(job_dir) if job.state.is_terminal() else None
-        except objstore.StorageUnavailable:
-            metrics = trials = None
-    if metrics is not None:
-        latest = metrics[-1] if metrics else None
-        progress = jobdir.progress(metrics, epochs, finished=job.state.is_terminal())
-        best = job.best_val_acc
-        so_far = contract.best_so_far(metrics)
-        if so_far is not None and (best is None or so_far > best):
-            best = so_far
-    else:
-        progress = {"epoch": job.last_epoch or 0, "epochs": epochs, "eta_seconds": None}
-        best = job.best_val_acc
-    if job.state in (JobState.QUEUED, JobState.STARTING):
-        progress["eta_seconds"] = None  # no ETA until this attempt's workers train (not a dead attempt's)
-    search = None
-    if trials is not None and job.spec.search is not None:
-        search = SearchProgress(**jobdir.search_progress(job.spec.search, trials))
-    has_val = job.spec.data.val_fraction > 0
-    return JobView(
-        id=job.id,
-        owner=job.owner,
-        state=job.state,
-        progress=Progress(**progress),
-        metrics=latest,
-        best_val_acc=best if has_val else None,
-        final_test_acc=summary.final_test_acc if summary else None,
-        best_checkpoint_test_acc=summary.best_checkpoint_test_acc if summary else None,
-        best_checkpoint_rule="val_acc" if has_val else "final_epoch",
-        attempts=job.attempts,
-        attempt_log=job.attempt_log,
-        message="; ".join(m for m in (job.message, job.spec_error) if m) or None,
-        ray_submission_id=job.ray_submission_id,
-        created_at=_time(job.created_at),
-        updated_at=_time(job.updated_at),
-        spec=job.spec.model_dump(mode="json") if with_spec else None,
-        search=search,
-        devices=latest.devices or None if latest else None,
-        numerics=latest.numerics if latest else None,
-    )

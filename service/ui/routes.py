@@ -24,11 +24,12 @@ import objstore
 from service import auth, jobdir
 from service.api import jobs as jobs_api
 from service.api.deps import PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep, session_principal
-from service.api.schemas import JobView, job_view
+from service.api.schemas import JobView
 from service.errors import ApiError
 from service.states import JobState
 from service.store import Job
 from service.ui import session
+from service.views import fresh_view, job_view
 from trainer.contract import Summary
 from trainer.spec import PRESETS
 
@@ -169,7 +170,7 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
     if job is None or job.owner != principal.name:
         return _render(request, "missing.html", 404, principal=principal, job_id=job_id)
     try:
-        view = job_view(job, runner.job_dir(job.id), with_spec=True)
+        view = fresh_view(job, runner.job_dir(job.id), with_spec=True)
         checkpoints = jobdir.checkpoints(runner.job_dir(job.id))
     except objstore.StorageUnavailable:
         view, checkpoints = job_view(job, with_spec=True), []
@@ -244,7 +245,7 @@ def jobs_table(
     now, rows = time.time(), []
     for job in jobs:
         active = not job.state.is_terminal() and job.state is not JobState.QUEUED
-        view: JobView = job_view(job, runner.job_dir(job.id)) if active else job_view(job)
+        view: JobView = fresh_view(job, runner.job_dir(job.id)) if active else job_view(job)
         summary = _summary(runner, job) if job.state.is_terminal() else None
         latest = view.metrics.model_dump() if view.metrics else None
         test_acc = summary.test_acc if summary else None

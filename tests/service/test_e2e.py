@@ -49,8 +49,16 @@ def test_job_runs_to_success(service: Service, cifar_parquet: Path) -> None:
         job_id = resp.json()["id"]
         states, epochs_seen = [], set()
         deadline = time.monotonic() + 400
+        etag, job, not_modified = None, None, 0  # polls as `trainctl watch` does: 304 while nothing changed
         while True:
-            job = c.get(f"/v1/jobs/{job_id}").json()
+            resp = c.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": etag} if etag else {})
+            if resp.status_code == 304:
+                assert resp.content == b"" and resp.headers["etag"] == etag
+                not_modified += 1
+            else:
+                assert resp.status_code == 200, resp.text
+                job, etag = resp.json(), resp.headers["etag"]
+            assert job is not None
             if not states or states[-1] != job["state"]:
                 states.append(job["state"])
             epochs_seen.add(job["progress"]["epoch"])
@@ -59,7 +67,8 @@ def test_job_runs_to_success(service: Service, cifar_parquet: Path) -> None:
             time.sleep(0.3)
         assert job["state"] == "SUCCEEDED", (job, c.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}).text)
         assert "RUNNING" in states and states[0] in ("QUEUED", "STARTING"), states
-        assert {1, 2} <= epochs_seen, epochs_seen  # progress moved through every epoch
+        assert {1, 2} <= epochs_seen, epochs_seen  # progress moved through every epoch, 304s or not
+        assert not_modified > 0
         assert job["progress"] == {"epoch": 2, "epochs": 2, "eta_seconds": 0.0}
         assert job["attempts"] == 1 and job["ray_submission_id"] == f"{job_id}-1"
         assert 0.0 <= job["best_val_acc"] <= 1.0 and job["metrics"]["epoch"] == 2

@@ -111,7 +111,7 @@ def test_schema_survives_reopen(database_url: str) -> None:
 
 
 def test_search_progress_counts_trials_and_picks_the_best() -> None:
-    from service.jobdir import search_progress
+    from service.views import search_progress
     from trainer.contract import TrialRow
 
     search = SearchSpec.model_validate(
@@ -136,7 +136,7 @@ def test_search_progress_counts_trials_and_picks_the_best() -> None:
     ]
     trials = [TrialRow.model_validate(t) for t in trials]
     p = search_progress(search, trials)
-    assert p == {
+    assert p.model_dump() == {
         "trials_total": 6,
         "trials_finished": 3,
         "trials_running": 1,
@@ -151,7 +151,7 @@ def test_search_progress_counts_trials_and_picks_the_best() -> None:
 
     settled = settle_trials(trials, "CANCELLED")
     assert [str(t.state) for t in settled] == ["succeeded", "stopped_early", "failed", "cancelled"]
-    assert search_progress(search, settled)["trials_running"] == 0
+    assert search_progress(search, settled).trials_running == 0
     assert settle_trials(trials, "RUNNING") == trials
 
 
