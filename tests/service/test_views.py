@@ -188,12 +188,13 @@ def test_the_client_polls_with_the_last_etag(api: Api) -> None:
 
 def test_store_snapshots_are_reused_only_for_an_unchanged_row(database_url: str, tmp_path: Path) -> None:
     from service.store import Store
+    from trainer.spec import resolve
 
     (tmp_path / "data").mkdir(exist_ok=True)
     one, other = Store(database_url), Store(database_url)  # two replicas
     one.create_schema()
     try:
-        job, _ = one.create_job("alice", {"optim": {"epochs": 3}}, None, None)
+        job, _ = one.create_job("alice", resolve("debug", {"optim.epochs": 3}), None, None)
         first = one.get(job.id)
         assert first is not None and one.get(job.id) is first  # unchanged: the same snapshot
         other.update(job.id, message="changed elsewhere")
