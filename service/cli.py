@@ -102,12 +102,14 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         import yaml
 
+        from service import safeyaml  # no aliases: a shared spec file cannot expand to gigabytes
+
         path = Path(args.file)
         try:
             text = sys.stdin.read() if args.file == "-" else path.read_text()
-            body = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise CliError(f"cannot read spec file {args.file}: {exc}") from exc
+            body = json.loads(text) if path.suffix == ".json" else safeyaml.load(text)
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+            raise CliError(f"cannot read spec file {args.file}: {str(exc)[:300]}") from None
         if not isinstance(body, dict):
             raise CliError(f"{args.file} must hold a mapping (a spec, or preset + overrides)")
     else:
