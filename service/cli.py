@@ -462,8 +462,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster. The model runs in a
-    `python -m trainer predict` child (the CLI itself never imports the trainer or torch)."""
+    """Run the job's model here on images: plain torch, no cluster. The model runs in a `python -m trainer
+    predict` child (the CLI itself never imports the trainer or torch). It is the job's model.safetensors (or,
+    for a job that exported none, its best checkpoint): both load without unpickling code, unlike model.pt2,
+    which torch.export.load unpickles (docs/security.md)."""
     import importlib.util
     import subprocess
     import tempfile
@@ -474,8 +476,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "pip install 'trainctl[train]'"
         )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
-        model = Path(tmp) / "model.pt2"
-        api.download_artifact(args.id, "model.pt2", model)
+        model = Path(tmp) / "model.safetensors"
+        try:
+            api.download_artifact(args.id, "model.safetensors", model)
+        except ClientError as exc:
+            if exc.status != 404:
+                raise
+            model = Path(tmp) / "best.pt"  # loaded weights-only (trainer/checkpoint.py)
+            api.download_best(args.id, model)
         child = subprocess.run(
             [
                 sys.executable,
@@ -755,7 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
     s.add_argument("--storage", help="storage root URI (default: TRAINCTL_STORAGE or <data dir>/storage)")
-    s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
+    s.add_argument(
+        "--unsigned-owner",
+        metavar="NAME",
+        help="restore job directories whose record.json is missing or not signed by this service's record key "
+        "as finished jobs of NAME (never the admin); default: skip them",
+    )
     s.set_defaults(fn=_admin("cmd_reindex"))
 
     s = sub.add_parser("export", parents=[common], help="download the best model exported for use outside trainctl")

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 from yaml.composer import ComposerError
+from yaml.error import Mark
 from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 
 MAX_DEPTH = 20  # a spec's deepest path (search.space.<path>.choice) is 5 levels
@@ -21,19 +22,16 @@ class _UserLoader(yaml.SafeLoader):
         self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark if isinstance(event.start_mark, Mark) else None
         if isinstance(event, AliasEvent):
-            raise ComposerError(
-                None, None, "YAML aliases (*name) are not accepted here: write the value out", event.start_mark
-            )
+            raise ComposerError(None, None, "YAML aliases (*name) are not accepted here: write the value out", mark)
         if isinstance(event, (ScalarEvent, CollectionStartEvent)) and event.anchor is not None:
-            raise ComposerError(
-                None, None, "YAML anchors (&name) are not accepted here: write the value out", event.start_mark
-            )
+            raise ComposerError(None, None, "YAML anchors (&name) are not accepted here: write the value out", mark)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
