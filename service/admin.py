@@ -59,28 +59,45 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     import objstore
+    from service import records
+    from service.auth import ADMIN
     from service.reindex import reindex
     from service.store import Store
 
+    if args.unsigned_owner == ADMIN:
+        raise ClientError(f"--unsigned-owner may not be {ADMIN!r}: unsigned files never become admin jobs")
     settings = _settings(args)
+    key = records.read_key(settings.record_key_path)
     store = Store(settings.store_url)
     try:
         store.create_schema()
         try:
-            report = reindex(store, settings.storage_root, default_owner=args.default_owner)
+            report = reindex(store, settings.storage_root, key, settings, unsigned_owner=args.unsigned_owner)
         except objstore.StorageUnavailable as exc:
             raise ClientError(f"storage unreachable: {exc}") from exc
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"restored": report.restored, "kept": report.kept, "skipped": report.skipped}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "restored": report.restored,
+                    "kept": report.kept,
+                    "skipped": report.skipped,
+                    "unsigned": report.unsigned,
+                },
+                indent=2,
+            )
+        )
     else:
         print(
             f"restored {len(report.restored)} job(s), kept {len(report.kept)} already in the database, "
-            f"skipped {len(report.skipped)} entr(y/ies) that are not job directories"
+            f"skipped {len(report.skipped)}"
         )
+        if key is None:
+            print(f"  no record key at {settings.record_key_path}: no record.json can be verified")
         for job_id in report.restored:
-            print(f"  restored {job_id}")
+            print(f"  restored {job_id}" + (" (unsigned: as a finished job)" if job_id in report.unsigned else ""))
         for job_id, why in report.skipped.items():
             print(f"  skipped  {job_id}: {why}")
     return 0

@@ -103,12 +103,14 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         import yaml
 
+        from service import safeyaml  # no aliases: a shared spec file cannot expand to gigabytes
+
         path = Path(args.file)
         try:
             text = sys.stdin.read() if args.file == "-" else path.read_text()
-            body = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise CliError(f"cannot read spec file {args.file}: {exc}") from exc
+            body = json.loads(text) if path.suffix == ".json" else safeyaml.load(text)
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+            raise CliError(f"cannot read spec file {args.file}: {str(exc)[:300]}") from None
         if not isinstance(body, dict):
             raise CliError(f"{args.file} must hold a mapping (a spec, or preset + overrides)")
     else:
@@ -513,8 +515,10 @@ def _fetch_export(api: TrainctlClient, job_id: str, fmt: str, out: Path) -> tupl
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Run the job's exported model (model.pt2) here on images: plain torch, no cluster. The model runs in a
-    `python -m trainer predict` child (the CLI itself never imports the trainer or torch)."""
+    """Run the job's model here on images: plain torch, no cluster. The model runs in a `python -m trainer
+    predict` child (the CLI itself never imports the trainer or torch). It is the job's model.safetensors (or,
+    for a job that exported none, its best checkpoint): both load without unpickling code, unlike model.pt2,
+    which torch.export.load unpickles (docs/security.md)."""
     import importlib.util
     import subprocess
     import tempfile
@@ -525,8 +529,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "pip install 'trainctl[train]'"
         )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
-        model = Path(tmp) / EXPORT_NAMES["pt2"]
-        _fetch_export(api, args.id, "pt2", model)
+        model = Path(tmp) / EXPORT_NAMES["safetensors"]
+        try:
+            api.download_artifact(args.id, EXPORT_NAMES["safetensors"], model)
+        except ClientError as exc:
+            if exc.status != 404:
+                raise
+            model = Path(tmp) / "best.pt"  # loaded weights-only (trainer/checkpoint.py)
+            api.download_best(args.id, model)
         child = subprocess.run(
             [
                 sys.executable,
@@ -806,7 +816,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--database-url", help="default: TRAINCTL_DATABASE_URL or <data dir>/trainctl.db")
     s.add_argument("--storage", help="storage root URI (default: TRAINCTL_STORAGE or <data dir>/storage)")
-    s.add_argument("--default-owner", default="admin", help="owner of a job directory without record.json")
+    s.add_argument(
+        "--unsigned-owner",
+        metavar="NAME",
+        help="restore job directories whose record.json is missing or not signed by this service's record key "
+        "as finished jobs of NAME (never the admin); default: skip them",
+    )
     s.set_defaults(fn=_admin("cmd_reindex"))
 
     s = sub.add_parser(

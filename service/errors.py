@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import objstore
 from service.rayjobs import RayUnavailable
 from service.states import JobNotFound
-from trainer.spec import error_list
+from trainer.spec import MAX_ECHO, MAX_ERRORS, error_list
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ _HTTP_CODES = {
 
 def _request_error_fields(exc: RequestValidationError) -> list[dict[str, str]]:
     out = []
-    for e in exc.errors():
+    for e in exc.errors()[:MAX_ERRORS]:
         if e.get("type") == "json_invalid":  # loc is ("body", <character offset>): say so in words
             pos = e["loc"][-1] if e.get("loc") else "?"
             reason = (e.get("ctx") or {}).get("error", "")
@@ -73,8 +73,14 @@ def _request_error_fields(exc: RequestValidationError) -> list[dict[str, str]]:
         loc = [str(p) for p in e.get("loc", ())]
         if loc and loc[0] == "body":  # the body is the spec: name fields as "optim.lr", not "body.optim.lr"
             loc = loc[1:]
-        out.append({"field": ".".join(loc) or "body", "message": str(e.get("msg", "invalid"))})
+        # Only the message: pydantic's `input` (the bad value itself, maybe megabytes) is never echoed, and a
+        # field name made of a client's keys is cut short like any quoted value.
+        out.append({"field": _clip(".".join(loc) or "body", MAX_ECHO), "message": _clip(str(e.get("msg", "invalid")))})
     return out
+
+
+def _clip(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def install_error_handlers(app: FastAPI) -> None:

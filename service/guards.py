@@ -4,14 +4,38 @@ authentication, a Host-header check (DNS rebinding: a web page on evil.example w
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """Exactly `localhost`, a literal IPv4 address in 127.0.0.0/8 (four decimal parts) or ::1 (bracketed or
+    not). Never by prefix: `127.attacker.example` is a name anyone can point at 127.0.0.1 (DNS rebinding)."""
+    host = host.strip().lower()
+    if host == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)  # strict: no "127.1", no names, no zone ids
+    except ValueError:
+        return False
+    return address.is_loopback
+
+
+def host_header_name(value: str) -> str | None:
+    """The host name of a Host header (`name`, `name:port`, `[v6]`, `[v6]:port`), or None when it is not one
+    of those shapes (a port must be digits)."""
+    if value.startswith("["):
+        name, sep, rest = value.partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name + "]"
+    name, sep, port = value.partition(":")
+    if sep and not port.isdigit():
+        return None
+    return name
 
 
 async def _refuse(send: Any, status: int, code: str, message: str, details: Any = None) -> None:
@@ -90,8 +114,8 @@ class LoopbackHostOnly:
                 if name == b"host":
                     host = value.decode("latin-1")
                     break
-            hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if not is_loopback(hostname.strip().lower()):
+            hostname = host_header_name(host)
+            if hostname is None or not is_loopback(hostname):
                 await _refuse(
                     send,
                     400,

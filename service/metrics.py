@@ -114,9 +114,8 @@ class Metrics:
                 nonlocal observed
                 if not observed:  # until the response starts: a stream's (events) length is not latency
                     observed = True
-                    histogram.labels(scope["method"], route_template(scope), str(status)).observe(
-                        time.perf_counter() - t0
-                    )
+                    labels = (method_label(scope["method"]), route_template(scope), status_label(status))
+                    histogram.labels(*labels).observe(time.perf_counter() - t0)
 
             async def send_status(message: MutableMapping[str, Any]) -> None:
                 if message["type"] == "http.response.start":
@@ -131,10 +130,28 @@ class Metrics:
         return timed
 
 
+# Label values come from a fixed set, whatever a client sends: every distinct value is a new series kept
+# for the life of the process, so a made-up method or path per request would grow /metrics without limit.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if 100 <= status <= 599 else "other"
+
+
 def route_template(scope: MutableMapping[str, Any]) -> str:
-    """/v1/jobs/{job_id} for /v1/jobs/AbC: the matched path with its parameters put back as names (bounded
-    label values); "<unmatched>" for a path no route matched (404s must not create series)."""
-    if scope.get("route") is None:
-        return "<unmatched>"
+    """/v1/jobs/{job_id} for /v1/jobs/AbC: the matched path with its parameters put back as names, never the raw
+    path; "unmatched" for a path no route matched (404s must not create series). The result must end with the
+    route's own template (which FastAPI keeps without the router's prefix); when it does not (a parameter
+    spanning segments, or one whose value equals a literal segment) the route's own template is the label."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if not isinstance(template, str) or not template:
+        return UNMATCHED
     values = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
-    return "/".join(f"{{{values[seg]}}}" if seg in values else seg for seg in scope["path"].split("/"))
+    rebuilt = "/".join(f"{{{values[seg]}}}" if seg in values else seg for seg in str(scope["path"]).split("/"))
+    return rebuilt if rebuilt.endswith(template) else template

@@ -22,7 +22,7 @@ from service.errors import ApiError
 from service.settings import Settings
 from service.states import JobState
 from service.store import Store
-from trainer.spec import JobSpec, model_cost
+from trainer.spec import MAX_ECHO, JobSpec, model_cost
 
 # Formats and places that download CIFAR-10 into a missing directory instead of reading one.
 DOWNLOAD_CACHE = "~/.cache/trainctl"
@@ -43,15 +43,21 @@ def data_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
     return out
 
 
+def _shown(uri: str) -> str:
+    """The URI as an error quotes it: credentials redacted, at most MAX_ECHO characters."""
+    text = objstore.redact(uri)
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
+
+
 def _data_problem(uri: str, fmt: str, settings: Settings) -> str | None:
     try:
         objstore.normalise(uri)
     except ValueError as exc:
-        return str(exc)
+        return str(exc).replace(repr(uri), repr(_shown(uri)))  # (it quotes the path: at most a prefix)
     roots = settings.allowed_data_roots
     if not objstore.within_any(uri, roots):
         return (
-            f"{objstore.redact(uri)} is outside the data roots this service reads from "
+            f"{_shown(uri)} is outside the data roots this service reads from "
             f"({', '.join(roots)}); the operator adds roots with TRAINCTL_DATA_ROOTS"
         )
     if objstore.is_s3(uri):
@@ -67,7 +73,7 @@ def _data_problem(uri: str, fmt: str, settings: Settings) -> str | None:
     else:
         exists = None
     if exists is False:
-        return f"{objstore.redact(uri)} does not exist"
+        return f"{_shown(uri)} does not exist"
     return None
 
 

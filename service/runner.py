@@ -18,12 +18,13 @@ import time
 from dataclasses import replace
 
 import objstore
-from service import jobdir
+from service import jobdir, records
 from service.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide, restarts_used
 from service.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.settings import Settings
 from service.states import InvalidTransition, JobNotFound, JobState
 from service.store import Job, Store
+from service.ui.session import load_or_create_secret
 from trainer import contract
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class Runner:
         # often Ray refused a submission. Kept by whichever replica reconciles.
         self.images_per_s: dict[str, float] = {}
         self.submission_errors = 0
+        # Signs record.json, so that `trainctl reindex` believes only what this service wrote (service/records.py).
+        self._record_key = load_or_create_secret(settings.record_key_path)
 
     def save_record(self, job: Job) -> None:
         """Mirror a job's record into its directory (record.json) for `trainctl reindex`. Best effort: the
@@ -104,7 +107,9 @@ class Runner:
         }
         record["state"] = job.state.value
         try:
-            jobdir.write_record(self.job_dir(job.id), record)
+            jobdir.write_record(
+                self.job_dir(job.id), records.sign(self._record_key, job.id, record, job.spec.model_dump(mode="json"))
+            )
         except Exception as exc:  # noqa: BLE001 - never fail a transition over its mirror
             log.warning("job %s: could not write %s: %s", job.id, jobdir.RECORD, exc)
         if job.state.is_terminal():

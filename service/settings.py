@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         return self.data_dir / "session-secret"
 
     @property
+    def record_key_path(self) -> Path:
+        """The key that signs each job's record.json (service/records.py), so `trainctl reindex` can tell the
+        service's records from files planted in storage. Replicas share it, like the admin token."""
+        return self.data_dir / "record-key"
+
+    @property
     def ray_token_path(self) -> Path:
         """The Ray auth token of a local head started with ray_auth_mode=token."""
         return self.data_dir / "ray-auth-token"

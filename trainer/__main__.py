@@ -8,13 +8,11 @@ import sys
 
 from pydantic import ValidationError
 
-from trainer.spec import EXPORT_FORMATS, PRESETS, error_list, parse_override, resolve
+from trainer.spec import EXPORT_FORMATS, PRESETS, error_list, model_cost, parse_override, resolve
 
 
 def describe(args: argparse.Namespace) -> int:
     import yaml
-
-    from trainer.model import build_model, count_parameters
 
     base = None
     if args.spec:
@@ -23,7 +21,7 @@ def describe(args: argparse.Namespace) -> int:
     spec = resolve(args.preset, dict(parse_override(s) for s in args.set), base=base)
     print(
         json.dumps(
-            {"spec": spec.model_dump(mode="json"), "num_parameters": count_parameters(build_model(spec.model))},
+            {"spec": spec.model_dump(mode="json"), "num_parameters": model_cost(spec.model)[0]},
             indent=2,
         )
     )
@@ -99,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("predict", help="write Kaggle-style predictions (ID,Labels)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt, or an exported model.pt2")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint.pt, or an exported model.safetensors (a .pt2 is refused: loading one can run code)",
+    )
     p.add_argument(
         "--input",
         required=True,

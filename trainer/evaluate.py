@@ -14,6 +14,8 @@ import objstore
 from trainer import checkpoint as ckpt
 from trainer.contract import Confusion
 from trainer.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     DataError,
     Dataset,
     images_to_batches,
@@ -219,16 +221,55 @@ def read_predict_input(uri: str) -> tuple[torch.Tensor, list[Any]]:
     return _read_kaggle_pickle(uri)
 
 
-def load_exported(path: str) -> torch.nn.Module:
-    """A `model.pt2` export (trainer/export.py): raw 0..255 float pixels in, logits out; plain torch."""
-    return torch.export.load(path).module()
+PT2_REFUSED = (
+    "{uri}: a .pt2 export is not loaded here: torch.export.load unpickles parts of it without restriction, so "
+    "a planted or altered file could run code. Use the job's model.safetensors (`trainctl export ID --format "
+    "safetensors`) or its checkpoint (`trainctl best ID`); both load without running code"
+)
+
+
+def load_safetensors_model(path: str) -> torch.nn.Module:
+    """A `model.safetensors` export (trainer/export.py) as a runnable model, raw 0..255 float pixels in and logits
+    out like the .pt2: the tensors are read by safetensors (a JSON header and raw bytes: no pickle, no code), the
+    network is this code's own (trainer/model.py) built from the spec in the file's metadata, which is validated
+    first (so a planted spec gets no model the limits do not allow), and the normalisation is this code's too.
+    Every tensor's name and shape must be the model's, checked before any tensor is read."""
+    from pydantic import ValidationError
+    from safetensors import SafetensorError, safe_open
+
+    from trainer.export import Normalized
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            try:
+                spec = JobSpec.model_validate_json((f.metadata() or {}).get("spec") or "")
+            except ValidationError as exc:
+                raise DataError(
+                    f"{path}: the spec in its metadata is not a valid job spec ({exc.error_count()} error(s))"
+                ) from None
+            net = build_model(spec.model)
+            expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if found != expected:
+                differ = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+                raise DataError(
+                    f"{path}: its tensors are not those of the model its spec describes "
+                    f"({len(differ)} differ, e.g. {differ[0][:100]!r})"
+                )
+            net.load_state_dict({k: f.get_tensor(k) for k in expected})
+    except SafetensorError as exc:
+        raise DataError(f"{path}: not a readable safetensors file ({str(exc)[:200]})") from None
+    return Normalized(net.float(), CIFAR10_MEAN, CIFAR10_STD).eval()
 
 
 def predict_to_csv(model_uri: str, input_uri: str, out_uri: str) -> int:
-    """Predictions as CSV `ID,Labels` (the paper's Kaggle format) for a checkpoint or a `.pt2` export."""
-    images, ids = read_predict_input(input_uri)
+    """Predictions as CSV `ID,Labels` (the paper's Kaggle format) for a checkpoint (loaded weights-only) or a
+    `.safetensors` export; a `.pt2` export is refused (see PT2_REFUSED)."""
     if model_uri.endswith(".pt2"):
-        exported = load_exported(objstore.resolve(model_uri)[1])
+        raise DataError(PT2_REFUSED.format(uri=model_uri))
+    images, ids = read_predict_input(input_uri)
+    if model_uri.endswith(".safetensors"):
+        exported = load_safetensors_model(objstore.resolve(model_uri)[1])
         with torch.no_grad():
             labels = torch.cat([exported(chunk.float()).argmax(1) for chunk in images.split(1024)]).tolist()
     else:

@@ -22,7 +22,7 @@ from trainer import contract
 from trainer.contract import CheckpointEntry, ErrorKind, ExitCode, RunState, SearchOutcome, Summary
 from trainer.data import DataError
 from trainer.placement import PlacementError
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, model_cost
 
 log = logging.getLogger("trainer.run")
 
@@ -161,9 +161,8 @@ def summarize(
     )
     if spec is None:
         return summary
-    from trainer.model import build_model, count_parameters
-
-    summary.num_parameters = count_parameters(build_model(spec.model))
+    # Counted arithmetically: the driver (on the cluster's head) never builds a model just to count it.
+    summary.num_parameters = model_cost(spec.model)[0]
     try:
         manifest = ckpt.read_manifest(job_dir)
         summary.epochs_completed = manifest.latest_epoch or 0

@@ -13,6 +13,7 @@ import copy
 import difflib
 import json
 import math
+import reprlib
 import typing
 from typing import Annotated, Any, Literal
 
@@ -29,10 +30,34 @@ MAX_PARAMETERS = 200_000_000  # the paper's model has 4.6 M
 MAX_MACS = 50_000_000_000  # multiply-accumulates per 32x32 image; the paper's model: ~0.6 G
 MAX_TRIALS = 10_000
 MAX_SEARCH_VALUES = 1_000  # values in one choice/grid list
+MAX_SEARCH_VALUES_TOTAL = 2_000  # in all of a search's choice/grid lists (each is validated at submission)
+# Depth, bounded on its own: a model of width-1 stages is small in parameters but 2,000,000 blocks of it
+# are 20 M torch modules (gigabytes of Python objects on the head before any parameter counts).
+MAX_WIDTH = 4096  # channels in one stage; the paper's widest is 256
+MAX_BLOCKS_PER_STAGE = 64  # ResNet-152's deepest stage has 36
+MAX_BLOCKS = 128  # residual blocks in all stages together (two 3x3 convolutions each)
+MAX_STAGES = 8
+MAX_EPOCHS = 10_000
+MAX_SEARCH_PATHS = 32  # fields one search may vary
+MAX_TEXT = 4096  # a path or URI (Linux's PATH_MAX)
+MAX_ECHO = 200  # characters of a bad value an error message may quote
+MAX_ERRORS = 50  # field errors one answer lists
 # Ray's own resource names: a spec must not claim the head node's slot, the driver's slot, or set CPU/GPU/
 # memory behind cpus_per_worker's back.
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "trainctl_driver")
 RESERVED_RESOURCE_PREFIXES = ("node:",)
+
+
+_ECHO = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_ECHO.maxlevel, _ECHO.maxtuple, _ECHO.maxlist, _ECHO.maxdict, _ECHO.maxset = 2, 4, 4, 4, 4
+_ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 60, 40, 60
+
+
+def short(value: Any) -> str:
+    """A bad value as an error may quote it: at most MAX_ECHO characters, and computed in bounded time (reprlib
+    stops at a few items and levels), so a huge or deeply shared value never becomes a huge message."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
 
 
 def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any:
@@ -49,7 +74,9 @@ def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any
             and (kind is float or float(value).is_integer())
         )
         if not ok_type or not ((value > low if low_open else value >= low) and value <= high):
-            raise ValueError(f'must be "auto" or {"an integer" if kind is int else "a number"} {bound}, got {value!r}')
+            raise ValueError(
+                f'must be "auto" or {"an integer" if kind is int else "a number"} {bound}, got {short(value)}'
+            )
         return kind(value)
 
     return Annotated[kind | Literal["auto"], PlainValidator(check, json_schema_input_type=kind | Literal["auto"])]
@@ -61,11 +88,18 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
-    widths: list[PositiveInt] = Field(default=[32, 64, 256, 256], min_length=1, max_length=8)
-    blocks: list[PositiveInt] = Field(default=[2, 2, 2, 2], min_length=1, max_length=8)
+    # Every number bounded here, before any work: the cost below is arithmetic on these, and the model that
+    # the driver builds (on the cluster's head) is only ever one that passed.
+    widths: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        default=[32, 64, 256, 256], min_length=1, max_length=MAX_STAGES
+    )
+    # at most MAX_BLOCKS in all (the cross-field check below)
+    blocks: list[Annotated[int, Field(ge=1, le=MAX_BLOCKS_PER_STAGE)]] = Field(
+        default=[2, 2, 2, 2], min_length=1, max_length=MAX_STAGES
+    )
     activation: Literal["mish", "relu"] = "mish"
     se: bool = True
-    se_reduction: PositiveInt = 16
+    se_reduction: int = Field(default=16, ge=1, le=MAX_WIDTH)
     dropout: Fraction = 0.5
     num_classes: int = Field(default=10, ge=2, le=1000)
 
@@ -97,11 +131,11 @@ class DataSpec(Section):
     # An absolute path, a `~/` path, or a storage URI (file://, s3://). `auto` picks the reader from
     # what is there: *.parquet → parquet, a directory holding data_batch_1 → cifar10-python, an empty or
     # missing local directory → torchvision (downloads CIFAR-10 into it).
-    train: str = Field(default="~/.cache/trainctl/cifar10", min_length=1)
-    test: str | None = None
+    train: str = Field(default="~/.cache/trainctl/cifar10", min_length=1, max_length=MAX_TEXT)
+    test: str | None = Field(default=None, max_length=MAX_TEXT)
     format: Literal["auto", "cifar10-python", "parquet", "torchvision"] = "auto"
     val_fraction: float = Field(default=0.1, ge=0.0, le=0.5)
-    max_train_images: PositiveInt | None = None
+    max_train_images: int | None = Field(default=None, ge=1, le=1_000_000_000)
     # With no data.test, a CIFAR-10 python directory (or the torchvision download) as data.train supplies
     # its own test_batch. 0 = never evaluate the test split during training.
     test_every_epochs: int = Field(
@@ -117,23 +151,25 @@ class OptimSpec(Section):
     weight_decay: float = Field(default=1e-3, ge=0.0, le=1.0)
     label_smoothing: Fraction = 0.1
     batch_size: int = Field(default=512, ge=1, le=65536, description="global batch, split over workers")
-    epochs: int = Field(default=200, ge=1, le=10000)
+    epochs: int = Field(default=200, ge=1, le=MAX_EPOCHS)
     # {epoch: weight decay from that epoch on}, e.g. {85: 1e-4}: the notebook's switch after its crash.
-    weight_decay_milestones: dict[PositiveInt, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
+    weight_decay_milestones: dict[
+        Annotated[int, Field(ge=1, le=MAX_EPOCHS)], Annotated[float, Field(ge=0.0, le=1.0)]
+    ] = Field(default_factory=dict, max_length=100)
     # At each milestone, start with empty momentum buffers (the notebook built a fresh SGD there).
     fresh_momentum_at_milestones: bool = False
 
 
 class ScheduleSpec(Section):
     kind: Literal["cosine", "cosine_warm_restarts", "onecycle", "constant"] = "cosine_warm_restarts"
-    t0: PositiveInt = Field(default=10, description="epochs in the first warm-restart cycle")
-    t_mult: PositiveInt = Field(default=2, description="each warm-restart cycle is this many times longer")
+    t0: int = Field(default=10, ge=1, le=MAX_EPOCHS, description="epochs in the first warm-restart cycle")
+    t_mult: int = Field(default=2, ge=1, le=100, description="each warm-restart cycle is this many times longer")
     warmup_fraction: float = Field(default=0.15, ge=0.0, lt=1.0, description="onecycle's rising part")
     # batch: the lr changes every optimizer step (fractional epochs); epoch: once per epoch, as
     # torch's scheduler.step() called at the end of each epoch (the notebook).
     step_per: Literal["batch", "epoch"] = "batch"
     # Epochs at which the schedule starts over as if new (the notebook's fresh scheduler at epoch 85).
-    restart_epochs: list[PositiveInt] = Field(default_factory=list, max_length=100)
+    restart_epochs: list[Annotated[int, Field(ge=1, le=MAX_EPOCHS)]] = Field(default_factory=list, max_length=100)
 
 
 class ScalingSpec(Section):
@@ -148,7 +184,9 @@ class ScalingSpec(Section):
     cpus_per_worker: _auto_or(float, 0, 256, low_open=True) = "auto"  # type: ignore[valid-type]
     # Extra Ray resources each worker reserves, e.g. {"trainslot": 1} to spread workers over nodes that
     # advertise one slot each, or {"accelerator_type:A10G": 0.001} to pin a GPU type.
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    resources_per_worker: dict[Annotated[str, Field(min_length=1, max_length=200)], float] = Field(
+        default_factory=dict, max_length=16
+    )
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -158,16 +196,16 @@ class ScalingSpec(Section):
                 raise ValueError(f"{name!r} is set by cpus_per_worker/use_gpu, not resources_per_worker")
             if name in RESERVED_RESOURCES or name.startswith(RESERVED_RESOURCE_PREFIXES):
                 raise ValueError(
-                    f"{name!r} is a resource name reserved by Ray or trainctl; "
+                    f"{short(name)} is a resource name reserved by Ray or trainctl; "
                     "use a custom resource your nodes advertise"
                 )
-            if amount <= 0:
-                raise ValueError(f"resource {name!r} must be positive, got {amount}")
+            if not 0 < amount <= 1_000_000:
+                raise ValueError(f"resource {short(name)} must be positive and at most 1,000,000, got {amount}")
         return value
 
 
 class CheckpointSpec(Section):
-    every_epochs: PositiveInt = 1
+    every_epochs: int = Field(default=1, ge=1, le=MAX_EPOCHS)
     keep_best: PositiveInt = Field(default=2, le=100, description="best by val_acc; the latest is kept too")
     max_failures: int = Field(default=2, ge=0, le=100, description="worker-group restarts inside one run")
     max_restarts: int = Field(default=2, ge=0, le=10, description="resubmissions after a driver/infra failure")
@@ -195,15 +233,21 @@ class Uniform(Section):
 
 
 class RandInt(Section):
-    randint: tuple[int, int]
+    randint: tuple[Annotated[int, Field(ge=-(2**53), le=2**53)], Annotated[int, Field(ge=-(2**53), le=2**53)]]
+
+
+# A search varies single values (checked against the field later): never a nested structure, never a long text.
+SearchValue = Annotated[
+    None | bool | int | float | Annotated[str, Field(max_length=MAX_TEXT)], Field(union_mode="smart")
+]
 
 
 class Choice(Section):
-    choice: list[Any] = Field(min_length=1, max_length=MAX_SEARCH_VALUES)
+    choice: list[SearchValue] = Field(min_length=1, max_length=MAX_SEARCH_VALUES)
 
 
 class Grid(Section):
-    grid: list[Any] = Field(min_length=1, max_length=MAX_SEARCH_VALUES)
+    grid: list[SearchValue] = Field(min_length=1, max_length=MAX_SEARCH_VALUES)
 
 
 Distribution = LogUniform | Uniform | RandInt | Choice | Grid
@@ -211,9 +255,9 @@ Distribution = LogUniform | Uniform | RandInt | Choice | Grid
 
 class AshaSpec(Section):
     kind: Literal["asha"] = "asha"
-    grace_period: PositiveInt = 1
-    reduction_factor: float = Field(default=2.0, gt=1.0)
-    max_t: PositiveInt | None = Field(default=None, description="epochs; default: optim.epochs")
+    grace_period: int = Field(default=1, ge=1, le=MAX_EPOCHS)
+    reduction_factor: float = Field(default=2.0, gt=1.0, le=100.0)
+    max_t: int | None = Field(default=None, ge=1, le=MAX_EPOCHS, description="epochs; default: optim.epochs")
 
 
 class NoScheduler(Section):
@@ -221,13 +265,13 @@ class NoScheduler(Section):
 
 
 class SearchSpec(Section):
-    space: dict[str, Distribution] = Field(min_length=1)
-    num_samples: int = Field(default=4, ge=1, le=10000)
+    space: dict[Annotated[str, Field(max_length=200)], Distribution] = Field(min_length=1, max_length=MAX_SEARCH_PATHS)
+    num_samples: int = Field(default=4, ge=1, le=MAX_TRIALS)
     metric: Literal["val_acc", "val_loss", "train_loss", "train_acc"] = "val_acc"
     mode: Literal["max", "min"] = "max"
     scheduler: Annotated[AshaSpec | NoScheduler, Field(discriminator="kind")] = AshaSpec()
-    max_concurrent_trials: PositiveInt = 1
-    seed: int = 0
+    max_concurrent_trials: int = Field(default=1, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     def total_trials(self) -> int:
         """Tune's count: every grid combination, num_samples times."""
@@ -263,7 +307,7 @@ class JobSpec(Section):
     search: SearchSpec | None = None
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
-    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS))
+    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=len(EXPORT_FORMATS))
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
@@ -297,6 +341,12 @@ class JobSpec(Section):
                 self.data.max_train_images,
                 f"must be at least optim.batch_size={o.batch_size}, or an epoch has no full batch",
             )
+        if sum(m.blocks) > MAX_BLOCKS:
+            fail(
+                ("model", "blocks"),
+                m.blocks,
+                f"the model is too deep: {sum(m.blocks)} residual blocks in all, the limit is {MAX_BLOCKS}",
+            )
         params, macs = model_cost(m)
         if params > MAX_PARAMETERS or macs > MAX_MACS:
             what = (
@@ -328,10 +378,22 @@ class JobSpec(Section):
                     f"the search has {self.search.total_trials():,} trials (num_samples x grid combinations); "
                     f"the limit is {MAX_TRIALS:,}",
                 )
-            for path, dist in self.search.space.items():
-                problem = _check_search_path(self, path, dist)
-                if problem:
-                    fail(("search", "space", path), path, problem)
+            listed = sum(
+                len(d.choice if isinstance(d, Choice) else d.grid)
+                for d in self.search.space.values()
+                if isinstance(d, (Choice, Grid))
+            )
+            if listed > MAX_SEARCH_VALUES_TOTAL:  # each value is validated below: bound that work too
+                fail(
+                    ("search", "space"),
+                    listed,
+                    f"the search lists {listed:,} choice/grid values in all; the limit is {MAX_SEARCH_VALUES_TOTAL:,}",
+                )
+            else:
+                for path, dist in self.search.space.items():
+                    problem = _check_search_path(self, path, dist)
+                    if problem:
+                        fail(("search", "space", path), path, problem)
             if (
                 isinstance(self.search.scheduler, AshaSpec)
                 and self.search.scheduler.max_t is not None
@@ -356,27 +418,37 @@ class JobSpec(Section):
 
 def model_cost(m: ModelSpec) -> tuple[int, int]:
     """(trainable parameters, multiply-accumulates per 32x32 image) of trainer/model.py's ResNet for `m`,
-    computed without building it (exact for the parameters: tests/trainer/test_model.py checks)."""
+    computed without building it (exact for the parameters: tests/trainer/test_model.py checks).
+
+    Closed form: a stage is its first block (which may change the width and the resolution) plus n-1
+    identical blocks, so the cost takes one step per stage whatever `blocks` says."""
     first = m.widths[0]
     params = 3 * first * 9 + 2 * first
     res = 32
     macs = res * res * 3 * first * 9
     in_ch = first
+
+    def block(c_in: int, width: int, stride: int, out_res: int) -> tuple[int, int]:
+        p = c_in * width * 9 + 2 * width + width * width * 9 + 2 * width
+        a = out_res * out_res * (c_in * width * 9 + width * width * 9)
+        if m.se:
+            hidden = width // m.se_reduction
+            p += width * hidden + hidden + hidden * width + width
+            a += 2 * width * hidden
+        if stride != 1 or c_in != width:  # the projection shortcut
+            p += c_in * width + 2 * width
+            a += out_res * out_res * c_in * width
+        return p, a
+
     # strict=False: a length mismatch is reported as its own error (model.blocks)
     for i, (width, n) in enumerate(zip(m.widths, m.blocks, strict=False)):
-        for j in range(n):
-            stride = 2 if (i > 0 and j == 0) else 1
-            out_res = (res - 1) // stride + 1
-            params += in_ch * width * 9 + 2 * width + width * width * 9 + 2 * width
-            macs += out_res * out_res * (in_ch * width * 9 + width * width * 9)
-            if m.se:
-                hidden = width // m.se_reduction
-                params += width * hidden + hidden + hidden * width + width
-                macs += 2 * width * hidden
-            if stride != 1 or in_ch != width:
-                params += in_ch * width + 2 * width
-                macs += out_res * out_res * in_ch * width
-            in_ch, res = width, out_res
+        stride = 2 if i > 0 else 1  # stage 1 keeps 32x32; each later stage's first block halves it
+        out_res = (res - 1) // stride + 1
+        p_first, a_first = block(in_ch, width, stride, out_res)
+        in_ch, res = width, out_res
+        p_rest, a_rest = block(width, width, 1, res)  # stride 1, width unchanged: no shortcut projection
+        params += p_first + (n - 1) * p_rest
+        macs += a_first + (n - 1) * a_rest
     params += in_ch * m.num_classes + m.num_classes
     macs += in_ch * m.num_classes
     return params, macs
@@ -561,9 +633,10 @@ def unknown_path_reason(path: str) -> str | None:
         if model is None:  # inside a free-form mapping (resources_per_worker, search.space): any key goes
             return None
         if key not in model.model_fields:
-            close = difflib.get_close_matches(path, known_paths(), n=1, cutoff=0.6)
+            # (no fuzzy match for a path longer than any real one: difflib's time grows with its length)
+            close = difflib.get_close_matches(path, known_paths(), n=1, cutoff=0.6) if len(path) <= 200 else []
             hint = f"; did you mean {close[0]!r}?" if close else "; see `python -m trainer describe`"
-            return f"unknown field {key!r}{hint}"
+            return f"unknown field {short(key)}{hint}"
         model = _section_of(model.model_fields[key].annotation)
     return None
 
@@ -672,19 +745,38 @@ def _check_search_path(spec: JobSpec, path: str, dist: Distribution) -> str | No
             return f"bad range [{low}, {high}]: need low < high (high is exclusive)"
         samples = [low, high - 1]
     else:
-        samples = list(dist.choice if isinstance(dist, Choice) else dist.grid)
+        # each distinct value once (by type too: True == 1 but validates differently)
+        samples = list({(type(v), v): v for v in (dist.choice if isinstance(dist, Choice) else dist.grid)}.values())
     base = spec.model_dump(mode="json", exclude={"search"})
     for sample in samples:
-        trial = copy.deepcopy(base)
-        set_path(trial, path, sample)
+        trial = _replaced(base, path.split("."), sample)
         try:
             JobSpec.model_validate(trial)
         except ValidationError as exc:
             first = exc.errors()[0]
-            return f"value {sample!r} is invalid there: {first['msg']}"
+            return f"value {short(sample)} is invalid there: {first['msg']}"
     return None
+
+
+def _replaced(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+    """`data` with the value at `keys` replaced, copying only the dicts on the way (not the whole spec)."""
+    out = dict(data)
+    out[keys[0]] = value if len(keys) == 1 else _replaced(data.get(keys[0]) or {}, keys[1:], value)
+    return out
 
 
 def error_list(exc: ValidationError) -> list[dict[str, str]]:
     """Pydantic errors as [{"field": "optim.lr", "message": "..."}], the shape the API and CLI print."""
-    return [{"field": ".".join(str(p) for p in e["loc"]) or "spec", "message": e["msg"]} for e in exc.errors()]
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)  # never the bad value
+    out = [
+        {"field": _clip(".".join(str(p) for p in e["loc"]) or "spec"), "message": _clip(e["msg"], 1000)}
+        for e in errors[:MAX_ERRORS]
+    ]
+    if len(errors) > MAX_ERRORS:
+        out.append({"field": "spec", "message": f"and {len(errors) - MAX_ERRORS:,} more errors"})
+    return out
+
+
+def _clip(text: str, limit: int = MAX_ECHO) -> str:
+    """A message or field name cut to `limit` characters: every error reaches the user with bounded size."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

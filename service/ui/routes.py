@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 import objstore
-from service import auth, jobdir
+from service import auth, jobdir, safeyaml
 from service.api import jobs as jobs_api
 from service.api.deps import PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep, session_principal
 from service.api.schemas import JobView
@@ -31,7 +31,7 @@ from service.store import Job
 from service.ui import session
 from service.views import fresh_view, job_view
 from trainer.contract import Summary
-from trainer.spec import PRESETS
+from trainer.spec import MAX_ECHO, PRESETS
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -291,15 +291,17 @@ def submit_from_form(
             [{"field": "overrides", "message": "must be YAML text"}],
         )
     try:
-        overrides = yaml.safe_load(text) if text.strip() else {}
+        # no aliases or anchors, bounded nesting: a few hundred bytes never expand to gigabytes
+        overrides = safeyaml.load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = str(getattr(exc, "problem", None) or exc)[:MAX_ECHO]  # it may quote the input: a prefix only
         raise ApiError(
             422,
             "invalid_request",
             f"the overrides are not valid YAML{where}",
-            [{"field": "overrides", "message": f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"}],
+            [{"field": "overrides", "message": f"not valid YAML{where}: {problem}"}],
         ) from None
     if not isinstance(overrides, dict):
         raise ApiError(

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from service import records
 from service.leader import LeaderLock
 from service.reindex import reindex
 from service.store import Store, make_engine
@@ -20,6 +21,10 @@ def _another_database(request: pytest.FixtureRequest, database_url: str, tmp_pat
     if database_url.startswith("sqlite"):
         return f"sqlite:///{tmp_path / 'rebuilt.db'}"
     return request.getfixturevalue("postgres").create_database("rebuilt")
+
+
+def _key(api: Api) -> bytes | None:
+    return records.read_key(api.settings.record_key_path)
 
 
 def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request, database_url, tmp_path) -> None:
@@ -49,7 +54,7 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
     new_url = _another_database(request, database_url, tmp_path)
     store = Store(new_url)
     store.create_schema()
-    report = reindex(store, api.settings.storage_root)
+    report = reindex(store, api.settings.storage_root, _key(api), api.settings)
     assert sorted(report.restored) == sorted([done, running, cancelled])
     assert report.skipped == {"not-a-job": "no spec.json"}
     for job_id, old in original.items():
@@ -72,7 +77,7 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
             assert getattr(new, f) == getattr(old, f), (job_id, f, getattr(new, f), getattr(old, f))
     # Submission order is kept; a second run changes nothing.
     assert [j.id for j in store.list(limit=10)[0]] == [cancelled, running, done]
-    again = reindex(store, api.settings.storage_root)
+    again = reindex(store, api.settings.storage_root, _key(api), api.settings)
     assert again.restored == [] and sorted(again.kept) == sorted([done, running, cancelled])
     store.close()
 
@@ -106,6 +111,130 @@ def test_reindex_command(make_api, request, database_url, tmp_path) -> None:
     store = Store(new_url)
     assert store.get(job_id).state.value == "STARTING"
     store.close()
+    # a planted directory is reported, with why, and becomes nobody's job; --unsigned-owner admin is refused
+    planted = api.job_dir("planted")
+    planted.mkdir()
+    (planted / "spec.json").write_text((api.job_dir(job_id) / "spec.json").read_text())
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "reindex"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "skipped 1" in out.stdout and "skipped  planted: no record.json" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "reindex", "--unsigned-owner", "admin"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "may not be 'admin'" in out.stderr
+
+
+# --- issue 21 item 7: reindex trusts nothing it finds in storage ------------------------------------------------
+
+
+def _plant(api: Api, job_id: str, spec: dict, record: dict | None) -> None:
+    """What anyone with write access to the storage root can do: a job directory of their own making."""
+    folder = api.job_dir(job_id)
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps(spec))
+    if record is not None:
+        (folder / "record.json").write_text(json.dumps(record))
+
+
+def test_reindex_believes_only_signed_records_and_valid_specs(make_api, tmp_path) -> None:
+    api: Api = make_api()
+    alice = api.client.post("/v1/tokens", json={"name": "alice"}, headers=api.headers()).json()["token"]
+    real = api.post(DEBUG_JOB, headers=api.headers(alice)).json()["id"]
+    api.reconcile()
+    real_dir = api.job_dir(real)
+    signed = json.loads((real_dir / "record.json").read_text())
+    spec = json.loads((real_dir / "spec.json").read_text())
+    assert records.SIGNATURE in signed and signed["ray_submission_id"] == f"{real}-1"
+    # 1. an unsigned record claiming the admin and alice's Ray submission
+    forged = {**{k: v for k, v in signed.items() if k != records.SIGNATURE}, "owner": "admin"}
+    _plant(api, "planted1", spec, {**forged, "id": "planted1"})
+    # 2. alice's signed record copied into another directory (the signature covers the job id)
+    _plant(api, "planted2", spec, {**signed, "id": "planted2"})
+    # 3. a signed record next to a spec that is not the one it was signed for (a bigger model)
+    _plant(api, "planted3", {**spec, "model": {**spec["model"], "widths": [64, 128, 256, 512]}}, None)
+    (api.job_dir("planted3") / "record.json").write_text(json.dumps(signed))
+    # 4. a spec over the limits (it would hang or exhaust the head), and one over this service's own limit
+    _plant(api, "planted4", {**spec, "model": {**spec["model"], "blocks": [1, 1, 1, 10**12]}}, forged)
+    _plant(api, "planted5", {**spec, "limits": {"max_hours": 500}}, forged)
+    _plant(api, "planted6", {**spec, "data": {**spec["data"], "train": "/etc/passwd"}}, forged)
+    # 5. no record at all (it used to become an admin job), and a name no job has
+    _plant(api, "planted7", spec, None)
+    _plant(api, "-rf", spec, None)
+
+    store = Store(f"sqlite:///{tmp_path / 'rebuilt.db'}")
+    store.create_schema()
+    report = reindex(store, api.settings.storage_root, _key(api), api.settings)
+    assert report.restored == [real] and report.unsigned == []
+    skipped = report.skipped
+    assert set(skipped) == {f"planted{i}" for i in range(1, 8)} | {"-rf"}, skipped
+    assert "not signed" in skipped["planted1"] and "--unsigned-owner" in skipped["planted1"]
+    for name in ("planted2", "planted3"):
+        assert "signature does not verify" in skipped[name], skipped[name]
+    assert skipped["planted4"].startswith("spec.json is not a valid spec") and "model.blocks" in skipped["planted4"]
+    assert "limits.max_hours" in skipped["planted5"] and "TRAINCTL_MAX_JOB_HOURS" in skipped["planted5"]
+    assert "data.train" in skipped["planted6"] and skipped["planted7"].startswith("no record.json")
+    assert skipped["-rf"] == "not a job id"
+    restored = store.get(real)
+    assert restored.owner == "alice" and restored.ray_submission_id == f"{real}-1"
+
+    # the operator adopts unsigned directories, as finished jobs of an ordinary owner: never the admin's,
+    # never running, never pointing at a Ray submission
+    with pytest.raises(ValueError, match="admin"):
+        reindex(store, api.settings.storage_root, _key(api), api.settings, unsigned_owner="admin")
+    report = reindex(store, api.settings.storage_root, _key(api), api.settings, unsigned_owner="recovered")
+    assert sorted(report.restored) == ["planted1", "planted2", "planted3", "planted7"]
+    assert sorted(report.unsigned) == sorted(report.restored)
+    for job_id in report.restored:
+        job = store.get(job_id)
+        assert job.owner == "recovered" and job.state.value == "FAILED" and job.ray_submission_id is None
+        assert job.attempts == 0 and job.attempt_log == [] and "unsigned" in job.message
+    assert sorted(report.skipped) == ["-rf", "planted4", "planted5", "planted6"]
+    # without the key nothing verifies: even the real record is only unsigned data
+    fresh = Store(f"sqlite:///{tmp_path / 'fresh.db'}")
+    fresh.create_schema()
+    report = reindex(fresh, api.settings.storage_root, None, api.settings)
+    assert real in report.skipped and "no record key" in report.skipped[real]
+    store.close()
+    fresh.close()
+
+
+def test_reindex_re_derives_the_ray_submission_id(make_api, tmp_path) -> None:
+    """Even a record signed with the key (an older service, a bug) cannot point a job at another Ray job: the
+    id is always `<job id>-<attempts>`."""
+    api: Api = make_api()
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    folder = api.job_dir(job_id)
+    record = {k: v for k, v in json.loads((folder / "record.json").read_text()).items() if k != records.SIGNATURE}
+    spec = json.loads((folder / "spec.json").read_text())
+    record["ray_submission_id"] = "someone-elses-job-1"
+    (folder / "record.json").write_text(json.dumps(records.sign(_key(api), job_id, record, spec)))
+    store = Store(f"sqlite:///{tmp_path / 'rebuilt.db'}")
+    store.create_schema()
+    assert reindex(store, api.settings.storage_root, _key(api), api.settings).restored == [job_id]
+    assert store.get(job_id).ray_submission_id == f"{job_id}-1"
+    store.close()
+
+
+def test_records_are_signed_with_an_owner_only_key(api: Api) -> None:
+    import stat
+
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    api.reconcile()
+    key_file = api.settings.record_key_path
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    record = json.loads((api.job_dir(job_id) / "record.json").read_text())
+    spec = json.loads((api.job_dir(job_id) / "spec.json").read_text())
+    key = records.read_key(key_file)
+    assert records.verified(key, job_id, record, spec)
+    assert not records.verified(key, job_id, {**record, "owner": "mallory"}, spec)
+    assert not records.verified(key, job_id, record, {**spec, "seed": 1})
+    assert not records.verified(b"k" * 64, job_id, record, spec)
 
 
 def test_leader_lock_is_exclusive_and_released(database_url: str) -> None:

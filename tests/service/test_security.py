@@ -261,9 +261,9 @@ def test_request_bodies_over_the_limit_are_413(api: Api) -> None:
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        ({"model.widths": [1_000_000_000], "model.blocks": [1]}, "model.widths"),  # the driver builds it on the head
+        ({"model.widths": [1_000_000_000], "model.blocks": [1]}, "model.widths.0"),  # the driver builds it on the head
         ({"model.widths": [4096, 4096, 4096, 4096]}, "model.widths"),  # 1.3 G parameters
-        ({"model.blocks": [10_000, 10_000, 10_000, 10_000]}, "model.blocks"),
+        ({"model.blocks": [10_000, 10_000, 10_000, 10_000]}, "model.blocks.0"),  # over 64 per stage
         ({"checkpoint.max_restarts": 11}, "checkpoint.max_restarts"),
         ({"scaling.resources_per_worker": {"node:__internal_head__": 0.001}}, "scaling.resources_per_worker"),
         ({"scaling.resources_per_worker": {"node:127.0.0.1": 1}}, "scaling.resources_per_worker"),
@@ -523,3 +523,125 @@ def test_token_expiry_durations() -> None:
     for bad in ("", "x", "-5m", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_duration(bad)
+
+
+# --- issue 21 (items 1-3, 5, 6): no hang, no memory blow-up, no echo, exact loopback, bounded labels ---------
+
+
+def test_a_huge_block_count_is_a_422_in_milliseconds(api: Api) -> None:
+    token = user_token(api)
+    for overrides in (
+        {"model.blocks": [1, 1, 1, 10**12]},  # the parameter count used to loop for days in the API thread
+        {"model.widths": [1, 1, 1, 1], "model.blocks": [1, 1, 1, 2_000_000], "model.se_reduction": 1},
+        {"model.widths": [1, 1, 1, 1], "model.blocks": [64, 64, 64, 64], "model.se_reduction": 1},
+    ):
+        started = time.perf_counter()
+        resp = api.post({"preset": "debug", "overrides": overrides}, headers=api.headers(token))
+        assert time.perf_counter() - started < 1.0, overrides
+        assert resp.status_code == 422 and any(f.startswith("model.blocks") for f in fields(resp)), resp.text
+    assert api.client.get("/v1/jobs", headers=api.headers()).json()["total"] == 0
+
+
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)  # 9^9 = 387 M strings from ~300 bytes, once anything walks it
+
+
+@pytest.mark.parametrize(
+    "text, hint",
+    [
+        (ALIAS_BOMB, "anchors"),
+        ("scaling.num_workers: *nothing\n", "aliases"),
+        ("optim.lr: " + "[" * 5000 + "]" * 5000, "deeper"),
+        ("optim.epochs: " + "9" * 10_000, "converted"),
+        ("!!python/object/apply:os.system ['true']", "constructor"),
+    ],
+)
+def test_yaml_bombs_on_the_submit_form_are_a_short_422(api: Api, text: str, hint: str) -> None:
+    from tests.service.test_ui import csrf_of, login
+
+    login(api)
+    csrf = csrf_of(api.client.get("/ui/submit").text)
+    started = time.perf_counter()
+    resp = api.client.post(
+        "/ui/api/submit", json={"preset": "debug", "overrides_yaml": text}, headers={"X-CSRF-Token": csrf}
+    )
+    assert time.perf_counter() - started < 2.0
+    assert resp.status_code == 422 and fields(resp) == ["overrides"], resp.text
+    assert hint in resp.text and len(resp.content) < 1000, resp.text[:2000]
+
+
+def test_errors_never_echo_more_than_a_prefix_of_a_bad_value(api: Api) -> None:
+    for overrides in (
+        {"scaling.num_workers": "x" * 900_000},  # (the message quotes the value: a prefix only)
+        {"x" * 900_000: 1},  # an unknown path: the field name is cut too
+        {"data.train": "/" + "y" * 900_000},
+        {"search": {"space": {"optim.lr": {"choice": [["z" * 20] * 10] * 1000}}}},  # thousands of errors
+    ):
+        resp = api.post({"preset": "debug", "overrides": overrides})
+        assert resp.status_code == 422, resp.text[:500]
+        assert len(resp.content) < 20_000 and "x" * 300 not in resp.text and "y" * 300 not in resp.text
+    resp = api.post({"preset": "debug", "overrides": {"data.train": "relative/" + "w" * 5000}})
+    assert resp.status_code == 422 and len(resp.content) < 2000
+    # the ordinary, short messages are unchanged
+    resp = api.post({"preset": "debug", "overrides": {"scaling.num_workers": "many"}})
+    assert "got 'many'" in resp.text
+
+
+@pytest.mark.parametrize(
+    "host, ok",
+    [
+        ("127.0.0.1:8000", True),
+        ("127.0.0.2", True),
+        ("localhost:8000", True),
+        ("[::1]:8000", True),
+        ("127.attacker.example", False),  # any name starting "127." used to pass: DNS rebinding
+        ("127.attacker.example:8000", False),
+        ("127.0.0.1.nip.io", False),
+        ("localhost.attacker.example", False),
+        ("127.1", False),
+        ("localhost:notaport", False),
+        ("[::1]evil", False),
+    ],
+)
+def test_no_auth_answers_only_exact_loopback_hosts(make_api, host: str, ok: bool) -> None:
+    api = make_api(auth=False)
+    resp = api.client.get("/v1/jobs", headers={"Host": host})
+    assert resp.status_code == (200 if ok else 400), (host, resp.text)
+
+
+def test_metric_labels_stay_bounded_whatever_clients_send(api: Api) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def series() -> set[tuple]:
+        text = api.get("/metrics").text
+        return {
+            tuple(sorted(s.labels.items()))
+            for fam in text_string_to_metric_families(text)
+            if fam.name == "trainctl_http_request_duration_seconds"
+            for s in fam.samples
+            if s.name.endswith("_count")
+        }
+
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    for i in range(3):
+        api.client.request(f"MADEUP{i}", "/v1/jobs", headers=api.headers())
+        api.client.request(f"X{i}", f"/random/{i}")
+        api.get(f"/no/such/path/{i}")
+        api.get(f"/ui/static/nothing-{i}.css")
+        api.get(f"/v1/jobs/{job_id}x{i}")
+    series()  # (the first scrape adds its own series)
+    first = series()
+    for i in range(3, 30):  # ten times as many made-up methods and paths: not one new series
+        api.client.request(f"MADEUP{i}", "/v1/jobs", headers=api.headers())
+        api.client.request(f"X{i}", f"/random/{i}")
+        api.get(f"/no/such/path/{i}")
+        api.get(f"/ui/static/nothing-{i}.css")
+        api.get(f"/v1/jobs/{job_id}x{i}")
+    after = series()
+    assert after == first, after - first
+    methods = {dict(s)["method"] for s in after}
+    routes = {dict(s)["route"] for s in after}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"} and "other" in methods
+    assert "unmatched" in routes and "/v1/jobs/{job_id}" in routes
+    assert not any("random" in r or "nothing" in r or job_id in r for r in routes), routes

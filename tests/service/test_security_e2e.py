@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -99,5 +100,73 @@ def test_attacks_through_the_real_service(ray_head: RayHead, tmp_path: Path) -> 
         assert listed.returncode == 0 and "mallory" not in listed.stdout and "admin" in listed.stdout
         assert httpx.get(svc.url + "/v1/jobs", headers={"Authorization": f"Bearer {user}"}).status_code == 401
         admin.close()
+    finally:
+        svc.stop()
+
+
+def test_issue21_http_attacks_through_the_real_service(ray_head: RayHead, tmp_path: Path) -> None:
+    """Issue 21 over real HTTP (no job runs): 40 parallel specs with 10^12 blocks are 422s in milliseconds while
+    /healthz still answers; a YAML alias bomb on the dashboard's submit route and a megabyte-long bad value
+    are short 422s; made-up methods and paths add no /metrics series; then, restarted with --no-auth, the
+    service answers only Host headers that are exactly loopback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.service.test_security import ALIAS_BOMB
+
+    svc = start_service(ray_head, tmp_path / "data")
+    try:
+        admin = svc.client()
+        user = admin.post("/v1/tokens", json={"name": "mallory"}).json()["token"]
+        with svc.client(user) as c:
+            hang = {"preset": "debug", "overrides": {"model.blocks": [1, 1, 1, 10**12]}}
+
+            def submit(_: int) -> tuple[int, str, float]:
+                started = time.perf_counter()
+                r = c.post("/v1/jobs", json=hang)
+                return r.status_code, r.text, time.perf_counter() - started
+
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(submit, range(40)))
+                health = httpx.get(svc.url + "/healthz", timeout=10)
+            assert health.status_code in (200, 503)
+            assert all(code == 422 and '"model.blocks.3"' in text for code, text, _ in answers), answers[0]
+            print(f"40 parallel 10^12-block specs: slowest answer {max(s for *_, s in answers):.3f} s")
+            assert max(s for *_, s in answers) < 5.0  # (a loaded machine; each is milliseconds of work)
+
+            r = c.post("/ui/api/submit", json={"preset": "debug", "overrides_yaml": ALIAS_BOMB})
+            assert r.status_code == 422 and "anchors" in r.text and len(r.content) < 1000, r.text[:500]
+            r = c.post("/v1/jobs", json={"preset": "debug", "overrides": {"scaling.num_workers": "x" * 900_000}})
+            assert r.status_code == 422 and len(r.content) < 2000 and "x" * 300 not in r.text
+            assert c.get("/v1/jobs").json()["total"] == 0
+
+        def series() -> int:
+            text = admin.get("/metrics").text
+            return sum(
+                1 for line in text.splitlines() if line.startswith("trainctl_http_request_duration_seconds_count")
+            )
+
+        def made_up(i: int) -> None:
+            httpx.request(f"MADEUP{i}", f"{svc.url}/v1/jobs/x{i}", timeout=10)
+            httpx.get(f"{svc.url}/nothing/here/{i}", timeout=10)
+
+        series()  # (the first scrape adds its own series)
+        made_up(0)
+        once = series()
+        for i in range(1, 30):
+            made_up(i)
+        assert series() == once, admin.get("/metrics").text  # 29 more made-up methods and paths: no new series
+        admin.close()
+
+        svc.stop()
+        svc.args = ("--no-auth",)
+        svc.start()
+        for host, ok in (
+            (f"127.0.0.1:{svc.port}", True),
+            (f"localhost:{svc.port}", True),
+            (f"127.attacker.example:{svc.port}", False),
+            (f"127.0.0.1.nip.io:{svc.port}", False),
+        ):
+            r = httpx.get(svc.url + "/v1/jobs", headers={"Host": host}, timeout=10)
+            assert r.status_code == (200 if ok else 400), (host, r.text)
     finally:
         svc.stop()

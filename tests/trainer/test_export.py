@@ -82,10 +82,10 @@ def test_predict_reads_folders_parquets_and_exports(
     folder.mkdir()
     for i in range(20):
         write_png(images[i], str(folder / f"img{i:03d}.png"))
-    export_checkpoint(checkpoint, str(tmp_path / "export"), ["pt2"])
+    export_checkpoint(checkpoint, str(tmp_path / "export"), ["safetensors"])  # (a .pt2 is refused: it unpickles)
     expected = predict_logits(*_model_and_numerics(checkpoint), images[:20]).argmax(1).tolist()
 
-    for model in (checkpoint, str(tmp_path / "export" / "model.pt2")):
+    for model in (checkpoint, str(tmp_path / "export" / "model.safetensors")):
         out = tmp_path / "pred.csv"
         assert predict_to_csv(model, str(folder), str(out)) == 20
         rows = list(csv.reader(out.open()))

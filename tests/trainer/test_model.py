@@ -25,3 +25,17 @@ def test_model_file_knows_nothing_of_training():
     text = pathlib.Path(trainer.model.__file__).read_text()
     for word in ("ray", "optim", "DistributedDataParallel", "cuda"):
         assert f"import {word}" not in text and f"{word}." not in text.replace("nn.", ""), word
+
+
+def test_the_closed_form_cost_counts_exactly_what_is_built():
+    """trainer.spec.model_cost (arithmetic, one step per stage) against the built model, for stage counts and
+    depths where the shortcut projections differ (widths changing or not, 8 stages reaching 1x1 resolution)."""
+    from trainer.spec import model_cost
+
+    for spec in (
+        ModelSpec(),
+        ModelSpec(widths=[8, 8, 16], blocks=[3, 1, 4], se_reduction=4),
+        ModelSpec(widths=[4] * 8, blocks=[1, 2, 1, 2, 1, 2, 1, 3], se=False, num_classes=3),
+        ModelSpec(widths=[2, 4, 4, 8, 8, 8], blocks=[2, 3, 1, 1, 2, 2], se_reduction=2, activation="relu"),
+    ):
+        assert model_cost(spec)[0] == count_parameters(build_model(spec)), spec

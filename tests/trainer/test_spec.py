@@ -1,9 +1,21 @@
 import json
+import time
 
 import pytest
 from pydantic import ValidationError
 
-from trainer.spec import PRESETS, JobSpec, error_list, parse_override, resolve
+from trainer.spec import (
+    MAX_BLOCKS,
+    MAX_BLOCKS_PER_STAGE,
+    PRESETS,
+    JobSpec,
+    ModelSpec,
+    error_list,
+    model_cost,
+    parse_override,
+    resolve,
+    short,
+)
 
 
 def fields(exc: ValidationError) -> set[str]:
@@ -180,3 +192,99 @@ def test_unknown_override_path_is_named_whole_with_a_suggestion(path: str, messa
 def test_free_form_mappings_take_any_key() -> None:
     spec = resolve("debug", {"scaling.resources_per_worker.accelerator_type_a100": 1})
     assert spec.scaling.resources_per_worker == {"accelerator_type_a100": 1}
+
+
+# --- issue 21, items 1-2: bounded validation, bounded models ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"model.blocks": [1, 1, 1, 10**12]}, "model.blocks.3"),  # the parameter count used to loop for days
+        ({"model.widths": [1, 1, 1, 1], "model.blocks": [1, 1, 1, 2_000_000]}, "model.blocks.3"),  # 44 M params
+        ({"model.widths": [1, 1, 1, 1], "model.blocks": [64, 64, 64, 64]}, "model.blocks"),  # 256 blocks deep
+        ({"model.widths": [10**12, 16, 32, 32]}, "model.widths.0"),
+        ({"model.widths": [8] * 9, "model.blocks": [1] * 9}, "model.widths"),  # 9 stages
+        ({"model.se_reduction": 10**30, "model.se": False}, "model.se_reduction"),
+        ({"optim.epochs": 10**18}, "optim.epochs"),
+        ({"optim.weight_decay_milestones": {str(10**15): 1e-4}}, "optim.weight_decay_milestones"),
+        ({"optim.weight_decay_milestones": {str(i): 1e-4 for i in range(1, 200)}}, "optim.weight_decay_milestones"),
+        ({"schedule.t_mult": 10**9}, "schedule.t_mult"),
+        ({"schedule.t0": 10**9}, "schedule.t0"),
+        ({"schedule.restart_epochs": [10**12]}, "schedule.restart_epochs.0"),
+        ({"checkpoint.every_epochs": 10**12}, "checkpoint.every_epochs"),
+        ({"data.max_train_images": 10**40}, "data.max_train_images"),
+        ({"data.train": "/x" * 5000}, "data.train"),
+        ({"exports": ["pt2"] * 1000}, "exports"),
+        ({"scaling.resources_per_worker": {f"r{i}": 1 for i in range(100)}}, "scaling.resources_per_worker"),
+        ({"scaling.resources_per_worker": {"slot": 1e300}}, "scaling.resources_per_worker"),
+        (
+            {"search": {"space": {"optim.lr": {"choice": [[0.1] * 1000] * 1000}}, "num_samples": 1}},
+            "search.space.optim.lr.Choice.choice.0",
+        ),  # a search varies single values, never nested structures
+        (
+            {"search": {"space": {f"p{i}": {"grid": [1, 2]} for i in range(100)}, "num_samples": 1}},
+            "search.space",
+        ),
+        (
+            {"search": {"space": {"optim.lr": {"choice": [0.1]}}, "max_concurrent_trials": 10**9}},
+            "search.max_concurrent_trials",
+        ),
+        ({"search": {"space": {"optim.lr": {"choice": [0.1]}}, "seed": -1}}, "search.seed"),
+        (
+            {
+                "search": {
+                    "space": {"optim.lr": {"choice": [0.1]}},
+                    "scheduler": {"kind": "asha", "grace_period": 10**9},
+                }
+            },
+            "search.scheduler.asha.grace_period",
+        ),
+    ],
+)
+def test_every_number_and_list_is_bounded_before_any_work(overrides, field):
+    started = time.perf_counter()
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", overrides)
+    assert time.perf_counter() - started < 0.5  # milliseconds in fact; generous for a loaded machine
+    assert any(f.startswith(field) for f in fields(info.value)), error_list(info.value)
+
+
+def test_model_limits_keep_the_papers_models_and_refuse_deep_ones():
+    assert sum(resolve("paper").model.blocks) == 8
+    # as deep as allowed: accepted, and priced arithmetically
+    spec = resolve("debug", {"model.blocks": [32, 32, 32, 32]})
+    assert model_cost(spec.model)[0] > 0 and sum(spec.model.blocks) == MAX_BLOCKS
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", {"model.blocks": [32, 32, 32, 33]})
+    assert fields(info.value) == {"model.blocks"} and "too deep" in str(info.value)
+
+
+def test_the_model_cost_is_closed_form():
+    """The cost of the deepest stage allowed equals the cost of n blocks counted one by one (the old loop),
+    and takes no longer for 64 blocks than for 1: no work per block."""
+    one = ModelSpec(widths=[8, 16], blocks=[1, 1], se_reduction=4)
+    many = ModelSpec(widths=[8, 16], blocks=[1, MAX_BLOCKS_PER_STAGE], se_reduction=4)
+    extra_block = model_cost(ModelSpec(widths=[8, 16], blocks=[1, 2], se_reduction=4))[0] - model_cost(one)[0]
+    assert model_cost(many)[0] == model_cost(one)[0] + (MAX_BLOCKS_PER_STAGE - 1) * extra_block
+    # and a constructed-in-memory spec that skips validation (model_construct) is still priced instantly
+    huge = ModelSpec.model_construct(widths=[8, 16], blocks=[1, 10**12], se=True, se_reduction=4, num_classes=10)
+    started = time.perf_counter()
+    params, _ = model_cost(huge)
+    assert time.perf_counter() - started < 0.05 and params > 10**12
+
+
+def test_error_messages_quote_at_most_a_short_prefix_of_a_bad_value():
+    cases = [
+        {"scaling.num_workers": "x" * 100_000},
+        {"scaling.num_workers": [["y" * 1000] * 1000] * 1000},
+        {"x" * 100_000: 1},  # an unknown override path
+        {"scaling.resources_per_worker": {"node:" + "z" * 150: 1}},
+    ]
+    for overrides in cases:
+        with pytest.raises(ValidationError) as info:
+            resolve("debug", overrides)
+        for err in error_list(info.value):
+            assert len(err["message"]) <= 1000 and len(err["field"]) <= 200, err
+            assert "x" * 300 not in err["message"] and "y" * 300 not in err["message"]
+    assert len(short("q" * 10**6)) <= 200 and len(short([[list(range(1000))] * 1000] * 1000)) <= 200

@@ -165,7 +165,7 @@ def test_two_ranks_agree_on_metrics_and_batchnorm_stats(tmp_path):
     torch.multiprocessing.start_processes(
         _two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"
     )
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
     assert [r0["metrics"][k] for k in keys] == [r1["metrics"][k] for k in keys]
     # each rank saw half the images: the all-reduced counts cover all of them
