@@ -16,14 +16,18 @@ import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 import objstore
+from trainer.device_settings import to_device
 from trainer.spec import AugmentSpec, DataSpec, JobSpec
+
+if TYPE_CHECKING:
+    from trainer.augment import AutoAugmentPlan  # torchvision: imported only when augmenting
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -357,8 +361,8 @@ class DeviceData:
 
     def __init__(self, data: Dataset, device: torch.device, channels_last: bool, augment: AugmentSpec | None = None):
         # Padded once, so a random crop is a gather of a 32×32 window out of 40×40.
-        self.padded = torch.nn.functional.pad(data.images, (PAD, PAD, PAD, PAD)).to(device)
-        self.labels = data.labels.to(device)
+        self.padded = to_device(torch.nn.functional.pad(data.images, (PAD, PAD, PAD, PAD)), device)
+        self.labels = to_device(data.labels, device)
         self.device = device
         self.channels_last = channels_last
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
@@ -385,10 +389,13 @@ class DeviceData:
         """This rank's indices for `epoch`: a permutation shared by every rank (seeded by seed and
         epoch), padded by wrapping around to a multiple of `world` as DistributedSampler does, so every
         image is seen once per epoch and every rank takes the same number of steps."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        # on the host (a CPU generator: the same permutation whatever the device), then one copy to the device
+        perm = torch.randperm(
+            len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), device="cpu"
+        )
         total = math.ceil(len(perm) / world) * world
         perm = torch.cat([perm, perm[: total - len(perm)]])
-        return perm[rank::world].to(self.device)
+        return to_device(perm[rank::world].contiguous(), self.device)
 
     def steps_per_epoch(self, local_batch: int, world: int) -> int:
         return math.ceil(math.ceil(len(self) / world) / local_batch)
@@ -398,15 +405,25 @@ class DeviceData:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self.shard(epoch, seed, rank, world)
         gen = torch.Generator(device=self.device).manual_seed(seed * 7919 + epoch * 104729 + rank)
-        for start in range(0, len(index), local_batch):
+        plan = None
+        if self.autoaugment is not None:
+            # The whole epoch's AutoAugment draws up front: grouping the images by operation needs the group
+            # sizes on the host, read here once an epoch rather than once a batch (trainer/augment.py).
+            plan = self.autoaugment.plan(self.autoaugment.draw(len(index), gen), local_batch)
+        for step, start in enumerate(range(0, len(index), local_batch)):
             idx = index[start : start + local_batch]
-            yield self._normalise(self._augment(self.padded[idx], gen)), self.labels[idx]
+            yield self._normalise(self._augment(self.padded[idx], gen, plan, step)), self.labels[idx]
 
-    def _augment(self, padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The notebook's order, batched and drawn per image: crop → flip → AutoAugment → RandomErasing."""
+    def _augment(
+        self, padded: torch.Tensor, gen: torch.Generator, plan: AutoAugmentPlan | None = None, step: int = 0
+    ) -> torch.Tensor:
+        """The notebook's order, batched and drawn per image: crop → flip → AutoAugment → RandomErasing.
+        AutoAugment follows batch `step` of the epoch's `plan`, or draws for this batch alone without one."""
         images = self._crop_flip(padded, gen)
         if self.autoaugment is not None:
-            images = self.autoaugment(images, gen)
+            images = (
+                self.autoaugment(images, gen) if plan is None else self.autoaugment.apply_planned(images, plan, step)
+            )
         if self.erasing is not None:
             images = self.erasing(images, gen)
         return images
