@@ -94,12 +94,25 @@ def apply_op(images: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
     if op == "Solarize":
         return TF.solarize(images, threshold=255.0 * magnitude)
     if op == "AutoContrast":
-        return TF.autocontrast(images)
+        return _autocontrast(images)
     if op == "Equalize":
         return TF.equalize(images)
     if op == "Invert":
         return TF.invert(images)
     raise ValueError(f"unknown AutoAugment operation {op!r}")
+
+
+def _autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's autocontrast_image for uint8, step for step, with torch.where where it assigns through a
+    boolean mask (`minimum[eq] = 0`): a mask assignment is a nonzero, i.e. a device-to-host sync per call."""
+    bound = 255.0
+    x = images.to(torch.float32)
+    minimum = x.amin(dim=(-2, -1), keepdim=True)
+    maximum = x.amax(dim=(-2, -1), keepdim=True)
+    flat = maximum == minimum
+    inv_scale = torch.where(flat, 1.0, maximum.sub(minimum).mul_(1.0 / bound))
+    minimum = torch.where(flat, 0.0, minimum)
+    return x.sub_(minimum).div_(inv_scale).clamp_(0, bound).to(images.dtype)
 
 
 class AutoAugmentParams:
