@@ -46,7 +46,8 @@ class Numerics:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Numerics:
-        return cls(**{k: data[k] for k in ("precision", "channels_last", "chosen_by", "images_per_s", "compile") if k in data})
+        fields = ("precision", "channels_last", "chosen_by", "images_per_s", "compile")
+        return cls(**{k: data[k] for k in fields if k in data})
 
     def describe(self) -> str:
         text = f"{self.precision}{' + channels_last' if self.channels_last else ''} ({self.chosen_by}"
