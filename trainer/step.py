@@ -6,6 +6,10 @@ decides *what* a rank computes lives here: building the model/optimizer/schedule
 checkpoint dict, one epoch of training, BatchNorm synchronisation, evaluation and the all-reduce of the
 sums every rank contributes to an epoch's metrics. The collectives (torch.distributed) are only called when
 `world > 1`, so a single rank runs without a process group.
+
+Functions take the spec sections they use and a frozen `RankContext` (rank, world, local batch, where every
+rank runs), built once by the loop. Nothing in a step reads the device: loss and accuracy sums stay there
+and the host reads them once per epoch (tests/trainer/test_host_sync.py).
 """
 
 from __future__ import annotations
