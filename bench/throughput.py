@@ -13,9 +13,9 @@ widths, 4.57 M parameters), global batch 256 and CPU threads for
   device-side data path, at precision=auto (chosen by timing, trainer/precision.py; the choice is printed),
   at fp32, and with --cpu-compile also precision=auto + torch.compile (inductor).
 CUDA (where available; one GPU): the paper model's training images/s at each --cuda-batches global batch,
-bf16 + channels_last, with and without torch.compile, through the same Ray Train path and through the same
-step functions without Ray (trainer/step.py), so the Ray overhead is a ratio. On CUDA each epoch is the
-45,000-image CIFAR-10 training split.
+bf16 + channels_last, with each of --cuda-compile-modes (off and default unless given), through the same Ray
+Train path and through the same step functions without Ray (trainer/step.py), so the Ray overhead is a
+ratio. On CUDA each epoch is the 45,000-image CIFAR-10 training split.
 Images/s is the best epoch after the first (which pays warm-up and compilation).
 """
 
@@ -147,25 +147,13 @@ def without_ray(spec: JobSpec, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     sample = train_set.take(torch.arange(min(len(train_set), batch)))
     numerics = choose_numerics(spec, device, build_model(spec.model), sample.images, sample.labels, batch)
-    train, val = (
-        DeviceData(train_set, device, numerics.channels_last),
-        DeviceData(val_set, device, numerics.channels_last),
+    splits = step.Splits(
+        DeviceData(train_set, device, numerics.channels_last), DeviceData(val_set, device, numerics.channels_last)
     )
-    trainee = step.build(spec, device, train.steps_per_epoch(batch, 1), numerics=numerics)
+    trainee = step.build(spec, device, splits.train.steps_per_epoch(batch, 1), numerics=numerics)
+    ctx = step.RankContext.single(batch, device=describe_device(device))
     lines = [
-        step.run_epoch(
-            trainee,
-            spec,
-            train,
-            val,
-            epoch=e,
-            start_epoch=1,
-            rank=0,
-            world=1,
-            local_batch=batch,
-            node_ids=["local"],
-            devices=[describe_device(device)],
-        ).model_dump()
+        step.run_epoch(trainee, spec, splits, ctx, epoch=e, start_epoch=1).model_dump()
         for e in range(1, spec.optim.epochs + 1)
     ]
     return best_epoch(lines)
@@ -178,7 +166,7 @@ def cpu_bench(args: argparse.Namespace, cpus: int, results: dict[str, Any]) -> N
     print(f"notebook loop (DataLoader + per-sample PIL, fp32), before: {baselines[0]:8.1f} img/s", flush=True)
     runs = [("trainctl_auto", {"precision": "auto"}), ("trainctl_fp32", {"precision": "fp32", "channels_last": True})]
     if args.cpu_compile:
-        runs.append(("trainctl_auto_compile", {"precision": "auto", "compile": True}))
+        runs.append(("trainctl_auto_compile", {"precision": "auto", "compile": "default"}))
     for name, overrides in runs:
         r = with_ray(bench_spec(args.data, args.images, args.epochs, BATCH, **pin, **overrides))
         results[name] = r["images_per_s"]
@@ -205,7 +193,7 @@ def cuda_bench(args: argparse.Namespace, results: dict[str, Any]) -> None:
     images = 45_000  # CIFAR-10's training split after a 5,000-image validation split
     cuda_epochs = max(args.epochs, 2)
     for batch in (int(b) for b in args.cuda_batches.split(",")):
-        for compile_ in (False, True):
+        for compile_ in args.cuda_compile_modes.split(","):
             spec = bench_spec(
                 args.data,
                 images,
@@ -216,7 +204,7 @@ def cuda_bench(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 compile=compile_,
                 **{"data.val_fraction": 0.1},
             )
-            key = f"cuda_b{batch}_compile{int(compile_)}"
+            key = f"cuda_b{batch}_compile_{compile_}"
             plain = without_ray(spec, device)
             results[f"{key}_no_ray"] = plain["images_per_s"]
             print(
@@ -243,6 +231,11 @@ def main() -> int:
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA figures")
     parser.add_argument("--cpu-compile", action="store_true", help="CPU: also precision=auto with torch.compile")
     parser.add_argument("--cuda-batches", default="512,1024", help="CUDA: global batch sizes to measure")
+    parser.add_argument(
+        "--cuda-compile-modes",
+        default="off,default",
+        help="CUDA: spec `compile` modes to measure (off, default, max-autotune-no-cudagraphs, reduce-overhead)",
+    )
     parser.add_argument("--json-out", help="also write the results as JSON here")
     args = parser.parse_args()
     if not Path(args.data).exists():

@@ -5,7 +5,9 @@ and magnitude signs, and its own erasing box. Here every image of a batch draws 
 (tensors of shape N), and the work runs grouped: images that drew the same operation with the same
 magnitude go through torchvision's batched tensor kernel for it in one call. The ImageNet policy has about
 thirty distinct (operation, magnitude) pairs, so a batch costs at most that many kernel calls per slot —
-never a Python loop over images. Erasing is fully vectorised (a box mask per image).
+never a Python loop over images. Grouping never makes the training loop wait for the device: the sizes of
+every batch's groups are read by the host once per epoch (`BatchedAutoAugment.plan`). Erasing is fully
+vectorised (a box mask per image).
 
 Inputs and outputs are uint8 N×3×H×W; both run before normalisation, as in the notebook (RandomErasing
 with value 0 after ToTensor is a black box, i.e. 0 in uint8).
@@ -14,6 +16,7 @@ with value 0 after ToTensor is a black box, i.e. 0 in uint8).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -91,12 +94,25 @@ def apply_op(images: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
     if op == "Solarize":
         return TF.solarize(images, threshold=255.0 * magnitude)
     if op == "AutoContrast":
-        return TF.autocontrast(images)
+        return _autocontrast(images)
     if op == "Equalize":
         return TF.equalize(images)
     if op == "Invert":
         return TF.invert(images)
     raise ValueError(f"unknown AutoAugment operation {op!r}")
+
+
+def _autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's autocontrast_image for uint8, step for step, with torch.where where it assigns through a
+    boolean mask (`minimum[eq] = 0`): a mask assignment is a nonzero, i.e. a device-to-host sync per call."""
+    bound = 255.0
+    x = images.to(torch.float32)
+    minimum = x.amin(dim=(-2, -1), keepdim=True)
+    maximum = x.amax(dim=(-2, -1), keepdim=True)
+    flat = maximum == minimum
+    inv_scale = torch.where(flat, 1.0, maximum.sub(minimum).mul_(1.0 / bound))
+    minimum = torch.where(flat, 0.0, minimum)
+    return x.sub_(minimum).div_(inv_scale).clamp_(0, bound).to(images.dtype)
 
 
 class AutoAugmentParams:
@@ -141,28 +157,77 @@ class BatchedAutoAugment:
         return self.apply(images, self.draw(images.shape[0], gen))
 
     def apply(self, images: torch.Tensor, params: AutoAugmentParams) -> torch.Tensor:
-        out = images
+        """Apply what `params` drew for each image (one batch; one device read, to group it)."""
+        return self.apply_planned(images, self.plan(params, images.shape[0]), 0)
+
+    def keys(self, params: AutoAugmentParams) -> torch.Tensor:
+        """N×2 int64: per image and slot one integer for its (op, bin, sign), -1 where the slot is skipped."""
+        columns = []
         for slot in range(2):
             op = self.op_id[params.policy, slot]
             bin_ = self.bin[params.policy, slot]
-            # One integer per distinct (op, bin, sign) among the images that apply this slot.
             negative = params.negative[:, slot] & self.signed[op]  # the sign of an unsigned op is moot
             key = (op * (NUM_BINS + 1) + (bin_ + 1)) * 2 + negative.long()
-            key = torch.where(params.applied[:, slot], key, torch.full_like(key, -1))
-            groups = [k for k in torch.unique(key).tolist() if k >= 0]
+            columns.append(torch.where(params.applied[:, slot], key, -1))
+        return torch.stack(columns, 1)
+
+    def plan(self, params: AutoAugmentParams, batch: int) -> AutoAugmentPlan:
+        """The groups of every batch of `batch` consecutive images of `params` (an epoch's draws): within each
+        batch and slot the images sorted by key on the device, and each key's count read by the host — in
+        one read for all the batches, so the training loop never waits for the device (the host needs the
+        group sizes to slice the groups; data-dependent shapes any other way, `nonzero` or `unique`, are a
+        device-to-host sync per batch)."""
+        keys = self.keys(params)
+        n = keys.shape[0]
+        steps = max(1, math.ceil(n / batch))
+        padded = torch.cat([keys, keys.new_full((steps * batch - n, 2), -1)]).view(steps, batch, 2)
+        order = padded.argsort(dim=1, stable=True)  # skipped (-1) and padding first, then by key
+        counts = torch.zeros(steps, 2, KEYS + 1, dtype=torch.int64, device=keys.device)
+        counts.scatter_add_(2, (padded + 1).transpose(1, 2), torch.ones_like(padded).transpose(1, 2))
+        return AutoAugmentPlan(order, counts.tolist())
+
+    def apply_planned(self, images: torch.Tensor, plan: AutoAugmentPlan, step: int) -> torch.Tensor:
+        """Batch `step` of `plan` on `images`: each group through torchvision's batched kernel, no device read."""
+        out = images
+        for slot in range(2):
+            groups = list(plan.groups(step, slot))
             if not groups:
                 continue
             out = out.clone() if out is images else out
-            for k in groups:
-                idx = (key == k).nonzero().squeeze(1)
-                op_i, rest = divmod(k // 2, NUM_BINS + 1)
-                name = OPS[op_i]
-                values, signed = _SPACE[name]
-                magnitude = 0.0 if values is None or rest == 0 else float(values[rest - 1])
-                if signed and k % 2:
-                    magnitude = -magnitude
+            for k, idx in groups:
+                name, magnitude = decode_key(k)
                 out[idx] = apply_op(out[idx], name, magnitude)
         return out
+
+
+KEYS = len(OPS) * (NUM_BINS + 1) * 2  # distinct (op, bin + 1, sign) codes
+
+
+def decode_key(k: int) -> tuple[str, float]:
+    """(operation, signed magnitude) of a key of `BatchedAutoAugment.keys`."""
+    op_i, rest = divmod(k // 2, NUM_BINS + 1)
+    name = OPS[op_i]
+    values, signed = _SPACE[name]
+    magnitude = 0.0 if values is None or rest == 0 else float(values[rest - 1])
+    return name, -magnitude if signed and k % 2 else magnitude
+
+
+class AutoAugmentPlan:
+    """Per batch and slot: the batch's positions sorted by key (on the device) and each key's count (on the
+    host, `counts[step][slot][key + 1]`; index 0 counts the skipped images and the last batch's padding)."""
+
+    def __init__(self, order: torch.Tensor, counts: list[list[list[int]]]):
+        self.order = order  # steps×batch×2
+        self.counts = counts
+
+    def groups(self, step: int, slot: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(key, positions in the batch) for each key drawn in this batch and slot."""
+        sizes = self.counts[step][slot]
+        offset = sizes[0]
+        for k, count in enumerate(sizes[1:]):
+            if count:
+                yield k, self.order[step, offset : offset + count, slot]
+                offset += count
 
 
 def _slot_code(slot: tuple[str, float, int | None]) -> tuple[int, float, int]:

@@ -142,6 +142,11 @@ class NumericsRecord(Record):
         "measured (auto: the fastest of the timed candidates)",
     )
     images_per_s: dict[str, float] = Field(default_factory=dict, description="each timed candidate's images/s")
+    compile: str = Field(
+        default="off",
+        description="the torch.compile mode that ran: off | default | max-autotune-no-cudagraphs | reduce-overhead "
+        "(reduce-overhead = CUDA graphs: on a CPU it runs as default)",
+    )
 
 
 class EpochMetrics(Record):

@@ -16,14 +16,18 @@ import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 import objstore
+from trainer.device_settings import to_device
 from trainer.spec import AugmentSpec, DataSpec, JobSpec
+
+if TYPE_CHECKING:
+    from trainer.augment import AutoAugmentPlan  # torchvision: imported only when augmenting
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -357,12 +361,16 @@ class DeviceData:
 
     def __init__(self, data: Dataset, device: torch.device, channels_last: bool, augment: AugmentSpec | None = None):
         # Padded once, so a random crop is a gather of a 32×32 window out of 40×40.
-        self.padded = torch.nn.functional.pad(data.images, (PAD, PAD, PAD, PAD)).to(device)
-        self.labels = data.labels.to(device)
+        self.padded = to_device(torch.nn.functional.pad(data.images, (PAD, PAD, PAD, PAD)), device)
+        self.labels = to_device(data.labels, device)
         self.device = device
         self.channels_last = channels_last
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+        # index tensors every batch's crop uses, made once (bench/step_overhead.py: each op is a few µs a step)
+        self._window = torch.arange(32, device=device)
+        self._window_flipped = self._window.flip(0)
+        self._channels = torch.arange(3, device=device)[None, :, None, None]
         self.augment = augment or AugmentSpec()
         self.autoaugment = self.erasing = None
         if self.augment.autoaugment or self.augment.random_erasing:
@@ -378,17 +386,20 @@ class DeviceData:
         return len(self.labels)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean) / self.std
+        x = (x - self.mean) / self.std  # uint8 - float32 promotes to float32: no separate conversion
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def shard(self, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
         """This rank's indices for `epoch`: a permutation shared by every rank (seeded by seed and
         epoch), padded by wrapping around to a multiple of `world` as DistributedSampler does, so every
         image is seen once per epoch and every rank takes the same number of steps."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        # on the host (a CPU generator: the same permutation whatever the device), then one copy to the device
+        perm = torch.randperm(
+            len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), device="cpu"
+        )
         total = math.ceil(len(perm) / world) * world
         perm = torch.cat([perm, perm[: total - len(perm)]])
-        return perm[rank::world].to(self.device)
+        return to_device(perm[rank::world].contiguous(), self.device)
 
     def steps_per_epoch(self, local_batch: int, world: int) -> int:
         return math.ceil(math.ceil(len(self) / world) / local_batch)
@@ -398,36 +409,51 @@ class DeviceData:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self.shard(epoch, seed, rank, world)
         gen = torch.Generator(device=self.device).manual_seed(seed * 7919 + epoch * 104729 + rank)
-        for start in range(0, len(index), local_batch):
-            idx = index[start : start + local_batch]
-            yield self._normalise(self._augment(self.padded[idx], gen)), self.labels[idx]
-
-    def _augment(self, padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The notebook's order, batched and drawn per image: crop → flip → AutoAugment → RandomErasing."""
-        images = self._crop_flip(padded, gen)
+        plan = None
         if self.autoaugment is not None:
-            images = self.autoaugment(images, gen)
+            # The whole epoch's AutoAugment draws up front: grouping the images by operation needs the group
+            # sizes on the host, read here once an epoch rather than once a batch (trainer/augment.py).
+            plan = self.autoaugment.plan(self.autoaugment.draw(len(index), gen), local_batch)
+        for step, start in enumerate(range(0, len(index), local_batch)):
+            idx = index[start : start + local_batch]
+            yield self._normalise(self._augment(self.padded, gen, plan, step, idx)), self.labels[idx]
+
+    def _augment(
+        self,
+        padded: torch.Tensor,
+        gen: torch.Generator,
+        plan: AutoAugmentPlan | None = None,
+        step: int = 0,
+        idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The notebook's order, batched and drawn per image: crop → flip → AutoAugment → RandomErasing, on
+        the images `idx` of `padded` (all of them without). AutoAugment follows batch `step` of the epoch's
+        `plan`, or draws for this batch alone without one."""
+        images = self._crop_flip(padded, gen, idx)
+        if self.autoaugment is not None:
+            images = (
+                self.autoaugment(images, gen) if plan is None else self.autoaugment.apply_planned(images, plan, step)
+            )
         if self.erasing is not None:
             images = self.erasing(images, gen)
         return images
 
-    def _crop_flip(self, padded: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Random 32×32 crop of each 40×40 padded image, then a random horizontal flip, all batched."""
-        n = padded.shape[0]
+    def _crop_flip(self, padded: torch.Tensor, gen: torch.Generator, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Random 32×32 crop of each 40×40 padded image (those `idx` picks), then a random horizontal flip,
+        all batched: one gather picks the images and their windows together."""
+        n = padded.shape[0] if idx is None else idx.shape[0]
         dy = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=gen)
         dx = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=gen)
         if not self.augment.crop:
             dy = dx = torch.full((n,), PAD, device=self.device)  # the centre window: the image itself
-        ar = torch.arange(32, device=self.device)
-        rows = (dy[:, None] + ar)[:, None, :, None]  # n×1×32×1
-        cols = (dx[:, None] + ar)[:, None, None, :]  # n×1×1×32
         flip = torch.rand(n, device=self.device, generator=gen) < 0.5
         if not self.augment.flip:
             flip = torch.zeros_like(flip)
-        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-        batch_i = torch.arange(n, device=self.device)[:, None, None, None]
-        chan_i = torch.arange(3, device=self.device)[None, :, None, None]
-        return padded[batch_i, chan_i, rows, cols]
+        rows = (dy[:, None] + self._window)[:, None, :, None]  # n×1×32×1
+        # a flipped window reads its columns right to left
+        cols = (dx[:, None] + torch.where(flip[:, None], self._window_flipped, self._window))[:, None, None, :]
+        images = torch.arange(n, device=self.device) if idx is None else idx
+        return padded[images[:, None, None, None], self._channels, rows, cols]
 
     def eval_batches(self, rank: int, world: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous slice of the split, unaugmented (no padding: each image counted once)."""

@@ -59,8 +59,9 @@ def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallbac
 def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
     `run_root/name/` — the layout of a single job and of each search trial alike."""
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trainer.device_settings import process_group_backend
     from trainer.loop import RunPaths, train_loop_per_worker
 
     paths = RunPaths(
@@ -71,6 +72,7 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserC
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(), "placement": where.to_dict()},
         scaling_config=scaling_config(spec, where),
+        torch_config=TorchConfig(backend=process_group_backend(where.use_gpu)),  # Ray's own rule, made explicit
         run_config=run_config(spec, run_root, name, callbacks),
     )
 

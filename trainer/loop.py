@@ -10,6 +10,7 @@ the manifest's newer one) at the next epoch, with the schedule in the same posit
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from trainer import checkpoint as ckpt
 from trainer import step
 from trainer.contract import CheckpointEntry, EpochMetrics
 from trainer.data import Dataset, DeviceData, load, load_splits, test_source
+from trainer.device_settings import ddp_options
 from trainer.hardware import describe_device, usable_cpus
 from trainer.model import build_model
 from trainer.precision import Numerics, choose_numerics
@@ -46,8 +48,8 @@ class RunPaths:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate_json(config["spec_json"])  # only JSON crosses into Ray
     paths = RunPaths(**config["paths"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # The CPUs Ray reserved for this worker, but never more threads than cores it may run on (a local
@@ -58,46 +60,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_set, val_set = load_splits(spec.data, spec.seed, spec.model.num_classes)
     local_batch = spec.optim.batch_size // world
     numerics = _decide_numerics(spec, device, train_set, local_batch, rank, world)
-    train_data = DeviceData(train_set, device, numerics.channels_last, spec.data.augment)
-    val_data = DeviceData(val_set, device, numerics.channels_last)
     source = test_source(spec.data) if spec.data.test_every_epochs else None
-    test_data = (
-        None
+    splits = step.Splits(
+        train=DeviceData(train_set, device, numerics.channels_last, spec.data.augment),
+        val=DeviceData(val_set, device, numerics.channels_last),
+        test=None
         if source is None
-        else DeviceData(load(source[0], source[1], "test", spec.model.num_classes), device, numerics.channels_last)
+        else DeviceData(load(source[0], source[1], "test", spec.model.num_classes), device, numerics.channels_last),
     )
-    trainee = step.build(
-        spec,
-        device,
-        train_data.steps_per_epoch(local_batch, world),
-        wrap=ray.train.torch.prepare_model,  # to the device, in DDP when world > 1
-        numerics=numerics,
-    )
+    # to the device, in DDP (device_settings.ddp_options) when world > 1
+    wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
+    trainee = step.build(spec, device, splits.train.steps_per_epoch(local_batch, world), wrap=wrap, numerics=numerics)
     devices = _gather(describe_device(device), world)
     if rank == 0:
         print(f"devices: {', '.join(devices)}; numerics: {numerics.describe()}", flush=True)
 
     start_epoch = step.restore(trainee, step.newest_state(_ray_state(ray.train.get_checkpoint()), paths.manifest_dir))
     history = step.read_history(paths.metrics, before_epoch=start_epoch) if rank == 0 else []
-    node_ids = _node_ids(world)  # a worker group never moves: where each rank runs holds for the whole run
+    # a worker group never moves: where each rank runs holds for the whole run
+    ctx = step.RankContext(rank, world, local_batch, tuple(_node_ids(world)), tuple(devices))
     # Rank 0's TensorBoard event files in <run dir>/tensorboard/ (a resumed run purges the epochs it redoes).
     events = EventLog(paths.manifest_dir, purge_step=start_epoch if start_epoch > 1 else None) if rank == 0 else None
 
     for epoch in range(start_epoch, spec.optim.epochs + 1):
-        metrics = step.run_epoch(
-            trainee,
-            spec,
-            train_data,
-            val_data,
-            epoch=epoch,
-            start_epoch=start_epoch,
-            rank=rank,
-            world=world,
-            local_batch=local_batch,
-            node_ids=node_ids,
-            devices=devices,
-            test_data=test_data,
-        )
+        metrics = step.run_epoch(trainee, spec, splits, ctx, epoch=epoch, start_epoch=start_epoch)
         if rank == 0:
             history.append(metrics)
             step.write_history(paths.metrics, history)

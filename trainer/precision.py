@@ -35,6 +35,7 @@ class Numerics:
     channels_last: bool
     chosen_by: str = "spec"  # "spec" (set explicitly), "rule" (auto, one candidate) or "measured"
     images_per_s: dict[str, float] = field(default_factory=dict)  # candidate label -> img/s, when measured
+    compile: str = "off"  # the torch.compile mode that runs (trainer/device_settings.py), "off" when eager
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -45,13 +46,14 @@ class Numerics:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Numerics:
-        return cls(**{k: data[k] for k in ("precision", "channels_last", "chosen_by", "images_per_s") if k in data})
+        fields = ("precision", "channels_last", "chosen_by", "images_per_s", "compile")
+        return cls(**{k: data[k] for k in fields if k in data})
 
     def describe(self) -> str:
         text = f"{self.precision}{' + channels_last' if self.channels_last else ''} ({self.chosen_by}"
         if self.images_per_s:
             text += ": " + ", ".join(f"{k} {v:.1f}" for k, v in self.images_per_s.items()) + " img/s"
-        return text + ")"
+        return text + ")" + (f", compile {self.compile}" if self.compile != "off" else "")
 
 
 def label(precision: str, channels_last: bool) -> str:

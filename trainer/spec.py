@@ -286,6 +286,10 @@ class SearchSpec(Section):
 
 
 ExportFormat = Literal["safetensors", "pt2"]
+# torch.compile's modes that matter on GPUs; "reduce-overhead" adds CUDA graphs (on a CPU it compiles as
+# "default": trainer/device_settings.py). true/false are accepted for "default"/"off".
+CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
+COMPILE_MODES: tuple[CompileMode, ...] = typing.get_args(CompileMode)
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
 
 
@@ -300,7 +304,7 @@ class JobSpec(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # auto = on for CUDA; on CPUs the faster memory layout by the same measurement (trainer/precision.py).
     channels_last: Literal["auto"] | bool = "auto"
-    compile: bool = False
+    compile: CompileMode = "off"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint: CheckpointSpec = CheckpointSpec()
     limits: LimitsSpec = LimitsSpec()
@@ -308,6 +312,12 @@ class JobSpec(Section):
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=len(EXPORT_FORMATS))
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, value: Any) -> Any:
+        """Specs written before the modes existed said `compile: true` / `false`."""
+        return {True: "default", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:

@@ -6,13 +6,17 @@ decides *what* a rank computes lives here: building the model/optimizer/schedule
 checkpoint dict, one epoch of training, BatchNorm synchronisation, evaluation and the all-reduce of the
 sums every rank contributes to an epoch's metrics. The collectives (torch.distributed) are only called when
 `world > 1`, so a single rank runs without a process group.
+
+Functions take the spec sections they use and a frozen `RankContext` (rank, world, local batch, where every
+rank runs), built once by the loop. Nothing in a step reads the device: loss and accuracy sums stay there
+and the host reads them once per epoch (tests/trainer/test_host_sync.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,12 +28,40 @@ from trainer import checkpoint as ckpt
 from trainer import contract
 from trainer.contract import EpochMetrics, NumericsRecord
 from trainer.data import DeviceData
+from trainer.device_settings import apply_backend_flags, backend_flags, compile_plan
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.schedule import apply_epoch_settings, build_scheduler
-from trainer.spec import JobSpec, OptimSpec
+from trainer.spec import DataSpec, JobSpec, OptimSpec
 
 EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Where this rank stands in the run: fixed for the whole run (a worker group never moves), so it is
+    built once by trainer/loop.py and handed to every epoch."""
+
+    rank: int
+    world: int
+    local_batch: int  # this rank's share of optim.batch_size
+    node_ids: tuple[str, ...] = ()  # every rank's Ray node id, rank 0 first
+    devices: tuple[str, ...] = ()  # what every rank trains on, rank 0 first (trainer/hardware.py)
+
+    @classmethod
+    def single(cls, local_batch: int, node_id: str = "local", device: str | None = None) -> RankContext:
+        """One rank alone (tests, benchmarks)."""
+        return cls(0, 1, local_batch, (node_id,), (device,) if device else ())
+
+
+@dataclass(frozen=True)
+class Splits:
+    """One rank's data on its device: the training split, the validation split and, when the run has
+    one, the test split."""
+
+    train: DeviceData
+    val: DeviceData
+    test: DeviceData | None = None
 
 
 @dataclass
@@ -45,7 +77,7 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     amp_dtype: torch.dtype | None
-    numerics: Numerics | None = None  # precision + layout in use, and how they were chosen
+    numerics: Numerics | None = None  # precision + layout + compile mode in use, and how they were chosen
 
     @property
     def lr(self) -> float:
@@ -61,32 +93,38 @@ def build(
     device: torch.device,
     steps_per_epoch: int,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    channels_last: bool = False,
     numerics: Numerics | None = None,
 ) -> Trainee:
     """The model, optimizer and schedule of `spec` on `device`. `wrap` moves the model to the device and
     wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it.
-    `numerics` (trainer/precision.py) sets the precision and layout; without it, the rule (no measuring)."""
-    if numerics is not None:
-        channels_last = numerics.channels_last
+    `numerics` (trainer/precision.py) sets the precision and layout; without it, the precision by rule
+    (no measuring) in NCHW. The compile mode that runs is recorded in the trainee's numerics."""
     if device.type == "cuda":
-        # Fixed batch shapes: let cuDNN time its convolution algorithms once and keep the fastest; fp32 runs
-        # may use TF32 tensor cores (bf16 autocast runs are unaffected).
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+        apply_backend_flags(backend_flags(device.type))
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(spec.model)
-    if channels_last:
+    if numerics is not None and numerics.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = (wrap or _to_device(device))(model)
     raw_model = model.module if hasattr(model, "module") else model
-    forward = torch.compile(model) if spec.compile else model
+    plan = compile_plan(spec.compile, device.type)
+    if plan.note:
+        print(f"compile: {plan.note}", flush=True)
+    kwargs = plan.kwargs
+    forward = model if kwargs is None else torch.compile(model, **kwargs)
     o = spec.optim
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        model.parameters(),
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        foreach=True,  # one multi-tensor kernel per update, not a Python loop over parameters (bench/step_overhead.py)
     )
     scheduler = build_scheduler(optimizer, spec.schedule, steps_per_epoch, o.epochs)
     amp_dtype = numerics.amp_dtype if numerics is not None else resolve_precision(spec, device)
+    if numerics is not None:
+        numerics = replace(numerics, compile=plan.mode)
     return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics)
 
 
@@ -139,68 +177,58 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def train_epoch(
-    trainee: Trainee,
-    data: DeviceData,
-    *,
-    epoch: int,
-    seed: int,
-    rank: int,
-    world: int,
-    local_batch: int,
-    label_smoothing: float,
-    spec_optim: OptimSpec | None = None,
+    trainee: Trainee, data: DeviceData, optim: OptimSpec, ctx: RankContext, *, epoch: int, seed: int
 ) -> torch.Tensor:
-    """One pass over this rank's shard of `data`; returns this rank's [loss*n, correct, n]."""
+    """One pass over this rank's shard of `data`; returns this rank's [loss*n, correct, n] — on the device,
+    unread: nothing in the loop waits for the device (tests/trainer/test_host_sync.py), the host reads the
+    sums once per epoch (`epoch_metrics`)."""
     model, device = trainee.model, trainee.device
     model.train()
-    if spec_optim is not None:
-        apply_epoch_settings(trainee.optimizer, spec_optim, epoch)  # weight-decay milestones (pure in epoch)
-    sums = torch.zeros(3, device=device)  # loss*n, correct, n
-    for x, y in data.train_batches(epoch, seed, rank, world, local_batch):
+    apply_epoch_settings(trainee.optimizer, optim, epoch)  # weight-decay milestones (pure in epoch)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0  # a host integer: batch sizes are known without asking the device
+    for x, y in data.train_batches(epoch, seed, ctx.rank, ctx.world, ctx.local_batch):
         with autocast(device, trainee.amp_dtype):
             logits = trainee.forward(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=optim.label_smoothing)
         trainee.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainee.optimizer.step()
         trainee.scheduler.step()
-        # torch.full, not torch.tensor(..., device=...): the latter is a blocking host-to-device copy every
-        # step, which keeps the CPU from queueing the next step while the GPU works.
-        sums += torch.stack(
-            [
-                loss.detach().float() * len(y),
-                (logits.argmax(1) == y).sum().float(),
-                torch.full((), float(len(y)), device=device),
-            ]
-        )
+        n = y.shape[0]
+        loss_sum.add_(loss.detach().float(), alpha=n)
+        correct.add_((logits.argmax(1) == y).sum())
+        seen += n
     if device.type == "cuda":
         torch.cuda.synchronize()  # kernels run asynchronously: time the work, not its launch
-    return sums
+    return _sums(loss_sum, correct, seen)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    data: DeviceData,
-    rank: int,
-    world: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """[loss*n, correct, n] over this rank's slice of `data` (cross-entropy; plain unless label_smoothing)."""
+def _sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> torch.Tensor:
+    """[loss*n, correct, n] as one float tensor on the device (what all_reduce and epoch_metrics take)."""
+    n = torch.full((), float(seen), device=loss_sum.device)  # torch.full: no host-to-device copy
+    return torch.stack([loss_sum.float(), correct.float(), n])
+
+
+def evaluate(trainee: Trainee, data: DeviceData, ctx: RankContext, label_smoothing: float = 0.0) -> torch.Tensor:
+    """[loss*n, correct, n] of the trainee's (unwrapped) model over this rank's slice of `data`
+    (cross-entropy; plain unless label_smoothing), on the device and unread, like `train_epoch`'s."""
+    model, device = trainee.raw_model, trainee.device
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
     with torch.no_grad():
-        for x, y in data.eval_batches(rank, world, EVAL_BATCH):
-            with autocast(device, amp_dtype):
+        for x, y in data.eval_batches(ctx.rank, ctx.world, EVAL_BATCH):
+            with autocast(device, trainee.amp_dtype):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
-            sums += torch.stack(
-                [loss, (logits.argmax(1) == y).sum().float(), torch.full((), float(len(y)), device=device)]
-            )
+            loss_sum.add_(F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing))
+            correct.add_((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
     model.train(was_training)
-    return sums
+    return _sums(loss_sum, correct, seen)
 
 
 def sync_buffers(model: torch.nn.Module, world: int) -> None:
@@ -218,24 +246,30 @@ def all_reduce(sums: list[torch.Tensor], world: int) -> None:
             dist.all_reduce(s)
 
 
+@dataclass(frozen=True)
+class EpochSums:
+    """The all-reduced [loss*n, correct, n] of an epoch's splits (test: only on epochs that test)."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor | None = None
+
+
 def epoch_metrics(
+    trainee: Trainee,
+    sums: EpochSums,
+    ctx: RankContext,
     *,
     epoch: int,
-    train_sums: torch.Tensor,
-    val_sums: torch.Tensor,
-    lr: float,
+    resumed: bool,
     train_seconds: float,
     epoch_seconds: float,
-    resumed: bool,
-    node_ids: list[str],
-    devices: list[str] | None = None,
-    numerics: Numerics | None = None,
-    test_sums: torch.Tensor | None = None,
 ) -> EpochMetrics:
-    """One metrics.jsonl line from the all-reduced sums."""
-    tl, tc, tn = train_sums.tolist()
-    vl, vc, vn = val_sums.tolist()
-    sl, sc, sn = test_sums.tolist() if test_sums is not None else (0.0, 0.0, 0.0)
+    """One metrics.jsonl line from the all-reduced sums: the one place the host reads them (once an epoch)."""
+    read = torch.cat([sums.train, sums.val, *([sums.test] if sums.test is not None else [])]).tolist()
+    tl, tc, tn, vl, vc, vn = read[:6]
+    sl, sc, sn = read[6:] if sums.test is not None else (0.0, 0.0, 0.0)
+    numerics = trainee.numerics
     return EpochMetrics(
         epoch=epoch,
         train_loss=tl / tn,
@@ -243,86 +277,49 @@ def epoch_metrics(
         # No validation split (val_fraction=0): null loss (JSON has no NaN), and 0 accuracy.
         val_loss=vl / vn if vn else None,
         val_acc=vc / vn if vn else 0.0,
-        lr=lr,
+        lr=trainee.lr,
         images_per_s=tn / train_seconds,
         epoch_seconds=epoch_seconds,
         time=time.time(),
         resumed=resumed,
-        node_ids=node_ids,
-        devices=devices or [],
+        node_ids=list(ctx.node_ids),
+        devices=list(ctx.devices),
         numerics=NumericsRecord(**numerics.to_dict()) if numerics is not None else None,
         test_loss=sl / sn if sn else None,
         test_acc=sc / sn if sn else None,
     )
 
 
-def tests_this_epoch(spec: JobSpec, epoch: int) -> bool:
+def tests_this_epoch(data: DataSpec, optim: OptimSpec, epoch: int) -> bool:
     """The test split is evaluated every data.test_every_epochs and at the last epoch (the figure the
     paper reports), never when test_every_epochs is 0."""
-    n = spec.data.test_every_epochs
-    return n > 0 and (epoch % n == 0 or epoch == spec.optim.epochs)
+    n = data.test_every_epochs
+    return n > 0 and (epoch % n == 0 or epoch == optim.epochs)
 
 
 def run_epoch(
-    trainee: Trainee,
-    spec: JobSpec,
-    train_data: DeviceData,
-    val_data: DeviceData,
-    *,
-    epoch: int,
-    start_epoch: int,
-    rank: int,
-    world: int,
-    local_batch: int,
-    node_ids: list[str],
-    devices: list[str] | None = None,
-    test_data: DeviceData | None = None,
+    trainee: Trainee, spec: JobSpec, splits: Splits, ctx: RankContext, *, epoch: int, start_epoch: int
 ) -> EpochMetrics:
     """Train one epoch, synchronise BatchNorm, evaluate (validation; the test split when this epoch tests
     it), all-reduce: the epoch's metrics (equal on every rank). Every rank must call it (it runs
     collectives when world > 1)."""
-    seed_epoch(spec.seed, epoch, rank)
+    seed_epoch(spec.seed, epoch, ctx.rank)
     t0 = time.perf_counter()
-    train_sums = train_epoch(
-        trainee,
-        train_data,
-        epoch=epoch,
-        seed=spec.seed,
-        rank=rank,
-        world=world,
-        local_batch=local_batch,
-        label_smoothing=spec.optim.label_smoothing,
-        spec_optim=spec.optim,
-    )
+    train_sums = train_epoch(trainee, splits.train, spec.optim, ctx, epoch=epoch, seed=spec.seed)
     train_seconds = time.perf_counter() - t0
-    sync_buffers(trainee.raw_model, world)
-    val_sums = evaluate(trainee.raw_model, val_data, rank, world, trainee.device, trainee.amp_dtype)
-    sums = [train_sums, val_sums]
-    test_sums = None
-    if test_data is not None and tests_this_epoch(spec, epoch):
-        test_sums = evaluate(
-            trainee.raw_model,
-            test_data,
-            rank,
-            world,
-            trainee.device,
-            trainee.amp_dtype,
-            label_smoothing=spec.optim.label_smoothing,
-        )
-        sums.append(test_sums)
-    all_reduce(sums, world)
+    sync_buffers(trainee.raw_model, ctx.world)
+    sums = EpochSums(train_sums, evaluate(trainee, splits.val, ctx))
+    if splits.test is not None and tests_this_epoch(spec.data, spec.optim, epoch):
+        sums = replace(sums, test=evaluate(trainee, splits.test, ctx, label_smoothing=spec.optim.label_smoothing))
+    all_reduce([s for s in (sums.train, sums.val, sums.test) if s is not None], ctx.world)
     return epoch_metrics(
+        trainee,
+        sums,
+        ctx,
         epoch=epoch,
-        train_sums=train_sums,
-        val_sums=val_sums,
-        lr=trainee.lr,
+        resumed=epoch == start_epoch and start_epoch > 1,
         train_seconds=train_seconds,
         epoch_seconds=time.perf_counter() - t0,
-        resumed=epoch == start_epoch and start_epoch > 1,
-        node_ids=node_ids,
-        devices=devices,
-        numerics=trainee.numerics,
-        test_sums=test_sums,
     )
 
 

@@ -13,6 +13,7 @@ from trainer.augment import (
     BatchedAutoAugment,
     BatchedRandomErasing,
     ErasingParams,
+    apply_op,
 )
 from trainer.data import Dataset, DeviceData
 from trainer.spec import AugmentSpec
@@ -179,3 +180,11 @@ def test_policy_table_is_torchvisions():
         assert (values is None) == (tv_values is None)
         if values is not None:
             assert all(math.isclose(a, float(b)) for a, b in zip(values, tv_values, strict=True))
+
+
+def test_autocontrast_equals_torchvisions_without_a_mask_assignment():
+    x = images(16)
+    x[0] = 77  # flat in every channel: torchvision's special case (max == min)
+    x[1, 2] = 0
+    x[2, :, :, :16] = 255
+    assert torch.equal(apply_op(x, "AutoContrast", 0.0), TF.autocontrast(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -51,3 +52,21 @@ def test_time_to_accuracy_milestones():
         "0.85": {"epoch": 3, "train_seconds": 26.0, "wall_seconds": 36.0},
         "0.90": None,
     }
+
+
+def test_step_overhead_prints_every_figure(tmp_path, monkeypatch, capsys):
+    bench = load_script("step_overhead")
+    out = tmp_path / "overhead.json"
+    threads = torch.get_num_threads()
+    argv = ["step_overhead.py", "--steps", "2", "--repeats", "1", "--json-out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    try:
+        assert bench.main() == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    assert set(result["aten_ops_per_step"]) == {"bare", "bare_foreach", "data", "trainctl"}
+    # foreach SGD dispatches fewer ops than the per-parameter loop; the trainer's step uses it
+    assert result["aten_ops_per_step"]["bare_foreach"] < result["aten_ops_per_step"]["bare"]
+    assert result["trainctl_us"] > 0 and result["trainctl_over_bare"] > 0
+    assert "trainctl/bare" in capsys.readouterr().out

@@ -28,7 +28,7 @@ SMALL = {
     "data.val_fraction": 0.1,
     "optim.epochs": 3,
     "optim.batch_size": 256,
-    "compile": True,
+    "compile": "default",
     "checkpoint.keep_best": 1,
     # the debug preset pins 2 CPU workers; these are the defaults every other preset runs with
     "scaling.num_workers": "auto",
@@ -83,6 +83,7 @@ def test_the_default_scaling_trains_on_the_gpu_with_compile(cuda_run):
     name = torch.cuda.get_device_name(0)
     assert metrics[-1]["devices"] == [f"cuda:0 {name}"], metrics[-1]  # one GPU here: one worker on it
     assert metrics[-1]["numerics"]["precision"] == precision and metrics[-1]["numerics"]["channels_last"] is True
+    assert metrics[-1]["numerics"]["compile"] == "default"  # the mode that ran is recorded
     assert metrics[-1]["val_acc"] > 0.25, metrics  # chance is 0.1
     assert all(m["train_loss"] == m["train_loss"] for m in metrics)  # no NaN
 
@@ -120,7 +121,7 @@ def test_a_checkpoint_evaluated_offline_on_cuda_reproduces_its_val_acc(cuda_run)
 def test_more_gpu_workers_than_gpus_fails_naming_num_workers(parquet, tmp_path):
     proc = run_job(
         tmp_path / "too-many",
-        {**SMALL, "data.train": str(parquet), "compile": False, "scaling.num_workers": torch.cuda.device_count() + 1},
+        {**SMALL, "data.train": str(parquet), "compile": "off", "scaling.num_workers": torch.cuda.device_count() + 1},
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "too-many" / "summary.json").read_text())

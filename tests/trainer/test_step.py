@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -12,6 +13,7 @@ from trainer import checkpoint as ckpt
 from trainer import contract, step
 from trainer.contract import CheckpointEntry, EpochMetrics
 from trainer.data import Dataset, DeviceData
+from trainer.device_settings import ddp_options
 from trainer.spec import JobSpec, resolve
 
 CPU = torch.device("cpu")
@@ -55,21 +57,8 @@ def fit(
 ) -> tuple[step.Trainee, list[EpochMetrics]]:
     train, val = DeviceData(dataset(192, 1), CPU, False), DeviceData(dataset(64, 2), CPU, False)
     trainee = trainee or step.build(s, CPU, train.steps_per_epoch(s.optim.batch_size, 1))
-    out = [
-        step.run_epoch(
-            trainee,
-            s,
-            train,
-            val,
-            epoch=e,
-            start_epoch=start_epoch,
-            rank=0,
-            world=1,
-            local_batch=s.optim.batch_size,
-            node_ids=["n"],
-        )
-        for e in epochs
-    ]
+    ctx = step.RankContext.single(s.optim.batch_size, "n")
+    out = [step.run_epoch(trainee, s, step.Splits(train, val), ctx, epoch=e, start_epoch=start_epoch) for e in epochs]
     return trainee, out
 
 
@@ -90,9 +79,7 @@ def test_no_validation_split_gives_null_loss_and_zero_accuracy():
     s = spec()
     train, empty = DeviceData(dataset(64, 1), CPU, False), DeviceData(dataset(0, 2), CPU, False)
     trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
-    m = step.run_epoch(
-        trainee, s, train, empty, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"]
-    )
+    m = step.run_epoch(trainee, s, step.Splits(train, empty), step.RankContext.single(32, "n"), epoch=1, start_epoch=1)
     assert m.val_loss is None and m.val_acc == 0.0
     assert '"val_loss":null' in contract.metrics_jsonl([m])  # JSON has no NaN
 
@@ -148,10 +135,10 @@ def _two_ranks(rank: int, init_file: str, out_dir: str) -> None:
 
         s = spec(**{"optim.batch_size": 64})
         train, val = DeviceData(dataset(192, 1), CPU, False), DeviceData(dataset(64, 2), CPU, False)
-        trainee = step.build(s, CPU, train.steps_per_epoch(32, 2), wrap=DistributedDataParallel)
-        m = step.run_epoch(
-            trainee, s, train, val, epoch=1, start_epoch=1, rank=rank, world=2, local_batch=32, node_ids=["a", "b"]
-        )
+        ddp = functools.partial(DistributedDataParallel, **ddp_options())  # as loop.py wraps through Ray
+        trainee = step.build(s, CPU, train.steps_per_epoch(32, 2), wrap=ddp)
+        ctx = step.RankContext(rank, 2, 32, ("a", "b"))
+        m = step.run_epoch(trainee, s, step.Splits(train, val), ctx, epoch=1, start_epoch=1)
         buffers = [b.clone() for b in trainee.raw_model.buffers()]
         torch.save({"metrics": m.model_dump(), "buffers": buffers}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -177,33 +164,22 @@ def test_the_test_split_is_evaluated_every_n_epochs_with_the_training_criterion(
     s = spec(**{"data.test_every_epochs": 2, "optim.epochs": 3, "optim.label_smoothing": 0.1})
     train, val, test = (DeviceData(dataset(n, seed), CPU, False) for n, seed in ((192, 1), (64, 2), (48, 3)))
     trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
+    ctx = step.RankContext.single(32, "n")
     metrics = [
-        step.run_epoch(
-            trainee,
-            s,
-            train,
-            val,
-            epoch=e,
-            start_epoch=1,
-            rank=0,
-            world=1,
-            local_batch=32,
-            node_ids=["n"],
-            test_data=test,
-        )
-        for e in range(1, 4)
+        step.run_epoch(trainee, s, step.Splits(train, val, test), ctx, epoch=e, start_epoch=1) for e in range(1, 4)
     ]
     # every 2nd epoch, and the last (the figure the paper reports)
     assert [m.test_acc is not None for m in metrics] == [False, True, True]
     assert metrics[0].test_loss is None
     last = metrics[-1]
     # test_loss is the label-smoothed criterion train_loss uses (Figure 1 compares the two)
-    plain = step.evaluate(trainee.raw_model, test, 0, 1, CPU, trainee.amp_dtype)
-    smoothed = step.evaluate(trainee.raw_model, test, 0, 1, CPU, trainee.amp_dtype, label_smoothing=0.1)
+    plain = step.evaluate(trainee, test, ctx)
+    smoothed = step.evaluate(trainee, test, ctx, label_smoothing=0.1)
     assert last.test_loss == pytest.approx(float(smoothed[0] / smoothed[2]))
     assert last.test_loss != pytest.approx(float(plain[0] / plain[2]))
     assert last.test_acc == pytest.approx(float(plain[1] / plain[2]))
-    assert not step.tests_this_epoch(spec(**{"data.test_every_epochs": 0}), 3)  # 0: never
+    never = spec(**{"data.test_every_epochs": 0})
+    assert not step.tests_this_epoch(never.data, never.optim, 3)  # 0: never
 
 
 def test_weight_decay_milestone_applies_from_its_epoch():
@@ -219,7 +195,7 @@ def test_weight_decay_milestone_applies_from_its_epoch():
     trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
     seen = []
     for e in (1, 2):
-        step.run_epoch(trainee, s, train, val, epoch=e, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"])
+        step.run_epoch(trainee, s, step.Splits(train, val), step.RankContext.single(32), epoch=e, start_epoch=1)
         seen.append(trainee.optimizer.param_groups[0]["weight_decay"])
     assert seen == [1e-3, 1e-4]
 
@@ -229,5 +205,5 @@ def test_an_epoch_trains_under_autoaugment_and_erasing():
     train = DeviceData(dataset(96, 1), CPU, False, s.data.augment)
     val = DeviceData(dataset(32, 2), CPU, False)
     trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
-    m = step.run_epoch(trainee, s, train, val, epoch=1, start_epoch=1, rank=0, world=1, local_batch=32, node_ids=["n"])
+    m = step.run_epoch(trainee, s, step.Splits(train, val), step.RankContext.single(32), epoch=1, start_epoch=1)
     assert math.isfinite(m.train_loss) and m.images_per_s > 0
