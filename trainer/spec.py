@@ -242,6 +242,9 @@ class SearchSpec(Section):
 
 
 ExportFormat = Literal["safetensors", "pt2"]
+# Test-time augmentation of the run's final test pass and of `evaluate --tta`: `flip` averages the logits of
+# each image and its mirror image. Reported beside the plain accuracy, never instead of it.
+TtaMode = Literal["none", "flip"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
 
 
@@ -264,6 +267,9 @@ class JobSpec(Section):
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS))
+    tta: TtaMode = Field(
+        default="none", description="test-time augmentation of the final test pass (summary.best_checkpoint_tta_acc)"
+    )
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> JobSpec:
