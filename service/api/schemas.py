@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import objstore
 from service import jobdir
+from service.reference import ReferenceView, reference_view
 from service.states import JobState
 from service.store import Job
 from trainer import contract
@@ -111,6 +112,11 @@ class JobView(BaseModel):
         description="precision and channels_last in use, how they "
         "were chosen and, when measured, each candidate's images/s",
     )
+    reference: ReferenceView | None = Field(
+        default=None,
+        description="runs of the paper's network: the authors' notebook's test accuracy per epoch and how far "
+        "ahead or behind it the run is at its latest comparable epoch (single job views only)",
+    )
 
 
 class JobList(BaseModel):
@@ -210,4 +216,5 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
         search=search,
         devices=latest.devices or None if latest else None,
         numerics=latest.numerics if latest else None,
+        reference=reference_view(job.spec, metrics) if metrics is not None else None,
     )
