@@ -1,7 +1,8 @@
 """PNG pictures of a job, rendered with matplotlib's Agg backend (no display, no torch):
 
 - `curves_png`: loss and accuracy per epoch side by side, train vs val (and test where the run measured
-  it) — the paper's Figures 1 and 2;
+  it) — the paper's Figures 1 and 2 — with the authors' notebook's test accuracy as a dashed reference for
+  runs of the paper's network (service/reference.py);
 - `lr_png`: the learning rate at the end of each epoch;
 - `confusion_png`: the confusion matrix of confusion.json, rows normalised, with per-class accuracy.
 
@@ -19,7 +20,7 @@ SERIES = {
     "loss": (("train_loss", "train"), ("val_loss", "val"), ("test_loss", "test")),
     "accuracy": (("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test")),
 }
-COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
+COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c", "reference": "#555555"}
 
 
 def _figure(width: float, height: float) -> Any:
@@ -42,9 +43,25 @@ def _points(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def curves_png(metrics: list[dict[str, Any]], title: str = "") -> bytes:
+def curves_png(
+    metrics: list[dict[str, Any]], title: str = "", reference: tuple[str, list[tuple[int, float]]] | None = None
+) -> bytes:
+    """`reference`: (name, [(epoch, test accuracy)]) drawn as dashed points on the accuracy axes, up to the
+    run's last epoch (so a short run is not squeezed against a 150-epoch reference)."""
     fig = _figure(11, 4.2)
+    last = max((m["epoch"] for m in metrics), default=0)
     for ax, (name, series) in zip(fig.subplots(1, 2), SERIES.items(), strict=True):
+        if name == "accuracy" and reference is not None:
+            ref = [(e, a * 100) for e, a in reference[1] if e <= last]
+            if ref:
+                ax.plot(
+                    [e for e, _ in ref],
+                    [a for _, a in ref],
+                    linestyle="--",
+                    marker="x",
+                    color=COLORS["reference"],
+                    label=f"{reference[0]} (test)",
+                )
         for key, label in series:
             xs, ys = _points(metrics, key)
             if xs:

@@ -25,6 +25,7 @@ import objstore
 from service import jobdir
 from service.api.schemas import JobView, Progress, SearchProgress
 from service.lru import Lru
+from service.reference import reference_view
 from service.states import JobState
 from service.store import Job
 from trainer import contract
@@ -225,6 +226,7 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
         search=search,
         devices=latest.devices or None if latest else None,
         numerics=latest.numerics if latest else None,
+        reference=reference_view(job.spec, metrics) if metrics is not None else None,
     )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import get_args
 
 from pydantic import ValidationError
 
-from trainer.spec import EXPORT_FORMATS, PRESETS, error_list, model_cost, parse_override, resolve
+from trainer.spec import EXPORT_FORMATS, PRESETS, TtaMode, error_list, model_cost, parse_override, resolve
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -33,11 +34,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
     # Without --data, the run's own validation split (the data it names); with --data, every image of it.
     split = args.split or ("val" if args.data is None else "all")
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, split, device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.format, split, device=args.device, tta=args.tta)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"accuracy {result['accuracy']:.4f} on {result['n']} images")
+        if "tta" in result:
+            print(f"accuracy {result['tta']['accuracy']:.4f} with test-time augmentation ({args.tta})")
         for name, acc in result["per_class"].items():
             print(f"  {name:<11} {acc:.4f}")
     return 0
@@ -93,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="cpu (default), cuda, cuda:N, or auto (a GPU where there is one); a run's val_acc "
         "reproduces on the device kind it trained on",
+    )
+    p.add_argument(
+        "--tta",
+        default="none",
+        choices=get_args(TtaMode),
+        help="test-time augmentation, reported beside the plain accuracy: flip = mean logits of each image and "
+        "its mirror image",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)

@@ -269,6 +269,10 @@ class Summary(Record):
     # the run has a validation split, else the final epoch (best_checkpoint_rule says which).
     final_test_acc: float | None = Field(default=None, description="the last epoch's test_acc (the paper's figure)")
     best_checkpoint_test_acc: float | None = Field(default=None, description="the best checkpoint's test_acc")
+    best_checkpoint_tta: str | None = Field(default=None, description="the spec's tta mode, when not none")
+    best_checkpoint_tta_acc: float | None = Field(
+        default=None, description="the best checkpoint's test accuracy under that test-time augmentation"
+    )
     best_checkpoint_epoch: int | None = None
     best_checkpoint_rule: BestRule | None = Field(
         default=None, description="val_acc: the highest validation accuracy; final_epoch: no validation split"

@@ -27,7 +27,7 @@ from trainer.data import (
 )
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, TtaMode
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -68,13 +68,19 @@ def predict_logits(
     images: torch.Tensor,
     batch: int = 1024,
     device: torch.device | None = None,
+    tta: TtaMode = "none",
 ) -> torch.Tensor:
-    """Logits (on the CPU) in the run's own precision and memory layout, as its validation saw them."""
+    """Logits (on the CPU) in the run's own precision and memory layout, as its validation saw them.
+    tta `flip`: the mean of the logits of each image and of its mirror image (training flips at random, so
+    both views are in distribution); the prediction is their argmax."""
     device = device or torch.device("cpu")
     out = []
     for x in images_to_batches(images, device, numerics.channels_last, batch):
         with autocast(device, numerics.amp_dtype):
-            out.append(model(x).float().cpu())
+            logits = model(x).float()
+            if tta == "flip":
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits.cpu())
     return torch.cat(out)
 
 
@@ -85,10 +91,12 @@ def evaluate_checkpoint(
     split: str = "all",
     expected_sha256: str | None = None,
     device: str = "cpu",
+    tta: TtaMode = "none",
 ) -> dict[str, Any]:
-    """{"accuracy", "per_class", "n", "device"}. split: `val` rebuilds the run's own seeded validation split (so
-    the figure matches the reported val_acc on the device kind it trained on), `test` reads a CIFAR-10
-    directory's test_batch (without data_uri: the run's own test split, as its metrics' test_acc),
+    """{"accuracy", "per_class", "n", "device"}, plus {"tta": {"mode", "accuracy", "per_class"}} with a test-time
+    augmentation (the plain figures stay beside it, never replaced). split: `val` rebuilds the run's own seeded
+    validation split (so the figure matches the reported val_acc on the device kind it trained on), `test` reads a
+    CIFAR-10 directory's test_batch (without data_uri: the run's own test split, as its metrics' test_acc),
     `train`/`all` read every image of the source."""
     dev = pick_device(device)
     model, spec, numerics = load_model(checkpoint_uri, expected_sha256, dev)
@@ -107,14 +115,23 @@ def evaluate_checkpoint(
         if data_uri is None:
             raise DataError("evaluate needs --data unless --split val or test")
         data = load(data_uri, fmt, "test" if split == "test" else "train", spec.model.num_classes)
-    return {**accuracy(model, spec, numerics, data, dev), "device": str(dev)}
+    result = {**accuracy(model, spec, numerics, data, dev), "device": str(dev)}
+    if tta != "none":
+        tested = accuracy(model, spec, numerics, data, dev, tta=tta)
+        result["tta"] = {"mode": tta, "accuracy": tested["accuracy"], "per_class": tested["per_class"]}
+    return result
 
 
 def accuracy(
-    model: torch.nn.Module, spec: JobSpec, numerics: Numerics, data: Dataset, device: torch.device | None = None
+    model: torch.nn.Module,
+    spec: JobSpec,
+    numerics: Numerics,
+    data: Dataset,
+    device: torch.device | None = None,
+    tta: TtaMode = "none",
 ) -> dict[str, Any]:
     num_classes = spec.model.num_classes
-    pred = predict_logits(model, numerics, data.images, device=device).argmax(1)
+    pred = predict_logits(model, numerics, data.images, device=device, tta=tta).argmax(1)
     correct = pred == data.labels
     per_class = {}
     for c in range(num_classes):

@@ -128,6 +128,20 @@ def held_out_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:
     return evaluate_checkpoint(best.uri, source[0], source[1], split="test", expected_sha256=best.sha256)["accuracy"]
 
 
+def tta_accuracy(spec: JobSpec, best: CheckpointEntry) -> float | None:
+    """The checkpoint's test-split accuracy under the spec's test-time augmentation (None: no test split)."""
+    from trainer.data import test_source
+
+    source = test_source(spec.data)
+    if source is None:
+        log.info("tta %s: the run has no test split, so no tta accuracy", spec.tta)
+        return None
+    from trainer.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(best.uri, source[0], source[1], "test", best.sha256, tta=spec.tta)
+    return float(result["tta"]["accuracy"])
+
+
 def final_confusion(spec: JobSpec, job_dir: str, best: CheckpointEntry, last_epoch: int) -> contract.Confusion | None:
     """Evaluate the best checkpoint on the test split (else val), write confusion.json and the matrix as an
     image into the TensorBoard event files. A failure here costs the picture, never the run: logged, None."""
@@ -191,6 +205,9 @@ def summarize(
                 else:
                     summary.best_checkpoint_test_acc = held_out_accuracy(spec, best)
                 summary.test_acc = summary.best_checkpoint_test_acc
+                if spec.tta != "none":
+                    summary.best_checkpoint_tta = spec.tta
+                    summary.best_checkpoint_tta_acc = tta_accuracy(spec, best)
     except objstore.StorageUnavailable as exc:
         summary.state, summary.error, summary.error_kind = RunState.FAILED, str(exc), ErrorKind.STORAGE
     return summary

@@ -290,6 +290,9 @@ ExportFormat = Literal["safetensors", "pt2"]
 # "default": trainer/device_settings.py). true/false are accepted for "default"/"off".
 CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
 COMPILE_MODES: tuple[CompileMode, ...] = typing.get_args(CompileMode)
+# Test-time augmentation of the run's final test pass and of `evaluate --tta`: `flip` averages the logits of
+# each image and its mirror image. Reported beside the plain accuracy, never instead of it.
+TtaMode = Literal["none", "flip"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
 
 
@@ -312,6 +315,9 @@ class JobSpec(Section):
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=len(EXPORT_FORMATS))
+    tta: TtaMode = Field(
+        default="none", description="test-time augmentation of the final test pass (summary.best_checkpoint_tta_acc)"
+    )
 
     @field_validator("compile", mode="before")
     @classmethod

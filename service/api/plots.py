@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 
-from service import jobdir, plots
+from service import jobdir, plots, reference
 from service.api.deps import JobDep, RunnerDep
 from service.api.openapi import COMMON_ERRORS
 from service.errors import ApiError
@@ -24,7 +24,8 @@ PNG: dict[int | str, dict[str, Any]] = {
 
 @router.get("/jobs/{job_id}/plots/{name}.png", response_class=Response, responses=PNG)
 def job_plot(job: JobDep, runner: RunnerDep, name: Literal["curves", "lr", "confusion"]) -> Response:
-    """`curves`: loss and accuracy per epoch, train vs val/test (the paper's Figures 1-2); `lr`: the
+    """`curves`: loss and accuracy per epoch, train vs val/test (the paper's Figures 1-2; runs of the paper's
+    network also show the authors' notebook's test accuracy per epoch as a dashed reference); `lr`: the
     learning rate per epoch; `confusion`: the best checkpoint's confusion matrix on the test split (val
     where there is none), written by the trainer when the run ends."""
     job_dir = runner.job_dir(job.id)
@@ -43,5 +44,13 @@ def job_plot(job: JobDep, runner: RunnerDep, name: Literal["curves", "lr", "conf
         if not metrics:
             raise ApiError(409, "no_metrics", f"job {job.id} has no finished epoch yet (state {job.state})")
         title = f"job {job.id} — {len(metrics)} epoch(s)"
-        png = plots.curves_png(metrics, title) if name == "curves" else plots.lr_png(metrics, title)
+        if name == "curves":
+            ref = (
+                (reference.NAME, sorted(reference.NOTEBOOK_TEST_ACC.items()))
+                if reference.applies_to(job.spec)
+                else None
+            )
+            png = plots.curves_png(metrics, title, ref)
+        else:
+            png = plots.lr_png(metrics, title)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

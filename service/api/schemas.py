@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.reference import ReferenceView
 from service.states import JobState
 from trainer.contract import EpochMetrics, NumericsRecord, TrialRow
 from trainer.spec import JobSpec, resolve
@@ -106,6 +107,11 @@ class JobView(BaseModel):
         default=None,
         description="precision and channels_last in use, how they "
         "were chosen and, when measured, each candidate's images/s",
+    )
+    reference: ReferenceView | None = Field(
+        default=None,
+        description="runs of the paper's network: the authors' notebook's test accuracy per epoch and how far "
+        "ahead or behind it the run is at its latest comparable epoch (single job views only)",
     )
 
 

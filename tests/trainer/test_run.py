@@ -32,7 +32,13 @@ def trained_job(ray_head, cifar_parquet, tmp_path_factory) -> Path:
     job_dir = make_job_dir(
         root,
         "learns",
-        {**LEARNS, "data.train": str(cifar_parquet), "data.test": str(test_dir), "checkpoint.keep_best": 1},
+        {
+            **LEARNS,
+            "data.train": str(cifar_parquet),
+            "data.test": str(test_dir),
+            "checkpoint.keep_best": 1,
+            "tta": "flip",
+        },
     )
     code = run(job_dir, ray_head.env())
     assert code == 0, log_tail(job_dir)
@@ -114,6 +120,21 @@ def test_test_split_each_epoch_and_final_test_acc_reproduces_to_the_image(traine
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["n"] == 30 and round(result["accuracy"] * 30) == round(summary["final_test_acc"] * 30)
+
+    # tta: flip — the final pass reports the best checkpoint's flip-TTA accuracy beside the plain one, and
+    # `evaluate --tta flip` reproduces it in a fresh process
+    assert summary["best_checkpoint_tta"] == "flip" and 0.0 <= summary["best_checkpoint_tta_acc"] <= 1.0
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", "--checkpoint", summary["best_checkpoint"]]
+        + ["--split", "test", "--tta", "flip", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert round(result["accuracy"] * 30) == round(summary["best_checkpoint_test_acc"] * 30)
+    assert result["tta"]["accuracy"] == summary["best_checkpoint_tta_acc"]
 
 
 def test_predict_writes_kaggle_csv(trained_job, tmp_path):

@@ -5,7 +5,8 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
 const SVGNS = "http://www.w3.org/2000/svg";
 const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
-const COLORS = {train: "#1f77b4", val: "#ff7f0e", test: "#2ca02c", lr: "#9467bd", ips: "#8c564b", trial: "#1f77b4"};
+const COLORS = {train: "#1f77b4", val: "#ff7f0e", test: "#2ca02c", lr: "#9467bd", ips: "#8c564b", trial: "#1f77b4",
+                reference: "#555555"};
 
 function csrf() { const m = $('meta[name="csrf-token"]'); return m ? m.content : ""; }
 
@@ -109,6 +110,20 @@ function drawChart(svg, series, opts = {}) {
   }
 }
 
+// The run against the reference at its latest epoch that has a reference point (as service/reference.py words it).
+function standingText(metrics, refPct) {
+  for (const m of [...metrics].reverse()) {
+    const r = refPct.get(m.epoch), metric = typeof m.test_acc === "number" ? "test" : "val";
+    const run = metric === "test" ? m.test_acc : m.val_acc;
+    if (r === undefined || typeof run !== "number") continue;
+    const delta = Math.round((run * 100 - r) * 100) / 100;
+    const word = delta > 0 ? "ahead of" : delta < 0 ? "behind" : "level with";
+    return `epoch ${m.epoch}: ${metric} ${(run * 100).toFixed(1)} % vs the authors' notebook's test ${r.toFixed(1)} % ` +
+           `(${delta >= 0 ? "+" : ""}${delta.toFixed(1)} points, ${word} it)`;
+  }
+  return null;
+}
+
 function seriesOf(metrics, key, name, color, scale = 1) {
   return {name, color, points: metrics.filter(m => typeof m[key] === "number").map(m => [m.epoch, m[key] * scale])};
 }
@@ -175,9 +190,17 @@ function initJob() {
     drawChart($("#chart-loss"), [seriesOf(ms, "train_loss", "train", COLORS.train),
                                  seriesOf(ms, "val_loss", "val", COLORS.val),
                                  seriesOf(ms, "test_loss", "test", COLORS.test)], o);
-    drawChart($("#chart-acc"), [seriesOf(ms, "train_acc", "train", COLORS.train, 100),
-                                seriesOf(ms, "val_acc", "val", COLORS.val, 100),
-                                seriesOf(ms, "test_acc", "test", COLORS.test, 100)], o);
+    const acc = [seriesOf(ms, "train_acc", "train", COLORS.train, 100),
+                 seriesOf(ms, "val_acc", "val", COLORS.val, 100),
+                 seriesOf(ms, "test_acc", "test", COLORS.test, 100)];
+    const ref = $("#reference"), last = ms.length ? ms[ms.length - 1].epoch : 0;
+    if (ref) {  // the authors' notebook's test accuracy, up to the run's last epoch (service/reference.py)
+      const points = JSON.parse(ref.dataset.points).filter(p => p[0] <= last).map(p => [p[0], p[1] * 100]);
+      acc.push({name: "notebook (test)", color: COLORS.reference, points});
+      const text = standingText(ms, new Map(points.map(p => [p[0], p[1]])));
+      if (text) ref.textContent = text;
+    }
+    drawChart($("#chart-acc"), acc, o);
     drawChart($("#chart-lr"), [seriesOf(ms, "lr", "lr", COLORS.lr)], o);
     drawChart($("#chart-ips"), [seriesOf(ms, "images_per_s", "images/s", COLORS.ips)], o);
     $("#epochs-drawn").textContent = `(${ms.length} epoch${ms.length === 1 ? "" : "s"})`;
