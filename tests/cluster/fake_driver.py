@@ -15,14 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import ray  # noqa: E402
-from ray.util.placement_group import placement_group, placement_group_table  # noqa: E402
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+import ray
+from ray.util.placement_group import placement_group, placement_group_table
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tests.cluster.fakecluster import FAKE_GPU  # noqa: E402
-from trainer.fit import cluster_nodes  # noqa: E402
-from trainer.placement import placement_strategy, resolve_placement, worker_resources  # noqa: E402
-from trainer.spec import ScalingSpec  # noqa: E402
+from tests.cluster.fakecluster import FAKE_GPU
+from trainer.fit import cluster_nodes
+from trainer.placement import placement_strategy, resolve_placement, worker_resources
+from trainer.spec import ScalingSpec
 
 
 @ray.remote(num_cpus=0)
@@ -43,8 +43,9 @@ def main() -> None:
     if not group.wait(timeout_seconds=240):
         raise SystemExit(f"the placement group {bundle} x {where.num_workers} ({strategy}) was never placed")
     workers = [
-        Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
-        .remote()
+        Worker.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+        ).remote()
         for i in range(where.num_workers)
     ]
     print(

@@ -4,7 +4,7 @@
 with the same min/max workers and resources, except that each GPU becomes the custom resource `fake_gpu`
 (there is no CUDA here, and a `GPU` resource would make Ray Train set up CUDA); the head type with gpu.yaml's
 head resources (`trainctl_driver` included); the same cluster-wide max_workers, upscaling speed and idle
-timeout (the tests shorten only the last). `FakeCluster.start` runs
+timeout (the tests shorten only the last), and the same autoscaler scorer (spot first). `FakeCluster.start` runs
 `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...` on 127.0.0.1 with free ports and token auth
 disabled; the autoscaler then starts each "node" as another raylet on this machine.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -66,6 +67,8 @@ def fake_config(gpu: dict[str, Any], gcs_port: int, idle_timeout_minutes: float 
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
             "disable_launch_config_check": True,
+            # Launch `count` nodes per request, as a cloud provider does (the fake one's default is one).
+            "launch_multiple": True,
             "gcs_address": f"127.0.0.1:{gcs_port}",
         },
         "auth": {},
@@ -86,6 +89,12 @@ def fake_config(gpu: dict[str, Any], gcs_port: int, idle_timeout_minutes: float 
     }
 
 
+def autoscaler_env(gpu: dict[str, Any]) -> dict[str, str]:
+    """The autoscaler settings gpu.yaml exports before `ray start --head` (the node-type scorer)."""
+    found = re.findall(r"export (RAY_AUTOSCALER_[A-Z_]+)=([^;\s]+)", " ".join(gpu["head_start_ray_commands"]))
+    return dict(found)
+
+
 @dataclass
 class FakeCluster:
     head: LocalRayHead
@@ -104,7 +113,7 @@ class FakeCluster:
             auth_mode="disabled",
             port=port,
             extra_args=[f"--autoscaling-config={path}", f"--resources={json.dumps(head_resources)}"],
-            extra_env={"RAY_FAKE_CLUSTER": "1"},
+            extra_env={"RAY_FAKE_CLUSTER": "1", **autoscaler_env(gpu)},
         )
         reap_with_session(head.proc.pid)
         return cls(head, config)

@@ -2,7 +2,7 @@
 the autoscaler config is generated from gpu.yaml by the test, and jobs submitted through the head's Jobs API
 (with the service's driver resource) must get the node types gpu.yaml means them to get:
 
-- 2 workers x 1 GPU, one per node      -> two `gpu.1xa10g` nodes;
+- 2 workers x 1 GPU, one per node      -> two 1-GPU nodes (`gpu.1xa10g` or its spot twin);
 - 4 workers x 1 GPU, all on one node   -> one `gpu.4xa10g` node;
 - every driver on the head (`trainctl_driver`); the workers' nodes gone after the idle timeout.
 
@@ -55,6 +55,53 @@ def test_fake_config_is_gpu_yaml_with_fake_gpus(gpu: dict[str, Any]) -> None:
     assert (config["max_workers"], config["upscaling_speed"]) == (gpu["max_workers"], gpu["upscaling_speed"])
     assert config["provider"]["gcs_address"] == "127.0.0.1:6400"
     assert fake_config(gpu, 6400, idle_timeout_minutes=0.1)["idle_timeout_minutes"] == 0.1
+
+
+def test_spot_first_then_on_demand(gpu: dict[str, Any]) -> None:
+    """The spot type is the twin of an on-demand type; gpu.yaml's scorer (loaded by name, as Ray's autoscaler
+    does) picks it while it launches, and the on-demand type once a spot launch has failed — where Ray's
+    default scorer keeps asking for spot."""
+    from functools import partial
+
+    from ray.autoscaler._private.loader import load_function_or_class
+    from ray.autoscaler._private.node_provider_availability_tracker import (
+        NodeAvailabilityRecord,
+        NodeAvailabilitySummary,
+        UnavailableNodeInformation,
+    )
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    types = gpu["available_node_types"]
+    spot = [
+        n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    ]
+    assert spot == ["gpu.1xa10g.spot"]
+    on_demand = "gpu.1xa10g"
+    assert types[on_demand]["resources"] == types[spot[0]]["resources"]
+    assert types[on_demand]["node_config"]["InstanceType"] == types[spot[0]]["node_config"]["InstanceType"]
+    assert "InstanceMarketOptions" not in types[on_demand]["node_config"]
+
+    from tests.cluster.fakecluster import autoscaler_env
+
+    scorer = load_function_or_class(autoscaler_env(gpu)["RAY_AUTOSCALER_UTILIZATION_SCORER"])
+    demand = [{"CPU": 1, "GPU": 1}] * 2
+    failed = NodeAvailabilitySummary(
+        node_availabilities={
+            spot[0]: NodeAvailabilityRecord(
+                spot[0], False, time.time(), UnavailableNodeInformation("InsufficientInstanceCapacity", "no spot")
+            )
+        }
+    )
+
+    def pick(score: Any, summary: NodeAvailabilitySummary) -> dict[str, int]:
+        added, _ = get_nodes_for(
+            types, {}, gpu["head_node_type"], 5, demand, partial(score, node_availability_summary=summary)
+        )
+        return dict(added)
+
+    assert pick(scorer, NodeAvailabilitySummary(node_availabilities={})) == {spot[0]: 2}
+    assert pick(scorer, failed) == {on_demand: 2}
+    assert pick(_default_utilization_scorer, failed) == {spot[0]: 2}  # why the scorer exists
 
 
 def test_the_service_knows_the_largest_node_type(gpu: dict[str, Any]) -> None:
@@ -156,10 +203,15 @@ def test_jobs_get_the_node_types_gpu_yaml_means(fake_cluster: FakeCluster, gpu: 
         types = node_types(fake_cluster)
         assert types[one_per_node["driver_node"]] == HEAD_TYPE
         assert len(set(one_per_node["worker_nodes"])) == 2
-        assert [types[n] for n in one_per_node["worker_nodes"]] == ["gpu.1xa10g", "gpu.1xa10g"]
+        # 1-GPU nodes: gpu.1xa10g.spot (preferred on the tie, test_spot_first_then_on_demand) or its on-demand
+        # twin — one run here got one of each; never the 4-GPU type.
+        spread_types = sorted(types[n] for n in one_per_node["worker_nodes"])
+        assert set(spread_types) <= {"gpu.1xa10g.spot", "gpu.1xa10g"}, spread_types
 
         started = time.monotonic()
-        one_node = run_job(fake_cluster, {"num_workers": 4, "use_gpu": True, "workers_per_node": 4, "cpus_per_worker": 1})
+        one_node = run_job(
+            fake_cluster, {"num_workers": 4, "use_gpu": True, "workers_per_node": 4, "cpus_per_worker": 1}
+        )
         pack_s = time.monotonic() - started
         types = node_types(fake_cluster)
         assert types[one_node["driver_node"]] == HEAD_TYPE
@@ -173,7 +225,7 @@ def test_jobs_get_the_node_types_gpu_yaml_means(fake_cluster: FakeCluster, gpu: 
         wait_until(lambda: set(node_types(fake_cluster).values()) == {HEAD_TYPE}, 120, "idle workers to go")
         gone_s = time.monotonic() - idle
         print(
-            f"\nfake cluster: 2x gpu.1xa10g placed in {spread_s:.1f}s, gpu.4xa10g in {pack_s:.1f}s (job "
+            f"\nfake cluster: {spread_types} placed in {spread_s:.1f}s, gpu.4xa10g in {pack_s:.1f}s (job "
             f"submit -> result), idle nodes gone {gone_s:.1f}s after the last job "
             f"(idle_timeout_minutes={IDLE_TIMEOUT_MINUTES})"
         )
