@@ -1,6 +1,8 @@
 """Bearer tokens. Only a token's sha256 is stored; the admin token is created on first start and written
 to <data dir>/admin-token (mode 0600) — and replaced by a new one when that file is missing at a start,
-which is how an operator rotates it. Tokens may expire; revoking one deletes it."""
+which is how an operator rotates it. A file that exists while the store has no admin token is adopted
+instead (an operator-provided token, e.g. a Kubernetes Secret: cluster/kuberay/). Tokens may expire;
+revoking one deletes it."""
 
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def ensure_admin_token(store: Store, path: Path) -> str | None:
     Returns the new token or None."""
     if store.has_admin_token() and path.exists():
         return None
+    if path.exists() and not store.has_admin_token() and (given := _token_in(path)):
+        store.add_token(ADMIN, hash_token(given), is_admin=True)  # an operator's token (a mounted Secret)
+        return None
     store.delete_token(ADMIN)
     token = create_token(store, ADMIN, is_admin=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +64,13 @@ def ensure_admin_token(store: Store, path: Path) -> str | None:
     finally:
         os.close(fd)
     return token
+
+
+def _token_in(path: Path) -> str | None:
+    """The token an operator put into `path`, or None when it is too short to be one (an empty file, a
+    placeholder): such a file is replaced by a new token as before."""
+    token = path.read_text(encoding="utf-8", errors="replace").strip()
+    return token if len(token) >= 32 and not any(c.isspace() for c in token) else None
 
 
 def authenticate(store: Store, authorization: str | None) -> Principal | None:

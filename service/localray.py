@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,11 +34,21 @@ class LocalRayHead:
     temp_dir: str
 
     @classmethod
-    def start(cls, num_cpus: int, auth_mode: str, timeout_s: float = 120) -> LocalRayHead:
+    def start(
+        cls,
+        num_cpus: int,
+        auth_mode: str,
+        timeout_s: float = 120,
+        extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
+        port: int | None = None,
+    ) -> LocalRayHead:
+        """`extra_args`/`extra_env`/`port`: for tests that start a special head (e.g. Ray's fake multi-node
+        autoscaler, whose config must name the GCS port before the head starts)."""
         # Ray's unix socket paths must stay under 107 characters: a short dir under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="tcray", dir="/tmp")
-        port, dash = free_port(), free_port()
-        env = {**os.environ, "RAY_AUTH_MODE": auth_mode, "RAY_USAGE_STATS_ENABLED": "0"}
+        port, dash = port or free_port(), free_port()
+        env = {**os.environ, "RAY_AUTH_MODE": auth_mode, "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [
@@ -57,6 +68,7 @@ class LocalRayHead:
             # dashboard agent could not listen, and a head without one refuses every job submission.
             f"--dashboard-agent-listen-port={free_port()}",
             f"--ray-client-server-port={free_port()}",
+            *extra_args,
         ]
         log_path = os.path.join(temp_dir, "ray-start.log")
         with open(log_path, "wb") as log:

@@ -122,9 +122,33 @@ def limit_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
     return out
 
 
+def scaling_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
+    """GPUs per node that no node type of the cluster holds (TRAINCTL_MAX_GPUS_PER_NODE)."""
+    s, most = spec.scaling, settings.max_gpus_per_node
+    if most is None or s.use_gpu is False:
+        return []
+    if s.gpus_per_worker > most:
+        return [
+            {
+                "field": "scaling.gpus_per_worker",
+                "message": f"{s.gpus_per_worker} GPUs per worker: no node type of this cluster has more than "
+                f"{most} GPU(s) (TRAINCTL_MAX_GPUS_PER_NODE)",
+            }
+        ]
+    if s.workers_per_node is not None and s.workers_per_node * s.gpus_per_worker > most:
+        return [
+            {
+                "field": "scaling.workers_per_node",
+                "message": f"{s.workers_per_node} workers x {s.gpus_per_worker} GPU(s) on one node: no node type "
+                f"of this cluster has more than {most} GPU(s) (TRAINCTL_MAX_GPUS_PER_NODE)",
+            }
+        ]
+    return []
+
+
 def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise a 422 naming every field this service refuses (limits first: they need no storage)."""
-    problems = limit_problems(spec, settings) + data_problems(spec, settings)
+    problems = limit_problems(spec, settings) + scaling_problems(spec, settings) + data_problems(spec, settings)
     if problems:
         shown = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
         raise ApiError(422, "invalid_spec", f"{len(problems)} invalid field(s): {shown}", problems)

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_model_parameters: int = Field(default=50_000_000, ge=1)
     max_search_trials: int = Field(default=256, ge=1)
     max_job_hours: float = Field(default=72.0, gt=0.0)  # caps a spec's limits.max_hours
+    # The most GPUs one node of the cluster can have: the largest node type's (cluster/gpu.yaml: 4). A job
+    # whose GPUs per node (scaling.gpus_per_worker x scaling.workers_per_node) exceed it could never be placed
+    # and is refused at submission. None: not checked (a cluster whose node types this service doesn't know).
+    max_gpus_per_node: int | None = Field(default=None, ge=1, le=1024)
 
     @field_validator("data_dir")
     @classmethod

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import objstore
 from trainer import checkpoint as ckpt
 from trainer import contract
-from trainer.placement import Placement, resolve_placement
+from trainer.placement import Placement, placement_strategy, resolve_placement, worker_resources
 from trainer.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ def scaling_config(spec: JobSpec, where: Placement) -> ScalingConfig:
     return ScalingConfig(
         num_workers=where.num_workers,
         use_gpu=where.use_gpu,
-        resources_per_worker={"CPU": where.cpus_per_worker, **spec.scaling.resources_per_worker},
+        resources_per_worker=worker_resources(spec.scaling, where),
+        placement_strategy=placement_strategy(spec.scaling),
     )
 
 

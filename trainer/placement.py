@@ -61,7 +61,8 @@ def resolve_placement(
     """Workers, device kind and CPUs per worker for `scaling` on a cluster of `nodes` (total resources per
     node) of which `available_cpus` CPUs are not reserved now (None: unknown; see the module doc)."""
     _, total_gpus = cluster_totals(nodes)
-    gpus = int(total_gpus)  # fractional GPUs are not whole workers
+    per_worker = scaling.gpus_per_worker
+    gpus = int(total_gpus) // per_worker  # GPU workers the cluster holds now (fractional GPUs are not workers)
     if scaling.use_gpu is False:
         use_gpu, why = False, "scaling.use_gpu=false"
     elif scaling.use_gpu is True:
@@ -84,15 +85,16 @@ def resolve_placement(
         if use_gpu and scaling.use_gpu is None and workers > gpus:
             raise PlacementError(
                 "scaling.num_workers",
-                f"asks for {workers} workers with one GPU each, but the cluster has {gpus} GPU(s): set "
+                f"asks for {workers} workers with {per_worker} GPU(s) each, but the cluster has "
+                f"{int(total_gpus)} GPU(s): set "
                 f'scaling.num_workers to at most {gpus} (or "auto"), or scaling.use_gpu to true to wait for '
                 f"more GPUs (autoscaler), or to false to train on CPUs",
             )
     if use_gpu and gpus < workers:
-        how += f"; waiting for {workers - gpus} more GPU(s) (autoscaler)"
+        how += f"; waiting for {(workers - gpus) * per_worker} more GPU(s) (autoscaler)"
 
     if scaling.cpus_per_worker == "auto":
-        cpus = _auto_cpus(nodes, use_gpu, workers, available_cpus)
+        cpus = _auto_cpus(nodes, use_gpu, workers, available_cpus, per_worker)
         cpu_how = "auto"
     else:
         cpus, cpu_how = float(scaling.cpus_per_worker), "scaling.cpus_per_worker"
@@ -106,13 +108,34 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 
 
 def _auto_cpus(
-    nodes: Sequence[Mapping[str, float]], use_gpu: bool, workers: int, available_cpus: float | None
+    nodes: Sequence[Mapping[str, float]],
+    use_gpu: bool,
+    workers: int,
+    available_cpus: float | None,
+    gpus_per_worker: int = 1,
 ) -> float:
     if use_gpu:
-        per_gpu = [(n.get("CPU", 0.0) - 1) / n["GPU"] for n in nodes if n.get("GPU", 0.0) >= 1]
+        per_gpu = [(n.get("CPU", 0.0) - 1) / n["GPU"] for n in nodes if n.get("GPU", 0.0) >= gpus_per_worker]
         # A GPU node yet to come (autoscaler) has unknown CPUs: 1 always fits.
-        share = min(per_gpu) if per_gpu else 1
+        share = min(per_gpu) * gpus_per_worker if per_gpu else 1
         return float(min(GPU_WORKER_MAX_CPUS, max(1, math.floor(share))))
     largest = max((n.get("CPU", 0.0) for n in nodes), default=1.0)
     free = largest - 1 if available_cpus is None else min(largest, available_cpus)
     return float(max(1, math.floor(free / workers)))
+
+
+def worker_resources(scaling: ScalingSpec, where: Placement) -> dict[str, float]:
+    """The Ray resources one worker reserves (its placement-group bundle): CPUs, GPUs, the spec's extras."""
+    bundle = {"CPU": where.cpus_per_worker, **scaling.resources_per_worker}
+    if where.use_gpu:
+        bundle["GPU"] = float(scaling.gpus_per_worker)
+    return bundle
+
+
+def placement_strategy(scaling: ScalingSpec) -> str:
+    """Ray's placement strategy for the workers' bundles: `scaling.workers_per_node` 1 = one per node,
+    N (= num_workers, checked by the spec) = all on one node, null = Ray's default (PACK: together where
+    they fit, spread otherwise)."""
+    if scaling.workers_per_node is None:
+        return "PACK"
+    return "STRICT_SPREAD" if scaling.workers_per_node == 1 else "STRICT_PACK"

@@ -182,6 +182,15 @@ class ScalingSpec(Section):
     use_gpu: bool | None = None
     # "auto" = the CPUs the worker can get: its node's CPUs (per GPU on GPU nodes) less one for the driver.
     cpus_per_worker: _auto_or(float, 0, 256, low_open=True) = "auto"  # type: ignore[valid-type]
+    # GPUs each worker reserves when it trains on GPUs (a node type must have that many: the service refuses
+    # more than TRAINCTL_MAX_GPUS_PER_NODE).
+    gpus_per_worker: int = Field(default=1, ge=1, le=16, description="GPUs each GPU worker reserves")
+    # How workers share nodes: null = Ray's default (packed where they fit); 1 = one worker per node
+    # (placement STRICT_SPREAD); equal to num_workers = all workers on one node (STRICT_PACK), e.g. 4 workers
+    # of 1 GPU on one 4-GPU node instead of four 1-GPU nodes. Other values can't be placed exactly.
+    workers_per_node: int | None = Field(
+        default=None, ge=1, le=1024, description="null: Ray's default; 1: one per node; num_workers: one node"
+    )
     # Extra Ray resources each worker reserves, e.g. {"trainslot": 1} to spread workers over nodes that
     # advertise one slot each, or {"accelerator_type:A10G": 0.001} to pin a GPU type.
     resources_per_worker: dict[Annotated[str, Field(min_length=1, max_length=200)], float] = Field(
@@ -350,6 +359,13 @@ class JobSpec(Section):
                 ("optim", "batch_size"),
                 o.batch_size,
                 f"the global batch must divide evenly over scaling.num_workers={s.num_workers}",
+            )
+        if s.workers_per_node not in (None, 1) and s.workers_per_node != s.num_workers:
+            fail(
+                ("scaling", "workers_per_node"),
+                s.workers_per_node,
+                "must be 1 (one worker per node) or equal to an explicit scaling.num_workers (all on one node), "
+                f"not {s.workers_per_node} with scaling.num_workers={s.num_workers}",
             )
         if self.data.max_train_images is not None and self.data.max_train_images < o.batch_size:
             fail(
