@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from service import auth
 from service.api import events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
+from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
 from service.metrics import Metrics
@@ -96,10 +97,11 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if not settings.auth:
         app.add_middleware(LoopbackHostOnly)
-    app.include_router(jobs.router, prefix="/v1")
-    app.include_router(events.router, prefix="/v1")
-    app.include_router(plots.router, prefix="/v1")
-    app.include_router(tokens.router, prefix="/v1")
+    strict_query = [Depends(reject_unknown_query)]  # /v1 answers 422 to a query parameter it does not take
+    app.include_router(jobs.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(events.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(plots.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(tokens.router, prefix="/v1", dependencies=strict_query)
     app.include_router(health.router)
     app.include_router(prometheus.router)
     ui.install(app)

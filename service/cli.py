@@ -122,7 +122,20 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
         else:
             for p, v in sets:  # a full spec: set the value in place; the server validates it
                 set_path(body, p, v)
+    body.update(_labels(args))
     return body
+
+
+def _labels(args: argparse.Namespace) -> dict[str, Any]:
+    """--name/--project/--tag as the API's label fields (only those given; the server validates them)."""
+    labels: dict[str, Any] = {}
+    if getattr(args, "name", None) is not None:
+        labels["name"] = args.name
+    if getattr(args, "project", None) is not None:
+        labels["project"] = args.project
+    if getattr(args, "tag", None):
+        labels["tags"] = list(dict.fromkeys(args.tag))
+    return labels
 
 
 def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +145,7 @@ def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
 
     from trainer.spec import JobSpec, error_list, resolve
 
+    body = {k: v for k, v in body.items() if k not in ("name", "project", "tags")}  # labels: not the spec's
     try:
         if "preset" in body or "overrides" in body:
             spec = resolve(body.get("preset"), body.get("overrides") or {})
@@ -175,17 +189,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state, owner=args.owner)
+        page = api.jobs(
+            limit=args.limit,
+            offset=args.offset,
+            states=args.state,
+            owner=args.owner,
+            tags=args.tag,
+            project=args.project,
+            name=args.name,
+            since=args.since,
+            sort=args.sort,
+        )
     if args.json:
         _print_json(page)
         return 0
-    print(f"{'ID':<24} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
+    print(
+        f"{'ID':<24} {'NAME':<20} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} TAGS / MESSAGE"
+    )
     for j in page["jobs"]:
         p = j["progress"]
+        tags = " ".join(f"#{t}" for t in j.get("tags") or [])
         print(
-            f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} "
-            f"{_fmt_acc(j['best_val_acc']):>7}"
-            f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}"
+            f"{j['id']:<24} {(j.get('name') or '-')[:20]:<20} {j['owner'][:12]:<12} {j['state']:<10} "
+            f"{p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
+            f"  {j['created_at'][:19]:<20} {' '.join(x for x in (tags, (j['message'] or '')[:60]) if x)}"
         )
     if page["total"] > page["offset"] + len(page["jobs"]):
         print(f"... {page['total']} jobs in all; see more with --offset {page['offset'] + len(page['jobs'])}")
@@ -199,6 +226,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(job)
         return 0
     print(f"job       {job['id']}  (owner {job['owner']})")
+    if job.get("name") or job.get("project") or job.get("tags"):
+        tags = " ".join(f"#{t}" for t in job.get("tags") or [])
+        print(f"name      {job.get('name') or '-'}  project {job.get('project') or '-'}  {tags}".rstrip())
+    if job.get("parent"):
+        print(f"parent    {job['parent']}  (resubmitted from it)")
     print(f"state     {_progress_line(job)}")
     if job.get("search") and job["search"].get("best_trial"):
         s = job["search"]
@@ -211,6 +243,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     if job["message"]:
         print(f"message   {job['message']}")
     return 0
+
+
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    """A new job from a stored job's spec with --set overrides applied; labels not given are the parent's."""
+    from trainer.spec import parse_override
+
+    try:
+        overrides = dict(parse_override(s) for s in args.set or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    with _client(args) as api:
+        job = api.resubmit(args.id, {"overrides": overrides, **_labels(args)})
+    if args.json:
+        _print_json(job)
+    elif args.quiet:
+        print(job["id"])
+    else:
+        print(f"submitted job {job['id']} ({job['state']}) from {args.id}; follow it with: trainctl watch {job['id']}")
+    return 0
+
+
+def parse_since(text: str) -> str:
+    """`--since`: a duration back from now (`90m`, `7d`) or an ISO 8601 date/time, as the ISO time the API takes."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    try:
+        seconds = parse_duration(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (90m, 12h, 7d) nor an ISO date (2026-12-01, 2026-12-01T08:00Z)"
+        ) from None
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)).isoformat()
 
 
 def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: float, as_json: bool) -> int:
@@ -617,6 +685,17 @@ complete -o default -F _trainctl trainctl""")
     return 0
 
 
+def _label_arguments(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    note = " (default: the parent's)" if inherited else ""
+    parser.add_argument("--name", help="a name for people (not unique)" + note)
+    parser.add_argument("--project", help="the project the job belongs to" + note)
+    parser.add_argument(
+        "--tag",
+        action="append",
+        help="a tag (repeatable; at most 32, 64 characters each)" + ("; replaces the parent's" if inherited else ""),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="service URL (default: TRAINCTL_URL or http://127.0.0.1:8000)")
@@ -666,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("file", nargs="?", help="spec file (.yaml/.json; '-' = stdin)")
     src.add_argument("--preset", help="a preset name, e.g. debug or paper")
     s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.epochs=3")
+    _label_arguments(s)
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
     s.add_argument("-f", "--follow", action="store_true", help="then follow the job like `watch` (same exit codes)")
@@ -681,7 +761,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--offset", type=int, default=0)
     s.add_argument("--owner", help="admin only: one owner's jobs (the admin lists everyone's by default)")
+    s.add_argument("--tag", action="append", help="only jobs with this tag (repeatable: jobs with every one)")
+    s.add_argument("--project", help="only this project's jobs")
+    s.add_argument("--name", help="only jobs whose name contains this (any case)")
+    s.add_argument(
+        "--since", type=parse_since, help="only jobs created since: a duration back (12h, 7d) or an ISO date"
+    )
+    s.add_argument(
+        "--sort",
+        choices=["created", "name", "best_val_acc"],
+        help="created (newest first; the default), name (A-Z) or best_val_acc (highest first)",
+    )
     s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser(
+        "resubmit", parents=[common], help="a new job from a job's stored spec, with overrides (records its parent)"
+    )
+    s.add_argument("id")
+    s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.lr=0.01")
+    _label_arguments(s, inherited=True)
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    s.set_defaults(fn=cmd_resubmit)
 
     for name, fn, text in [
         ("status", cmd_status, "show one job"),

@@ -5,17 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 import objstore
 from service import jobdir
+from service.errors import ApiError
 from service.states import JobState
-from service.store import Job
+from service.store import Job, Labels
 from trainer import contract
 from trainer.contract import EpochMetrics, NumericsRecord, TrialRow
-from trainer.spec import JobSpec, resolve
+from trainer.spec import JobSpec, error_list, resolve
 
 
 class PresetRequest(BaseModel):
@@ -38,6 +39,73 @@ SUBMIT_EXAMPLES = {
         "value": {"optim": {"epochs": 10, "lr": 0.05}, "scaling": {"num_workers": 2}},
     },
 }
+
+
+MAX_TAGS = 32
+
+
+def _printable(value: str) -> str:
+    """Labels are shown in terminals and tables: no control characters (newlines, escapes), no padding."""
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise ValueError("must not contain control characters")
+    if value != value.strip():
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+Tag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
+
+
+class JobLabels(BaseModel):
+    """The labels of a job, beside its spec in the submit body: `{"preset": "debug", "name": "lr sweep 1",
+    "tags": ["baseline"], "project": "cifar"}` (also beside a full spec's sections)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)] | None = Field(
+        None, description="a free name for people (not unique); `GET /v1/jobs?name=` finds it by substring"
+    )
+    project: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)] | None = Field(
+        None, description="groups jobs; `GET /v1/jobs?project=` lists one project's"
+    )
+    tags: list[Tag] = Field(
+        default_factory=list,
+        max_length=MAX_TAGS,
+        description=f"at most {MAX_TAGS}, each 1-64 printable characters; `?tag=a&tag=b` lists jobs with all",
+    )
+
+    def labels(self, parent: str | None = None) -> Labels:
+        return Labels(self.name, self.project, tuple(dict.fromkeys(self.tags)), parent)
+
+
+LABEL_FIELDS = tuple(JobLabels.model_fields)
+
+
+class ResubmitRequest(JobLabels):
+    """POST /v1/jobs/{id}/resubmit: overrides on the stored spec; labels given replace the parent's."""
+
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='dotted spec paths to values, e.g. {"optim.lr": 0.1}'
+    )
+
+
+RESUBMIT_EXAMPLES = {
+    "override": {
+        "summary": "The same run with a lower learning rate",
+        "value": {"overrides": {"optim.lr": 0.01}, "name": "lower lr"},
+    },
+}
+
+
+def split_labels(body: dict[str, Any]) -> tuple[dict[str, Any], JobLabels]:
+    """(the body without its labels, the validated labels); a bad label is a 422 naming it (`tags.3`)."""
+    rest = {k: v for k, v in body.items() if k not in LABEL_FIELDS}
+    try:
+        labels = JobLabels.model_validate({k: body[k] for k in LABEL_FIELDS if k in body})
+    except ValidationError as exc:
+        details = error_list(exc)
+        shown = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+        raise ApiError(422, "invalid_request", f"{len(details)} invalid label(s): {shown}", details) from None
+    return rest, labels
 
 
 def resolve_body(body: dict[str, Any]) -> JobSpec:
@@ -80,6 +148,10 @@ class TrialList(BaseModel):
 class JobView(BaseModel):
     id: str
     owner: str
+    name: str | None = Field(default=None, description="the name given at submission")
+    project: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    parent: str | None = Field(default=None, description="resubmitted from this job")
     state: JobState
     progress: Progress
     metrics: EpochMetrics | None = Field(description="the latest epoch's metrics")
@@ -193,6 +265,10 @@ def job_view(job: Job, job_dir: str | None = None, with_spec: bool = False) -> J
     return JobView(
         id=job.id,
         owner=job.owner,
+        name=job.name,
+        project=job.project,
+        tags=job.tags,
+        parent=job.parent,
         state=job.state,
         progress=Progress(**progress),
         metrics=latest,
