@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI
 
 from service import auth
-from service.api import events, health, jobs, plots, prometheus, tokens
+from service.api import compare, events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
 from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     app.include_router(events.router, prefix="/v1", dependencies=strict_query)
     app.include_router(plots.router, prefix="/v1", dependencies=strict_query)
     app.include_router(tokens.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(compare.router, prefix="/v1", dependencies=strict_query)
     app.include_router(health.router)
     app.include_router(prometheus.router)
     ui.install(app)

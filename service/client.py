@@ -182,6 +182,9 @@ class TrainctlClient:
     def resubmit(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/resubmit", json=body).json()  # type: ignore[no-any-return]
 
+    def compare_png(self, job_ids: list[str]) -> bytes:
+        return self.request("GET", "/v1/compare.png", params={"ids": ",".join(job_ids)}).content
+
     def compare(self, job_ids: list[str]) -> dict[str, Any]:
         return self.request("GET", "/v1/compare", params={"ids": ",".join(job_ids)}).json()  # type: ignore[no-any-return]
 
