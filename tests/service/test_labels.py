@@ -224,3 +224,23 @@ def test_cli_submit_list_filters_and_resubmit(api: Api, cli_on, capsys) -> None:
 
         cli.main(["list", "--since", "yesterday"])
     assert exc.value.code == 2
+
+
+# --- the dashboard's pages (their script is exercised in Chromium: tests/service/test_browser.py) --------------
+
+
+def test_dashboard_shows_labels_parent_resubmit_and_compare_pages(api: Api) -> None:
+    from tests.service.test_ui import login
+
+    login(api)
+    first = _submit(api, name="base <b>", project="cifar", tags=["t1"])
+    child = api.client.post(f"/v1/jobs/{first['id']}/resubmit", json={}, headers=api.headers()).json()
+    page = api.client.get(f"/ui/jobs/{child['id']}")
+    assert page.status_code == 200
+    assert "base &lt;b&gt;" in page.text and '<span class="tag">t1</span>' in page.text  # escaped
+    assert f'id="job-parent" href="/ui/jobs/{first["id"]}"' in page.text and 'id="resubmit-button"' in page.text
+    rows = api.client.get("/ui/api/jobs").json()["jobs"]
+    assert [(r["name"], r["project"], r["tags"]) for r in rows] == [("base <b>", "cifar", ["t1"])] * 2
+    compare = api.client.get(f"/ui/compare?ids={first['id']},{child['id']}")
+    assert compare.status_code == 200 and f'data-ids="{first["id"]},{child["id"]}"' in compare.text
+    assert 'id="compare-button"' in api.client.get("/ui/").text
