@@ -571,7 +571,7 @@ def parse_duration(text: str) -> float:
     return value
 
 
-EXPORT_NAMES = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+EXPORT_NAMES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx"}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -929,7 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=sorted(EXPORT_NAMES),
         default="pt2",
-        help="pt2: a torch.export program (normalisation inside); safetensors: weights only",
+        help="pt2: a torch.export program (normalisation inside); safetensors: weights only; "
+        "onnx: the pt2 program as ONNX (only if the job's spec asked for it: exports: [onnx])",
     )
     s.add_argument("-o", "--output", help="where to write it (default <id>-model.<format>)")
     s.set_defaults(fn=cmd_export)

@@ -196,7 +196,7 @@ class Artifact(Record):
     """An exported model in artifacts/artifacts.json: written at the end of a run from the best checkpoint."""
 
     name: str = Field(description="file name under artifacts/, e.g. model.pt2")
-    format: Literal["safetensors", "pt2"]
+    format: Literal["safetensors", "pt2", "onnx"]
     uri: str
     sha256: str
     size: int

@@ -241,7 +241,8 @@ class SearchSpec(Section):
 # --- the job spec ---------------------------------------------------------------------------------
 
 
-ExportFormat = Literal["safetensors", "pt2"]
+ExportFormat = Literal["safetensors", "pt2", "onnx"]
+# The default exports; onnx is asked for by name (`exports: [onnx]`): it needs the `[onnx]` extra's packages.
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
 
 

@@ -213,7 +213,7 @@ class CheckpointList(BaseModel):
 
 class ArtifactView(BaseModel):
     name: str = Field(description="download it from /v1/jobs/{id}/artifacts/{name}")
-    format: str | None = Field(description="safetensors (weights only) or pt2 (a torch.export program)")
+    format: str | None = Field(description="safetensors (weights only), pt2 (a torch.export program) or onnx")
     epoch: int | None = Field(description="the checkpoint epoch it was exported from (the best one)")
     size: int | None
     sha256: str | None
