@@ -597,7 +597,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("trainer.evaluate") is None:
         raise CliError(
             "`trainctl predict` runs the model on this machine and needs torch and torchvision: "
-            "pip install 'trainctl[train]'"
+            "pip install 'trainctl-ray[train]'"
         )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
         model = Path(tmp) / "model.pt2"
@@ -717,10 +717,12 @@ def _admin(name: str) -> Callable[[argparse.Namespace], int]:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("trainctl")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    for distribution in ("trainctl-ray", "trainctl"):  # trainctl: installs made before the rename
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "unknown (not installed)"
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
