@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 
 from service import auth
 from service.api import compare, events, health, jobs, plots, prometheus, tokens
-from service.api.openapi import install_openapi
+from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly, is_loopback
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
         title="trainctl",
         version=VERSION,
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
         "the web dashboard is at /ui/.",
     )

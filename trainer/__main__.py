@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from trainer.spec import PRESETS, error_list, parse_override, resolve
+from trainer.spec import PRESETS, error_list, field_descriptions, parse_override, resolve
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -23,7 +23,11 @@ def describe(args: argparse.Namespace) -> int:
     spec = resolve(args.preset, dict(parse_override(s) for s in args.set), base=base)
     print(
         json.dumps(
-            {"spec": spec.model_dump(mode="json"), "num_parameters": count_parameters(build_model(spec.model))},
+            {
+                "spec": spec.model_dump(mode="json"),
+                "num_parameters": count_parameters(build_model(spec.model)),
+                "fields": field_descriptions(),  # what each top-level field means (also in /openapi.json)
+            },
             indent=2,
         )
     )

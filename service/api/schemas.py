@@ -22,7 +22,10 @@ from trainer.spec import JobSpec, error_list, resolve
 class PresetRequest(BaseModel):
     """`{"preset": "debug", "overrides": {"optim.epochs": 3}}`: a preset plus dotted-path overrides."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"preset": "debug", "overrides": {"optim.epochs": 3, "optim.lr": 0.1}}]},
+    )
     preset: str | None = Field(None, description="a preset name: see `python -m trainer describe --preset NAME`")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description='dotted spec paths to values, e.g. {"optim.lr": 0.1}'
@@ -145,7 +148,29 @@ class TrialList(BaseModel):
     trials: list[TrialRow]
 
 
+JOB_VIEW_EXAMPLE: dict[str, Any] = {
+    "id": "Xb3kq9LmT0aWc1dE2fG3hQ",
+    "owner": "alice",
+    "name": "baseline lr 0.05",
+    "project": "cifar10",
+    "tags": ["baseline", "sgd"],
+    "parent": None,
+    "state": "RUNNING",
+    "progress": {"epoch": 3, "epochs": 10, "eta_seconds": 412.0},
+    "metrics": None,
+    "best_val_acc": 0.7312,
+    "attempts": 1,
+    "attempt_log": [],
+    "message": None,
+    "ray_submission_id": "Xb3kq9LmT0aWc1dE2fG3hQ-1",
+    "created_at": "2026-12-06T04:00:00Z",
+    "updated_at": "2026-12-06T04:05:00Z",
+}
+
+
 class JobView(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_VIEW_EXAMPLE]})
+
     id: str
     owner: str
     name: str | None = Field(default=None, description="the name given at submission")
