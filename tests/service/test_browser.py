@@ -218,7 +218,8 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
         wait("the new job's page", lambda: browser.find_elements(By.ID, "job-parent"), 30)
         child_id = browser.find_element(By.ID, "job").get_attribute("data-job-id")
         assert child_id != job_id and text("#job-parent") == job_id
-        child = c.post(f"/v1/jobs/{child_id}/cancel").json()
+        assert c.post(f"/v1/jobs/{child_id}/cancel").status_code == 200
+        child = c.get(f"/v1/jobs/{child_id}").json()
         assert child["parent"] == job_id and child["spec"]["optim"]["epochs"] == 2
         browser.get(dash_service.url + "/ui/")
         for jid in (job_id, child_id):
