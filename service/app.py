@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
     strict_query = [Depends(reject_unknown_query)]  # /v1 answers 422 to a query parameter it does not take
     app.include_router(jobs.router, prefix="/v1", dependencies=strict_query)
     app.include_router(events.router, prefix="/v1", dependencies=strict_query)
-    app.include_router(plots.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(plots.router, prefix="/v1")  # PNGs for <img>: the dashboard adds a cache-busting ?t=
     app.include_router(tokens.router, prefix="/v1", dependencies=strict_query)
     app.include_router(compare.router, prefix="/v1", dependencies=strict_query)
     app.include_router(health.router)

@@ -153,6 +153,8 @@ def test_unknown_query_parameter_on_a_job_route(api: Api) -> None:
     resp = api.get(f"/v1/jobs/{job['id']}/logs?tial=3")
     assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "query.tial", resp.text
     assert api.get(f"/v1/jobs/{job['id']}/metrics?format=csv").status_code == 200  # an alias is known
+    # the PNGs are exempt: the dashboard's <img> adds a cache buster (409: no epoch yet, not 422)
+    assert api.get(f"/v1/jobs/{job['id']}/plots/confusion.png?t=1").status_code == 409
 
 
 def test_resubmit_applies_overrides_and_records_the_parent(api: Api) -> None:
