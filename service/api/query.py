@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import weakref
+
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from service.errors import ApiError
 
-_KNOWN: dict[int, frozenset[str]] = {}  # id(route) -> its query parameters' names (routes live as long as the app)
+# route -> its query parameters' names; weak, so a route of an app that is gone never answers for a new one
+_KNOWN: weakref.WeakKeyDictionary[APIRoute, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _declared(route: APIRoute) -> frozenset[str]:
-    known = _KNOWN.get(id(route))
+    known = _KNOWN.get(route)
     if known is None:
-        known = _KNOWN[id(route)] = frozenset(_query_names(route.dependant))
+        known = _KNOWN[route] = frozenset(_query_names(route.dependant))
     return known
 
 
