@@ -3,22 +3,20 @@
 
 from __future__ import annotations
 
-import weakref
-
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from service.errors import ApiError
 
-# route -> its query parameters' names; weak, so a route of an app that is gone never answers for a new one
-_KNOWN: weakref.WeakKeyDictionary[APIRoute, frozenset[str]] = weakref.WeakKeyDictionary()
+_ATTR = "_trainctl_query_names"  # kept on the route itself: it lives exactly as long as its names are right
 
 
 def _declared(route: APIRoute) -> frozenset[str]:
-    known = _KNOWN.get(route)
+    known: frozenset[str] | None = getattr(route, _ATTR, None)
     if known is None:
-        known = _KNOWN[route] = frozenset(_query_names(route.dependant))
+        known = frozenset(_query_names(route.dependant))
+        setattr(route, _ATTR, known)
     return known
 
 
