@@ -147,10 +147,17 @@ async function refreshJobs() {
   const body = $("#jobs-body");
   body.replaceChildren();
   if (!data.jobs.length) {
-    const tr = el("tr"); tr.appendChild(el("td", {colspan: 8, class: "muted"}, "no jobs")); body.appendChild(tr);
+    const tr = el("tr"); tr.appendChild(el("td", {colspan: 10, class: "muted"}, "no jobs")); body.appendChild(tr);
   }
   for (const j of data.jobs) {
     const tr = el("tr", {"data-job-id": j.id, "data-state": j.state});
+    const pick = el("input", {type: "checkbox", class: "pick", "aria-label": "compare " + j.id});
+    pick.checked = selected.has(j.id);
+    pick.addEventListener("change", () => {
+      if (pick.checked) selected.add(j.id); else selected.delete(j.id);
+      updateCompareButton();
+    });
+    const pickCell = el("td"); pickCell.appendChild(pick); tr.appendChild(pickCell);
     const idCell = el("td"); idCell.appendChild(el("a", {href: "/ui/jobs/" + j.id, class: "job-link"}, j.id));
     if (j.search) idCell.appendChild(el("span", {class: "tag"}, "search"));
     tr.appendChild(idCell);
