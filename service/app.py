@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from service import startup
-from service.api import events, health, jobs, plots, prometheus, tokens
-from service.api.openapi import install_openapi
+from service.api import compare, events, health, jobs, plots, prometheus, tokens
+from service.api.openapi import install_openapi, operation_id
+from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly
 from service.metrics import Metrics
@@ -74,6 +75,7 @@ def create_app(
         title="trainctl",
         version=VERSION,
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         description="Distributed training jobs on Ray. Authenticate with `Authorization: Bearer <token>`; "
         "the web dashboard is at /ui/.",
     )
@@ -85,10 +87,12 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if not settings.auth:
         app.add_middleware(LoopbackHostOnly)
-    app.include_router(jobs.router, prefix="/v1")
-    app.include_router(events.router, prefix="/v1")
-    app.include_router(plots.router, prefix="/v1")
-    app.include_router(tokens.router, prefix="/v1")
+    strict_query = [Depends(reject_unknown_query)]  # /v1 answers 422 to a query parameter it does not take
+    app.include_router(jobs.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(events.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(plots.router, prefix="/v1")  # PNGs for <img>: the dashboard adds a cache-busting ?t=
+    app.include_router(tokens.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(compare.router, prefix="/v1", dependencies=strict_query)
     app.include_router(health.router)
     app.include_router(prometheus.router)
     ui.install(app)

@@ -125,7 +125,20 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
         else:
             for p, v in sets:  # a full spec: set the value in place; the server validates it
                 set_path(body, p, v)
+    body.update(_labels(args))
     return body
+
+
+def _labels(args: argparse.Namespace) -> dict[str, Any]:
+    """--name/--project/--tag as the API's label fields (only those given; the server validates them)."""
+    labels: dict[str, Any] = {}
+    if getattr(args, "name", None) is not None:
+        labels["name"] = args.name
+    if getattr(args, "project", None) is not None:
+        labels["project"] = args.project
+    if getattr(args, "tag", None):
+        labels["tags"] = list(dict.fromkeys(args.tag))
+    return labels
 
 
 def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +148,7 @@ def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
 
     from trainer.spec import JobSpec, error_list, resolve
 
+    body = {k: v for k, v in body.items() if k not in ("name", "project", "tags")}  # labels: not the spec's
     try:
         if "preset" in body or "overrides" in body:
             spec = resolve(body.get("preset"), body.get("overrides") or {})
@@ -178,17 +192,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        page = api.jobs(limit=args.limit, offset=args.offset, states=args.state, owner=args.owner)
+        page = api.jobs(
+            limit=args.limit,
+            offset=args.offset,
+            states=args.state,
+            owner=args.owner,
+            tags=args.tag,
+            project=args.project,
+            name=args.name,
+            since=args.since,
+            sort=args.sort,
+        )
     if args.json:
         _print_json(page)
         return 0
-    print(f"{'ID':<24} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} MESSAGE")
+    print(
+        f"{'ID':<24} {'NAME':<20} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} TAGS / MESSAGE"
+    )
     for j in page["jobs"]:
         p = j["progress"]
+        tags = " ".join(f"#{t}" for t in j.get("tags") or [])
         print(
-            f"{j['id']:<24} {j['owner'][:12]:<12} {j['state']:<10} {p['epoch']:>3}/{p['epochs'] or '?':<3} "
-            f"{_fmt_acc(j['best_val_acc']):>7}"
-            f"  {j['created_at'][:19]:<20} {(j['message'] or '')[:60]}"
+            f"{j['id']:<24} {(j.get('name') or '-')[:20]:<20} {j['owner'][:12]:<12} {j['state']:<10} "
+            f"{p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
+            f"  {j['created_at'][:19]:<20} {' '.join(x for x in (tags, (j['message'] or '')[:60]) if x)}"
         )
     if page["total"] > page["offset"] + len(page["jobs"]):
         print(f"... {page['total']} jobs in all; see more with --offset {page['offset'] + len(page['jobs'])}")
@@ -202,6 +229,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(job)
         return 0
     print(f"job       {job['id']}  (owner {job['owner']})")
+    if job.get("name") or job.get("project") or job.get("tags"):
+        tags = " ".join(f"#{t}" for t in job.get("tags") or [])
+        print(f"name      {job.get('name') or '-'}  project {job.get('project') or '-'}  {tags}".rstrip())
+    if job.get("parent"):
+        print(f"parent    {job['parent']}  (resubmitted from it)")
     print(f"state     {_progress_line(job)}")
     if job.get("search") and job["search"].get("best_trial"):
         s = job["search"]
@@ -214,6 +246,102 @@ def cmd_status(args: argparse.Namespace) -> int:
     if job["message"]:
         print(f"message   {job['message']}")
     return 0
+
+
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    """A new job from a stored job's spec with --set overrides applied; labels not given are the parent's."""
+    from trainer.spec import parse_override
+
+    try:
+        overrides = dict(parse_override(s) for s in args.set or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    with _client(args) as api:
+        job = api.resubmit(args.id, {"overrides": overrides, **_labels(args)})
+    if args.json:
+        _print_json(job)
+    elif args.quiet:
+        print(job["id"])
+    else:
+        print(f"submitted job {job['id']} ({job['state']}) from {args.id}; follow it with: trainctl watch {job['id']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """2-5 jobs side by side: final and best metrics, the spec paths that differ; --plot: their curves (PNG)."""
+    if not 2 <= len(dict.fromkeys(args.ids)) <= 5:
+        raise CliError("compare takes 2 to 5 distinct job ids")
+    ids = list(dict.fromkeys(args.ids))
+    with _client(args, timeout=120) as api:
+        result = api.compare(ids)
+        png = api.compare_png(ids) if args.plot else None
+    if png is not None:
+        target = Path(args.plot)
+        part = target.with_name(target.name + ".part")
+        part.write_bytes(png)
+        os.replace(part, target)
+    if args.json:
+        _print_json(result)
+        return 0
+    jobs = result["jobs"]
+    width = max(12, *(len(_column_title(j)) for j in jobs))
+    rows: list[tuple[str, list[str]]] = [
+        ("state", [j["state"] for j in jobs]),
+        ("epochs done", [str(j["epochs_done"]) for j in jobs]),
+        *(
+            (f"final {k}", [_fmt_num(j["final"].get(k)) for j in jobs])
+            for k in ("val_acc", "test_acc", "train_loss", "val_loss")
+        ),
+        (
+            "best val_acc",
+            [
+                _fmt_num(j["best"].get("val_acc"))
+                + (f" (epoch {j['best']['val_acc_epoch']})" if j["best"].get("val_acc_epoch") is not None else "")
+                for j in jobs
+            ],
+        ),
+        ("best test_acc", [_fmt_num(j["best"].get("test_acc")) for j in jobs]),
+        ("best-ckpt test_acc", [_fmt_num(j["best"].get("checkpoint_test_acc")) for j in jobs]),
+    ]
+    print(f"{'':<20} " + " ".join(f"{_column_title(j):<{width}}" for j in jobs))
+    for title, values in rows:
+        print(f"{title:<20} " + " ".join(f"{v:<{width}}" for v in values))
+    diffs = result["spec_differences"]
+    print(f"\nspec differences ({len(diffs)}):" if diffs else "\nspec differences: none (the same spec)")
+    for d in diffs:
+        print(f"  {d['path']:<18} " + " ".join(f"{_fmt_value(v):<{width}}" for v in d["values"]))
+    if png is not None:
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+def _column_title(job: dict[str, Any]) -> str:
+    return f"{job['name'][:24]} ({job['id'][:6]})" if job.get("name") else job["id"]
+
+
+def _fmt_num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+
+def _fmt_value(v: Any) -> str:
+    return "-" if v is None else json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)
+
+
+def parse_since(text: str) -> str:
+    """`--since`: a duration back from now (`90m`, `7d`) or an ISO 8601 date/time, as the ISO time the API takes."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    try:
+        seconds = parse_duration(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (90m, 12h, 7d) nor an ISO date (2026-12-01, 2026-12-01T08:00Z)"
+        ) from None
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)).isoformat()
 
 
 def _follow(api: TrainctlClient, job_id: str, *, interval: float, patience: float, as_json: bool) -> int:
@@ -526,7 +654,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("trainer.evaluate") is None:
         raise CliError(
             "`trainctl predict` runs the model on this machine and needs torch and torchvision: "
-            "pip install 'trainctl[train]'"
+            "pip install 'trainctl-ray[train]'"
         )
     with tempfile.TemporaryDirectory(prefix="trainctl-predict-") as tmp, _client(args, timeout=300) as api:
         model = Path(tmp) / EXPORT_NAMES["safetensors"]
@@ -652,10 +780,12 @@ def _admin(name: str) -> Callable[[argparse.Namespace], int]:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("trainctl")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    for distribution in ("trainctl-ray", "trainctl"):  # trainctl: installs made before the rename
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "unknown (not installed)"
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
@@ -678,6 +808,17 @@ def cmd_completion(args: argparse.Namespace) -> int:
 }}
 complete -o default -F _trainctl trainctl""")
     return 0
+
+
+def _label_arguments(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    note = " (default: the parent's)" if inherited else ""
+    parser.add_argument("--name", help="a name for people (not unique)" + note)
+    parser.add_argument("--project", help="the project the job belongs to" + note)
+    parser.add_argument(
+        "--tag",
+        action="append",
+        help="a tag (repeatable; at most 32, 64 characters each)" + ("; replaces the parent's" if inherited else ""),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -729,6 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("file", nargs="?", help="spec file (.yaml/.json; '-' = stdin)")
     src.add_argument("--preset", help="a preset name, e.g. debug or paper")
     s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.epochs=3")
+    _label_arguments(s)
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
     s.add_argument("-f", "--follow", action="store_true", help="then follow the job like `watch` (same exit codes)")
@@ -744,7 +886,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--offset", type=int, default=0)
     s.add_argument("--owner", help="admin only: one owner's jobs (the admin lists everyone's by default)")
+    s.add_argument("--tag", action="append", help="only jobs with this tag (repeatable: jobs with every one)")
+    s.add_argument("--project", help="only this project's jobs")
+    s.add_argument("--name", help="only jobs whose name contains this (any case)")
+    s.add_argument(
+        "--since", type=parse_since, help="only jobs created since: a duration back (12h, 7d) or an ISO date"
+    )
+    s.add_argument(
+        "--sort",
+        choices=["created", "name", "best_val_acc"],
+        help="created (newest first; the default), name (A-Z) or best_val_acc (highest first)",
+    )
     s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser(
+        "compare", parents=[common], help="2-5 jobs side by side: final/best metrics, spec differences, curves"
+    )
+    s.add_argument("ids", nargs="+", metavar="ID", help="2 to 5 job ids")
+    s.add_argument("--plot", metavar="OUT.png", help="also write their accuracy and loss curves overlaid")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser(
+        "resubmit", parents=[common], help="a new job from a job's stored spec, with overrides (records its parent)"
+    )
+    s.add_argument("id")
+    s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.lr=0.01")
+    _label_arguments(s, inherited=True)
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
+    s.set_defaults(fn=cmd_resubmit)
 
     for name, fn, text in [
         ("status", cmd_status, "show one job"),
@@ -835,7 +1004,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=sorted(EXPORT_NAMES),
         default="pt2",
-        help="pt2: a torch.export program (normalisation inside); safetensors: weights only",
+        help="pt2: a torch.export program (normalisation inside); safetensors: weights only; "
+        "onnx: the pt2 program as ONNX (only if the job's spec asked for it: exports: [onnx])",
     )
     s.add_argument("-o", "--output", help="where to write it (default <id>-model.<format>)")
     s.set_defaults(fn=cmd_export)

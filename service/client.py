@@ -158,13 +158,36 @@ class TrainctlClient:
         return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
 
     def jobs(
-        self, *, limit: int = 50, offset: int = 0, states: list[str] | None = None, owner: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        states: list[str] | None = None,
+        owner: str | None = None,
+        tags: list[str] | None = None,
+        project: str | None = None,
+        name: str | None = None,
+        since: str | None = None,
+        sort: str | None = None,
     ) -> dict[str, Any]:
+        """A page of jobs; filters as GET /v1/jobs takes them (only those given are sent, so an older server
+        that lacks a filter answers a 422 naming it rather than an unfiltered list)."""
         params: list[tuple[str, Any]] = [("limit", limit), ("offset", offset)]
-        if owner:
-            params.append(("owner", owner))
+        for key, value in (("owner", owner), ("project", project), ("name", name), ("since", since), ("sort", sort)):
+            if value:
+                params.append((key, value))
         params += [("state", s.upper()) for s in states or []]
+        params += [("tag", t) for t in tags or []]
         return self.request("GET", "/v1/jobs", params=params).json()  # type: ignore[no-any-return]
+
+    def resubmit(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/resubmit", json=body).json()  # type: ignore[no-any-return]
+
+    def compare_png(self, job_ids: list[str]) -> bytes:
+        return self.request("GET", "/v1/compare.png", params={"ids": ",".join(job_ids)}).content
+
+    def compare(self, job_ids: list[str]) -> dict[str, Any]:
+        return self.request("GET", "/v1/compare", params={"ids": ",".join(job_ids)}).json()  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job's view. Polling the same job again (`watch`) sends the last answer's ETag: while the job is

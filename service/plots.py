@@ -133,3 +133,35 @@ def confusion_png(confusion: dict[str, Any]) -> bytes:
         f"confusion matrix on the {split} split" + (f" — accuracy {acc * 100:.2f}%" if acc is not None else "")
     )
     return _png(fig)
+
+
+def compare_png(runs: list[tuple[str, dict[str, list[float | None]]]], title: str = "") -> bytes:
+    """Several runs overlaid (service/compare.py's series, one (label, series) each): accuracy (test where the
+    run measured it, else val) and loss (val/test solid where measured, train dashed)."""
+    fig = _figure(11, 4.2)
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    for (name, series), color in zip(runs, colors * 2, strict=False):
+        epochs = series.get("epoch") or []
+        acc_key = "test_acc" if any(v is not None for v in series.get("test_acc") or []) else "val_acc"
+        loss_key = "test_loss" if any(v is not None for v in series.get("test_loss") or []) else "val_loss"
+        for ax, key, style, scale in (
+            (acc_ax, acc_key, "-", 100.0),
+            (loss_ax, loss_key, "-", 1.0),
+            (loss_ax, "train_loss", "--", 1.0),
+        ):
+            pts = [(e, v * scale) for e, v in zip(epochs, series.get(key) or [], strict=False) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, marker="o", markersize=3, color=color, label=f"{name} {key}")
+    for ax, ylabel in ((acc_ax, "accuracy (%)"), (loss_ax, "loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=7)
+    acc_ax.set_title("accuracy (test, else val)")
+    loss_ax.set_title("loss (val/test solid, train dashed)")
+    if title:
+        fig.suptitle(title)
+    return _png(fig)

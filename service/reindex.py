@@ -186,6 +186,10 @@ def _from_record(storage_root: str, job_id: str, spec: dict[str, Any], record: d
         cancel_requested=bool(record.get("cancel_requested")),
         idempotency_key=record.get("idempotency_key"),
         request_hash=record.get("request_hash"),
+        name=record.get("name"),
+        project=record.get("project"),
+        tags=[str(t) for t in record.get("tags") or [] if isinstance(t, str)][:32],
+        parent=record.get("parent"),
     )
 
 

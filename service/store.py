@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy import (
     Boolean,
     Float,
+    ForeignKey,
     Integer,
     String,
     Text,
@@ -62,7 +63,7 @@ class JobModel(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     owner: Mapped[str] = mapped_column(String(64), index=True)
-    created_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float, index=True)  # index: the list's `since` filter
     updated_at: Mapped[float] = mapped_column(Float)
     state: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[str] = mapped_column(Text)  # the resolved JobSpec, JSON
@@ -70,11 +71,24 @@ class JobModel(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     attempt_log: Mapped[str] = mapped_column(Text, default="[]")  # JSON list, one entry per attempt
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    best_val_acc: Mapped[float | None] = mapped_column(Float, nullable=True)
+    best_val_acc: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)  # a sort key
     last_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Labels people search by (migration 0003_workbench): a free name, a project, tags. The tags are kept twice:
+    # as JSON here for reading, and one row each in job_tags, whose index the tag filter uses.
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    project: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    tags: Mapped[str] = mapped_column(Text, default="[]")
+    parent: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # resubmitted from this job
+
+
+class JobTagModel(Base):
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
 
 
 class TokenModel(Base):
@@ -186,6 +200,10 @@ class Job:
     idempotency_key: str | None = field(default=None, repr=False)
     request_hash: str | None = field(default=None, repr=False)
     spec_error: str | None = None
+    name: str | None = None
+    project: str | None = None
+    tags: list[str] = field(default_factory=list)
+    parent: str | None = None
 
     @classmethod
     def of(cls, m: JobModel) -> Job:
@@ -208,7 +226,36 @@ class Job:
             idempotency_key=m.idempotency_key,
             request_hash=m.request_hash,
             spec_error=spec_error,
+            name=m.name,
+            project=m.project,
+            tags=json.loads(m.tags or "[]"),
+            parent=m.parent,
         )
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What a person names a job by (validated by the API: lengths, no control characters, at most 32 tags)."""
+
+    name: str | None = None
+    project: str | None = None
+    tags: tuple[str, ...] = ()
+    parent: str | None = None
+
+
+SORT_KEYS = ("created", "name", "best_val_acc")
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """`Store.list`'s search: every given condition must hold. `tags`: all of them; `name`: a substring
+    (case-insensitive); `since`: created at or after (unix time)."""
+
+    tags: tuple[str, ...] = ()
+    project: str | None = None
+    name: str | None = None
+    since: float | None = None
+    sort: str = "created"
 
 
 class IdempotencyConflict(Exception):
@@ -249,6 +296,15 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     if "attempt_log" in out:
         out["attempt_log"] = json.dumps(out["attempt_log"])
     return out
+
+
+def _label_columns(labels: Labels) -> dict[str, Any]:
+    return {
+        "name": labels.name,
+        "project": labels.project,
+        "tags": json.dumps(list(labels.tags)),
+        "parent": labels.parent,
+    }
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -351,7 +407,12 @@ class Store:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def create_job(
-        self, owner: str, spec: JobSpec, idempotency_key: str | None = None, request_hash: str | None = None
+        self,
+        owner: str,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        labels: Labels | None = None,
     ) -> tuple[Job, bool]:
         """Insert a QUEUED job. With an idempotency key already used by this owner: the earlier job
         (created=False) when the request hash matches, else IdempotencyConflict."""
@@ -379,9 +440,11 @@ class Store:
                         cancel_requested=False,
                         idempotency_key=idempotency_key,
                         request_hash=request_hash,
+                        **_label_columns(labels or Labels()),
                     )
                     s.add(m)
                     s.flush()
+                    s.add_all(JobTagModel(job_id=m.id, tag=t) for t in (labels or Labels()).tags)
                     return Job.of(m), True
             except IntegrityError:
                 if idempotency_key is None:
@@ -406,15 +469,52 @@ class Store:
         return job
 
     def list(
-        self, owner: str | None = None, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
+        self,
+        owner: str | None = None,
+        states: Iterable[JobState] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        where: JobFilter | None = None,
     ) -> tuple[list[Job], int]:
-        """(page, total) in submission order, newest first."""
-        count, page = _list_queries(owner is not None, None if states is None else frozenset(st.value for st in states))
-        params = {"owner": owner, "limit": limit, "offset": offset}
-        with self.engine.connect() as conn:
-            total = conn.scalar(count, params) or 0
-            rows = conn.execute(page, params)
-            return [self._snapshot(row) for row in rows], total
+        """(page, total), newest first by default (`where.sort`: created, name A-Z, best_val_acc highest
+        first; ties newest first). Every condition is an indexed column (the name substring scans the
+        rows the other conditions leave)."""
+        where = where or JobFilter()
+        if where == JobFilter():  # the status path: a prepared query per filter shape (_list_queries)
+            count, page = _list_queries(
+                owner is not None, None if states is None else frozenset(st.value for st in states)
+            )
+            params = {"owner": owner, "limit": limit, "offset": offset}
+            with self.engine.connect() as conn:
+                total = conn.scalar(count, params) or 0
+                rows = conn.execute(page, params)
+                return [self._snapshot(row) for row in rows], total
+        q = select(JobModel)
+        if owner is not None:
+            q = q.where(JobModel.owner == owner)
+        if states is not None:
+            q = q.where(JobModel.state.in_([st.value for st in states]))
+        for tag in where.tags:
+            q = q.where(JobModel.id.in_(select(JobTagModel.job_id).where(JobTagModel.tag == tag)))
+        if where.project is not None:
+            q = q.where(JobModel.project == where.project)
+        if where.name:
+            pattern = "%" + where.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            q = q.where(JobModel.name.ilike(pattern, escape="\\"))
+        if where.since is not None:
+            q = q.where(JobModel.created_at >= where.since)
+        if where.sort not in SORT_KEYS:
+            raise ValueError(f"unknown sort key {where.sort!r}: one of {', '.join(SORT_KEYS)}")
+        orders: dict[str, list[Any]] = {
+            "created": [JobModel.seq.desc()],
+            "name": [JobModel.name.asc().nulls_last(), JobModel.seq.desc()],
+            "best_val_acc": [JobModel.best_val_acc.desc().nulls_last(), JobModel.seq.desc()],
+        }
+        order = orders[where.sort]
+        with self._sessions() as s:
+            total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+            models = s.scalars(q.order_by(*order).limit(limit).offset(offset)).all()
+            return [Job.of(m) for m in models], total
 
     def count_by_state(self, owner: str) -> dict[JobState, int]:
         """How many jobs `owner` has in each state (states with none are absent)."""
@@ -490,12 +590,16 @@ class Store:
             return Job.of(m) if m else None
 
     def delete(self, job_id: str) -> bool:
-        """Delete a terminal job's record. False when it is missing or not terminal."""
+        """Delete a terminal job's record (and its tag rows). False when it is missing or not terminal."""
         with self._writes.begin() as s:
             result = s.execute(
                 delete(JobModel).where(JobModel.id == job_id, JobModel.state.in_([st.value for st in TERMINAL]))
             )
-            return _rowcount(result) == 1
+            if _rowcount(result) != 1:
+                return False
+            # Explicitly: SQLite enforces ON DELETE CASCADE only with PRAGMA foreign_keys, which is off here.
+            s.execute(delete(JobTagModel).where(JobTagModel.job_id == job_id))
+            return True
 
     def import_job(self, job: Job) -> bool:
         """Insert a record rebuilt from storage (`trainctl reindex`), keeping its id, owner, state and
@@ -517,6 +621,7 @@ class Store:
                 "request_hash",
             )
         }
+        row.update(_label_columns(Labels(job.name, job.project, tuple(job.tags), job.parent)))
         try:
             with self._writes.begin() as s:
                 if s.scalar(select(JobModel.seq).where(JobModel.id == job.id)) is not None:
@@ -529,6 +634,8 @@ class Store:
                         attempt_log=json.dumps(job.attempt_log),
                     )
                 )
+                s.flush()
+                s.add_all(JobTagModel(job_id=job.id, tag=t) for t in dict.fromkeys(job.tags))
             return True
         except IntegrityError:  # the same id inserted meanwhile, or its idempotency key is taken
             return False

@@ -209,6 +209,10 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
     return JobView(
         id=job.id,
         owner=job.owner,
+        name=job.name,
+        project=job.project,
+        tags=job.tags,
+        parent=job.parent,
         state=job.state,
         progress=shown,
         metrics=latest,

@@ -9,7 +9,16 @@ from typing import get_args
 
 from pydantic import ValidationError
 
-from trainer.spec import EXPORT_FORMATS, PRESETS, TtaMode, error_list, model_cost, parse_override, resolve
+from trainer.spec import (
+    EXPORT_FORMATS,
+    PRESETS,
+    TtaMode,
+    error_list,
+    field_descriptions,
+    model_cost,
+    parse_override,
+    resolve,
+)
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -22,7 +31,11 @@ def describe(args: argparse.Namespace) -> int:
     spec = resolve(args.preset, dict(parse_override(s) for s in args.set), base=base)
     print(
         json.dumps(
-            {"spec": spec.model_dump(mode="json"), "num_parameters": model_cost(spec.model)[0]},
+            {
+                "spec": spec.model_dump(mode="json"),
+                "num_parameters": model_cost(spec.model)[0],
+                "fields": field_descriptions(),  # what each top-level field means (also in /openapi.json)
+            },
             indent=2,
         )
     )

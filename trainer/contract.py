@@ -43,7 +43,7 @@ TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (scalars per epoch, t
 
 # Each export format (trainer/spec.py ExportFormat) → its file under ARTIFACTS_DIR (trainer/export.py writes
 # it, `trainctl export` downloads it).
-EXPORT_FILES: dict[str, str] = {"safetensors": "model.safetensors", "pt2": "model.pt2"}
+EXPORT_FILES: dict[str, str] = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx"}
 
 # --- the environment a job's driver and workers get ------------------------------------------------------
 
@@ -221,7 +221,7 @@ class Artifact(Record):
     """An exported model in artifacts/artifacts.json: written at the end of a run from the best checkpoint."""
 
     name: str = Field(description="file name under artifacts/, e.g. model.pt2")
-    format: Literal["safetensors", "pt2"]
+    format: Literal["safetensors", "pt2", "onnx"]
     uri: str
     sha256: str
     size: int

@@ -294,7 +294,7 @@ class SearchSpec(Section):
 # --- the job spec ---------------------------------------------------------------------------------
 
 
-ExportFormat = Literal["safetensors", "pt2"]
+ExportFormat = Literal["safetensors", "pt2", "onnx"]
 # torch.compile's modes that matter on GPUs; "reduce-overhead" adds CUDA graphs (on a CPU it compiles as
 # "default": trainer/device_settings.py). true/false are accepted for "default"/"off".
 CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
@@ -302,28 +302,59 @@ COMPILE_MODES: tuple[CompileMode, ...] = typing.get_args(CompileMode)
 # Test-time augmentation of the run's final test pass and of `evaluate --tta`: `flip` averages the logits of
 # each image and its mirror image. Reported beside the plain accuracy, never instead of it.
 TtaMode = Literal["none", "flip"]
+# The default exports; onnx is asked for by name (`exports: [onnx]`): it needs the `[onnx]` extra's packages.
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
 
 
 class JobSpec(Section):
-    model: ModelSpec = ModelSpec()
-    data: DataSpec = DataSpec()
-    optim: OptimSpec = OptimSpec()
-    schedule: ScheduleSpec = ScheduleSpec()
-    scaling: ScalingSpec = ScalingSpec()
+    """One training job. Each field's description is what `python -m trainer describe` and /openapi.json show."""
+
+    model: ModelSpec = Field(
+        default=ModelSpec(), description="the network: the paper's SE/Mish ResNet18 and its width, depth, dropout"
+    )
+    data: DataSpec = Field(
+        default=DataSpec(),
+        description="training (and optional test) data: a path or s3:// URI, its format, the validation split",
+    )
+    optim: OptimSpec = Field(
+        default=OptimSpec(), description="the optimizer: epochs, batch size, learning rate, momentum, weight decay"
+    )
+    schedule: ScheduleSpec = Field(default=ScheduleSpec(), description="the learning-rate schedule")
+    scaling: ScalingSpec = Field(
+        default=ScalingSpec(), description="how many Ray Train workers, and whether they use GPUs"
+    )
     # auto = bf16 autocast on CUDA; on CPUs with native bf16 (AMX / AVX512-BF16) whichever of bf16 and fp32
     # a few timed steps of the job's own model and batch find faster at start; fp32 elsewhere.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 autocast on CUDA, on CPUs with native bf16 the faster of bf16/fp32 (measured at "
+        "start), else fp32",
+    )
     # auto = on for CUDA; on CPUs the faster memory layout by the same measurement (trainer/precision.py).
-    channels_last: Literal["auto"] | bool = "auto"
-    compile: CompileMode = "off"
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    checkpoint: CheckpointSpec = CheckpointSpec()
-    limits: LimitsSpec = LimitsSpec()
-    search: SearchSpec | None = None
+    channels_last: Literal["auto"] | bool = Field(
+        default="auto", description="the channels-last memory layout; auto: on for CUDA, measured on CPUs"
+    )
+    compile: CompileMode = Field(
+        default="off",
+        description="torch.compile's mode: off, default, max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs; "
+        "compiles as default off CUDA)",
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="the random seed of data order and initialisation")
+    checkpoint: CheckpointSpec = Field(
+        default=CheckpointSpec(), description="how often checkpoints are written, how many kept, restarts allowed"
+    )
+    limits: LimitsSpec = Field(
+        default=LimitsSpec(), description="bounds on the run: max_hours of wall time from the first submission"
+    )
+    search: SearchSpec | None = Field(default=None, description="a Ray Tune search over this spec (null: a single run)")
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
-    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=len(EXPORT_FORMATS))
+    exports: list[ExportFormat] = Field(
+        default_factory=lambda: list(EXPORT_FORMATS),
+        max_length=len(typing.get_args(ExportFormat)),
+        description="formats the best checkpoint is exported in at the end: safetensors (weights), pt2 "
+        "(torch.export program), onnx (needs the [onnx] extra)",
+    )
     tta: TtaMode = Field(
         default="none", description="test-time augmentation of the final test pass (summary.best_checkpoint_tta_acc)"
     )
@@ -795,6 +826,11 @@ def _replaced(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, An
     out = dict(data)
     out[keys[0]] = value if len(keys) == 1 else _replaced(data.get(keys[0]) or {}, keys[1:], value)
     return out
+
+
+def field_descriptions() -> dict[str, str]:
+    """JobSpec's fields and what each means (the descriptions /openapi.json shows)."""
+    return {name: f.description or "" for name, f in JobSpec.model_fields.items()}
 
 
 def error_list(exc: ValidationError) -> list[dict[str, str]]:

@@ -7,11 +7,12 @@ threadpool instead of on the event loop.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import hashlib
 import io
 import json
 import threading
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi import Path as FastApiPath
@@ -23,31 +24,39 @@ from service import jobdir, policy, views
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
+    MAX_TAGS,
+    RESUBMIT_EXAMPLES,
     SUBMIT_EXAMPLES,
     ArtifactList,
     ArtifactView,
     CheckpointList,
     CheckpointView,
+    JobLabels,
     JobList,
     JobView,
     MetricsView,
+    ResubmitRequest,
     TrialList,
     request_hash,
     resolve_body,
+    split_labels,
 )
 from service.errors import ApiError
 from service.runner import NoLog
 from service.states import JobState
-from service.store import IdempotencyConflict, Job, Store
+from service.store import SORT_KEYS, IdempotencyConflict, Job, JobFilter, Labels, Store
 from service.views import job_view
 from trainer.contract import METRIC_COLUMNS
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, resolve
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
 _SUBMIT_LOCK = threading.Lock()
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
+
+SortKey = Literal["created", "name", "best_val_acc"]
+assert set(get_args(SortKey)) == set(SORT_KEYS)  # one list, two spellings
 
 MAX_OFFSET = 1_000_000_000  # integer query parameters are bounded: SQLite's integers are 64-bit
 
@@ -63,27 +72,48 @@ def submit_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> JobView:
-    """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
-    the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
-    request returns the same job; the same key with a different body is a 409."""
-    spec = resolve_body(body)  # pydantic ValidationError -> 422 naming each field
-    policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
-    # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
-    with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
-        if idempotency_key is None or store.by_idempotency_key(principal.name, idempotency_key) is None:
-            policy.check_quota(store, principal.name, settings)
-        job, created = _create(store, principal.name, spec, body, idempotency_key)
+    """Submit a training job: a full spec, or `{"preset", "overrides"}`, with optional labels beside it
+    (`name`, `project`, `tags`). The resolved spec is stored, so the job never depends on a preset that
+    changes later. With an Idempotency-Key, repeating the same request returns the same job; the same key
+    with a different body is a 409."""
+    spec_body, labels = split_labels(body)  # a bad label -> 422 naming it
+    spec = resolve_body(spec_body)  # pydantic ValidationError -> 422 naming each field
+    job, created = _admit(store, settings, principal.name, spec, body, idempotency_key, labels.labels())
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, with_spec=True)
 
 
+def _admit(
+    store: Store,
+    settings: Any,
+    owner: str,
+    spec: JobSpec,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+    labels: Labels,
+) -> tuple[Job, bool]:
+    """The service's limits and the owner's quota, then the new job (or the earlier one of this key)."""
+    policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
+    # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
+    with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
+        if idempotency_key is None or store.by_idempotency_key(owner, idempotency_key) is None:
+            policy.check_quota(store, owner, settings)
+        return _create(store, owner, spec, body, idempotency_key, labels)
+
+
 def _create(
-    store: Store, owner: str, spec: JobSpec, body: dict[str, Any], idempotency_key: str | None
+    store: Store, owner: str, spec: JobSpec, body: dict[str, Any], idempotency_key: str | None, labels: Labels
 ) -> tuple[Job, bool]:
     try:
-        job, created = store.create_job(owner, spec, idempotency_key, request_hash(body) if idempotency_key else None)
+        job, created = store.create_job(
+            owner,
+            spec,
+            idempotency_key,
+            request_hash(body) if idempotency_key else None,
+            labels,
+        )
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
     return job, created
@@ -119,14 +149,64 @@ def list_jobs(
     owner: Annotated[
         str | None, Query(max_length=64, description="admin only: one owner's jobs (default: everyone's)")
     ] = None,
+    tag: Annotated[
+        list[str] | None, Query(max_length=64, description="repeat to require several: jobs with every tag given")
+    ] = None,
+    project: Annotated[str | None, Query(max_length=64, description="one project's jobs")] = None,
+    name: Annotated[str | None, Query(max_length=128, description="jobs whose name contains this (any case)")] = None,
+    since: Annotated[
+        dt.datetime | None, Query(description="created at or after: ISO 8601 (2026-12-01T00:00Z) or unix seconds")
+    ] = None,
+    sort: Annotated[
+        SortKey, Query(description="created (newest first), name (A-Z) or best_val_acc (highest first)")
+    ] = "created",
 ) -> Response:
-    """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one)."""
+    """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one). Filters
+    combine (all must hold); an unknown query parameter is a 422 naming it."""
     if not principal.is_admin:
         if owner is not None and owner != principal.name:
             raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
         owner = principal.name
-    jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset)
+    if tag is not None and len(tag) > MAX_TAGS:
+        raise ApiError(
+            422, "invalid_request", f"at most {MAX_TAGS} tags", [{"field": "tag", "message": f"at most {MAX_TAGS}"}]
+        )
+    where = JobFilter(
+        tags=tuple(tag or ()),
+        project=project,
+        name=name,
+        since=since.timestamp() if since is not None else None,
+        sort=sort,
+    )
+    jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset, where=where)
     return conditional(views.render_list(jobs, total, limit, offset), if_none_match)
+
+
+@router.post("/jobs/{job_id}/resubmit", status_code=201, response_model=JobView, responses=errors(404, 413, 429))
+def resubmit_job(
+    job: JobDep,
+    body: Annotated[ResubmitRequest, Body(openapi_examples=RESUBMIT_EXAMPLES)],
+    principal: PrincipalDep,
+    store: StoreDep,
+    reconciler: ReconcilerDep,
+    settings: SettingsDep,
+    response: Response,
+) -> JobView:
+    """A new job from this job's stored spec with `overrides` applied (dotted paths, as in submit), recording
+    `parent`. Labels not given are the parent's (so a resubmit stays in its project, with its tags)."""
+    spec = resolve(
+        base=job.spec.model_dump(mode="json"), overrides=body.overrides
+    )  # ValidationError -> 422 naming each field
+    given = body.model_fields_set
+    labels = JobLabels(
+        name=body.name if "name" in given else job.name,
+        project=body.project if "project" in given else job.project,
+        tags=body.tags if "tags" in given else job.tags,
+    ).labels(parent=job.id)
+    new, _ = _admit(store, settings, principal.name, spec, {}, None, labels)
+    reconciler.wake()
+    response.headers["Location"] = f"/v1/jobs/{new.id}"
+    return job_view(new, with_spec=True)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses={**errors(404), **NOT_MODIFIED})

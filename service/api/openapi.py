@@ -12,22 +12,77 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, Field
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas import PresetRequest
-from trainer.spec import JobSpec
+from trainer.spec import PRESETS, JobSpec
 
 BEARER = "bearer"  # the security scheme's name in /openapi.json
 
 
+# Every error.code the service answers with (tests/service/test_openapi.py checks the code base against it).
+ERROR_CODES = (
+    "bad_host",
+    "bad_request",
+    "checkpoint_corrupt",
+    "conflict",
+    "csrf_failed",
+    "forbidden",
+    "idempotency_conflict",
+    "internal_error",
+    "invalid_request",
+    "invalid_spec",
+    "job_not_finished",
+    "method_not_allowed",
+    "no_checkpoint",
+    "no_confusion_matrix",
+    "no_log",
+    "no_metrics",
+    "not_a_search",
+    "not_found",
+    "quota_exceeded",
+    "ray_unavailable",
+    "storage_unavailable",
+    "too_large",
+    "too_many_requests",
+    "unauthorized",
+    "unavailable",
+    "unsupported_media_type",
+)
+
+
+def operation_id(route: APIRoute) -> str:
+    """`submit_job` → `submitJob`: readable operationIds (and generated clients' method names)."""
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
 class ErrorDetail(BaseModel):
-    code: str = Field(description="stable, machine-readable, e.g. invalid_spec, not_found, quota_exceeded")
+    code: str = Field(
+        description="stable, machine-readable, e.g. invalid_spec, not_found, quota_exceeded",
+        json_schema_extra={"enum": list(ERROR_CODES)},
+    )
     message: str = Field(description="one line a person reads")
     details: Any = Field(None, description="for 422: [{field, message}] (dotted spec paths); else context or null")
 
 
 class ErrorBody(BaseModel):
     """The shape of every error this API returns."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "invalid_spec",
+                        "message": "1 invalid field(s): optim.lr: Input should be greater than 0",
+                        "details": [{"field": "optim.lr", "message": "Input should be greater than 0"}],
+                    }
+                }
+            ]
+        }
+    )
 
     error: ErrorDetail
 
@@ -79,6 +134,8 @@ def install_openapi(app: FastAPI, *, submit_path: str = "/v1/jobs") -> None:
             for prop in component.get("properties", {}).values():  # the server applies it anyway
                 if "oneOf" in prop and isinstance(prop.get("default"), dict):
                     del prop["default"]
+        preset = schemas["PresetRequest"]["properties"]["preset"]  # an enum, though resolve() checks it
+        preset["anyOf"] = [{"type": "string", "enum": sorted(PRESETS)}, {"type": "null"}]
         # FastAPI's {"detail": ...} validation error is never what this service returns.
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from service.errors import ApiError
 from service.reference import ReferenceView
 from service.states import JobState
+from service.store import Labels
 from trainer.contract import EpochMetrics, NumericsRecord, TrialRow
-from trainer.spec import JobSpec, resolve
+from trainer.spec import JobSpec, error_list, resolve
 
 
 class PresetRequest(BaseModel):
     """`{"preset": "debug", "overrides": {"optim.epochs": 3}}`: a preset plus dotted-path overrides."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"preset": "debug", "overrides": {"optim.epochs": 3, "optim.lr": 0.1}}]},
+    )
     preset: str | None = Field(None, description="a preset name: see `python -m trainer describe --preset NAME`")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description='dotted spec paths to values, e.g. {"optim.lr": 0.1}'
@@ -35,6 +40,73 @@ SUBMIT_EXAMPLES = {
         "value": {"optim": {"epochs": 10, "lr": 0.05}, "scaling": {"num_workers": 2}},
     },
 }
+
+
+MAX_TAGS = 32
+
+
+def _printable(value: str) -> str:
+    """Labels are shown in terminals and tables: no control characters (newlines, escapes), no padding."""
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise ValueError("must not contain control characters")
+    if value != value.strip():
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+Tag = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
+
+
+class JobLabels(BaseModel):
+    """The labels of a job, beside its spec in the submit body: `{"preset": "debug", "name": "lr sweep 1",
+    "tags": ["baseline"], "project": "cifar"}` (also beside a full spec's sections)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)] | None = Field(
+        None, description="a free name for people (not unique); `GET /v1/jobs?name=` finds it by substring"
+    )
+    project: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)] | None = Field(
+        None, description="groups jobs; `GET /v1/jobs?project=` lists one project's"
+    )
+    tags: list[Tag] = Field(
+        default_factory=list,
+        max_length=MAX_TAGS,
+        description=f"at most {MAX_TAGS}, each 1-64 printable characters; `?tag=a&tag=b` lists jobs with all",
+    )
+
+    def labels(self, parent: str | None = None) -> Labels:
+        return Labels(self.name, self.project, tuple(dict.fromkeys(self.tags)), parent)
+
+
+LABEL_FIELDS = tuple(JobLabels.model_fields)
+
+
+class ResubmitRequest(JobLabels):
+    """POST /v1/jobs/{id}/resubmit: overrides on the stored spec; labels given replace the parent's."""
+
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='dotted spec paths to values, e.g. {"optim.lr": 0.1}'
+    )
+
+
+RESUBMIT_EXAMPLES = {
+    "override": {
+        "summary": "The same run with a lower learning rate",
+        "value": {"overrides": {"optim.lr": 0.01}, "name": "lower lr"},
+    },
+}
+
+
+def split_labels(body: dict[str, Any]) -> tuple[dict[str, Any], JobLabels]:
+    """(the body without its labels, the validated labels); a bad label is a 422 naming it (`tags.3`)."""
+    rest = {k: v for k, v in body.items() if k not in LABEL_FIELDS}
+    try:
+        labels = JobLabels.model_validate({k: body[k] for k in LABEL_FIELDS if k in body})
+    except ValidationError as exc:
+        details = error_list(exc)
+        shown = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+        raise ApiError(422, "invalid_request", f"{len(details)} invalid label(s): {shown}", details) from None
+    return rest, labels
 
 
 def resolve_body(body: dict[str, Any]) -> JobSpec:
@@ -74,9 +146,35 @@ class TrialList(BaseModel):
     trials: list[TrialRow]
 
 
+JOB_VIEW_EXAMPLE: dict[str, Any] = {
+    "id": "Xb3kq9LmT0aWc1dE2fG3hQ",
+    "owner": "alice",
+    "name": "baseline lr 0.05",
+    "project": "cifar10",
+    "tags": ["baseline", "sgd"],
+    "parent": None,
+    "state": "RUNNING",
+    "progress": {"epoch": 3, "epochs": 10, "eta_seconds": 412.0},
+    "metrics": None,
+    "best_val_acc": 0.7312,
+    "attempts": 1,
+    "attempt_log": [],
+    "message": None,
+    "ray_submission_id": "Xb3kq9LmT0aWc1dE2fG3hQ-1",
+    "created_at": "2026-12-06T04:00:00Z",
+    "updated_at": "2026-12-06T04:05:00Z",
+}
+
+
 class JobView(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_VIEW_EXAMPLE]})
+
     id: str
     owner: str
+    name: str | None = Field(default=None, description="the name given at submission")
+    project: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    parent: str | None = Field(default=None, description="resubmitted from this job")
     state: JobState
     progress: Progress
     metrics: EpochMetrics | None = Field(description="the latest epoch's metrics")
@@ -143,7 +241,7 @@ class CheckpointList(BaseModel):
 
 class ArtifactView(BaseModel):
     name: str = Field(description="download it from /v1/jobs/{id}/artifacts/{name}")
-    format: str | None = Field(description="safetensors (weights only) or pt2 (a torch.export program)")
+    format: str | None = Field(description="safetensors (weights only), pt2 (a torch.export program) or onnx")
     epoch: int | None = Field(description="the checkpoint epoch it was exported from (the best one)")
     size: int | None
     sha256: str | None

@@ -189,6 +189,13 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
     )
 
 
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(request: Request, settings: SettingsDep, store: StoreDep, ids: str = "") -> HTMLResponse:
+    """2-5 jobs on one chart with their spec differences; the script reads GET /v1/compare (service/compare.py)."""
+    principal = _page_principal(request, settings, store)
+    return _render(request, "compare.html", principal=principal, ids=ids)
+
+
 @router.get("/submit", response_class=HTMLResponse)
 def submit_page(request: Request, settings: SettingsDep, store: StoreDep) -> HTMLResponse:
     principal = _page_principal(request, settings, store)
@@ -254,6 +261,9 @@ def jobs_table(
         rows.append(
             {
                 "id": job.id,
+                "name": job.name,
+                "project": job.project,
+                "tags": job.tags,
                 "owner": job.owner,
                 "state": job.state.value,
                 "epoch": view.progress.epoch,

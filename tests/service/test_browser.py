@@ -210,9 +210,42 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
         assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "CANCELLED"
         shot("job-cancelled")
 
+        # resubmit from the page with one change: a new job recording its parent (cancelled at once: one run
+        # is enough for this test), then both compared from the jobs list
+        browser.find_element(By.CSS_SELECTOR, "#resubmit-options summary").click()
+        browser.find_element(By.ID, "resubmit-overrides").send_keys('{"optim.epochs": 2}')
+        browser.find_element(By.ID, "resubmit-button").click()
+        wait("the new job's page", lambda: browser.find_elements(By.ID, "job-parent"), 30)
+        child_id = browser.find_element(By.ID, "job").get_attribute("data-job-id")
+        assert child_id != job_id and text("#job-parent") == job_id
+        assert c.post(f"/v1/jobs/{child_id}/cancel").status_code == 200
+        child = c.get(f"/v1/jobs/{child_id}").json()
+        assert child["parent"] == job_id and child["spec"]["optim"]["epochs"] == 2
+        browser.get(dash_service.url + "/ui/")
+        for jid in (job_id, child_id):
+            wait(
+                "the row", lambda jid=jid: browser.find_elements(By.CSS_SELECTOR, f'tr[data-job-id="{jid}"] .pick'), 30
+            )
+            browser.find_element(By.CSS_SELECTOR, f'tr[data-job-id="{jid}"] .pick').click()
+        browser.find_element(By.ID, "compare-button").click()
+        wait(
+            "the comparison",
+            lambda: browser.find_elements(By.CSS_SELECTOR, '#diff-body tr[data-path="optim.epochs"]'),
+            30,
+        )
+        assert browser.find_element(By.CSS_SELECTOR, '#diff-body tr[data-path="optim.epochs"]').text.split() == [
+            "optim.epochs",
+            "30",
+            "2",
+        ]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-acc g.series")) >= 1  # the parent's curve
+        shot("compare")
+
         # signing out ends the session
         browser.find_element(By.ID, "logout").click()
         wait("the login page", lambda: "/ui/login" in browser.current_url, 20)
         browser.get(dash_service.url + "/ui/")
         assert "/ui/login" in browser.current_url
-    assert {"login-refused.png", "jobs.png", "job.png", "job-cancelled.png"} <= {p.name for p in shots.iterdir()}
+    assert {"login-refused.png", "jobs.png", "job.png", "job-cancelled.png", "compare.png"} <= {
+        p.name for p in shots.iterdir()
+    }

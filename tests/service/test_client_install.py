@@ -1,4 +1,4 @@
-"""`pip install trainctl` is the client only: a fresh venv gets the CLI and HTTP client without torch, Ray or
+"""`pip install trainctl-ray` is the client only: a fresh venv gets the CLI and HTTP client without torch, Ray or
 the control plane's packages, and that CLI validates a spec locally and reads a job from a served app."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.install
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("client-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    # A regular (non-editable) install of this checkout with no extras: exactly what `pip install trainctl` gets.
+    # A regular (non-editable) install of this checkout, no extras: what `pip install trainctl-ray` gets.
     subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", str(REPO)],
         check=True,
@@ -77,6 +77,7 @@ def test_client_install_has_no_torch_ray_or_server(client_venv: Path) -> None:
     assert run(client_venv, "--help").returncode == 0
     version = run(client_venv, "--version")
     assert version.returncode == 0 and version.stdout.startswith("trainctl ")
+    assert "unknown" not in version.stdout  # found under its distribution name, trainctl-ray
 
 
 def test_client_validates_a_spec_locally(client_venv: Path) -> None:

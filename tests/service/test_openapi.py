@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.errors import _HTTP_CODES
 from service.settings import load_settings
 from tests.plugins.ray_cluster import free_port
 from tests.service.conftest import Api
@@ -60,6 +62,47 @@ def test_errors_are_documented_in_their_real_shape(schema: dict[str, Any]) -> No
     assert {"401", "404", "422"} <= set(ops[("get", "/v1/jobs/{job_id}")]["responses"])
     assert {"409", "413", "429"} <= set(ops[("post", "/v1/jobs")]["responses"])
     assert "502" in ops[("get", "/v1/jobs/{job_id}/checkpoints/best")]["responses"]
+
+
+def test_operation_ids_are_readable_and_unique(schema: dict[str, Any]) -> None:
+    ids = {(m, p): op["operationId"] for p, item in schema["paths"].items() for m, op in item.items()}
+    assert ids[("post", "/v1/jobs")] == "submitJob" and ids[("get", "/v1/jobs/{job_id}")] == "getJob"
+    assert ids[("get", "/v1/jobs")] == "listJobs" and ids[("post", "/v1/jobs/{job_id}/resubmit")] == "resubmitJob"
+    assert len(set(ids.values())) == len(ids)
+    assert all(re.fullmatch(r"[a-z]+(?:[A-Z0-9][a-z0-9]*)*", i) for i in ids.values()), ids
+
+
+def test_spec_fields_are_described_and_enums_declared(schema: dict[str, Any]) -> None:
+    from trainer.spec import PRESETS, JobSpec, field_descriptions
+
+    components = schema["components"]["schemas"]
+    props = components["JobSpec"]["properties"]
+    assert set(props) == set(JobSpec.model_fields) and len(props) >= 13
+    for name, prop in props.items():
+        assert prop.get("description"), f"JobSpec.{name} has no description"
+        assert prop["description"] == field_descriptions()[name]  # the same text `trainer describe` prints
+    preset = components["PresetRequest"]["properties"]["preset"]
+    assert {"type": "string", "enum": sorted(PRESETS)} in preset["anyOf"]
+    assert "invalid_spec" in components["ErrorDetail"]["properties"]["code"]["enum"]
+    for name in ("JobView", "PresetRequest", "ErrorBody"):
+        assert components[name].get("examples"), f"{name} has no example"
+
+
+def test_every_error_code_the_service_answers_is_in_the_enum() -> None:
+    from service.api.openapi import ERROR_CODES
+
+    found: set[str] = set()
+    for path in (Path(__file__).resolve().parents[2] / "service").rglob("*.py"):
+        text = path.read_text()
+        found |= set(re.findall(r'(?:ApiError|error_response|_refuse)\(\s*(?:send,\s*)?\d+,\s*"([a-z_]+)"', text))
+    found |= set(_HTTP_CODES.values())
+    assert found and found <= set(ERROR_CODES), sorted(found - set(ERROR_CODES))
+
+
+def test_the_document_is_valid_openapi(schema: dict[str, Any]) -> None:
+    from openapi_spec_validator import validate
+
+    validate(schema)  # raises, naming the bad part
 
 
 def test_created_job_has_a_location(api: Api) -> None:
@@ -112,8 +155,8 @@ def test_a_generated_client_submits_and_reads_a_job(
     assert "Unable to process schema" not in gen.stdout + gen.stderr
     monkeypatch.syspath_prepend(str(tmp_path))
     client_mod = importlib.import_module("trainctl_api.client")
-    submit = importlib.import_module("trainctl_api.api.jobs.submit_job_v1_jobs_post")
-    get_job = importlib.import_module("trainctl_api.api.jobs.get_job_v1_jobs_job_id_get")
+    submit = importlib.import_module("trainctl_api.api.jobs.submit_job")  # operationId submitJob
+    get_job = importlib.import_module("trainctl_api.api.jobs.get_job")
     models = importlib.import_module("trainctl_api.models")
 
     api = client_mod.AuthenticatedClient(base_url=url, token=token)

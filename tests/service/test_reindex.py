@@ -29,9 +29,8 @@ def _key(api: Api) -> bytes | None:
 
 def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request, database_url, tmp_path) -> None:
     api: Api = make_api()
-    done = api.post(
-        {"preset": "debug", "overrides": {"optim.epochs": 2}}, headers={"Idempotency-Key": "k-done"}
-    ).json()["id"]
+    labelled = {"preset": "debug", "overrides": {"optim.epochs": 2}, "name": "n", "project": "p", "tags": ["t"]}
+    done = api.post(labelled, headers={"Idempotency-Key": "k-done"}).json()["id"]
     running = api.post(DEBUG_JOB).json()["id"]
     api.reconcile()
     for job_id in (done, running):
@@ -73,6 +72,10 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
             "idempotency_key",
             "request_hash",
             "message",
+            "name",
+            "project",
+            "tags",
+            "parent",
         ):
             assert getattr(new, f) == getattr(old, f), (job_id, f, getattr(new, f), getattr(old, f))
     # Submission order is kept; a second run changes nothing.
@@ -93,7 +96,7 @@ def test_reindex_rebuilds_finished_running_and_cancelled_jobs(make_api, request,
     assert job["state"] == "SUCCEEDED" and job["attempts"] == 1 and job["owner"] == "admin"
     assert sorted(api2.ray.jobs) == submitted  # nothing new was submitted
     # The idempotency key survived: the same request returns the rebuilt job.
-    again = api2.post({"preset": "debug", "overrides": {"optim.epochs": 2}}, headers={"Idempotency-Key": "k-done"})
+    again = api2.post(labelled, headers={"Idempotency-Key": "k-done"})
     assert again.status_code == 201 and again.json()["id"] == done
 
 

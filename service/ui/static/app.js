@@ -139,8 +139,19 @@ function initJobs() {
     history.replaceState(null, "", location.pathname + q);
     refreshJobs();
   });
+  $("#compare-button").addEventListener("click", () => {
+    location.href = "/ui/compare?ids=" + encodeURIComponent(Array.from(selected).join(","));
+  });
   refreshJobs();
   setInterval(refreshJobs, 2000);
+}
+
+const selected = new Set();  // job ids ticked for comparison (kept across the table's refreshes)
+
+function updateCompareButton() {
+  const button = $("#compare-button");
+  button.disabled = selected.size < 2 || selected.size > 5;
+  button.textContent = `Compare selected (${selected.size})`;
 }
 
 async function refreshJobs() {
@@ -151,13 +162,24 @@ async function refreshJobs() {
   const body = $("#jobs-body");
   body.replaceChildren();
   if (!data.jobs.length) {
-    const tr = el("tr"); tr.appendChild(el("td", {colspan: 8, class: "muted"}, "no jobs")); body.appendChild(tr);
+    const tr = el("tr"); tr.appendChild(el("td", {colspan: 10, class: "muted"}, "no jobs")); body.appendChild(tr);
   }
   for (const j of data.jobs) {
     const tr = el("tr", {"data-job-id": j.id, "data-state": j.state});
+    const pick = el("input", {type: "checkbox", class: "pick", "aria-label": "compare " + j.id});
+    pick.checked = selected.has(j.id);
+    pick.addEventListener("change", () => {
+      if (pick.checked) selected.add(j.id); else selected.delete(j.id);
+      updateCompareButton();
+    });
+    const pickCell = el("td"); pickCell.appendChild(pick); tr.appendChild(pickCell);
     const idCell = el("td"); idCell.appendChild(el("a", {href: "/ui/jobs/" + j.id, class: "job-link"}, j.id));
     if (j.search) idCell.appendChild(el("span", {class: "tag"}, "search"));
     tr.appendChild(idCell);
+    const labels = el("td", {class: "labels"}, j.name || "");
+    if (j.project) labels.appendChild(el("span", {class: "muted"}, " · " + j.project));
+    for (const t of j.tags || []) labels.appendChild(el("span", {class: "tag"}, t));
+    tr.appendChild(labels);
     tr.appendChild(el("td", {}, j.owner));
     const st = el("td"); st.appendChild(el("span", {class: "state", "data-state": j.state}, j.state)); tr.appendChild(st);
     const prog = el("td", {class: "progress-cell"});
@@ -234,6 +256,19 @@ function initJob() {
     if (root.dataset.search === "true") refreshTrials(id);
   });
 
+  $("#resubmit-button").addEventListener("click", async () => {
+    const text = $("#resubmit-overrides").value.trim();
+    let overrides = {};
+    try { overrides = text ? JSON.parse(text) : {}; }
+    catch (e) { showError({error: {message: "the overrides are not valid JSON: " + e.message}}); return; }
+    const body = {overrides};
+    if ($("#resubmit-name").value.trim()) body.name = $("#resubmit-name").value.trim();
+    const resp = await api("POST", `/v1/jobs/${id}/resubmit`, body);
+    const answer = await resp.json();
+    if (resp.ok) location.href = "/ui/jobs/" + answer.id;
+    else showError(answer);
+  });
+
   $("#cancel-button").addEventListener("click", async () => {
     if (!confirm(`Cancel job ${id}?`)) return;
     const resp = await api("POST", `/v1/jobs/${id}/cancel`);
@@ -252,10 +287,64 @@ function initJob() {
   for (const td of $$("td.time")) td.textContent = new Date(+td.dataset.t * 1000).toLocaleString();
 }
 
-function showError(body) {
-  const box = $("#action-error");
-  box.textContent = (body.error && body.error.message) || "request failed";
+function showError(body, box = $("#action-error")) {
+  const details = body.error && Array.isArray(body.error.details) ? body.error.details : [];
+  box.textContent = ((body.error && body.error.message) || "request failed") +
+    details.map(d => ` [${d.field}: ${d.message}]`).join("");
   box.hidden = false;
+}
+
+// --- comparison page (GET /v1/compare: service/compare.py) ---------------------------------------------------
+
+const RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
+
+function runSeries(job, key, color, scale) {
+  const s = job.series, pts = [];
+  s.epoch.forEach((e, i) => { if (typeof s[key][i] === "number") pts.push([e, s[key][i] * scale]); });
+  return {name: job.name || job.id.slice(0, 8), color, points: pts};
+}
+
+async function initCompare() {
+  const ids = $("#compare").dataset.ids;
+  const query = "?ids=" + encodeURIComponent(ids);
+  $("#compare-png").href = "/v1/compare.png" + query;
+  const resp = await api("GET", "/v1/compare" + query);
+  const data = await resp.json();
+  if (!resp.ok) { showError(data, $("#compare-error")); return; }
+  const head = $("#compare-head"), dhead = $("#diff-head");
+  for (const j of data.jobs) {
+    for (const row of [head, dhead]) {
+      const th = el("th"); th.appendChild(el("a", {href: "/ui/jobs/" + j.id}, j.name || j.id)); row.appendChild(th);
+    }
+  }
+  const num = v => (typeof v === "number" ? fmtTick(v) : "—");
+  const rows = [
+    ["state", j => j.state], ["epochs done", j => j.epochs_done],
+    ["final val acc", j => pct(j.final.val_acc)], ["final test acc", j => pct(j.final.test_acc)],
+    ["final train loss", j => num(j.final.train_loss)], ["final val loss", j => num(j.final.val_loss)],
+    ["best val acc", j => pct(j.best.val_acc) + (j.best.val_acc_epoch ? ` (epoch ${j.best.val_acc_epoch})` : "")],
+    ["best test acc", j => pct(j.best.test_acc)], ["best checkpoint test acc", j => pct(j.best.checkpoint_test_acc)],
+  ];
+  for (const [title, get] of rows) {
+    const tr = el("tr"); tr.appendChild(el("th", {}, title));
+    for (const j of data.jobs) tr.appendChild(el("td", {}, String(get(j))));
+    $("#compare-body").appendChild(tr);
+  }
+  for (const d of data.spec_differences) {
+    const tr = el("tr", {"data-path": d.path}); tr.appendChild(el("td", {}, d.path));
+    for (const v of d.values) tr.appendChild(el("td", {}, v === null ? "—" : typeof v === "object" ? JSON.stringify(v) : String(v)));
+    $("#diff-body").appendChild(tr);
+  }
+  if (!data.spec_differences.length) {
+    const tr = el("tr"); tr.appendChild(el("td", {colspan: data.jobs.length + 1, class: "muted"}, "none: the same spec"));
+    $("#diff-body").appendChild(tr);
+  }
+  const has = (j, k) => j.series[k].some(v => typeof v === "number");
+  const o = {xlabel: "epoch", integerX: true};
+  drawChart($("#compare-acc"), data.jobs.map((j, i) =>
+    runSeries(j, has(j, "test_acc") ? "test_acc" : "val_acc", RUN_COLORS[i % 5], 100)), o);
+  drawChart($("#compare-loss"), data.jobs.map((j, i) =>
+    runSeries(j, has(j, "test_loss") ? "test_loss" : "val_loss", RUN_COLORS[i % 5], 1)), o);
 }
 
 async function refreshLog(id) {
@@ -369,4 +458,5 @@ document.addEventListener("DOMContentLoaded", () => {
   if (page === "jobs") initJobs();
   else if (page === "job") initJob();
   else if (page === "submit") initSubmit();
+  else if (page === "compare") initCompare();
 });
