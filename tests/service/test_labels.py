@@ -12,6 +12,9 @@ from sqlalchemy import text
 from service.states import JobState
 from service.store import JobFilter, Labels, Store
 from tests.service.conftest import DEBUG_JOB, Api
+from trainer.spec import JobSpec
+
+SPEC = JobSpec()  # the store takes a validated spec (service/store.py)
 
 
 @pytest.fixture
@@ -27,11 +30,11 @@ def _ids(jobs) -> list[str]:
 
 
 def test_store_filters_by_tags_project_name_since_and_sorts(store: Store) -> None:
-    a, _ = store.create_job("alice", {}, labels=Labels("resnet lr_0.1", "cifar", ("base", "lr")))
-    b, _ = store.create_job("alice", {}, labels=Labels("resnet lr 0.01", "cifar", ("lr",)))
-    c, _ = store.create_job("alice", {}, labels=Labels("adam 100%", "other", ("base",)))
-    d, _ = store.create_job("alice", {})  # no labels at all
-    store.create_job("bob", {}, labels=Labels("resnet", "cifar", ("base", "lr")))  # another owner's
+    a, _ = store.create_job("alice", SPEC, labels=Labels("resnet lr_0.1", "cifar", ("base", "lr")))
+    b, _ = store.create_job("alice", SPEC, labels=Labels("resnet lr 0.01", "cifar", ("lr",)))
+    c, _ = store.create_job("alice", SPEC, labels=Labels("adam 100%", "other", ("base",)))
+    d, _ = store.create_job("alice", SPEC)  # no labels at all
+    store.create_job("bob", SPEC, labels=Labels("resnet", "cifar", ("base", "lr")))  # another owner's
     assert store.get(a.id).tags == ["base", "lr"] and store.get(a.id).project == "cifar"
 
     def ids(**where) -> list[str]:
@@ -65,7 +68,7 @@ def test_store_filters_by_tags_project_name_since_and_sorts(store: Store) -> Non
 def test_tag_and_project_filters_use_indexes(store: Store) -> None:
     if store.dialect != "sqlite":
         pytest.skip("the query plan is checked on SQLite; PostgreSQL's planner picks by table statistics")
-    store.create_job("alice", {}, labels=Labels(None, "p", ("t",)))
+    store.create_job("alice", SPEC, labels=Labels(None, "p", ("t",)))
     with store.engine.connect() as conn:
         plan = " ".join(
             str(r[-1])
