@@ -264,8 +264,15 @@ class NoScheduler(Section):
     kind: Literal["none"] = "none"
 
 
+# How trials pick their values: `random` samples each distribution (grid entries are crossed with the samples),
+# `grid` tries every combination of `grid` entries only, `optuna` is Optuna's TPE sampler, which learns from the
+# trials already reported (all but `grid` distributions; it works with ASHA's early stopping).
+SearchAlgorithm = Literal["random", "grid", "optuna"]
+
+
 class SearchSpec(Section):
     space: dict[Annotated[str, Field(max_length=200)], Distribution] = Field(min_length=1, max_length=MAX_SEARCH_PATHS)
+    algorithm: SearchAlgorithm = "random"
     num_samples: int = Field(default=4, ge=1, le=MAX_TRIALS)
     metric: Literal["val_acc", "val_loss", "train_loss", "train_acc"] = "val_acc"
     mode: Literal["max", "min"] = "max"
@@ -280,6 +287,15 @@ class SearchSpec(Section):
             if isinstance(dist, Grid):
                 combos *= len(dist.grid)
         return self.num_samples * combos
+
+
+def _check_algorithm(algorithm: SearchAlgorithm, dist: Distribution) -> str | None:
+    """Why `algorithm` cannot search `dist`, or None."""
+    if algorithm == "optuna" and isinstance(dist, Grid):
+        return "search.algorithm optuna samples its values: use choice instead of grid"
+    if algorithm == "grid" and not isinstance(dist, Grid):
+        return "search.algorithm grid tries listed values only: use grid (or search.algorithm random)"
+    return None
 
 
 # --- the job spec ---------------------------------------------------------------------------------
@@ -407,7 +423,7 @@ class JobSpec(Section):
                 )
             else:
                 for path, dist in self.search.space.items():
-                    problem = _check_search_path(self, path, dist)
+                    problem = _check_search_path(self, path, dist) or _check_algorithm(self.search.algorithm, dist)
                     if problem:
                         fail(("search", "space", path), path, problem)
             if (

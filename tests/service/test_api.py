@@ -39,6 +39,8 @@ MALFORMED = [
     ({"unknown_section": {}}, "unknown_section"),
     ({"checkpoint": {"max_restarts": -1}}, "checkpoint.max_restarts"),
     ({"search": {"space": {"optim.nope": {"choice": [1]}}}}, "search.space.optim.nope"),
+    ({"search": {"algorithm": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.2]}}}}, "search.space.optim.lr"),
+    ({"search": {"algorithm": "tpe", "space": {"optim.lr": {"grid": [0.1]}}}}, "search.algorithm"),
 ]
 
 
