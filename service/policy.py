@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 import objstore
 from service.errors import ApiError
+from service.notify import webhook_problem
 from service.settings import Settings
 from service.states import JobState
 from service.store import Store
@@ -125,6 +126,9 @@ def limit_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
 def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise a 422 naming every field this service refuses (limits first: they need no storage)."""
     problems = limit_problems(spec, settings) + data_problems(spec, settings)
+    webhook = webhook_problem(spec.notify, settings)
+    if webhook:
+        problems.append({"field": "notify.webhook", "message": webhook})
     if problems:
         shown = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
         raise ApiError(422, "invalid_spec", f"{len(problems)} invalid field(s): {shown}", problems)

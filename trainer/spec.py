@@ -298,6 +298,29 @@ def _check_algorithm(algorithm: SearchAlgorithm, dist: Distribution) -> str | No
     return None
 
 
+# --- alerts (the service sends them; the trainer ignores this section) ----------------------------
+
+NotifyState = Literal["FAILED", "SUCCEEDED", "CANCELLED"]
+NOTIFY_STATES: tuple[NotifyState, ...] = typing.get_args(NotifyState)
+MAX_URL = 2048
+
+
+class NotifySpec(Section):
+    """A webhook the service POSTs a small JSON body to when the job reaches one of `on` (service/notify.py)."""
+
+    webhook: str = Field(max_length=MAX_URL, description="http(s) URL; the operator allows hosts")
+    on: list[NotifyState] = Field(default_factory=lambda: list(NOTIFY_STATES), min_length=1, max_length=3)
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        scheme, sep, rest = url.partition("://")
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        if not sep or scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in url):
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {short(url)}")
+        return url
+
+
 # --- the job spec ---------------------------------------------------------------------------------
 
 
@@ -328,6 +351,7 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     limits: LimitsSpec = LimitsSpec()
     search: SearchSpec | None = None
+    notify: NotifySpec | None = None
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=len(EXPORT_FORMATS))
