@@ -321,6 +321,45 @@ class NotifySpec(Section):
         return url
 
 
+# --- experiment trackers (trainer/tracking.py; the `mlflow` extra) -------------------------------
+
+
+def mlflow_store_path(uri: str) -> str:
+    """The local path an MLflow tracking URI keeps its data at: `sqlite:///ABS/PATH.db` -> its database file,
+    `file:///DIR`, `/DIR` or `~/DIR` (MLflow's file store) -> the directory. The service checks it lies under
+    the data roots; anything else (a tracking server's URL) is refused."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if not path.startswith("/"):  # sqlite:////abs/path: MLflow's absolute form keeps one more slash
+            raise ValueError(f"must be sqlite:////ABSOLUTE/PATH.db (four slashes), got {short(uri)}")
+        return path
+    if uri.startswith(("/", "~/", "file:///")):
+        return uri
+    raise ValueError(
+        f"must be sqlite:////ABSOLUTE/PATH.db or a directory (/..., ~/..., file:///...) under the data roots, "
+        f"got {short(uri)}"
+    )
+
+
+class MlflowSpec(Section):
+    tracking_uri: str = Field(
+        max_length=MAX_TEXT, description="sqlite:////ABS/PATH.db or a directory (file store), under the data roots"
+    )
+    experiment: str = Field(default="trainctl", min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _local_store(cls, uri: str) -> str:
+        mlflow_store_path(uri)
+        return uri
+
+
+class TrackingSpec(Section):
+    """Where the run's params, per-epoch metrics and best checkpoint are logged at its end."""
+
+    mlflow: MlflowSpec | None = None
+
+
 # --- the job spec ---------------------------------------------------------------------------------
 
 
@@ -352,6 +391,7 @@ class JobSpec(Section):
     limits: LimitsSpec = LimitsSpec()
     search: SearchSpec | None = None
     notify: NotifySpec | None = None
+    tracking: TrackingSpec | None = None
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=len(EXPORT_FORMATS))
