@@ -25,6 +25,14 @@ _REPORT_RANK = re.compile(r"\) from rank (?P<rank>\d+)\s*$")
 _TRAINER_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ trainer[\w.]* [A-Z]+ ")
 # Ray's Python logging: "2026-12-06 04:41:50,059\tINFO job_manager.py:581 -- ...".
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?P<level>[A-Z]+) ")
+# Other libraries' logging on the driver (MLflow: "2026/12/06 05:17:59 INFO mlflow...", Optuna: "[I 2026-12-06
+# 04:59:23,517] ..."): shown from WARNING up only.
+_OTHER_LOG = re.compile(
+    r"^(?:\d{4}[-/]\d\d[-/]\d\d[ T][\d:,.]+\s+(?P<level>[A-Z]+)\b|\[(?P<letter>[DIWEF]) \d{4}-\d\d-\d\d [\d:,.]+\])"
+)
+# Terminal colours: Ray colours its actor prefixes when the driver's output is a terminal (the service strips
+# them when it keeps a log; a log read elsewhere may still have them).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Ray's C++ (glog) lines: "[2026-12-06 04:42:06,226 E 1402 1435] core_worker.cc:2465: ...".
 _GLOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] ")
 # Worker chatter Ray prints for every run; none of it is the trainer's.
@@ -76,7 +84,7 @@ class LogView:
         return shown + "\n" if shown is not None else ""
 
     def _line(self, line: str) -> str | None:
-        shown = self._classify(line.rstrip("\r"))
+        shown = self._classify(_ANSI.sub("", line).rstrip("\r"))
         self._showing = shown is not None
         return shown
 
@@ -117,6 +125,8 @@ class LogView:
             return line if m["level"] in ("WARNING", "ERROR", "CRITICAL") else None
         if _GLOG.match(line):
             return None
+        if (m := _OTHER_LOG.match(line)) is not None:
+            return line if m["level"] in ("WARNING", "ERROR", "CRITICAL") or m["letter"] in ("W", "E", "F") else None
         if line.startswith("Running entrypoint for job"):
             return None
         # Anything else (a print, a traceback's next line, a summary) goes with the line before it.

@@ -9,6 +9,10 @@ from service.logview import LogView, epoch_line, trainer_lines
 # A real driver log of a 1-worker debug run (Ray 2.60), cut to its start and its last epoch.
 ONE_RANK = (Path(__file__).parent / "data" / "ray-driver-1rank.log").read_text()
 
+# A real driver log of a 2-worker DDP run with MLflow tracking (python -m trainer.run's own output: Ray's
+# colour codes still in it), from tests/trainer/test_run.py's trained_job.
+TWO_RANKS_REAL = (Path(__file__).parent / "data" / "ray-driver-2ranks-ansi.log").read_text()
+
 # Two workers, in Ray's formats (the lines of ONE_RANK with a second worker's beside them), and a failure.
 TWO_RANKS = """\
 (TrainController pid=1402) Started training worker group of size 2:
@@ -75,6 +79,18 @@ def test_rank_zero_only_unless_all_ranks() -> None:
         "[rank 0] epoch 1: train_loss 1.9  val_acc 0.39",
         "[rank 1] epoch 1: train_loss 1.8  val_acc 0.39",
         "[rank 1] /work/trainer/loop.py:80: UserWarning: rank 1 saw a NaN",
+    ]
+
+
+def test_a_real_two_worker_log_with_colours() -> None:
+    assert "\x1b[36m(RayTrainWorker pid=" in TWO_RANKS_REAL and "from rank 1" in TWO_RANKS_REAL
+    shown = trainer_lines(TWO_RANKS_REAL).splitlines()
+    assert [line.split(":")[0] for line in shown if line.startswith("epoch ")] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert shown[-1].startswith('{"state":"succeeded"') and "trainer.tracking INFO logged to MLflow" in shown[-2]
+    assert not any("\x1b" in line or "mlflow.store.db.utils" in line or "pid=" in line for line in shown)
+    every = trainer_lines(TWO_RANKS_REAL, all_ranks=True).splitlines()
+    assert [line[:16] for line in every if "] epoch " in line] == [
+        f"[rank {r}] epoch {e}" for e in (1, 2, 3) for r in (0, 1)
     ]
 
 
