@@ -6,6 +6,7 @@ Run it with `trainctl serve`, or `uvicorn --factory service.app:app_from_env` (s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly
 from service.metrics import Metrics
+from service.notify import Notifier
 from service.rayjobs import RayJobs, RayJobsClient
 from service.reconciler import Reconciler
 from service.runner import Runner
@@ -58,7 +60,9 @@ def create_app(
             store = startup.prepare(settings)
         else:
             store = startup.prepare(settings, say=log.debug, warn=log.debug)
-        runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address))
+        notifier = Notifier(settings)
+        notifier.start()
+        runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address), notifier)
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
         sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
@@ -68,6 +72,7 @@ def create_app(
             yield
         finally:
             await reconciler.stop()
+            await asyncio.to_thread(notifier.stop)  # sends what is queued, for a few seconds at most
             metrics.detach()
             store.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from service.client import ClientError, TrainctlClient, resolve_token, resolve_url
+from service.logview import LogView
 from trainer import contract
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -422,10 +423,25 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Every attempt's log (each under a header when there were several); with -f, then the current attempt's
-    new lines until the job ends. No log is an error saying why, except while -f waits for a queued job."""
+    new lines until the job ends. No log is an error saying why, except while -f waits for a queued job.
+
+    By default only the trainer's own lines, rank 0's (service/logview.py); --all-ranks every rank's, each
+    marked; --raw Ray's whole output as the server keeps it."""
     api = _client(args)
+    view = None if args.raw else LogView(all_ranks=args.all_ranks)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text if view is None else view.feed(text))
+
     if not args.follow:
-        sys.stdout.write(api.logs(args.id, tail=args.tail))
+        if view is None:
+            sys.stdout.write(api.logs(args.id, tail=args.tail))
+            return 0
+        # --tail counts the lines shown, so it is applied after filtering, to the whole log.
+        lines = (view.feed(api.logs(args.id)) + view.flush()).splitlines(keepends=True)
+        if args.tail is not None:
+            lines = lines[len(lines) - args.tail :] if args.tail < len(lines) else lines
+        sys.stdout.write("".join(lines))
         return 0
     # Follow the current attempt; each poll asks only for the bytes added after those already printed
     # (X-Log-Size / ?since=). A server that does not say its log's size gets whole logs compared instead.
@@ -434,23 +450,25 @@ def cmd_logs(args: argparse.Namespace) -> int:
         job = api.job(args.id)
         if job["attempts"] and job["attempts"] != attempt:
             if attempt is None and job["attempts"] > 1:  # first look: the earlier attempts in full ...
-                sys.stdout.write(_logs_or_empty(api, args.id, None))
+                show(_logs_or_empty(api, args.id, None))
                 _, size = _logs_since_or_empty(api, args.id, job["attempts"], 0, tail=0)
                 seen = size or len(_logs_or_empty(api, args.id, job["attempts"]))
             elif attempt is None:  # ... or the only attempt, followed from its start below
                 seen = 0
             else:
-                print(f"=== attempt {job['attempts']} ===")
+                show(f"=== attempt {job['attempts']} ===\n")
                 seen = 0
             attempt = job["attempts"]
         if attempt is not None:
             text, size = _logs_since_or_empty(api, args.id, attempt, seen)
             if size is None:  # an older server sent the whole log
                 text, size = text[seen:], len(text)
-            sys.stdout.write(text)
+            show(text)
             seen = size
         sys.stdout.flush()
         if job["state"] in TERMINAL:
+            if view is not None:
+                sys.stdout.write(view.flush())
             return 0
         time.sleep(2)
 
@@ -932,10 +950,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.set_defaults(fn=cmd_watch)
 
-    s = sub.add_parser("logs", parents=[common], help="the job's Ray driver log")
+    s = sub.add_parser("logs", parents=[common], help="the trainer's log lines (rank 0; --raw: Ray's whole log)")
     s.add_argument("id")
     s.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     s.add_argument("--tail", type=int, help="only the last N lines")
+    s.add_argument("--all-ranks", action="store_true", help="every worker's lines, each marked [rank N]")
+    s.add_argument("--raw", action="store_true", help="Ray's whole driver log, unfiltered")
     s.set_defaults(fn=cmd_logs)
 
     s = sub.add_parser("metrics", parents=[common], help="per-epoch metrics")

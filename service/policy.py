@@ -19,10 +19,11 @@ import pyarrow.fs as pafs
 
 import objstore
 from service.errors import ApiError
+from service.notify import webhook_problem
 from service.settings import Settings
 from service.states import JobState
 from service.store import Store
-from trainer.spec import MAX_ECHO, JobSpec, model_cost
+from trainer.spec import MAX_ECHO, JobSpec, mlflow_store_path, model_cost
 
 # Formats and places that download CIFAR-10 into a missing directory instead of reading one.
 DOWNLOAD_CACHE = "~/.cache/trainctl"
@@ -146,9 +147,35 @@ def scaling_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
     return []
 
 
+def tracking_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
+    """An MLflow store must lie under the data roots: the driver writes there on the user's behalf."""
+    tracking = spec.tracking.mlflow if spec.tracking else None
+    if tracking is None:
+        return []
+    path = mlflow_store_path(tracking.tracking_uri)  # (the spec checked its form)
+    roots = settings.allowed_data_roots
+    try:
+        inside = objstore.within_any(path, roots)
+    except ValueError:
+        inside = False
+    if inside:
+        return []
+    return [
+        {
+            "field": "tracking.mlflow.tracking_uri",
+            "message": f"{_shown(tracking.tracking_uri)} is outside the data roots this service writes tracking "
+            f"data to ({', '.join(roots)}); the operator adds roots with TRAINCTL_DATA_ROOTS",
+        }
+    ]
+
+
 def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Raise a 422 naming every field this service refuses (limits first: they need no storage)."""
     problems = limit_problems(spec, settings) + scaling_problems(spec, settings) + data_problems(spec, settings)
+    problems += tracking_problems(spec, settings)
+    webhook = webhook_problem(spec.notify, settings)
+    if webhook:
+        problems.append({"field": "notify.webhook", "message": webhook})
     if problems:
         shown = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
         raise ApiError(422, "invalid_spec", f"{len(problems)} invalid field(s): {shown}", problems)

@@ -20,6 +20,7 @@ from dataclasses import replace
 import objstore
 from service import jobdir, records
 from service.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide, restarts_used
+from service.notify import Notifier
 from service.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.settings import Settings
 from service.states import InvalidTransition, JobNotFound, JobState
@@ -86,17 +87,23 @@ def _is_wait_message(message: str | None) -> bool:
 
 
 class Runner:
-    def __init__(self, settings: Settings, store: Store, ray: RayJobs) -> None:
+    def __init__(self, settings: Settings, store: Store, ray: RayJobs, notifier: Notifier | None = None) -> None:
         self.settings, self.store, self.ray = settings, store, ray
         self._lock = threading.RLock()
         self._log_copies: dict[str, tuple[float, int]] = {}  # submission id -> (when copied, length)
-        store.on_transition = self.save_record
+        self.notifier = notifier  # webhook alerts (service/notify.py); None: none sent (admin tools)
+        store.on_transition = self._transitioned
         # Observability (service/metrics.py): the latest training throughput of each active job, and how
         # often Ray refused a submission. Kept by whichever replica reconciles.
         self.images_per_s: dict[str, float] = {}
         self.submission_errors = 0
         # Signs record.json, so that `trainctl reindex` believes only what this service wrote (service/records.py).
         self._record_key = load_or_create_secret(settings.record_key_path)
+
+    def _transitioned(self, job: Job) -> None:
+        self.save_record(job)
+        if self.notifier is not None:
+            self.notifier.transitioned(job)  # only queues the call: never blocks nor raises
 
     def save_record(self, job: Job) -> None:
         """Mirror a job's record into its directory (record.json) for `trainctl reindex`. Best effort: the

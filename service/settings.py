@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.spec import NotifySpec
 
 
 class Settings(BaseSettings):
@@ -60,11 +62,41 @@ class Settings(BaseSettings):
     # whose GPUs per node (scaling.gpus_per_worker x scaling.workers_per_node) exceed it could never be placed
     # and is refused at submission. None: not checked (a cluster whose node types this service doesn't know).
     max_gpus_per_node: int | None = Field(default=None, ge=1, le=1024)
+    # --- webhook alerts (service/notify.py) ---
+    # Comma-separated hosts (or host:port) a spec's notify.webhook may name; `*` any. Empty: none (a spec with
+    # notify is refused), since a webhook is a request this service makes on a user's behalf.
+    webhook_hosts: str = ""
+    # The operator's default alert for jobs whose spec has no notify section (empty: none), and its states.
+    notify_webhook: str = ""
+    notify_on: str = "FAILED"
+    webhook_timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
+    webhook_attempts: int = Field(default=3, ge=1, le=10)
+    webhook_backoff_s: float = Field(default=1.0, ge=0.0, le=60.0)  # before retry n: backoff x 2^(n-1)
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _default_notify_is_valid(self) -> Settings:
+        self.default_notify  # noqa: B018 - raises a ValueError naming the setting, at start-up rather than later
+        return self
+
+    @property
+    def allowed_webhook_hosts(self) -> list[str]:
+        return [h.strip() for h in self.webhook_hosts.split(",") if h.strip()]
+
+    @property
+    def default_notify(self) -> NotifySpec | None:
+        if not self.notify_webhook:
+            return None
+        try:
+            on = [s.strip().upper() for s in self.notify_on.split(",") if s.strip()]
+            return NotifySpec.model_validate({"webhook": self.notify_webhook, "on": on})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"TRAINCTL_NOTIFY_WEBHOOK / TRAINCTL_NOTIFY_ON: {problems}") from None
 
     @property
     def storage_root(self) -> str:

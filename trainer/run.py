@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = summary.with_search(outcome)
     if not summary.succeeded() and code == ExitCode.OK:
         code = ExitCode.STORAGE
+    if spec is not None and spec.tracking is not None:
+        from trainer.tracking import log_run  # before summary.json: the service takes that as the end
+
+        log_run(spec, job_dir, summary)  # never raises: a tracker cannot change the outcome
     try:
         objstore.write_text(objstore.join(job_dir, contract.SUMMARY), summary.to_json())
     except objstore.StorageUnavailable as exc:

@@ -273,8 +273,15 @@ class NoScheduler(Section):
     kind: Literal["none"] = "none"
 
 
+# How trials pick their values: `random` samples each distribution (grid entries are crossed with the samples),
+# `grid` tries every combination of `grid` entries only, `optuna` is Optuna's TPE sampler, which learns from the
+# trials already reported (all but `grid` distributions; it works with ASHA's early stopping).
+SearchAlgorithm = Literal["random", "grid", "optuna"]
+
+
 class SearchSpec(Section):
     space: dict[Annotated[str, Field(max_length=200)], Distribution] = Field(min_length=1, max_length=MAX_SEARCH_PATHS)
+    algorithm: SearchAlgorithm = "random"
     num_samples: int = Field(default=4, ge=1, le=MAX_TRIALS)
     metric: Literal["val_acc", "val_loss", "train_loss", "train_acc"] = "val_acc"
     mode: Literal["max", "min"] = "max"
@@ -289,6 +296,77 @@ class SearchSpec(Section):
             if isinstance(dist, Grid):
                 combos *= len(dist.grid)
         return self.num_samples * combos
+
+
+def _check_algorithm(algorithm: SearchAlgorithm, dist: Distribution) -> str | None:
+    """Why `algorithm` cannot search `dist`, or None."""
+    if algorithm == "optuna" and isinstance(dist, Grid):
+        return "search.algorithm optuna samples its values: use choice instead of grid"
+    if algorithm == "grid" and not isinstance(dist, Grid):
+        return "search.algorithm grid tries listed values only: use grid (or search.algorithm random)"
+    return None
+
+
+# --- alerts (the service sends them; the trainer ignores this section) ----------------------------
+
+NotifyState = Literal["FAILED", "SUCCEEDED", "CANCELLED"]
+NOTIFY_STATES: tuple[NotifyState, ...] = typing.get_args(NotifyState)
+MAX_URL = 2048
+
+
+class NotifySpec(Section):
+    """A webhook the service POSTs a small JSON body to when the job reaches one of `on` (service/notify.py)."""
+
+    webhook: str = Field(max_length=MAX_URL, description="http(s) URL; the operator allows hosts")
+    on: list[NotifyState] = Field(default_factory=lambda: list(NOTIFY_STATES), min_length=1, max_length=3)
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        scheme, sep, rest = url.partition("://")
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        if not sep or scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in url):
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {short(url)}")
+        return url
+
+
+# --- experiment trackers (trainer/tracking.py; the `mlflow` extra) -------------------------------
+
+
+def mlflow_store_path(uri: str) -> str:
+    """The local path an MLflow tracking URI keeps its data at: `sqlite:///ABS/PATH.db` -> its database file,
+    `file:///DIR`, `/DIR` or `~/DIR` (MLflow's file store) -> the directory. The service checks it lies under
+    the data roots; anything else (a tracking server's URL) is refused."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if not path.startswith("/"):  # sqlite:////abs/path: MLflow's absolute form keeps one more slash
+            raise ValueError(f"must be sqlite:////ABSOLUTE/PATH.db (four slashes), got {short(uri)}")
+        return path
+    if uri.startswith(("/", "~/", "file:///")):
+        return uri
+    raise ValueError(
+        f"must be sqlite:////ABSOLUTE/PATH.db or a directory (/..., ~/..., file:///...) under the data roots, "
+        f"got {short(uri)}"
+    )
+
+
+class MlflowSpec(Section):
+    tracking_uri: str = Field(
+        max_length=MAX_TEXT, description="sqlite:////ABS/PATH.db or a directory (file store), under the data roots"
+    )
+    experiment: str = Field(default="trainctl", min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _local_store(cls, uri: str) -> str:
+        mlflow_store_path(uri)
+        return uri
+
+
+class TrackingSpec(Section):
+    """Where the run's params, per-epoch metrics and best checkpoint are logged at its end."""
+
+    mlflow: MlflowSpec | None = None
 
 
 # --- the job spec ---------------------------------------------------------------------------------
@@ -347,6 +425,12 @@ class JobSpec(Section):
         default=LimitsSpec(), description="bounds on the run: max_hours of wall time from the first submission"
     )
     search: SearchSpec | None = Field(default=None, description="a Ray Tune search over this spec (null: a single run)")
+    notify: NotifySpec | None = Field(
+        default=None, description="a webhook called when the job ends FAILED, SUCCEEDED or CANCELLED (null: none)"
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="an experiment tracker the run logs to (MLflow; null: none)"
+    )
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.
     exports: list[ExportFormat] = Field(
@@ -454,7 +538,7 @@ class JobSpec(Section):
                 )
             else:
                 for path, dist in self.search.space.items():
-                    problem = _check_search_path(self, path, dist)
+                    problem = _check_search_path(self, path, dist) or _check_algorithm(self.search.algorithm, dist)
                     if problem:
                         fail(("search", "space", path), path, problem)
             if (

@@ -22,6 +22,8 @@ from trainer.spec import Choice, Distribution, Grid, JobSpec, LogUniform, RandIn
 
 if TYPE_CHECKING:
     from ray.tune import Callback, ResultGrid
+    from ray.tune.search import Searcher
+    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.sample import Domain
 
 TRIAL_DRIVER_CPUS = 0.1
@@ -142,12 +144,24 @@ def make_callback(book: TrialBook) -> Callback:
     return TrialBookCallback()
 
 
+def search_algorithm(search: SearchSpec) -> Searcher | BasicVariantGenerator:
+    """Tune's search algorithm for `search.algorithm` (random and grid: Tune's variant generator; optuna: TPE,
+    seeded, told each trial's reported metric, early-stopped trials included)."""
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Tune limits its concurrency to max_concurrent_trials (TuneConfig wraps it in a ConcurrencyLimiter).
+        return OptunaSearch(seed=search.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials)
+
+
 def fit_search(spec: JobSpec, job_dir: str) -> SearchOutcome:
     """Run the search; make the best trial's checkpoint the job's. Returns what summary.json adds."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from trainer.fit import fit_run
 
@@ -193,7 +207,7 @@ def fit_search(spec: JobSpec, job_dir: str) -> SearchOutcome:
                 num_samples=search.num_samples,
                 max_concurrent_trials=search.max_concurrent_trials,
                 scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials),
+                search_alg=search_algorithm(search),
             ),
             run_config=tune.RunConfig(
                 name=job_id, storage_path=storage_path, storage_filesystem=filesystem, callbacks=[make_callback(book)]

@@ -39,6 +39,11 @@ MALFORMED = [
     ({"unknown_section": {}}, "unknown_section"),
     ({"checkpoint": {"max_restarts": -1}}, "checkpoint.max_restarts"),
     ({"search": {"space": {"optim.nope": {"choice": [1]}}}}, "search.space.optim.nope"),
+    ({"search": {"algorithm": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.2]}}}}, "search.space.optim.lr"),
+    ({"tracking": {"mlflow": {"tracking_uri": "sqlite:////tmp/elsewhere/mlflow.db"}}}, "tracking.mlflow.tracking_uri"),
+    ({"tracking": {"mlflow": {"tracking_uri": "https://mlflow.example.com"}}}, "tracking.mlflow.tracking_uri"),
+    ({"notify": {"webhook": "file:///etc/passwd"}}, "notify.webhook"),
+    ({"search": {"algorithm": "tpe", "space": {"optim.lr": {"grid": [0.1]}}}}, "search.algorithm"),
 ]
 
 
@@ -80,6 +85,13 @@ def test_submit_returns_the_resolved_spec(api: Api) -> None:
     assert job["progress"] == {"epoch": 0, "epochs": 3, "eta_seconds": None}
     full = api.post({"optim": {"epochs": 4, "batch_size": 64}, "scaling": {"num_workers": 2}})
     assert full.status_code == 201 and full.json()["spec"]["optim"]["epochs"] == 4
+
+
+def test_a_tracking_store_under_the_data_roots_is_accepted(api: Api) -> None:
+    store = f"sqlite:///{api.settings.data_dir}/datasets/mlflow/mlflow.db"
+    resp = api.post({"preset": "debug", "overrides": {"tracking": {"mlflow": {"tracking_uri": store}}}})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["spec"]["tracking"]["mlflow"] == {"tracking_uri": store, "experiment": "trainctl"}
 
 
 def test_auth(api: Api) -> None:

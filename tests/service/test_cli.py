@@ -381,3 +381,21 @@ def test_export_of_a_job_that_exported_nothing_says_what_to_do(tmp_path: Path, m
     assert not (tmp_path / "m.pt2").exists()
     with pytest.raises(client.ClientError, match="no such job"):  # an unknown job stays an unknown job
         cli.cmd_export(parse("export", "other", "-o", str(tmp_path / "m.pt2")))
+
+
+def test_logs_show_the_trainers_lines_raw_and_all_ranks(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from tests.service.test_logview import ONE_RANK, TWO_RANKS
+
+    one = SinceService(["RUNNING", "SUCCEEDED"], [ONE_RANK])
+    one.requested = []
+    _use(monkeypatch, one)
+    assert cli.cmd_logs(parse("logs", "j1", "--tail", "1")) == 0
+    assert capsys.readouterr().out.startswith("epoch 14: train_loss 0.8253")
+    assert cli.cmd_logs(parse("logs", "j1", "--raw")) == 0
+    assert capsys.readouterr().out == ONE_RANK
+    fake = SinceService(["RUNNING", "RUNNING", "SUCCEEDED"], [TWO_RANKS[:700], TWO_RANKS])
+    fake.requested = []
+    _use(monkeypatch, fake)
+    assert cli.cmd_logs(parse("logs", "j1", "-f", "--all-ranks")) == 0  # the first poll ends mid-line
+    out = capsys.readouterr().out.splitlines()
+    assert "[rank 1] epoch 1: train_loss 1.8  val_acc 0.39" in out and len(out) == len(set(out))

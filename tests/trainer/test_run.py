@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from trainer import checkpoint as ckpt
 from trainer.contract import CheckpointEntry
 
 pytestmark = pytest.mark.ray
+HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 
 # Enough images that 3 epochs of the debug model land far above chance (measured: ~0.29 val_acc).
 LEARNS = {"data.max_train_images": 2048, "optim.epochs": 3}
@@ -38,6 +40,8 @@ def trained_job(ray_head, cifar_parquet, tmp_path_factory) -> Path:
             "data.test": str(test_dir),
             "checkpoint.keep_best": 1,
             "tta": "flip",
+            # Logged to a real local MLflow store at the end (trainer/tracking.py), when the extra is installed.
+            **({"tracking": {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow/mlflow.db"}}} if HAS_MLFLOW else {}),
         },
     )
     code = run(job_dir, ray_head.env())
@@ -57,6 +61,33 @@ def test_two_worker_ddp_run_learns_and_writes_its_files(trained_job):
     assert all(len(set(m["node_ids"])) == 1 and len(m["node_ids"]) == 2 for m in metrics)
     for key in ("train_loss", "train_acc", "val_loss", "lr", "images_per_s", "epoch_seconds"):
         assert isinstance(metrics[-1][key], float), key
+
+
+@pytest.mark.skipif(not HAS_MLFLOW, reason="the mlflow extra (mlflow-skinny) is not installed")
+def test_the_run_is_in_mlflow(trained_job):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_job.parent}/mlflow/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("trainctl").experiment_id])
+    assert run.info.run_name == trained_job.name and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+    assert run.data.params["optim.epochs"] == "3"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")] == [
+        "best_checkpoint/checkpoint.pt"
+    ]
+
+
+def test_the_driver_log_reads_as_the_trainers_lines(trained_job):
+    """`trainctl logs` (service/logview.py) on this real two-worker run's driver output."""
+    from service.logview import trainer_lines
+
+    raw = (trained_job.parent / f"{trained_job.name}.log").read_text()
+    shown = trainer_lines(raw).splitlines()
+    every = trainer_lines(raw, all_ranks=True).splitlines()
+    epochs = [line.split(":")[0] for line in shown if line.startswith("epoch ")]
+    assert epochs == ["epoch 1", "epoch 2", "epoch 3"], shown
+    assert {line[:8] for line in every if "] epoch " in line} == {"[rank 0]", "[rank 1]"}, every
+    assert "TrainingReport" in raw and not any("TrainingReport" in line for line in every)
 
 
 def test_manifest_checksums_and_retention(trained_job):

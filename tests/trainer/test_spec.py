@@ -73,6 +73,19 @@ def test_unknown_preset():
     assert "debug" in error_list(info.value)[0]["message"]
 
 
+def test_search_algorithms_take_the_distributions_they_can_search():
+    space = {"optim.lr": {"loguniform": [1e-3, 0.5]}, "model.dropout": {"choice": [0.0, 0.2]}}
+    assert resolve("debug", {"search": {"algorithm": "optuna", "space": space}}).search.algorithm == "optuna"
+    assert resolve("debug", {"search": {"space": space}}).search.algorithm == "random"
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", {"search": {"algorithm": "optuna", "space": {**space, "optim.epochs": {"grid": [1, 2]}}}})
+    assert fields(info.value) == {"search.space.optim.epochs"}
+    assert "use choice instead of grid" in error_list(info.value)[0]["message"]
+    with pytest.raises(ValidationError) as info:
+        resolve("debug", {"search": {"algorithm": "grid", "space": space}})
+    assert fields(info.value) == {"search.space.optim.lr", "search.space.model.dropout"}
+
+
 def test_search_paths_are_checked_against_the_schema():
     ok = resolve(
         "debug",

@@ -46,3 +46,35 @@ def test_asha_search_runs_trials_in_a_row_and_promotes_the_best(ray_head, cifar_
     assert abs(result["accuracy"] - summary["best_val_acc"]) <= 0.005
     trial_metrics = read_jsonl(job_dir / "trials" / best["trial_id"] / "metrics.jsonl")
     assert [m["epoch"] for m in trial_metrics] == [1, 2, 3]
+
+
+def test_optuna_search_with_asha(ray_head, cifar_parquet, tmp_path):
+    """search.algorithm optuna: Optuna's TPE (seeded) picks each trial's values, ASHA can stop trials early."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = {
+        "algorithm": "optuna",
+        "space": {"optim.lr": {"loguniform": [1e-4, 0.2]}},
+        "num_samples": 3,
+        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 2},
+        "seed": 7,
+    }
+    job_dir = make_job_dir(
+        tmp_path,
+        "optuna",
+        {"data.train": str(cifar_parquet), "optim.epochs": 2, "data.max_train_images": 512, "search": search},
+    )
+    started = time.monotonic()
+    assert run(job_dir, ray_head.env(), timeout=400) == 0, log_tail(job_dir)
+    print(f"optuna search wall time: {time.monotonic() - started:.1f} s")
+    trials = json.loads((job_dir / "trials.json").read_text())
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert len(trials) == 3 and all(t["state"] in ("succeeded", "stopped_early") for t in trials), trials
+    # The values are Optuna's: the same seeded sampler, asked alone, proposes the same learning rates.
+    sampler = OptunaSearch(seed=7)
+    sampler.set_search_properties("val_acc", "max", {"optim.lr": tune.loguniform(1e-4, 0.2)})
+    expected = [sampler.suggest(str(i))["optim.lr"] for i in range(3)]
+    assert sorted(t["config"]["optim.lr"] for t in trials) == pytest.approx(sorted(expected)), (trials, expected)
+    best = max(trials, key=lambda t: t["best_metric"])
+    assert summary["state"] == "succeeded" and summary["best_trial"] == best["trial_id"]
