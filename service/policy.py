@@ -22,10 +22,9 @@ from service.errors import ApiError
 from service.settings import Settings
 from service.states import JobState
 from service.store import Store
+from trainer.contract import TORCHVISION_DOWNLOAD_DIR
 from trainer.spec import JobSpec, model_cost
 
-# Formats and places that download CIFAR-10 into a missing directory instead of reading one.
-DOWNLOAD_CACHE = "~/.cache/trainctl"
 # A quick look, not an outage ride-out: an unreachable bucket is the driver's problem to report.
 EXISTS_BUDGET_S = 2.0
 RETRY_AFTER_S = 30
@@ -58,17 +57,29 @@ def _data_problem(uri: str, fmt: str, settings: Settings) -> str | None:
         exists = _exists_quickly(uri)
     elif settings.check_local_data:
         exists = _exists_quickly(uri)
-        # A missing directory in the download cache is where torchvision will put CIFAR-10: not an error.
-        if exists is False and (
-            fmt == "torchvision"
-            or (fmt == "auto" and objstore.within(uri, DOWNLOAD_CACHE) and not uri.endswith(".parquet"))
-        ):
+        # The download folder, missing, is where torchvision will put CIFAR-10: not an error. Any other
+        # missing folder is (one download per made-up folder would fill the node's disk).
+        if exists is False and fmt in ("auto", "torchvision") and _is_download_dir(uri):
             exists = None
     else:
         exists = None
+    if fmt == "torchvision" and not _is_download_dir(uri):
+        return (
+            f"{objstore.redact(uri)}: data.format torchvision downloads CIFAR-10 only into "
+            f"{TORCHVISION_DOWNLOAD_DIR}; set data.train to that folder or to a local copy"
+        )
     if exists is False:
         return f"{objstore.redact(uri)} does not exist"
     return None
+
+
+def _is_download_dir(uri: str) -> bool:
+    if objstore.is_s3(uri):
+        return False
+    try:
+        return objstore.normalise(uri) == objstore.normalise(TORCHVISION_DOWNLOAD_DIR)
+    except ValueError:
+        return False
 
 
 def _exists_quickly(uri: str) -> bool | None:

@@ -522,3 +522,20 @@ def test_token_expiry_durations() -> None:
     for bad in ("", "x", "-5m", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_duration(bad)
+
+
+# --- issue 21 item 13: one download folder, never a download per made-up folder ---------------------------------
+
+
+def test_a_missing_cache_folder_is_not_a_download(api: Api) -> None:
+    token = user_token(api)
+    for train in ("~/.cache/trainctl/cifar10-sec-b-test-missing", "~/.cache/trainctl/a/b/c"):
+        resp = submit_data(api, train, token)
+        assert resp.status_code == 422 and fields(resp) == ["data.train"], resp.text
+        assert "does not exist" in resp.text
+    resp = submit_data(api, "~/.cache/trainctl/a", token, **{"data.format": "torchvision"})
+    assert resp.status_code == 422 and fields(resp) == ["data.train"], resp.text
+    assert "downloads CIFAR-10 only into ~/.cache/trainctl/cifar10" in resp.text
+    # the one download folder is still accepted, missing or not, in either format
+    assert submit_data(api, "~/.cache/trainctl/cifar10", token).status_code == 201
+    assert submit_data(api, "~/.cache/trainctl/cifar10", token, **{"data.format": "torchvision"}).status_code == 201
