@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from service import auth
+from service import auth, limits
 from service.api import events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
@@ -40,6 +40,9 @@ class AppState:
     runner: Runner
     reconciler: Reconciler
     sessions: session.Sessions
+    slow: limits.SlowPool
+    plot_cache: limits.PlotCache
+    streams: limits.StreamSlots
 
 
 def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) -> FastAPI:
@@ -72,12 +75,17 @@ def create_app(settings: Settings | None = None, *, ray: RayJobs | None = None) 
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
         sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
-        app.state.trainctl = AppState(settings, store, runner, reconciler, sessions)
+        slow = limits.SlowPool(settings.slow_workers, settings.slow_queue)
+        streams = limits.StreamSlots(settings.max_event_streams_per_owner, settings.max_event_streams)
+        app.state.trainctl = AppState(
+            settings, store, runner, reconciler, sessions, slow=slow, plot_cache=limits.PlotCache(), streams=streams
+        )
         reconciler.start()
         try:
             yield
         finally:
             await reconciler.stop()
+            slow.close()
             metrics.detach()
             store.close()
 

@@ -41,11 +41,11 @@ def fair_queue(queued: list[Job], active: list[Job], max_active_per_owner: int) 
     job per round, not by the whole burst."""
     running: dict[str, int] = {}
     for job in active:
-        running[job.owner] = running.get(job.owner, 0) + 1
+        running[_owner_key(job)] = running.get(_owner_key(job), 0) + 1
     per_owner: dict[str, list[Job]] = {}
     for job in queued:  # submission order
-        allowance = max_active_per_owner - running.get(job.owner, 0)
-        mine = per_owner.setdefault(job.owner, [])
+        allowance = max_active_per_owner - running.get(_owner_key(job), 0)
+        mine = per_owner.setdefault(_owner_key(job), [])
         if len(mine) < allowance:
             mine.append(job)
     order: list[Job] = []
@@ -53,6 +53,10 @@ def fair_queue(queued: list[Job], active: list[Job], max_active_per_owner: int) 
     for i in range(rounds):
         order.extend(jobs[i] for jobs in per_owner.values() if i < len(jobs))
     return order
+
+
+def _owner_key(job: Job) -> str:
+    return job.owner_id or job.owner  # the owner id (a re-created token name is another owner)
 
 
 def over_time_limit(job: Job, max_job_hours: float, now: float) -> float | None:

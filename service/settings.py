@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     max_model_parameters: int = Field(default=50_000_000, ge=1)
     max_search_trials: int = Field(default=256, ge=1)
     max_job_hours: float = Field(default=72.0, gt=0.0)  # caps a spec's limits.max_hours
+    # Expensive requests (docs/security.md): open event streams per owner and in all (429 past either), and
+    # the bounded pool that renders plots: its threads, and how many more requests may wait for one (503).
+    max_event_streams_per_owner: int = Field(default=8, ge=1)
+    max_event_streams: int = Field(default=256, ge=1)
+    slow_workers: int = Field(default=4, ge=1, le=256)
+    slow_queue: int = Field(default=16, ge=0)
 
     @field_validator("data_dir")
     @classmethod

@@ -10,7 +10,7 @@ import csv
 import hashlib
 import io
 import json
-import threading
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BeforeValidator
 
 import objstore
-from service import jobdir, policy
+from service import auth, jobdir, policy
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
@@ -44,7 +44,6 @@ from trainer.contract import METRIC_COLUMNS
 from trainer.spec import SearchSpec
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
-_SUBMIT_LOCK = threading.Lock()
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
@@ -68,21 +67,32 @@ def submit_job(
     request returns the same job; the same key with a different body is a 409."""
     spec = resolve_body(body)  # pydantic ValidationError -> 422 naming each field
     policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
-    # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
-    with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
-        if idempotency_key is None or store.by_idempotency_key(principal.name, idempotency_key) is None:
-            policy.check_quota(store, principal.name, settings)
-        job, created = _create(store, principal.name, spec, body, idempotency_key)
+    # The quota is checked inside the inserting transaction, under a per-owner lock in the database: a burst
+    # of parallel submissions, to any number of replicas, cannot overshoot it. A repeated Idempotency-Key
+    # returns its job even at the quota; only new jobs count against it.
+    job, created = _create(store, principal, spec, body, idempotency_key, policy.quota_check(settings))
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, with_spec=True)
 
 
-def _create(store: Store, owner: str, spec: Any, body: dict[str, Any], idempotency_key: str | None) -> tuple[Any, bool]:
+def _create(
+    store: Store,
+    principal: auth.Principal,
+    spec: Any,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+    quota: Callable[[dict[JobState, int]], None],
+) -> tuple[Any, bool]:
     try:
         job, created = store.create_job(
-            owner, spec.model_dump(mode="json"), idempotency_key, request_hash(body) if idempotency_key else None
+            principal.name,
+            spec.model_dump(mode="json"),
+            idempotency_key,
+            request_hash(body) if idempotency_key else None,
+            owner_id=principal.owner_id,
+            quota=quota,
         )
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
@@ -104,8 +114,9 @@ def list_jobs(
     if not principal.is_admin:
         if owner is not None and owner != principal.name:
             raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
-        owner = principal.name
-    jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset)
+        jobs, total = store.list(owner_id=principal.owner_id, states=state, limit=limit, offset=offset)
+    else:
+        jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset)
     return JobList(jobs=[job_view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
