@@ -37,7 +37,7 @@ from service.api.schemas import (
     resolve_body,
 )
 from service.errors import ApiError
-from service.runner import NoLog
+from service.runner import NoLog, StillStopping
 from service.states import JobState
 from service.store import IdempotencyConflict, Store
 from trainer.contract import METRIC_COLUMNS
@@ -228,7 +228,17 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     """Delete a finished job: its record and everything under its storage prefix."""
     if not job.state.is_terminal():
         raise ApiError(409, "job_not_finished", f"job is {job.state}; cancel it first, then delete it")
-    if not runner.delete(job):
+    try:
+        deleted = runner.delete(job)
+    except StillStopping as exc:
+        raise ApiError(
+            409,
+            "job_still_stopping",
+            f"the job's Ray driver ({exc.submission_id}) has not exited yet; its folder is deleted only after "
+            "it has, so that it cannot write into it again: try again shortly",
+            headers={"Retry-After": "10"},
+        ) from None
+    if not deleted:
         raise ApiError(409, "job_not_finished", "the job changed state meanwhile; try again")
     return Response(status_code=204)
 
