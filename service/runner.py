@@ -482,8 +482,8 @@ class Runner:
         First the fence: a job CANCELLED a moment ago may still have a driver running (Ray's stop is a
         signal, not a wait), which would write checkpoints into the folder after it was removed. So every
         attempt's Ray job must have ended; each one still live is stopped again and waited for up to
-        `fence_s` seconds (default delete_fence_s), else StillStopping (the API answers 409 with Retry-After). Ray unreachable:
-        RayUnavailable (503), nothing deleted."""
+        `fence_s` seconds (default delete_fence_s), else StillStopping (the API answers 409 with
+        Retry-After). Ray unreachable: RayUnavailable (503), nothing deleted."""
         if not job.state.is_terminal():
             return False
         self._fence(job, self.delete_fence_s if fence_s is None else fence_s)
