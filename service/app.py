@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 
-from service import startup
+from service import limits, startup
 from service.api import compare, events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
@@ -42,6 +42,9 @@ class AppState:
     runner: Runner
     reconciler: Reconciler
     sessions: session.Sessions
+    slow: limits.SlowPool
+    plot_cache: limits.PlotCache
+    streams: limits.StreamSlots
 
 
 def create_app(
@@ -66,13 +69,18 @@ def create_app(
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
         sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
-        app.state.trainctl = AppState(settings, store, runner, reconciler, sessions)
+        slow = limits.SlowPool(settings.slow_workers, settings.slow_queue)
+        streams = limits.StreamSlots(settings.max_event_streams_per_owner, settings.max_event_streams)
+        app.state.trainctl = AppState(
+            settings, store, runner, reconciler, sessions, slow=slow, plot_cache=limits.PlotCache(), streams=streams
+        )
         reconciler.start()
         try:
             yield
         finally:
             await reconciler.stop()
             await asyncio.to_thread(notifier.stop)  # sends what is queued, for a few seconds at most
+            slow.close()
             metrics.detach()
             store.close()
 

@@ -22,8 +22,14 @@ TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True)
 class Principal:
-    name: str  # the owner recorded on jobs
+    name: str  # the owner name shown on jobs
     is_admin: bool
+    owner_id: str = "local"  # who owns the jobs it submits (stable; never the name, which a new token may reuse)
+    token_hash: str | None = None  # the token it authenticated with: streams end when it is revoked
+
+    def still_valid(self, store: Store) -> bool:
+        """Whether the token behind this principal still exists (not revoked, not expired); True without one."""
+        return self.token_hash is None or store.token_identity(self.token_hash) is not None
 
 
 def new_token() -> str:
@@ -80,5 +86,9 @@ def authenticate(store: Store, authorization: str | None) -> Principal | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    owner = store.token_owner(hash_token(token.strip()))
-    return Principal(*owner) if owner else None
+    return principal_for(store, hash_token(token.strip()))
+
+
+def principal_for(store: Store, token_hash: str) -> Principal | None:
+    who = store.token_identity(token_hash)
+    return Principal(who.name, who.is_admin, who.owner_id, token_hash) if who else None

@@ -1,8 +1,10 @@
 """`trainctl`: run the service (`serve`) and talk to it over HTTP (everything else).
 
-Where to connect: --url, else TRAINCTL_URL, else ~/.config/trainctl/config.json {"url", "token"}, else
-http://127.0.0.1:8000. The token: --token, else TRAINCTL_TOKEN, else <data dir>/admin-token (data dir from
---data-dir / TRAINCTL_DATA_DIR, default ./data), else the config file. Human output by default; --json
+Where to connect: --url, else TRAINCTL_URL, else the loopback URL in <data dir>/serve.json, else
+~/.config/trainctl/config.json {"url", "token"}, else http://127.0.0.1:8000. The token: --token, else
+TRAINCTL_TOKEN, else <data dir>/admin-token (data dir from --data-dir / TRAINCTL_DATA_DIR, default ./data),
+else the config file. Files in the data dir count only when they are the user's own (service/client.py);
+--verbose (and every error) says which URL and token source were used. Human output by default; --json
 prints the API's JSON for scripts.
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from service.client import ClientError, TrainctlClient, resolve_token, resolve_url
+from service.client import ClientError, TrainctlClient, resolve_token, resolve_url, token_source, url_source
 from service.logview import LogView
 from trainer import contract
 
@@ -41,7 +43,17 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _client(args: argparse.Namespace, timeout: float = 30) -> TrainctlClient:
+    if getattr(args, "verbose", False):
+        print(connection_text(args), file=sys.stderr)
     return TrainctlClient(_url(args), _token(args), timeout=timeout)
+
+
+def connection_text(args: argparse.Namespace) -> str:
+    """Which URL and which token source this command uses (never the token): printed with --verbose and
+    after an error, so a surprising server or token is visible."""
+    url, url_from = url_source(args.url, args.data_dir)
+    _, token_from = token_source(args.token, args.data_dir)
+    return f"trainctl: API {url} (from {url_from}); token from {token_from}"
 
 
 def _print_json(data: Any) -> None:
@@ -845,6 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", help="API token (default: TRAINCTL_TOKEN or <data dir>/admin-token)")
     common.add_argument("--data-dir", help="where `serve` keeps its state (default: TRAINCTL_DATA_DIR or ./data)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="say which URL and token source are used (on stderr)"
+    )
     following = argparse.ArgumentParser(add_help=False)  # `watch` and `submit --follow`
     following.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
     following.add_argument(
@@ -1102,6 +1117,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.stdout.flush()
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if hasattr(args, "url") and hasattr(args, "token"):
+            print(connection_text(args), file=sys.stderr)
         code = EXIT_ERROR
     except KeyboardInterrupt:
         code = 130

@@ -6,13 +6,15 @@
   exists. The driver checks the roots again (trainer/dataroots.py) with the list the runner forwards.
 - limits: model size, search size and wall-clock hours against the operator's settings (the spec itself
   already enforces hard ceilings).
-- quotas: how many unfinished jobs one owner may hold (429 with Retry-After).
+- quotas: how many unfinished jobs one owner may hold (429 with Retry-After), checked by the store inside the
+  transaction that inserts the job (`quota_check`).
 
 Every refusal names the field or the setting, so the user knows what to change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -22,11 +24,9 @@ from service.errors import ApiError
 from service.notify import webhook_problem
 from service.settings import Settings
 from service.states import JobState
-from service.store import Store
+from trainer.contract import TORCHVISION_DOWNLOAD_DIR
 from trainer.spec import MAX_ECHO, JobSpec, mlflow_store_path, model_cost
 
-# Formats and places that download CIFAR-10 into a missing directory instead of reading one.
-DOWNLOAD_CACHE = "~/.cache/trainctl"
 # A quick look, not an outage ride-out: an unreachable bucket is the driver's problem to report.
 EXISTS_BUDGET_S = 2.0
 RETRY_AFTER_S = 30
@@ -65,17 +65,29 @@ def _data_problem(uri: str, fmt: str, settings: Settings) -> str | None:
         exists = _exists_quickly(uri)
     elif settings.check_local_data:
         exists = _exists_quickly(uri)
-        # A missing directory in the download cache is where torchvision will put CIFAR-10: not an error.
-        if exists is False and (
-            fmt == "torchvision"
-            or (fmt == "auto" and objstore.within(uri, DOWNLOAD_CACHE) and not uri.endswith(".parquet"))
-        ):
+        # The download folder, missing, is where torchvision will put CIFAR-10: not an error. Any other
+        # missing folder is (one download per made-up folder would fill the node's disk).
+        if exists is False and fmt in ("auto", "torchvision") and _is_download_dir(uri):
             exists = None
     else:
         exists = None
+    if fmt == "torchvision" and not _is_download_dir(uri):
+        return (
+            f"{objstore.redact(uri)}: data.format torchvision downloads CIFAR-10 only into "
+            f"{TORCHVISION_DOWNLOAD_DIR}; set data.train to that folder or to a local copy"
+        )
     if exists is False:
         return f"{_shown(uri)} does not exist"
     return None
+
+
+def _is_download_dir(uri: str) -> bool:
+    if objstore.is_s3(uri):
+        return False
+    try:
+        return objstore.normalise(uri) == objstore.normalise(TORCHVISION_DOWNLOAD_DIR)
+    except ValueError:
+        return False
 
 
 def _exists_quickly(uri: str) -> bool | None:
@@ -181,29 +193,33 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
         raise ApiError(422, "invalid_spec", f"{len(problems)} invalid field(s): {shown}", problems)
 
 
-def check_quota(store: Store, owner: str, settings: Settings) -> None:
-    """429 when `owner` already holds as many unfinished jobs as may run (max_active_jobs_per_owner) plus
-    wait (max_queued_jobs_per_owner). Queued jobs that could start at once within the active allowance do
-    not count against the queue."""
-    counts = store.count_by_state(owner)
-    active = counts.get(JobState.STARTING, 0) + counts.get(JobState.RUNNING, 0)
-    queued = counts.get(JobState.QUEUED, 0)
-    max_active, max_queued = settings.max_active_jobs_per_owner, settings.max_queued_jobs_per_owner
-    if queued < max_queued + max(0, max_active - active):
-        return
-    details: dict[str, Any] = {
-        "limit": "max_queued_jobs_per_owner",
-        "active": active,
-        "queued": queued,
-        "max_active_jobs_per_owner": max_active,
-        "max_queued_jobs_per_owner": max_queued,
-    }
-    raise ApiError(
-        429,
-        "quota_exceeded",
-        f"you have {active} active and {queued} queued job(s): at most {max_active} active "
-        f"(TRAINCTL_MAX_ACTIVE_JOBS_PER_OWNER) and {max_queued} queued "
-        f"(TRAINCTL_MAX_QUEUED_JOBS_PER_OWNER) per owner; wait for some to finish or cancel some",
-        details,
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
+def quota_check(settings: Settings) -> Callable[[dict[JobState, int]], None]:
+    """What `Store.create_job` calls with the owner's job counts, inside the inserting transaction: a 429
+    when the owner already holds as many unfinished jobs as may run (max_active_jobs_per_owner) plus wait
+    (max_queued_jobs_per_owner). Queued jobs that could start at once within the active allowance do not
+    count against the queue."""
+
+    def check(counts: dict[JobState, int]) -> None:
+        active = counts.get(JobState.STARTING, 0) + counts.get(JobState.RUNNING, 0)
+        queued = counts.get(JobState.QUEUED, 0)
+        max_active, max_queued = settings.max_active_jobs_per_owner, settings.max_queued_jobs_per_owner
+        if queued < max_queued + max(0, max_active - active):
+            return
+        details: dict[str, Any] = {
+            "limit": "max_queued_jobs_per_owner",
+            "active": active,
+            "queued": queued,
+            "max_active_jobs_per_owner": max_active,
+            "max_queued_jobs_per_owner": max_queued,
+        }
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"you have {active} active and {queued} queued job(s): at most {max_active} active "
+            f"(TRAINCTL_MAX_ACTIVE_JOBS_PER_OWNER) and {max_queued} queued "
+            f"(TRAINCTL_MAX_QUEUED_JOBS_PER_OWNER) per owner; wait for some to finish or cancel some",
+            details,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    return check

@@ -70,7 +70,7 @@ class Reconciler:
             log.info("this replica now leads reconciliation")
         t0 = time.perf_counter()
         try:
-            self.runner.reconcile_once()
+            self.runner.reconcile_once(still_leader=self.leader.acquire)
         finally:
             if self.on_pass is not None:
                 self.on_pass(time.perf_counter() - t0)

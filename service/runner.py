@@ -15,6 +15,7 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import objstore
@@ -44,11 +45,11 @@ def fair_queue(queued: list[Job], active: list[Job], max_active_per_owner: int) 
     job per round, not by the whole burst."""
     running: dict[str, int] = {}
     for job in active:
-        running[job.owner] = running.get(job.owner, 0) + 1
+        running[_owner_key(job)] = running.get(_owner_key(job), 0) + 1
     per_owner: dict[str, list[Job]] = {}
     for job in queued:  # submission order
-        allowance = max_active_per_owner - running.get(job.owner, 0)
-        mine = per_owner.setdefault(job.owner, [])
+        allowance = max_active_per_owner - running.get(_owner_key(job), 0)
+        mine = per_owner.setdefault(_owner_key(job), [])
         if len(mine) < allowance:
             mine.append(job)
     order: list[Job] = []
@@ -56,6 +57,10 @@ def fair_queue(queued: list[Job], active: list[Job], max_active_per_owner: int) 
     for i in range(rounds):
         order.extend(jobs[i] for jobs in per_owner.values() if i < len(jobs))
     return order
+
+
+def _owner_key(job: Job) -> str:
+    return job.owner_id or job.owner  # the owner id (a re-created token name is another owner)
 
 
 def over_time_limit(job: Job, max_job_hours: float, now: float) -> float | None:
@@ -82,6 +87,23 @@ class NoLog(Exception):
     """There is no log to show; the message says why."""
 
 
+class StillStopping(Exception):
+    """A finished job's Ray driver has not exited yet: deleting its folder now would let it write again."""
+
+    def __init__(self, submission_id: str) -> None:
+        super().__init__(submission_id)
+        self.submission_id = submission_id
+
+
+class LostLeadership(Exception):
+    """This replica no longer holds the reconciler lock: another one decides now, so this pass stops here."""
+
+
+# How long a delete waits for a stopped job's Ray driver to exit (Ray stops a driver with SIGTERM, then
+# SIGKILL after a few seconds) before answering 409 with Retry-After.
+DELETE_FENCE_S = 10.0
+
+
 def _is_wait_message(message: str | None) -> bool:
     return bool(message) and message.startswith(("waiting for resources", "starting:"))  # type: ignore[union-attr]
 
@@ -92,6 +114,10 @@ class Runner:
         self._lock = threading.RLock()
         self._log_copies: dict[str, tuple[float, int]] = {}  # submission id -> (when copied, length)
         self.notifier = notifier  # webhook alerts (service/notify.py); None: none sent (admin tools)
+        # During a reconciler pass: whether this replica still holds the leader lock (checked before every
+        # job, and again right before a Ray job is stopped or started). None outside a pass.
+        self._still_leader: Callable[[], bool] | None = None
+        self.delete_fence_s = DELETE_FENCE_S
         store.on_transition = self._transitioned
         # Observability (service/metrics.py): the latest training throughput of each active job, and how
         # often Ray refused a submission. Kept by whichever replica reconciles.
@@ -234,27 +260,59 @@ class Runner:
             self._reconcile(job, self.ray.info(job.ray_submission_id or ""))
             return self.store.get(job_id) or job
 
+    def _fence(self, job: Job, fence_s: float) -> None:
+        submissions = {e.get("submission_id") for e in job.attempt_log} | {job.ray_submission_id}
+        deadline = time.monotonic() + fence_s
+        for submission_id in sorted(s for s in submissions if s):
+            while True:
+                info = self.ray.info(submission_id)
+                if info is None or info.status.is_terminal():
+                    break
+                self.ray.stop(submission_id)  # again: a stop asked of a replica that died meanwhile is lost
+                if time.monotonic() >= deadline:
+                    raise StillStopping(submission_id)
+                time.sleep(0.2)
+
     # --- reconciling -------------------------------------------------------------------------------------------
 
-    def reconcile_once(self) -> None:
-        """One pass: bring every active job up to date with Ray and its job directory, then fill free slots."""
+    def reconcile_once(self, still_leader: Callable[[], bool] | None = None) -> None:
+        """One pass: bring every active job up to date with Ray and its job directory, then fill free slots.
+        With `still_leader` (the reconciler's leader lock), the pass ends as soon as it returns False: a
+        replica that lost leadership mid-pass acts on nothing more (the new leader has the facts)."""
         with self._lock:
-            for job in self.store.active():
-                try:
-                    if self._enforce_time_limit(job):
-                        continue
-                    info = self.ray.info(job.ray_submission_id or "")
-                    self._reconcile(job, info)
-                except RayUnavailable as exc:
-                    log.warning("reconcile: %s", exc)
-                    return  # nothing to learn this round; do not start jobs on a cluster we cannot see
-                except objstore.StorageUnavailable as exc:
-                    log.warning("reconcile job %s: %s", job.id, exc)
-                except InvalidTransition as exc:
-                    log.info("reconcile job %s: %s (changed meanwhile)", job.id, exc)
-                except Exception:  # one broken job must not stop the others
-                    log.exception("reconcile job %s failed", job.id)
-            self.schedule()
+            self._still_leader = still_leader
+            try:
+                self._reconcile_all()
+            except LostLeadership:
+                log.warning("lost the reconciler lock during a pass: stopping and starting nothing more")
+            finally:
+                self._still_leader = None
+
+    def _check_leader(self) -> None:
+        if self._still_leader is not None and not self._still_leader():
+            raise LostLeadership()
+
+    def _reconcile_all(self) -> None:
+        for job in self.store.active():
+            self._check_leader()
+            try:
+                if self._enforce_time_limit(job):
+                    continue
+                info = self.ray.info(job.ray_submission_id or "")
+                self._reconcile(job, info)
+            except RayUnavailable as exc:
+                log.warning("reconcile: %s", exc)
+                return  # nothing to learn this round; do not start jobs on a cluster we cannot see
+            except objstore.StorageUnavailable as exc:
+                log.warning("reconcile job %s: %s", job.id, exc)
+            except InvalidTransition as exc:
+                log.info("reconcile job %s: %s (changed meanwhile)", job.id, exc)
+            except LostLeadership:
+                raise
+            except Exception:  # one broken job must not stop the others
+                log.exception("reconcile job %s failed", job.id)
+        self._check_leader()
+        self.schedule()
 
     def _enforce_time_limit(self, job: Job) -> bool:
         """Stop a job that ran past its time limit and fail it; True when it did."""
@@ -262,6 +320,7 @@ class Runner:
         if limit_h is None:
             return False
         if job.ray_submission_id:
+            self._check_leader()
             self.ray.stop(job.ray_submission_id)
         self._fail(job.id, f"time limit: the job ran longer than limits.max_hours={limit_h:g} h")
         return True
@@ -279,6 +338,7 @@ class Runner:
             if action.start and info is not None:
                 self._start_running(job, info)
         elif isinstance(action, Stop):
+            self._check_leader()
             if self.ray.stop(job.ray_submission_id or ""):
                 self.store.transition(job.id, JobState.CANCELLED, message="cancelled by user")
         elif isinstance(action, Cancel):
@@ -437,10 +497,17 @@ class Runner:
                 pass
         return None
 
-    def delete(self, job: Job) -> bool:
-        """Delete a terminal job: its storage prefix, its Ray job records (best effort), then its record."""
+    def delete(self, job: Job, fence_s: float | None = None) -> bool:
+        """Delete a terminal job: its storage prefix, its Ray job records (best effort), then its record.
+
+        First the fence: a job CANCELLED a moment ago may still have a driver running (Ray's stop is a
+        signal, not a wait), which would write checkpoints into the folder after it was removed. So every
+        attempt's Ray job must have ended; each one still live is stopped again and waited for up to
+        `fence_s` seconds (default delete_fence_s), else StillStopping (the API answers 409 with
+        Retry-After). Ray unreachable: RayUnavailable (503), nothing deleted."""
         if not job.state.is_terminal():
             return False
+        self._fence(job, self.delete_fence_s if fence_s is None else fence_s)
         objstore.delete_tree(self.job_dir(job.id))
         for entry in job.attempt_log:
             try:

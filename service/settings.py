@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
     webhook_attempts: int = Field(default=3, ge=1, le=10)
     webhook_backoff_s: float = Field(default=1.0, ge=0.0, le=60.0)  # before retry n: backoff x 2^(n-1)
+    # Expensive requests (docs/security.md): open event streams per owner and in all (429 past either), and
+    # the bounded pool that renders plots: its threads, and how many more requests may wait for one (503).
+    max_event_streams_per_owner: int = Field(default=8, ge=1)
+    max_event_streams: int = Field(default=256, ge=1)
+    slow_workers: int = Field(default=4, ge=1, le=256)
+    slow_queue: int = Field(default=16, ge=0)
 
     @field_validator("data_dir")
     @classmethod

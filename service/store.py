@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import hashlib
 import json
 import secrets
 import time
@@ -57,7 +58,7 @@ class Base(DeclarativeBase):
 
 class JobModel(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_owner_idempotency_key"),)
+    __table_args__ = (UniqueConstraint("owner_id", "idempotency_key", name="uq_owner_id_idempotency_key"),)
 
     # An integer primary key gives a strict submission order for the queue; `id` is what users see.
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -76,12 +77,15 @@ class JobModel(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # Labels people search by (migration 0003_workbench): a free name, a project, tags. The tags are kept twice:
+    # Labels people search by (migration 0003): a free name, a project, tags. The tags are kept twice:
     # as JSON here for reading, and one row each in job_tags, whose index the tag filter uses.
     name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     project: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     tags: Mapped[str] = mapped_column(Text, default="[]")
     parent: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # resubmitted from this job
+    # Who may see and change the job: the owner id of the token that submitted it (never the name, which a
+    # new token may reuse). NULL: a job whose token was gone when owner ids were introduced (admin only).
+    owner_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class JobTagModel(Base):
@@ -93,12 +97,18 @@ class JobTagModel(Base):
 
 class TokenModel(Base):
     __tablename__ = "tokens"
+    __table_args__ = (UniqueConstraint("owner_id", name="uq_tokens_owner_id"),)
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; the token itself is never stored
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # unix time; None: never
+    # A stable id made with the token and never reused: jobs belong to it, so a token re-created under the
+    # same name starts with no jobs.
+    owner_id: Mapped[str] = mapped_column(String(64))
+    # Dashboard sessions issued before this time are void (logout ends them on every replica).
+    sessions_not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,21 @@ def _drop_failing(data: dict[str, Any], exc: ValidationError, reset: list[str]) 
 
 
 @dataclass(frozen=True)
+class TokenIdentity:
+    """Who a valid token is: its name, role, the owner id its jobs carry, and when its sessions were ended."""
+
+    name: str
+    is_admin: bool
+    owner_id: str
+    sessions_not_before: float | None
+
+
+def new_owner_id() -> str:
+    # ':' cannot occur in a token name, so an owner id never equals one.
+    return "id:" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
 class Job:
     """A snapshot of one job row (no live ORM object escapes the store). `spec` is validated when the
     snapshot is made; `spec_error` says why a stored spec from an older version did not validate
@@ -204,6 +229,7 @@ class Job:
     project: str | None = None
     tags: list[str] = field(default_factory=list)
     parent: str | None = None
+    owner_id: str | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, m: JobModel) -> Job:
@@ -230,6 +256,7 @@ class Job:
             project=m.project,
             tags=json.loads(m.tags or "[]"),
             parent=m.parent,
+            owner_id=m.owner_id,
         )
 
 
@@ -361,11 +388,14 @@ _TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_a
 
 
 @functools.lru_cache(maxsize=64)
-def _list_queries(by_owner: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
-    """(count, page) for Store.list, prepared once per filter shape; owner, limit and offset are parameters."""
+def _list_queries(by_owner: bool, by_owner_id: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
+    """(count, page) for Store.list, prepared once per filter shape; owner, owner id, limit and offset are
+    parameters."""
     q = select(JobModel.__table__)
     if by_owner:
         q = q.where(JobModel.owner == bindparam("owner"))
+    if by_owner_id:
+        q = q.where(JobModel.owner_id == bindparam("owner_id"))
     if states is not None:
         q = q.where(JobModel.state.in_(sorted(states)))
     count = select(func.count()).select_from(q.subquery())
@@ -413,20 +443,37 @@ class Store:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         labels: Labels | None = None,
+        *,
+        owner_id: str | None = None,
+        quota: Callable[[dict[JobState, int]], None] | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a QUEUED job. With an idempotency key already used by this owner: the earlier job
-        (created=False) when the request hash matches, else IdempotencyConflict."""
+        """Insert a QUEUED job for `owner` (the name shown) and `owner_id` (who may see it; default the
+        name). With an idempotency key already used by this owner: the earlier job (created=False) when the
+        request hash matches, else IdempotencyConflict. `quota` is called with the owner's job counts by
+        state inside the inserting transaction, after taking a per-owner lock in the database, and may
+        raise to refuse: so the quota holds however many API replicas insert at once."""
+        owner_id = owner_id or owner
         for _ in range(2):  # a second round only when another process inserted the same key meanwhile
             try:
                 with self._writes.begin() as s:
                     if idempotency_key is not None:
                         existing = s.scalar(
-                            select(JobModel).where(JobModel.owner == owner, JobModel.idempotency_key == idempotency_key)
+                            select(JobModel).where(
+                                JobModel.owner_id == owner_id, JobModel.idempotency_key == idempotency_key
+                            )
                         )
                         if existing is not None:
                             if existing.request_hash != request_hash:
                                 raise IdempotencyConflict(existing.id)
                             return Job.of(existing), False
+                    if quota is not None:
+                        self._lock_owner(s, owner_id)
+                        rows = s.execute(
+                            select(JobModel.state, func.count())
+                            .where(JobModel.owner_id == owner_id)
+                            .group_by(JobModel.state)
+                        ).all()
+                        quota({JobState(state): n for state, n in rows})
                     now = time.time()
                     m = JobModel(
                         id=new_job_id(),
@@ -441,6 +488,7 @@ class Store:
                         idempotency_key=idempotency_key,
                         request_hash=request_hash,
                         **_label_columns(labels or Labels()),
+                        owner_id=owner_id,
                     )
                     s.add(m)
                     s.flush()
@@ -450,6 +498,13 @@ class Store:
                 if idempotency_key is None:
                     raise
         raise RuntimeError("could not create the job: idempotency key kept colliding")
+
+    def _lock_owner(self, s: Any, owner_id: str) -> None:
+        """Serialise one owner's inserts across processes until the transaction ends: a PostgreSQL advisory
+        transaction lock keyed by the owner id (SQLite's BEGIN IMMEDIATE already holds the write lock)."""
+        if self.dialect == "postgresql":
+            key = int.from_bytes(hashlib.sha256(owner_id.encode()).digest()[:8], "big", signed=True)
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
     def get(self, job_id: str) -> Job | None:
         # Every poll reads its job: a prepared Core query through a pooled connection costs a fraction of an
@@ -475,16 +530,20 @@ class Store:
         limit: int = 50,
         offset: int = 0,
         where: JobFilter | None = None,
+        *,
+        owner_id: str | None = None,
     ) -> tuple[list[Job], int]:
         """(page, total), newest first by default (`where.sort`: created, name A-Z, best_val_acc highest
-        first; ties newest first). Every condition is an indexed column (the name substring scans the
-        rows the other conditions leave)."""
+        first; ties newest first); `owner` filters by the name shown, `owner_id` by who owns the job. Every
+        condition is an indexed column (the name substring scans the rows the other conditions leave)."""
         where = where or JobFilter()
         if where == JobFilter():  # the status path: a prepared query per filter shape (_list_queries)
             count, page = _list_queries(
-                owner is not None, None if states is None else frozenset(st.value for st in states)
+                owner is not None,
+                owner_id is not None,
+                None if states is None else frozenset(st.value for st in states),
             )
-            params = {"owner": owner, "limit": limit, "offset": offset}
+            params = {"owner": owner, "owner_id": owner_id, "limit": limit, "offset": offset}
             with self.engine.connect() as conn:
                 total = conn.scalar(count, params) or 0
                 rows = conn.execute(page, params)
@@ -492,6 +551,8 @@ class Store:
         q = select(JobModel)
         if owner is not None:
             q = q.where(JobModel.owner == owner)
+        if owner_id is not None:
+            q = q.where(JobModel.owner_id == owner_id)
         if states is not None:
             q = q.where(JobModel.state.in_([st.value for st in states]))
         for tag in where.tags:
@@ -524,9 +585,9 @@ class Store:
             ).all()
             return {JobState(state): n for state, n in rows}
 
-    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+    def by_idempotency_key(self, owner_id: str, key: str) -> Job | None:
         with self._sessions() as s:
-            m = s.scalar(select(JobModel).where(JobModel.owner == owner, JobModel.idempotency_key == key))
+            m = s.scalar(select(JobModel).where(JobModel.owner_id == owner_id, JobModel.idempotency_key == key))
             return Job.of(m) if m else None
 
     def queued_in_order(self) -> builtins.list[Job]:  # builtins: `list` here is the method above
@@ -619,6 +680,7 @@ class Store:
                 "cancel_requested",
                 "idempotency_key",
                 "request_hash",
+                "owner_id",
             )
         }
         row.update(_label_columns(Labels(job.name, job.project, tuple(job.tags), job.parent)))
@@ -660,7 +722,9 @@ class Store:
 
     # --- tokens -----------------------------------------------------------------------------------------
 
-    def add_token(self, name: str, token_hash: str, is_admin: bool = False, expires_at: float | None = None) -> None:
+    def add_token(self, name: str, token_hash: str, is_admin: bool = False, expires_at: float | None = None) -> str:
+        """Store a token (its hash) under `name` with a new owner id, which it returns."""
+        owner_id = new_owner_id()
         try:
             with self._writes.begin() as s:
                 if s.get(TokenModel, name) is not None:
@@ -672,8 +736,10 @@ class Store:
                         is_admin=is_admin,
                         created_at=time.time(),
                         expires_at=expires_at,
+                        owner_id=owner_id,
                     )
                 )
+            return owner_id
         except IntegrityError:  # another replica added the same name between our read and our insert
             with self._sessions() as s:
                 if s.get(TokenModel, name) is not None:
@@ -689,6 +755,24 @@ class Store:
         if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
             return None
         return row.name, bool(row.is_admin)
+
+    def token_identity(self, token_hash: str) -> TokenIdentity | None:
+        """Who holds a token hash that exists and has not expired, or None."""
+        with self._sessions() as s:
+            m = s.scalar(select(TokenModel).where(TokenModel.token_hash == token_hash))
+            if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
+                return None
+            return TokenIdentity(m.name, m.is_admin, m.owner_id, m.sessions_not_before)
+
+    def end_sessions(self, token_hash: str, now: float | None = None) -> bool:
+        """Void every dashboard session of this token issued until now (logout, on every replica)."""
+        with self._writes.begin() as s:
+            result = s.execute(
+                update(TokenModel)
+                .where(TokenModel.token_hash == token_hash)
+                .values(sessions_not_before=time.time() if now is None else now)
+            )
+            return _rowcount(result) == 1
 
     def list_tokens(self) -> builtins.list[TokenInfo]:
         with self._sessions() as s:

@@ -459,3 +459,8 @@ def best_trial(rows: Iterable[TrialRow], mode: SearchMode) -> TrialRow | None:
         if row.state is not TrialState.FAILED and better(row.best_metric, best.best_metric if best else None, mode):
             best = row
     return best
+
+
+# The one folder torchvision downloads CIFAR-10 into (`data.format: torchvision`, or a missing data.train): any
+# other missing folder is an error at submission and in the driver, never another 170 MB download.
+TORCHVISION_DOWNLOAD_DIR = "~/.cache/trainctl/cifar10"

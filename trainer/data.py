@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 import objstore
+from trainer.contract import TORCHVISION_DOWNLOAD_DIR
 from trainer.device_settings import to_device
 from trainer.spec import AugmentSpec, DataSpec, JobSpec
 
@@ -33,6 +34,19 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PAD = 4
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+
+# Bounds on what a dataset may make the driver or a worker hold (docs/security.md, "decompression bombs"):
+# a 2 KB parquet can name one 48 KB value 50,000 times (2.4 GiB once read), a 500 KB pickle can repeat one
+# list 250,000 times. Files are read in bounded batches and refused as soon as one of these is passed.
+MAX_DATA_ROWS = 1_000_000  # images per file (CIFAR-10: 60,000; CINIC-10: 270,000)
+MAX_IMAGE_BYTES = 32 * 1024  # one encoded 32×32 image (raw pixels are 3,072 bytes; JPEGs ~1-3 KB)
+MAX_DATA_BYTES = 1 << 30  # encoded images per parquet file (CIFAR-10's: 120 MB)
+MAX_PICKLE_BYTES = 256 << 20  # one python batch file (CIFAR-10's: 31 MB; CIFAR-100's train: 155 MB)
+PARQUET_BATCH_ROWS = 1024
+BATCH_BYTES = 64 << 20  # what one parquet batch may expand to before its sizes are checked
+# The one place torchvision downloads CIFAR-10 to: any other missing folder is an error, never a new
+# 170 MB download (a user could otherwise fill the node's disk, one made-up folder per job).
+DOWNLOAD_CACHE = TORCHVISION_DOWNLOAD_DIR
 
 
 class DataError(ValueError):
@@ -82,6 +96,21 @@ class _DataUnpickler(pickle.Unpickler):
 
 class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
+
+
+def read_bounded(uri: str, max_bytes: int, limit_name: str, what: str) -> bytes:
+    """The bytes of `uri`, refused (DataError naming the limit) when the file holds more than `max_bytes`:
+    never reads more than max_bytes + 1 bytes, whatever the file's recorded size says."""
+    fs, path = objstore.resolve(uri)
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return bytes(f.read(max_bytes + 1))
+
+    raw = objstore.retrying(read, f"read {objstore.redact(uri)}")
+    if len(raw) > max_bytes:
+        raise DataError(f"{uri}: {what} is larger than {max_bytes:,} bytes (the limit trainer.data.{limit_name})")
+    return raw
 
 
 def load_pickle(raw: bytes, uri: str, what: str = "a CIFAR-10 python batch") -> Any:
@@ -150,7 +179,7 @@ def load(uri: str, fmt: str = "auto", split: str = "train", num_classes: int = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUPPORTED = (
     "a CIFAR-10 python folder (data_batch_1..5, test_batch), a Hugging Face image parquet (img{bytes}, "
-    "label), or an empty folder (torchvision downloads CIFAR-10)"
+    f"label), or {DOWNLOAD_CACHE} (torchvision downloads CIFAR-10 there once)"
 )
 
 
@@ -234,27 +263,14 @@ def _check(data: Dataset, uri: str, num_classes: int) -> None:
 def _read_parquet(uri: str, limit: int | None) -> Dataset:
     from torchvision.io import decode_image, decode_jpeg  # torchvision only where data is decoded
 
-    fs, path = objstore.resolve(uri)
-    try:
-        table = objstore.retrying(
-            lambda: pq.read_table(path, filesystem=fs, columns=["img", "label"]), f"read {objstore.redact(uri)}"
-        )
-    except FileNotFoundError:
-        raise DataError(f"{uri}: file not found") from None
-    except (KeyError, ValueError, OSError) as exc:  # pyarrow: missing columns / not a parquet file
-        # pyarrow's message may quote the file's bytes: say only what kind of problem it is
-        raise DataError(
-            f"{uri}: not a Hugging Face image parquet (needs columns img{{bytes}} and label; "
-            f"pyarrow raised {type(exc).__name__})"
-        ) from None
-    if limit is not None:
-        table = table.slice(0, limit)
-    try:
-        blobs = table.column("img").combine_chunks().field("bytes").to_pylist()
-    except (KeyError, AttributeError) as exc:
-        raise DataError(f"{uri}: column img has no 'bytes' field") from exc
-    labels = torch.as_tensor(table.column("label").to_numpy().copy(), dtype=torch.int64)
+    blobs, labels = _parquet_rows(uri, limit)
     encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    for i, blob in enumerate(blobs):  # before decoding: a few bytes may declare a 60,000×60,000 image
+        size = image_size(blob)
+        if size is None:
+            raise DataError(f"{uri}: row {i}: undecodable image (not a JPEG or PNG)")
+        if size != (32, 32):
+            raise DataError(f"{uri}: row {i}: image is {size[0]}×{size[1]}, expected 32×32 RGB")
     try:
         decoded = decode_jpeg(encoded)  # one batched C++ call
     except RuntimeError:
@@ -268,6 +284,108 @@ def _read_parquet(uri: str, limit: int | None) -> Dataset:
         if tuple(img.shape) != (3, 32, 32):
             raise DataError(f"{uri}: row {i}: image shape {tuple(img.shape)}, expected 3×32×32 RGB")
     return Dataset(torch.stack(decoded), labels)
+
+
+def _parquet_rows(uri: str, limit: int | None) -> tuple[list[bytes], torch.Tensor]:
+    """The encoded images and labels of a Hugging Face image parquet: at most `limit` rows (the preflight
+    reads 16: only the first batch of the first row group), in batches of PARQUET_BATCH_ROWS, refused as
+    soon as the file passes MAX_DATA_ROWS, an image MAX_IMAGE_BYTES or all images MAX_DATA_BYTES.
+
+    The footer's sizes do not bound what a file expands to: a dictionary-encoded column can name one large
+    value for every row (2 KB on disk, 2.4 GiB read). One value is at most its column chunk's uncompressed
+    size, so batches hold few enough rows that a batch of such values stays within BATCH_BYTES, and each
+    batch is checked before the next is read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    fs, path = objstore.resolve(uri)
+    try:
+        pf = objstore.retrying(lambda: pq.ParquetFile(path, filesystem=fs), f"read {objstore.redact(uri)}")
+        meta = pf.metadata
+        if meta.num_rows > MAX_DATA_ROWS:
+            raise DataError(
+                f"{uri}: {meta.num_rows:,} rows, over the limit of {MAX_DATA_ROWS:,} (trainer.data.MAX_DATA_ROWS)"
+            )
+        chunk = max(
+            (
+                rg.column(c).total_uncompressed_size
+                for rg in (meta.row_group(g) for g in range(meta.num_row_groups))
+                for c in range(rg.num_columns)
+                if rg.column(c).path_in_schema == "img.bytes"
+            ),
+            default=0,
+        )
+        if chunk > MAX_DATA_BYTES:
+            raise DataError(f"{uri}: images of more than {MAX_DATA_BYTES:,} bytes in all (trainer.data.MAX_DATA_BYTES)")
+        batch_rows = max(1, min(PARQUET_BATCH_ROWS, limit or PARQUET_BATCH_ROWS, BATCH_BYTES // max(chunk, 1)))
+        blobs: list[bytes] = []
+        labels: list[np.ndarray] = []
+        total = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["img", "label"]):
+            if limit is not None:
+                batch = batch.slice(0, limit - len(blobs))
+            img = batch.column("img")
+            if not pa.types.is_struct(img.type) or img.type.get_field_index("bytes") < 0:
+                raise DataError(f"{uri}: column img has no 'bytes' field")
+            values = img.field("bytes")
+            lengths = pc.binary_length(values)
+            biggest = pc.max(lengths).as_py() or 0
+            total += pc.sum(lengths).as_py() or 0
+            if biggest > MAX_IMAGE_BYTES:
+                raise DataError(
+                    f"{uri}: an image of {biggest:,} bytes, over the limit of {MAX_IMAGE_BYTES:,} "
+                    "(trainer.data.MAX_IMAGE_BYTES; a 32×32 image needs a few KB)"
+                )
+            if total > MAX_DATA_BYTES:
+                raise DataError(
+                    f"{uri}: images of more than {MAX_DATA_BYTES:,} bytes in all (trainer.data.MAX_DATA_BYTES)"
+                )
+            blobs += values.to_pylist()
+            labels.append(batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+            if limit is not None and len(blobs) >= limit:
+                break
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+    except (KeyError, ValueError, OSError, TypeError, pa.ArrowException) as exc:
+        if isinstance(exc, DataError):
+            raise
+        # pyarrow's message may quote the file's bytes: say only what kind of problem it is
+        raise DataError(
+            f"{uri}: not a Hugging Face image parquet (needs columns img{{bytes}} and label; "
+            f"pyarrow raised {type(exc).__name__})"
+        ) from None
+    if any(b is None for b in blobs):
+        raise DataError(f"{uri}: a row has no image bytes")
+    label_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return blobs, torch.from_numpy(label_array)
+
+
+def image_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's or JPEG's header, without decoding; None for anything else."""
+    if blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR":
+        return int.from_bytes(blob[16:20], "big"), int.from_bytes(blob[20:24], "big")
+    if blob[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(blob):  # walk the markers to the first start-of-frame
+        if blob[i] != 0xFF:
+            return None
+        marker = blob[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(blob[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(blob):
+                return None
+            return int.from_bytes(blob[i + 7 : i + 9], "big"), int.from_bytes(blob[i + 5 : i + 7], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
 
 
 def _read_cifar_python(uri: str, split: str) -> Dataset:
@@ -286,19 +404,45 @@ def _read_cifar_python(uri: str, split: str) -> Dataset:
     for f in files:
         if not objstore.exists(f):
             raise DataError(f"{f}: missing CIFAR-10 batch file (expected {', '.join(names)} in {uri})")
-        batch = load_pickle(objstore.read_bytes(f), f)
-        try:
-            data, labs = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))
-        except (TypeError, KeyError, AttributeError):
-            raise DataError(f"{f}: not a CIFAR-10 python batch (no dict with b'data' and b'labels')") from None
-        data = np.asarray(data)
-        if labs is None or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-            raise DataError(f"{f}: b'data' must be N×3072 uint8 with b'labels'; got {data.dtype} {data.shape}")
-        if len(labs) != len(data):
-            raise DataError(f"{f}: {len(data)} images but {len(labs)} labels")
+        data, labs = _cifar_batch(load_pickle(read_bounded(f, MAX_PICKLE_BYTES, "MAX_PICKLE_BYTES", "the batch"), f), f)
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(np.asarray(labs), dtype=torch.int64))
+        labels.append(torch.from_numpy(labs))
     return Dataset(torch.cat(images), torch.cat(labels))
+
+
+def is_download_cache(uri: str) -> bool:
+    """Whether `uri` is the torchvision download folder (DOWNLOAD_CACHE, `~` expanded, links resolved)."""
+    if objstore.is_s3(uri):
+        return False
+    try:
+        return os.path.realpath(objstore.resolve(uri)[1]) == os.path.realpath(os.path.expanduser(DOWNLOAD_CACHE))
+    except ValueError:
+        return False
+
+
+def _cifar_batch(batch: Any, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data N×3072 uint8, labels N int64) of an unpickled batch, checked before anything is converted: a
+    pickle can repeat one list many times for a few bytes each (memo references), which np.asarray would
+    expand into gigabytes, so b'data' must already be a uint8 array and labels plain integers."""
+    try:
+        data, labs = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))
+    except (TypeError, KeyError, AttributeError):
+        raise DataError(f"{uri}: not a CIFAR-10 python batch (no dict with b'data' and b'labels')") from None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{uri}: b'data' must be an N×3072 uint8 array with b'labels'; got {got}")
+    if len(data) > MAX_DATA_ROWS:
+        raise DataError(
+            f"{uri}: {len(data):,} images, over the limit of {MAX_DATA_ROWS:,} (trainer.data.MAX_DATA_ROWS)"
+        )
+    if not isinstance(labs, (list, np.ndarray)) or len(labs) != len(data):
+        n = len(labs) if isinstance(labs, (list, np.ndarray)) else type(labs).__name__
+        raise DataError(f"{uri}: {len(data)} images but {n} labels")
+    try:  # element by element: a nested list is an error, never an N×M array
+        labels = np.fromiter(labs, dtype=np.int64, count=len(data))
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{uri}: b'labels' must be integers") from None
+    return data, labels
 
 
 def _download_torchvision(uri: str, split: str) -> Dataset:
@@ -306,6 +450,11 @@ def _download_torchvision(uri: str, split: str) -> Dataset:
     import torchvision
 
     root = objstore.resolve(uri)[1]
+    if not is_download_cache(uri):
+        raise DataError(
+            f"{uri}: does not exist (or is an empty folder); torchvision downloads CIFAR-10 only into "
+            f"{DOWNLOAD_CACHE}, so that a missing folder never starts another 170 MB download"
+        )
     try:
         torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
     except Exception as exc:  # offline, DNS, checksum: all mean "could not fetch"

@@ -16,12 +16,14 @@ from trainer.contract import Confusion
 from trainer.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    MAX_PICKLE_BYTES,
     DataError,
     Dataset,
     images_to_batches,
     load,
     load_pickle,
     load_splits,
+    read_bounded,
     test_source,
     use_channels_last,
 )
@@ -184,9 +186,13 @@ def evaluate_confusion(
 def _read_kaggle_pickle(uri: str) -> tuple[torch.Tensor, list[Any]]:
     """A pickle with b'data' as N×32×32×3 (HWC, the paper's Kaggle test file) or N×3072 (CHW rows, the CIFAR-10
     python layout, e.g. `test_batch`) uint8; ids from b'ids', else 1..N in file order. Read without code."""
-    batch = load_pickle(objstore.read_bytes(uri), uri, "a Kaggle input pickle")
+    batch = load_pickle(
+        read_bounded(uri, MAX_PICKLE_BYTES, "MAX_PICKLE_BYTES", "the pickle"), uri, "a Kaggle input pickle"
+    )
     try:
-        data = np.asarray(batch[b"data"])
+        data = batch[b"data"]
+        if not isinstance(data, np.ndarray):  # a list of repeated rows would expand in np.asarray
+            raise TypeError
         ids = list(batch[b"ids"]) if b"ids" in batch else list(range(1, len(data) + 1))
     except (TypeError, KeyError, AttributeError):
         raise DataError(f"{uri}: expected a pickle with b'data'") from None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service import auth
+from service import auth, limits
 from service.errors import ApiError, not_found
 from service.reconciler import Reconciler
 from service.runner import Runner
@@ -23,8 +23,9 @@ def _state(request: Request) -> AppState:
     return cast("AppState", request.app.state.trainctl)
 
 
-# `async def`, though nothing here awaits: FastAPI runs a plain `def` dependency in its threadpool, and
-# each such hand-off costs more CPU than a status poll's whole database read.
+# `async def`, though nothing here awaits: FastAPI runs a plain `def` dependency in its threadpool; each such
+# hand-off costs more CPU than a status poll's whole database read, and /healthz must answer while that pool is
+# full of slow requests.
 async def get_settings(request: Request) -> Settings:
     return _state(request).settings
 
@@ -41,10 +42,25 @@ async def get_reconciler(request: Request) -> Reconciler:
     return _state(request).reconciler
 
 
+async def get_slow_pool(request: Request) -> limits.SlowPool:
+    return _state(request).slow
+
+
+async def get_plot_cache(request: Request) -> limits.PlotCache:
+    return _state(request).plot_cache
+
+
+async def get_stream_slots(request: Request) -> limits.StreamSlots:
+    return _state(request).streams
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
+SlowPoolDep = Annotated[limits.SlowPool, Depends(get_slow_pool)]
+PlotCacheDep = Annotated[limits.PlotCache, Depends(get_plot_cache)]
+StreamSlotsDep = Annotated[limits.StreamSlots, Depends(get_stream_slots)]
 
 
 # Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False
@@ -95,8 +111,10 @@ def session_principal(request: Request, store: Store) -> auth.Principal | None:
             "this request came with the dashboard's session cookie but without "
             "its CSRF token (X-CSRF-Token); reload the page and try again",
         )
-    owner = store.token_owner(token_hash)
-    return auth.Principal(*owner) if owner else None
+    who = store.token_identity(token_hash)
+    if who is None or not sessions.issued_after(cookie, who.sessions_not_before):
+        return None  # the token is gone, or this session was ended by a logout (on any replica)
+    return auth.Principal(who.name, who.is_admin, who.owner_id, token_hash)
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
@@ -106,7 +124,7 @@ def get_owned_job(job_id: Annotated[str, Path(max_length=64)], store: StoreDep, 
     job = store.get(job_id)
     # Another owner's job answers exactly like a missing one: ids are not confirmed to strangers. The admin
     # sees, cancels and deletes every job.
-    if job is None or (job.owner != principal.name and not principal.is_admin):
+    if job is None or (job.owner_id != principal.owner_id and not principal.is_admin):
         raise not_found()
     return job
 

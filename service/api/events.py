@@ -6,8 +6,11 @@ Events (each `data:` is one JSON object):
   state, epoch, attempts or message change;
 - `epoch`: one finished epoch's metrics line (metrics.jsonl), every finished epoch once, in order — on
   connect the ones already finished, then each new one;
-- `end`: the job reached a terminal state (sent after its last `state`); the stream then closes.
-A comment line every 15 s keeps proxies from closing an idle stream.
+- `end`: the job reached a terminal state (sent after its last `state`), was deleted, or the token that
+  opened the stream was revoked or expired (`{"reason": "token_revoked"}`, checked at every poll); the
+  stream then closes.
+A comment line every 15 s keeps proxies from closing an idle stream. Streams are limited per owner and in
+all (TRAINCTL_MAX_EVENT_STREAMS_PER_OWNER, TRAINCTL_MAX_EVENT_STREAMS): past either, a 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 import objstore
 from service import jobdir
-from service.api.deps import JobDep, RunnerDep, SettingsDep, StoreDep
+from service.api.deps import JobDep, PrincipalDep, RunnerDep, SettingsDep, StoreDep, StreamSlotsDep
 from service.api.openapi import COMMON_ERRORS, errors
+from service.limits import StreamSlot
 from service.views import JobFiles, job_view
 from trainer.contract import EpochMetrics
 
@@ -46,15 +51,30 @@ def sse(event: str, data: object, event_id: int | None = None) -> str:
             "description": "events `state`, `epoch` and `end` (see the module docs)",
         },
         **errors(404),
+        429: {"description": "too many event streams open (for this owner, or in all); see Retry-After"},
     },
 )
 async def job_events(
-    job: JobDep, request: Request, store: StoreDep, runner: RunnerDep, settings: SettingsDep
+    job: JobDep,
+    request: Request,
+    store: StoreDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    slots: StreamSlotsDep,
 ) -> StreamingResponse:
     """Follow a job live: `state` on every change, `epoch` per finished epoch, `end` when it is over."""
     job_dir = runner.job_dir(job.id)
+    slot = slots.acquire(principal.owner_id)
 
     async def stream() -> AsyncIterator[str]:
+        try:
+            async for chunk in events():
+                yield chunk
+        finally:
+            slot.release()
+
+    async def events() -> AsyncIterator[str]:
         seq, last_epoch, last_key, last_sent = 0, 0, None, time.monotonic()
         current = job
         while True:
@@ -86,12 +106,33 @@ async def job_events(
                 yield ": keep-alive\n\n"
                 last_sent = time.monotonic()
             await asyncio.sleep(settings.events_poll_s)
+            if not await asyncio.to_thread(principal.still_valid, store):
+                yield sse("end", {"reason": "token_revoked"})
+                return
             fresh = await asyncio.to_thread(store.get, job.id)
             if fresh is None:  # deleted meanwhile
                 yield sse("end", {"state": "DELETED"})
                 return
             current = fresh
 
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return _SlotStream(
+        slot,
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+class _SlotStream(StreamingResponse):
+    """Gives the stream's slot back when the response ends, however it ends (even when the client left
+    before the stream's first chunk, so the generator's own `finally` never ran)."""
+
+    def __init__(self, slot: StreamSlot, content: AsyncIterator[str], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()

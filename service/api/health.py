@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Annotated, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
@@ -17,13 +18,21 @@ from service import auth
 from service.api.deps import RunnerDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["health"])
+T = TypeVar("T")
 
 CHECK_TIMEOUT_S = 5.0
+# Its own threads: neither the pool that runs the `def` routes nor the slow pool (service/limits.py), so a
+# service busy with slow requests still answers its health check (and says what is down).
+HEALTH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trainctl-healthz")
+
+
+async def _in_pool(fn: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(HEALTH_POOL, fn)
 
 
 async def _check(fn: Callable[[], Any]) -> dict[str, Any]:
     try:
-        await asyncio.wait_for(asyncio.to_thread(fn), timeout=CHECK_TIMEOUT_S)
+        await asyncio.wait_for(_in_pool(fn), timeout=CHECK_TIMEOUT_S)
         return {"ok": True}
     except TimeoutError:
         return {"ok": False, "error": f"no answer within {CHECK_TIMEOUT_S:.0f}s"}
@@ -50,7 +59,7 @@ async def healthz(
     checks = {"store": store_c, "ray": ray_c, "storage": storage_c}
     down = [name for name, c in checks.items() if not c["ok"]]
     body: dict[str, Any] = {"status": "ok" if not down else "degraded"}
-    if not settings.auth or await asyncio.to_thread(_is_admin, store, authorization):
+    if not settings.auth or await _in_pool(lambda: _is_admin(store, authorization)):
         body.update(down=down, checks=checks)
     return JSONResponse(body, status_code=200 if not down else 503)
 

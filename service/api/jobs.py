@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import io
 import json
-import threading
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BeforeValidator
 
 import objstore
-from service import jobdir, policy, views
+from service import auth, jobdir, policy, views
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
@@ -42,7 +42,7 @@ from service.api.schemas import (
     split_labels,
 )
 from service.errors import ApiError
-from service.runner import NoLog
+from service.runner import NoLog, StillStopping
 from service.states import JobState
 from service.store import SORT_KEYS, IdempotencyConflict, Job, JobFilter, Labels, Store
 from service.views import job_view
@@ -50,7 +50,6 @@ from trainer.contract import METRIC_COLUMNS
 from trainer.spec import JobSpec, resolve
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)
-_SUBMIT_LOCK = threading.Lock()
 
 # ?state=running works as well as ?state=RUNNING.
 StateParam = Annotated[JobState, BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
@@ -78,7 +77,7 @@ def submit_job(
     with a different body is a 409."""
     spec_body, labels = split_labels(body)  # a bad label -> 422 naming it
     spec = resolve_body(spec_body)  # pydantic ValidationError -> 422 naming each field
-    job, created = _admit(store, settings, principal.name, spec, body, idempotency_key, labels.labels())
+    job, created = _admit(store, settings, principal, spec, body, idempotency_key, labels.labels())
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -88,31 +87,38 @@ def submit_job(
 def _admit(
     store: Store,
     settings: Any,
-    owner: str,
+    principal: auth.Principal,
     spec: JobSpec,
     body: dict[str, Any],
     idempotency_key: str | None,
     labels: Labels,
 ) -> tuple[Job, bool]:
-    """The service's limits and the owner's quota, then the new job (or the earlier one of this key)."""
+    """The service's limits, then the new job (or the earlier one of this key). The quota is checked inside
+    the inserting transaction, under a per-owner lock in the database: a burst of parallel submissions, to
+    any number of replicas, cannot overshoot it. A repeated Idempotency-Key returns its job even at the
+    quota; only new jobs count against it."""
     policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
-    # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
-    with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
-        if idempotency_key is None or store.by_idempotency_key(owner, idempotency_key) is None:
-            policy.check_quota(store, owner, settings)
-        return _create(store, owner, spec, body, idempotency_key, labels)
+    return _create(store, principal, spec, body, idempotency_key, labels, policy.quota_check(settings))
 
 
 def _create(
-    store: Store, owner: str, spec: JobSpec, body: dict[str, Any], idempotency_key: str | None, labels: Labels
+    store: Store,
+    principal: auth.Principal,
+    spec: JobSpec,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+    labels: Labels,
+    quota: Callable[[dict[JobState, int]], None],
 ) -> tuple[Job, bool]:
     try:
         job, created = store.create_job(
-            owner,
+            principal.name,
             spec,
             idempotency_key,
             request_hash(body) if idempotency_key else None,
             labels,
+            owner_id=principal.owner_id,
+            quota=quota,
         )
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
@@ -166,7 +172,6 @@ def list_jobs(
     if not principal.is_admin:
         if owner is not None and owner != principal.name:
             raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
-        owner = principal.name
     if tag is not None and len(tag) > MAX_TAGS:
         raise ApiError(
             422, "invalid_request", f"at most {MAX_TAGS} tags", [{"field": "tag", "message": f"at most {MAX_TAGS}"}]
@@ -178,7 +183,10 @@ def list_jobs(
         since=since.timestamp() if since is not None else None,
         sort=sort,
     )
-    jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset, where=where)
+    if not principal.is_admin:  # your own jobs: by owner id, never by a name a new token may reuse
+        jobs, total = store.list(owner_id=principal.owner_id, states=state, limit=limit, offset=offset, where=where)
+    else:
+        jobs, total = store.list(owner=owner, states=state, limit=limit, offset=offset, where=where)
     return conditional(views.render_list(jobs, total, limit, offset), if_none_match)
 
 
@@ -203,7 +211,7 @@ def resubmit_job(
         project=body.project if "project" in given else job.project,
         tags=body.tags if "tags" in given else job.tags,
     ).labels(parent=job.id)
-    new, _ = _admit(store, settings, principal.name, spec, {}, None, labels)
+    new, _ = _admit(store, settings, principal, spec, {}, None, labels)
     reconciler.wake()
     response.headers["Location"] = f"/v1/jobs/{new.id}"
     return job_view(new, with_spec=True)
@@ -316,7 +324,17 @@ def delete_job(job: JobDep, runner: RunnerDep) -> Response:
     """Delete a finished job: its record and everything under its storage prefix."""
     if not job.state.is_terminal():
         raise ApiError(409, "job_not_finished", f"job is {job.state}; cancel it first, then delete it")
-    if not runner.delete(job):
+    try:
+        deleted = runner.delete(job)
+    except StillStopping as exc:
+        raise ApiError(
+            409,
+            "job_still_stopping",
+            f"the job's Ray driver ({exc.submission_id}) has not exited yet; its folder is deleted only after "
+            "it has, so that it cannot write into it again: try again shortly",
+            headers={"Retry-After": "10"},
+        ) from None
+    if not deleted:
         raise ApiError(409, "job_not_finished", "the job changed state meanwhile; try again")
     return Response(status_code=204)
 

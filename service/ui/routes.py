@@ -7,6 +7,7 @@ Content-Security-Policy allows only our own script and stylesheet: no inline cod
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
@@ -141,14 +142,18 @@ async def login(request: Request, settings: SettingsDep, store: StoreDep) -> Res
 
 
 @router.post("/logout")
-async def logout(request: Request) -> Response:
-    """Clears the cookie. The form carries the CSRF token: another site cannot sign a user out."""
+async def logout(request: Request, store: StoreDep) -> Response:
+    """Ends the session server-side (every session of this token issued so far, on every replica) and
+    clears the cookie. The form carries the CSRF token: another site cannot sign a user out."""
     body = await request.body()
     form = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace"))
     cookie = request.cookies.get(session.COOKIE)
     sessions: session.Sessions = request.app.state.trainctl.sessions
     if cookie and not sessions.csrf_ok(cookie, (form.get("csrf") or [""])[0]):
         raise ApiError(403, "csrf_failed", "sign-out without the page's CSRF token refused; reload the page")
+    token_hash = sessions.token_hash(cookie)
+    if cookie and token_hash:
+        await asyncio.to_thread(store.end_sessions, token_hash)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
     return response
@@ -167,7 +172,7 @@ def jobs_page(request: Request, settings: SettingsDep, store: StoreDep) -> HTMLR
 def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreDep, runner: RunnerDep) -> HTMLResponse:
     principal = _page_principal(request, settings, store)
     job = store.get(job_id)
-    if job is None or job.owner != principal.name:
+    if job is None or job.owner_id != principal.owner_id:
         return _render(request, "missing.html", 404, principal=principal, job_id=job_id)
     try:
         view = fresh_view(job, runner.job_dir(job.id), with_spec=True)
@@ -248,7 +253,7 @@ def jobs_table(
 ) -> JSONResponse:
     """The jobs list's rows: progress with ETA for active jobs (fresh from their metrics), final test
     accuracy for finished ones (from summary.json), newest first."""
-    jobs, total = store.list(owner=principal.name, states=state, limit=limit, offset=0)
+    jobs, total = store.list(owner_id=principal.owner_id, states=state, limit=limit, offset=0)
     now, rows = time.time(), []
     for job in jobs:
         active = not job.state.is_terminal() and job.state is not JobState.QUEUED

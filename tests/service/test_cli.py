@@ -320,6 +320,7 @@ def test_an_id_starting_with_a_dash_is_taken_as_the_id() -> None:
 def test_the_url_serve_recorded_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINCTL_URL", raising=False)
     monkeypatch.setattr(client, "CONFIG_PATH", tmp_path / "nope.json")
+    tmp_path.chmod(0o700)
     (tmp_path / "serve.json").write_text(json.dumps({"url": "http://127.0.0.1:8123", "pid": 1}))
     assert cli._url(parse("list", "--data-dir", str(tmp_path))) == "http://127.0.0.1:8123"
     assert cli._url(parse("list", "--data-dir", str(tmp_path), "--url", "http://h:1")) == "http://h:1"
@@ -399,3 +400,61 @@ def test_logs_show_the_trainers_lines_raw_and_all_ranks(monkeypatch: pytest.Monk
     assert cli.cmd_logs(parse("logs", "j1", "-f", "--all-ranks")) == 0  # the first poll ends mid-line
     out = capsys.readouterr().out.splitlines()
     assert "[rank 1] epoch 1: train_loss 1.8  val_acc 0.39" in out and len(out) == len(set(out))
+
+
+# --- issue 21 item 10: a planted ./data/serve.json cannot redirect the token -----------------------------------
+
+
+def test_a_planted_serve_json_never_redirects_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for var in ("TRAINCTL_URL", "TRAINCTL_TOKEN", "TRAINCTL_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"token": "tc_mine"}))
+    monkeypatch.setattr(client, "CONFIG_PATH", config)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"  # ./data of a cloned repository or a shared folder
+    data.mkdir(mode=0o700)
+    record = data / "serve.json"
+    record.write_text(json.dumps({"url": "http://attacker.example:8000", "pid": 1}))
+    record.chmod(0o600)
+    # even the user's own file may not point at another host: a loopback URL only
+    url, source = client.url_source()
+    assert url == client.DEFAULT_URL and "not a loopback address" in source, source
+    record.write_text(json.dumps({"url": "http://127.0.0.1:8123", "pid": 1}))
+    assert client.url_source() == ("http://127.0.0.1:8123", "data/serve.json")
+    # a record (or folder) someone else can write is ignored, loopback or not
+    for path in (record, data):
+        path.chmod(path.stat().st_mode | 0o002)
+        url, source = client.url_source()
+        assert url == client.DEFAULT_URL and "writable by other users" in source, source
+        path.chmod(path.stat().st_mode & ~0o002)
+    # the same for a planted admin-token: the user's own token from the config is used instead
+    (data / "admin-token").write_text("tc_planted\n")
+    (data / "admin-token").chmod(0o666)
+    token, source = client.token_source()
+    assert token == "tc_mine" and "ignored data/admin-token: writable by other users" in source
+    # and the CLI says which URL and token source it used: with --verbose, and after an error
+    record.write_text(json.dumps({"url": "http://attacker.example:8000", "pid": 1}))
+    seen: list[str] = []
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url.host))
+        return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "no"}})
+
+    monkeypatch.setattr(client.httpx, "Client", _with_transport(httpx.Client, httpx.MockTransport(transport)))
+    with pytest.raises(SystemExit):
+        cli.main(["list", "--verbose"])
+    err = capsys.readouterr().err
+    assert seen == ["127.0.0.1"], seen
+    assert err.count(f"trainctl: API {client.DEFAULT_URL} (from the default (ignored data/serve.json") == 2, err
+    assert "token from " + str(config) in err and "tc_mine" not in err
+
+
+def _with_transport(cls, transport):
+    def make(*args, **kwargs):
+        kwargs["transport"] = transport
+        return cls(*args, **kwargs)
+
+    return make

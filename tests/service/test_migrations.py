@@ -57,8 +57,16 @@ OLD_JOB = {
 def _insert_old_rows(conn) -> None:
     cols = ", ".join(OLD_JOB)
     conn.execute(text(f"INSERT INTO jobs ({cols}) VALUES ({', '.join(':' + c for c in OLD_JOB)})"), OLD_JOB)
+    has_owner_id = "owner_id" in {c["name"] for c in inspect(conn).get_columns("tokens")}
     conn.execute(
-        text("INSERT INTO tokens (name, token_hash, is_admin, created_at) VALUES ('admin', :h, :a, 1.0)"),
+        text(
+            "INSERT INTO tokens (name, token_hash, is_admin, created_at"
+            + (
+                ", owner_id) VALUES ('admin', :h, :a, 1.0, 'id:old-admin')"
+                if has_owner_id
+                else ") VALUES ('admin', :h, :a, 1.0)"
+            )
+        ),
         {"h": "a" * 64, "a": True},
     )
 
@@ -153,3 +161,33 @@ def test_trainctl_db_upgrade_command(tmp_path, database_url: str) -> None:
         [*cmd[:4], "current", *cmd[5:]], env={**os.environ, **env_url}, capture_output=True, text=True, timeout=120
     )
     assert again.returncode == 0 and head_revision() in again.stdout, again.stderr
+
+
+def test_owner_ids_go_to_the_current_holder_of_each_name(database_url: str) -> None:
+    """0004: each token gets its own owner id; a job goes to the token holding its owner name at the
+    upgrade, and a job whose token is gone belongs to nobody (the admin still sees it)."""
+    engine = make_engine(database_url)
+    upgrade(engine, "0002")
+    with engine.begin() as conn:
+        _insert_old_rows(conn)  # old-job-1 of "alice", who has no token any more
+        conn.execute(
+            text(f"INSERT INTO jobs ({', '.join(OLD_JOB)}) VALUES ({', '.join(':' + c for c in OLD_JOB)})"),
+            {**OLD_JOB, "id": "bobs-job", "owner": "bob", "idempotency_key": "k"},
+        )
+        conn.execute(
+            text("INSERT INTO tokens (name, token_hash, is_admin, created_at) VALUES ('bob', :h, false, 1.0)"),
+            {"h": "b" * 64},
+        )
+    upgrade(engine)
+    engine.dispose()
+    store = Store(database_url)
+    try:
+        bob, admin = store.token_identity("b" * 64), store.token_identity("a" * 64)
+        assert (
+            bob is not None and admin is not None and bob.owner_id.startswith("id:") and bob.owner_id != admin.owner_id
+        )
+        assert store.get("bobs-job").owner_id == bob.owner_id and store.get("old-job-1").owner_id is None
+        assert [j.id for j in store.list(owner_id=bob.owner_id)[0]] == ["bobs-job"]
+        assert store.by_idempotency_key(bob.owner_id, "k").id == "bobs-job"
+    finally:
+        store.close()

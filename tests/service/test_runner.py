@@ -385,3 +385,55 @@ def test_the_spec_defaults_are_the_specs_own(api: Api) -> None:
     assert isinstance(job, Job) and job.spec_error is None
     facts = api.runner._facts(job, None, str(api.job_dir(job_id)))  # what decide() is given
     assert facts.max_restarts == CheckpointSpec().max_restarts == 2
+
+
+# --- issue 21 item 12: races --------------------------------------------------------------------------------------
+
+
+def test_delete_waits_for_the_ray_driver_to_exit(api: Api, monkeypatch) -> None:
+    """Cancel stops the Ray job, but Ray's stop is a signal: a delete right after must not remove the folder
+    while the driver can still write into it (409 with Retry-After); once the driver is gone it deletes."""
+    job_id = submit(api)
+    api.reconcile()
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    api.reconcile()
+    assert api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers()).json()["state"] == "CANCELLED"
+    # the driver has not exited yet: Ray still says RUNNING, and a stop only signals it
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    monkeypatch.setattr(api.ray, "stop", lambda sid: api.ray.stopped.append(sid) or True)
+    (api.job_dir(job_id) / "metrics.jsonl").write_text("{}\n")
+    runner = api.runner
+    job = runner.store.get(job_id)
+    from service.runner import StillStopping
+
+    with pytest.raises(StillStopping):
+        runner.delete(job, fence_s=0.3)
+    assert api.job_dir(job_id).exists() and runner.store.get(job_id) is not None  # nothing removed
+    assert api.ray.stopped.count(f"{job_id}-1") >= 2  # stopped again while waiting
+    api.ray.set(f"{job_id}-1", "RUNNING")
+    runner.delete_fence_s = 0.3  # (10 s by default)
+    resp = api.client.delete(f"/v1/jobs/{job_id}", headers=api.headers())  # the API: 409 after its wait
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "job_still_stopping", resp.text
+    assert resp.headers["Retry-After"]
+    api.ray.set(f"{job_id}-1", "STOPPED")  # the driver exited
+    assert api.client.delete(f"/v1/jobs/{job_id}", headers=api.headers()).status_code == 204
+    assert not api.job_dir(job_id).exists() and runner.store.get(job_id) is None
+
+
+def test_a_replica_that_lost_leadership_stops_nothing(make_api) -> None:
+    """The leader lock lost mid-pass (another replica leads now): no Ray job is stopped, none started."""
+    api = make_api(max_concurrent_jobs=1)
+    first = submit(api, **{"limits.max_hours": 0.0001})  # 0.36 s: over its limit soon
+    api.reconcile()
+    api.ray.set(f"{first}-1", "RUNNING")
+    api.reconcile()
+    second = submit(api)
+    import time
+
+    time.sleep(0.5)
+    answers = iter([True, False])  # leader when the pass starts, not any more at the first decision
+    api.runner.reconcile_once(still_leader=lambda: next(answers, False))
+    assert api.ray.stopped == [] and state(api, first)["state"] == "RUNNING"
+    assert state(api, second)["state"] == "QUEUED" and f"{second}-1" not in api.ray.jobs
+    api.runner.reconcile_once(still_leader=lambda: True)  # the leader does stop it
+    assert api.ray.stopped == [f"{first}-1"] and state(api, first)["state"] == "FAILED"

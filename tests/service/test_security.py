@@ -645,3 +645,229 @@ def test_metric_labels_stay_bounded_whatever_clients_send(api: Api) -> None:
     assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"} and "other" in methods
     assert "unmatched" in routes and "/v1/jobs/{job_id}" in routes
     assert not any("random" in r or "nothing" in r or job_id in r for r in routes), routes
+
+
+# --- issue 21 item 13: one download folder, never a download per made-up folder ---------------------------------
+
+
+def test_a_missing_cache_folder_is_not_a_download(api: Api) -> None:
+    token = user_token(api)
+    for train in ("~/.cache/trainctl/cifar10-sec-b-test-missing", "~/.cache/trainctl/a/b/c"):
+        resp = submit_data(api, train, token)
+        assert resp.status_code == 422 and fields(resp) == ["data.train"], resp.text
+        assert "does not exist" in resp.text
+    resp = submit_data(api, "~/.cache/trainctl/a", token, **{"data.format": "torchvision"})
+    assert resp.status_code == 422 and fields(resp) == ["data.train"], resp.text
+    assert "downloads CIFAR-10 only into ~/.cache/trainctl/cifar10" in resp.text
+    # the one download folder is still accepted, missing or not, in either format
+    assert submit_data(api, "~/.cache/trainctl/cifar10", token).status_code == 201
+    assert submit_data(api, "~/.cache/trainctl/cifar10", token, **{"data.format": "torchvision"}).status_code == 201
+
+
+# --- issue 21 item 9: expensive requests ------------------------------------------------------------------------
+
+
+def _state(api: Api):
+    return api.client.app.state.trainctl
+
+
+def test_a_plot_is_rendered_once_per_epoch(api: Api) -> None:
+    from tests.service.test_ui import running_job, write_metrics
+
+    job_id = running_job(api)
+    write_metrics(api, job_id, range(1, 2))
+    cache = _state(api).plot_cache
+    first = api.get(f"/v1/jobs/{job_id}/plots/curves.png")
+    for _ in range(5):
+        again = api.get(f"/v1/jobs/{job_id}/plots/curves.png")
+        assert again.status_code == 200 and again.content == first.content
+    assert cache.renders == 1
+    write_metrics(api, job_id, range(1, 3))  # a new epoch: drawn again, once
+    assert api.get(f"/v1/jobs/{job_id}/plots/curves.png").content != first.content
+    api.get(f"/v1/jobs/{job_id}/plots/curves.png")
+    assert cache.renders == 2
+
+
+def test_healthz_answers_while_slow_requests_fill_every_pool(make_api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slow pool full (plots), the threads of the plain `def` routes all taken (one token left, held by a
+    storage read): /healthz still answers at once, and one more plot is a 503 with Retry-After."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio.to_thread
+
+    from service import jobdir
+    from tests.service.test_ui import running_job, write_metrics
+
+    api = make_api(slow_workers=1, slow_queue=1)
+    job_id = running_job(api)
+    write_metrics(api, job_id, range(1, 2))
+    release = threading.Event()
+    real_read = jobdir.read_metrics
+
+    def slow_read(job_dir):
+        release.wait(20)
+        return real_read(job_dir)
+
+    monkeypatch.setattr(jobdir, "read_metrics", slow_read)
+
+    def one_token() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+
+    pool = _state(api).slow
+    with ThreadPoolExecutor(3) as threads:
+        try:
+            plots = [threads.submit(api.get, f"/v1/jobs/{job_id}/plots/curves.png") for _ in range(2)]
+            _wait_for(lambda: pool.in_use == 2)
+            busy = api.get(f"/v1/jobs/{job_id}/plots/lr.png")
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy", busy.text
+            assert busy.headers["Retry-After"] and "TRAINCTL_SLOW_WORKERS" in busy.text
+            api.client.portal.call(one_token)
+            metrics = threads.submit(api.get, f"/v1/jobs/{job_id}/metrics")  # a `def` route: takes the token
+            time.sleep(0.3)
+            assert not metrics.done()
+            started = time.monotonic()
+            health = api.client.get("/healthz", timeout=5)
+            assert health.status_code in (200, 503) and health.json()["status"] in ("ok", "degraded")
+            assert time.monotonic() - started < 3
+        finally:
+            release.set()
+        assert [f.result().status_code for f in plots] == [200, 200] and metrics.result().status_code == 200
+    assert pool.in_use == 0
+
+
+def _open_stream(api: Api, job_id: str, token: str) -> list:
+    import json as json_
+
+    events, name = [], None
+    with api.client.stream("GET", f"/v1/jobs/{job_id}/events", headers=api.headers(token)) as r:
+        if r.status_code != 200:
+            return [("status", r.status_code)]
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json_.loads(line[6:])))
+    return events
+
+
+def _wait_for(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_event_streams_are_capped_per_owner_and_in_all(make_api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = make_api(events_poll_s=0.05, max_event_streams_per_owner=1, max_event_streams=2)
+    alice, bob = user_token(api, "alice"), user_token(api, "bob")
+    jobs = {
+        who: api.post({"preset": "debug"}, headers=api.headers(tok)).json()["id"]
+        for who, tok in (("a", alice), ("b", bob))
+    }
+    api.reconcile()
+    slots = _state(api).streams
+    with ThreadPoolExecutor(2) as threads:
+        try:
+            first = threads.submit(_open_stream, api, jobs["a"], alice)
+            _wait_for(lambda: slots.total == 1)
+            again = api.client.get(f"/v1/jobs/{jobs['a']}/events", headers=api.headers(alice))
+            assert again.status_code == 429 and again.headers["Retry-After"], again.text
+            assert error(again)["code"] == "too_many_streams" and "MAX_EVENT_STREAMS_PER_OWNER" in again.text
+            second = threads.submit(_open_stream, api, jobs["b"], bob)  # another owner: within the total
+            _wait_for(lambda: slots.total == 2)
+            admin_job = api.post({"preset": "debug"}).json()["id"]
+            full = api.client.get(f"/v1/jobs/{admin_job}/events", headers=api.headers())
+            assert full.status_code == 429 and "TRAINCTL_MAX_EVENT_STREAMS" in full.text, full.text
+        finally:  # the streams end with their jobs, and give their slots back
+            for job_id in jobs.values():
+                assert api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers()).status_code == 200
+        assert first.result(timeout=10)[-1] == ("end", {"state": "CANCELLED"})
+        assert second.result(timeout=10)[-1] == ("end", {"state": "CANCELLED"})
+    assert slots.total == 0 and slots.by_owner == {}
+
+
+# --- issue 21 item 11: identity ---------------------------------------------------------------------------------
+
+
+def test_a_recreated_token_name_never_inherits_jobs(api: Api) -> None:
+    old = user_token(api, "mallory")
+    job = api.post({"preset": "debug"}, headers={**api.headers(old), "Idempotency-Key": "k1"}).json()
+    assert api.client.delete("/v1/tokens/mallory", headers=api.headers()).status_code == 204
+    new = user_token(api, "mallory")  # the same name, another person
+    assert api.get("/v1/jobs", headers=api.headers(new)).json()["total"] == 0
+    for method, path in (("GET", ""), ("GET", "/logs"), ("POST", "/cancel"), ("DELETE", "")):
+        resp = api.client.request(method, f"/v1/jobs/{job['id']}{path}", headers=api.headers(new))
+        assert resp.status_code == 404, (method, path, resp.text)
+    # the old holder's Idempotency-Key does not hand back the old job either
+    mine = api.post({"preset": "debug"}, headers={**api.headers(new), "Idempotency-Key": "k1"})
+    assert mine.status_code == 201 and mine.json()["id"] != job["id"]
+    # the admin still sees both, under the name
+    listed = api.get("/v1/jobs?owner=mallory").json()
+    assert {j["id"] for j in listed["jobs"]} == {job["id"], mine.json()["id"]}
+
+
+def test_logout_ends_the_session_on_the_server(api: Api) -> None:
+    from tests.service.test_ui import csrf_of, login
+
+    assert login(api).status_code == 303
+    stolen = api.client.cookies["trainctl_session"]  # e.g. copied off the machine before the logout
+    csrf = csrf_of(api.client.get("/ui/").text)
+    r = api.client.post(
+        "/ui/logout",
+        content=f"csrf={csrf}",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303
+    api.client.cookies.clear()
+    api.client.cookies.set("trainctl_session", stolen)
+    assert api.client.get("/v1/jobs").status_code == 401
+    assert api.client.get("/ui/", follow_redirects=False).status_code == 303
+    api.client.cookies.clear()
+    time.sleep(0.01)
+    assert login(api).status_code == 303  # signing in again works at once
+    assert api.client.get("/v1/jobs").status_code == 200
+
+
+def test_an_open_event_stream_ends_when_its_token_is_revoked(make_api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = make_api(events_poll_s=0.05)
+    token = user_token(api, "eve")
+    job_id = api.post({"preset": "debug"}, headers=api.headers(token)).json()["id"]
+    slots = _state(api).streams
+    with ThreadPoolExecutor(1) as threads:
+        stream = threads.submit(_open_stream, api, job_id, token)
+        _wait_for(lambda: slots.total == 1)
+        assert api.client.delete("/v1/tokens/eve", headers=api.headers()).status_code == 204
+        events = stream.result(timeout=10)
+    assert events[-1] == ("end", {"reason": "token_revoked"}) and slots.total == 0
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"  # the job itself goes on
+
+
+# --- issue 21 item 12: quotas across replicas -------------------------------------------------------------------
+
+
+def test_the_quota_holds_across_replicas(make_api) -> None:
+    """Two API replicas on one database, 16 parallel submissions from one user: exactly the quota is
+    accepted (checked inside the inserting transaction under a per-owner database lock, not a process lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = make_api(max_active_jobs_per_owner=1, max_queued_jobs_per_owner=2)
+    two = make_api(max_active_jobs_per_owner=1, max_queued_jobs_per_owner=2)
+    token = user_token(one, "burst")
+    with ThreadPoolExecutor(16) as threads:
+        answers = list(
+            threads.map(
+                lambda i: (one if i % 2 else two).post(
+                    {"preset": "debug"}, headers=(one if i % 2 else two).headers(token)
+                ),
+                range(16),
+            )
+        )
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 3 + [429] * 13, codes
+    assert one.get("/v1/jobs", headers=one.headers(token)).json()["total"] == 3

@@ -124,8 +124,9 @@ def test_eval_batches_cover_each_image_once():
     assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
 
 
-def test_torchvision_download_offline_fails_with_a_clear_message(tmp_path):
+def test_torchvision_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
     # The real download path, run offline (this machine has no internet): a DataError naming the fix.
+    monkeypatch.setattr("trainer.data.DOWNLOAD_CACHE", str(tmp_path / "cifar-download"))
     with pytest.raises(DataError, match="could not download CIFAR-10.*point data.train at a local copy"):
         load(str(tmp_path / "cifar-download"), "auto")
 

@@ -112,3 +112,112 @@ def test_the_driver_checks_the_data_roots_again(tmp_path: Path, monkeypatch: pyt
         )
     monkeypatch.delenv("TRAINCTL_DATA_ROOTS")  # trainer.run by hand: no restriction
     preflight(resolve("debug", {"data.train": str(outside), "data.max_train_images": 64}))
+
+
+# --- issue 21 item 8: decompression bombs; item 13: one download folder ---------------------------------------
+
+
+def _parquet_bomb(path: Path, rows: int, value: bytes) -> Path:
+    """A parquet whose img.bytes names one dictionary value in every row: a few KB on disk, rows × len(value)
+    once read whole (50,000 × 48 KB = 2.4 GiB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index = pa.array(np.zeros(rows, np.int32))
+    img = pa.StructArray.from_arrays(
+        [pa.DictionaryArray.from_arrays(index, pa.array([value], pa.binary())), pa.array(["x.jpg"] * rows)],
+        names=["bytes", "path"],
+    )
+    # store_schema=False: the reader sees plain binary (as in a downloaded file) and would expand it
+    pq.write_table(
+        pa.table({"img": img, "label": np.zeros(rows, np.int64)}), path, compression="zstd", store_schema=False
+    )
+    return path
+
+
+def test_a_parquet_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    import resource
+
+    bomb = _parquet_bomb(tmp_path / "bomb.parquet", 50_000, b"\0" * 48_000)
+    assert bomb.stat().st_size < 200_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for limit in (16, None):  # the preflight's 16 rows, and a full read
+        with pytest.raises(DataError, match=r"bomb.parquet: an image of 48,000 bytes.*MAX_IMAGE_BYTES"):
+            load(str(bomb), "parquet", limit=limit)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 500, f"reading the bomb grew the peak RSS by {grown_mib:.0f} MiB"
+
+
+def test_parquet_row_and_byte_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = _parquet_bomb(tmp_path / "small.parquet", 100, b"\0" * 1000)
+    monkeypatch.setattr("trainer.data.MAX_DATA_ROWS", 99)
+    with pytest.raises(DataError, match=r"small.parquet: 100 rows, over the limit of 99 .*MAX_DATA_ROWS"):
+        load(str(small), "parquet", limit=16)
+    monkeypatch.setattr("trainer.data.MAX_DATA_ROWS", 1000)
+    monkeypatch.setattr("trainer.data.MAX_DATA_BYTES", 50_000)
+    with pytest.raises(DataError, match=r"small.parquet: images of more than 50,000 bytes .*MAX_DATA_BYTES"):
+        load(str(small), "parquet")
+
+
+def test_an_image_declaring_a_huge_size_is_never_decoded(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.data import image_size
+
+    # A PNG whose header says 60,000×60,000 (10 GB of pixels once decoded) in 60 bytes
+    ihdr = struct.pack(">IIBBBBB", 60_000, 60_000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    assert image_size(png) == (60_000, 60_000)
+    img = pa.StructArray.from_arrays([pa.array([png], pa.binary()), pa.array(["x.png"])], names=["bytes", "path"])
+    pq.write_table(pa.table({"img": img, "label": [0]}), tmp_path / "big.parquet")
+    with pytest.raises(DataError, match=r"row 0: image is 60000×60000, expected 32×32"):
+        load(str(tmp_path / "big.parquet"), "parquet")
+
+
+def test_a_pickle_bomb_is_refused_before_it_expands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    # One 3,072-value row repeated 250,000 times by memo reference: ~500 KB of pickle, 766 MiB through
+    # np.asarray (6 GiB as int64).
+    row = [0] * 3072
+    root = tmp_path / "cifar"
+    root.mkdir()
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": [row] * 250_000, b"labels": [0] * 250_000}))
+    assert (root / "data_batch_1").stat().st_size < 2_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"data_batch_1: b'data' must be an N×3072 uint8 array .*got list"):
+        load(str(root / "data_batch_1"), "cifar10-python")
+    # labels repeated the same way: refused element by element, never expanded
+    labels_bomb = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [row] * 4}
+    (root / "data_batch_1").write_bytes(pickle.dumps(labels_bomb))
+    with pytest.raises(DataError, match=r"b'labels' must be integers"):
+        load(str(root / "data_batch_1"), "cifar10-python")
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 300
+    # a file over the byte cap is refused after reading just past the cap
+    monkeypatch.setattr("trainer.data.MAX_PICKLE_BYTES", 1000)
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4}))
+    with pytest.raises(DataError, match=r"data_batch_1: the batch is larger than 1,000 bytes .*MAX_PICKLE_BYTES"):
+        load(str(root / "data_batch_1"), "cifar10-python")
+
+
+def test_a_missing_folder_never_starts_a_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("torchvision was asked to download")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_download)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr("trainer.data.DOWNLOAD_CACHE", str(cache / "cifar10"))
+    for missing in (cache / "elsewhere", cache / "cifar10" / "again", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.mkdir()
+        for fmt in ("auto", "torchvision"):
+            with pytest.raises(DataError, match=r"torchvision downloads CIFAR-10 only into .*cifar10"):
+                load(str(missing), fmt)
+    with pytest.raises(DataError, match="asked to download"):  # the one folder it may download into
+        load(str(cache / "cifar10"), "auto")

@@ -1,7 +1,7 @@
 """Jobs get labels people search by: name, project, tags (one row each in job_tags, for the indexed tag
 filter) and the job they were resubmitted from (parent); indexes for the list's filters and sort keys.
 
-Revision ID: 0003_workbench
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-06
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_workbench"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
