@@ -25,6 +25,7 @@ BEARER = "bearer"  # the security scheme's name in /openapi.json
 ERROR_CODES = (
     "bad_host",
     "bad_request",
+    "busy",
     "checkpoint_corrupt",
     "conflict",
     "csrf_failed",
@@ -34,6 +35,7 @@ ERROR_CODES = (
     "invalid_request",
     "invalid_spec",
     "job_not_finished",
+    "job_still_stopping",
     "method_not_allowed",
     "no_checkpoint",
     "no_confusion_matrix",
@@ -46,6 +48,7 @@ ERROR_CODES = (
     "storage_unavailable",
     "too_large",
     "too_many_requests",
+    "too_many_streams",
     "unauthorized",
     "unavailable",
     "unsupported_media_type",
