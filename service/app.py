@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from service import startup
-from service.api import events, health, jobs, plots, prometheus, tokens
+from service.api import estimates, events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.guards import BodyLimit, LoopbackHostOnly
@@ -86,6 +86,7 @@ def create_app(
     if not settings.auth:
         app.add_middleware(LoopbackHostOnly)
     app.include_router(jobs.router, prefix="/v1")
+    app.include_router(estimates.router, prefix="/v1")
     app.include_router(events.router, prefix="/v1")
     app.include_router(plots.router, prefix="/v1")
     app.include_router(tokens.router, prefix="/v1")

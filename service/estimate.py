@@ -186,6 +186,7 @@ NO_PRICING = Pricing(node_types={}, prices={})
 class LimitCheck(BaseModel):
     field: str
     result: str = Field(description="ok | exceeded | unchecked")
+    refuses: bool = Field(default=False, description="the submission is refused over this check (422)")
     message: str
 
 
@@ -457,7 +458,9 @@ def check_limits(spec: JobSpec, est: Estimate, priced: bool) -> tuple[list[Limit
             f"estimated wall time {hours:.2f} h ({wall.basis}) "
             f"{'exceeds' if over else 'is within'} limits.max_hours={limits.max_hours:g} h"
         )
-        checks.append(LimitCheck(field="limits.max_hours", result="exceeded" if over else "ok", message=message))
+        checks.append(
+            LimitCheck(field="limits.max_hours", result="exceeded" if over else "ok", refuses=over, message=message)
+        )
         if over:
             refusals.append({"field": "limits.max_hours", "message": message})
     if limits.max_cost is not None:
@@ -466,7 +469,7 @@ def check_limits(spec: JobSpec, est: Estimate, priced: bool) -> tuple[list[Limit
                 f"limits.max_cost={limits.max_cost:g} cannot be checked: this service has no prices configured "
                 "(the operator sets TRAINCTL_PRICES); remove limits.max_cost"
             )
-            checks.append(LimitCheck(field="limits.max_cost", result="unchecked", message=message))
+            checks.append(LimitCheck(field="limits.max_cost", result="unchecked", refuses=True, message=message))
             refusals.append({"field": "limits.max_cost", "message": message})
         elif est.cost.value is None:
             checks.append(
@@ -482,7 +485,9 @@ def check_limits(spec: JobSpec, est: Estimate, priced: bool) -> tuple[list[Limit
                 f"estimated cost {est.cost.value:.2f} ({est.cost.basis}) "
                 f"{'exceeds' if over else 'is within'} limits.max_cost={limits.max_cost:g}"
             )
-            checks.append(LimitCheck(field="limits.max_cost", result="exceeded" if over else "ok", message=message))
+            checks.append(
+                LimitCheck(field="limits.max_cost", result="exceeded" if over else "ok", refuses=over, message=message)
+            )
             if over:
                 refusals.append({"field": "limits.max_cost", "message": message})
     return checks, refusals

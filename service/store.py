@@ -75,6 +75,8 @@ class JobModel(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The estimate made at submission (service/estimate.py's Estimate, JSON); NULL before estimates existed.
+    estimate: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class TokenModel(Base):
@@ -186,6 +188,7 @@ class Job:
     idempotency_key: str | None = field(default=None, repr=False)
     request_hash: str | None = field(default=None, repr=False)
     spec_error: str | None = None
+    estimate: str | None = field(default=None, repr=False)  # JSON, as stored: parsed where it is shown
 
     @classmethod
     def of(cls, m: JobModel) -> Job:
@@ -208,6 +211,7 @@ class Job:
             idempotency_key=m.idempotency_key,
             request_hash=m.request_hash,
             spec_error=spec_error,
+            estimate=m.estimate,
         )
 
 
@@ -351,10 +355,16 @@ class Store:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def create_job(
-        self, owner: str, spec: JobSpec, idempotency_key: str | None = None, request_hash: str | None = None
+        self,
+        owner: str,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        estimate: str | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a QUEUED job. With an idempotency key already used by this owner: the earlier job
-        (created=False) when the request hash matches, else IdempotencyConflict."""
+        """Insert a QUEUED job (with `estimate`, the submission's Estimate as JSON). With an idempotency key
+        already used by this owner: the earlier job (created=False) when the request hash matches, else
+        IdempotencyConflict."""
         for _ in range(2):  # a second round only when another process inserted the same key meanwhile
             try:
                 with self._writes.begin() as s:
@@ -379,6 +389,7 @@ class Store:
                         cancel_requested=False,
                         idempotency_key=idempotency_key,
                         request_hash=request_hash,
+                        estimate=estimate,
                     )
                     s.add(m)
                     s.flush()
@@ -515,6 +526,7 @@ class Store:
                 "cancel_requested",
                 "idempotency_key",
                 "request_hash",
+                "estimate",
             )
         }
         try:

@@ -21,6 +21,7 @@ from pydantic import BeforeValidator
 import objstore
 from service import jobdir, policy, views
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
+from service.api.estimates import estimate_for, refuse_over_limits
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
     SUBMIT_EXAMPLES,
@@ -65,14 +66,18 @@ def submit_job(
 ) -> JobView:
     """Submit a training job: a full spec, or `{"preset", "overrides"}`. The resolved spec is stored, so
     the job never depends on a preset that changes later. With an Idempotency-Key, repeating the same
-    request returns the same job; the same key with a different body is a 409."""
+    request returns the same job; the same key with a different body is a 409. The job's time and cost are
+    estimated (as POST /v1/estimates does) and stored with it; an estimate over limits.max_hours or
+    limits.max_cost is a 422 naming the field (an unknown estimate never refuses)."""
     spec = resolve_body(body)  # pydantic ValidationError -> 422 naming each field
     policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
+    estimate = estimate_for(spec, store, runner.job_dir, settings)
     # A repeated Idempotency-Key returns its job even at the quota; only new jobs count against it.
     with _SUBMIT_LOCK:  # check-then-insert, so a burst of parallel submissions cannot overshoot the quota
         if idempotency_key is None or store.by_idempotency_key(principal.name, idempotency_key) is None:
+            refuse_over_limits(estimate)  # limits.max_hours / max_cost below the estimate -> 422 naming the field
             policy.check_quota(store, principal.name, settings)
-        job, created = _create(store, principal.name, spec, body, idempotency_key)
+        job, created = _create(store, principal.name, spec, body, idempotency_key, estimate.model_dump_json())
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -80,10 +85,12 @@ def submit_job(
 
 
 def _create(
-    store: Store, owner: str, spec: JobSpec, body: dict[str, Any], idempotency_key: str | None
+    store: Store, owner: str, spec: JobSpec, body: dict[str, Any], idempotency_key: str | None, estimate: str
 ) -> tuple[Job, bool]:
     try:
-        job, created = store.create_job(owner, spec, idempotency_key, request_hash(body) if idempotency_key else None)
+        job, created = store.create_job(
+            owner, spec, idempotency_key, request_hash(body) if idempotency_key else None, estimate
+        )
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
     return job, created

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+from pydantic import ValidationError
 
 from service.estimate import (
     BENCHMARKS,
@@ -15,6 +19,7 @@ from service.estimate import (
     estimate,
     spec_key,
 )
+from service.settings import Settings
 from trainer.spec import JobSpec, resolve
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -160,3 +165,37 @@ def test_a_budget_without_prices_is_refused() -> None:
     spec = _spec(**{"limits.max_cost": 10.0})
     _, refusals = check_limits(spec, estimate(spec), priced=False)
     assert refusals[0]["field"] == "limits.max_cost" and "TRAINCTL_PRICES" in refusals[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("node_types", "prices", "says"),
+    [
+        (
+            '{"g": {"cpus": 4}}',
+            '{"g": -1}',
+            "TRAINCTL_PRICES['g']: a price per node-hour must be a number >= 0, got -1",
+        ),
+        ('{"g": {"cpus": 4}}', '{"g": "1.0"}', "TRAINCTL_PRICES['g']: a price per node-hour must be a number >= 0"),
+        ('{"g": {"cpus": 4}}', '{"h": 1}', "TRAINCTL_PRICES['h']: unknown node type (TRAINCTL_NODE_TYPES defines g)"),
+        ("", '{"h": 1}', "TRAINCTL_PRICES['h']: unknown node type (TRAINCTL_NODE_TYPES defines none"),
+        ('{"g": {"cpus": 0}}', "", "TRAINCTL_NODE_TYPES['g'].cpus: Input should be greater than 0"),
+        ('{"g": {"cpus": 1, "gpu": 1}}', "", "TRAINCTL_NODE_TYPES['g'].gpu: Extra inputs are not permitted"),
+        ("[1]", "", "TRAINCTL_NODE_TYPES must be a JSON object"),
+        ("/nonexistent/types.json", "", "TRAINCTL_NODE_TYPES: neither JSON nor a readable file"),
+    ],
+)
+def test_bad_pricing_settings_name_the_setting(node_types: str, prices: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        Settings(node_types=node_types, prices=prices)
+
+
+def test_pricing_settings_from_json_or_a_file(tmp_path: Path) -> None:
+    (tmp_path / "prices.json").write_text('{"gpu.1xa10g": 1.01}')
+    s = Settings(
+        node_types='{"gpu.1xa10g": {"cpus": 4, "gpus": 1, "device": "NVIDIA A10G"}}',
+        prices=str(tmp_path / "prices.json"),
+    )
+    assert s.pricing.prices == {"gpu.1xa10g": 1.01}
+    assert s.pricing.node_types["gpu.1xa10g"].device == "NVIDIA A10G"
+    assert s.pricing.sources == ("TRAINCTL_NODE_TYPES", "TRAINCTL_PRICES")
+    assert Settings().pricing.sources == ()
