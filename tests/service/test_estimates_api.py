@@ -4,12 +4,13 @@ rails on limits.max_hours / limits.max_cost (both store backends, over a fake Ra
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 import pytest
 
-from service import history
+from service import cli, client, history
 from tests.service.conftest import Api
 
 JOB = {"preset": "debug", "overrides": {"optim.epochs": 4}}
@@ -139,3 +140,40 @@ def test_the_estimate_route_validates_like_submission(api: Api) -> None:
     started = time.time()
     assert _estimate(api, JOB).status_code == 200
     assert time.time() - started < 5
+
+
+def _cli_through(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trainctl` against this test's app (the TestClient's transport: real routes, no socket)."""
+    monkeypatch.setattr(
+        cli,
+        "_client",
+        lambda args, timeout=30: client.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+    )
+    monkeypatch.setattr(client, "CONFIG_PATH", api.settings.data_dir / "no-config.json")
+    monkeypatch.delenv("TRAINCTL_URL", raising=False)
+
+
+def _main(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    return int(exc.value.code or 0)
+
+
+def test_cli_dry_run_asks_the_service_and_list_status_show_estimate_vs_elapsed(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _cli_through(api, monkeypatch)
+    first = _run_to_success(api, JOB)
+    argv = ["submit", "--preset", "debug", "--set", "optim.epochs=4", "--dry-run", "--data-dir", "/nonexistent"]
+    assert _main([*argv, "--url", "http://testserver"]) == 0
+    out = capsys.readouterr().out
+    assert "# wall time  32s" in out and "history: 1 past job with the same key" in out
+    assert _main(argv) == 0  # no service configured: the offline dry run says it has no history
+    assert "# no estimate: no service configured" in capsys.readouterr().out
+    assert _main(["list", "--url", "http://testserver"]) == 0
+    listed = capsys.readouterr().out
+    assert "EST / ELAPSED" in listed and re.search(rf"{re.escape(first)} .* \? / 3\ds ", listed), listed
+    second = api.post(JOB).json()["id"]
+    assert _main(["status", second, "--url", "http://testserver"]) == 0
+    status = capsys.readouterr().out
+    assert "time      estimated 32s, elapsed ?  (estimate: history: 1 past job with the same key)" in status
