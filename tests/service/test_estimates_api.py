@@ -177,3 +177,23 @@ def test_cli_dry_run_asks_the_service_and_list_status_show_estimate_vs_elapsed(
     assert _main(["status", second, "--url", "http://testserver"]) == 0
     status = capsys.readouterr().out
     assert "time      estimated 32s, elapsed ?  (estimate: history: 1 past job with the same key)" in status
+
+
+def test_the_submit_form_shows_the_estimate_before_submitting(api: Api) -> None:
+    from tests.service.test_ui import csrf_of, login
+
+    _run_to_success(api, JOB)
+    login(api)
+    page = api.client.get("/ui/submit").text
+    assert 'id="estimate-figures"' in page and page.index('id="estimate"') < page.index('id="submit-button"')
+    token = csrf_of(page)
+    form = {"preset": "debug", "overrides_yaml": "optim.epochs: 4\n"}
+    assert api.client.post("/ui/api/estimate", json=form).status_code == 403  # no CSRF token
+    r = api.client.post("/ui/api/estimate", json=form, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200, r.text
+    assert r.json()["wall_seconds"]["basis"] == "history: 1 past job with the same key"
+    r = api.client.post(
+        "/ui/api/estimate", json={**form, "overrides_yaml": "optim: [x"}, headers={"X-CSRF-Token": token}
+    )
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "overrides"
+    assert api.get("/v1/jobs").json()["total"] == 1  # the estimate submitted nothing
