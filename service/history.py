@@ -21,6 +21,9 @@ from trainer.contract import EpochMetrics
 
 # The newest succeeded jobs an estimate looks at: recent jobs track the current cluster and software.
 HISTORY_JOBS = 200
+# At most this many metrics.jsonl reads per estimate (the first estimate after a start-up must not read 200
+# files from a bucket): the rest are read by the next estimates.
+MAX_READS = 25
 _ROWS: Lru[tuple[HistoryRow | None]] = Lru(4 * HISTORY_JOBS)  # (row,): None is a job with no usable row
 
 
@@ -54,13 +57,16 @@ def history_row(job: Job, metrics: list[EpochMetrics]) -> HistoryRow | None:
 def collect(store: Store, job_dir: Callable[[str], str], limit: int = HISTORY_JOBS) -> list[HistoryRow]:
     """The HistoryRows of the newest `limit` succeeded jobs (every owner's: the cluster is shared)."""
     jobs, _ = store.list(states=[JobState.SUCCEEDED], limit=limit)
-    rows = []
+    rows, reads = [], 0
     for job in jobs:
         cache_key = (job.id, job.updated_at)
         hit = _ROWS.get(cache_key)
         if hit is not None:
             row = hit[0]
         else:
+            if reads >= MAX_READS:
+                continue
+            reads += 1
             try:
                 metrics = jobdir.read_metrics(job_dir(job.id))
             except objstore.StorageUnavailable:

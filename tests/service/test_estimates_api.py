@@ -197,3 +197,17 @@ def test_the_submit_form_shows_the_estimate_before_submitting(api: Api) -> None:
     )
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "overrides"
     assert api.get("/v1/jobs").json()["total"] == 1  # the estimate submitted nothing
+
+
+def test_history_reads_each_finished_job_once_and_a_few_per_estimate(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(2):
+        _run_to_success(api, JOB)
+    history.clear()
+    monkeypatch.setattr(history, "MAX_READS", 1)
+    reads: list[str] = []
+    real = history.jobdir.read_metrics
+    monkeypatch.setattr(history.jobdir, "read_metrics", lambda d: reads.append(d) or real(d))
+    store, job_dir = api.runner.store, api.runner.job_dir
+    assert len(history.collect(store, job_dir)) == 1 and len(reads) == 1
+    assert len(history.collect(store, job_dir)) == 2 and len(reads) == 2
+    assert len(history.collect(store, job_dir)) == 2 and len(reads) == 2  # finished jobs are read once
