@@ -214,7 +214,7 @@ def estimate_vs_actual(job: Job, metrics: list[EpochMetrics] | None, detail: boo
         actual_images_per_s=actual_ips,
         wall_error=_error(est.wall_seconds.value, actual_wall),
         images_per_s_error=_error(est.images_per_s.value, actual_ips),
-        checks=est.checks,
+        checks=est.checks if detail else [],  # lists stay small: the checks are in each job's own view
         detail=est if detail else None,
     )
 

@@ -135,7 +135,9 @@ class EstimateVsActual(BaseModel):
     actual_images_per_s: float | None = Field(description="the median of its epochs' images/s (single job views)")
     wall_error: float | None
     images_per_s_error: float | None
-    checks: list[LimitCheck] = Field(default_factory=list, description="the spec's limits against the estimate")
+    checks: list[LimitCheck] = Field(
+        default_factory=list, description="the spec's limits against the estimate (single job views only)"
+    )
     detail: Estimate | None = Field(default=None, description="the whole estimate (single job views only)")
 
 
