@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -126,6 +126,7 @@ class Benchmark:
     images_per_s: float
     startup_seconds: float | None = None
     eval_fraction: float | None = None  # evaluation time per epoch / training time per epoch
+    node_cpus: float | None = None  # a CPU figure holds only for a node with this many CPUs
 
 
 _PAPER_MODEL = "widths=[32, 64, 256, 256] blocks=[2, 2, 2, 2] se=16 act=mish"
@@ -144,6 +145,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         images_per_s=158.8,
         startup_seconds=59.5,
         eval_fraction=0.043,
+        node_cpus=2,
     ),
     Benchmark(
         row='bench/RESULTS.md "CPU — this project\'s 2-core machine": trainctl, precision=fp32, 106.5 img/s',
@@ -155,6 +157,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         images_per_s=106.5,
         startup_seconds=59.5,
         eval_fraction=0.043,
+        node_cpus=2,
     ),
 )
 
@@ -217,6 +220,7 @@ class _Placement:
     gpu: bool | None  # None: unknown
     device: str | None
     cpus_per_worker: float | None
+    node_cpus: float | None = None
 
 
 def _placement(spec: JobSpec, pricing: Pricing) -> _Placement:
@@ -273,6 +277,7 @@ def _placement(spec: JobSpec, pricing: Pricing) -> _Placement:
         bool(want_gpu),
         node.device,
         per_worker,
+        node.cpus,
     )
 
 
@@ -304,6 +309,7 @@ def _matching_benchmark(key: EstimateKey, placement: _Placement, benchmarks: Seq
             and key.precision in b.precisions
             and same_device(placement.device, b.device)
             and b.device_count == int(placement.workers.value)
+            and (b.node_cpus is None or b.node_cpus == placement.node_cpus)
         ):
             return b
     return None
@@ -350,15 +356,9 @@ def estimate(
             else Figure.unknown("no past job with this key recorded its start-up")
         )
         if place.workers.value is None:
-            place = _Placement(
-                place.node_type,
-                place.node_type_basis,
-                place.nodes,
-                Figure(value=float(count or 0), basis=basis),
-                place.gpu,
-                place.device,
-                place.cpus_per_worker,
-            )
+            place = replace(place, workers=Figure(value=float(count or 0), basis=basis))
+        if place.gpu is None and device is not None:  # the device it ran on says whether it had GPUs
+            place = replace(place, gpu=not device.startswith("cpu"))
     elif bench is not None:
         basis = f"benchmark: {bench.row}"
         ips = Figure(value=bench.images_per_s, basis=basis)

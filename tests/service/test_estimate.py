@@ -76,6 +76,7 @@ def test_history_without_node_types_assumes_the_device_of_the_newest_job() -> No
     est = estimate(spec, rows)
     assert est.images_per_s.value == 1000.0 and est.images_per_s.basis.startswith("history: 1 past job ")
     assert est.key.device == H100 and est.node_type is None and est.nodes.value is None
+    assert est.gpu_hours.value == pytest.approx(est.wall_seconds.value / 3600, abs=1e-6)  # one GPU worker
     assert est.cost.value is None and est.cost.basis.startswith("unknown: no prices configured")
 
 
@@ -90,6 +91,9 @@ def test_benchmark_basis_for_the_project_cpu() -> None:
     assert est.gpu_hours.value == 0.0
     fp32 = estimate(spec.model_copy(update={"precision": "fp32"}), [], pricing=pricing)
     assert fp32.images_per_s.value == 106.5
+    # The figure was measured on a 2-core node: a 64-core node of the same CPU model is not estimated from it.
+    big = Pricing({"cpu64": NodeType(cpus=64, device="AMD EPYC")}, {})
+    assert estimate(spec, [], pricing=big).images_per_s.value is None
 
 
 def test_benchmark_without_images_per_epoch_leaves_the_wall_time_unknown() -> None:
