@@ -211,3 +211,14 @@ def test_history_reads_each_finished_job_once_and_a_few_per_estimate(api: Api, m
     assert len(history.collect(store, job_dir)) == 1 and len(reads) == 1
     assert len(history.collect(store, job_dir)) == 2 and len(reads) == 2
     assert len(history.collect(store, job_dir)) == 2 and len(reads) == 2  # finished jobs are read once
+
+
+def test_serve_refuses_a_bad_price_naming_the_setting(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRAINCTL_NODE_TYPES", NODE_TYPES)
+    monkeypatch.setenv("TRAINCTL_PRICES", '{"cpu.small": "cheap"}')
+    assert _main(["serve", "--data-dir", str(tmp_path / "data")]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "TRAINCTL_PRICES['cpu.small']: a price per node-hour must be a number >= 0, got 'cheap'" in err
+    assert not (tmp_path / "data").exists()  # nothing started, nothing written
