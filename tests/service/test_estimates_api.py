@@ -222,3 +222,10 @@ def test_serve_refuses_a_bad_price_naming_the_setting(
     err = capsys.readouterr().err
     assert "TRAINCTL_PRICES['cpu.small']: a price per node-hour must be a number >= 0, got 'cheap'" in err
     assert not (tmp_path / "data").exists()  # nothing started, nothing written
+
+
+def test_the_estimate_route_is_documented(api: Api) -> None:
+    op = api.client.get("/openapi.json").json()["paths"]["/v1/estimates"]["post"]
+    assert "oneOf" in op["requestBody"]["content"]["application/json"]["schema"]  # a submission's body
+    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Estimate"}
+    assert {"401", "422"} <= set(op["responses"])
