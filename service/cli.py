@@ -96,6 +96,7 @@ def _print_estimate(est: dict[str, Any]) -> None:
         ("images/s", est["images_per_s"]["value"], est["images_per_s"]["basis"]),
         ("start-up", _fmt_duration(est["startup_seconds"]["value"]), est["startup_seconds"]["basis"]),
         ("per epoch", _fmt_duration(est["epoch_seconds"]["value"]), est["epoch_seconds"]["basis"]),
+        ("finish", _fmt_duration(est["finish_seconds"]["value"]), est["finish_seconds"]["basis"]),
         ("wall time", _fmt_duration(est["wall_seconds"]["value"]), est["wall_seconds"]["basis"]),
         ("GPU hours", est["gpu_hours"]["value"], est["gpu_hours"]["basis"]),
         ("CPU hours", est["cpu_hours"]["value"], est["cpu_hours"]["basis"]),

@@ -111,6 +111,7 @@ class HistoryRow:
     epoch_seconds: float  # median over its epochs (training + evaluation)
     startup_seconds: float | None  # first epoch's start − the first attempt's submission to Ray
     finished_at: float
+    finish_seconds: float | None = None  # the job's end − its last epoch's end (final test pass, exports, ...)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Benchmark:
     images_per_s: float
     startup_seconds: float | None = None
     eval_fraction: float | None = None  # evaluation time per epoch / training time per epoch
+    finish_seconds: float | None = None  # after the last epoch: the final test pass, exports, the summary
     node_cpus: float | None = None  # a CPU figure holds only for a node with this many CPUs
 
 
@@ -133,7 +135,8 @@ _PAPER_MODEL = "widths=[32, 64, 256, 256] blocks=[2, 2, 2, 2] se=16 act=mish"
 _CPU = "cpu (2 threads, bf16 AVX512-BF16) AMD EPYC"
 # The project's own measurements (bench/RESULTS.md, "CPU — this project's 2-core machine", quiet machine).
 # start-up 59.5 s = the `fast` run's first epoch end 382.9 s − its epoch 323.4 s; evaluation 4.3 % = (323.4 s −
-# 45,000 images / 145.1 img/s) / (45,000 / 145.1). No GPU figure is recorded there yet: none is listed.
+# 45,000 images / 145.1 img/s) / (45,000 / 145.1); finish 26.6 s = its 1,739 s in all − its last epoch's end
+# at 1,712.4 s. No GPU figure is recorded there yet: none is listed.
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         row='bench/RESULTS.md "CPU — this project\'s 2-core machine": trainctl, precision=auto (bf16), 158.8 img/s',
@@ -145,6 +148,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         images_per_s=158.8,
         startup_seconds=59.5,
         eval_fraction=0.043,
+        finish_seconds=26.6,
         node_cpus=2,
     ),
     Benchmark(
@@ -157,6 +161,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         images_per_s=106.5,
         startup_seconds=59.5,
         eval_fraction=0.043,
+        finish_seconds=26.6,
         node_cpus=2,
     ),
 )
@@ -203,7 +208,10 @@ class Estimate(BaseModel):
     startup_seconds: Figure
     epoch_seconds: Figure = Field(description="training plus evaluation, per epoch")
     epochs: int
-    wall_seconds: Figure = Field(description="start-up + epochs x epoch_seconds")
+    finish_seconds: Figure = Field(
+        description="after the last epoch until the job ended: the final test pass, exports, the summary"
+    )
+    wall_seconds: Figure = Field(description="start-up + epochs x epoch_seconds + finish")
     gpu_hours: Figure
     cpu_hours: Figure
     cost: Figure = Field(description="in the currency of TRAINCTL_PRICES")
@@ -343,7 +351,7 @@ def estimate(
     device, count = place.device, int(place.workers.value) if place.workers.value is not None else None
     if spec.search is not None:
         why = "a search's time depends on how its scheduler stops trials: not estimated"
-        ips = startup = per_epoch = Figure.unknown(why)
+        ips = startup = per_epoch = finish = Figure.unknown(why)
     elif rows:
         basis = f"history: {len(rows)} past job{'s' if len(rows) != 1 else ''} with the same key"
         device, count = rows[0].key.device, rows[0].key.device_count
@@ -354,6 +362,12 @@ def estimate(
             Figure(value=round(_median(starts), 1), basis=basis)
             if starts
             else Figure.unknown("no past job with this key recorded its start-up")
+        )
+        ends = [h.finish_seconds for h in rows if h.finish_seconds is not None]
+        finish = (
+            Figure(value=round(_median(ends), 1), basis=basis)
+            if ends
+            else Figure.unknown("no past job with this key recorded its end")
         )
         if place.workers.value is None:
             place = replace(place, workers=Figure(value=float(count or 0), basis=basis))
@@ -367,6 +381,11 @@ def estimate(
             if bench.startup_seconds is not None
             else Figure.unknown("the benchmark row has no start-up time")
         )
+        finish = (
+            Figure(value=bench.finish_seconds, basis=basis)
+            if bench.finish_seconds is not None
+            else Figure.unknown("the benchmark row has no time after its last epoch")
+        )
         n = _images_per_epoch(spec)
         if n is None:
             per_epoch = Figure.unknown(
@@ -379,12 +398,14 @@ def estimate(
         why = "no finished job with this key" + (
             f" on {place.device}" if place.device else " (and no device known: no TRAINCTL_NODE_TYPES)"
         )
-        ips = startup = per_epoch = Figure.unknown(why + ", and no benchmark figure for it")
+        ips = startup = per_epoch = finish = Figure.unknown(why + ", and no benchmark figure for it")
     key = key.model_copy(update={"device": device, "device_count": count})
-    if startup.value is not None and per_epoch.value is not None:
-        wall = Figure(value=round(startup.value + epochs * per_epoch.value, 1), basis=per_epoch.basis)
+    parts = (startup, per_epoch, finish)
+    if all(p.value is not None for p in parts):
+        total = (startup.value or 0.0) + epochs * (per_epoch.value or 0.0) + (finish.value or 0.0)
+        wall = Figure(value=round(total, 1), basis=per_epoch.basis)
     else:
-        wall = Figure(value=None, basis=(per_epoch if per_epoch.value is None else startup).basis)
+        wall = Figure(value=None, basis=next(p for p in parts if p.value is None).basis)
     gpus = (
         place.workers
         if place.gpu
@@ -410,6 +431,7 @@ def estimate(
         startup_seconds=startup,
         epoch_seconds=per_epoch,
         epochs=epochs,
+        finish_seconds=finish,
         wall_seconds=wall,
         gpu_hours=gpu_hours,
         cpu_hours=cpu_hours,

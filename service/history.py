@@ -44,6 +44,10 @@ def history_row(job: Job, metrics: list[EpochMetrics]) -> HistoryRow | None:
         if isinstance(submitted, int | float):
             started_training = first.time - first.epoch_seconds
             startup = round(max(0.0, started_training - float(submitted)), 1)
+    # What follows the last epoch (final test pass, exports, summary, the service seeing the end), when the
+    # last epoch is the run's last (not a job that ended early).
+    last = metrics[-1]
+    finish = round(job.updated_at - last.time, 1) if last.epoch == job.spec.optim.epochs else None
     return HistoryRow(
         job_id=job.id,
         key=key,
@@ -51,6 +55,7 @@ def history_row(job: Job, metrics: list[EpochMetrics]) -> HistoryRow | None:
         epoch_seconds=float(statistics.median(m.epoch_seconds for m in usable)),
         startup_seconds=startup,
         finished_at=job.updated_at,
+        finish_seconds=finish if finish is not None and finish >= 0 else None,
     )
 
 

@@ -44,9 +44,10 @@ def _row(
     device: str = H100,
     count: int = 1,
     finished_at: float = 1.0,
+    finish: float | None = 8.0,
 ) -> HistoryRow:
     key = spec_key(spec).model_copy(update={"device": device, "device_count": count})
-    return HistoryRow(job_id, key, ips, epoch_s, startup, finished_at)
+    return HistoryRow(job_id, key, ips, epoch_s, startup, finished_at, finish)
 
 
 def test_history_basis_is_the_median_of_jobs_with_the_same_key() -> None:
@@ -59,10 +60,11 @@ def test_history_basis_is_the_median_of_jobs_with_the_same_key() -> None:
     assert est.images_per_s.basis == "history: 3 past jobs with the same key"
     assert est.epoch_seconds.value == 4.0
     assert est.startup_seconds.value == 30.0
-    assert est.wall_seconds.value == 30.0 + 10 * 4.0
+    assert est.finish_seconds.value == 8.0
+    assert est.wall_seconds.value == 30.0 + 10 * 4.0 + 8.0
     assert est.node_type == "gpu.1xh100" and est.nodes.value == 1 and est.workers.value == 1
-    assert est.gpu_hours.value == pytest.approx(70.0 / 3600, abs=1e-6)
-    assert est.cost.value == pytest.approx(70.0 / 3600 * 4.0, abs=1e-6)
+    assert est.gpu_hours.value == pytest.approx(78.0 / 3600, abs=1e-6)
+    assert est.cost.value == pytest.approx(78.0 / 3600 * 4.0, abs=1e-6)
     assert "TRAINCTL_PRICES gpu.1xh100 4/h" in est.cost.basis
     assert est.key.device == H100 and est.settings == ["TRAINCTL_NODE_TYPES", "TRAINCTL_PRICES"]
 
@@ -87,7 +89,7 @@ def test_benchmark_basis_for_the_project_cpu() -> None:
     assert est.images_per_s.value == 158.8
     assert est.images_per_s.basis.startswith("benchmark: bench/RESULTS.md")
     assert est.epoch_seconds.value == pytest.approx(4096 / 158.8 * 1.043, abs=0.01)
-    assert est.wall_seconds.value == pytest.approx(59.5 + 10 * est.epoch_seconds.value, abs=0.1)
+    assert est.wall_seconds.value == pytest.approx(59.5 + 10 * est.epoch_seconds.value + 26.6, abs=0.1)
     assert est.gpu_hours.value == 0.0
     fp32 = estimate(spec.model_copy(update={"precision": "fp32"}), [], pricing=pricing)
     assert fp32.images_per_s.value == 106.5
@@ -147,11 +149,11 @@ def test_device_model_drops_the_cuda_index() -> None:
 
 def test_guard_rails() -> None:
     spec = _spec(**{"limits.max_hours": 0.01, "limits.max_cost": 0.01})
-    est = estimate(spec, [_row(spec, "a", 1000.0, 5.0)], pricing=PRICED)  # 80 s, 0.089 $
+    est = estimate(spec, [_row(spec, "a", 1000.0, 5.0)], pricing=PRICED)  # 88 s, 0.098 $
     checks, refusals = check_limits(spec, est, priced=True)
     assert [r["field"] for r in refusals] == ["limits.max_hours", "limits.max_cost"]
     assert "estimated wall time 0.02 h" in refusals[0]["message"] and "history: 1 past job" in refusals[0]["message"]
-    assert "estimated cost 0.09" in refusals[1]["message"]
+    assert "estimated cost 0.10" in refusals[1]["message"]
     ok_spec = _spec(**{"limits.max_cost": 1.0})
     checks, refusals = check_limits(ok_spec, estimate(ok_spec, [_row(ok_spec, "a", 1000.0, 5.0)], pricing=PRICED), True)
     assert refusals == [] and [c.result for c in checks] == ["ok", "ok"]

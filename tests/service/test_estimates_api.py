@@ -27,13 +27,15 @@ def _estimate(api: Api, body: Any) -> Any:
     return api.client.post("/v1/estimates", json=body, headers=api.headers())
 
 
-def _run_to_success(api: Api, body: Any, epoch_s: float = 5.0, ips: float = 200.0, startup: float = 12.0) -> str:
+def _run_to_success(
+    api: Api, body: Any, epoch_s: float = 5.0, ips: float = 200.0, startup: float = 12.0, finish: float = 3.0
+) -> str:
     """Submit `body`, let the fake Ray run it: metrics.jsonl as the trainer writes it, then SUCCEEDED."""
     job = api.post(body).json()
     api.reconcile()  # STARTING: attempt 1 submitted to Ray now
-    # As if submitted to Ray start-up + 4 epochs ago: the job's actual wall time is then that long.
+    # As if submitted to Ray start-up + 4 epochs + finish ago: the job's actual wall time is then that long.
     log = api.runner.store.get(job["id"]).attempt_log
-    submitted = time.time() - startup - 4 * epoch_s
+    submitted = time.time() - startup - 4 * epoch_s - finish
     api.runner.store.update(job["id"], attempt_log=[{**log[0], "submitted_at": submitted}])
     lines = []
     for epoch in range(1, 5):
@@ -79,26 +81,27 @@ def test_history_estimates_the_next_job_and_the_view_shows_estimate_vs_actual(ap
     est = _estimate(api, JOB).json()
     assert est["images_per_s"] == {"value": 200.0, "basis": "history: 1 past job with the same key"}
     assert est["startup_seconds"]["value"] == pytest.approx(12.0, abs=0.2)
-    assert est["wall_seconds"]["value"] == pytest.approx(12.0 + 4 * 5.0, abs=0.2)
+    assert est["finish_seconds"]["value"] == pytest.approx(3.0, abs=0.3)
+    assert est["wall_seconds"]["value"] == pytest.approx(12.0 + 4 * 5.0 + 3.0, abs=0.4)
     assert est["key"]["device"] == DEVICE and est["key"]["device_count"] == 2
     # The first job had no history: its stored estimate is unknown, and its view shows what it took.
     view = api.get(f"/v1/jobs/{first}").json()["estimate"]
     assert view["estimated_wall_seconds"] is None
-    assert view["actual_wall_seconds"] == pytest.approx(12.0 + 4 * 5.0, abs=2.0)
+    assert view["actual_wall_seconds"] == pytest.approx(12.0 + 4 * 5.0 + 3.0, abs=2.0)
     assert view["actual_images_per_s"] == 200.0 and view["wall_error"] is None
     # The second job is estimated from the first, and compared with what it took.
     second = _run_to_success(api, JOB, epoch_s=6.0, ips=160.0)
     view = api.get(f"/v1/jobs/{second}").json()["estimate"]
     assert view["estimated_images_per_s"] == 200.0 and view["actual_images_per_s"] == 160.0
     assert view["images_per_s_error"] == pytest.approx(0.25)
-    assert view["wall_error"] == pytest.approx((32.0 - 36.0) / 36.0, abs=0.06) and view["detail"]["epochs"] == 4
+    assert view["wall_error"] == pytest.approx((35.0 - 39.0) / 39.0, abs=0.06) and view["detail"]["epochs"] == 4
     listed = api.get("/v1/jobs").json()["jobs"][0]["estimate"]
     assert listed["estimated_wall_seconds"] == view["estimated_wall_seconds"] and listed["detail"] is None
 
 
 def test_an_estimate_over_the_limits_is_refused_at_submission(make_api: Any) -> None:
     api = make_api(node_types=NODE_TYPES, prices='{"cpu.small": 3.6}')
-    _run_to_success(api, JOB)  # 12 s start-up + 4 x 5 s on one cpu.small node at 3.6/h
+    _run_to_success(api, JOB)  # 12 s start-up + 4 x 5 s + 3 s on one cpu.small node at 3.6/h
     before = api.get("/v1/jobs").json()["total"]
     over_time = {**JOB, "overrides": {**JOB["overrides"], "limits.max_hours": 0.005}}
     r = api.post(over_time)
@@ -109,7 +112,7 @@ def test_an_estimate_over_the_limits_is_refused_at_submission(make_api: Any) -> 
     over_cost = {**JOB, "overrides": {**JOB["overrides"], "limits.max_cost": 0.01}}
     r = api.post(over_cost)
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "limits.max_cost", r.text
-    assert "estimated cost 0.03" in r.json()["error"]["details"][0]["message"]
+    assert "estimated cost 0.04" in r.json()["error"]["details"][0]["message"]
     assert api.get("/v1/jobs").json()["total"] == before  # nothing half-written
     within = api.post({**JOB, "overrides": {**JOB["overrides"], "limits.max_cost": 1.0}})
     assert within.status_code == 201, within.text
@@ -117,7 +120,7 @@ def test_an_estimate_over_the_limits_is_refused_at_submission(make_api: Any) -> 
     assert [(c["field"], c["result"]) for c in checks] == [("limits.max_hours", "ok"), ("limits.max_cost", "ok")]
     est = _estimate(api, JOB).json()
     assert est["node_type"] == "cpu.small" and est["settings"] == ["TRAINCTL_NODE_TYPES", "TRAINCTL_PRICES"]
-    assert est["cost"]["value"] == pytest.approx(0.032, abs=0.001)
+    assert est["cost"]["value"] == pytest.approx(35.0 / 3600 * 3.6, abs=0.001)
 
 
 def test_a_budget_on_a_service_without_prices_is_refused(api: Api) -> None:
@@ -167,16 +170,16 @@ def test_cli_dry_run_asks_the_service_and_list_status_show_estimate_vs_elapsed(
     argv = ["submit", "--preset", "debug", "--set", "optim.epochs=4", "--dry-run", "--data-dir", "/nonexistent"]
     assert _main([*argv, "--url", "http://testserver"]) == 0
     out = capsys.readouterr().out
-    assert "# wall time  32s" in out and "history: 1 past job with the same key" in out
+    assert "# wall time  35s" in out and "history: 1 past job with the same key" in out
     assert _main(argv) == 0  # no service configured: the offline dry run says it has no history
     assert "# no estimate: no service configured" in capsys.readouterr().out
     assert _main(["list", "--url", "http://testserver"]) == 0
     listed = capsys.readouterr().out
-    assert "EST / ELAPSED" in listed and re.search(rf"{re.escape(first)} .* \? / 3\ds ", listed), listed
+    assert "EST / ELAPSED" in listed and re.search(rf"{re.escape(first)} .* \? / 3[5-7]s ", listed), listed
     second = api.post(JOB).json()["id"]
     assert _main(["status", second, "--url", "http://testserver"]) == 0
     status = capsys.readouterr().out
-    assert "time      estimated 32s, elapsed ?  (estimate: history: 1 past job with the same key)" in status
+    assert "time      estimated 35s, elapsed ?  (estimate: history: 1 past job with the same key)" in status
 
 
 def test_the_submit_form_shows_the_estimate_before_submitting(api: Api) -> None:
