@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI
 
 from service import limits, startup
-from service.api import compare, events, health, jobs, plots, prometheus, tokens
+from service.api import compare, estimates, events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
@@ -102,6 +102,7 @@ def create_app(
         app.add_middleware(LoopbackHostOnly)
     strict_query = [Depends(reject_unknown_query)]  # /v1 answers 422 to a query parameter it does not take
     app.include_router(jobs.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(estimates.router, prefix="/v1", dependencies=strict_query)
     app.include_router(events.router, prefix="/v1", dependencies=strict_query)
     app.include_router(plots.router, prefix="/v1")  # PNGs for <img>: the dashboard adds a cache-busting ?t=
     app.include_router(tokens.router, prefix="/v1", dependencies=strict_query)

@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from service.client import ClientError, TrainctlClient, resolve_token, resolve_url, token_source, url_source
+from service.client import (
+    ClientError,
+    TrainctlClient,
+    configured_url,
+    resolve_token,
+    resolve_url,
+    token_source,
+    url_source,
+)
 from service.logview import LogView
 from trainer import contract
 
@@ -69,6 +77,61 @@ def _fmt_eta(v: Any) -> str:
         return "-"
     m, s = divmod(int(v), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _fmt_duration(v: Any) -> str:
+    """Seconds as 45s, 12m05s or 3h07m; '?' when unknown."""
+    if not isinstance(v, (int, float)):
+        return "?"
+    total = int(round(v))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _elapsed_s(job: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds since the job was first submitted to Ray, until it ended (what its estimate predicts)."""
+    log = job.get("attempt_log") or []
+    started = log[0].get("submitted_at") if log and isinstance(log[0], dict) else None
+    if not isinstance(started, (int, float)):
+        return None
+    if job.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        est = job.get("estimate") or {}
+        if isinstance(est.get("actual_wall_seconds"), (int, float)):
+            return float(est["actual_wall_seconds"])
+    return max(0.0, (now if now is not None else time.time()) - started)
+
+
+def _estimate_vs_elapsed(job: dict[str, Any]) -> str:
+    """'est 12m05s / 3m10s': the wall time estimated at submission and the time so far (or in all)."""
+    est = (job.get("estimate") or {}).get("estimated_wall_seconds")
+    return f"{_fmt_duration(est)} / {_fmt_duration(_elapsed_s(job))}"
+
+
+def _print_estimate(est: dict[str, Any]) -> None:
+    """An Estimate (POST /v1/estimates), one figure a line with its basis."""
+    rows = [
+        ("node type", est.get("node_type") or "?", est.get("node_type_basis", "")),
+        ("nodes", est["nodes"]["value"], est["nodes"]["basis"]),
+        ("workers", est["workers"]["value"], est["workers"]["basis"]),
+        ("images/s", est["images_per_s"]["value"], est["images_per_s"]["basis"]),
+        ("start-up", _fmt_duration(est["startup_seconds"]["value"]), est["startup_seconds"]["basis"]),
+        ("per epoch", _fmt_duration(est["epoch_seconds"]["value"]), est["epoch_seconds"]["basis"]),
+        ("finish", _fmt_duration(est["finish_seconds"]["value"]), est["finish_seconds"]["basis"]),
+        ("wall time", _fmt_duration(est["wall_seconds"]["value"]), est["wall_seconds"]["basis"]),
+        ("GPU hours", est["gpu_hours"]["value"], est["gpu_hours"]["basis"]),
+        ("CPU hours", est["cpu_hours"]["value"], est["cpu_hours"]["basis"]),
+        ("cost", est["cost"]["value"], est["cost"]["basis"]),
+    ]
+    for name, value, basis in rows:
+        shown = "?" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"# {name:<10} {shown:<10} {basis}")
+    for check in est.get("checks") or []:
+        print(
+            f"# {check['field']}: {check['result']}{' (refused)' if check.get('refuses') else ''}: {check['message']}"
+        )
+    if est.get("settings"):
+        print(f"# settings used: {', '.join(est['settings'])}")
 
 
 def _progress_line(job: dict[str, Any]) -> str:
@@ -177,13 +240,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     body = _load_body(args)
     if args.dry_run:
         spec = _validate_locally(body)
+        # With a service configured, it validates the spec too and estimates its time and cost from its
+        # finished jobs; without one, the spec is only checked here (no history to estimate from).
+        estimate = None
+        if configured_url(args.url, args.data_dir) is not None:
+            with _client(args) as api:
+                estimate = api.estimate(body)
         if args.json:
-            _print_json(spec)
+            _print_json({"spec": spec, "estimate": estimate} if estimate is not None else spec)
         else:
             import yaml
 
             print(yaml.safe_dump(spec, sort_keys=False).rstrip())
             print("# valid: this is the spec the service would run (nothing was submitted)")
+            if estimate is not None:
+                print(f"# estimate from {_url(args)}:")
+                _print_estimate(estimate)
+            else:
+                print("# no estimate: no service configured (--url / TRAINCTL_URL), so no history of past jobs")
         return 0
     with _client(args) as api:
         job = api.submit(body, args.idempotency_key)
@@ -220,14 +294,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         _print_json(page)
         return 0
     print(
-        f"{'ID':<24} {'NAME':<20} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'CREATED':<20} TAGS / MESSAGE"
+        f"{'ID':<24} {'NAME':<20} {'OWNER':<12} {'STATE':<10} {'EPOCH':>7} {'BEST':>7}  {'EST / ELAPSED':<17}  "
+        f"{'CREATED':<20} TAGS / MESSAGE"
     )
     for j in page["jobs"]:
         p = j["progress"]
         tags = " ".join(f"#{t}" for t in j.get("tags") or [])
         print(
             f"{j['id']:<24} {(j.get('name') or '-')[:20]:<20} {j['owner'][:12]:<12} {j['state']:<10} "
-            f"{p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}"
+            f"{p['epoch']:>3}/{p['epochs'] or '?':<3} {_fmt_acc(j['best_val_acc']):>7}  {_estimate_vs_elapsed(j):<17}"
             f"  {j['created_at'][:19]:<20} {' '.join(x for x in (tags, (j['message'] or '')[:60]) if x)}"
         )
     if page["total"] > page["offset"] + len(page["jobs"]):
@@ -255,6 +330,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         print(f"best      trial {s['best_trial']}  {s['metric']} {_fmt_acc(s['best_metric'])}  {config}")
     print(f"attempts  {job['attempts']}  ray submission {job['ray_submission_id'] or '-'}")
+    est = job.get("estimate")
+    if est:
+        estimated, elapsed = _fmt_duration(est["estimated_wall_seconds"]), _fmt_duration(_elapsed_s(job))
+        line = f"time      estimated {estimated}, elapsed {elapsed}"
+        if est["estimated_wall_seconds"] is None:
+            line += f"  ({est['wall_basis']})"
+        else:
+            line += f"  (estimate: {est['wall_basis']})"
+        if isinstance(est.get("estimated_images_per_s"), (int, float)):
+            actual = est.get("actual_images_per_s")
+            line += f"; images/s estimated {est['estimated_images_per_s']:.0f}" + (
+                f", actual {actual:.0f}" if isinstance(actual, (int, float)) else ""
+            )
+        print(line)
     print(f"created   {job['created_at']}   updated {job['updated_at']}")
     if job["message"]:
         print(f"message   {job['message']}")
@@ -910,7 +999,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate and print the resolved spec locally; submit nothing (needs no service)",
+        help="validate and print the resolved spec; with a service configured, also its time and cost estimate "
+        "(POST /v1/estimates); submit nothing",
     )
     s.set_defaults(fn=cmd_submit)
 

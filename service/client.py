@@ -81,6 +81,13 @@ def url_source(url: str | None = None, data_dir: str | None = None) -> tuple[str
     return DEFAULT_URL, f"the default{ignored}"
 
 
+def configured_url(url: str | None = None, data_dir: str | None = None) -> str | None:
+    """The service URL when one is configured (a flag, TRAINCTL_URL, a running `serve`'s serve.json, or the
+    config file); None when only the default would be tried."""
+    found = url or os.environ.get("TRAINCTL_URL") or served_url(data_dir) or load_config().get("url")
+    return found.rstrip("/") if isinstance(found, str) and found else None
+
+
 def served_url(data_dir: str | None = None) -> str | None:
     """The URL `trainctl serve` recorded in its data dir (<data dir>/serve.json) while it runs, so a
     `serve --port N` is found by the CLI run with the same data dir; None unless the record is trusted."""
@@ -232,6 +239,10 @@ class TrainctlClient:
     def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
+
+    def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/estimates: the time and cost estimate of a submission's body (nothing is created)."""
+        return self.request("POST", "/v1/estimates", json=body).json()  # type: ignore[no-any-return]
 
     def jobs(
         self,

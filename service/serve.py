@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.client import ClientError
 
 SERVE_RECORD = "serve.json"  # {url, pid} of the API serving this data dir
@@ -42,6 +44,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _setting_errors(exc: ValidationError) -> list[str]:
+    """`  TRAINCTL_PORT: Input should be ...` per error (a check across settings names its setting itself)."""
+    out = []
+    for e in exc.errors(include_url=False):
+        name = "TRAINCTL_" + "_".join(str(part) for part in e["loc"]).upper() if e["loc"] else ""
+        message = str(e["msg"]).removeprefix("Value error, ")
+        out.append(f"  {name}: {message}" if name else f"  {message}")
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -50,15 +62,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(
-        data_dir=args.data_dir,
-        host=args.host,
-        port=args.port,
-        storage=args.storage,
-        auth=False if args.no_auth else None,
-        max_concurrent_jobs=args.max_concurrent,
-        database_url=args.database_url,
-    )
+    try:
+        settings = load_settings(
+            data_dir=args.data_dir,
+            host=args.host,
+            port=args.port,
+            storage=args.storage,
+            auth=False if args.no_auth else None,
+            max_concurrent_jobs=args.max_concurrent,
+            database_url=args.database_url,
+        )
+    except ValidationError as exc:  # a bad TRAINCTL_* value: one line each, naming the setting; nothing started
+        raise ClientError("invalid settings:\n" + "\n".join(_setting_errors(exc))) from None
     # Everything this process and the Ray head it starts write (database, tokens, local storage, logs) is
     # readable by this user only.
     os.umask(0o077)

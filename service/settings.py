@@ -6,13 +6,16 @@ differently configured apps as they like.
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.estimate import NodeType, Pricing
 from trainer.spec import NotifySpec
 
 
@@ -79,6 +82,15 @@ class Settings(BaseSettings):
     slow_workers: int = Field(default=4, ge=1, le=256)
     slow_queue: int = Field(default=16, ge=0)
 
+    # --- estimates (service/estimate.py, docs/estimates.md) ---
+    # The worker node types jobs run on, as JSON or the path of a JSON file, e.g.
+    # {"gpu.1xa10g": {"cpus": 4, "gpus": 1, "device": "NVIDIA A10G"}} (cluster/gpu.yaml's available_node_types).
+    node_types: str = ""
+    # Price per node-hour of each node type, as JSON or the path of a JSON file, e.g. {"gpu.1xa10g": 1.01}.
+    # No built-in price list: without it an estimate has no cost and limits.max_cost is refused.
+    prices: str = ""
+    _pricing: Pricing = PrivateAttr(default_factory=lambda: Pricing(node_types={}, prices={}))
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -103,6 +115,16 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"TRAINCTL_NOTIFY_WEBHOOK / TRAINCTL_NOTIFY_ON: {problems}") from None
+
+    @model_validator(mode="after")
+    def _parse_pricing(self) -> Settings:
+        self._pricing = parse_pricing(self.node_types, self.prices)
+        return self
+
+    @property
+    def pricing(self) -> Pricing:
+        """The node types and prices estimates use (parsed and checked when the settings were built)."""
+        return self._pricing
 
     @property
     def storage_root(self) -> str:
@@ -145,3 +167,45 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; `overrides` (e.g. CLI flags) win. None values are ignored."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _json_setting(name: str, text: str) -> Any:
+    """A setting given as JSON, or as the path of a JSON file; ValueError naming the setting."""
+    text = text.strip()
+    if not text:
+        return {}
+    if not text.startswith(("{", "[")):  # JSON (an object, or a list: refused below), else a file's path
+        try:
+            text = Path(text).expanduser().read_text()
+        except OSError as exc:
+            raise ValueError(f"{name}: neither JSON nor a readable file ({exc.strerror}: {text})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{name} must be a JSON object, e.g. {{"gpu.1xa10g": ...}}')
+    return data
+
+
+def parse_pricing(node_types: str, prices: str) -> Pricing:
+    """TRAINCTL_NODE_TYPES and TRAINCTL_PRICES, checked: every price a finite number >= 0 for a node type
+    that TRAINCTL_NODE_TYPES defines. Raises ValueError naming the setting and the entry."""
+    types: dict[str, NodeType] = {}
+    for name, value in _json_setting("TRAINCTL_NODE_TYPES", node_types).items():
+        try:
+            types[name] = NodeType.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(map(str, first["loc"]))
+            raise ValueError(f"TRAINCTL_NODE_TYPES[{name!r}]{'.' + where if where else ''}: {first['msg']}") from None
+    table: dict[str, float] = {}
+    for name, value in _json_setting("TRAINCTL_PRICES", prices).items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"TRAINCTL_PRICES[{name!r}]: a price per node-hour must be a number >= 0, got {value!r}")
+        if name not in types:
+            known = ", ".join(sorted(types)) or "none: set TRAINCTL_NODE_TYPES"
+            raise ValueError(f"TRAINCTL_PRICES[{name!r}]: unknown node type (TRAINCTL_NODE_TYPES defines {known})")
+        table[name] = float(value)
+    sources = tuple(n for n, v in (("TRAINCTL_NODE_TYPES", types), ("TRAINCTL_PRICES", table)) if v)
+    return Pricing(node_types=types, prices=table, sources=sources)

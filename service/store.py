@@ -86,6 +86,8 @@ class JobModel(Base):
     # Who may see and change the job: the owner id of the token that submitted it (never the name, which a
     # new token may reuse). NULL: a job whose token was gone when owner ids were introduced (admin only).
     owner_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # The estimate made at submission (service/estimate.py's Estimate, JSON); NULL before estimates existed.
+    estimate: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class JobTagModel(Base):
@@ -230,6 +232,7 @@ class Job:
     tags: list[str] = field(default_factory=list)
     parent: str | None = None
     owner_id: str | None = field(default=None, repr=False)
+    estimate: str | None = field(default=None, repr=False)  # JSON, as stored: parsed where it is shown
 
     @classmethod
     def of(cls, m: JobModel) -> Job:
@@ -257,6 +260,7 @@ class Job:
             tags=json.loads(m.tags or "[]"),
             parent=m.parent,
             owner_id=m.owner_id,
+            estimate=m.estimate,
         )
 
 
@@ -446,12 +450,14 @@ class Store:
         *,
         owner_id: str | None = None,
         quota: Callable[[dict[JobState, int]], None] | None = None,
+        estimate: str | None = None,
     ) -> tuple[Job, bool]:
         """Insert a QUEUED job for `owner` (the name shown) and `owner_id` (who may see it; default the
         name). With an idempotency key already used by this owner: the earlier job (created=False) when the
         request hash matches, else IdempotencyConflict. `quota` is called with the owner's job counts by
         state inside the inserting transaction, after taking a per-owner lock in the database, and may
-        raise to refuse: so the quota holds however many API replicas insert at once."""
+        raise to refuse: so the quota holds however many API replicas insert at once. `estimate`: the
+        submission's Estimate (service/estimate.py) as JSON."""
         owner_id = owner_id or owner
         for _ in range(2):  # a second round only when another process inserted the same key meanwhile
             try:
@@ -489,6 +495,7 @@ class Store:
                         request_hash=request_hash,
                         **_label_columns(labels or Labels()),
                         owner_id=owner_id,
+                        estimate=estimate,
                     )
                     s.add(m)
                     s.flush()
@@ -681,6 +688,7 @@ class Store:
                 "idempotency_key",
                 "request_hash",
                 "owner_id",
+                "estimate",
             )
         }
         row.update(_label_columns(Labels(job.name, job.project, tuple(job.tags), job.parent)))

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import statistics
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
+from pydantic import ValidationError
 
 import objstore
 from service import jobdir
-from service.api.schemas import JobView, Progress, SearchProgress
+from service.api.schemas import EstimateVsActual, JobView, Progress, SearchProgress
+from service.estimate import Estimate
 from service.lru import Lru
 from service.reference import reference_view
 from service.states import JobState
@@ -178,6 +181,44 @@ def search_progress(spec: SearchSpec, trials: list[TrialRow]) -> SearchProgress:
     )
 
 
+def _error(estimated: float | None, actual: float | None) -> float | None:
+    if estimated is None or not actual:
+        return None
+    return round((estimated - actual) / actual, 4)
+
+
+def estimate_vs_actual(job: Job, metrics: list[EpochMetrics] | None, detail: bool) -> EstimateVsActual | None:
+    """The estimate stored at submission beside what the job took: the wall time from its first submission
+    to Ray until it ended (a job that never started has none) and the median images/s of its epochs."""
+    if job.estimate is None:
+        return None
+    try:
+        est = Estimate.model_validate_json(job.estimate)
+    except ValidationError:
+        return None  # written by another version: shown as no estimate rather than failing the view
+    actual_wall: float | None = None
+    if job.state.is_terminal() and job.attempt_log:
+        submitted = job.attempt_log[0].get("submitted_at")
+        if isinstance(submitted, int | float):
+            actual_wall = round(job.updated_at - float(submitted), 1)
+    rates = [m.images_per_s for m in metrics or [] if m.images_per_s > 0]
+    actual_ips = round(float(statistics.median(rates)), 1) if rates else None
+    return EstimateVsActual(
+        estimated_wall_seconds=est.wall_seconds.value,
+        wall_basis=est.wall_seconds.basis,
+        estimated_images_per_s=est.images_per_s.value,
+        images_per_s_basis=est.images_per_s.basis,
+        estimated_cost=est.cost.value,
+        cost_basis=est.cost.basis,
+        actual_wall_seconds=actual_wall,
+        actual_images_per_s=actual_ips,
+        wall_error=_error(est.wall_seconds.value, actual_wall),
+        images_per_s_error=_error(est.images_per_s.value, actual_ips),
+        checks=est.checks if detail else [],  # lists stay small: the checks are in each job's own view
+        detail=est if detail else None,
+    )
+
+
 def _time(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
@@ -231,6 +272,7 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
         devices=latest.devices or None if latest else None,
         numerics=latest.numerics if latest else None,
         reference=reference_view(job.spec, metrics) if metrics is not None else None,
+        estimate=estimate_vs_actual(job, metrics, detail=with_spec),
     )
 
 

@@ -228,6 +228,13 @@ class LimitsSpec(Section):
         description="wall-clock limit from the first submission; then the job ends FAILED "
         "(the service may cap it lower)",
     )
+    max_cost: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1e9,
+        description="refuse the job at submission when its estimated cost (the service's configured prices, "
+        "TRAINCTL_PRICES) is higher; null: no budget",
+    )
 
 
 # --- searches (Ray Tune) ------------------------------------------------------------------------

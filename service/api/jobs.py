@@ -22,6 +22,7 @@ from pydantic import BeforeValidator
 import objstore
 from service import auth, jobdir, policy, views
 from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
+from service.api.estimates import estimate_for, refuse_over_limits
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
     MAX_TAGS,
@@ -42,7 +43,7 @@ from service.api.schemas import (
     split_labels,
 )
 from service.errors import ApiError
-from service.runner import NoLog, StillStopping
+from service.runner import NoLog, Runner, StillStopping
 from service.states import JobState
 from service.store import SORT_KEYS, IdempotencyConflict, Job, JobFilter, Labels, Store
 from service.views import job_view
@@ -74,10 +75,12 @@ def submit_job(
     """Submit a training job: a full spec, or `{"preset", "overrides"}`, with optional labels beside it
     (`name`, `project`, `tags`). The resolved spec is stored, so the job never depends on a preset that
     changes later. With an Idempotency-Key, repeating the same request returns the same job; the same key
-    with a different body is a 409."""
+    with a different body is a 409. The job's time and cost are estimated (as POST /v1/estimates does) and
+    stored with it; an estimate over limits.max_hours or limits.max_cost is a 422 naming the field (an
+    unknown estimate never refuses)."""
     spec_body, labels = split_labels(body)  # a bad label -> 422 naming it
     spec = resolve_body(spec_body)  # pydantic ValidationError -> 422 naming each field
-    job, created = _admit(store, settings, principal, spec, body, idempotency_key, labels.labels())
+    job, created = _admit(store, settings, runner, principal, spec, body, idempotency_key, labels.labels())
     if created:
         reconciler.wake()  # start it now if a slot is free, not at the next poll
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -87,6 +90,7 @@ def submit_job(
 def _admit(
     store: Store,
     settings: Any,
+    runner: Runner,
     principal: auth.Principal,
     spec: JobSpec,
     body: dict[str, Any],
@@ -98,7 +102,14 @@ def _admit(
     any number of replicas, cannot overshoot it. A repeated Idempotency-Key returns its job even at the
     quota; only new jobs count against it."""
     policy.check_spec(spec, settings)  # this service's limits and data roots -> 422 naming each field
-    return _create(store, principal, spec, body, idempotency_key, labels, policy.quota_check(settings))
+    estimate = estimate_for(spec, store, runner.job_dir, settings)
+    if (
+        idempotency_key is None
+        or store.by_idempotency_key(principal.owner_id or principal.name, idempotency_key) is None
+    ):
+        refuse_over_limits(estimate)  # limits.max_hours / max_cost under the estimate -> 422 naming the field
+    quota = policy.quota_check(settings)
+    return _create(store, principal, spec, body, idempotency_key, labels, quota, estimate.model_dump_json())
 
 
 def _create(
@@ -109,6 +120,7 @@ def _create(
     idempotency_key: str | None,
     labels: Labels,
     quota: Callable[[dict[JobState, int]], None],
+    estimate: str,
 ) -> tuple[Job, bool]:
     try:
         job, created = store.create_job(
@@ -119,6 +131,7 @@ def _create(
             labels,
             owner_id=principal.owner_id,
             quota=quota,
+            estimate=estimate,
         )
     except IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc), {"job_id": exc.job_id}) from None
@@ -196,6 +209,7 @@ def resubmit_job(
     body: Annotated[ResubmitRequest, Body(openapi_examples=RESUBMIT_EXAMPLES)],
     principal: PrincipalDep,
     store: StoreDep,
+    runner: RunnerDep,
     reconciler: ReconcilerDep,
     settings: SettingsDep,
     response: Response,
@@ -211,7 +225,7 @@ def resubmit_job(
         project=body.project if "project" in given else job.project,
         tags=body.tags if "tags" in given else job.tags,
     ).labels(parent=job.id)
-    new, _ = _admit(store, settings, principal, spec, {}, None, labels)
+    new, _ = _admit(store, settings, runner, principal, spec, {}, None, labels)
     reconciler.wake()
     response.headers["Location"] = f"/v1/jobs/{new.id}"
     return job_view(new, with_spec=True)

@@ -152,14 +152,15 @@ def install_openapi(app: FastAPI, *, submit_path: str = "/v1/jobs") -> None:
                     if status.startswith(("4", "5")):
                         resp["content"] = error_content
                         resp["description"] = _WHY.get(int(status), resp.get("description", "error"))
-        post = schema["paths"].get(submit_path, {}).get("post")
-        if post is not None:
-            content = post.setdefault("requestBody", {"required": True}).setdefault("content", {})
-            examples = content.get("application/json", {}).get("examples")
-            content["application/json"] = {
-                "schema": _submit_body_schema(),
-                **({"examples": examples} if examples else {}),
-            }
+        for path in (submit_path, "/v1/estimates"):  # both read a submission's body
+            post = schema["paths"].get(path, {}).get("post")
+            if post is not None:
+                content = post.setdefault("requestBody", {"required": True}).setdefault("content", {})
+                examples = content.get("application/json", {}).get("examples")
+                content["application/json"] = {
+                    "schema": _submit_body_schema(),
+                    **({"examples": examples} if examples else {}),
+                }
         app.openapi_schema = schema
         return schema
 

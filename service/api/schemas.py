@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import ApiError
+from service.estimate import Estimate, LimitCheck
 from service.reference import ReferenceView
 from service.states import JobState
 from service.store import Labels
@@ -211,6 +212,31 @@ class JobView(BaseModel):
         description="runs of the paper's network: the authors' notebook's test accuracy per epoch and how far "
         "ahead or behind it the run is at its latest comparable epoch (single job views only)",
     )
+    estimate: EstimateVsActual | None = Field(
+        default=None, description="the estimate made at submission and, once the job ended, what it took"
+    )
+
+
+class EstimateVsActual(BaseModel):
+    """The estimate made at submission beside what the job then took (issue 30). Errors are
+    (estimate - actual) / actual: +0.25 = the estimate was 25 % high."""
+
+    estimated_wall_seconds: float | None
+    wall_basis: str
+    estimated_images_per_s: float | None
+    images_per_s_basis: str
+    estimated_cost: float | None
+    cost_basis: str
+    actual_wall_seconds: float | None = Field(
+        description="first submission to Ray until the job ended (null until it ended)"
+    )
+    actual_images_per_s: float | None = Field(description="the median of its epochs' images/s (single job views)")
+    wall_error: float | None
+    images_per_s_error: float | None
+    checks: list[LimitCheck] = Field(
+        default_factory=list, description="the spec's limits against the estimate (single job views only)"
+    )
+    detail: Estimate | None = Field(default=None, description="the whole estimate (single job views only)")
 
 
 class JobList(BaseModel):

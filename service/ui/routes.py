@@ -23,10 +23,12 @@ from fastapi.templating import Jinja2Templates
 
 import objstore
 from service import auth, jobdir, safeyaml
+from service.api import estimates as estimates_api
 from service.api import jobs as jobs_api
 from service.api.deps import PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep, session_principal
 from service.api.schemas import JobView
 from service.errors import ApiError
+from service.estimate import Estimate
 from service.states import JobState
 from service.store import Job
 from service.ui import session
@@ -297,6 +299,36 @@ def submit_from_form(
 ) -> JobView:
     """The submit form: `{"preset", "overrides_yaml"}`. The YAML is parsed here (browsers have no YAML
     parser); everything else is exactly POST /v1/jobs, 422 field errors included."""
+    request = _form_request(body)
+    # POST /v1/jobs itself (keyword arguments: the route's own dependencies, passed through).
+    return jobs_api.submit_job(
+        body=request,
+        principal=principal,
+        store=store,
+        runner=runner,
+        reconciler=reconciler,
+        settings=settings,
+        response=response,
+    )
+
+
+@router.post("/api/estimate")
+def estimate_from_form(
+    body: Annotated[dict[str, Any], Body()],
+    principal: PrincipalDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+) -> Estimate:
+    """The submit form's estimate, shown before its button: POST /v1/estimates for the form's fields."""
+    return estimates_api.make_estimate(
+        body=_form_request(body), principal=principal, store=store, runner=runner, settings=settings
+    )
+
+
+def _form_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The form's `{"preset", "overrides_yaml"}` as a submission body; 422 naming `overrides` when the YAML
+    is not a mapping."""
     text = body.get("overrides_yaml") or ""
     if not isinstance(text, str):
         raise ApiError(
@@ -328,13 +360,4 @@ def submit_from_form(
     request: dict[str, Any] = {"overrides": overrides}
     if body.get("preset"):
         request["preset"] = body["preset"]
-    # POST /v1/jobs itself (keyword arguments: the route's own dependencies, passed through).
-    return jobs_api.submit_job(
-        body=request,
-        principal=principal,
-        store=store,
-        runner=runner,
-        reconciler=reconciler,
-        settings=settings,
-        response=response,
-    )
+    return request

@@ -93,6 +93,14 @@ def test_job_runs_to_success(service: Service, cifar_parquet: Path) -> None:
         assert logs.status_code == 200 and 0 < len(logs.text.splitlines()) <= 5
         assert c.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "SUCCEEDED"  # too late: unchanged
 
+        # Estimates (issue 30): the finished job's view shows what it took beside its estimate, and the next
+        # estimate of the same spec comes from this job's measured speed on the device it really ran on.
+        took = c.get(f"/v1/jobs/{job_id}").json()["estimate"]
+        assert took["actual_wall_seconds"] > 0 and took["actual_images_per_s"] > 0, took
+        est = c.post("/v1/estimates", json=job_body(cifar_parquet, epochs=2)).json()
+        assert est["images_per_s"]["basis"].startswith("history: "), est
+        assert est["wall_seconds"]["value"] > 0 and est["key"]["device"] in job["devices"][0], est
+
 
 def test_cancel_queued_and_running(service: Service, cifar_parquet: Path, ray_head: RayHead) -> None:
     with service.client() as c:

@@ -434,7 +434,40 @@ function initSort() {
 
 // --- submit form -------------------------------------------------------------------------------------------
 
+// The estimate of what the form would submit (POST /ui/api/estimate = POST /v1/estimates), refreshed as the
+// form changes; each figure shows its basis (history, benchmark or unknown).
+async function refreshEstimate() {
+  const figures = $("#estimate-figures"), checks = $("#estimate-checks"), note = $("#estimate-note");
+  const resp = await api("POST", "/ui/api/estimate", {preset: $("#preset").value, overrides_yaml: $("#overrides").value});
+  const body = await resp.json();
+  figures.replaceChildren(); checks.replaceChildren();
+  if (!resp.ok) { note.textContent = "no estimate: " + ((body.error && body.error.message) || `HTTP ${resp.status}`); return; }
+  const num = v => (v === null || v === undefined) ? "unknown" : String(+v.toPrecision(4));
+  const rows = [
+    ["wall time", body.wall_seconds, v => duration(v) || "unknown"],
+    ["images/s", body.images_per_s, num],
+    ["node type", {value: body.node_type, basis: body.node_type_basis}, v => v || "unknown"],
+    ["nodes", body.nodes, num],
+    ["GPU hours", body.gpu_hours, num],
+    ["CPU hours", body.cpu_hours, num],
+    ["cost", body.cost, num],
+  ];
+  for (const [name, fig, fmt] of rows) {
+    figures.appendChild(el("dt", {}, name));
+    const dd = el("dd", {"data-figure": name}, fmt(fig.value) + " ");
+    dd.appendChild(el("span", {class: "muted"}, "(" + fig.basis + ")"));
+    figures.appendChild(dd);
+  }
+  for (const c of body.checks || []) checks.appendChild(el("li", {"data-result": c.result}, c.message));
+  note.textContent = body.settings && body.settings.length ? "settings used: " + body.settings.join(", ") : "";
+}
+
 function initSubmit() {
+  let timer = null;
+  const later = () => { clearTimeout(timer); timer = setTimeout(refreshEstimate, 400); };
+  $("#preset").addEventListener("change", later);
+  $("#overrides").addEventListener("input", later);
+  refreshEstimate();
   $("#submit-form").addEventListener("submit", async ev => {
     ev.preventDefault();
     const errors = $("#field-errors"), box = $("#submit-error");
