@@ -201,7 +201,10 @@ def onprem(cifar_parquet: Path) -> Iterator[OnPrem]:
         out = _check(
             hosts.run(["ray", "exec", str(config_path), "cat ~/trainctl-data/admin-token"], env=env), "ray exec"
         )
-        token = out.strip().splitlines()[-1].strip()
+        # ray exec's output also carries SSH's "Shared connection to ... closed." (it runs `ssh -tt`).
+        tokens = [line.strip() for line in out.splitlines() if re.fullmatch(r"\S{20,}", line.strip())]
+        assert tokens, f"no admin token in the output of ray exec:\n{out[-2000:]}"
+        token = tokens[-1]
         yield OnPrem(hosts, s3, config_path, storage, url, token, tunnel, timings)
     finally:
         try:
@@ -228,7 +231,8 @@ def test_ray_up_scales_out_trains_across_hosts_and_tears_down(onprem: OnPrem) ->
     head = onprem.hosts.hosts[0].address
     assert onprem.alive_worker_hosts() == [], "min_workers 0: no worker host runs Ray before a job needs it"
     with onprem.client() as c:
-        assert c.get("/v1/jobs").status_code == 200
+        listed = c.get("/v1/jobs")
+        assert listed.status_code == 200, listed.text[:500]
         body = {
             "preset": "debug",
             "overrides": {"data.train": f"s3://{BUCKET}/datasets/train.parquet", "optim.epochs": 2},
@@ -239,13 +243,21 @@ def test_ray_up_scales_out_trains_across_hosts_and_tears_down(onprem: OnPrem) ->
         job_id = resp.json()["id"]
         # 2 ranks of 1 CPU; the head has 1: the job waits for a worker host, and says so.
         job = c.get(f"/v1/jobs/{job_id}").json()
-        deadline = time.monotonic() + 60
-        while not (job["state"] == "STARTING" and job.get("message")) and time.monotonic() < deadline:
+        seen = [(job["state"], job.get("message"))]
+        deadline = time.monotonic() + 120
+        while "waiting for resources" not in (job.get("message") or "") and time.monotonic() < deadline:
             if job["state"] in TERMINAL or job["state"] == "RUNNING":
                 break
             time.sleep(0.3)
             job = c.get(f"/v1/jobs/{job_id}").json()
-        assert job["state"] == "STARTING" and "waiting" in (job.get("message") or ""), job
+            if seen[-1] != (job["state"], job.get("message")):
+                seen.append((job["state"], job.get("message")))
+        assert job["state"] == "STARTING" and "waiting for resources: needs" in job["message"], (
+            seen,
+            onprem.ray_processes(),
+            _job_log(c, job_id)[-3000:],
+        )
+        assert "CPU" in job["message"], job
         waiting_message = job["message"]
         # The autoscaler starts Ray on a worker host over SSH.
         added = None
