@@ -31,7 +31,7 @@ test: venv browser-deps
 
 # The edit loop: the unit tests only — no Ray cluster, no S3 server, no subprocess importing torch, no
 # package install (markers in pyproject.toml). About a minute on 2 cores.
-FAST_MARKERS := not ray and not s3 and not install and not slow
+FAST_MARKERS := not ray and not s3 and not install and not slow and not cluster
 test-fast: venv
 	$(BIN)/python -m pytest -m "$(FAST_MARKERS)" -q
 

@@ -66,7 +66,7 @@ class Placement:
         if not self.needs:
             return self.note or "starting: the driver runs, its workers are not placed yet"
         wants = ", ".join(
-            f"{_num(v)} {k}, {_num(self.free.get(k, 0.0))} free"
+            f"{_num(v)} {k}" + (f", {_num(self.free.get(k, 0.0))} free" if self.free else "")
             for k, v in sorted(self.needs.items())
             if k in ("CPU", "GPU") or not k.startswith(("memory", "object_store", "bundle", "node:"))
         )
@@ -246,12 +246,20 @@ class RayJobsClient:
                     for b in g.get("bundles") or []:
                         for k, v in (b.get("unit_resources") or {}).items():
                             needs[k] = needs.get(k, 0.0) + float(v)
-            usage = self._get_json("/api/cluster_status", {})["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
-            free = {k: float(total) - float(used) for k, (used, total) in usage.items()}
-            return Placement(False, needs, free)
+            return Placement(False, needs, self._free_resources())
         except Exception as exc:  # noqa: BLE001 - an optional detail: never fail a reconcile pass for it
             log.debug("placement of %s unknown: %s", info.driver_job_id, exc)
             return None
+
+    def _free_resources(self) -> dict[str, float]:
+        """What the cluster has free, or {} where the dashboard does not say (its cluster_status has no
+        loadMetricsReport under autoscaler v2, which `ray up` turns on): the wait is reported all the same."""
+        try:
+            usage = self._get_json("/api/cluster_status", {})["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+            return {k: float(total) - float(used) for k, (used, total) in usage.items()}
+        except Exception as exc:  # noqa: BLE001 - an optional detail of an optional detail
+            log.debug("free resources unknown: %s", exc)
+            return {}
 
     def _get_json(self, path: str, params: dict[str, str]) -> Any:
         from urllib.parse import urlencode

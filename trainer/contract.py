@@ -167,7 +167,8 @@ class EpochMetrics(Record):
     devices: list[str] = Field(
         default_factory=list,
         description="what every rank trains on, rank 0 first, e.g. "
-        "'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (2 threads, bf16 AMX) Intel(R) Xeon(R) ...'",
+        "'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (2 threads, bf16 AMX) Intel(R) Xeon(R) ...'; when the ranks "
+        "run on several hosts, each ends with its host's address: '... on 10.0.0.2'",
     )
     numerics: NumericsRecord | None = Field(default=None, description="precision and layout in use")
     # The test split (data.test, or data.train's own test_batch) every data.test_every_epochs and at the

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import ray.util
 import torch
 import torch.distributed as dist
 
@@ -71,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # to the device, in DDP (device_settings.ddp_options) when world > 1
     wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
     trainee = step.build(spec, device, splits.train.steps_per_epoch(local_batch, world), wrap=wrap, numerics=numerics)
-    devices = _gather(describe_device(device), world)
+    devices = _with_addresses(_gather(describe_device(device), world), _gather(ray.util.get_node_ip_address(), world))
     if rank == 0:
         print(f"devices: {', '.join(devices)}; numerics: {numerics.describe()}", flush=True)
 
@@ -131,6 +132,14 @@ def _ray_state(ray_checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | 
 def _node_ids(world: int) -> list[str]:
     """Every rank's Ray node id (gathered to all), so logs and metrics show where the workers ran."""
     return _gather(ray.get_runtime_context().get_node_id(), world)
+
+
+def _with_addresses(devices: list[str], addresses: list[str]) -> list[str]:
+    """Each rank's device with its host's address (`cpu (...) AMD EPYC on 10.0.0.2`) when the ranks run on
+    more than one host, so a job's view shows where DDP ran; on one host the device alone says it all."""
+    if len(set(addresses)) <= 1:
+        return devices
+    return [f"{device} on {address}" for device, address in zip(devices, addresses, strict=True)]
 
 
 def _gather(value: Any, world: int) -> list[Any]:

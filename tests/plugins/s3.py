@@ -75,11 +75,13 @@ class S3Server:
     secret_key: str
     ports: dict[str, int]
     weed: str = field(default_factory=weed_binary)
+    # Where every listener binds: loopback, or an address other machines reach (the emulated hosts' bridge).
+    ip: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.ip}:{self.ports['s3']}"
 
     @property
     def data_dir(self) -> str:
@@ -111,7 +113,7 @@ class S3Server:
     def filesystem(self, **kwargs: object) -> pafs.S3FileSystem:
         """A pyarrow filesystem for this server that does not depend on the environment."""
         opts: dict[str, object] = dict(
-            endpoint_override=f"127.0.0.1:{self.ports['s3']}",
+            endpoint_override=f"{self.ip}:{self.ports['s3']}",
             scheme="http",
             access_key=self.access_key,
             secret_key=self.secret_key,
@@ -129,8 +131,8 @@ class S3Server:
             self.weed,
             f"-logdir={self.root}/logs",
             "server",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.ip}",
+            f"-ip.bind={self.ip}",
             f"-dir={self.data_dir}",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}",
@@ -231,7 +233,7 @@ class S3Server:
         for port in self.ports.values():
             while time.monotonic() < deadline:
                 with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) != 0:
+                    if s.connect_ex((self.ip, port)) != 0:
                         break
                 time.sleep(0.1)
 
@@ -251,7 +253,7 @@ class S3Server:
                     pass
 
 
-def make_server() -> S3Server:
+def make_server(ip: str = "127.0.0.1") -> S3Server:
     root = tempfile.mkdtemp(prefix="trainctl-s3-")
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"]
     ports: dict[str, int] = {}
@@ -264,6 +266,7 @@ def make_server() -> S3Server:
         access_key="trainctl-test-" + uuid.uuid4().hex[:8],
         secret_key=uuid.uuid4().hex + uuid.uuid4().hex,
         ports=ports,
+        ip=ip,
     )
     identities = {
         "identities": [
@@ -280,11 +283,11 @@ def make_server() -> S3Server:
     return server
 
 
-def start_server(attempts: int = 3) -> S3Server:
+def start_server(attempts: int = 3, ip: str = "127.0.0.1") -> S3Server:
     """A started server. Free ports are picked before weed binds them, so another process may take one in
     between: then weed exits at once and we retry on fresh ports."""
     for attempt in range(1, attempts + 1):
-        server = make_server()
+        server = make_server(ip)
         try:
             server.start()
             return server
