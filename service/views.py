@@ -219,6 +219,27 @@ def estimate_vs_actual(job: Job, metrics: list[EpochMetrics] | None, detail: boo
     )
 
 
+def time_limit_warning(job: Job, shown: Progress, now: float) -> str | None:
+    """For a RUNNING job: when its pace so far (the ETA of its last epochs) takes it past limits.max_hours,
+    counted as the runner does (from the first submission to Ray: service/runner.py over_time_limit), say at
+    which epoch the limit will stop it — well before it does. None while it will finish in time."""
+    if job.state is not JobState.RUNNING or shown.eta_seconds is None or not job.attempt_log or not shown.epochs:
+        return None
+    limit_s = job.spec.limits.max_hours * 3600
+    started = float(job.attempt_log[0].get("submitted_at") or job.created_at)
+    elapsed = now - started
+    if elapsed + shown.eta_seconds <= limit_s:
+        return None
+    per_epoch = shown.eta_seconds / max(shown.epochs - shown.epoch, 1)
+    stop_epoch = min(shown.epoch + max(int((limit_s - elapsed) // per_epoch), 0), shown.epochs)
+    total_h = (elapsed + shown.eta_seconds) / 3600
+    return (
+        f"at its current pace ({per_epoch:.0f} s an epoch) the job needs about {total_h:.2f} h "
+        f"in all, over limits.max_hours={job.spec.limits.max_hours:g} h: the limit will stop it around epoch "
+        f"{stop_epoch} of {shown.epochs} (resubmit with a larger limits.max_hours, or fewer optim.epochs)"
+    )
+
+
 def _time(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
@@ -273,6 +294,7 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
         numerics=latest.numerics if latest else None,
         reference=reference_view(job.spec, metrics) if metrics is not None else None,
         estimate=estimate_vs_actual(job, metrics, detail=with_spec),
+        time_limit_warning=time_limit_warning(job, shown, time.time()),
     )
 
 

@@ -215,6 +215,11 @@ class JobView(BaseModel):
     estimate: EstimateVsActual | None = Field(
         default=None, description="the estimate made at submission and, once the job ended, what it took"
     )
+    time_limit_warning: str | None = Field(
+        default=None,
+        description="a running job whose measured pace (its ETA) takes it past limits.max_hours: when and at "
+        "which epoch the limit will stop it (single job views and the event stream)",
+    )
 
 
 class EstimateVsActual(BaseModel):

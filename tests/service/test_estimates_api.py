@@ -232,3 +232,48 @@ def test_the_estimate_route_is_documented(api: Api) -> None:
     assert "oneOf" in op["requestBody"]["content"]["application/json"]["schema"]  # a submission's body
     assert op["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Estimate"}
     assert {"401", "422"} <= set(op["responses"])
+
+
+def test_a_running_job_whose_pace_passes_its_time_limit_is_flagged(make_api) -> None:
+    """Issue 30 item 5: a RUNNING job whose measured pace (ETA) takes it past limits.max_hours is flagged in its
+    view (and so in the event stream's `state` events) well before the runner stops it; one in time is not."""
+    import json as _json
+
+    from tests.service.test_ui import read_events, rows, running_job
+
+    api = make_api(events_poll_s=0.05)
+    slow = api.post({"preset": "debug", "overrides": {"optim.epochs": 100, "limits.max_hours": 0.01}}).json()["id"]
+    fine = running_job(api, epochs=4)
+    api.reconcile()
+    api.ray.set(f"{slow}-1", "RUNNING")
+    api.reconcile()
+    for job_id in (slow, fine):
+        d = api.job_dir(job_id)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.jsonl").write_text(
+            "".join(_json.dumps({**r, "epoch_seconds": 3.0}) + "\n" for r in rows(range(1, 3)))
+        )
+
+    view = api.get(f"/v1/jobs/{slow}").json()
+    assert view["state"] == "RUNNING" and view["progress"]["eta_seconds"] == 294.0  # 98 epochs x 3 s
+    warning = view["time_limit_warning"]
+    assert "limits.max_hours=0.01 h" in warning and "of 100" in warning, warning
+    stop_epoch = int(warning.split("around epoch ")[1].split()[0])
+    assert 2 <= stop_epoch <= 14  # 36 s of limit at 3 s an epoch, less the time already run
+    assert api.get(f"/v1/jobs/{fine}").json()["time_limit_warning"] is None  # 72 h is plenty
+    assert all(j["time_limit_warning"] is None for j in api.get("/v1/jobs").json()["jobs"])  # lists read no files
+
+    # the event stream's `state` events carry it too, while the job runs (cancelled meanwhile, so it ends)
+    import threading
+    import time
+
+    def cancel_soon() -> None:
+        time.sleep(0.5)
+        api.client.post(f"/v1/jobs/{slow}/cancel", headers=api.headers())
+
+    t = threading.Thread(target=cancel_soon)
+    t.start()
+    states = [d for n, d in read_events(api, slow) if n == "state"]
+    t.join()
+    assert states[0]["state"] == "RUNNING" and "limits.max_hours=0.01 h" in states[0]["time_limit_warning"]
+    assert states[-1]["state"] == "CANCELLED" and states[-1]["time_limit_warning"] is None
