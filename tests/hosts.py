@@ -205,6 +205,11 @@ class Host:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+        # The kernel ends the namespace's other processes asynchronously: wait (bounded) until none is left, so a
+        # caller sees the host as a power cut leaves it.
+        deadline = time.monotonic() + 10
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def partition(self) -> None:
         sh("ip", "link", "set", self.outer, "down")

@@ -340,7 +340,8 @@ def test_the_api_adopts_an_admin_token_it_is_given(tmp_path: Path) -> None:
     path = tmp_path / "admin-token"
     path.write_text(given + "\n")
     assert auth.ensure_admin_token(store, path) is None
-    assert auth.authenticate(store, f"Bearer {given}") == auth.Principal("admin", True)
+    admin = auth.authenticate(store, f"Bearer {given}")
+    assert (admin.name, admin.is_admin) == ("admin", True)
     assert path.read_text().strip() == given
 
     other = Store(f"sqlite:///{tmp_path / 'b.db'}")
