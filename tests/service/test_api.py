@@ -42,6 +42,10 @@ MALFORMED = [
     ({"search": {"algorithm": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.2]}}}}, "search.space.optim.lr"),
     ({"tracking": {"mlflow": {"tracking_uri": "sqlite:////tmp/elsewhere/mlflow.db"}}}, "tracking.mlflow.tracking_uri"),
     ({"tracking": {"mlflow": {"tracking_uri": "https://mlflow.example.com"}}}, "tracking.mlflow.tracking_uri"),
+    ({"tracking": {"wandb": {"mode": "online"}}}, "tracking.wandb.mode"),
+    ({"tracking": {"wandb": {"dir": "/tmp/elsewhere/wandb"}}}, "tracking.wandb.dir"),
+    ({"tracking": {"wandb": {"dir": "wandb-runs"}}}, "tracking.wandb.dir"),
+    ({"tracking": {"wandb": {"project": "p" * 129}}}, "tracking.wandb.project"),
     ({"notify": {"webhook": "file:///etc/passwd"}}, "notify.webhook"),
     ({"search": {"algorithm": "tpe", "space": {"optim.lr": {"grid": [0.1]}}}}, "search.algorithm"),
 ]
