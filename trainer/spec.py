@@ -377,7 +377,13 @@ class WandbSpec(Section):
     """A W&B run kept offline, in files: `wandb sync DIR` uploads it later from a machine that may reach W&B."""
 
     # W&B's own rule for project names: at most 128 characters, none of / \ # ? % :
-    project: str = Field(default="trainctl", min_length=1, max_length=128, pattern=r"^[^/\\#?%:\x00-\x1f]+$")
+    project: str = Field(
+        default="trainctl",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/\\#?%:\x00-\x1f]+$",
+        description="the W&B project the run is synced into later",
+    )
     mode: Literal["offline"] = Field(
         default="offline", description="offline only: this service never sends a run to a W&B server itself"
     )

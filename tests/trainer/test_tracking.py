@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from trainer import contract
+from trainer import contract, tracking
 from trainer.contract import EpochMetrics, RunState, Summary
 from trainer.spec import resolve
-from trainer import tracking
 from trainer.tracking import log_run
 from trainer.tracking_wandb import OFFLINE_ENV
 
