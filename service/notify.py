@@ -84,6 +84,19 @@ def shown_spec(spec: JobSpec) -> dict[str, Any]:
     return dump
 
 
+class _MaskedUrls(logging.Filter):
+    """httpx logs every request's full URL at INFO (`HTTP Request: POST https://host/hook?token=...`), which the
+    service's log would keep: masked as in views (shown_webhook)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(shown_webhook(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_MaskedUrls())
+
+
 def body(job: Job) -> dict[str, Any]:
     """What the webhook receives: enough to act on, nothing of the spec (it may hold paths users keep private)."""
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -122,10 +123,13 @@ def test_the_operators_default_webhook(make_api, receiver: Receiver) -> None:
     assert receiver.next()["body"]["state"] == "CANCELLED"
 
 
-def test_a_webhook_token_is_masked_wherever_the_job_is_shown(make_api, receiver: Receiver) -> None:
-    # A token in the query string or the userinfo reaches the receiver, never the job's readers.
+def test_a_webhook_token_is_masked_wherever_the_job_is_shown(
+    make_api, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A token in the query string or the userinfo reaches the receiver, never the job's readers or the log.
     from tests.service.test_ui import login
 
+    caplog.set_level(logging.INFO)
     api = make_api(webhook_hosts="127.0.0.1")
     host = receiver.url.split("/")[2]
     secret_url = f"http://hookuser:s3cretpw@{host}/hook?token=s3cret123&channel=ml"
@@ -144,6 +148,8 @@ def test_a_webhook_token_is_masked_wherever_the_job_is_shown(make_api, receiver:
     cancel(api, child["id"])
     call = receiver.next()
     assert call["path"] == "/hook?token=s3cret123&channel=ml" and call["body"]["job_id"] == child["id"]
+    assert until(lambda: "HTTP Request: POST" in caplog.text)  # httpx's own line, with the URL masked
+    assert "s3cret" not in caplog.text and f"http://***@{host}/hook?token=***&channel=***" in caplog.text
 
 
 @pytest.mark.parametrize(
