@@ -197,3 +197,22 @@ def test_bad_wandb_sections_name_the_field(wandb: dict, field: str) -> None:
     with pytest.raises(ValidationError) as info:
         resolve("debug", {"tracking": {"wandb": wandb}})
     assert [".".join(map(str, e["loc"])) for e in info.value.errors()] == [field]
+
+
+def test_an_offline_run_written_for_an_s3_job_dir_is_copied_there(tmp_path: Path) -> None:
+    # With an S3 job dir the run is written to a local scratch dir, then copied file by file (objstore, here
+    # onto a local path) without W&B's own cache, and the scratch dir removed.
+    from trainer.tracking_wandb import _upload, run_root
+
+    scratch, upload_to = run_root(resolve("debug", {"tracking": {"wandb": {}}}).tracking.wandb, "s3://bucket/jobs/j1")
+    assert upload_to == "s3://bucket/jobs/j1" and Path(scratch).is_dir()
+    run_file = Path(scratch) / "wandb" / "offline-run-20261206_000000-j1" / "run-j1.wandb"
+    run_file.parent.mkdir(parents=True)
+    run_file.write_bytes(b":W&B")
+    (Path(scratch) / "wandb" / ".local" / "cache").mkdir(parents=True)
+    (Path(scratch) / "wandb" / ".local" / "cache" / "x").write_text("cache")
+    _upload(Path(scratch) / "wandb", str(tmp_path / "job" / "wandb"))
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()] == [
+        Path("job/wandb/offline-run-20261206_000000-j1/run-j1.wandb")
+    ]
+    assert not Path(scratch).exists()
