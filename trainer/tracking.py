@@ -152,7 +152,7 @@ def read_state(job_dir: str) -> dict[str, dict[str, Any]]:
     uri = objstore.join(job_dir, STATE)
     try:
         state = json.loads(objstore.read_text(uri)) if objstore.exists(uri) else {}
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - unreadable (or storage down): new runs rather than no tracking
         log.warning("tracking: ignoring an unreadable %s (%s): new tracker runs", STATE, exc)
         return {}
     return {k: v for k, v in state.items() if isinstance(v, dict)} if isinstance(state, dict) else {}

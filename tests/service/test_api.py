@@ -96,6 +96,10 @@ def test_a_tracking_store_under_the_data_roots_is_accepted(api: Api) -> None:
     resp = api.post({"preset": "debug", "overrides": {"tracking": {"mlflow": {"tracking_uri": store}}}})
     assert resp.status_code == 201, resp.text
     assert resp.json()["spec"]["tracking"]["mlflow"] == {"tracking_uri": store, "experiment": "trainctl"}
+    wandb_dir = f"{api.settings.data_dir}/datasets/wandb"
+    resp = api.post({"preset": "debug", "overrides": {"tracking": {"wandb": {"project": "cifar", "dir": wandb_dir}}}})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["spec"]["tracking"]["wandb"] == {"project": "cifar", "mode": "offline", "dir": wandb_dir}
 
 
 def test_auth(api: Api) -> None:
