@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.notify import shown_spec
 from service.store import Job
 from trainer.contract import EpochMetrics, Summary
 
@@ -101,7 +102,7 @@ def compare(
 ) -> Comparison:
     return Comparison(
         jobs=[compared_job(j, m, s) for j, m, s in zip(jobs, metrics, summaries, strict=True)],
-        spec_differences=spec_differences([j.spec.model_dump(mode="json") for j in jobs]),
+        spec_differences=spec_differences([shown_spec(j.spec) for j in jobs]),
     )
 
 

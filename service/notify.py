@@ -17,13 +17,13 @@ import queue
 import threading
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from service.settings import Settings
 from service.store import Job
-from trainer.spec import NotifySpec
+from trainer.spec import JobSpec, NotifySpec
 
 log = logging.getLogger("trainctl.notify")
 
@@ -57,6 +57,44 @@ def webhook_problem(spec_notify: NotifySpec | None, settings: Settings) -> str |
             f"({', '.join(settings.allowed_webhook_hosts)}; TRAINCTL_WEBHOOK_HOSTS)"
         )
     return None
+
+
+def shown_webhook(url: str) -> str:
+    """The webhook URL as views and logs show it: a token rides in the userinfo or the query string
+    (`https://user:TOKEN@host/...`, `...?token=TOKEN`), so both are masked (`***`); the query's keys stay,
+    so the reader still sees which parameters it carries. The stored spec keeps the URL whole for sending."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"  # (the spec checked the URL; never shown half-parsed)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if "@" in parts.netloc:
+        netloc = "***@" + netloc
+    # `key=value` keeps its key; a piece without `=` (`?abc123`) may be the token itself.
+    query = "&".join(f"{p.split('=', 1)[0]}=***" if "=" in p else "***" for p in parts.query.split("&") if p)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def shown_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the job view, the dashboard and compare show it to whoever may read the job: its webhook
+    masked (shown_webhook)."""
+    dump = spec.model_dump(mode="json")
+    if spec.notify is not None:
+        dump["notify"]["webhook"] = shown_webhook(spec.notify.webhook)
+    return dump
+
+
+class _MaskedUrls(logging.Filter):
+    """httpx logs every request's full URL at INFO (`HTTP Request: POST https://host/hook?token=...`), which the
+    service's log would keep: masked as in views (shown_webhook)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(shown_webhook(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_MaskedUrls())
 
 
 def body(job: Job) -> dict[str, Any]:

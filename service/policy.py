@@ -160,25 +160,32 @@ def scaling_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
 
 
 def tracking_problems(spec: JobSpec, settings: Settings) -> list[dict[str, str]]:
-    """An MLflow store must lie under the data roots: the driver writes there on the user's behalf."""
-    tracking = spec.tracking.mlflow if spec.tracking else None
-    if tracking is None:
+    """A tracker's local store (an MLflow store, a W&B offline directory) must lie under the data roots: the
+    driver writes there on the user's behalf. (W&B's default directory is the job's own dir.)"""
+    if spec.tracking is None:
         return []
-    path = mlflow_store_path(tracking.tracking_uri)  # (the spec checked its form)
+    wanted: list[tuple[str, str, str]] = []  # (field, path, as the user wrote it)
+    if spec.tracking.mlflow is not None:
+        uri = spec.tracking.mlflow.tracking_uri
+        wanted.append(("tracking.mlflow.tracking_uri", mlflow_store_path(uri), uri))  # (the spec checked its form)
+    if spec.tracking.wandb is not None and spec.tracking.wandb.dir is not None:
+        wanted.append(("tracking.wandb.dir", spec.tracking.wandb.dir, spec.tracking.wandb.dir))
     roots = settings.allowed_data_roots
-    try:
-        inside = objstore.within_any(path, roots)
-    except ValueError:
-        inside = False
-    if inside:
-        return []
-    return [
-        {
-            "field": "tracking.mlflow.tracking_uri",
-            "message": f"{_shown(tracking.tracking_uri)} is outside the data roots this service writes tracking "
-            f"data to ({', '.join(roots)}); the operator adds roots with TRAINCTL_DATA_ROOTS",
-        }
-    ]
+    problems = []
+    for field, path, given in wanted:
+        try:
+            inside = objstore.within_any(path, roots)
+        except ValueError:
+            inside = False
+        if not inside:
+            problems.append(
+                {
+                    "field": field,
+                    "message": f"{_shown(given)} is outside the data roots this service writes tracking "
+                    f"data to ({', '.join(roots)}); the operator adds roots with TRAINCTL_DATA_ROOTS",
+                }
+            )
+    return problems
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:

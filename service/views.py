@@ -28,6 +28,7 @@ from service import jobdir
 from service.api.schemas import EstimateVsActual, JobView, Progress, SearchProgress
 from service.estimate import Estimate
 from service.lru import Lru
+from service.notify import shown_spec
 from service.reference import reference_view
 from service.states import JobState
 from service.store import Job
@@ -288,7 +289,7 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
         ray_submission_id=job.ray_submission_id,
         created_at=_time(job.created_at),
         updated_at=_time(job.updated_at),
-        spec=job.spec.model_dump(mode="json") if with_spec else None,
+        spec=shown_spec(job.spec) if with_spec else None,  # its webhook masked
         search=search,
         devices=latest.devices or None if latest else None,
         numerics=latest.numerics if latest else None,

@@ -11,6 +11,7 @@ the manifest's newer one) at the next epoch, with the schedule in the same posit
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from trainer.model import build_model
 from trainer.precision import Numerics, choose_numerics
 from trainer.spec import JobSpec
 from trainer.tensorboard import EventLog
+
+log = logging.getLogger("trainer.loop")
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainee = step.build(spec, device, splits.train.steps_per_epoch(local_batch, world), wrap=wrap, numerics=numerics)
     devices = _with_addresses(_gather(describe_device(device), world), _gather(ray.util.get_node_ip_address(), world))
     if rank == 0:
-        print(f"devices: {', '.join(devices)}; numerics: {numerics.describe()}", flush=True)
+        # Logged, not printed: Train V2 turns a worker's print into a log record AND echoes it to the worker's
+        # stdout (which Ray has replaced), so a print reaches the driver log twice.
+        log.info("devices: %s; numerics: %s", ", ".join(devices), numerics.describe())
 
     start_epoch = step.restore(trainee, step.newest_state(_ray_state(ray.train.get_checkpoint()), paths.manifest_dir))
     history = step.read_history(paths.metrics, before_epoch=start_epoch) if rank == 0 else []

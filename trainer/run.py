@@ -236,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     kind: ErrorKind | None = None
     code = ExitCode.OK
     outcome: SearchOutcome | None = None
+    trackers = None
     try:
         spec = read_spec(job_dir)
         preflight(spec)
+        if spec.tracking is not None:
+            from trainer import tracking
+
+            trackers = tracking.start(spec, job_dir)  # params now, epochs as they come; never raises
         init_ray()
         if spec.search is not None:
             from trainer.tune import fit_search
@@ -263,10 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = summary.with_search(outcome)
     if not summary.succeeded() and code == ExitCode.OK:
         code = ExitCode.STORAGE
-    if spec is not None and spec.tracking is not None:
-        from trainer.tracking import log_run  # before summary.json: the service takes that as the end
-
-        log_run(spec, job_dir, summary)  # never raises: a tracker cannot change the outcome
+    if trackers is not None:  # before summary.json: the service takes that as the end
+        trackers.finish(summary)  # never raises: a tracker cannot change the outcome
     try:
         objstore.write_text(objstore.join(job_dir, contract.SUMMARY), summary.to_json())
     except objstore.StorageUnavailable as exc:

@@ -337,7 +337,7 @@ class NotifySpec(Section):
         return url
 
 
-# --- experiment trackers (trainer/tracking.py; the `mlflow` extra) -------------------------------
+# --- experiment trackers (trainer/tracking.py; the `mlflow` and `wandb` extras) -------------------------------
 
 
 def mlflow_store_path(uri: str) -> str:
@@ -370,10 +370,53 @@ class MlflowSpec(Section):
         return uri
 
 
+WANDB_MODES = ("offline",)
+
+
+class WandbSpec(Section):
+    """A W&B run kept offline, in files: `wandb sync DIR` uploads it later from a machine that may reach W&B."""
+
+    # W&B's own rule for project names: at most 128 characters, none of / \ # ? % :
+    project: str = Field(
+        default="trainctl",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/\\#?%:\x00-\x1f]+$",
+        description="the W&B project the run is synced into later",
+    )
+    mode: Literal["offline"] = Field(
+        default="offline", description="offline only: this service never sends a run to a W&B server itself"
+    )
+    dir: str | None = Field(
+        default=None,
+        max_length=MAX_TEXT,
+        description="an absolute directory under the data roots for the offline run (null: <job dir>/wandb)",
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _offline_only(cls, mode: object) -> object:
+        if mode not in WANDB_MODES:
+            raise ValueError(
+                f"must be offline, got {short(mode)}: this service never sends a run to W&B itself; "
+                "`wandb sync` the offline run from a machine that may"
+            )
+        return mode
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute_local(cls, path: str | None) -> str | None:
+        if path is not None and (not path.startswith("/") or "://" in path or "/../" in f"{path}/"):
+            raise ValueError(f"must be an absolute local directory (/...) without '..', got {short(path)}")
+        return path
+
+
 class TrackingSpec(Section):
-    """Where the run's params, per-epoch metrics and best checkpoint are logged at its end."""
+    """Where the run's params (at its start), per-epoch metrics (as rank 0 writes them) and best checkpoint (at
+    its end) are logged."""
 
     mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
 
 
 # --- the job spec ---------------------------------------------------------------------------------
@@ -436,7 +479,7 @@ class JobSpec(Section):
         default=None, description="a webhook called when the job ends FAILED, SUCCEEDED or CANCELLED (null: none)"
     )
     tracking: TrackingSpec | None = Field(
-        default=None, description="an experiment tracker the run logs to (MLflow; null: none)"
+        default=None, description="experiment trackers the run logs to (MLflow, W&B offline; null: none)"
     )
     # At the end of a run the best checkpoint is exported in these formats to <job dir>/artifacts/
     # (trainer/export.py): weights-only safetensors and a torch.export program with normalisation inside.

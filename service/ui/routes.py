@@ -29,6 +29,7 @@ from service.api.deps import PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep
 from service.api.schemas import JobView
 from service.errors import ApiError
 from service.estimate import Estimate
+from service.notify import shown_spec
 from service.states import JobState
 from service.store import Job
 from service.ui import session
@@ -188,7 +189,7 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
         principal=principal,
         job=view,
         checkpoints=checkpoints,
-        spec_yaml=yaml.safe_dump(job.spec.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100),
+        spec_yaml=yaml.safe_dump(shown_spec(job.spec), sort_keys=False, default_flow_style=None, width=100),
         search=search,
         params=sorted(search.space) if search else [],
         device=_device(job, view.metrics.model_dump() if view.metrics else None),

@@ -42,6 +42,10 @@ MALFORMED = [
     ({"search": {"algorithm": "optuna", "space": {"optim.lr": {"grid": [0.1, 0.2]}}}}, "search.space.optim.lr"),
     ({"tracking": {"mlflow": {"tracking_uri": "sqlite:////tmp/elsewhere/mlflow.db"}}}, "tracking.mlflow.tracking_uri"),
     ({"tracking": {"mlflow": {"tracking_uri": "https://mlflow.example.com"}}}, "tracking.mlflow.tracking_uri"),
+    ({"tracking": {"wandb": {"mode": "online"}}}, "tracking.wandb.mode"),
+    ({"tracking": {"wandb": {"dir": "/tmp/elsewhere/wandb"}}}, "tracking.wandb.dir"),
+    ({"tracking": {"wandb": {"dir": "wandb-runs"}}}, "tracking.wandb.dir"),
+    ({"tracking": {"wandb": {"project": "p" * 129}}}, "tracking.wandb.project"),
     ({"notify": {"webhook": "file:///etc/passwd"}}, "notify.webhook"),
     ({"search": {"algorithm": "tpe", "space": {"optim.lr": {"grid": [0.1]}}}}, "search.algorithm"),
 ]
@@ -92,6 +96,10 @@ def test_a_tracking_store_under_the_data_roots_is_accepted(api: Api) -> None:
     resp = api.post({"preset": "debug", "overrides": {"tracking": {"mlflow": {"tracking_uri": store}}}})
     assert resp.status_code == 201, resp.text
     assert resp.json()["spec"]["tracking"]["mlflow"] == {"tracking_uri": store, "experiment": "trainctl"}
+    wandb_dir = f"{api.settings.data_dir}/datasets/wandb"
+    resp = api.post({"preset": "debug", "overrides": {"tracking": {"wandb": {"project": "cifar", "dir": wandb_dir}}}})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["spec"]["tracking"]["wandb"] == {"project": "cifar", "mode": "offline", "dir": wandb_dir}
 
 
 def test_auth(api: Api) -> None:

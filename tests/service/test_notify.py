@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.notify import host_allowed
+from service.notify import host_allowed, shown_webhook
 from service.settings import load_settings
 from tests.service.conftest import DEBUG_JOB, Api
 
@@ -120,6 +121,48 @@ def test_the_operators_default_webhook(make_api, receiver: Receiver) -> None:
     api = make_api(notify_webhook=receiver.url, notify_on="cancelled")  # no allow-list needed: the operator's own
     cancel(api, submit(api, None))
     assert receiver.next()["body"]["state"] == "CANCELLED"
+
+
+def test_a_webhook_token_is_masked_wherever_the_job_is_shown(
+    make_api, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A token in the query string or the userinfo reaches the receiver, never the job's readers or the log.
+    from tests.service.test_ui import login
+
+    caplog.set_level(logging.INFO)
+    api = make_api(webhook_hosts="127.0.0.1")
+    host = receiver.url.split("/")[2]
+    secret_url = f"http://hookuser:s3cretpw@{host}/hook?token=s3cret123&channel=ml"
+    job_id = submit(api, {"webhook": secret_url, "on": ["CANCELLED"]})
+    other = submit(api, None)
+    shown = f"http://***@{host}/hook?token=***&channel=***"
+    view = api.get(f"/v1/jobs/{job_id}").json()
+    assert view["spec"]["notify"]["webhook"] == shown
+    compared = api.get(f"/v1/compare?ids={job_id},{other}")
+    assert compared.status_code == 200 and "s3cret" not in compared.text
+    login(api)
+    page = api.client.get(f"/ui/jobs/{job_id}").text
+    assert "s3cret" not in page and "token=***" in page
+    child = api.client.post(f"/v1/jobs/{job_id}/resubmit", json={}, headers=api.headers()).json()
+    assert child["spec"]["notify"]["webhook"] == shown  # the new job keeps the real URL (stored), shown masked
+    cancel(api, child["id"])
+    call = receiver.next()
+    assert call["path"] == "/hook?token=s3cret123&channel=ml" and call["body"]["job_id"] == child["id"]
+    assert until(lambda: "HTTP Request: POST" in caplog.text)  # httpx's own line, with the URL masked
+    assert "s3cret" not in caplog.text and f"http://***@{host}/hook?token=***&channel=***" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.example.com/services/x", "https://hooks.example.com/services/x"),
+        ("https://hooks.example.com/x?token=abc&b=2#frag", "https://hooks.example.com/x?token=***&b=***"),
+        ("https://user:pw@example.com:8443/x", "https://***@example.com:8443/x"),
+        ("https://example.com/x?bare-token&k=", "https://example.com/x?***&k=***"),
+    ],
+)
+def test_shown_webhook(url: str, shown: str) -> None:
+    assert shown_webhook(url) == shown
 
 
 def test_a_failing_receiver_is_retried_with_backoff(make_api, receiver: Receiver) -> None:

@@ -22,6 +22,7 @@ from trainer.contract import CheckpointEntry
 
 pytestmark = pytest.mark.ray
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 # Enough images that 3 epochs of the debug model land far above chance (measured: ~0.29 val_acc).
 LEARNS = {"data.max_train_images": 2048, "optim.epochs": 3}
@@ -40,8 +41,12 @@ def trained_job(ray_head, cifar_parquet, tmp_path_factory) -> Path:
             "data.test": str(test_dir),
             "checkpoint.keep_best": 1,
             "tta": "flip",
-            # Logged to a real local MLflow store at the end (trainer/tracking.py), when the extra is installed.
-            **({"tracking": {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow/mlflow.db"}}} if HAS_MLFLOW else {}),
+            # Logged to a real local MLflow store and a W&B offline run (trainer/tracking.py), when the extras are
+            # installed.
+            "tracking": {
+                **({"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow/mlflow.db"}} if HAS_MLFLOW else {}),
+                **({"wandb": {"project": "cifar-debug"}} if HAS_WANDB else {}),
+            },
         },
     )
     code = run(job_dir, ray_head.env())
@@ -77,6 +82,27 @@ def test_the_run_is_in_mlflow(trained_job):
     ]
 
 
+@pytest.mark.skipif(not HAS_WANDB, reason="the wandb extra is not installed")
+def test_the_run_is_in_a_wandb_offline_run(trained_job):
+    """Read back from W&B's own files: the params, every epoch as rank 0 wrote it (logged while the run went on),
+    the summary and the best checkpoint, all in the job's dir."""
+    from tests.trainer.wandb_files import read_offline_runs
+
+    metrics = read_jsonl(trained_job / "metrics.jsonl")
+    summary = json.loads((trained_job / "summary.json").read_text())
+    (folder,) = (trained_job / "wandb").glob(f"offline-run-*-{trained_job.name}")
+    offline = read_offline_runs([folder])
+    assert offline.run_ids == {trained_job.name} and offline.projects == {"cifar-debug"}
+    assert offline.config["optim.epochs"] == "3" and offline.config["data.max_train_images"] == "2048"
+    assert [(row["_step"], row["val_acc"]) for row in offline.history] == [(m["epoch"], m["val_acc"]) for m in metrics]
+    # Epoch 1 reached W&B before the last epoch ended: logged as the run went, not at its end.
+    assert offline.history[0]["_timestamp"] < metrics[-1]["time"], (offline.history[0], metrics[-1]["time"])
+    assert offline.summary["best_val_acc"] == summary["best_val_acc"] and offline.summary["state"] == "succeeded"
+    assert offline.artifacts == [f"{trained_job.name}-best"] and offline.exit_codes == [0]
+    state = json.loads((trained_job / "tracking.json").read_text())
+    assert state["wandb"]["last_epoch"] == 3 and state["wandb"]["run_id"] == trained_job.name
+
+
 def test_the_driver_log_reads_as_the_trainers_lines(trained_job):
     """`trainctl logs` (service/logview.py) on this real two-worker run's driver output."""
     from service.logview import trainer_lines
@@ -88,6 +114,7 @@ def test_the_driver_log_reads_as_the_trainers_lines(trained_job):
     assert epochs == ["epoch 1", "epoch 2", "epoch 3"], shown
     assert {line[:8] for line in every if "] epoch " in line} == {"[rank 0]", "[rank 1]"}, every
     assert "TrainingReport" in raw and not any("TrainingReport" in line for line in every)
+    assert raw.count("devices: ") == 1, [line for line in raw.splitlines() if "devices: " in line]
 
 
 def test_manifest_checksums_and_retention(trained_job):
