@@ -157,6 +157,8 @@ def _progress_line(job: dict[str, Any]) -> str:
         line += f"  best-ckpt test_acc {_fmt_acc(job['best_checkpoint_test_acc'])}"
     if isinstance(m.get("images_per_s"), (int, float)):
         line += f"  {m['images_per_s']:.0f} img/s"
+    if job.get("workers"):  # the worker count over time, e.g. 2→3 (elastic scaling.num_workers)
+        line += "  workers " + "→".join(str(span["workers"]) for span in job["workers"])
     line += f"  eta {_fmt_eta(p.get('eta_seconds'))}"
     if job["state"] in ("QUEUED", "STARTING") and job.get("message"):
         line += f"  ({job['message']})"  # what it waits for, e.g. "waiting for resources: needs 8 CPU, 2 free"

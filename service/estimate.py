@@ -236,7 +236,8 @@ def _placement(spec: JobSpec, pricing: Pricing) -> _Placement:
     auto = one worker per GPU when the cluster has GPUs, else one CPU worker)."""
     s = spec.scaling
     cpw = s.cpus_per_worker if isinstance(s.cpus_per_worker, float | int) else None
-    asked = s.num_workers if isinstance(s.num_workers, int) else None
+    # elastic workers: priced at their most (max), an upper bound on what the cluster will give the job
+    asked = s.num_workers if isinstance(s.num_workers, int) else getattr(s.num_workers, "max", None)
     types = pricing.node_types
     gpu_types = {n: t for n, t in types.items() if t.gpus > 0}
     cpu_types = {n: t for n, t in types.items() if t.gpus == 0}

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 import objstore
 from service import jobdir
-from service.api.schemas import EstimateVsActual, JobView, Progress, SearchProgress
+from service.api.schemas import EstimateVsActual, JobView, Progress, SearchProgress, WorkerSpan
 from service.estimate import Estimate
 from service.lru import Lru
 from service.notify import shown_spec
@@ -241,6 +241,21 @@ def time_limit_warning(job: Job, shown: Progress, now: float) -> str | None:
     )
 
 
+def worker_spans(metrics: list[EpochMetrics]) -> list[WorkerSpan] | None:
+    """The worker count over time: consecutive epochs with the same count as one span (metrics written before
+    the trainer recorded `workers` count by their ranks' node ids). None without epochs."""
+    spans: list[WorkerSpan] = []
+    for m in metrics:
+        count = m.workers if m.workers is not None else len(m.node_ids)
+        if not count:
+            continue
+        if spans and spans[-1].workers == count and spans[-1].last_epoch < m.epoch:
+            spans[-1].last_epoch = m.epoch
+        else:
+            spans.append(WorkerSpan(first_epoch=m.epoch, last_epoch=m.epoch, workers=count))
+    return spans or None
+
+
 def _time(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, tz=dt.UTC)
 
@@ -296,6 +311,7 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
         reference=reference_view(job.spec, metrics) if metrics is not None else None,
         estimate=estimate_vs_actual(job, metrics, detail=with_spec),
         time_limit_warning=time_limit_warning(job, shown, time.time()),
+        workers=worker_spans(metrics) if metrics else None,
     )
 
 

@@ -176,6 +176,11 @@ class EpochMetrics(Record):
     # criterion (label smoothing included), so it compares with train_loss as the paper's Figure 1 does.
     test_loss: float | None = None
     test_acc: float | None = None
+    # The recipe's position under elastic workers (docs/scaling.md, "Elastic workers"): the worker count can
+    # change between epochs, the global batch and the schedule's step count never depend on it.
+    workers: int | None = Field(default=None, description="DDP ranks that trained this epoch")
+    global_batch: int | None = Field(default=None, description="images per optimizer step over all ranks")
+    global_step: int | None = Field(default=None, description="optimizer steps since the run began, this epoch's last")
 
     def scalars(self) -> dict[str, float]:
         """The numeric fields (what a checkpoint keeps of its epoch's metrics)."""

@@ -80,6 +80,16 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserC
 def scaling_config(spec: JobSpec, where: Placement) -> ScalingConfig:
     from ray.train import ScalingConfig
 
+    if where.min_workers is not None:
+        # Elastic (Ray Train V2): a (min, max) tuple; the controller considers growing the group every
+        # resize interval and restarts it, at the new size, from the latest checkpoint.
+        return ScalingConfig(
+            num_workers=(where.min_workers, where.num_workers),
+            elastic_resize_monitor_interval_s=spec.scaling.resize_interval_s,
+            use_gpu=where.use_gpu,
+            resources_per_worker=worker_resources(spec.scaling, where),
+            placement_strategy=placement_strategy(spec.scaling),
+        )
     return ScalingConfig(
         num_workers=where.num_workers,
         use_gpu=where.use_gpu,

@@ -11,6 +11,8 @@ The rules (docs/scaling.md, "Workers and devices"):
 - `use_gpu: true` asks for GPUs even if none are up yet: Ray waits for the autoscaler to add them
   (trainer/run.py bounds that wait), so on an autoscaling GPU cluster set it explicitly.
 - `use_gpu: false` trains on CPUs.
+- `num_workers: {min, max}` (elastic): Ray Train starts with as many as it can place (at least `min`) and grows
+  towards `max`; with `use_gpu: null` the cluster must hold `min` GPU workers now. CPUs per CPU worker: 1 on auto.
 - `num_workers: auto` (default) is one worker per GPU, at most `max_workers` (and as many as divide the global
   batch evenly); on CPUs it is one worker, since DDP between CPU processes on one machine only splits the
   same cores.
@@ -26,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainer.spec import ScalingSpec
+from trainer.spec import ScalingSpec, WorkerRange
 
 GPU_WORKER_MAX_CPUS = 8
 
@@ -41,10 +43,15 @@ class PlacementError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    num_workers: int
+    num_workers: int  # elastic: the most (min_workers..num_workers, as Ray Train can place them)
     use_gpu: bool
     cpus_per_worker: float
     reason: str  # one line for logs: why these numbers
+    min_workers: int | None = None  # elastic workers only (scaling.num_workers {min, max})
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +87,16 @@ def resolve_placement(
                 how += f", and {workers} divide optim.batch_size={batch_size} evenly"
         else:
             workers, how = 1, "auto: one CPU worker"
+    elif isinstance(scaling.num_workers, WorkerRange):
+        workers, least = scaling.num_workers.max, scaling.num_workers.min
+        how = f"elastic: scaling.num_workers {least}..{workers}, as many as can be placed"
+        if use_gpu and scaling.use_gpu is None and least > gpus:
+            raise PlacementError(
+                "scaling.num_workers",
+                f"asks for at least {least} workers with {per_worker} GPU(s) each, but the cluster has "
+                f"{int(total_gpus)} GPU(s): lower scaling.num_workers.min to at most {gpus}, or set "
+                "scaling.use_gpu to true to wait for more GPUs (autoscaler), or to false to train on CPUs",
+            )
     else:
         workers, how = int(scaling.num_workers), "scaling.num_workers"
         if use_gpu and scaling.use_gpu is None and workers > gpus:
@@ -93,14 +110,20 @@ def resolve_placement(
     if use_gpu and gpus < workers:
         how += f"; waiting for {(workers - gpus) * per_worker} more GPU(s) (autoscaler)"
 
-    if scaling.cpus_per_worker == "auto":
+    elastic = isinstance(scaling.num_workers, WorkerRange)
+    if scaling.cpus_per_worker == "auto" and elastic and not use_gpu:
+        # Elastic CPU workers land on nodes that may not exist yet: the free CPUs of today's largest node
+        # say nothing about them, so each reserves one (set scaling.cpus_per_worker for more).
+        cpus, cpu_how = 1.0, "auto: 1 for elastic CPU workers"
+    elif scaling.cpus_per_worker == "auto":
         cpus = _auto_cpus(nodes, use_gpu, workers, available_cpus, per_worker)
         cpu_how = "auto"
     else:
         cpus, cpu_how = float(scaling.cpus_per_worker), "scaling.cpus_per_worker"
     device = "GPU" if use_gpu else "CPU"
     reason = f"{workers} {device} worker(s) ({how}; {why}), {cpus:g} CPU(s) each ({cpu_how})"
-    return Placement(num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus, reason=reason)
+    fewest = scaling.num_workers.min if isinstance(scaling.num_workers, WorkerRange) else None
+    return Placement(num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus, reason=reason, min_workers=fewest)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

@@ -17,7 +17,16 @@ import reprlib
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -63,6 +72,11 @@ def short(value: Any) -> str:
 def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any:
     """A number in [low, high] (low excluded if low_open) or the string "auto", with one error message
     naming both (a plain union would report one error per member, under odd field names)."""
+    check = _auto_or_check(kind, low, high, low_open)
+    return Annotated[kind | Literal["auto"], PlainValidator(check, json_schema_input_type=kind | Literal["auto"])]
+
+
+def _auto_or_check(kind: type, low: float, high: float, low_open: bool = False) -> typing.Callable[[Any], Any]:
     bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
 
     def check(value: Any) -> Any:
@@ -79,7 +93,7 @@ def _auto_or(kind: type, low: float, high: float, low_open: bool = False) -> Any
             )
         return kind(value)
 
-    return Annotated[kind | Literal["auto"], PlainValidator(check, json_schema_input_type=kind | Literal["auto"])]
+    return check
 
 
 class Section(BaseModel):
@@ -172,11 +186,61 @@ class ScheduleSpec(Section):
     restart_epochs: list[Annotated[int, Field(ge=1, le=MAX_EPOCHS)]] = Field(default_factory=list, max_length=100)
 
 
+MAX_WORKERS = 1024
+
+
+class WorkerRange(Section):
+    """Elastic workers (`num_workers: {min: 1, max: 3}`): Ray Train starts with as many as can be placed (at
+    least `min`) and grows towards `max` as capacity arrives, shrinking when a worker is lost. The global batch
+    stays fixed, so every count in [min, max] must divide optim.batch_size (docs/scaling.md, "Elastic workers")."""
+
+    min: int = Field(ge=1, le=MAX_WORKERS, description="fewest workers the run trains with")
+    max: int = Field(ge=1, le=MAX_WORKERS, description="most workers the run grows to (at most scaling.max_workers)")
+
+    def __str__(self) -> str:
+        return f"{self.min}-{self.max}"
+
+
+_count_or_auto = _auto_or_check(int, 1, MAX_WORKERS)
+
+
+def _workers(value: Any) -> Any:
+    """scaling.num_workers: "auto", an integer in [1, MAX_WORKERS], or {min, max} (elastic). One validator with
+    one message, so a bad value is reported once under scaling.num_workers rather than once per union member."""
+    if isinstance(value, WorkerRange):
+        return value
+    if isinstance(value, dict):
+        try:
+            workers = WorkerRange.model_validate(value)
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()[:4])
+            raise ValueError(f"elastic workers must look like {{min: N, max: M}} with 1 <= N <= M: {why}") from None
+        if workers.min > workers.max:
+            raise ValueError(f"min ({workers.min}) must not exceed max ({workers.max})")
+        return workers
+    try:
+        return _count_or_auto(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or {{min: N, max: M}} for elastic workers") from None
+
+
 class ScalingSpec(Section):
     # Resolved against the cluster when the run starts (trainer/placement.py, docs/scaling.md):
-    # "auto" = one worker per GPU (at most max_workers) when the cluster has GPUs, else one CPU worker.
-    num_workers: _auto_or(int, 1, 1024) = "auto"  # type: ignore[valid-type]
-    max_workers: int = Field(default=8, ge=1, le=1024, description="cap on num_workers=auto")
+    # "auto" = one worker per GPU (at most max_workers) when the cluster has GPUs, else one CPU worker;
+    # {min, max} = elastic (WorkerRange).
+    num_workers: Annotated[
+        int | Literal["auto"] | WorkerRange,
+        PlainValidator(_workers, json_schema_input_type=int | Literal["auto"] | WorkerRange),
+    ] = Field(default="auto", description='a number, "auto", or {min, max} for elastic workers')
+    max_workers: int = Field(
+        default=8, ge=1, le=MAX_WORKERS, description="cap on num_workers=auto and on an elastic num_workers.max"
+    )
+    # How often Ray Train considers growing an elastic worker group (its elastic_resize_monitor_interval_s;
+    # Ray's default is 60 s). Each resize restarts the workers from the latest checkpoint, so a short interval
+    # on a cluster whose capacity comes and goes costs repeated epochs.
+    resize_interval_s: float = Field(
+        default=60.0, ge=1.0, le=3600.0, description="elastic workers: seconds between checks for more capacity"
+    )
     # None = GPUs whenever the cluster has at least one (asking for more than it has is an error naming
     # scaling.num_workers, never a silent CPU run); true = GPUs, waiting for the autoscaler; false = CPUs.
     use_gpu: bool | None = None
@@ -197,6 +261,11 @@ class ScalingSpec(Section):
         default_factory=dict, max_length=16
     )
 
+    @field_serializer("num_workers")
+    def _dump_workers(self, value: int | str | WorkerRange) -> int | str | dict[str, int]:
+        # (pydantic's own serializer for a PlainValidator'd union warns on the model member)
+        return value.model_dump() if isinstance(value, WorkerRange) else value
+
     @field_validator("resources_per_worker")
     @classmethod
     def _no_builtin_resources(cls, value: dict[str, float]) -> dict[str, float]:
@@ -211,6 +280,30 @@ class ScalingSpec(Section):
             if not 0 < amount <= 1_000_000:
                 raise ValueError(f"resource {short(name)} must be positive and at most 1,000,000, got {amount}")
         return value
+
+
+def _check_elastic(s: ScalingSpec, o: OptimSpec, fail: typing.Callable[[tuple[str, ...], Any, str], None]) -> None:
+    """An elastic range must stay under scaling.max_workers, and (the rule that keeps the recipe's meaning:
+    a fixed global batch) every worker count in it must divide optim.batch_size."""
+    assert isinstance(s.num_workers, WorkerRange)
+    low, high = s.num_workers.min, s.num_workers.max
+    if high > s.max_workers:
+        fail(
+            ("scaling", "num_workers", "max"),
+            high,
+            f"must not exceed scaling.max_workers={s.max_workers} (raise scaling.max_workers or lower max)",
+        )
+        return
+    misfits = [n for n in range(low, high + 1) if o.batch_size % n]
+    if misfits:
+        multiple = math.lcm(*range(low, high + 1))
+        fail(
+            ("optim", "batch_size"),
+            o.batch_size,
+            f"the global batch stays fixed when elastic workers come and go, so every worker count in "
+            f"scaling.num_workers {low}..{high} must divide it; {short(misfits)} do not: use a multiple of {multiple}"
+            " or a narrower range",
+        )
 
 
 class CheckpointSpec(Section):
@@ -525,6 +618,8 @@ class JobSpec(Section):
                 o.batch_size,
                 f"the global batch must divide evenly over scaling.num_workers={s.num_workers}",
             )
+        if isinstance(s.num_workers, WorkerRange):
+            _check_elastic(s, o, fail)
         if s.workers_per_node not in (None, 1) and s.workers_per_node != s.num_workers:
             fail(
                 ("scaling", "workers_per_node"),

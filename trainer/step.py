@@ -39,8 +39,8 @@ EVAL_BATCH = 1024
 
 @dataclass(frozen=True)
 class RankContext:
-    """Where this rank stands in the run: fixed for the whole run (a worker group never moves), so it is
-    built once by trainer/loop.py and handed to every epoch."""
+    """Where this rank stands in the run: fixed for the life of a worker group, so it is built once by
+    trainer/loop.py and handed to every epoch. (An elastic resize starts a new group, and the loop again.)"""
 
     rank: int
     world: int
@@ -287,6 +287,9 @@ def epoch_metrics(
         numerics=NumericsRecord(**numerics.to_dict()) if numerics is not None else None,
         test_loss=sl / sn if sn else None,
         test_acc=sc / sn if sn else None,
+        workers=ctx.world,
+        global_batch=ctx.local_batch * ctx.world,
+        global_step=int(trainee.scheduler.last_epoch),  # LambdaLR counts optimizer steps: the schedule's position
     )
 
 

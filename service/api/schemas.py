@@ -167,6 +167,14 @@ JOB_VIEW_EXAMPLE: dict[str, Any] = {
 }
 
 
+class WorkerSpan(BaseModel):
+    """Consecutive epochs trained by the same number of workers (elastic workers grow and shrink)."""
+
+    first_epoch: int
+    last_epoch: int
+    workers: int
+
+
 class JobView(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [JOB_VIEW_EXAMPLE]})
 
@@ -219,6 +227,11 @@ class JobView(BaseModel):
         default=None,
         description="a running job whose measured pace (its ETA) takes it past limits.max_hours: when and at "
         "which epoch the limit will stop it (single job views and the event stream)",
+    )
+    workers: list[WorkerSpan] | None = Field(
+        default=None,
+        description="the worker count over time, from the epochs' metrics: one span per run of epochs trained by "
+        "the same number of DDP ranks (several with elastic scaling.num_workers); null before the first epoch",
     )
 
 

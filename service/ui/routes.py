@@ -35,7 +35,7 @@ from service.store import Job
 from service.ui import session
 from service.views import fresh_view, job_view
 from trainer.contract import Summary
-from trainer.spec import MAX_ECHO, PRESETS
+from trainer.spec import MAX_ECHO, PRESETS, WorkerRange
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -193,6 +193,7 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
         search=search,
         params=sorted(search.space) if search else [],
         device=_device(job, view.metrics.model_dump() if view.metrics else None),
+        workers=_workers(job, view),
         created=_when(job.created_at),
     )
 
@@ -240,6 +241,19 @@ def _device(job: Job, metrics: dict[str, Any] | None) -> str:
     use_gpu = job.spec.scaling.use_gpu
     kind = "GPU if any" if use_gpu is None else "GPU" if use_gpu else "CPU"
     return f"{job.spec.scaling.num_workers} × {kind}"
+
+
+def _workers(job: Job, view: JobView) -> str:
+    """The worker count over time, `2 (epochs 1-2) → 3 (epochs 3-5)` (app.js writes the same on each state
+    event), or before the first epoch what the spec asks for (`1-3, elastic`)."""
+    if view.workers:
+        return " → ".join(
+            f"{s.workers} (epoch{'s' if s.last_epoch > s.first_epoch else ''} {s.first_epoch}"
+            f"{f'-{s.last_epoch}' if s.last_epoch > s.first_epoch else ''})"
+            for s in view.workers
+        )
+    asked = job.spec.scaling.num_workers
+    return f"{asked}, elastic" if isinstance(asked, WorkerRange) else str(asked)
 
 
 def _when(t: float) -> str:

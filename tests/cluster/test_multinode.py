@@ -17,6 +17,7 @@ RAY_ADDRESS is left pointing at this cluster, and Ray's "current cluster" file i
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -271,3 +272,67 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
             f"run 2: resumed at epoch {first['epoch']} on {first['node_ids']}; recovery (node removal → "
             f"first resumed epoch start) {started - removed_at:.1f} s; job {job_id} SUCCEEDED"
         )
+
+
+def test_elastic_job_grows_when_a_node_arrives_and_keeps_the_recipe(multinode: MultiNode, cifar_parquet: Path) -> None:
+    """Elastic workers (issue 29 item 1): `scaling.num_workers {min: 1, max: 3}` starts on the 2 worker nodes
+    there are; a third node arrives after the first checkpoint and, within the short resize interval, Ray Train
+    restarts the group on 3 from the latest checkpoint. Every epoch's global batch, step count and lr equal a
+    fixed run's at that step (docs/scaling.md, "Elastic workers"), and the job view shows 2 → 3 workers."""
+    from trainer.schedule import lr_factor
+    from trainer.spec import resolve
+
+    mn = multinode
+    overrides = {
+        "optim.epochs": 6,
+        "optim.batch_size": 48,  # divided by 1, 2 and 3
+        "schedule.kind": "cosine",  # an lr that moves every step: a jump at the resize would show
+        "scaling.num_workers": {"min": 1, "max": 3},
+        "scaling.resize_interval_s": 1,
+    }
+    spec = resolve("debug", {**_job_body(cifar_parquet)["overrides"], **overrides})
+    assert spec.data.max_train_images is not None  # the validation split comes on top (trainer/data.py)
+    steps_per_epoch = math.ceil(spec.data.max_train_images / spec.optim.batch_size)  # a fixed run's, at any size
+    added = None
+    started = time.monotonic()
+    try:
+        with mn.service.client() as c:
+            resp = c.post("/v1/jobs", json=_job_body(cifar_parquet, **overrides))
+            assert resp.status_code == 201, resp.text
+            job_id = resp.json()["id"]
+            deadline = time.monotonic() + 300
+            while not (c.get(f"/v1/jobs/{job_id}/checkpoints").json().get("checkpoints") or []):
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                assert job["state"] not in TERMINAL, (job, _explain(mn, c, job_id))
+                assert time.monotonic() < deadline, f"no checkpoint in time: {job}"
+                time.sleep(0.2)
+            added = mn.add_worker()
+            grown_at = time.time()
+            job = wait_for(c, job_id, lambda j: j["state"] in TERMINAL, 420, "the elastic job to end")
+            _expect_success(mn, c, job)
+            assert job["attempts"] == 1, job  # grown inside the same driver: no resubmission
+            raw = mn.raw_metrics(job_id)
+            view = c.get(f"/v1/jobs/{job_id}").json()
+    finally:
+        if added is not None:
+            mn.cluster.remove_node(added)  # leave the module's cluster as it was: two worker nodes
+    assert [m["epoch"] for m in raw] == list(range(1, 7)), raw  # every epoch exactly once
+    counts = [m["workers"] for m in raw]
+    assert counts[0] == 2 and counts[-1] == 3 and counts == sorted(counts), counts
+    for m in raw:  # the rule: what a fixed run has at that step, whatever the worker count
+        assert m["global_batch"] == 48 and m["global_step"] == m["epoch"] * steps_per_epoch, m
+        expected_lr = spec.optim.lr * lr_factor(spec.schedule, m["global_step"], steps_per_epoch, spec.optim.epochs)
+        assert m["lr"] == pytest.approx(expected_lr, rel=1e-9), (m["epoch"], m["lr"], expected_lr)
+        assert len(m["node_ids"]) == m["workers"]
+    first_on_3 = next(m for m in raw if m["workers"] == 3)
+    assert first_on_3["resumed"] and added.node_id in first_on_3["node_ids"], first_on_3
+    grown = next(i for i, n in enumerate(counts) if n == 3)
+    assert view["workers"] == [
+        {"first_epoch": 1, "last_epoch": grown, "workers": 2},
+        {"first_epoch": grown + 1, "last_epoch": 6, "workers": 3},
+    ], view["workers"]
+    resize_s = first_on_3["time"] - first_on_3["epoch_seconds"] - grown_at
+    print(
+        f"\nelastic: job {job_id} workers per epoch {counts}; node added → first epoch on 3 workers started "
+        f"{resize_s:.1f} s later; test {time.monotonic() - started:.0f} s"
+    )

@@ -33,6 +33,9 @@ function svgEl(tag, attrs = {}, text) {
 }
 
 const pct = v => (v === null || v === undefined) ? "—" : (v * 100).toFixed(2) + " %";
+// the job view's worker spans as the page renders them (service/ui/routes.py _workers): "2 (epochs 1-2) → 3 (epoch 3)"
+const workerSpans = spans => spans.map(s => `${s.workers} (epoch${s.last_epoch > s.first_epoch ? "s" : ""} ${s.first_epoch}`
+  + `${s.last_epoch > s.first_epoch ? "-" + s.last_epoch : ""})`).join(" → ");
 
 function duration(s) {
   if (s === null || s === undefined) return "";
@@ -238,6 +241,7 @@ function initJob() {
     $("#progress-text").textContent = `epoch ${p.epoch}/${p.epochs ?? "?"}`;
     $("#eta").textContent = p.eta_seconds && !TERMINAL.has(state) ? "ETA " + duration(p.eta_seconds) : "";
     $("#best-val").textContent = pct(view.best_val_acc);
+    if (view.workers) $("#workers").textContent = workerSpans(view.workers);
     $("#attempts").textContent = view.attempts;
     $("#message").textContent = view.message || "—";
     if (TERMINAL.has(state)) $("#cancel-button").hidden = true;
