@@ -1,0 +1,110 @@
+"""`trainctl`: run the service (`serve`) and talk to it over HTTP (everything else).
+
+Where to connect and with which token: service/client/config.py (flags, environment, the config file, the
+data dir of a running `serve`); --verbose (and every error) says which URL and token source were used.
+Human output by default; --json prints the API's JSON for scripts. Each command lives in its own module
+beside this one and adds its parser in `register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+from service.client.cli import common, compare, completion, jobs, logs, models, server, submit, tokens, watch
+from service.client.cli.common import EXIT_ERROR, CliError
+
+# The order of `trainctl --help`.
+COMMAND_MODULES = (server, submit, jobs, watch, logs, compare, models, tokens, completion)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common_args = argparse.ArgumentParser(add_help=False)
+    common_args.add_argument("--url", help="service URL (default: TRAINCTL_URL or http://127.0.0.1:8000)")
+    common_args.add_argument("--token", help="API token (default: TRAINCTL_TOKEN or <data dir>/admin-token)")
+    common_args.add_argument("--data-dir", help="where `serve` keeps its state (default: TRAINCTL_DATA_DIR or ./data)")
+    common_args.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common_args.add_argument(
+        "-v", "--verbose", action="store_true", help="say which URL and token source are used (on stderr)"
+    )
+    following = argparse.ArgumentParser(add_help=False)  # `watch` and `submit --follow`
+    following.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    following.add_argument(
+        "--patience",
+        type=float,
+        default=300.0,
+        help="keep retrying an unreachable service this long before exit 4 (default 300 s)",
+    )
+
+    p = argparse.ArgumentParser(
+        prog="trainctl",
+        description="Distributed training jobs on Ray.",
+        epilog="exit codes: 0 success (watch: SUCCEEDED), 1 FAILED, 2 usage error, 3 CANCELLED, "
+        "4 lost contact with the service, 5 the request failed",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub, common_args, following)
+    return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("trainctl-ray", "trainctl"):  # trainctl: installs made before the rename
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "unknown (not installed)"
+
+
+def _ids_as_positionals(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Job ids made before ids stopped starting with '-' (`-Xb3...`) would read as options: a token that
+    starts with '-', is not an option of the command and is as long as an id goes after `--`, where argparse
+    takes it as the id."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None or not argv or argv[0] not in sub.choices:
+        return argv
+    command = sub.choices[argv[0]]
+    if not any(a.dest == "id" and not a.option_strings for a in command._actions):
+        return argv
+    takes_value = {o for a in command._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
+    known = {o for a in command._actions for o in a.option_strings}
+    rest, ids, skip = [], [], False
+    for tok in argv[1:]:
+        if skip:
+            rest.append(tok)
+            skip = False
+        elif tok.startswith("-") and len(tok) >= 16 and tok.split("=", 1)[0] not in known and "--" not in rest:
+            ids.append(tok)
+        else:
+            rest.append(tok)
+            skip = tok in takes_value
+    return [argv[0], *rest, "--", *ids] if ids else argv
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(_ids_as_positionals(parser, list(sys.argv[1:] if argv is None else argv)))
+    try:
+        code = args.fn(args)
+        sys.stdout.flush()
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if hasattr(args, "url") and hasattr(args, "token"):
+            print(common.connection_text(args), file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:  # `trainctl list --json | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
