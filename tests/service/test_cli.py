@@ -32,8 +32,9 @@ def test_submit_body_from_preset_and_file(tmp_path: Path) -> None:
     g = tmp_path / "full.json"
     g.write_text(json.dumps({"optim": {"epochs": 5}}))
     assert submit._load_body(parse("submit", str(g), "--set", "optim.lr=0.1")) == {"optim": {"epochs": 5, "lr": 0.1}}
-    with pytest.raises(common.CliError, match="path=value"):
-        submit._load_body(parse("submit", "--preset", "debug", "--set", "nonsense"))
+    with pytest.raises(SystemExit) as usage:  # a malformed --set is a usage error
+        parse("submit", "--preset", "debug", "--set", "nonsense")
+    assert usage.value.code == common.EXIT_USAGE
     with pytest.raises(SystemExit):
         parse("submit")  # a file or --preset is required
 
@@ -66,7 +67,9 @@ def test_best_verifies_the_download(
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient("http://test", None, transport=httpx.MockTransport(handler)),
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://test", None, transport=httpx.MockTransport(handler)
+        ),
     )
     out = tmp_path / "best.pt"
     args = parse("best", "job1", "-o", str(out))
@@ -90,13 +93,13 @@ def test_errors_are_printed_with_fields(monkeypatch: pytest.MonkeyPatch, capsys)
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient(
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
             "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(422, json=body))
         ),
     )
     with pytest.raises(SystemExit) as exc:
         main.main(["submit", "--preset", "debug", "--set", "optim.lr=-1"])
-    assert exc.value.code == common.EXIT_ERROR
+    assert exc.value.code == common.EXIT_INVALID
     assert "optim.lr: Input should be greater than 0" in capsys.readouterr().err
 
 
@@ -104,8 +107,8 @@ def test_unreachable_service_names_the_url(monkeypatch: pytest.MonkeyPatch, caps
     from tests.plugins.ray_cluster import free_port
 
     with pytest.raises(SystemExit) as exc:
-        main.main(["list", "--url", f"http://127.0.0.1:{free_port()}", "--token", "x"])
-    assert exc.value.code == common.EXIT_ERROR and "cannot reach trainctl" in capsys.readouterr().err
+        main.main(["list", "--url", f"http://127.0.0.1:{free_port()}", "--token", "x", "--retry-for", "0"])
+    assert exc.value.code == common.EXIT_UNREACHABLE and "cannot reach trainctl" in capsys.readouterr().err
 
 
 class FakeService:
@@ -142,7 +145,9 @@ def _use(monkeypatch: pytest.MonkeyPatch, fake: FakeService) -> None:
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient("http://test", None, transport=httpx.MockTransport(fake.handler)),
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://test", None, transport=httpx.MockTransport(fake.handler)
+        ),
     )
     monkeypatch.setattr(watch.time, "sleep", lambda s: None)
 
@@ -188,8 +193,16 @@ def test_logs_follow_fetches_only_what_is_new(monkeypatch: pytest.MonkeyPatch, c
 
 
 def test_no_job_outcome_shares_argparse_usage_exit_code() -> None:
-    codes = {*common.WATCH_EXIT.values(), common.EXIT_LOST_CONTACT, common.EXIT_ERROR}
-    assert 2 not in codes and len(codes) == 5
+    outcomes = {*common.WATCH_EXIT.values(), common.EXIT_LOST_CONTACT}
+    errors = {
+        common.EXIT_ERROR,
+        common.EXIT_NOT_FOUND,
+        common.EXIT_UNAUTHORIZED,
+        common.EXIT_INVALID,
+        common.EXIT_SERVER,
+        common.EXIT_UNREACHABLE,
+    }
+    assert common.EXIT_USAGE == 2 and 2 not in outcomes | errors and len(outcomes | errors) == 10
 
 
 class FlakyService(FakeService):
@@ -229,7 +242,7 @@ def test_watch_does_not_retry_a_missing_job(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient(
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
             "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(404, json=body))
         ),
     )
@@ -291,7 +304,7 @@ def test_watch_prints_the_devices_once(monkeypatch: pytest.MonkeyPatch, capsys) 
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient(
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
             "http://test", None, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=next(answers)))
         ),
     )
@@ -363,7 +376,9 @@ def _export_service(exports: list[str], checkpoint: bytes | None = None, job: st
             return httpx.Response(200, json={"id": job, "spec": {"exports": exports}})
         return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
 
-    return lambda args, timeout=30: http.TrainctlClient("http://test", None, transport=httpx.MockTransport(handler))
+    return lambda args, timeout=30, retry=True: http.TrainctlClient(
+        "http://test", None, transport=httpx.MockTransport(handler)
+    )
 
 
 def test_export_of_a_job_that_exported_nothing_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

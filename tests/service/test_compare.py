@@ -82,7 +82,9 @@ def test_cli_compare_prints_side_by_side_and_writes_the_plot(
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
     out_png = tmp_path / "cmp.png"
     with pytest.raises(SystemExit) as exc:
@@ -95,7 +97,7 @@ def test_cli_compare_prints_side_by_side_and_writes_the_plot(
     assert out_png.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit) as exc:
         main.main(["compare", a, "--json"])
-    assert exc.value.code == common.EXIT_ERROR
+    assert exc.value.code == common.EXIT_USAGE
     with pytest.raises(SystemExit) as exc:
         main.main(["compare", a, b, "--json"])
     assert json.loads(capsys.readouterr().out)["jobs"][0]["id"] == a

@@ -152,7 +152,9 @@ def _cli_through(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
     monkeypatch.setattr(config, "CONFIG_PATH", api.settings.data_dir / "no-config.json")
     monkeypatch.delenv("TRAINCTL_URL", raising=False)

@@ -196,7 +196,9 @@ def cli_on(api: Api, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
 
     def run(*argv: str) -> int:
@@ -223,7 +225,7 @@ def test_cli_submit_list_filters_and_resubmit(api: Api, cli_on, capsys) -> None:
     assert cli_on("status", child["id"]) == 0
     out = capsys.readouterr().out
     assert f"parent    {first}" in out and "project cifar" in out
-    assert cli_on("submit", "--preset", "debug", "--tag", "x" * 65) == 5
+    assert cli_on("submit", "--preset", "debug", "--tag", "x" * 65) == 8  # invalid request
     assert "tags.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # a --since that is neither a duration nor a date: usage error
         from service.client.cli import main

@@ -318,7 +318,9 @@ def test_cli_plot_saves_the_pngs(api: Api, tmp_path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(
         common,
         "client",
-        lambda args, timeout=30: http.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
     out = tmp_path / "plots"
     assert models.cmd_plot(main.build_parser().parse_args(["plot", job_id, "-o", str(out)])) == 0

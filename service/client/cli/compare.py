@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from service.client.cli import common, render
-from service.client.cli.common import CliError
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """2-5 jobs side by side: final and best metrics, the spec paths that differ; --plot: their curves (PNG)."""
     if not 2 <= len(dict.fromkeys(args.ids)) <= 5:
-        raise CliError("compare takes 2 to 5 distinct job ids")
+        raise common.usage_error("compare takes 2 to 5 distinct job ids")
     ids = list(dict.fromkeys(args.ids))
     with common.client(args, timeout=120) as api:
         result = api.compare(ids)

@@ -9,6 +9,8 @@ from typing import Any
 from service.client.cli import common, render
 from service.client.cli.common import parse_since
 
+SORT_KEYS = ("created", "name", "best_val_acc")  # GET /v1/jobs?sort=
+
 
 def cmd_list(args: argparse.Namespace) -> int:
     with common.client(args) as api:
@@ -166,7 +168,14 @@ def register(
     following: argparse.ArgumentParser,
 ) -> None:
     s = sub.add_parser("list", parents=[common_args], help="list your jobs")
-    s.add_argument("--state", action="append", help="filter (repeatable): queued, running, succeeded, ...")
+    s.add_argument(
+        "--state",
+        action="append",
+        type=common.choice("job state", common.JOB_STATES),
+        choices=common.JOB_STATES,
+        metavar="STATE",
+        help=f"filter (repeatable): {', '.join(common.JOB_STATES)}",
+    )
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--offset", type=int, default=0)
     s.add_argument("--owner", help="admin only: one owner's jobs (the admin lists everyone's by default)")
@@ -178,7 +187,9 @@ def register(
     )
     s.add_argument(
         "--sort",
-        choices=["created", "name", "best_val_acc"],
+        type=common.choice("sort key", SORT_KEYS),
+        choices=SORT_KEYS,
+        metavar="KEY",
         help="created (newest first; the default), name (A-Z) or best_val_acc (highest first)",
     )
     s.set_defaults(fn=cmd_list)

@@ -9,15 +9,30 @@ beside this one and adds its parser in `register`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import NoReturn
 
 from service.client.cli import common, compare, completion, jobs, logs, models, server, submit, tokens, watch
-from service.client.cli.common import EXIT_ERROR, CliError
+from service.client.cli.common import CliError
 
 # The order of `trainctl --help`.
 COMMAND_MODULES = (server, submit, jobs, watch, logs, compare, models, tokens, completion)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as JSON on stderr when `--json` is on the command line (every command's
+    subparser is of this class too)."""
+
+    json_errors = False  # set by `main` from the command line, before parsing
+
+    def error(self, message: str) -> NoReturn:
+        if Parser.json_errors:
+            error = common.usage_error(f"{self.prog}: {message}")
+            print(json.dumps(common.error_json(error)), file=sys.stderr)
+            self.exit(common.EXIT_USAGE)
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     common_args.add_argument("--url", help="service URL (default: TRAINCTL_URL or http://127.0.0.1:8000)")
     common_args.add_argument("--token", help="API token (default: TRAINCTL_TOKEN or <data dir>/admin-token)")
     common_args.add_argument("--data-dir", help="where `serve` keeps its state (default: TRAINCTL_DATA_DIR or ./data)")
-    common_args.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common_args.add_argument(
+        "--json", action="store_true", help='print JSON for scripts (errors too, on stderr: {"error": {...}})'
+    )
+    common_args.add_argument(
+        "--retry-for",
+        type=common.retry_budget,
+        default=common.default_retry_budget(),
+        metavar="SECONDS",
+        help="retry a refused connection and 429/502/503 answers this long, honouring Retry-After "
+        "(default: TRAINCTL_RETRY_FOR or 10; 0: never)",
+    )
     common_args.add_argument(
         "-v", "--verbose", action="store_true", help="say which URL and token source are used (on stderr)"
     )
     following = argparse.ArgumentParser(add_help=False)  # `watch` and `submit --follow`
-    following.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    following.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between polls, when polling (default 2)"
+    )
+    following.add_argument(
+        "--poll",
+        action="store_true",
+        help="poll the job instead of following its event stream (which is used when the service offers it)",
+    )
     following.add_argument(
         "--patience",
         type=float,
@@ -38,12 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep retrying an unreachable service this long before exit 4 (default 300 s)",
     )
 
-    p = argparse.ArgumentParser(
-        prog="trainctl",
-        description="Distributed training jobs on Ray.",
-        epilog="exit codes: 0 success (watch: SUCCEEDED), 1 FAILED, 2 usage error, 3 CANCELLED, "
-        "4 lost contact with the service, 5 the request failed",
-    )
+    p = Parser(prog="trainctl", description="Distributed training jobs on Ray.", epilog=common.EXIT_CODES_TEXT)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
@@ -88,16 +115,21 @@ def _ids_as_positionals(parser: argparse.ArgumentParser, argv: list[str]) -> lis
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(_ids_as_positionals(parser, list(sys.argv[1:] if argv is None else argv)))
+    Parser.json_errors = "--json" in arguments
+    args = parser.parse_args(_ids_as_positionals(parser, arguments))
     try:
         code = args.fn(args)
         sys.stdout.flush()
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if hasattr(args, "url") and hasattr(args, "token"):
-            print(common.connection_text(args), file=sys.stderr)
-        code = EXIT_ERROR
+        if getattr(args, "json", False):
+            print(json.dumps(common.error_json(exc)), file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+            if hasattr(args, "url") and hasattr(args, "token") and exc.exit_code != common.EXIT_USAGE:
+                print(common.connection_text(args), file=sys.stderr)
+        code = common.exit_code_for(exc)
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:  # `trainctl list --json | head`: the reader left; no traceback

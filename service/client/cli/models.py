@@ -144,7 +144,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     names = args.only.split(",") if args.only else list(PLOTS)
     unknown = [n for n in names if n not in PLOTS]
     if unknown:
-        raise CliError(f"--only: unknown plot(s) {', '.join(unknown)}; choose from {', '.join(PLOTS)}")
+        raise common.usage_error(
+            f"--only: unknown plot(s) {', '.join(unknown)}; choose from {', '.join(PLOTS)}"
+            + common.suggest(unknown[0], PLOTS)
+        )
     written: dict[str, str] = {}
     skipped: list[str] = []
     with common.client(args, timeout=120) as api:
@@ -191,7 +194,9 @@ def register(
     s.add_argument("id")
     s.add_argument(
         "--format",
+        type=common.choice("export format", sorted(EXPORT_NAMES)),
         choices=sorted(EXPORT_NAMES),
+        metavar="FORMAT",
         default="pt2",
         help="pt2: a torch.export program (normalisation inside); safetensors: weights only; "
         "onnx: the pt2 program as ONNX (only if the job's spec asked for it: exports: [onnx])",

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from service.client.cli import common, render, watch
-from service.client.cli.common import CliError
+from service.client.cli.common import EXIT_INVALID, CliError
 from service.client.config import configured_url
 
 
 def _load_body(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.spec import parse_override, set_path  # pydantic only: no torch
+    from trainer.spec import PRESETS, set_path  # pydantic only: no torch
 
     if args.file:
         import yaml
@@ -26,15 +26,24 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
             text = sys.stdin.read() if args.file == "-" else path.read_text()
             body = json.loads(text) if path.suffix == ".json" else safeyaml.load(text)
         except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
-            raise CliError(f"cannot read spec file {args.file}: {str(exc)[:300]}") from None
+            raise CliError(
+                f"cannot read spec file {args.file}: {str(exc)[:300]}", code="invalid_spec_file", exit_code=EXIT_INVALID
+            ) from None
         if not isinstance(body, dict):
-            raise CliError(f"{args.file} must hold a mapping (a spec, or preset + overrides)")
+            raise CliError(
+                f"{args.file} must hold a mapping (a spec, or preset + overrides)",
+                code="invalid_spec_file",
+                exit_code=EXIT_INVALID,
+            )
     else:
+        if args.preset not in PRESETS:  # checked here: a usage error, no request
+            names = sorted(PRESETS)
+            raise common.usage_error(
+                f"--preset: {args.preset!r} is not a preset: choose from {', '.join(names)}"
+                + common.suggest(args.preset, names)
+            )
         body = {"preset": args.preset, "overrides": {}}
-    try:
-        sets = [parse_override(s) for s in args.set or []]
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    sets: list[tuple[str, Any]] = args.set or []  # (path, value), read by common.override
     if sets:
         if "preset" in body or "overrides" in body:
             body.setdefault("overrides", {}).update(dict(sets))
@@ -71,8 +80,15 @@ def _validate_locally(body: dict[str, Any]) -> dict[str, Any]:
         else:
             spec = JobSpec.model_validate(body)
     except ValidationError as exc:
-        lines = [f"  {e['field']}: {e['message']}" for e in error_list(exc)]
-        raise CliError("invalid_spec (checked locally, nothing was submitted):\n" + "\n".join(lines)) from None
+        fields = [{"field": str(e["field"]), "message": str(e["message"])} for e in error_list(exc)]
+        lines = [f"  {f['field']}: {f['message']}" for f in fields]
+        raise CliError(
+            "invalid_spec (checked locally, nothing was submitted):\n" + "\n".join(lines),
+            code="invalid_spec",
+            reason=f"{len(fields)} invalid field(s), checked locally; nothing was submitted",
+            fields=fields,
+            exit_code=EXIT_INVALID,
+        ) from None
     return spec.model_dump(mode="json")
 
 
@@ -113,18 +129,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
         )
     if not args.follow:
         return 0
-    with common.client(args) as api:
-        return watch.follow(api, job["id"], interval=args.interval, patience=args.patience, as_json=args.json)
+    with common.client(args, retry=False) as api:  # `follow` rides out outages itself (--patience)
+        return watch.follow(
+            api,
+            job["id"],
+            interval=args.interval,
+            patience=args.patience,
+            as_json=args.json,
+            stream=not args.poll,
+            verbose=args.verbose,
+        )
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
     """A new job from a stored job's spec with --set overrides applied; labels not given are the parent's."""
-    from trainer.spec import parse_override
-
-    try:
-        overrides = dict(parse_override(s) for s in args.set or [])
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    overrides = dict(args.set or [])  # (path, value) pairs, read by common.override
     with common.client(args) as api:
         job = api.resubmit(args.id, {"overrides": overrides, **_labels(args)})
     if args.json:
@@ -156,7 +175,13 @@ def register(
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("file", nargs="?", help="spec file (.yaml/.json; '-' = stdin)")
     src.add_argument("--preset", help="a preset name, e.g. debug or paper")
-    s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.epochs=3")
+    s.add_argument(
+        "--set",
+        action="append",
+        type=common.override,
+        metavar="PATH=VALUE",
+        help="override, e.g. --set optim.epochs=3",
+    )
     _label_arguments(s)
     s.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
@@ -175,7 +200,9 @@ def register(
         help="a new job from a job's stored spec, with overrides (records its parent)",
     )
     s.add_argument("id")
-    s.add_argument("--set", action="append", metavar="PATH=VALUE", help="override, e.g. --set optim.lr=0.01")
+    s.add_argument(
+        "--set", action="append", type=common.override, metavar="PATH=VALUE", help="override, e.g. --set optim.lr=0.01"
+    )
     _label_arguments(s, inherited=True)
     s.add_argument("-q", "--quiet", action="store_true", help="print only the new job's id")
     s.set_defaults(fn=cmd_resubmit)
