@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from service.client import config, http
-from service.client.cli import common, completion, main, models, render, submit, watch
+from service.client.cli import common, main, models, render, submit, watch
 from service.client.cli import logs as logs_cmd
 
 
@@ -41,14 +41,15 @@ def test_submit_body_from_preset_and_file(tmp_path: Path) -> None:
 
 def test_token_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINCTL_TOKEN", raising=False)
-    monkeypatch.setattr(config, "CONFIG_PATH", tmp_path / "config.json")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "admin-token").write_text("tok-file\n")
     assert common.token(parse("list", "--data-dir", str(tmp_path / "data"))) == "tok-file"
     monkeypatch.setenv("TRAINCTL_TOKEN", "tok-env")
     assert common.token(parse("list", "--data-dir", str(tmp_path / "data"))) == "tok-env"
     monkeypatch.delenv("TRAINCTL_TOKEN")
-    (tmp_path / "config.json").write_text(json.dumps({"url": "http://h:1", "token": "tok-cfg"}))
+    config.config_path().parent.mkdir(parents=True)  # the older {"url", "token"} form: profile "default"
+    config.config_path().write_text(json.dumps({"url": "http://h:1", "token": "tok-cfg"}))
     monkeypatch.delenv("TRAINCTL_URL", raising=False)
     args = parse("list", "--data-dir", str(tmp_path / "nowhere"))
     assert common.token(args) == "tok-cfg" and common.url(args) == "http://h:1"
@@ -265,16 +266,10 @@ def test_submit_follow_ends_with_the_jobs_exit_code(monkeypatch: pytest.MonkeyPa
     assert "submitted job j1" in capsys.readouterr().out
 
 
-def test_version_and_completion(capsys) -> None:
+def test_version(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main.main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("trainctl ")
-    assert completion.cmd_completion(parse("completion", "bash")) == 0
-    script = capsys.readouterr().out
-    assert "complete -o default -F _trainctl trainctl" in script and "--follow" in script
-    import subprocess
-
-    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
 def test_watch_prints_the_devices_once(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -332,7 +327,7 @@ def test_an_id_starting_with_a_dash_is_taken_as_the_id() -> None:
 
 def test_the_url_serve_recorded_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINCTL_URL", raising=False)
-    monkeypatch.setattr(config, "CONFIG_PATH", tmp_path / "nope.json")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     tmp_path.chmod(0o700)
     (tmp_path / "serve.json").write_text(json.dumps({"url": "http://127.0.0.1:8123", "pid": 1}))
     assert common.url(parse("list", "--data-dir", str(tmp_path))) == "http://127.0.0.1:8123"
@@ -425,9 +420,10 @@ def test_a_planted_serve_json_never_redirects_the_token(
 ) -> None:
     for var in ("TRAINCTL_URL", "TRAINCTL_TOKEN", "TRAINCTL_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
-    config_file = tmp_path / "config.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    config_file = config.config_path()
+    config_file.parent.mkdir(parents=True)
     config_file.write_text(json.dumps({"token": "tc_mine"}))
-    monkeypatch.setattr(config, "CONFIG_PATH", config_file)
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"  # ./data of a cloned repository or a shared folder
     data.mkdir(mode=0o700)
@@ -449,7 +445,11 @@ def test_a_planted_serve_json_never_redirects_the_token(
     (data / "admin-token").write_text("tc_planted\n")
     (data / "admin-token").chmod(0o666)
     token, source = config.token_source()
-    assert token == "tc_mine" and "ignored data/admin-token: writable by other users" in source
+    assert token == "tc_mine" and "profile 'default'" in source  # the user's own profile comes first
+    config_file.unlink()
+    token, source = config.token_source()
+    assert token is None and "ignored data/admin-token: writable by other users" in source
+    config_file.write_text(json.dumps({"token": "tc_mine"}))
     # and the CLI says which URL and token source it used: with --verbose, and after an error
     record.write_text(json.dumps({"url": "http://attacker.example:8000", "pid": 1}))
     seen: list[str] = []
@@ -464,7 +464,7 @@ def test_a_planted_serve_json_never_redirects_the_token(
     err = capsys.readouterr().err
     assert seen == ["127.0.0.1"], seen
     assert err.count(f"trainctl: API {config.DEFAULT_URL} (from the default (ignored data/serve.json") == 2, err
-    assert "token from " + str(config_file) in err and "tc_mine" not in err
+    assert f"token from profile 'default' (the default profile) in {config_file}" in err and "tc_mine" not in err
 
 
 def _with_transport(cls, transport):

@@ -368,3 +368,125 @@ def test_watch_polls_when_the_stream_is_unavailable(
     assert paths == [f"/v1/jobs/{job_id}"]
     rc, _, err = run(["watch", "no-such-job", "--url", served.url, "--token", served.token], capsys)
     assert rc == common.EXIT_NOT_FOUND and "not_found" in err
+
+
+# --- login, profiles, logout --------------------------------------------------------------------------------------
+
+
+def test_the_callers_config_is_never_read_by_the_tests() -> None:
+    from service.client import config
+
+    assert not config.config_path().is_relative_to(Path.home() / ".config")
+
+
+def test_login_writes_a_private_profile_that_later_commands_use(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.client import config
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no ./data to discover
+    path = tmp_path / "xdg" / "trainctl" / "config.json"
+    assert config.config_path() == path
+    # a wrong token is refused by the service, and nothing is written
+    rc, _, err = run(["login", served.url, "--token", "wrong"], capsys)
+    assert rc == common.EXIT_UNAUTHORIZED and not path.exists(), err
+    rc, out, err = run(["login", served.url + "/", "--token", served.token, "--profile", "local"], capsys)
+    assert rc == 0 and "'local' (the default)" in out and served.token not in out + err, err
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o077 == 0
+    saved = json.loads(path.read_text())
+    assert saved == {"default": "local", "profiles": {"local": {"url": served.url, "token": served.token}}}
+    # no --url, no --token: the default profile's
+    job_id = served.submit()
+    rc, out, err = run(["status", job_id, "--json"], capsys)
+    assert rc == 0 and json.loads(out)["id"] == job_id, err
+    # a second profile (the token read from stdin) does not take the default unless asked
+    monkeypatch.setattr("sys.stdin", _Stdin("tc_other\n"))
+    rc, out, _ = run(["login", "http://127.0.0.1:9", "--token", "-", "--profile", "other", "--no-verify"], capsys)
+    assert rc == 0 and "the default stays 'local'" in out
+    assert json.loads(path.read_text())["profiles"]["other"] == {"url": "http://127.0.0.1:9", "token": "tc_other"}
+    # --profile / TRAINCTL_PROFILE pick one; an unknown name is a usage error naming the known ones
+    rc, _, err = run(["status", job_id, "--profile", "other", "--retry-for", "0"], capsys)
+    assert rc == common.EXIT_UNREACHABLE and "127.0.0.1:9" in err
+    monkeypatch.setenv("TRAINCTL_PROFILE", "local")
+    assert run(["status", job_id], capsys)[0] == 0
+    rc, _, err = run(["status", job_id, "--profile", "nope"], capsys)
+    assert rc == 2 and "no profile 'nope'" in err and "local, other" in err
+    # a profile's token goes only to its own URL: with --url naming another server, it is not sent
+    rc, _, err = run(["status", job_id, "--profile", "other", "--url", served.url, "-v"], capsys)
+    assert rc == common.EXIT_UNAUTHORIZED and "its token is for http://127.0.0.1:9" in err, err
+    # flags and environment come before the profile
+    monkeypatch.setenv("TRAINCTL_URL", "http://127.0.0.1:9")
+    rc, _, err = run(["status", job_id, "--retry-for", "0"], capsys)
+    assert rc == common.EXIT_UNREACHABLE, err
+    monkeypatch.delenv("TRAINCTL_URL")
+    monkeypatch.delenv("TRAINCTL_PROFILE")
+    rc, out, _ = run(["profiles"], capsys)
+    assert out.splitlines() == [f"* local            {served.url}", "  other            http://127.0.0.1:9"]
+    assert served.token not in out
+    # logout forgets the token here (the default profile unless --profile names one)
+    rc, out, _ = run(["logout"], capsys)
+    assert rc == 0 and "forgot profile 'local'" in out and "token revoke" in out
+    assert json.loads(path.read_text()) == {
+        "default": None,
+        "profiles": {"other": {"url": "http://127.0.0.1:9", "token": "tc_other"}},
+    }
+    assert run(["logout"], capsys)[0] == 2  # no default profile left
+
+
+class _Stdin:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def isatty(self) -> bool:
+        return False
+
+    def readline(self) -> str:
+        return self.text
+
+
+def test_the_older_config_form_still_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.client import config
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    config.config_path().parent.mkdir()
+    config.config_path().write_text(json.dumps({"url": "http://h:1/", "token": "t"}))
+    assert config.url_source(data_dir=str(tmp_path / "none"))[0] == "http://h:1"
+    assert config.resolve_token(data_dir=str(tmp_path / "none")) == "t"
+    config.config_path().chmod(0o666)  # writable by others: ignored, like a planted serve.json
+    assert config.resolve_token(data_dir=str(tmp_path / "none")) is None
+
+
+# --- completion -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts_name_every_command(shell: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, script, _ = run(["completion", shell], capsys)
+    assert rc == 0 and "shtab" in script
+    commands = ["submit", "resubmit", "list", "status", "watch", "logs", "compare", "export", "login", "token"]
+    for command in commands:
+        assert command in script, (shell, command)
+    assert "succeeded" in script  # list --state's choices
+
+
+def test_bash_completion_is_valid_and_completes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import subprocess
+
+    script = tmp_path / "trainctl.bash"
+    script.write_text(run(["completion", "bash"], capsys)[1])
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(words)
+        probe = (
+            f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMP_LINE='{line}'; "
+            'COMP_POINT=${#COMP_LINE}; _shtab_trainctl; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout.split()
+
+    assert complete("trainctl", "wa") == ["watch"]
+    assert complete("trainctl", "list", "--state", "su") == ["succeeded"]
+    assert "--profile" in complete("trainctl", "status", "--pro")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from service import history
-from service.client import config, http
+from service.client import http
 from service.client.cli import common, main
 from tests.service.conftest import Api
 
@@ -156,7 +156,7 @@ def _cli_through(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
             "http://testserver", api.token, transport=api.client._transport
         ),
     )
-    monkeypatch.setattr(config, "CONFIG_PATH", api.settings.data_dir / "no-config.json")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(api.settings.data_dir / "no-config"))
     monkeypatch.delenv("TRAINCTL_URL", raising=False)
 
 

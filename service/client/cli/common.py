@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from service.client.config import resolve_token, resolve_url, token_source, url_source
+from service.client.config import ProfileError, resolve_token, token_source, url_source
 from service.client.http import ClientError, Retry, TrainctlClient
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -100,11 +100,21 @@ def override(text: str) -> tuple[str, Any]:
 
 
 def url(args: argparse.Namespace) -> str:
-    return resolve_url(args.url, args.data_dir)
+    return url_and_source(args)[0]
 
 
 def token(args: argparse.Namespace) -> str | None:
-    return resolve_token(args.token, args.data_dir)
+    try:
+        return resolve_token(args.token, args.data_dir, getattr(args, "profile", None), args.url)
+    except ProfileError as exc:
+        raise usage_error(str(exc)) from None
+
+
+def url_and_source(args: argparse.Namespace) -> tuple[str, str]:
+    try:
+        return url_source(args.url, args.data_dir, getattr(args, "profile", None))
+    except ProfileError as exc:  # --profile / TRAINCTL_PROFILE names none: a usage error
+        raise usage_error(str(exc)) from None
 
 
 def client(args: argparse.Namespace, timeout: float = 30, retry: bool = True) -> TrainctlClient:
@@ -152,8 +162,11 @@ DEFAULT_RETRY_S = 10.0
 def connection_text(args: argparse.Namespace) -> str:
     """Which URL and which token source this command uses (never the token): printed with --verbose and
     after an error, so a surprising server or token is visible."""
-    where, url_from = url_source(args.url, args.data_dir)
-    _, token_from = token_source(args.token, args.data_dir)
+    try:
+        where, url_from = url_source(args.url, args.data_dir, getattr(args, "profile", None))
+        _, token_from = token_source(args.token, args.data_dir, getattr(args, "profile", None), args.url)
+    except ProfileError as exc:
+        return f"trainctl: {exc}"
     return f"trainctl: API {where} (from {url_from}); token from {token_from}"
 
 

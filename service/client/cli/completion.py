@@ -1,31 +1,21 @@
-"""`trainctl completion SHELL`: a shell completion script."""
+"""`trainctl completion SHELL`: a completion script for bash, zsh or fish, made by shtab from this very parser
+(so it never goes stale: every command, option and choice, e.g. `list --state`, as they are now)."""
 
 from __future__ import annotations
 
 import argparse
 
+from service.client.cli import common
+
+SHELLS = ("bash", "zsh", "fish")
+
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    """Bash completion generated from this parser, so it can never go stale: commands, then their options."""
+    import shtab
+
     from service.client.cli.main import build_parser  # the parser this command is part of
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    cases = "\n".join(
-        f'        {name}) opts="{" ".join(o for a in sp._actions for o in a.option_strings)}" ;;'
-        for name, sp in commands.items()
-    )
-    print(f"""_trainctl() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}} opts
-    if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "{" ".join(commands)} --help --version" -- "$cur")); return
-    fi
-    case "${{COMP_WORDS[1]}}" in
-{cases}
-    esac
-    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
-}}
-complete -o default -F _trainctl trainctl""")
+    print(shtab.complete(build_parser(), shell=args.shell).rstrip())
     return 0
 
 
@@ -34,6 +24,10 @@ def register(
     common_args: argparse.ArgumentParser,
     following: argparse.ArgumentParser,
 ) -> None:
-    s = sub.add_parser("completion", help='print a shell completion script: eval "$(trainctl completion bash)"')
-    s.add_argument("shell", choices=["bash"])
+    s = sub.add_parser(
+        "completion",
+        help='print a shell completion script: eval "$(trainctl completion bash)" in ~/.bashrc; zsh: '
+        "trainctl completion zsh > ~/.zfunc/_trainctl; fish: trainctl completion fish | source",
+    )
+    s.add_argument("shell", type=common.choice("shell", SHELLS), choices=SHELLS, metavar="{bash,zsh,fish}")
     s.set_defaults(fn=cmd_completion)

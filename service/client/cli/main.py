@@ -14,11 +14,11 @@ import os
 import sys
 from typing import NoReturn
 
-from service.client.cli import common, compare, completion, jobs, logs, models, server, submit, tokens, watch
+from service.client.cli import account, common, compare, completion, jobs, logs, models, server, submit, tokens, watch
 from service.client.cli.common import CliError
 
 # The order of `trainctl --help`.
-COMMAND_MODULES = (server, submit, jobs, watch, logs, compare, models, tokens, completion)
+COMMAND_MODULES = (server, account, submit, jobs, watch, logs, compare, models, tokens, completion)
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,8 +37,17 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common_args = argparse.ArgumentParser(add_help=False)
-    common_args.add_argument("--url", help="service URL (default: TRAINCTL_URL or http://127.0.0.1:8000)")
-    common_args.add_argument("--token", help="API token (default: TRAINCTL_TOKEN or <data dir>/admin-token)")
+    common_args.add_argument(
+        "--url",
+        help="service URL (default: TRAINCTL_URL, the profile's, a running serve's, else http://127.0.0.1:8000)",
+    )
+    common_args.add_argument(
+        "--token", help="API token (default: TRAINCTL_TOKEN, the profile's, <data dir>/admin-token)"
+    )
+    common_args.add_argument(
+        "--profile",
+        help="a profile `trainctl login` wrote (default: TRAINCTL_PROFILE, else the config file's default)",
+    )
     common_args.add_argument("--data-dir", help="where `serve` keeps its state (default: TRAINCTL_DATA_DIR or ./data)")
     common_args.add_argument(
         "--json", action="store_true", help='print JSON for scripts (errors too, on stderr: {"error": {...}})'
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             print(json.dumps(common.error_json(exc)), file=sys.stderr)
         else:
             print(f"error: {exc}", file=sys.stderr)
-            if hasattr(args, "url") and hasattr(args, "token") and exc.exit_code != common.EXIT_USAGE:
+            if hasattr(args, "data_dir") and exc.exit_code != common.EXIT_USAGE:
                 print(common.connection_text(args), file=sys.stderr)
         code = common.exit_code_for(exc)
     except KeyboardInterrupt:

@@ -10,7 +10,6 @@ from typing import Any
 
 from service.client.cli import common, render, watch
 from service.client.cli.common import EXIT_INVALID, CliError
-from service.client.config import configured_url
 
 
 def _load_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +98,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # With a service configured, it validates the spec too and estimates its time and cost from its
         # finished jobs; without one, the spec is only checked here (no history to estimate from).
         estimate = None
-        if configured_url(args.url, args.data_dir) is not None:
+        if not common.url_and_source(args)[1].startswith("the default"):
             with common.client(args) as api:
                 estimate = api.estimate(body)
         if args.json:
