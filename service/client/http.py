@@ -260,7 +260,7 @@ class TrainctlClient:
                 raise ClientError(
                     f"{request.url.path} is not an event stream here", resp.status_code, code="no_event_stream"
                 )
-            event, data = "message", []
+            event, data, delivered = "message", [], False
             for line in resp.iter_lines():
                 if line.startswith(":"):  # a keep-alive comment
                     continue
@@ -274,12 +274,17 @@ class TrainctlClient:
                     continue
                 if data:  # a blank line ends an event
                     try:
+                        delivered = True
                         yield event, json.loads("\n".join(data))
                     except ValueError:
                         raise ClientError(
                             "the event stream sent something that is not JSON", code="bad_event"
                         ) from None
                 event, data = "message", []
+        except httpx.ReadTimeout as exc:
+            if not delivered:  # the service sends the job at once: something between buffers the stream
+                raise ClientError("the event stream sent nothing (a buffering proxy?)", code="stream_silent") from exc
+            raise self._unreachable(exc) from exc
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         finally:

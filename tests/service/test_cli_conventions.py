@@ -490,3 +490,41 @@ def test_bash_completion_is_valid_and_completes(capsys: pytest.CaptureFixture[st
     assert complete("trainctl", "wa") == ["watch"]
     assert complete("trainctl", "list", "--state", "su") == ["succeeded"]
     assert "--profile" in complete("trainctl", "status", "--pro")
+
+
+def test_the_cli_loads_no_server_code() -> None:
+    """The client package stands alone (`pip install trainctl-ray`): loading `trainctl` loads none of the control
+    plane's packages or modules (`serve`, `db`, `reindex` import theirs when run)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.client.cli.main; "
+        "heavy = {'fastapi', 'starlette', 'sqlalchemy', 'alembic', 'uvicorn', 'ray', 'torch', 'pyarrow'}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or "
+        "(m.startswith('service.') and not m.startswith('service.client') and m != 'service.logview')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_watch_polls_when_a_proxy_buffers_the_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    """A stream that opens but sends nothing (the service sends the job at once) is given up for polling."""
+    from service.client.cli import watch
+
+    class Silent(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            raise httpx.ReadTimeout("nothing came")
+
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path.endswith("/events"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Silent())
+        return httpx.Response(200, json={"id": "j1", "state": "SUCCEEDED", "progress": {"epoch": 1, "epochs": 1}})
+
+    api = http.TrainctlClient("http://test", None, transport=httpx.MockTransport(handler))
+    assert watch.follow(api, "j1", interval=0, patience=5, as_json=False, verbose=True) == 0
+    assert paths == ["/v1/jobs/j1/events", "/v1/jobs/j1"]
+    assert "sent nothing" in capsys.readouterr().err
