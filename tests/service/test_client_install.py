@@ -78,6 +78,8 @@ def test_client_install_has_no_torch_ray_or_server(client_venv: Path) -> None:
     version = run(client_venv, "--version")
     assert version.returncode == 0 and version.stdout.startswith("trainctl ")
     assert "unknown" not in version.stdout  # found under its distribution name, trainctl-ray
+    completion = run(client_venv, "completion", "bash")  # shtab is a dependency of the client
+    assert completion.returncode == 0 and "_shtab_trainctl" in completion.stdout, completion.stderr
 
 
 def test_client_validates_a_spec_locally(client_venv: Path) -> None:
