@@ -206,4 +206,5 @@ def _is_serve(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"serve" in cmdline and any(b"trainctl" in a or a == b"service.cli" for a in cmdline)
+    modules = (b"service.cli", b"service.client.cli")  # `python -m ...`: today's name, and the one before the move
+    return b"serve" in cmdline and any(b"trainctl" in a or a in modules for a in cmdline)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +25,10 @@ def caller_settings(environ: Mapping[str, str]) -> list[str]:
 # read a setting at import time (objstore's retry budget), and subprocesses inherit os.environ.
 for _name in caller_settings(os.environ):
     del os.environ[_name]
+# Nor on the caller's `trainctl login` profiles: the CLI's config file lives under XDG_CONFIG_HOME, here a fresh
+# folder for the session (subprocesses inherit it).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="trainctl-test-config-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 
 pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3", "tests.plugins.postgres"]
 

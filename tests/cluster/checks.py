@@ -74,7 +74,7 @@ def module_exists(name: str) -> bool:
 def check_trainctl(argv: list[str]) -> None:
     """`trainctl ...` must be a console script of this project and parse with its real argument parser."""
     assert argv[0] in CONSOLE_SCRIPTS, f"{argv[0]} is not a console script in pyproject.toml"
-    from service.cli import build_parser
+    from service.client.cli.main import build_parser
 
     try:
         build_parser().parse_args(argv[1:])

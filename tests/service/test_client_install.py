@@ -78,6 +78,8 @@ def test_client_install_has_no_torch_ray_or_server(client_venv: Path) -> None:
     version = run(client_venv, "--version")
     assert version.returncode == 0 and version.stdout.startswith("trainctl ")
     assert "unknown" not in version.stdout  # found under its distribution name, trainctl-ray
+    completion = run(client_venv, "completion", "bash")  # shtab is a dependency of the client
+    assert completion.returncode == 0 and "_shtab_trainctl" in completion.stdout, completion.stderr
 
 
 def test_client_validates_a_spec_locally(client_venv: Path) -> None:
@@ -85,7 +87,7 @@ def test_client_validates_a_spec_locally(client_venv: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["optim"]["epochs"] == 2
     bad = run(client_venv, "submit", "--preset", "debug", "--set", "optim.lr=-1", "--dry-run")
-    assert bad.returncode == 5 and "optim.lr" in bad.stderr and "nothing was submitted" in bad.stderr
+    assert bad.returncode == 8 and "optim.lr" in bad.stderr and "nothing was submitted" in bad.stderr
 
 
 def test_client_reads_a_job_from_a_served_app(client_venv: Path, served_app: tuple[str, str]) -> None:
@@ -102,4 +104,4 @@ def test_client_reads_a_job_from_a_served_app(client_venv: Path, served_app: tup
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["id"] == job_id
     denied = run(client_venv, "status", job_id, "--url", url, "--token", "wrong")
-    assert denied.returncode == 5 and "401" not in denied.stdout
+    assert denied.returncode == 7 and "401" not in denied.stdout

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service import cli, client
+from service.client import http
+from service.client.cli import common, main
 from service.compare import flatten, parse_ids, spec_differences
 from tests.service.conftest import Api, metrics_line
 
@@ -79,13 +80,15 @@ def test_cli_compare_prints_side_by_side_and_writes_the_plot(
 ) -> None:
     a, b = _two_runs(api)
     monkeypatch.setattr(
-        cli,
-        "_client",
-        lambda args, timeout=30: client.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        common,
+        "client",
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
     out_png = tmp_path / "cmp.png"
     with pytest.raises(SystemExit) as exc:
-        cli.main(["compare", a, b, "--plot", str(out_png)])
+        main.main(["compare", a, b, "--plot", str(out_png)])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert f"base ({a[:6]})" in out and b in out
@@ -93,8 +96,8 @@ def test_cli_compare_prints_side_by_side_and_writes_the_plot(
     assert "spec differences (1):" in out and "optim.lr" in out and "0.01" in out
     assert out_png.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit) as exc:
-        cli.main(["compare", a, "--json"])
-    assert exc.value.code == cli.EXIT_ERROR
+        main.main(["compare", a, "--json"])
+    assert exc.value.code == common.EXIT_USAGE
     with pytest.raises(SystemExit) as exc:
-        cli.main(["compare", a, b, "--json"])
+        main.main(["compare", a, b, "--json"])
     assert json.loads(capsys.readouterr().out)["jobs"][0]["id"] == a

@@ -185,7 +185,7 @@ def _cli(service: Service, *args: str, timeout: float = 60, cwd: Path | None = N
 
 def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: Path) -> None:
     bad = _cli(service, "submit", "--preset", "debug", "--set", "optim.lr=-1")
-    assert bad.returncode == 5 and "optim.lr" in bad.stderr
+    assert bad.returncode == 8 and "optim.lr" in bad.stderr  # invalid request
     sub = _cli(
         service,
         "submit",
@@ -242,7 +242,7 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
     assert (tmp_path / "pred.csv").read_text().splitlines()[0] == "ID,Labels"
     assert len((tmp_path / "pred.csv").read_text().splitlines()) == 6
     missing = _cli(service, "status", "no-such-job")
-    assert missing.returncode == 5 and "not_found" in missing.stderr
+    assert missing.returncode == 6 and "not_found" in missing.stderr  # not found
     # `best` without -o writes the server's name for it here; `checkpoints` lists what is kept
     default = _cli(service, "best", job_id, cwd=tmp_path)
     assert default.returncode == 0 and (tmp_path / f"{job_id}-epoch1.pt").read_bytes() == out.read_bytes()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from service.cli import _progress_line  # `trainctl watch`'s line (the cli branch moves service/cli.py: follow it)
+from service.client.cli.render import progress_line
 from tests.service.conftest import Api, metrics_line
 
 ELASTIC = {"scaling.num_workers": {"min": 1, "max": 3}, "optim.batch_size": 48}
@@ -48,7 +48,7 @@ def test_the_worker_count_over_time_is_in_the_view_the_page_and_watch(api: Api) 
     _login(api)
     # before the first epoch: no spans, and the page shows the range the spec asks for
     view = api.get(f"/v1/jobs/{job_id}").json()
-    assert view["workers"] is None and "workers" not in _progress_line(view)
+    assert view["workers"] is None and "workers" not in progress_line(view)
     assert '<dd id="workers">1-3, elastic</dd>' in api.client.get(f"/ui/jobs/{job_id}").text
 
     api.reconcile()
@@ -61,6 +61,6 @@ def test_the_worker_count_over_time_is_in_the_view_the_page_and_watch(api: Api) 
         {"first_epoch": 3, "last_epoch": 3, "workers": 3},
     ]
     assert view["metrics"]["workers"] == 3 and view["metrics"]["global_batch"] == 48
-    assert "workers 2→3" in _progress_line(view)
+    assert "workers 2→3" in progress_line(view)
     html = api.client.get(f"/ui/jobs/{job_id}").text
     assert '<dd id="workers">2 (epochs 1-2) → 3 (epoch 3)</dd>' in html, html

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from service import cli, client, history
+from service import history
+from service.client import http
+from service.client.cli import common, main
 from tests.service.conftest import Api
 
 JOB = {"preset": "debug", "overrides": {"optim.epochs": 4}}
@@ -148,17 +150,19 @@ def test_the_estimate_route_validates_like_submission(api: Api) -> None:
 def _cli_through(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """`trainctl` against this test's app (the TestClient's transport: real routes, no socket)."""
     monkeypatch.setattr(
-        cli,
-        "_client",
-        lambda args, timeout=30: client.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        common,
+        "client",
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
-    monkeypatch.setattr(client, "CONFIG_PATH", api.settings.data_dir / "no-config.json")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(api.settings.data_dir / "no-config"))
     monkeypatch.delenv("TRAINCTL_URL", raising=False)
 
 
 def _main(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
+        main.main(argv)
     return int(exc.value.code or 0)
 
 
@@ -221,7 +225,7 @@ def test_serve_refuses_a_bad_price_naming_the_setting(
 ) -> None:
     monkeypatch.setenv("TRAINCTL_NODE_TYPES", NODE_TYPES)
     monkeypatch.setenv("TRAINCTL_PRICES", '{"cpu.small": "cheap"}')
-    assert _main(["serve", "--data-dir", str(tmp_path / "data")]) == cli.EXIT_ERROR
+    assert _main(["serve", "--data-dir", str(tmp_path / "data")]) == common.EXIT_ERROR
     err = capsys.readouterr().err
     assert "TRAINCTL_PRICES['cpu.small']: a price per node-hour must be a number >= 0, got 'cheap'" in err
     assert not (tmp_path / "data").exists()  # nothing started, nothing written

@@ -46,7 +46,7 @@ def test_the_contract_modules_import_only_pydantic_and_the_standard_library() ->
 @pytest.mark.slow
 def test_loading_the_app_and_cli_loads_no_torch_or_ray() -> None:
     code = (
-        "import sys, service.app, service.cli; from service.settings import load_settings; "
+        "import sys, service.app, service.client.cli.main; from service.settings import load_settings; "
         "service.app.create_app(load_settings(data_dir='/tmp/unused-trainctl')); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'torchvision')); "
         "assert not bad, bad"

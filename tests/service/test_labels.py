@@ -190,17 +190,20 @@ def test_resubmit_applies_overrides_and_records_the_parent(api: Api) -> None:
 
 @pytest.fixture
 def cli_on(api: Api, monkeypatch: pytest.MonkeyPatch):
-    from service import cli, client
+    from service.client import http
+    from service.client.cli import common, main
 
     monkeypatch.setattr(
-        cli,
-        "_client",
-        lambda args, timeout=30: client.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        common,
+        "client",
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
 
     def run(*argv: str) -> int:
         with pytest.raises(SystemExit) as exc:
-            cli.main(list(argv))
+            main.main(list(argv))
         return int(exc.value.code)
 
     return run
@@ -222,12 +225,12 @@ def test_cli_submit_list_filters_and_resubmit(api: Api, cli_on, capsys) -> None:
     assert cli_on("status", child["id"]) == 0
     out = capsys.readouterr().out
     assert f"parent    {first}" in out and "project cifar" in out
-    assert cli_on("submit", "--preset", "debug", "--tag", "x" * 65) == 5
+    assert cli_on("submit", "--preset", "debug", "--tag", "x" * 65) == 8  # invalid request
     assert "tags.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # a --since that is neither a duration nor a date: usage error
-        from service import cli
+        from service.client.cli import main
 
-        cli.main(["list", "--since", "yesterday"])
+        main.main(["list", "--since", "yesterday"])
     assert exc.value.code == 2
 
 

@@ -143,7 +143,7 @@ def test_models_match_migrations(database_url: str) -> None:
 
 
 def test_trainctl_db_upgrade_command(tmp_path, database_url: str) -> None:
-    cmd = [sys.executable, "-m", "service.cli", "db", "upgrade", "--data-dir", str(tmp_path / "d")]
+    cmd = [sys.executable, "-m", "service.client.cli", "db", "upgrade", "--data-dir", str(tmp_path / "d")]
     env_url = {"TRAINCTL_DATABASE_URL": database_url}
     import os
 

@@ -109,7 +109,11 @@ def test_reindex_command(make_api, request, database_url, tmp_path) -> None:
     new_url = _another_database(request, database_url, tmp_path)
     env = {**os.environ, "TRAINCTL_DATABASE_URL": new_url, "TRAINCTL_DATA_DIR": str(api.settings.data_dir)}
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "reindex", "--json"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.client.cli", "reindex", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["restored"] == [job_id]
@@ -121,11 +125,11 @@ def test_reindex_command(make_api, request, database_url, tmp_path) -> None:
     planted.mkdir()
     (planted / "spec.json").write_text((api.job_dir(job_id) / "spec.json").read_text())
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "reindex"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.client.cli", "reindex"], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "skipped 1" in out.stdout and "skipped  planted: no record.json" in out.stdout
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "reindex", "--unsigned-owner", "admin"],
+        [sys.executable, "-m", "service.client.cli", "reindex", "--unsigned-owner", "admin"],
         env=env,
         capture_output=True,
         text=True,

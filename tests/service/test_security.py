@@ -510,7 +510,7 @@ def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
 def test_token_expiry_durations() -> None:
     import argparse
 
-    from service.cli import parse_duration
+    from service.client.cli.common import parse_duration
 
     assert [parse_duration(x) for x in ("90", "90s", "30m", "12h", "7d", "2w")] == [
         90,

@@ -310,22 +310,25 @@ def test_checkpoint_download_by_epoch(api: Api) -> None:
 def test_cli_plot_saves_the_pngs(api: Api, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """`trainctl plot` against the real app (its TestClient transport): curves and lr now, confusion once
     the run wrote it."""
-    from service import cli, client
+    from service.client import http
+    from service.client.cli import common, main, models
 
     job_id = running_job(api)
     write_metrics(api, job_id, range(1, 3))
     monkeypatch.setattr(
-        cli,
-        "_client",
-        lambda args, timeout=30: client.TrainctlClient("http://testserver", api.token, transport=api.client._transport),
+        common,
+        "client",
+        lambda args, timeout=30, retry=True: http.TrainctlClient(
+            "http://testserver", api.token, transport=api.client._transport
+        ),
     )
     out = tmp_path / "plots"
-    assert cli.cmd_plot(cli.build_parser().parse_args(["plot", job_id, "-o", str(out)])) == 0
+    assert models.cmd_plot(main.build_parser().parse_args(["plot", job_id, "-o", str(out)])) == 0
     assert sorted(p.name for p in out.iterdir()) == [f"{job_id}-curves.png", f"{job_id}-lr.png"]
     assert "skipped confusion" in capsys.readouterr().err
     assert Image.open(out / f"{job_id}-curves.png").size == (1100, 420)
-    with pytest.raises(cli.CliError, match="unknown plot"):
-        cli.cmd_plot(cli.build_parser().parse_args(["plot", job_id, "-o", str(out), "--only", "nope"]))
+    with pytest.raises(common.CliError, match="unknown plot"):
+        models.cmd_plot(main.build_parser().parse_args(["plot", job_id, "-o", str(out), "--only", "nope"]))
 
 
 def test_search_page_lists_the_searched_parameters(api: Api) -> None:

@@ -110,12 +110,12 @@ def test_trainctl_export_builds_a_missing_export_from_the_best_checkpoint(
 ) -> None:
     """A debug-preset job exports nothing (`exports: []`); `trainctl export` with the trainer installed here
     downloads its best checkpoint (verified) and exports it in a `python -m trainer export` child."""
-    from service import cli
+    from service.client.cli import common, main, models
     from tests.service.test_cli import _export_service
 
-    monkeypatch.setattr(cli, "_client", _export_service([], checkpoint=Path(checkpoint).read_bytes()))
+    monkeypatch.setattr(common, "client", _export_service([], checkpoint=Path(checkpoint).read_bytes()))
     out = tmp_path / "job1-model.pt2"
-    assert cli.cmd_export(cli.build_parser().parse_args(["export", "job1", "-o", str(out), "--json"])) == 0
+    assert models.cmd_export(main.build_parser().parse_args(["export", "job1", "-o", str(out), "--json"])) == 0
     printed = capsys.readouterr()
     assert "has no pt2 export" in printed.err and '"source": "here"' in printed.out
     assert ckpt.sha256_file(str(out)) in printed.out

@@ -1,168 +1,66 @@
-"""A small HTTP client for the trainctl API: where to connect, how to authenticate, what an error says.
-
-The CLI is one user of it; scripts and notebooks can use it too:
+"""The HTTP client of the trainctl API: one endpoint and token, every route as a method, and errors a person can
+read (ClientError, with the HTTP status). Where to connect and with which token: service/client/config.py.
 
     from service.client import TrainctlClient, resolve_token, resolve_url
     api = TrainctlClient(resolve_url(), resolve_token())
     job = api.submit({"preset": "debug", "overrides": {"data.train": "/data/train.parquet"}})
     print(api.job(job["id"])["state"])
-
-Where to connect: the `url` argument, else TRAINCTL_URL, else the URL a running `trainctl serve` recorded in
-<data dir>/serve.json, else ~/.config/trainctl/config.json {"url", "token"},
-else http://127.0.0.1:8000. The token: the `token` argument, else TRAINCTL_TOKEN, else <data dir>/admin-token
-(data dir from the argument / TRAINCTL_DATA_DIR, default ./data), else the config file.
-
-The data dir defaults to ./data of the current directory, which anyone may have written (a cloned repository,
-a shared folder): its serve.json and admin-token are used only when they are the user's own (owned by this
-user, in a folder of this user's, neither writable by others) and serve.json names a loopback URL — so a
-planted ./data/serve.json can never send the user's token to another host. `url_source`/`token_source`
-say where each came from (and what was ignored); the CLI prints them with --verbose and on errors.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-CONFIG_PATH = Path("~/.config/trainctl/config.json").expanduser()
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
 # Answers a restarting or overloaded service gives; worth waiting out (a 500 is a bug, never retried).
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
+# Answers that say the request was refused before anything was done (429: a limit; 503: the service cannot
+# take it now): retried for any method. 502/504 come from a proxy that may have passed the request on, and
+# the service may have acted on it: retried only for requests that are safe to repeat.
+REFUSED_STATUSES = frozenset({429, 503})
+AMBIGUOUS_STATUSES = frozenset({502, 504})
 
 
 class ClientError(Exception):
     """Something the user should read: an API error with its fields, or an unreachable service.
 
     `status` is the HTTP status (None when there was no answer); `transient` is True for a refused connection,
-    a time-out or a 502/503/504: the service may be back in a moment (a restart, say)."""
+    a time-out or a 502/503/504: the service may be back in a moment (a restart, say). `code` is the API's
+    error code (or the CLI's own: `usage`, `unreachable`, ...), `reason` its message and `fields` its field
+    errors ([{"field", "message"}], empty when it named none). `exit_code` overrides the CLI's exit code."""
 
-    def __init__(self, message: str, status: int | None = None, *, transient: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        *,
+        transient: bool = False,
+        code: str | None = None,
+        reason: str | None = None,
+        fields: list[dict[str, str]] | None = None,
+        unreachable: bool = False,
+        exit_code: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.transient = transient
-
-
-def load_config(path: Path | None = None) -> dict[str, Any]:
-    try:
-        data = json.loads((path or CONFIG_PATH).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def resolve_url(url: str | None = None, data_dir: str | None = None) -> str:
-    return url_source(url, data_dir)[0]
-
-
-def url_source(url: str | None = None, data_dir: str | None = None) -> tuple[str, str]:
-    """(the URL to use, where it came from — with any serve.json that was ignored, and why)."""
-    if url:
-        return url.rstrip("/"), "the url argument (--url)"
-    if os.environ.get("TRAINCTL_URL"):
-        return os.environ["TRAINCTL_URL"].rstrip("/"), "TRAINCTL_URL"
-    record = _data_dir(data_dir) / "serve.json"
-    served, why_not = _served_url(record)
-    if served:
-        return served.rstrip("/"), str(record)
-    ignored = f" (ignored {record}: {why_not})" if why_not else ""
-    configured = load_config().get("url")
-    if isinstance(configured, str) and configured:
-        return configured.rstrip("/"), f"{CONFIG_PATH}{ignored}"
-    return DEFAULT_URL, f"the default{ignored}"
-
-
-def configured_url(url: str | None = None, data_dir: str | None = None) -> str | None:
-    """The service URL when one is configured (a flag, TRAINCTL_URL, a running `serve`'s serve.json, or the
-    config file); None when only the default would be tried."""
-    found = url or os.environ.get("TRAINCTL_URL") or served_url(data_dir) or load_config().get("url")
-    return found.rstrip("/") if isinstance(found, str) and found else None
-
-
-def served_url(data_dir: str | None = None) -> str | None:
-    """The URL `trainctl serve` recorded in its data dir (<data dir>/serve.json) while it runs, so a
-    `serve --port N` is found by the CLI run with the same data dir; None unless the record is trusted."""
-    return _served_url(_data_dir(data_dir) / "serve.json")[0]
-
-
-def _data_dir(data_dir: str | None) -> Path:
-    return Path(data_dir or os.environ.get("TRAINCTL_DATA_DIR") or "data").expanduser()
-
-
-def untrusted_file(path: Path) -> str | None:
-    """Why `path` is not the user's own file (None when it is): it and its folder must belong to this user
-    and be writable by nobody else. An existing-file check, not a permission system: enough that a file
-    someone else planted where the CLI looks is ignored."""
-    try:
-        st, folder = path.stat(), path.parent.stat()
-    except OSError:
-        return "missing"
-    uid = os.getuid()
-    if st.st_uid != uid or folder.st_uid != uid:
-        return f"owned by uid {st.st_uid if st.st_uid != uid else folder.st_uid}, not by you (uid {uid})"
-    if st.st_mode & 0o022 or folder.st_mode & 0o022:
-        return "writable by other users"
-    return None
-
-
-def _served_url(record: Path) -> tuple[str | None, str | None]:
-    """(url, None) for a trusted serve.json; (None, why it was ignored) for an untrusted one; (None, None)
-    when there is none."""
-    if not record.exists():
-        return None, None
-    why_not = untrusted_file(record)
-    if why_not:
-        return None, why_not
-    try:
-        url = json.loads(record.read_text()).get("url")
-    except (OSError, ValueError, AttributeError):
-        return None, "not a serve record"
-    if not isinstance(url, str) or not url.startswith("http"):
-        return None, "not a serve record"
-    if not _is_loopback_url(url):
-        return None, f"it names {url}, not a loopback address (pass --url or set TRAINCTL_URL for that)"
-    return url, None
-
-
-def _is_loopback_url(url: str) -> bool:
-    try:
-        host = httpx.URL(url).host
-    except (httpx.InvalidURL, ValueError):
-        return False
-    return host in ("127.0.0.1", "::1", "localhost")
-
-
-def resolve_token(token: str | None = None, data_dir: str | None = None) -> str | None:
-    return token_source(token, data_dir)[0]
-
-
-def token_source(token: str | None = None, data_dir: str | None = None) -> tuple[str | None, str]:
-    """(the token to send or None, where it came from — never the token itself)."""
-    if token:
-        return token, "the token argument (--token)"
-    if os.environ.get("TRAINCTL_TOKEN"):
-        return os.environ["TRAINCTL_TOKEN"], "TRAINCTL_TOKEN"
-    path = _data_dir(data_dir) / "admin-token"
-    why_not = untrusted_file(path)
-    if why_not is None:
-        try:
-            return path.read_text().strip(), str(path)
-        except OSError:
-            why_not = "unreadable"
-    ignored = f" (ignored {path}: {why_not})" if why_not != "missing" else ""
-    configured = load_config().get("token")
-    if isinstance(configured, str) and configured:
-        return configured, f"{CONFIG_PATH}{ignored}"
-    return None, f"none{ignored}"
+        self.code = code or ("unreachable" if unreachable else "error")
+        self.reason = reason or message
+        self.fields = fields or []
+        self.unreachable = unreachable
+        self.exit_code = exit_code
 
 
 def error_text(resp: httpx.Response) -> str:
@@ -180,25 +78,92 @@ def error_text(resp: httpx.Response) -> str:
     except (ValueError, KeyError, TypeError):
         lines = [f"HTTP {resp.status_code}: {resp.text[:500]}"]
     if resp.status_code == 401:
-        lines.append("  (set TRAINCTL_TOKEN, or run where <data dir>/admin-token is readable)")
+        lines.append(
+            "  (log in with `trainctl login URL --token ...`, set TRAINCTL_TOKEN, or run where "
+            "<data dir>/admin-token is readable)"
+        )
     return "\n".join(lines)
+
+
+def _error_parts(resp: httpx.Response) -> tuple[str, str, list[dict[str, str]]]:
+    """(code, message, field errors) of an API error answer; for one that is not the API's JSON (a proxy's
+    page), `http_<status>` and the start of its text."""
+    try:
+        err = resp.json()["error"]
+        details = err.get("details")
+        fields = [
+            {"field": str(d.get("field")), "message": str(d.get("message"))}
+            for d in (details if isinstance(details, list) else [])
+            if isinstance(d, dict)
+        ]
+        return str(err["code"]), str(err["message"]), fields
+    except (ValueError, KeyError, TypeError):
+        return f"http_{resp.status_code}", resp.text[:500] or resp.reason_phrase, []
+
+
+def _error(resp: httpx.Response) -> ClientError:
+    code, reason, fields = _error_parts(resp)
+    return ClientError(
+        error_text(resp),
+        resp.status_code,
+        transient=resp.status_code in TRANSIENT_STATUSES,
+        code=code,
+        reason=reason,
+        fields=fields,
+    )
 
 
 def raise_for_error(resp: httpx.Response) -> httpx.Response:
     if not resp.is_success:
-        raise ClientError(error_text(resp), resp.status_code, transient=resp.status_code in TRANSIENT_STATUSES)
+        raise _error(resp)
     return resp
 
 
+@dataclass(frozen=True)
+class Retry:
+    """Retrying a one-shot request: a connection that could not be made, and a 429/503 (refused before anything
+    was done), for any request; a 502/504 or a connection that broke after the request was sent, only for a
+    request that is safe to repeat (`safe`: GETs, and POSTs the service treats as idempotent, such as a
+    submission with an Idempotency-Key). Waits double from `first_delay_s` up to `max_delay_s`, at least what
+    a Retry-After asks for, and stop once the next wait would end past `total_s` from the first try."""
+
+    total_s: float = 10.0
+    first_delay_s: float = 0.5
+    max_delay_s: float = 4.0
+    on_retry: Callable[[ClientError, float], None] | None = None  # told each error and the wait before a retry
+
+
+def retry_after_s(resp: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 class TrainctlClient:
-    """One API endpoint and token. Every call raises ClientError with a readable text on failure."""
+    """One API endpoint and token. Every call raises ClientError with a readable text on failure; with
+    `retry`, transient failures are retried first (see Retry)."""
 
     def __init__(
-        self, url: str, token: str | None, *, timeout: float = 30, transport: httpx.BaseTransport | None = None
+        self,
+        url: str,
+        token: str | None,
+        *,
+        timeout: float = 30,
+        transport: httpx.BaseTransport | None = None,
+        retry: Retry | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self.retry = retry
         self._last_job: tuple[str, str, str] | None = None  # (job id, ETag, body) of the last `job` answer
 
     def __enter__(self) -> TrainctlClient:
@@ -214,35 +179,130 @@ class TrainctlClient:
         return ClientError(
             f"cannot reach trainctl at {self.url} ({exc}); is `trainctl serve` running? (set TRAINCTL_URL)",
             transient=True,
+            unreachable=True,
         )
 
-    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            return raise_for_error(self.http.request(method, path, **kw))
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
+    def send(self, request: httpx.Request, *, safe: bool, stream: bool = False) -> httpx.Response:
+        """Send `request`, retried as `self.retry` allows (`safe`: it may be repeated even after the service
+        may have acted on it); the answer, whatever its status. Raises ClientError when the service cannot be
+        reached, or when the last answer is one to retry."""
+        retry = self.retry
+        deadline = time.monotonic() + (retry.total_s if retry else 0.0)
+        delay = retry.first_delay_s if retry else 0.0
+        while True:
+            wait: float | None = delay
+            try:
+                resp = self.http.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent
+                error = self._unreachable(exc)
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:  # sent; maybe acted on
+                error = self._unreachable(exc)
+                if not safe:
+                    raise error from exc
+            except httpx.TransportError as exc:  # a time-out after waiting the whole `timeout`: not again
+                raise self._unreachable(exc) from exc
+            else:
+                status = resp.status_code
+                if status not in REFUSED_STATUSES and not (safe and status in AMBIGUOUS_STATUSES):
+                    return resp
+                resp.read()
+                resp.close()
+                if status in AMBIGUOUS_STATUSES and not _error_parts(resp)[0].startswith("http_"):
+                    return resp  # the service's own 502 (a corrupt checkpoint): an answer, not a proxy's
+                error = _error(resp)
+                asked = retry_after_s(resp)
+                if asked is not None and asked > deadline - time.monotonic():
+                    wait = None  # it asks for longer than is left to wait: say so now
+                else:
+                    wait = max(delay, asked or 0.0)
+            if retry is None or wait is None or time.monotonic() + wait > deadline:
+                raise error
+            if retry.on_retry is not None:
+                retry.on_retry(error, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, retry.max_delay_s)
+
+    def request(self, method: str, path: str, *, safe: bool | None = None, **kw: Any) -> httpx.Response:
+        """A request; `safe` (default: True for GET/HEAD) says whether it may be repeated after the service may
+        have acted on it (see Retry)."""
+        request = self.http.build_request(method, path, **kw)
+        return raise_for_error(self.send(request, safe=method in ("GET", "HEAD") if safe is None else safe))
 
     @contextmanager
     def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
         """A streamed response that is already known to be a success."""
+        request = self.http.build_request(method, path, **kw)
+        resp = self.send(request, safe=method in ("GET", "HEAD"), stream=True)
         try:
-            with self.http.stream(method, path, **kw) as resp:
-                if not resp.is_success:
-                    resp.read()
-                    raise_for_error(resp)
-                yield resp
+            if not resp.is_success:
+                resp.read()
+                raise_for_error(resp)
+            yield resp
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
+        finally:
+            resp.close()
+
+    def events(self, job_id: str, read_timeout_s: float = 45.0) -> Iterator[tuple[str, Any]]:
+        """GET /v1/jobs/{id}/events: each (event, data) as the service sends it, until the stream closes. The
+        service sends a comment every 15 s, so `read_timeout_s` of silence means the connection is gone.
+        Raises ClientError as `request` does, and (not transient) when the answer is not an event stream."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=read_timeout_s)
+        request = self.http.build_request(
+            "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}, timeout=timeout
+        )
+        resp = self.send(request, safe=True, stream=True)
+        try:
+            if not resp.is_success:
+                resp.read()
+                raise_for_error(resp)
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                raise ClientError(
+                    f"{request.url.path} is not an event stream here", resp.status_code, code="no_event_stream"
+                )
+            event, data, delivered = "message", [], False
+            for line in resp.iter_lines():
+                if line.startswith(":"):  # a keep-alive comment
+                    continue
+                if line:
+                    field, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "event":
+                        event = value
+                    elif field == "data":
+                        data.append(value)
+                    continue
+                if data:  # a blank line ends an event
+                    try:
+                        delivered = True
+                        yield event, json.loads("\n".join(data))
+                    except ValueError:
+                        raise ClientError(
+                            "the event stream sent something that is not JSON", code="bad_event"
+                        ) from None
+                event, data = "message", []
+        except httpx.ReadTimeout as exc:
+            if not delivered:  # the service sends the job at once: something between buffers the stream
+                raise ClientError("the event stream sent nothing (a buffering proxy?)", code="stream_silent") from exc
+            raise self._unreachable(exc) from exc
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            resp.close()
 
     # --- the routes ---------------------------------------------------------------------------------------------
 
     def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/v1/jobs", json=body, headers=headers).json()  # type: ignore[no-any-return]
+        """POST /v1/jobs, always with an Idempotency-Key (a new random one unless given): so it is safe to
+        repeat, and a retry after an answer that may hide a created job (a proxy's 502, a connection that
+        broke after sending) returns that job instead of submitting a second one."""
+        headers = {"Idempotency-Key": idempotency_key or f"trainctl-{uuid.uuid4()}"}
+        resp = self.request("POST", "/v1/jobs", json=body, headers=headers, safe=True)
+        return resp.json()  # type: ignore[no-any-return]
 
     def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST /v1/estimates: the time and cost estimate of a submission's body (nothing is created)."""
-        return self.request("POST", "/v1/estimates", json=body).json()  # type: ignore[no-any-return]
+        return self.request("POST", "/v1/estimates", json=body, safe=True).json()  # type: ignore[no-any-return]
 
     def jobs(
         self,
@@ -281,10 +341,7 @@ class TrainctlClient:
         unchanged the service answers an empty 304 and this returns the answer it already has."""
         last = self._last_job if self._last_job and self._last_job[0] == job_id else None
         headers = {"If-None-Match": last[1]} if last else {}
-        try:
-            resp = self.http.get(f"/v1/jobs/{job_id}", headers=headers)
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
+        resp = self.send(self.http.build_request("GET", f"/v1/jobs/{job_id}", headers=headers), safe=True)
         if resp.status_code == 304 and last:
             return json.loads(last[2])  # type: ignore[no-any-return]
         raise_for_error(resp)
@@ -293,7 +350,8 @@ class TrainctlClient:
         return resp.json()  # type: ignore[no-any-return]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()  # type: ignore[no-any-return]
+        # idempotent on the service: cancelling a cancelled job answers the job again
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel", safe=True).json()  # type: ignore[no-any-return]
 
     def delete(self, job_id: str) -> None:
         self.request("DELETE", f"/v1/jobs/{job_id}")
