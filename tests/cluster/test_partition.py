@@ -144,6 +144,7 @@ def test_partition_of_a_rank_host_resumes_within_the_bound_and_fences_the_old_at
         assert progress_after is not None and progress_after <= RECOVERY_BOUND_S, (
             f"no epoch from a new attempt within {RECOVERY_BOUND_S} s of the cut",
             attempts,
+            onprem.provider_state(),
             onprem.ray_processes(),
             _job_log(c, job_id)[-4000:],
         )
