@@ -40,6 +40,7 @@ ARTIFACTS_DIR = "artifacts"  # exported models (trainer/export.py) and their ind
 ARTIFACTS = "artifacts/artifacts.json"  # ArtifactIndex
 CONFUSION = "confusion.json"  # Confusion: the best checkpoint's confusion matrix, written when a run ends
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (scalars per epoch, the confusion matrix at the end)
+ATTEMPTS = "attempts.json"  # Attempts: the fence (trainer/fence.py); every worker-group start of a run appends one
 
 # Each export format (trainer/spec.py ExportFormat) → its file under ARTIFACTS_DIR (trainer/export.py writes
 # it, `trainctl export` downloads it).
@@ -181,6 +182,11 @@ class EpochMetrics(Record):
     workers: int | None = Field(default=None, description="DDP ranks that trained this epoch")
     global_batch: int | None = Field(default=None, description="images per optimizer step over all ranks")
     global_step: int | None = Field(default=None, description="optimizer steps since the run began, this epoch's last")
+    attempt: int | None = Field(
+        default=None,
+        description="the worker-group attempt that wrote this line (attempts.json); null in files written before "
+        "attempts were recorded",
+    )
 
     def scalars(self) -> dict[str, float]:
         """The numeric fields (what a checkpoint keeps of its epoch's metrics)."""
@@ -221,6 +227,39 @@ class Manifest(Record):
 
     def latest(self) -> CheckpointEntry | None:
         return max(self.checkpoints, key=lambda e: e.epoch, default=None)
+
+
+class AttemptRecord(Record):
+    """One start of a run's worker group: its number and the epoch it (re)started at."""
+
+    attempt: int = Field(ge=1)
+    start_epoch: int = Field(ge=1)
+    started: float = Field(default=0.0, description="unix time")
+    host: str = Field(default="", description="rank 0's host address")
+
+
+class Attempts(Record):
+    """attempts.json, the run's fence (trainer/fence.py): every start of its worker group, oldest first. Only
+    the last one may write; an epoch's metrics count only from the attempt that owns that epoch."""
+
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+
+    @property
+    def current(self) -> AttemptRecord | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def owner_of(self, epoch: int) -> int | None:
+        """The attempt whose result for `epoch` counts: the newest that started at or before it (a later
+        attempt that restarted from an earlier epoch overrides what older ones wrote for it)."""
+        owners = [a.attempt for a in self.attempts if a.start_epoch <= epoch]
+        return max(owners) if owners else None
+
+    def counts(self, row: EpochMetrics) -> bool:
+        """Whether a metrics line is the owning attempt's (lines from before attempts were recorded count
+        while no attempt owns their epoch). With no attempt recorded at all, every line counts."""
+        if not self.attempts:
+            return True
+        return row.attempt == self.owner_of(row.epoch)
 
 
 class Artifact(Record):
@@ -422,13 +461,19 @@ def parse_metrics_row(data: Any) -> EpochMetrics | None:
         return None
 
 
-def parse_metrics(text: str | None) -> list[EpochMetrics]:
+def parse_attempts(text: str | None) -> Attempts:
+    """attempts.json's text → Attempts (empty when missing or unreadable)."""
+    return _parse(Attempts, text) or Attempts()
+
+
+def parse_metrics(text: str | None, attempts: Attempts | None = None) -> list[EpochMetrics]:
     """metrics.jsonl's text → every epoch once, ascending. A torn or invalid line is skipped; a repeated
-    epoch keeps its last line."""
+    epoch keeps its last line. With the run's `attempts`, a line that its epoch's owning attempt did not
+    write (a fenced-off writer's that slipped through) is ignored."""
     by_epoch: dict[int, EpochMetrics] = {}
     for line in (text or "").splitlines():
         row = parse_metrics_row(_json(line)) if line.strip() else None
-        if row is not None:
+        if row is not None and (attempts is None or attempts.counts(row)):
             by_epoch[row.epoch] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
 

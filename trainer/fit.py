@@ -8,6 +8,7 @@ this module stays cheap; its types are named for the type checker only.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import objstore
@@ -72,9 +73,32 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserC
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(), "placement": where.to_dict()},
         scaling_config=scaling_config(spec, where),
-        torch_config=TorchConfig(backend=process_group_backend(where.use_gpu)),  # Ray's own rule, made explicit
+        # backend: Ray's own rule, made explicit. timeout_s: a rank whose peer is cut off by a network
+        # partition waits in its all-reduce; this bounds that wait (torch's default is 30 minutes), so the
+        # collective raises and Ray Train restarts the group even if node-death detection is slow.
+        torch_config=TorchConfig(backend=process_group_backend(where.use_gpu), timeout_s=collective_timeout_s()),
         run_config=run_config(spec, run_root, name, callbacks),
     )
+
+
+# Seconds a DDP collective (all-reduce, broadcast) may wait for every rank before it raises. Long enough for
+# rank 0's own work between collectives (timing numerics candidates, a checkpoint save), short enough that a
+# partitioned peer stalls the others for minutes, not half an hour. cluster/onprem.yaml sets it per cluster.
+COLLECTIVE_TIMEOUT_ENV = "TRAINCTL_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300
+
+
+def collective_timeout_s() -> int:
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 10:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: must be a whole number of seconds, at least 10")
+    return value
 
 
 def scaling_config(spec: JobSpec, where: Placement) -> ScalingConfig:

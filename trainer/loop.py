@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer import step
+from trainer import contract, fence, step
 from trainer.contract import CheckpointEntry, EpochMetrics
 from trainer.data import Dataset, DeviceData, load, load_splits, test_source
 from trainer.device_settings import ddp_options
@@ -82,7 +82,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("devices: %s; numerics: %s", ", ".join(devices), numerics.describe())
 
     start_epoch = step.restore(trainee, step.newest_state(_ray_state(ray.train.get_checkpoint()), paths.manifest_dir))
-    history = step.read_history(paths.metrics, before_epoch=start_epoch) if rank == 0 else []
+    # This worker group's attempt (trainer/fence.py): rank 0, the only writer, records it before its first
+    # write and checks it before every later one, so an older group cut off by a partition writes nothing.
+    attempt = fence.claim(paths.manifest_dir, start_epoch) if rank == 0 else 0
+    history = []
+    if rank == 0:
+        history = step.read_history(paths.metrics, start_epoch, attempts=fence.read(paths.manifest_dir))
     # a worker group never moves: where each rank runs holds until it ends (an elastic resize, docs/scaling.md,
     # restarts this function with the new world size from the latest checkpoint: the global batch, the steps
     # per epoch and so the schedule's position are the same at every world size that divides the batch)
@@ -93,12 +98,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, spec.optim.epochs + 1):
         metrics = step.run_epoch(trainee, spec, splits, ctx, epoch=epoch, start_epoch=start_epoch)
         if rank == 0:
+            metrics.attempt = attempt
             history.append(metrics)
-            step.write_history(paths.metrics, history)
+            fence.write_metrics(paths.manifest_dir, paths.metrics, attempt, history)
             assert events is not None
             events.epoch(metrics)
         if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.optim.epochs:
-            _report_with_checkpoint(spec, paths, rank, epoch, metrics, trainee)
+            _report_with_checkpoint(spec, paths, rank, epoch, metrics, trainee, attempt)
         else:
             ray.train.report(metrics.model_dump())
     if events is not None:
@@ -106,12 +112,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _report_with_checkpoint(
-    spec: JobSpec, paths: RunPaths, rank: int, epoch: int, metrics: EpochMetrics, trainee: step.Trainee
+    spec: JobSpec,
+    paths: RunPaths,
+    rank: int,
+    epoch: int,
+    metrics: EpochMetrics,
+    trainee: step.Trainee,
+    attempt: int,
 ) -> None:
     dir_name = f"epoch_{epoch:04d}"
     if rank != 0:
         ray.train.report(metrics.model_dump(), checkpoint_dir_name=dir_name)
         return
+    # A replaced attempt's upload would overwrite the new attempt's folder of the same epoch.
+    fence.check(paths.manifest_dir, attempt, f"checkpoint {dir_name}")
     with tempfile.TemporaryDirectory() as tmp:
         sha256, size = ckpt.save(step.checkpoint_state(trainee, spec, epoch, metrics), tmp)
         # SYNC upload: when report returns, the checkpoint is fully in storage.
@@ -125,6 +139,7 @@ def _report_with_checkpoint(
         size=size,
         uri=objstore.join(paths.run_dir, dir_name, ckpt.FILENAME),
     )
+    fence.check(paths.manifest_dir, attempt, f"{contract.MANIFEST} (epoch {epoch})")
     ckpt.record(paths.manifest_dir, entry, spec.checkpoint.keep_best)
 
 

@@ -18,7 +18,7 @@ import traceback
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer import contract
+from trainer import contract, fence
 from trainer.contract import CheckpointEntry, ErrorKind, ExitCode, RunState, SearchOutcome, Summary
 from trainer.data import DataError
 from trainer.placement import PlacementError
@@ -181,7 +181,10 @@ def summarize(
         manifest = ckpt.read_manifest(job_dir)
         summary.epochs_completed = manifest.latest_epoch or 0
         metrics_uri = objstore.join(job_dir, contract.METRICS)
-        metrics = contract.parse_metrics(objstore.read_text(metrics_uri)) if objstore.exists(metrics_uri) else []
+        attempts = fence.read(job_dir)  # only each epoch's owning attempt counts (trainer/fence.py)
+        metrics = (
+            contract.parse_metrics(objstore.read_text(metrics_uri), attempts) if objstore.exists(metrics_uri) else []
+        )
         summary.epochs_completed = max([summary.epochs_completed, *(m.epoch for m in metrics)])
         by_epoch = {m.epoch: m for m in metrics}
         final = by_epoch.get(spec.optim.epochs)

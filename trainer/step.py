@@ -326,12 +326,14 @@ def run_epoch(
     )
 
 
-def read_history(metrics_uri: str, before_epoch: int) -> list[EpochMetrics]:
+def read_history(metrics_uri: str, before_epoch: int, attempts: contract.Attempts | None = None) -> list[EpochMetrics]:
     """The metrics of epochs before `before_epoch`: epochs after the checkpoint a run resumes from will
-    run again, so their stale lines are dropped."""
+    run again, so their stale lines are dropped, as are lines of attempts that did not own their epoch
+    (trainer/fence.py)."""
     if not objstore.exists(metrics_uri):
         return []
-    return [m for m in contract.parse_metrics(objstore.read_text(metrics_uri)) if m.epoch < before_epoch]
+    rows = contract.parse_metrics(objstore.read_text(metrics_uri), attempts)
+    return [m for m in rows if m.epoch < before_epoch]
 
 
 def write_history(metrics_uri: str, history: list[EpochMetrics]) -> None:

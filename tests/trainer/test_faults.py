@@ -82,6 +82,10 @@ def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, 
     assert len(resumed) == 1 and resumed[0]["epoch"] >= 2, metrics
     recovery = resumed[0]["time"] - resumed[0]["epoch_seconds"] - killed_at
     print(f"worker kill → first resumed epoch started after {recovery:.1f} s")
+    # The restarted group is attempt 2 (trainer/fence.py); each epoch's line is its owning attempt's.
+    attempts = json.loads((job_dir / "attempts.json").read_text())["attempts"]
+    assert [(a["attempt"], a["start_epoch"]) for a in attempts] == [(1, 1), (2, resumed[0]["epoch"])], attempts
+    assert [m["attempt"] for m in metrics] == [1 if m["epoch"] < resumed[0]["epoch"] else 2 for m in metrics]
     assert json.loads((job_dir / "summary.json").read_text())["state"] == "succeeded"
 
 
