@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 
+import objstore
 from service import limits, startup
 from service.api import compare, estimates, events, health, jobs, plots, prometheus, tokens
 from service.api.openapi import install_openapi, operation_id
@@ -45,6 +46,9 @@ class AppState:
     slow: limits.SlowPool
     plot_cache: limits.PlotCache
     streams: limits.StreamSlots
+    # Status polls run their reads on the event loop (service/api/deps.py run_poll): only when nothing they
+    # touch can wait on a network, i.e. SQLite and local storage.
+    polls_inline: bool = False
 
 
 def create_app(
@@ -72,7 +76,15 @@ def create_app(
         slow = limits.SlowPool(settings.slow_workers, settings.slow_queue)
         streams = limits.StreamSlots(settings.max_event_streams_per_owner, settings.max_event_streams)
         app.state.trainctl = AppState(
-            settings, store, runner, reconciler, sessions, slow=slow, plot_cache=limits.PlotCache(), streams=streams
+            settings,
+            store,
+            runner,
+            reconciler,
+            sessions,
+            slow=slow,
+            plot_cache=limits.PlotCache(),
+            streams=streams,
+            polls_inline=store.dialect == "sqlite" and not objstore.is_s3(settings.storage_root),
         )
         reconciler.start()
         try:
