@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 
-import objstore
 from service import limits, startup
 from service.api import compare, estimates, events, health, jobs, plots, prometheus, tokens
+from service.api.deps import polls_can_run_inline
 from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
@@ -84,7 +84,7 @@ def create_app(
             slow=slow,
             plot_cache=limits.PlotCache(),
             streams=streams,
-            polls_inline=store.dialect == "sqlite" and not objstore.is_s3(settings.storage_root),
+            polls_inline=polls_can_run_inline(store.dialect, settings.storage_root),
         )
         reconciler.start()
         try:

@@ -9,6 +9,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+import objstore
 from service import auth, limits
 from service.errors import ApiError, not_found
 from service.reconciler import Reconciler
@@ -70,6 +71,12 @@ SlowPoolDep = Annotated[limits.SlowPool, Depends(get_slow_pool)]
 PlotCacheDep = Annotated[limits.PlotCache, Depends(get_plot_cache)]
 StreamSlotsDep = Annotated[limits.StreamSlots, Depends(get_stream_slots)]
 AppStateDep = Annotated["AppState", Depends(get_app_state)]
+
+
+def polls_can_run_inline(dialect: str, storage_root: str) -> bool:
+    """Whether a status poll's reads may run on the event loop: only when none can wait on a network (a
+    PostgreSQL round trip, an S3 stat of metrics.jsonl) and block every other request meanwhile."""
+    return dialect == "sqlite" and not objstore.is_s3(storage_root)
 
 
 async def run_poll(state: AppState, poll: Callable[[], T]) -> T:

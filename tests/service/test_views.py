@@ -204,3 +204,79 @@ def test_store_snapshots_are_reused_only_for_an_unchanged_row(database_url: str,
     finally:
         one.close()
         other.close()
+
+
+def test_polls_run_inline_only_where_nothing_waits_on_a_network() -> None:
+    from service.api.deps import polls_can_run_inline
+
+    assert polls_can_run_inline("sqlite", "/srv/trainctl/storage")
+    assert not polls_can_run_inline("postgresql", "/srv/trainctl/storage")  # a round trip per read
+    assert not polls_can_run_inline("sqlite", "s3://bucket/trainctl")  # metrics.jsonl is stat'ed on S3
+    assert not polls_can_run_inline("sqlite", "S3://bucket/trainctl")
+
+
+def test_status_polls_answer_while_every_worker_thread_is_taken(api: Api, monkeypatch: Any) -> None:
+    """On SQLite + local storage both polls run on the event loop: with the threadpool's one token held by a
+    blocked `def` route they still answer (on PostgreSQL they take one hand-off each, so they wait for it),
+    and the revocation of a token is still seen by the next poll."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio.to_thread
+
+    from service import jobdir
+
+    state = api.client.app.state.trainctl
+    assert state.polls_inline == (state.store.dialect == "sqlite")
+    job_id = _running_job(api)
+    api.job_dir(job_id).joinpath("metrics.jsonl").write_text(metrics_line(1, 0.3))
+    token = api.client.post("/v1/tokens", headers=api.headers(), json={"name": "dave"}).json()["token"]
+    release, entered = threading.Event(), threading.Event()
+    real_read = jobdir.read_metrics
+
+    def blocked_read(job_dir: str) -> Any:
+        entered.set()
+        release.wait(20)
+        return real_read(job_dir)
+
+    monkeypatch.setattr(jobdir, "read_metrics", blocked_read)
+
+    def one_token() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+
+    api.client.portal.call(one_token)
+    with ThreadPoolExecutor(2) as threads:
+        try:
+            held = threads.submit(api.get, f"/v1/jobs/{job_id}/metrics")  # a `def` route: takes the one thread
+            assert entered.wait(10)
+            if state.polls_inline:
+                started = time.monotonic()
+                one = api.get(f"/v1/jobs/{job_id}")
+                assert one.status_code == 200 and one.json()["progress"]["epoch"] == 1
+                assert api.get("/v1/jobs").json()["total"] == 1
+                assert api.get(f"/v1/jobs/{job_id}", headers=api.headers(token)).status_code == 404  # not dave's
+                assert api.get("/v1/jobs", headers=api.headers(token)).json()["total"] == 0
+                assert time.monotonic() - started < 5
+            else:
+                poll = threads.submit(api.get, f"/v1/jobs/{job_id}")
+                time.sleep(0.3)
+                assert not poll.done()  # waits for the one worker thread
+        finally:
+            release.set()
+        assert held.result().status_code == 200
+    # no poll caches a token check: revoked, it is refused by the very next poll of either kind
+    assert api.client.delete("/v1/tokens/dave", headers=api.headers()).status_code == 204
+    assert api.get(f"/v1/jobs/{job_id}", headers=api.headers(token)).status_code == 401
+    assert api.get("/v1/jobs", headers=api.headers(token)).status_code == 401
+
+
+def test_a_list_page_is_rendered_again_when_one_of_its_jobs_changes(api: Api) -> None:
+    """The page cache is keyed by its items' ETags: a change of any job on the page is a new body at once."""
+    views.LISTS.clear()
+    ids = [api.post(DEBUG_JOB).json()["id"] for _ in range(2)]
+    first = api.get("/v1/jobs")
+    assert api.get("/v1/jobs").content == first.content and len(views.LISTS) == 1
+    assert api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=api.headers()).status_code == 200
+    after = api.get("/v1/jobs", headers={"If-None-Match": first.headers["etag"]})
+    assert after.status_code == 200 and [j["state"] for j in after.json()["jobs"]] == ["QUEUED", "CANCELLED"]
+    assert after.headers["etag"] != first.headers["etag"] and len(views.LISTS) == 2
