@@ -18,8 +18,10 @@ import functools
 import hashlib
 import json
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -42,7 +44,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, Engine, Result, Row, make_url
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.sql import Select
@@ -424,6 +426,7 @@ class Store:
         # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
         self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
         self._snapshots: Lru[Job] = Lru(SNAPSHOTS)
+        self._pinned = threading.local()  # .conn: this thread's connection inside `one_connection`
         # Called with the new snapshot after every committed transition (the runner mirrors the record into
         # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
         self.on_transition: Callable[[Job], None] | None = None
@@ -436,6 +439,25 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def one_connection(self) -> Iterator[None]:
+        """The status-path reads inside (get, list, token checks) share one pooled connection and one read
+        transaction: one checkout instead of one per read (on PostgreSQL each checkout is also a pre-ping
+        round trip, and each return a rollback). For this thread only; nests."""
+        if getattr(self._pinned, "conn", None) is not None:
+            yield
+            return
+        with self.engine.connect() as conn:
+            self._pinned.conn = conn
+            try:
+                yield
+            finally:
+                self._pinned.conn = None
+
+    def _reading(self) -> AbstractContextManager[Connection]:
+        conn: Connection | None = getattr(self._pinned, "conn", None)
+        return nullcontext(conn) if conn is not None else self.engine.connect()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -519,7 +541,7 @@ class Store:
     def get(self, job_id: str) -> Job | None:
         # Every poll reads its job: a prepared Core query through a pooled connection costs a fraction of an
         # ORM load, and an unchanged row's snapshot is not rebuilt (`_snapshot`).
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         return self._snapshot(row) if row is not None else None
 
@@ -554,7 +576,7 @@ class Store:
                 None if states is None else frozenset(st.value for st in states),
             )
             params = {"owner": owner, "owner_id": owner_id, "limit": limit, "offset": offset}
-            with self.engine.connect() as conn:
+            with self._reading() as conn:
                 total = conn.scalar(count, params) or 0
                 rows = conn.execute(page, params)
                 return [self._snapshot(row) for row in rows], total
@@ -761,7 +783,7 @@ class Store:
         """(name, is_admin) for a token hash that exists and has not expired, or None."""
         # Every request authenticates: one plain row through a pooled connection (a quarter of an ORM load),
         # and no cache, so a revoked token is refused at once by every replica.
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(_TOKEN_OWNER, {"token_hash": token_hash}).first()
         if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
             return None
@@ -771,7 +793,7 @@ class Store:
         """Who holds a token hash that exists and has not expired, or None. Read by every authenticated
         request, never cached (a revoked token is refused at once, on every replica): a prepared Core query on
         a pooled connection, a fraction of an ORM session's load."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             m = conn.execute(_TOKEN_IDENTITY, {"token_hash": token_hash}).first()
         if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
             return None

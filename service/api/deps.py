@@ -85,9 +85,14 @@ async def run_poll(state: AppState, poll: Callable[[], T]) -> T:
     in ONE threadpool hand-off. A plain-`def` route pays a hand-off per sync dependency and one for the
     handler; each is a pair of thread wake-ups that wait for the GIL and for a CPU, which on a busy machine
     set a poll's latency far more than its own work (bench/RESULTS.md, issue 22 item 6)."""
+
+    def reads() -> T:
+        with state.store.one_connection():  # its reads share one connection and one read transaction
+            return poll()
+
     if state.polls_inline:
-        return poll()
-    return await run_in_threadpool(poll)
+        return reads()
+    return await run_in_threadpool(reads)
 
 
 # Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False
