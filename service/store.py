@@ -549,10 +549,11 @@ class Store:
         """The Job for a jobs-table row, shared with earlier reads of the same row. Keyed on the whole row
         (its content, not its id), so a row another replica changed never maps to an old snapshot; shared
         snapshots are read-only, as Job (frozen) already says: never change their spec or attempt_log."""
-        job = self._snapshots.get(row)
+        key = tuple(row)  # a plain tuple: hashed and compared in C (a Row compares in Python)
+        job = self._snapshots.get(key)
         if job is None:
             job = Job.of(cast(JobModel, row))  # a row has the model's attribute names
-            self._snapshots.put(row, job)
+            self._snapshots.put(key, job)
         return job
 
     def list(
