@@ -2,6 +2,7 @@
 several GIL switch intervals, interleaved so that each is measured under the same machine load.
 
     .venv/bin/python bench/poll_latency.py [--requests 300] [--intervals-ms 5,0.5] [--rounds 2]
+                                           [--polls inline,threadpool]
 
 The real app (real SQLite, local storage, auth, middleware; a fake Ray) driven by raw ASGI calls on one event
 loop, as bench/profile_poll.py does: 1 job RUNNING with 200 epochs in its metrics.jsonl, 99 QUEUED; polls
@@ -58,9 +59,10 @@ async def run(args: argparse.Namespace) -> None:
         paths = [f"/v1/jobs/{ids[0]}", "/v1/jobs"]
         for i in range(50):  # warm-up
             assert (await driver.get(paths[i % 2], headers))[0] == 200
-        print(f"polls on the event loop: {state.polls_inline}", flush=True)
+        runs = [(m, float(x)) for m in args.polls.split(",") for x in args.intervals_ms.split(",")]
         for round_ in range(args.rounds):
-            for interval_ms in (float(x) for x in args.intervals_ms.split(",")):
+            for mode, interval_ms in runs:
+                state.polls_inline = mode == "inline"
                 sys.setswitchinterval(interval_ms / 1000)
                 stop = threading.Event()
                 thread = threading.Thread(target=busy, args=(stop,))
@@ -77,7 +79,8 @@ async def run(args: argparse.Namespace) -> None:
                     thread.join()
                 ms.sort()
                 print(
-                    f"round {round_ + 1}, switch interval {interval_ms:g} ms: p50 {statistics.median(ms):.2f} ms  "
+                    f"round {round_ + 1}, polls {mode:<10}, switch interval {interval_ms:g} ms: "
+                    f"p50 {statistics.median(ms):.2f} ms  "
                     f"p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:.2f} ms  max {ms[-1]:.2f} ms",
                     flush=True,
                 )
@@ -88,6 +91,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--intervals-ms", default="5,0.5")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--polls",
+        default="inline",
+        help="inline (on the event loop, as on SQLite), threadpool (one hand-off, as on PostgreSQL), or both",
+    )
     asyncio.run(run(p.parse_args()))
 
 
