@@ -426,7 +426,8 @@ class Store:
         # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
         self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
         self._snapshots: Lru[Job] = Lru(SNAPSHOTS)
-        self._pinned = threading.local()  # .conn: this thread's connection inside `one_connection`
+        self._pinned = threading.local()  # .conn: this thread's connection inside `one_connection`; .kept
+        self._kept: builtins.list[Connection] = []  # the connections `one_connection(kept=True)` opened
         # Called with the new snapshot after every committed transition (the runner mirrors the record into
         # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
         self.on_transition: Callable[[Job], None] | None = None
@@ -438,22 +439,39 @@ class Store:
         upgrade(self.engine)
 
     def close(self) -> None:
+        for conn in self._kept:
+            conn.close()
         self.engine.dispose()
 
     @contextmanager
-    def one_connection(self) -> Iterator[None]:
-        """The status-path reads inside (get, list, token checks) share one pooled connection and one read
+    def one_connection(self, kept: bool = False) -> Iterator[None]:
+        """The status-path reads inside (get, list, token checks) share one connection and one read
         transaction: one checkout instead of one per read (on PostgreSQL each checkout is also a pre-ping
-        round trip, and each return a rollback). For this thread only; nests."""
+        round trip, and each return a rollback). For this thread only; nests. `kept`: this thread's own
+        connection, opened once and kept outside the pool — for the event loop, whose inline polls must never
+        wait for a pooled connection held by worker threads."""
         if getattr(self._pinned, "conn", None) is not None:
             yield
             return
-        with self.engine.connect() as conn:
-            self._pinned.conn = conn
-            try:
-                yield
-            finally:
-                self._pinned.conn = None
+        if not kept:
+            with self.engine.connect() as conn:
+                self._pinned.conn = conn
+                try:
+                    yield
+                finally:
+                    self._pinned.conn = None
+            return
+        kept_conn: Connection | None = getattr(self._pinned, "kept", None)
+        if kept_conn is None or kept_conn.closed or kept_conn.invalidated:
+            kept_conn = self._pinned.kept = self.engine.connect()
+            self._kept.append(kept_conn)
+        conn = kept_conn
+        self._pinned.conn = conn
+        try:
+            yield
+        finally:
+            self._pinned.conn = None
+            conn.rollback()  # ends the read transaction: the next poll sees what was committed meanwhile
 
     def _reading(self) -> AbstractContextManager[Connection]:
         conn: Connection | None = getattr(self._pinned, "conn", None)

@@ -86,12 +86,14 @@ async def run_poll(state: AppState, poll: Callable[[], T]) -> T:
     handler; each is a pair of thread wake-ups that wait for the GIL and for a CPU, which on a busy machine
     set a poll's latency far more than its own work (bench/RESULTS.md, issue 22 item 6)."""
 
-    def reads() -> T:
-        with state.store.one_connection():  # its reads share one connection and one read transaction
+    if state.polls_inline:
+        with state.store.one_connection(kept=True):  # the loop's own: never waits for the pool
             return poll()
 
-    if state.polls_inline:
-        return reads()
+    def reads() -> T:
+        with state.store.one_connection():  # its reads share one pooled connection and read transaction
+            return poll()
+
     return await run_in_threadpool(reads)
 
 

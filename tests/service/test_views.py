@@ -280,3 +280,34 @@ def test_a_list_page_is_rendered_again_when_one_of_its_jobs_changes(api: Api) ->
     after = api.get("/v1/jobs", headers={"If-None-Match": first.headers["etag"]})
     assert after.status_code == 200 and [j["state"] for j in after.json()["jobs"]] == ["QUEUED", "CANCELLED"]
     assert after.headers["etag"] != first.headers["etag"] and len(views.LISTS) == 2
+
+
+def test_inline_polls_never_wait_for_a_pooled_connection(api: Api) -> None:
+    """The event loop's polls read through its own kept connection: with every pooled connection held by
+    worker threads (here: this test) they still answer, and see what those connections commit."""
+    import sqlalchemy.exc
+
+    state = api.client.app.state.trainctl
+    if not state.polls_inline:
+        return  # PostgreSQL: polls take a pooled connection in a worker thread, like any `def` route
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}").status_code == 200  # the loop's connection is open from now on
+    pool = state.store.engine.pool
+    pool._timeout = 1  # a poll that waits for the pool fails in a second, not thirty
+    held = []
+    try:
+        while True:
+            try:
+                held.append(state.store.engine.connect())
+            except sqlalchemy.exc.TimeoutError:  # the pool is exhausted
+                break
+        assert len(held) >= pool.size()
+        started = time.monotonic()
+        assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
+        assert api.get("/v1/jobs").json()["total"] == 1
+        assert time.monotonic() - started < 0.9
+    finally:
+        for conn in held:
+            conn.close()
+    api.reconcile()  # a write through the pool; the next poll's read transaction sees it
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "STARTING"
