@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service import views
 from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
@@ -289,7 +291,7 @@ def test_inline_polls_never_wait_for_a_pooled_connection(api: Api) -> None:
 
     state = api.client.app.state.trainctl
     if not state.polls_inline:
-        return  # PostgreSQL: polls take a pooled connection in a worker thread, like any `def` route
+        pytest.skip("PostgreSQL: polls take a pooled connection in a worker thread, like any `def` route")
     job_id = api.post(DEBUG_JOB).json()["id"]
     assert api.get(f"/v1/jobs/{job_id}").status_code == 200  # the loop's connection is open from now on
     pool = state.store.engine.pool
