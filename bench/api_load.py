@@ -1,7 +1,7 @@
 """API load: the real `trainctl serve` on loopback, polled by N concurrent clients, on SQLite and PostgreSQL.
 
     .venv/bin/python bench/api_load.py [--backends sqlite,postgresql] [--pollers 8] [--rate 200]
-                                       [--seconds 30] [--jobs 100] [--no-running-job]
+                                       [--seconds 30] [--jobs 100] [--no-running-job] [--py-spy DIR]
 
 For each backend: a fresh data dir (and for PostgreSQL a fresh server from Debian's `postgresql`, as in the
 tests), one `trainctl serve` attached to one shared local Ray head, `--jobs` jobs stored (the first one
@@ -37,6 +37,7 @@ from tests.plugins.postgres import start_postgres  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 
 TRAINCTL = str(Path(sys.executable).with_name("trainctl"))
+PY_SPY = [str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -130,6 +131,7 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
         "TRAINCTL_RAY_ADDRESS": head.dashboard_url,
         "RAY_AUTH_MODE": "disabled",
         "TRAINCTL_MAX_CONCURRENT_JOBS": "1",
+        "TRAINCTL_MAX_QUEUED_JOBS_PER_OWNER": str(args.jobs),  # the default quota (10) would refuse the rest
         "PYTHONUNBUFFERED": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
@@ -163,13 +165,26 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
             else:
                 c.post(f"/v1/jobs/{first}/cancel")
             for _ in range(args.jobs - 1):
-                ids.append(c.post("/v1/jobs", json={"preset": "debug", "overrides": {"optim.epochs": 1}}).json()["id"])
+                resp = c.post("/v1/jobs", json={"preset": "debug", "overrides": {"optim.epochs": 1}})
+                if resp.status_code != 201:
+                    raise RuntimeError(f"submit: {resp.status_code} {resp.text}")
+                ids.append(resp.json()["id"])
             time.sleep(2)
             # The server's CPU time per answered request does not depend on how busy the machine is (its
             # latency does): it bounds the rate one core could serve.
+            spy = None
+            if args.py_spy:  # py-spy samples serve's threads while the load runs (collapsed stacks, --idle)
+                args.py_spy.mkdir(parents=True, exist_ok=True)
+                spy = subprocess.Popen(
+                    [*PY_SPY, "--pid", str(proc.pid), "--duration", str(int(args.seconds)), "--rate", "250"]
+                    + ["--format", "raw", "--threads", "--idle", "-o", str(args.py_spy / f"{backend}.txt")],
+                    stdout=subprocess.DEVNULL,
+                )
             cpu0 = cpu_seconds(proc.pid)
             res = asyncio.run(load(url, token, ids, args.pollers, args.rate, args.seconds))
             res["server_cpu_s"] = [cpu_seconds(proc.pid) - cpu0]
+            if spy is not None:
+                spy.wait(timeout=60)
             state = c.get(f"/v1/jobs/{first}").json()
             if running and state["state"] != "RUNNING":
                 print(f"  warning: the training job is {state['state']} after the load", flush=True)
@@ -190,6 +205,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--jobs", type=int, default=100)
     p.add_argument("--no-running-job", action="store_true")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="sample the server with py-spy during the load: DIR/<backend>.txt, collapsed stacks per thread",
+    )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="trainctl-apiload-"))
     cifar = write_cifar_python(work / "cifar", per_batch=200)

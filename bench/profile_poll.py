@@ -34,6 +34,7 @@ from service.app import create_app  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 from service.states import JobState  # noqa: E402
 from tests.service.fakes import FakeRay  # noqa: E402
+from trainer.spec import JobSpec  # noqa: E402
 
 # What a poll's time is spent on: (label, file suffix, function); the labels' indentation shows nesting.
 PARTS = [
@@ -128,7 +129,7 @@ async def run(args: argparse.Namespace) -> None:
         await state.reconciler.stop()
         token = settings.admin_token_path.read_text().strip()
         store = state.store
-        spec = {"optim": {"epochs": 10_000}, "data": {"val_fraction": 0.1}}
+        spec = JobSpec.model_validate({"optim": {"epochs": 10_000}, "data": {"val_fraction": 0.1}})
         ids = [store.create_job("admin", spec, None, None)[0].id for _ in range(100)]
         running = ids[0]
         store.transition(running, JobState.STARTING, ray_submission_id="sub-1", attempts=1)

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI
 
 from service import limits, startup
 from service.api import compare, estimates, events, health, jobs, plots, prometheus, tokens
+from service.api.deps import polls_can_run_inline
 from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
 from service.errors import install_error_handlers
@@ -45,6 +46,9 @@ class AppState:
     slow: limits.SlowPool
     plot_cache: limits.PlotCache
     streams: limits.StreamSlots
+    # Status polls run their reads on the event loop (service/api/deps.py run_poll): only when nothing they
+    # touch can wait on a network, i.e. SQLite and local storage.
+    polls_inline: bool = False
 
 
 def create_app(
@@ -72,7 +76,15 @@ def create_app(
         slow = limits.SlowPool(settings.slow_workers, settings.slow_queue)
         streams = limits.StreamSlots(settings.max_event_streams_per_owner, settings.max_event_streams)
         app.state.trainctl = AppState(
-            settings, store, runner, reconciler, sessions, slow=slow, plot_cache=limits.PlotCache(), streams=streams
+            settings,
+            store,
+            runner,
+            reconciler,
+            sessions,
+            slow=slow,
+            plot_cache=limits.PlotCache(),
+            streams=streams,
+            polls_inline=polls_can_run_inline(store.dialect, settings.storage_root),
         )
         reconciler.start()
         try:

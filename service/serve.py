@@ -24,6 +24,12 @@ from service.client import ClientError
 
 SERVE_RECORD = "serve.json"  # {url, pid} of the API serving this data dir
 
+# How long a thread may keep the GIL while another waits for it (CPython's default: 5 ms). The event loop
+# serves every status poll; whenever it lets go of the GIL (a socket write, an SQLite call) a busy thread (a
+# reconcile pass, a `def` route) may keep it for a whole interval, several times per request: with 5 ms a
+# poll's p99 was over 100 ms while one other thread ran Python, 10-50 ms with 1 ms (bench/RESULTS.md).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
 
 def _ray_token_file(path: Path) -> Path:
     """A Ray auth token for a local head, created once (mode 0600) and reused across restarts."""
@@ -98,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Where this data dir's API listens, so the CLI run with the same data dir finds a --port N.
         record.write_text(json.dumps({"url": url, "pid": os.getpid()}))
         print(f"trainctl dashboard: {url}/ui/ (sign in with an API token)", flush=True)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(settings, announce_startup=False),

@@ -18,8 +18,10 @@ import functools
 import hashlib
 import json
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -42,7 +44,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, Engine, Result, Row, make_url
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.sql import Select
@@ -389,6 +391,9 @@ _JOB_BY_ID = select(JobModel.__table__).where(JobModel.id == bindparam("job_id")
 _TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_at).where(
     TokenModel.token_hash == bindparam("token_hash")
 )
+_TOKEN_IDENTITY = select(
+    TokenModel.name, TokenModel.is_admin, TokenModel.owner_id, TokenModel.sessions_not_before, TokenModel.expires_at
+).where(TokenModel.token_hash == bindparam("token_hash"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -421,6 +426,8 @@ class Store:
         # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
         self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
         self._snapshots: Lru[Job] = Lru(SNAPSHOTS)
+        self._pinned = threading.local()  # .conn: this thread's connection inside `one_connection`; .kept
+        self._kept: builtins.list[Connection] = []  # the connections `one_connection(kept=True)` opened
         # Called with the new snapshot after every committed transition (the runner mirrors the record into
         # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
         self.on_transition: Callable[[Job], None] | None = None
@@ -432,7 +439,43 @@ class Store:
         upgrade(self.engine)
 
     def close(self) -> None:
+        for conn in self._kept:
+            conn.close()
         self.engine.dispose()
+
+    @contextmanager
+    def one_connection(self, kept: bool = False) -> Iterator[None]:
+        """The status-path reads inside (get, list, token checks) share one connection and one read
+        transaction: one checkout instead of one per read (on PostgreSQL each checkout is also a pre-ping
+        round trip, and each return a rollback). For this thread only; nests. `kept`: this thread's own
+        connection, opened once and kept outside the pool — for the event loop, whose inline polls must never
+        wait for a pooled connection held by worker threads."""
+        if getattr(self._pinned, "conn", None) is not None:
+            yield
+            return
+        if not kept:
+            with self.engine.connect() as conn:
+                self._pinned.conn = conn
+                try:
+                    yield
+                finally:
+                    self._pinned.conn = None
+            return
+        kept_conn: Connection | None = getattr(self._pinned, "kept", None)
+        if kept_conn is None or kept_conn.closed or kept_conn.invalidated:
+            kept_conn = self._pinned.kept = self.engine.connect()
+            self._kept.append(kept_conn)
+        conn = kept_conn
+        self._pinned.conn = conn
+        try:
+            yield
+        finally:
+            self._pinned.conn = None
+            conn.rollback()  # ends the read transaction: the next poll sees what was committed meanwhile
+
+    def _reading(self) -> AbstractContextManager[Connection]:
+        conn: Connection | None = getattr(self._pinned, "conn", None)
+        return nullcontext(conn) if conn is not None else self.engine.connect()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -516,7 +559,7 @@ class Store:
     def get(self, job_id: str) -> Job | None:
         # Every poll reads its job: a prepared Core query through a pooled connection costs a fraction of an
         # ORM load, and an unchanged row's snapshot is not rebuilt (`_snapshot`).
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         return self._snapshot(row) if row is not None else None
 
@@ -524,10 +567,11 @@ class Store:
         """The Job for a jobs-table row, shared with earlier reads of the same row. Keyed on the whole row
         (its content, not its id), so a row another replica changed never maps to an old snapshot; shared
         snapshots are read-only, as Job (frozen) already says: never change their spec or attempt_log."""
-        job = self._snapshots.get(row)
+        key = tuple(row)  # a plain tuple: hashed and compared in C (a Row compares in Python)
+        job = self._snapshots.get(key)
         if job is None:
             job = Job.of(cast(JobModel, row))  # a row has the model's attribute names
-            self._snapshots.put(row, job)
+            self._snapshots.put(key, job)
         return job
 
     def list(
@@ -551,7 +595,7 @@ class Store:
                 None if states is None else frozenset(st.value for st in states),
             )
             params = {"owner": owner, "owner_id": owner_id, "limit": limit, "offset": offset}
-            with self.engine.connect() as conn:
+            with self._reading() as conn:
                 total = conn.scalar(count, params) or 0
                 rows = conn.execute(page, params)
                 return [self._snapshot(row) for row in rows], total
@@ -758,19 +802,21 @@ class Store:
         """(name, is_admin) for a token hash that exists and has not expired, or None."""
         # Every request authenticates: one plain row through a pooled connection (a quarter of an ORM load),
         # and no cache, so a revoked token is refused at once by every replica.
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(_TOKEN_OWNER, {"token_hash": token_hash}).first()
         if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
             return None
         return row.name, bool(row.is_admin)
 
     def token_identity(self, token_hash: str) -> TokenIdentity | None:
-        """Who holds a token hash that exists and has not expired, or None."""
-        with self._sessions() as s:
-            m = s.scalar(select(TokenModel).where(TokenModel.token_hash == token_hash))
-            if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
-                return None
-            return TokenIdentity(m.name, m.is_admin, m.owner_id, m.sessions_not_before)
+        """Who holds a token hash that exists and has not expired, or None. Read by every authenticated
+        request, never cached (a revoked token is refused at once, on every replica): a prepared Core query on
+        a pooled connection, a fraction of an ORM session's load."""
+        with self._reading() as conn:
+            m = conn.execute(_TOKEN_IDENTITY, {"token_hash": token_hash}).first()
+        if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
+            return None
+        return TokenIdentity(m.name, bool(m.is_admin), m.owner_id, m.sessions_not_before)
 
     def end_sessions(self, token_hash: str, now: float | None = None) -> bool:
         """Void every dashboard session of this token issued until now (logout, on every replica)."""

@@ -380,10 +380,21 @@ def render_job(job: Job, job_dir: str | None = None, with_spec: bool = False) ->
     return VIEWS.render(job, read_files(job, job_dir) if job_dir is not None else None, with_spec)
 
 
+# Rendered list pages by the ETags of their items (content hashes) and the page's numbers: the same key is
+# the same body, whoever asks, so a poll of an unchanged page neither joins nor hashes it again.
+LISTS: Lru[Rendered] = Lru(256, max_weight=16 << 20)
+
+
 def render_list(jobs: list[Job], total: int, limit: int, offset: int) -> Rendered:
     """GET /v1/jobs's body — schemas.JobList, spliced from the jobs' cached renderings — and ETag."""
-    items = b",".join(VIEWS.render(j).body for j in jobs)
-    return Rendered.of(b'{"jobs":[%s],"total":%d,"limit":%d,"offset":%d}' % (items, total, limit, offset))
+    items = [VIEWS.render(j) for j in jobs]
+    key = (tuple(r.etag for r in items), total, limit, offset)
+    if (hit := LISTS.get(key)) is not None:
+        return hit
+    joined = b",".join(r.body for r in items)
+    rendered = Rendered.of(b'{"jobs":[%s],"total":%d,"limit":%d,"offset":%d}' % (joined, total, limit, offset))
+    LISTS.put(key, rendered, weight=len(rendered.body))
+    return rendered
 
 
 def fresh_view(job: Job, job_dir: str, with_spec: bool = False) -> JobView:

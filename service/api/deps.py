@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar, cast
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
+import objstore
 from service import auth, limits
 from service.errors import ApiError, not_found
 from service.reconciler import Reconciler
@@ -17,6 +20,8 @@ from service.ui import session
 
 if TYPE_CHECKING:
     from service.app import AppState  # not at run time: service.app imports the routers, which import this
+
+T = TypeVar("T")
 
 
 def _state(request: Request) -> AppState:
@@ -54,6 +59,10 @@ async def get_stream_slots(request: Request) -> limits.StreamSlots:
     return _state(request).streams
 
 
+async def get_app_state(request: Request) -> AppState:
+    return _state(request)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
@@ -61,6 +70,31 @@ ReconcilerDep = Annotated[Reconciler, Depends(get_reconciler)]
 SlowPoolDep = Annotated[limits.SlowPool, Depends(get_slow_pool)]
 PlotCacheDep = Annotated[limits.PlotCache, Depends(get_plot_cache)]
 StreamSlotsDep = Annotated[limits.StreamSlots, Depends(get_stream_slots)]
+AppStateDep = Annotated["AppState", Depends(get_app_state)]
+
+
+def polls_can_run_inline(dialect: str, storage_root: str) -> bool:
+    """Whether a status poll's reads may run on the event loop: only when none can wait on a network (a
+    PostgreSQL round trip, an S3 stat of metrics.jsonl) and block every other request meanwhile."""
+    return dialect == "sqlite" and not objstore.is_s3(storage_root)
+
+
+async def run_poll(state: AppState, poll: Callable[[], T]) -> T:
+    """Run a status poll's blocking part (auth, the job's row, its files): on the event loop itself when
+    all it touches is local (SQLite, local storage: tens of microseconds, never waiting on a network), else
+    in ONE threadpool hand-off. A plain-`def` route pays a hand-off per sync dependency and one for the
+    handler; each is a pair of thread wake-ups that wait for the GIL and for a CPU, which on a busy machine
+    set a poll's latency far more than its own work (bench/RESULTS.md, issue 22 item 6)."""
+
+    if state.polls_inline:
+        with state.store.one_connection(kept=True):  # the loop's own: never waits for the pool
+            return poll()
+
+    def reads() -> T:
+        with state.store.one_connection():  # its reads share one pooled connection and read transaction
+            return poll()
+
+    return await run_in_threadpool(reads)
 
 
 # Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False
@@ -70,14 +104,23 @@ bearer = HTTPBearer(
     auto_error=False,
     description="an API token: <data dir>/admin-token, or one made by `trainctl token create`",
 )
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]  # async: parses the header only
 
 
 def get_principal(
     request: Request,
     settings: SettingsDep,
     store: StoreDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    credentials: BearerDep,
 ) -> auth.Principal:
+    return principal_of(request, settings, store, credentials)
+
+
+def principal_of(
+    request: Request, settings: Settings, store: Store, credentials: HTTPAuthorizationCredentials | None
+) -> auth.Principal:
+    """Who sent the request (its bearer token, else the dashboard's session cookie); a 401 otherwise. Reads
+    the database: call it where blocking is allowed (see `run_poll`)."""
     if not settings.auth:
         return auth.Principal("local", is_admin=True)
     principal = auth.authenticate(store, f"Bearer {credentials.credentials}" if credentials else None)
@@ -118,9 +161,14 @@ def session_principal(request: Request, store: Store) -> auth.Principal | None:
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
+JobIdPath = Annotated[str, Path(max_length=64)]
 
 
-def get_owned_job(job_id: Annotated[str, Path(max_length=64)], store: StoreDep, principal: PrincipalDep) -> Job:
+def get_owned_job(job_id: JobIdPath, store: StoreDep, principal: PrincipalDep) -> Job:
+    return owned_job(store, principal, job_id)
+
+
+def owned_job(store: Store, principal: auth.Principal, job_id: str) -> Job:
     job = store.get(job_id)
     # Another owner's job answers exactly like a missing one: ids are not confirmed to strangers. The admin
     # sees, cancels and deletes every job.

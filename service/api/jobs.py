@@ -14,14 +14,27 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BeforeValidator
 
 import objstore
 from service import auth, jobdir, policy, views
-from service.api.deps import JobDep, PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep
+from service.api.deps import (
+    AppStateDep,
+    BearerDep,
+    JobDep,
+    JobIdPath,
+    PrincipalDep,
+    ReconcilerDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+    owned_job,
+    principal_of,
+    run_poll,
+)
 from service.api.estimates import estimate_for, refuse_over_limits
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
@@ -158,9 +171,10 @@ def conditional(rendered: views.Rendered, if_none_match: str | None) -> Response
 
 
 @router.get("/jobs", response_model=JobList, responses={**errors(403), **NOT_MODIFIED})
-def list_jobs(
-    principal: PrincipalDep,
-    store: StoreDep,
+async def list_jobs(
+    request: Request,
+    app_state: AppStateDep,
+    credentials: BearerDep,
     if_none_match: IfNoneMatch = None,
     state: Annotated[list[StateParam] | None, Query(description="repeat to match several; any case")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -182,6 +196,41 @@ def list_jobs(
 ) -> Response:
     """Your jobs, newest first; the admin's list holds every owner's jobs (`?owner=` picks one). Filters
     combine (all must hold); an unknown query parameter is a 422 naming it."""
+    # Polled like GET /v1/jobs/{id}: one `run_poll` for auth, the page and its rendering.
+    return await run_poll(
+        app_state,
+        lambda: _list_page(
+            principal_of(request, app_state.settings, app_state.store, credentials),
+            app_state.store,
+            if_none_match,
+            state=state,
+            limit=limit,
+            offset=offset,
+            owner=owner,
+            tag=tag,
+            project=project,
+            name=name,
+            since=since,
+            sort=sort,
+        ),
+    )
+
+
+def _list_page(
+    principal: auth.Principal,
+    store: Store,
+    if_none_match: str | None,
+    *,
+    state: list[JobState] | None,
+    limit: int,
+    offset: int,
+    owner: str | None,
+    tag: list[str] | None,
+    project: str | None,
+    name: str | None,
+    since: dt.datetime | None,
+    sort: str,
+) -> Response:
     if not principal.is_admin:
         if owner is not None and owner != principal.name:
             raise ApiError(403, "forbidden", "only the admin may list other owners' jobs")
@@ -232,8 +281,17 @@ def resubmit_job(
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses={**errors(404), **NOT_MODIFIED})
-def get_job(job: JobDep, runner: RunnerDep, if_none_match: IfNoneMatch = None) -> Response:
-    return conditional(views.render_job(job, runner.job_dir(job.id), with_spec=True), if_none_match)
+async def get_job(
+    request: Request, job_id: JobIdPath, state: AppStateDep, credentials: BearerDep, if_none_match: IfNoneMatch = None
+) -> Response:
+    # The status poll: async with async dependencies only, and its blocking part in one `run_poll` (what the
+    # JobDep/PrincipalDep routes do in three threadpool hand-offs).
+    def poll() -> Response:
+        principal = principal_of(request, state.settings, state.store, credentials)
+        job = owned_job(state.store, principal, job_id)
+        return conditional(views.render_job(job, state.runner.job_dir(job.id), with_spec=True), if_none_match)
+
+    return await run_poll(state, poll)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsView, responses=errors(404))

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service import views
 from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
@@ -204,3 +206,109 @@ def test_store_snapshots_are_reused_only_for_an_unchanged_row(database_url: str,
     finally:
         one.close()
         other.close()
+
+
+def test_polls_run_inline_only_where_nothing_waits_on_a_network() -> None:
+    from service.api.deps import polls_can_run_inline
+
+    assert polls_can_run_inline("sqlite", "/srv/trainctl/storage")
+    assert not polls_can_run_inline("postgresql", "/srv/trainctl/storage")  # a round trip per read
+    assert not polls_can_run_inline("sqlite", "s3://bucket/trainctl")  # metrics.jsonl is stat'ed on S3
+    assert not polls_can_run_inline("sqlite", "S3://bucket/trainctl")
+
+
+def test_status_polls_answer_while_every_worker_thread_is_taken(api: Api, monkeypatch: Any) -> None:
+    """On SQLite + local storage both polls run on the event loop: with the threadpool's one token held by a
+    blocked `def` route they still answer (on PostgreSQL they take one hand-off each, so they wait for it),
+    and the revocation of a token is still seen by the next poll."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio.to_thread
+
+    from service import jobdir
+
+    state = api.client.app.state.trainctl
+    assert state.polls_inline == (state.store.dialect == "sqlite")
+    job_id = _running_job(api)
+    api.job_dir(job_id).joinpath("metrics.jsonl").write_text(metrics_line(1, 0.3))
+    token = api.client.post("/v1/tokens", headers=api.headers(), json={"name": "dave"}).json()["token"]
+    release, entered = threading.Event(), threading.Event()
+    real_read = jobdir.read_metrics
+
+    def blocked_read(job_dir: str) -> Any:
+        entered.set()
+        release.wait(20)
+        return real_read(job_dir)
+
+    monkeypatch.setattr(jobdir, "read_metrics", blocked_read)
+
+    def one_token() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+
+    api.client.portal.call(one_token)
+    with ThreadPoolExecutor(2) as threads:
+        try:
+            held = threads.submit(api.get, f"/v1/jobs/{job_id}/metrics")  # a `def` route: takes the one thread
+            assert entered.wait(10)
+            if state.polls_inline:
+                started = time.monotonic()
+                one = api.get(f"/v1/jobs/{job_id}")
+                assert one.status_code == 200 and one.json()["progress"]["epoch"] == 1
+                assert api.get("/v1/jobs").json()["total"] == 1
+                assert api.get(f"/v1/jobs/{job_id}", headers=api.headers(token)).status_code == 404  # not dave's
+                assert api.get("/v1/jobs", headers=api.headers(token)).json()["total"] == 0
+                assert time.monotonic() - started < 5
+            else:
+                poll = threads.submit(api.get, f"/v1/jobs/{job_id}")
+                time.sleep(0.3)
+                assert not poll.done()  # waits for the one worker thread
+        finally:
+            release.set()
+        assert held.result().status_code == 200
+    # no poll caches a token check: revoked, it is refused by the very next poll of either kind
+    assert api.client.delete("/v1/tokens/dave", headers=api.headers()).status_code == 204
+    assert api.get(f"/v1/jobs/{job_id}", headers=api.headers(token)).status_code == 401
+    assert api.get("/v1/jobs", headers=api.headers(token)).status_code == 401
+
+
+def test_a_list_page_is_rendered_again_when_one_of_its_jobs_changes(api: Api) -> None:
+    """The page cache is keyed by its items' ETags: a change of any job on the page is a new body at once."""
+    views.LISTS.clear()
+    ids = [api.post(DEBUG_JOB).json()["id"] for _ in range(2)]
+    first = api.get("/v1/jobs")
+    assert api.get("/v1/jobs").content == first.content and len(views.LISTS) == 1
+    assert api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=api.headers()).status_code == 200
+    after = api.get("/v1/jobs", headers={"If-None-Match": first.headers["etag"]})
+    assert after.status_code == 200 and [j["state"] for j in after.json()["jobs"]] == ["QUEUED", "CANCELLED"]
+    assert after.headers["etag"] != first.headers["etag"] and len(views.LISTS) == 2
+
+
+def test_inline_polls_never_wait_for_a_pooled_connection(api: Api) -> None:
+    """The event loop's polls read through its own kept connection: with every pooled connection held by
+    worker threads (here: this test) they still answer, and see what those connections commit."""
+    import sqlalchemy.exc
+
+    state = api.client.app.state.trainctl
+    if not state.polls_inline:
+        pytest.skip("PostgreSQL: polls take a pooled connection in a worker thread, like any `def` route")
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}").status_code == 200  # the loop's connection is open from now on
+    pool = state.store.engine.pool
+    pool._timeout = 0.2  # a read that waits for the pool fails (a 500) in 0.2 s, not thirty
+    held = []
+    try:
+        while True:
+            try:
+                held.append(state.store.engine.connect())
+            except sqlalchemy.exc.TimeoutError:  # the pool is exhausted
+                break
+        assert len(held) >= pool.size()
+        one, page = api.get(f"/v1/jobs/{job_id}"), api.get("/v1/jobs")
+        assert one.status_code == 200 and one.json()["state"] == "QUEUED", one.text
+        assert page.status_code == 200 and page.json()["total"] == 1, page.text
+    finally:
+        for conn in held:
+            conn.close()
+    api.reconcile()  # a write through the pool; the next poll's read transaction sees it
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "STARTING"
