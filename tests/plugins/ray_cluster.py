@@ -20,6 +20,15 @@ from tests.plugins.reaper import reap_with_session
 
 RAY_CPUS = 6
 
+# Ray Train's controller looks at its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
+# only then sees that training finished or a worker died, so every Ray Train run of a test waited up to 2 s
+# more at its end (and per restart). Set here, when pytest loads this plugin and before any head or driver
+# starts, so the session's head, every `trainctl serve` head and every driver inherit it (Ray passes it on
+# from the driver to the controller actor). A shorter period only makes the same checks more often.
+TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+for _name, _value in TEST_RAY_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 
 @dataclass(frozen=True)
 class RayHead:

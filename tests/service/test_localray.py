@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def test_down_stops_the_recorded_group_only(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(120)", "start", f"--temp-dir={temp}"]
     head = subprocess.Popen(argv, start_new_session=True)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    # The fake head is pytest's child: once SIGTERM ends it, it stays a zombie (still in its process group) until
+    # reaped, and `down` would wait out its whole grace and the SIGKILL wait (15 s). A real head is not the
+    # child of the `down` process, so reap ours as soon as it exits, as its real parent would.
+    threading.Thread(target=head.wait, daemon=True).start()
     try:
         rec = _record(tmp_path, head.pid, temp)
         # running, but its "dashboard" does not answer: not live, and the record is kept (never a second head)
