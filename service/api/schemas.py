@@ -220,6 +220,12 @@ class JobView(BaseModel):
         description="a running job whose measured pace (its ETA) takes it past limits.max_hours: when and at "
         "which epoch the limit will stop it (single job views and the event stream)",
     )
+    infra_losses: list[str] | None = Field(
+        default=None,
+        description="worker nodes/hosts the job lost and recovered from, one line each, e.g. 'worker host "
+        "10.0.0.3 lost at epoch 3; resumed from epoch 2 on a replacement host' (charged to "
+        "checkpoint.max_infra_failures, not max_failures; from metrics.jsonl: single job views and the event stream)",
+    )
 
 
 class EstimateVsActual(BaseModel):
