@@ -9,10 +9,18 @@ driver failed and the service charged `checkpoint.max_restarts` too.
 `InfraAwareFailurePolicy` keeps Ray's rules and adds one: a worker group that failed because a node died
 (Ray's "The actor died because its node has died", a node preemption) is restarted from the last checkpoint
 within `checkpoint.max_infra_failures`, a budget of its own; an exception of the job's own code is still
-charged to `max_failures`. When a host dies, the ranks on the other hosts usually fail first, with a
-collective error ("Connection reset by peer" in gloo), a few seconds to a minute before Ray has declared the
-node dead: such errors alone are neither charged nor retried at once; the policy waits (the controller polls
-again: `NOOP`), up to `NODE_DEATH_WAIT_S`, for the dead rank's verdict. Without one the failure is the job's.
+charged to `max_failures`.
+
+When a host dies, the ranks on the other hosts fail first, with a collective error naming the peer that
+vanished ("[10.0.0.3]:21001: Connection reset by peer" in gloo), 15-60 s before Ray declares the node dead.
+Waiting for that verdict costs more than the time: Ray 2.60's on-prem (local) provider, asked for a
+replacement in the same autoscaler round in which it terminates the dead host, hands out the dead host's
+address again and never starts the spare (tried on the emulated hosts). So the policy waits only
+`PEER_SETTLE_S` (the controller polls again: `NOOP`) for the other ranks' reports: a rank whose own code
+raised, or whose process died on a live node, is reported within that time and makes the failure the job's;
+if every failed rank still only says that a peer vanished, the failure is an infrastructure loss (the peer's
+address from the error text) and the group restarts at once. A worker process that keeps dying in a way
+only its peers see is thereby retried up to `max_infra_failures` times, no more.
 
 Each infrastructure loss is appended to the run's `infra_losses.jsonl` (trainer/contract.py `InfraLoss`:
 which node or host, at which epoch, the newest checkpoint then); the restarted run's first epoch carries it
@@ -47,10 +55,10 @@ from trainer.contract import InfraLoss
 
 log = logging.getLogger("trainer.infra")
 
-# How long a worker group whose ranks failed only with "a peer went away" errors waits for Ray to declare
-# a node dead before the failure is charged to the job. Ray's node-death detection took 15-50 s here
-# (GCS health checks); room for a loaded head.
-NODE_DEATH_WAIT_S = 120.0
+# How long a worker group whose ranks failed only with "a peer vanished" errors waits for the other ranks'
+# reports before it counts as an infrastructure loss: a dead worker process on a live node is reported in
+# 1-2 s (its raylet sees it exit); a dead node takes Ray 15-60 s to declare (GCS health checks).
+PEER_SETTLE_S = 10.0
 
 # Ray's words for an actor whose node died (GCS: "The actor died because its node has died. Node Id: ...").
 _NODE_DIED = re.compile(r"its node has died|node (?:was|has been) (?:terminated|removed)|raylet (?:has )?died", re.I)
@@ -62,12 +70,13 @@ _PEER_LOST = re.compile(
     re.I,
 )
 _NODE_IP = re.compile(r"node_ip='([^']+)'|\tip: (\S+)")
+_PEER_ADDRESS = re.compile(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]:\d+")  # gloo: "Read error [10.0.0.3]:21001: ..."
 _NODE_ID = re.compile(r"node_id='([0-9a-f]+)'|Node Id: ([0-9a-f]+)")
 
 
 class Cause(str, Enum):
     NODE_LOST = "node_lost"  # a node died under a rank: infrastructure
-    PEER_LOST = "peer_lost"  # a rank saw a peer vanish: infrastructure if a node death follows
+    PEER_LOST = "peer_lost"  # a rank saw a peer vanish: infrastructure unless another rank says otherwise
     OWN = "own"  # the job's own code (or anything else): charged to max_failures
 
 
@@ -100,8 +109,8 @@ def classify_failure(error: BaseException) -> Verdict:
     if isinstance(cause, RayActorError) and (cause.preempted or _NODE_DIED.search(str(cause))):
         return Verdict(Cause.NODE_LOST, _first(_NODE_IP, text), _first(_NODE_ID, text), _one_line(str(cause)))
     if isinstance(cause, (ActorUnavailableError, WorkerHealthCheckTimeoutError)) or _PEER_LOST.search(text):
-        # An unreachable or silent actor, or a collective that lost its peer: a node death may follow.
-        return Verdict(Cause.PEER_LOST, reason=_one_line(text))
+        # An unreachable or silent actor, or a collective that lost its peer.
+        return Verdict(Cause.PEER_LOST, host=_first(_PEER_ADDRESS, text), reason=_one_line(text))
     return Verdict(Cause.OWN, reason=_one_line(text))
 
 
@@ -128,14 +137,14 @@ class InfraAwareFailurePolicy(DefaultFailurePolicy):
         failure_config: FailureConfig,
         max_infra_failures: int,
         record: Recorder | None = None,
-        node_death_wait_s: float = NODE_DEATH_WAIT_S,
+        peer_settle_s: float = PEER_SETTLE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(failure_config)
         self.max_infra_failures = max_infra_failures
         self.infra_failures = 0
         self._record = record
-        self._node_death_wait_s = node_death_wait_s
+        self._peer_settle_s = peer_settle_s
         self._clock = clock
         self._waiting_since: float | None = None
 
@@ -150,22 +159,19 @@ class InfraAwareFailurePolicy(DefaultFailurePolicy):
             if self._waiting_since is None:
                 self._waiting_since = now
                 log.info(
-                    "a rank lost a peer (%s): waiting up to %.0f s for Ray to say whether a node died",
-                    verdict.reason,
-                    self._node_death_wait_s,
+                    "a rank lost a peer (%s): %.0f s for the other ranks' reports", verdict.reason, self._peer_settle_s
                 )
-            if now - self._waiting_since < self._node_death_wait_s:
+            if now - self._waiting_since < self._peer_settle_s:
                 return FailureDecision.NOOP  # the controller polls the group again
-            log.info("no node death within %.0f s: the failure is the job's own", self._node_death_wait_s)
         self._waiting_since = None
-        if verdict.cause is not Cause.NODE_LOST:
+        if verdict.cause is Cause.OWN:
             return super().make_decision(training_failed_error)
         self.infra_failures += 1
         within = self.infra_failures <= self.max_infra_failures
         log.warning(
-            "[InfraAwareFailurePolicy] %s: worker node %s (%s) lost: infrastructure loss %d of "
+            "[InfraAwareFailurePolicy] %s: worker node %s (%s) lost (%s): infrastructure loss %d of "
             "checkpoint.max_infra_failures=%d (not charged to max_failures): %s",
-            "RETRY" if within else "RAISE", verdict.host, verdict.node_id, self.infra_failures,
+            "RETRY" if within else "RAISE", verdict.host, verdict.node_id, verdict.cause.value, self.infra_failures,
             self.max_infra_failures, verdict.reason,
         )  # fmt: skip
         if not within:

@@ -95,7 +95,7 @@ def test_own_exceptions_and_a_dead_process_on_a_live_node_are_the_jobs() -> None
 
 
 def test_a_vanished_peer_or_an_unreachable_actor_leaves_it_open() -> None:
-    assert infra.classify_failure(PEER_LOST).cause is Cause.PEER_LOST
+    assert infra.classify_failure(PEER_LOST) == infra.Verdict(Cause.PEER_LOST, "10.77.0.3", None, str(PEER_LOST))
     unreachable = WorkerHealthCheckFailedError(WORKER_INFO, failure=ActorUnavailableError("RPC failed", None))
     assert infra.classify_failure(unreachable).cause is Cause.PEER_LOST
 
@@ -134,19 +134,20 @@ def test_infra_losses_leave_max_failures_whole() -> None:
     assert p.make_decision(group_error(r0=OWN)) is FailureDecision.RAISE
 
 
-def test_a_lost_peer_waits_for_the_node_verdict_then_is_the_jobs() -> None:
-    p, recorded, clock = policy(max_failures=0, node_death_wait_s=60)
+def test_a_vanished_peer_is_infrastructure_once_the_other_ranks_had_time_to_say_otherwise() -> None:
+    p, recorded, clock = policy(max_failures=0, peer_settle_s=10)
+    assert p.make_decision(group_error(r0=PEER_LOST)) is FailureDecision.NOOP  # the controller polls again
+    clock.now = 5
     assert p.make_decision(group_error(r0=PEER_LOST)) is FailureDecision.NOOP
-    clock.now = 30
-    assert p.make_decision(group_error(r0=PEER_LOST)) is FailureDecision.NOOP
-    clock.now = 40  # Ray declared the node dead: the dead rank's poll now says so
-    assert p.make_decision(group_error(r0=PEER_LOST, r1=node_died())) is FailureDecision.RETRY
-    # a later lost peer with no node death within the wait: the job's own (max_failures=0 → RAISE)
+    clock.now = 11  # nothing else reported: the peer's host is gone (before Ray has declared the node dead)
+    assert p.make_decision(group_error(r0=PEER_LOST)) is FailureDecision.RETRY
+    assert [(v.cause, v.host) for v in recorded] == [(Cause.PEER_LOST, "10.77.0.3")]
+    # next time the peer's own process died on a live node, reported within the settle time: the job's
     clock.now = 100
     assert p.make_decision(group_error(r0=PEER_LOST)) is FailureDecision.NOOP
-    clock.now = 161
-    assert p.make_decision(group_error(r0=PEER_LOST)) is FailureDecision.RAISE
-    assert len(recorded) == 1
+    clock.now = 101
+    assert p.make_decision(group_error(r0=PEER_LOST, r1=process_died())) is FailureDecision.RAISE
+    assert len(recorded) == 1 and p.infra_failures == 1
 
 
 def test_preemptions_and_controller_errors_keep_rays_own_rules() -> None:
