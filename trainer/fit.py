@@ -62,13 +62,14 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserC
     from ray.train.torch import TorchConfig
 
     from trainer.device_settings import process_group_backend
-    from trainer.infra import InfraAwareFailurePolicy, InfraAwareTorchTrainer, LossRecorder
+    from trainer.infra import InfraAwareFailurePolicy, InfraAwareTorchTrainer, LossRecorder, unresponsive_worker_env
     from trainer.loop import RunPaths, train_loop_per_worker
 
     paths = RunPaths(
         metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root, run_dir=objstore.join(run_root, name)
     )
     where = placement(spec)
+    unresponsive_worker_env()
     config = run_config(spec, run_root, name, callbacks)
     # A lost node or host is charged to checkpoint.max_infra_failures, not max_failures (trainer/infra.py).
     policy = InfraAwareFailurePolicy(

@@ -19,8 +19,9 @@ address again and never starts the spare (tried on the emulated hosts). So the p
 `PEER_SETTLE_S` (the controller polls again: `NOOP`) for the other ranks' reports: a rank whose own code
 raised, or whose process died on a live node, is reported within that time and makes the failure the job's;
 if every failed rank still only says that a peer vanished, the failure is an infrastructure loss (the peer's
-address from the error text) and the group restarts at once. A worker process that keeps dying in a way
-only its peers see is thereby retried up to `max_infra_failures` times, no more.
+address from the error text) and the group restarts at once. A rank that has not answered Ray Train's health
+check for `UNRESPONSIVE_WORKER_S` (Ray's default: 600 s) is taken for lost with its host, too. A worker
+process that keeps dying in a way only its peers see is thereby retried up to `max_infra_failures` times, no more.
 
 Each infrastructure loss is appended to the run's `infra_losses.jsonl` (trainer/contract.py `InfraLoss`:
 which node or host, at which epoch, the newest checkpoint then); the restarted run's first epoch carries it
@@ -35,6 +36,7 @@ the installed wheel by tests/trainer/test_infra.py).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -69,6 +71,15 @@ _PEER_LOST = re.compile(
     r"Gloo connectFullMesh failed|\[gloo/|gloo::IoException|Socket Timeout|timed out in collective",
     re.I,
 )
+# A worker that has not answered the controller's health check (a tiny actor call, answered between
+# training steps) for this long is taken for lost. Ray's default is 600 s; a dead host's workers never
+# answer, and Ray's own node-death verdict (15-60 s) arrives in the same autoscaler round as the request
+# for a replacement, which Ray 2.60's on-prem provider then fills with the dead host's address (see the
+# module doc): restarting before that verdict lets it start the spare. Set by `unresponsive_worker_env`
+# in the driver unless RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S is set (Ray passes it on to its controller).
+UNRESPONSIVE_WORKER_S = 10.0
+HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
+
 _NODE_IP = re.compile(r"node_ip='([^']+)'|\tip: (\S+)")
 _PEER_ADDRESS = re.compile(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]:\d+")  # gloo: "Read error [10.0.0.3]:21001: ..."
 _NODE_ID = re.compile(r"node_id='([0-9a-f]+)'|Node Id: ([0-9a-f]+)")
@@ -108,7 +119,9 @@ def classify_failure(error: BaseException) -> Verdict:
     text = str(error)
     if isinstance(cause, RayActorError) and (cause.preempted or _NODE_DIED.search(str(cause))):
         return Verdict(Cause.NODE_LOST, _first(_NODE_IP, text), _first(_NODE_ID, text), _one_line(str(cause)))
-    if isinstance(cause, (ActorUnavailableError, WorkerHealthCheckTimeoutError)) or _PEER_LOST.search(text):
+    if isinstance(cause, WorkerHealthCheckTimeoutError):  # silent for UNRESPONSIVE_WORKER_S: its host is gone
+        return Verdict(Cause.NODE_LOST, _first(_NODE_IP, text), _first(_NODE_ID, text), _one_line(text))
+    if isinstance(cause, ActorUnavailableError) or _PEER_LOST.search(text):
         # An unreachable or silent actor, or a collective that lost its peer.
         return Verdict(Cause.PEER_LOST, host=_first(_PEER_ADDRESS, text), reason=_one_line(text))
     return Verdict(Cause.OWN, reason=_one_line(text))
@@ -124,6 +137,11 @@ def classify(worker_failures: Mapping[int, BaseException]) -> Verdict:
         if found:
             return found[0]
     return Verdict(Cause.OWN)
+
+
+def unresponsive_worker_env() -> None:
+    """Ray Train's worker health-check timeout, UNRESPONSIVE_WORKER_S unless the operator set one."""
+    os.environ.setdefault(HEALTH_CHECK_TIMEOUT_ENV, f"{UNRESPONSIVE_WORKER_S:g}")
 
 
 Recorder = Callable[[Verdict], None]

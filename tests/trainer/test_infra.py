@@ -89,6 +89,14 @@ def test_a_dead_node_is_infrastructure_with_its_address_and_node_id() -> None:
     assert "its node has died" in verdict.reason
 
 
+def test_a_worker_silent_past_the_health_check_timeout_is_lost_with_its_host() -> None:
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckTimeoutError
+
+    silent = WorkerHealthCheckTimeoutError("A worker health check has been hanging for 10.50 seconds.\n" + WORKER_INFO)
+    verdict = infra.classify_failure(silent)
+    assert (verdict.cause, verdict.host, verdict.node_id) == (Cause.NODE_LOST, "10.77.0.3", NODE_ID)
+
+
 def test_own_exceptions_and_a_dead_process_on_a_live_node_are_the_jobs() -> None:
     assert infra.classify_failure(OWN).cause is Cause.OWN
     assert infra.classify_failure(process_died()).cause is Cause.OWN
