@@ -52,7 +52,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def substituted_config(hosts: Hosts) -> dict[str, Any]:
+def substituted_config(hosts: Hosts, min_workers: int = 0) -> dict[str, Any]:
     """cluster/onprem.yaml with the values a lab edits set for the emulated hosts; commands unchanged except
     the install path."""
     text = CLUSTER_YAML.read_text().replace("/opt/trainctl/venv", sys.prefix)
@@ -62,6 +62,7 @@ def substituted_config(hosts: Hosts) -> dict[str, Any]:
     config["provider"]["worker_ips"] = [w.address for w in workers]
     config["auth"] = {"ssh_user": "root", "ssh_private_key": str(hosts.key)}
     config["available_node_types"]["local.cluster.node"]["resources"] = {"CPU": 1}
+    config["available_node_types"]["local.cluster.node"]["min_workers"] = min_workers
     config["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
     return config
 
@@ -155,10 +156,11 @@ def _wait_api(url: str, timeout_s: float) -> None:
 
 
 @contextmanager
-def onprem_cluster(cifar_parquet: Path) -> Iterator[OnPrem]:
+def onprem_cluster(cifar_parquet: Path, min_workers: int = 0) -> Iterator[OnPrem]:
     """Emulated hosts (a head and N_WORKER_HOSTS workers, 1 CPU each), S3 on their bridge, `ray up` of
     cluster/onprem.yaml, and trainctl's API on the head through an SSH tunnel; all of it gone afterwards.
-    Skips (fails under CI=true) where emulated hosts cannot run."""
+    `min_workers`: worker hosts the autoscaler keeps running. Skips (fails under CI=true) where emulated
+    hosts cannot run."""
     if reason := why_unavailable():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the cluster tests: {reason}")
@@ -186,7 +188,7 @@ def onprem_cluster(cifar_parquet: Path) -> Iterator[OnPrem]:
             }.items()
         )
         config_path = hosts.run_dir / "onprem.yaml"
-        config_path.write_text(yaml.safe_dump(substituted_config(hosts), sort_keys=False))
+        config_path.write_text(yaml.safe_dump(substituted_config(hosts, min_workers), sort_keys=False))
         setup = (
             "ray get-auth-token --generate > /dev/null && mkdir -p ~/.trainctl && umask 077 && "
             f"printf %s {_shq(cluster_env)} > ~/.trainctl/cluster.env"
