@@ -3,9 +3,10 @@
 data and checkpoints in S3): the job, submitted through trainctl's API on the head with
 `checkpoint.max_failures: 0` and `checkpoint.max_restarts: 0`, still SUCCEEDS: Ray marks the host dead and
 Ray Train restarts the worker group from the last checkpoint on the hosts left (two worker hosts are kept
-running: `min_workers: 2`, see the fixture for why not a spare started on demand) — an infrastructure loss, charged to `checkpoint.max_infra_failures` (trainer/infra.py), never to
-the job's own budgets. Every epoch is in metrics.jsonl exactly once, and the job's view says which host was
-lost, at which epoch, and from which checkpoint it resumed.
+running: `min_workers: 2`, see the fixture for why not a spare started on demand) — an infrastructure loss,
+charged to `checkpoint.max_infra_failures` (trainer/infra.py), never to the job's own budgets. Every epoch
+is in metrics.jsonl exactly once, and the job's view says which host was lost, at which epoch, and from
+which checkpoint it resumed.
 
 Prints the recovery time (the crash → the next epoch reported) for docs/scaling.md.
 """
