@@ -11,17 +11,15 @@ driver failed and the service charged `checkpoint.max_restarts` too.
 within `checkpoint.max_infra_failures`, a budget of its own; an exception of the job's own code is still
 charged to `max_failures`.
 
-When a host dies, the ranks on the other hosts fail first, with a collective error naming the peer that
-vanished ("[10.0.0.3]:21001: Connection reset by peer" in gloo), 15-60 s before Ray declares the node dead.
-Waiting for that verdict costs more than the time: Ray 2.60's on-prem (local) provider, asked for a
-replacement in the same autoscaler round in which it terminates the dead host, hands out the dead host's
-address again and never starts the spare (tried on the emulated hosts). So the policy waits only
-`PEER_SETTLE_S` (the controller polls again: `NOOP`) for the other ranks' reports: a rank whose own code
-raised, or whose process died on a live node, is reported within that time and makes the failure the job's;
-if every failed rank still only says that a peer vanished, the failure is an infrastructure loss (the peer's
-address from the error text) and the group restarts at once. A rank that has not answered Ray Train's health
-check for `UNRESPONSIVE_WORKER_S` (Ray's default: 600 s) is taken for lost with its host, too. A worker
-process that keeps dying in a way only its peers see is thereby retried up to `max_infra_failures` times, no more.
+When a host dies, the ranks on the other hosts may fail first, with a collective error naming the peer
+that vanished ("[10.0.0.3]:21001: Connection reset by peer" in gloo), before Ray declares the node dead. The
+policy then waits `PEER_SETTLE_S` (the controller polls again: `NOOP`) for the other ranks' reports: a rank
+whose own code raised, or whose process died on a live node, is reported within that time and makes the
+failure the job's; if every failed rank still only says that a peer vanished, the failure is an
+infrastructure loss (the peer's address from the error text) and the group restarts at once. A rank that has
+not answered Ray Train's health check for `UNRESPONSIVE_WORKER_S` (Ray's default: 600 s) is taken for lost
+with its host, too. A worker process that keeps dying in a way only its peers see is thereby retried up to
+`max_infra_failures` times, no more.
 
 Each infrastructure loss is appended to the run's `infra_losses.jsonl` (trainer/contract.py `InfraLoss`:
 which node or host, at which epoch, the newest checkpoint then); the restarted run's first epoch carries it
@@ -72,11 +70,10 @@ _PEER_LOST = re.compile(
     re.I,
 )
 # A worker that has not answered the controller's health check (a tiny actor call, answered between
-# training steps) for this long is taken for lost. Ray's default is 600 s; a dead host's workers never
-# answer, and Ray's own node-death verdict (15-60 s) arrives in the same autoscaler round as the request
-# for a replacement, which Ray 2.60's on-prem provider then fills with the dead host's address (see the
-# module doc): restarting before that verdict lets it start the spare. Set by `unresponsive_worker_env`
-# in the driver unless RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S is set (Ray passes it on to its controller).
+# training steps) for this long is taken for lost. Ray's default is 600 s: a dead host's workers would hold
+# the run that long when Ray's own node-death verdict does not reach the controller. Set by
+# `unresponsive_worker_env` in the driver unless RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S is set (Ray passes
+# it on to its controller).
 UNRESPONSIVE_WORKER_S = 10.0
 HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
 
