@@ -312,7 +312,15 @@ def job_view(job: Job, files: JobFiles | None = None, with_spec: bool = False) -
         estimate=estimate_vs_actual(job, metrics, detail=with_spec),
         time_limit_warning=time_limit_warning(job, shown, time.time()),
         workers=worker_spans(metrics) if metrics else None,
+        infra_losses=infra_losses(metrics),
     )
+
+
+def infra_losses(metrics: list[EpochMetrics] | None) -> list[str] | None:
+    """One line per lost worker node/host the run recovered from (each restarted run's first epoch carries
+    them: trainer/infra.py); None when there was none or the metrics were not read."""
+    lines = [loss.describe() for m in metrics or [] for loss in m.infra_losses]
+    return lines or None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ ARTIFACTS = "artifacts/artifacts.json"  # ArtifactIndex
 CONFUSION = "confusion.json"  # Confusion: the best checkpoint's confusion matrix, written when a run ends
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (scalars per epoch, the confusion matrix at the end)
 ATTEMPTS = "attempts.json"  # Attempts: the fence (trainer/fence.py); every worker-group start of a run appends one
+INFRA_LOSSES = "infra_losses.jsonl"  # InfraLoss, one line per lost node/host (trainer/infra.py writes it)
 
 # Each export format (trainer/spec.py ExportFormat) → its file under ARTIFACTS_DIR (trainer/export.py writes
 # it, `trainctl export` downloads it).
@@ -150,6 +151,37 @@ class NumericsRecord(Record):
     )
 
 
+class InfraLoss(Record):
+    """A worker node or host lost mid-run (trainer/infra.py): an infrastructure loss, which Ray Train's
+    restart from the last checkpoint recovers without charging checkpoint.max_failures or max_restarts.
+    The controller writes it when it decides to restart (infra_losses.jsonl); the restarted run's first
+    epoch carries it in metrics.jsonl with where it resumed."""
+
+    time: float = Field(description="unix time the loss was recognised")
+    host: str | None = Field(default=None, description="the lost node's address, when Ray named it")
+    node_id: str | None = Field(default=None, description="the lost node's Ray node id, when Ray named it")
+    lost_at_epoch: int = Field(ge=1, description="the epoch that was running when the node was lost")
+    checkpoint_epoch: int = Field(default=0, ge=0, description="the newest checkpoint's epoch then (0: none)")
+    error: str = Field(default="", description="Ray's reason, one line")
+    resumed_from_epoch: int | None = Field(
+        default=None, description="the checkpoint epoch the restarted run resumed from (0: from scratch)"
+    )
+    replacement: bool | None = Field(
+        default=None, description="the restarted run uses a node the lost run did not (a replacement host)"
+    )
+
+    def describe(self) -> str:
+        """One line for the job's view: 'worker host 10.0.0.3 lost at epoch 3; resumed from epoch 2 on a
+        replacement host'."""
+        where = f"worker host {self.host}" if self.host else f"worker node {self.node_id or '(unknown)'}"
+        text = f"{where} lost at epoch {self.lost_at_epoch}"
+        if self.resumed_from_epoch is None:
+            return f"{text}; restarting from the checkpoint of epoch {self.checkpoint_epoch}"
+        resumed = f"epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else "the start (no checkpoint)"
+        on = {True: " on a replacement host", False: " on the remaining hosts", None: ""}[self.replacement]
+        return f"{text}; resumed from {resumed}{on}"
+
+
 class EpochMetrics(Record):
     """One line of metrics.jsonl: one finished epoch, written by rank 0 after every epoch (all-reduced
     over the ranks). Accuracies are fractions 0..1."""
@@ -186,6 +218,10 @@ class EpochMetrics(Record):
         default=None,
         description="the worker-group attempt that wrote this line (attempts.json); null in files written before "
         "attempts were recorded",
+    )
+    infra_losses: list[InfraLoss] = Field(
+        default_factory=list,
+        description="the first epoch after a restart only: the lost nodes/hosts that restart recovered from",
     )
 
     def scalars(self) -> dict[str, float]:
@@ -476,6 +512,16 @@ def parse_metrics(text: str | None, attempts: Attempts | None = None) -> list[Ep
         if row is not None and (attempts is None or attempts.counts(row)):
             by_epoch[row.epoch] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def parse_infra_losses(text: str | None) -> list[InfraLoss]:
+    """infra_losses.jsonl's text → its valid lines, in order (a torn or invalid line is skipped)."""
+    rows = []
+    for line in (text or "").splitlines():
+        data = _json(line) if line.strip() else None
+        if isinstance(data, dict) and _valid(InfraLoss, data):
+            rows.append(InfraLoss.model_validate(data))
+    return rows
 
 
 def metrics_jsonl(rows: Iterable[EpochMetrics]) -> str:

@@ -60,16 +60,23 @@ def fit_run(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallbac
 def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     """A TorchTrainer writing metrics.jsonl and manifest.json into `run_root` and its checkpoints into
     `run_root/name/` — the layout of a single job and of each search trial alike."""
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from trainer.device_settings import process_group_backend
+    from trainer.infra import InfraAwareFailurePolicy, InfraAwareTorchTrainer, LossRecorder, unresponsive_worker_env
     from trainer.loop import RunPaths, train_loop_per_worker
 
     paths = RunPaths(
         metrics=objstore.join(run_root, contract.METRICS), manifest_dir=run_root, run_dir=objstore.join(run_root, name)
     )
     where = placement(spec)
-    return TorchTrainer(
+    unresponsive_worker_env()
+    config = run_config(spec, run_root, name, callbacks)
+    # A lost node or host is charged to checkpoint.max_infra_failures, not max_failures (trainer/infra.py).
+    policy = InfraAwareFailurePolicy(
+        config.failure_config, spec.checkpoint.max_infra_failures, record=LossRecorder(run_root)
+    )
+    return InfraAwareTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "paths": paths.to_dict(), "placement": where.to_dict()},
         scaling_config=scaling_config(spec, where),
@@ -77,7 +84,8 @@ def build_trainer(spec: JobSpec, run_root: str, name: str, callbacks: list[UserC
         # partition waits in its all-reduce; this bounds that wait (torch's default is 30 minutes), so the
         # collective raises and Ray Train restarts the group even if node-death detection is slow.
         torch_config=TorchConfig(backend=process_group_backend(where.use_gpu), timeout_s=collective_timeout_s()),
-        run_config=run_config(spec, run_root, name, callbacks),
+        run_config=config,
+        failure_policy=policy,
     )
 
 

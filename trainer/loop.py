@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import objstore
 from trainer import checkpoint as ckpt
-from trainer import contract, fence, step
+from trainer import contract, fence, infra, step
 from trainer.contract import CheckpointEntry, EpochMetrics
 from trainer.data import Dataset, DeviceData, load, load_splits, test_source
 from trainer.device_settings import ddp_options
@@ -95,10 +95,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Rank 0's TensorBoard event files in <run dir>/tensorboard/ (a resumed run purges the epochs it redoes).
     events = EventLog(paths.manifest_dir, purge_step=start_epoch if start_epoch > 1 else None) if rank == 0 else None
 
+    # The lost nodes/hosts this run restarted after (trainer/infra.py), shown with its first epoch.
+    recovered = (
+        infra.resumed(infra.pending_losses(paths.manifest_dir, history), history, start_epoch, list(ctx.node_ids))
+        if rank == 0
+        else []
+    )
+
     for epoch in range(start_epoch, spec.optim.epochs + 1):
         metrics = step.run_epoch(trainee, spec, splits, ctx, epoch=epoch, start_epoch=start_epoch)
         if rank == 0:
             metrics.attempt = attempt
+            if epoch == start_epoch and recovered:
+                metrics = metrics.model_copy(update={"infra_losses": recovered})
             history.append(metrics)
             fence.write_metrics(paths.manifest_dir, paths.metrics, attempt, history)
             assert events is not None

@@ -311,6 +311,13 @@ class CheckpointSpec(Section):
     keep_best: PositiveInt = Field(default=2, le=100, description="best by val_acc; the latest is kept too")
     max_failures: int = Field(default=2, ge=0, le=100, description="worker-group restarts inside one run")
     max_restarts: int = Field(default=2, ge=0, le=10, description="resubmissions after a driver/infra failure")
+    max_infra_failures: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="worker-group restarts inside one run after a worker node or host was lost (an "
+        "infrastructure loss: charged here, never to max_failures or max_restarts)",
+    )
 
 
 class LimitsSpec(Section):

@@ -309,7 +309,7 @@ def get_metrics(
         row = m.model_dump()
         writer.writerow(
             {
-                k: ";".join(map(str, v))
+                k: ";".join(json.dumps(x, sort_keys=True) if isinstance(x, dict) else str(x) for x in v)
                 if isinstance(v, list)
                 else json.dumps(v, sort_keys=True)
                 if isinstance(v, dict)

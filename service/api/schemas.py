@@ -233,6 +233,12 @@ class JobView(BaseModel):
         description="the worker count over time, from the epochs' metrics: one span per run of epochs trained by "
         "the same number of DDP ranks (several with elastic scaling.num_workers); null before the first epoch",
     )
+    infra_losses: list[str] | None = Field(
+        default=None,
+        description="worker nodes/hosts the job lost and recovered from, one line each, e.g. 'worker host "
+        "10.0.0.3 lost at epoch 3; resumed from epoch 2 on a replacement host' (charged to "
+        "checkpoint.max_infra_failures, not max_failures; from metrics.jsonl: single job views and the event stream)",
+    )
 
 
 class EstimateVsActual(BaseModel):

@@ -312,3 +312,22 @@ def test_inline_polls_never_wait_for_a_pooled_connection(api: Api) -> None:
             conn.close()
     api.reconcile()  # a write through the pool; the next poll's read transaction sees it
     assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "STARTING"
+
+
+def test_the_view_says_which_host_was_lost_and_where_the_job_resumed(api: Api) -> None:
+    """trainer/infra.py's record, carried by the restarted run's first epoch, is one line of the job's view
+    and of its metrics CSV."""
+    job_id = _running_job(api)
+    loss = {"time": 1e9 + 2.5, "host": "10.77.0.3", "lost_at_epoch": 3, "checkpoint_epoch": 2}
+    resumed = json.loads(metrics_line(3, 0.4)) | {
+        "resumed": True,
+        "infra_losses": [loss | {"resumed_from_epoch": 2, "replacement": True}],
+    }
+    lines = metrics_line(1, 0.2) + metrics_line(2, 0.3) + json.dumps(resumed) + "\n"
+    api.job_dir(job_id).joinpath("metrics.jsonl").write_text(lines)
+    view = api.get(f"/v1/jobs/{job_id}").json()
+    assert view["infra_losses"] == ["worker host 10.77.0.3 lost at epoch 3; resumed from epoch 2 on a replacement host"]
+    csv_text = api.get(f"/v1/jobs/{job_id}/metrics", params={"format": "csv"}).text
+    assert '""host"": ""10.77.0.3""' in csv_text  # the loss as JSON in its column
+    api.job_dir(job_id).joinpath("metrics.jsonl").write_text(metrics_line(1, 0.2))
+    assert api.get(f"/v1/jobs/{job_id}").json()["infra_losses"] is None
