@@ -28,11 +28,6 @@ from trainer import contract
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.timeout(900),  # above Ray's 300 s wait for a host that never joins
-    # Not passing yet (issue 28 item 4): on every try here (4 runs) the crash was classified and recorded as an
-    # infrastructure loss, but the restarted worker group never got its 2 workers (WorkerGroupStartupTimeoutError
-    # retries) — with a spare started on demand (Ray 2.60's local provider hands out the crashed host's address
-    # again) and with min_workers 2 (not yet understood). Skipped rather than costing the suite 15 minutes.
-    pytest.mark.skip(reason="host-crash recovery on the emulated on-prem cluster not reached yet (see pytestmark)"),
 ]
 
 EPOCHS = 6
@@ -41,10 +36,10 @@ CRASH_AFTER_EPOCH = 2  # a checkpoint exists (checkpoint.every_epochs 1) and epo
 
 @pytest.fixture(scope="module")
 def onprem(cifar_parquet: Path) -> Iterator[OnPrem]:
-    # Two worker hosts kept running (min_workers), so the job can resume on what is left: Ray 2.60's local
-    # provider, asked for a replacement in the autoscaler round in which it terminates the crashed host,
-    # hands out the crashed host's address again (the lowest terminated one) and never starts the spare.
-    with onprem_cluster(cifar_parquet, min_workers=2) as cluster:
+    # The spare worker host replaces the crashed one: Ray 2.60's local provider first hands the replacement
+    # launch the crashed host's own address (the lowest terminated one); cluster/onprem.yaml's
+    # RAY_AUTOSCALER_RECONCILE_REQUEST_STATUS_TIMEOUT_S re-requests that stuck launch after 30 s, on the spare.
+    with onprem_cluster(cifar_parquet) as cluster:
         yield cluster
 
 
