@@ -179,7 +179,7 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         import yaml
 
-        from service import safeyaml  # no aliases: a shared spec file cannot expand to gigabytes
+        from service.common import safeyaml  # no aliases: a shared spec file cannot expand to gigabytes
 
         path = Path(args.file)
         try:
@@ -875,20 +875,20 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
+    from service.server.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
 
     return cmd_serve(args)
 
 
 def _down(args: argparse.Namespace) -> int:
-    from service.serve import cmd_down
+    from service.server.serve import cmd_down
 
     return cmd_down(args)
 
 
 def _admin(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from service import admin  # SQLAlchemy/Alembic: only for these commands
+        from service.server import admin  # SQLAlchemy/Alembic: only for these commands
 
         command: Callable[[argparse.Namespace], int] = getattr(admin, name)
         return command(args)

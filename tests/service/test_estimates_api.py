@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from service import cli, client, history
+from service import cli, client
+from service.api import history
 from tests.service.conftest import Api
 
 JOB = {"preset": "debug", "overrides": {"optim.epochs": 4}}

@@ -46,8 +46,8 @@ def test_the_contract_modules_import_only_pydantic_and_the_standard_library() ->
 @pytest.mark.slow
 def test_loading_the_app_and_cli_loads_no_torch_or_ray() -> None:
     code = (
-        "import sys, service.app, service.cli; from service.settings import load_settings; "
-        "service.app.create_app(load_settings(data_dir='/tmp/unused-trainctl')); "
+        "import sys, service.server.app, service.cli; from service.common.settings import load_settings; "
+        "service.server.app.create_app(load_settings(data_dir='/tmp/unused-trainctl')); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'torchvision')); "
         "assert not bad, bad"
     )
