@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import objstore
+from service.common.keyfile import load_or_create_secret
 from service.common.settings import Settings
 from service.engine import jobdir, records
 from service.engine.decide import Cancel, Facts, Fail, Progress, Resubmit, Stop, Succeed, decide, restarts_used
@@ -26,7 +27,6 @@ from service.engine.notify import Notifier
 from service.engine.rayjobs import RayJobInfo, RayJobs, RayUnavailable
 from service.engine.states import InvalidTransition, JobNotFound, JobState
 from service.engine.store import Job, Store
-from service.ui.session import load_or_create_secret
 from trainer import contract
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from service.api import compare, estimates, events, health, jobs, limits, plots,
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
+from service.common.keyfile import load_or_create_secret
 from service.common.settings import Settings, load_settings
 from service.engine.notify import Notifier
 from service.engine.rayjobs import RayJobs, RayJobsClient
@@ -68,7 +69,7 @@ def create_app(
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address), notifier)
         reconciler = Reconciler(runner, settings.reconcile_interval_s)
         metrics.attach(runner, reconciler)
-        sessions = session.Sessions(session.load_or_create_secret(settings.session_secret_path))
+        sessions = session.Sessions(load_or_create_secret(settings.session_secret_path))
         slow = limits.SlowPool(settings.slow_workers, settings.slow_queue)
         streams = limits.StreamSlots(settings.max_event_streams_per_owner, settings.max_event_streams)
         app.state.trainctl = AppState(
