@@ -32,7 +32,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.localray import LocalRayHead, free_port, stop_process_group  # noqa: E402
+from service.server.localray import LocalRayHead, free_port, stop_process_group  # noqa: E402
 from tests.plugins.postgres import start_postgres  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 

@@ -73,7 +73,7 @@ def report(views: list[dict[str, Any]]) -> dict[str, float | None]:
 def run_series(n: int, epochs: int) -> None:
     """Start a local Ray head and `trainctl serve`, run `n` debug jobs one after another, then report."""
     from bench.api_load import start_serve
-    from service.localray import LocalRayHead, stop_process_group
+    from service.server.localray import LocalRayHead, stop_process_group
     from tests.trainer.cifar_files import write_cifar_python
 
     work = Path(tempfile.mkdtemp(prefix="trainctl-estimate-error-"))

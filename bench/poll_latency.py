@@ -7,7 +7,7 @@ several GIL switch intervals, interleaved so that each is measured under the sam
 The real app (real SQLite, local storage, auth, middleware; a fake Ray) driven by raw ASGI calls on one event
 loop, as bench/profile_poll.py does: 1 job RUNNING with 200 epochs in its metrics.jsonl, 99 QUEUED; polls
 alternate GET /v1/jobs/{id} and GET /v1/jobs, 2 ms apart. Prints p50/p99/max per interval and round.
-`trainctl serve` sets service/serve.py's GIL_SWITCH_INTERVAL_S.
+`trainctl serve` sets service/server/serve.py's GIL_SWITCH_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.profile_poll import AsgiDriver, metrics_line  # noqa: E402
-from service.app import create_app  # noqa: E402
-from service.settings import load_settings  # noqa: E402
-from service.states import JobState  # noqa: E402
+from service.common.settings import load_settings  # noqa: E402
+from service.engine.states import JobState  # noqa: E402
+from service.server.app import create_app  # noqa: E402
 from tests.service.fakes import FakeRay  # noqa: E402
 from trainer.spec import JobSpec  # noqa: E402
 

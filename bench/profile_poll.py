@@ -30,30 +30,30 @@ import anyio.to_thread
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.app import create_app  # noqa: E402
-from service.settings import load_settings  # noqa: E402
-from service.states import JobState  # noqa: E402
+from service.common.settings import load_settings  # noqa: E402
+from service.engine.states import JobState  # noqa: E402
+from service.server.app import create_app  # noqa: E402
 from tests.service.fakes import FakeRay  # noqa: E402
 from trainer.spec import JobSpec  # noqa: E402
 
 # What a poll's time is spent on: (label, file suffix, function); the labels' indentation shows nesting.
 PARTS = [
     ("request timer middleware (whole request inside it)", "starlette/middleware/base.py", "__call__"),
-    ("request timer middleware (whole request inside it)", "service/metrics.py", "timed"),
+    ("request timer middleware (whole request inside it)", "service/server/metrics.py", "timed"),
     ("FastAPI dependencies (auth, job row, parameters)", "fastapi/dependencies/utils.py", "solve_dependencies"),
-    ("  auth: token lookup (store.token_owner)", "service/store.py", "token_owner"),
-    ("  the job's row (store.get)", "service/store.py", "get"),
+    ("  auth: token lookup (store.token_owner)", "service/engine/store.py", "token_owner"),
+    ("  the job's row (store.get)", "service/engine/store.py", "get"),
     ("handler: GET /v1/jobs/{id}", "service/api/jobs.py", "get_job"),
     ("handler: GET /v1/jobs", "service/api/jobs.py", "list_jobs"),
-    ("  rows for the list (store.list)", "service/store.py", "list"),
-    ("    Job snapshots from rows (Job.of)", "service/store.py", "of"),
-    ("  job dir files: stat + read + parse (views.read_files)", "service/views.py", "read_files"),
-    ("  metrics.jsonl read + parse (jobdir.read_metrics)", "service/jobdir.py", "read_metrics"),
+    ("  rows for the list (store.list)", "service/engine/store.py", "list"),
+    ("    Job snapshots from rows (Job.of)", "service/engine/store.py", "of"),
+    ("  job dir files: stat + read + parse (views.read_files)", "service/api/views.py", "read_files"),
+    ("  metrics.jsonl read + parse (jobdir.read_metrics)", "service/engine/jobdir.py", "read_metrics"),
     ("    parse (contract.parse_metrics)", "trainer/contract.py", "parse_metrics"),
     ("  build the JobView (job_view)", "service/api/schemas.py", "job_view"),
-    ("  build the JobView (job_view)", "service/views.py", "job_view"),
-    ("  render JSON + ETag (views.render_job/render_list)", "service/views.py", "render_job"),
-    ("  render JSON + ETag (views.render_job/render_list)", "service/views.py", "render_list"),
+    ("  build the JobView (job_view)", "service/api/views.py", "job_view"),
+    ("  render JSON + ETag (views.render_job/render_list)", "service/api/views.py", "render_job"),
+    ("  render JSON + ETag (views.render_job/render_list)", "service/api/views.py", "render_list"),
     ("response model validation + JSON (FastAPI)", "fastapi/routing.py", "serialize_response"),
 ]
 

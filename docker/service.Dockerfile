@@ -32,7 +32,7 @@ COPY trainer/ trainer/
 COPY service/ service/
 COPY objstore/ objstore/
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import service.app, service.client.cli.main, objstore, ray.job_submission"
+    && python -c "import service.server.app, service.client.cli.main, objstore, ray.job_submission"
 
 USER 1000:1000
 WORKDIR /data

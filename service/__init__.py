@@ -1,19 +1,19 @@
-"""trainctl's control plane: an HTTP API that runs training jobs on Ray (see docs/service.md).
+"""trainctl's control plane: an HTTP API that runs training jobs on Ray (see docs/service.md), and its client.
 
-    settings.py    TRAINCTL_* settings, built by load_settings()
-    states.py      job states and the allowed transitions
-    store.py       the SQLite job/token store (SQLAlchemy); the only place that changes a job's state
-    jobdir.py      reading a job directory (metrics, manifest, summary) through objstore
-    rayjobs.py     the narrow Ray Jobs API client (JobSubmissionClient) the runner uses
-    runner.py      queue, submission, cancel, reconciliation with Ray and the job directory, restarts
-    reconciler.py  the background task that runs the runner's reconciliation
-    auth.py        bearer tokens (only hashes stored)
-    errors.py      the JSON error shape and exception handlers
-    startup.py     the start-up steps every API process runs (data dir, migrations, admin token, auth check)
-    app.py         create_app(settings): the FastAPI app and its lifespan
-    api/           routes (jobs, tokens, health), request dependencies, request/response schemas
-    localray.py    a local Ray head for `trainctl serve`
-    cli.py         the `trainctl` command
+    cli.py, client.py  the pip-installed client: the `trainctl` command and the HTTP client it uses
+    logview.py         the trainer's lines out of a Ray driver log (`trainctl logs`)
+    server/            the server process: `trainctl serve`/`down` (serve.py, localray.py), the app's assembly
+                       (app.py) and start-up (startup.py), ASGI guards, Prometheus metrics, and the operator
+                       commands on the database and storage (admin.py, reindex.py, clustercheck.py)
+    api/               the HTTP layer: routes under /v1 and /healthz, their schemas and dependencies, job views,
+                       authentication, the submission policy, request limits, the error shape
+    ui/                the dashboard under /ui/ (pages, browser sessions)
+    engine/            the job engine: the store (SQLAlchemy; the only place that changes a job's state) and its
+                       migrations, job states, the runner and reconciler (Ray Jobs), decide (what to do with an
+                       active job), the job directories, signed records, webhook alerts
+    common/            settings (TRAINCTL_*, load_settings()) and pure helpers every part may use
 
-Import rule: `service` uses `trainer.spec` and `objstore`, nothing else of `trainer` (no torch here).
+Layers, each importing only those below it: common < engine < api, ui < server; the client imports the
+server only inside the command that runs it (tests/service/test_imports.py). Of `trainer`, `service` uses only
+`trainer.spec` and `trainer.contract` (no torch here), and `objstore`.
 """

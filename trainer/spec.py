@@ -422,7 +422,7 @@ MAX_URL = 2048
 
 
 class NotifySpec(Section):
-    """A webhook the service POSTs a small JSON body to when the job reaches one of `on` (service/notify.py)."""
+    """A webhook the service POSTs a small JSON body to when the job reaches one of `on` (service/engine/notify.py)."""
 
     webhook: str = Field(max_length=MAX_URL, description="http(s) URL; the operator allows hosts")
     on: list[NotifyState] = Field(default_factory=lambda: list(NOTIFY_STATES), min_length=1, max_length=3)

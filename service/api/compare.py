@@ -1,4 +1,4 @@
-"""GET /v1/compare?ids=a,b[,...]: 2-5 of your jobs side by side (service/compare.py), as JSON or a PNG."""
+"""GET /v1/compare?ids=a,b[,...]: 2-5 of your jobs side by side (service/api/comparison.py), as JSON or a PNG."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from service import compare, jobdir, plots
+from service.api import comparison as compare
+from service.api import plotting as plots
+from service.api.auth import Principal
 from service.api.deps import PrincipalDep, RunnerDep, StoreDep
+from service.api.errors import ApiError
 from service.api.openapi import COMMON_ERRORS, errors
-from service.auth import Principal
-from service.errors import ApiError
-from service.runner import Runner
-from service.states import JobState
-from service.store import Job, Store
+from service.engine import jobdir
+from service.engine.runner import Runner
+from service.engine.states import JobState
+from service.engine.store import Job, Store
 from trainer.contract import EpochMetrics, Summary
 
 router = APIRouter(tags=["compare"], responses=COMMON_ERRORS)

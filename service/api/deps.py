@@ -10,16 +10,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 import objstore
-from service import auth, limits
-from service.errors import ApiError, not_found
-from service.reconciler import Reconciler
-from service.runner import Runner
-from service.settings import Settings
-from service.store import Job, Store
+from service.api import auth, limits
+from service.api.errors import ApiError, not_found
+from service.common.settings import Settings
+from service.engine.reconciler import Reconciler
+from service.engine.runner import Runner
+from service.engine.store import Job, Store
 from service.ui import session
 
 if TYPE_CHECKING:
-    from service.app import AppState  # not at run time: service.app imports the routers, which import this
+    from service.server.app import (
+        AppState,  # not at run time: service.server.app imports the routers, which import this
+    )
 
 T = TypeVar("T")
 

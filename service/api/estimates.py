@@ -1,4 +1,4 @@
-"""POST /v1/estimates: how long a spec will take and what it will cost, before it runs (service/estimate.py).
+"""POST /v1/estimates: how long a spec will take and what it will cost, before it runs (service/common/estimate.py).
 
 The same body as POST /v1/jobs, validated and checked the same way (a spec this service would refuse is a
 422 here too); nothing is created or launched. Submission makes the same estimate (`estimate_for`),
@@ -12,14 +12,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
-from service import history, policy
+from service.api import history, policy
 from service.api.deps import PrincipalDep, RunnerDep, SettingsDep, StoreDep
+from service.api.errors import ApiError
 from service.api.openapi import COMMON_ERRORS
 from service.api.schemas import SUBMIT_EXAMPLES, resolve_body
-from service.errors import ApiError
-from service.estimate import Estimate, check_limits, estimate
-from service.settings import Settings
-from service.store import Store
+from service.common.estimate import Estimate, check_limits, estimate
+from service.common.settings import Settings
+from service.engine.store import Store
 from trainer.spec import JobSpec
 
 router = APIRouter(tags=["estimates"], responses=COMMON_ERRORS)

@@ -25,11 +25,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 import objstore
-from service import jobdir
 from service.api.deps import JobDep, PrincipalDep, RunnerDep, SettingsDep, StoreDep, StreamSlotsDep
+from service.api.limits import StreamSlot
 from service.api.openapi import COMMON_ERRORS, errors
-from service.limits import StreamSlot
-from service.views import JobFiles, job_view
+from service.api.views import JobFiles, job_view
+from service.engine import jobdir
 from trainer.contract import EpochMetrics
 
 router = APIRouter(tags=["jobs"], responses=COMMON_ERRORS)

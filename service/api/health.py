@@ -14,14 +14,14 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 import objstore
-from service import auth
+from service.api import auth
 from service.api.deps import RunnerDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["health"])
 T = TypeVar("T")
 
 CHECK_TIMEOUT_S = 5.0
-# Its own threads: neither the pool that runs the `def` routes nor the slow pool (service/limits.py), so a
+# Its own threads: neither the pool that runs the `def` routes nor the slow pool (service/api/limits.py), so a
 # service busy with slow requests still answers its health check (and says what is down).
 HEALTH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trainctl-healthz")
 

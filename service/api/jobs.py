@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BeforeValidator
 
 import objstore
-from service import auth, jobdir, policy, views
+from service.api import auth, policy, views
 from service.api.deps import (
     AppStateDep,
     BearerDep,
@@ -35,6 +35,7 @@ from service.api.deps import (
     principal_of,
     run_poll,
 )
+from service.api.errors import ApiError
 from service.api.estimates import estimate_for, refuse_over_limits
 from service.api.openapi import COMMON_ERRORS, errors
 from service.api.schemas import (
@@ -55,11 +56,11 @@ from service.api.schemas import (
     resolve_body,
     split_labels,
 )
-from service.errors import ApiError
-from service.runner import NoLog, Runner, StillStopping
-from service.states import JobState
-from service.store import SORT_KEYS, IdempotencyConflict, Job, JobFilter, Labels, Store
-from service.views import job_view
+from service.api.views import job_view
+from service.engine import jobdir
+from service.engine.runner import NoLog, Runner, StillStopping
+from service.engine.states import JobState
+from service.engine.store import SORT_KEYS, IdempotencyConflict, Job, JobFilter, Labels, Store
 from trainer.contract import METRIC_COLUMNS
 from trainer.spec import JobSpec, resolve
 

@@ -1,6 +1,6 @@
-"""GET /v1/jobs/{id}/plots/{curves,lr,confusion}.png: the job's pictures (service/plots.py), drawn from its
+"""GET /v1/jobs/{id}/plots/{curves,lr,confusion}.png: the job's pictures (service/api/plotting.py), drawn from its
 job directory, so they grow as epochs finish; each picture is rendered once per set of epochs (PlotCache) in
-the bounded slow pool (service/limits.py)."""
+the bounded slow pool (service/api/limits.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 
-from service import jobdir, plots, reference
+from service.api import plotting as plots
+from service.api import reference
 from service.api.deps import JobDep, PlotCacheDep, RunnerDep, SlowPoolDep
+from service.api.errors import ApiError
+from service.api.limits import PlotCache
 from service.api.openapi import COMMON_ERRORS
-from service.errors import ApiError
-from service.limits import PlotCache
-from service.states import JobState
-from service.store import Job
+from service.engine import jobdir
+from service.engine.states import JobState
+from service.engine.store import Job
 
 router = APIRouter(tags=["plots"], responses=COMMON_ERRORS)
 

@@ -7,7 +7,7 @@ from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from service.errors import ApiError
+from service.api.errors import ApiError
 
 _ATTR = "_trainctl_query_names"  # kept on the route itself: it lives exactly as long as its names are right
 

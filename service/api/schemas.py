@@ -1,4 +1,4 @@
-"""Request and response shapes of the HTTP API (service/views.py builds a stored job's view)."""
+"""Request and response shapes of the HTTP API (service/api/views.py builds a stored job's view)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import ApiError
-from service.estimate import Estimate, LimitCheck
-from service.reference import ReferenceView
-from service.states import JobState
-from service.store import Labels
+from service.api.errors import ApiError
+from service.api.reference import ReferenceView
+from service.common.estimate import Estimate, LimitCheck
+from service.engine.states import JobState
+from service.engine.store import Labels
 from trainer.contract import EpochMetrics, NumericsRecord, TrialRow
 from trainer.spec import JobSpec, error_list, resolve
 

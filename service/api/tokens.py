@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, Field
 
-from service import auth
+from service.api import auth
 from service.api.deps import AdminDep, StoreDep
+from service.api.errors import ApiError, not_found
 from service.api.openapi import COMMON_ERRORS, errors
-from service.errors import ApiError, not_found
-from service.store import TokenNameTaken
+from service.engine.store import TokenNameTaken
 
 router = APIRouter(tags=["tokens"], responses=COMMON_ERRORS)
 

@@ -22,18 +22,20 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 import objstore
-from service import auth, jobdir, safeyaml
+from service.api import auth
 from service.api import estimates as estimates_api
 from service.api import jobs as jobs_api
 from service.api.deps import PrincipalDep, ReconcilerDep, RunnerDep, SettingsDep, StoreDep, session_principal
+from service.api.errors import ApiError
 from service.api.schemas import JobView
-from service.errors import ApiError
-from service.estimate import Estimate
-from service.notify import shown_spec
-from service.states import JobState
-from service.store import Job
+from service.api.views import fresh_view, job_view
+from service.common import safeyaml
+from service.common.estimate import Estimate
+from service.engine import jobdir
+from service.engine.notify import shown_spec
+from service.engine.states import JobState
+from service.engine.store import Job
 from service.ui import session
-from service.views import fresh_view, job_view
 from trainer.contract import Summary
 from trainer.spec import MAX_ECHO, PRESETS, WorkerRange
 
@@ -200,7 +202,7 @@ def job_page(job_id: str, request: Request, settings: SettingsDep, store: StoreD
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(request: Request, settings: SettingsDep, store: StoreDep, ids: str = "") -> HTMLResponse:
-    """2-5 jobs on one chart with their spec differences; the script reads GET /v1/compare (service/compare.py)."""
+    """2-5 jobs on one chart with spec differences; the script reads GET /v1/compare (service/api/comparison.py)."""
     principal = _page_principal(request, settings, store)
     return _render(request, "compare.html", principal=principal, ids=ids)
 

@@ -13,32 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 import time
-from pathlib import Path
 
 COOKIE = "trainctl_session"
 CSRF_HEADER = "x-csrf-token"
 TTL_S = 12 * 3600
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def load_or_create_secret(path: Path) -> bytes:
-    """The signing key in `path` (mode 0600), created on first use; restarts keep sessions valid."""
-    if path.exists():
-        raw = path.read_text().strip()
-        if len(raw) >= 32:
-            return raw.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (key + "\n").encode())
-    finally:
-        os.close(fd)
-    return key.encode()
 
 
 class Sessions:

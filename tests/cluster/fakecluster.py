@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.localray import LocalRayHead, free_port
+from service.server.localray import LocalRayHead, free_port
 from tests.plugins.reaper import reap_with_session
 
 FAKE_GPU = "fake_gpu"

@@ -194,7 +194,9 @@ def onprem_cluster(cifar_parquet: Path, min_workers: int = 0) -> Iterator[OnPrem
             f"printf %s {_shq(cluster_env)} > ~/.trainctl/cluster.env"
         )
         check(hosts.run(["bash", "-c", setup], env=env), "the launcher's token and cluster.env")
-        check(hosts.run([sys.executable, "-m", "service.clustercheck", str(config_path)], env=env), "clustercheck")
+        check(
+            hosts.run([sys.executable, "-m", "service.server.clustercheck", str(config_path)], env=env), "clustercheck"
+        )
         t0 = time.monotonic()
         check(hosts.run(["ray", "up", "-y", "--no-config-cache", str(config_path)], timeout=600, env=env), "ray up")
         timings["ray_up_s"] = time.monotonic() - t0

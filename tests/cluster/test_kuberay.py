@@ -310,7 +310,7 @@ def test_the_service_accepts_the_configmap_and_pins_drivers_to_the_head(
 ) -> None:
     """The ConfigMap is the service's environment: it must load as Settings, point at the RayCluster's head
     service and give every driver the head-only resource."""
-    from service.settings import load_settings
+    from service.common.settings import load_settings
 
     data = the(objects, "ConfigMap")["data"]
     for key in [k for k in __import__("os").environ if k.startswith("TRAINCTL_")]:
@@ -331,8 +331,8 @@ def test_the_service_accepts_the_configmap_and_pins_drivers_to_the_head(
 def test_the_api_adopts_an_admin_token_it_is_given(tmp_path: Path) -> None:
     """The Secret's admin token (copied into the data dir by the init container) becomes the admin token on a
     start that finds none in the store; a placeholder-sized file is replaced as before."""
-    from service import auth
-    from service.store import Store
+    from service.api import auth
+    from service.engine.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'a.db'}")
     store.create_schema()

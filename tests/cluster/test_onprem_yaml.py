@@ -1,5 +1,5 @@
 """cluster/onprem.yaml, checked offline (no hosts needed): trainctl's own checks of the file
-(service/clustercheck.py) name the field of each bad input, Ray's schema accepts it, its commands exist and
+(service/server/clustercheck.py) name the field of each bad input, Ray's schema accepts it, its commands exist and
 parse, and the Ray 2.60 on-prem workarounds are in place. tests/cluster/test_onprem.py runs it for real."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.clustercheck import LOCAL_NODE_TYPE, check_onprem, main
+from service.server.clustercheck import LOCAL_NODE_TYPE, check_onprem, main
 from tests.cluster.checks import REPO, bash_syntax_ok, check_command, simple_commands
 
 CLUSTER_YAML = REPO / "cluster" / "onprem.yaml"

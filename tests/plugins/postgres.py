@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from service.localray import free_port
+from service.server.localray import free_port
 
 SUPERUSER = "trainctl"
 

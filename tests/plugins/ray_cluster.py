@@ -1,6 +1,6 @@
 """One real local Ray head per test session, shared by every test that needs Ray.
 
-Started the way `trainctl serve` starts its own (service/localray.py: `ray start --head --block` in its own
+Started the way `trainctl serve` starts its own (service/server/localray.py: `ray start --head --block` in its own
 process group on 127.0.0.1, dashboard and Jobs API on 127.0.0.1, free ports throughout), with token auth
 explicitly disabled so the head and every client agree (Ray 2.60 turns it on by itself otherwise). 6 logical
 CPUs on this 2-core machine: a 2-worker DDP run, its driver and a Tune trial's leaked placement group all
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from service.localray import LocalRayHead, free_port  # noqa: F401 - free_port is re-exported for tests
+from service.server.localray import LocalRayHead, free_port  # noqa: F401 - free_port is re-exported for tests
 from tests.plugins.reaper import reap_with_session
 
 RAY_CPUS = 6

@@ -22,10 +22,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.localray import read_head_record, stop_process_group
-from service.runner import Runner
-from service.settings import Settings, load_settings
+from service.common.settings import Settings, load_settings
+from service.engine.runner import Runner
+from service.server.app import create_app
+from service.server.localray import read_head_record, stop_process_group
 from tests.conftest import CIFAR_PARQUET
 from tests.plugins.ray_cluster import RayHead, free_port
 from tests.plugins.reaper import reap_with_session

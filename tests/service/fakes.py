@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from service.rayjobs import Placement, RayJobInfo, RayUnavailable
+from service.engine.rayjobs import Placement, RayJobInfo, RayUnavailable
 
 
 @dataclass

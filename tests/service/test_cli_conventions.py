@@ -17,10 +17,10 @@ import httpx
 import pytest
 import uvicorn
 
-from service.app import create_app
 from service.client import http
 from service.client.cli import common, main
-from service.settings import load_settings
+from service.common.settings import load_settings
+from service.server.app import create_app
 from tests.plugins.ray_cluster import free_port
 from tests.service.fakes import FakeRay
 
@@ -171,7 +171,7 @@ def test_bad_choices_are_usage_errors_without_a_request(
 
 
 def test_state_choices_are_the_services_states() -> None:
-    from service.states import JobState
+    from service.engine.states import JobState
 
     assert common.JOB_STATES == tuple(s.value.lower() for s in JobState)
 

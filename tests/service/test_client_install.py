@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.settings import load_settings
+from service.common.settings import load_settings
+from service.server.app import create_app
 from tests.plugins.ray_cluster import free_port
 from tests.service.fakes import FakeRay
 

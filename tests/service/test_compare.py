@@ -1,4 +1,4 @@
-"""Comparing runs: the shared module (service/compare.py), GET /v1/compare(.png) and `trainctl compare`,
+"""Comparing runs: the shared module (service/api/comparison.py), GET /v1/compare(.png) and `trainctl compare`,
 through the real app (SQLite and PostgreSQL) over a fake Ray."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from service.api.comparison import flatten, parse_ids, spec_differences
 from service.client import http
 from service.client.cli import common, main
-from service.compare import flatten, parse_ids, spec_differences
 from tests.service.conftest import Api, metrics_line
 
 

@@ -1,4 +1,4 @@
-"""service/decide.py: the runner's decision, row by row (job state x Ray status x what the run left behind)."""
+"""service/engine/decide.py: the runner's decision, row by row (job state x Ray status x what the run left behind)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from service.decide import (
+from service.engine.decide import (
     MAX_FREE_RESTARTS,
     Action,
     Cancel,
@@ -21,8 +21,8 @@ from service.decide import (
     cluster_caused,
     decide,
 )
-from service.rayjobs import RayJobInfo, RayJobStatus
-from service.states import JobState
+from service.engine.rayjobs import RayJobInfo, RayJobStatus
+from service.engine.states import JobState
 from trainer.contract import ErrorKind, RunState, Summary
 
 S, R = JobState.STARTING, JobState.RUNNING

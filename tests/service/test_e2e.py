@@ -390,7 +390,7 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
     re-attaches. `trainctl down` stops serve and the head (only that one); the next serve starts a new head
     and resubmits the job, which resumes — with checkpoint.max_restarts 0, because a restart the service or
     cluster caused is not the job's. The log of the attempt the old head ran is still served."""
-    from service.localray import read_head_record
+    from service.server.localray import read_head_record
     from tests.plugins.ray_cluster import free_port
 
     port = free_port()

@@ -1,4 +1,4 @@
-"""service/estimate.py: the pure estimate and its guard rails (no I/O)."""
+"""service/common/estimate.py: the pure estimate and its guard rails (no I/O)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.estimate import (
+from service.common.estimate import (
     BENCHMARKS,
     NO_PRICING,
     HistoryRow,
@@ -19,7 +19,7 @@ from service.estimate import (
     estimate,
     spec_key,
 )
-from service.settings import Settings
+from service.common.settings import Settings
 from trainer.spec import JobSpec, resolve
 
 H100 = "NVIDIA H100 80GB HBM3"

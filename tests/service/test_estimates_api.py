@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service import history
+from service.api import history
 from service.client import http
 from service.client.cli import common, main
 from tests.service.conftest import Api

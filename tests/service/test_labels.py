@@ -9,12 +9,12 @@ import time
 import pytest
 from sqlalchemy import text
 
-from service.states import JobState
-from service.store import JobFilter, Labels, Store
+from service.engine.states import JobState
+from service.engine.store import JobFilter, Labels, Store
 from tests.service.conftest import DEBUG_JOB, Api
 from trainer.spec import JobSpec
 
-SPEC = JobSpec()  # the store takes a validated spec (service/store.py)
+SPEC = JobSpec()  # the store takes a validated spec (service/engine/store.py)
 
 
 @pytest.fixture

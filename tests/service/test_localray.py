@@ -1,4 +1,4 @@
-"""The record of `trainctl serve`'s detached local head (service/localray.py), without Ray: a stand-in process
+"""The record of `trainctl serve`'s detached local head (service/server/localray.py), without Ray: a stand-in process
 with the head's command line shape; `trainctl down` stops only the recorded process group."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.localray import HEAD_RECORD, HeadRecord, live_head, read_head_record, stop_recorded_head
+from service.server.localray import HEAD_RECORD, HeadRecord, live_head, read_head_record, stop_recorded_head
 
 
 def _record(data: Path, pid: int, temp_dir: Path) -> HeadRecord:

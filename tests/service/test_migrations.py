@@ -1,6 +1,6 @@
 """Alembic migrations on SQLite and PostgreSQL: an empty database, a database made before migrations
 existed, and a database made by each earlier revision all upgrade to head without losing data; the models
-in service/store.py match what the migrations build (so a new column without a revision fails here)."""
+in service/engine/store.py match what the migrations build (so a new column without a revision fails here)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
-from service.migrate import FIRST_REVISION, alembic_config, current_revision, head_revision, upgrade
-from service.states import JobState
-from service.store import Base, Store, make_engine
+from service.engine.migrate import FIRST_REVISION, alembic_config, current_revision, head_revision, upgrade
+from service.engine.states import JobState
+from service.engine.store import Base, Store, make_engine
 from trainer.spec import JobSpec
 
 # What `Base.metadata.create_all` made before migrations existed (the first revision's schema, frozen here
@@ -132,14 +132,14 @@ def test_database_made_by_each_revision_upgrades_to_head(database_url: str, star
 
 
 def test_models_match_migrations(database_url: str) -> None:
-    """service/store.py's models and the migrations describe the same schema: a column added to a model
+    """service/engine/store.py's models and the migrations describe the same schema: a column added to a model
     without a migration (or the reverse) shows up here."""
     engine = make_engine(database_url)
     upgrade(engine)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
-    assert diff == [], f"models and migrations differ; add a revision in service/migrations/versions: {diff}"
+    assert diff == [], f"models and migrations differ; add a revision in service/engine/migrations/versions: {diff}"
 
 
 def test_trainctl_db_upgrade_command(tmp_path, database_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Webhook alerts (spec `notify`, service/notify.py): received by a real HTTP server on 127.0.0.1."""
+"""Webhook alerts (spec `notify`, service/engine/notify.py): received by a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.notify import host_allowed, shown_webhook
-from service.settings import load_settings
+from service.common.settings import load_settings
+from service.engine.notify import host_allowed, shown_webhook
 from tests.service.conftest import DEBUG_JOB, Api
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.errors import _HTTP_CODES
-from service.settings import load_settings
+from service.api.errors import _HTTP_CODES
+from service.common.settings import load_settings
+from service.server.app import create_app
 from tests.plugins.ray_cluster import free_port
 from tests.service.conftest import Api
 from tests.service.fakes import FakeRay

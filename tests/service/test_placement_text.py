@@ -1,8 +1,8 @@
-"""The STARTING message of a job whose workers wait for resources (service/rayjobs.py Placement)."""
+"""The STARTING message of a job whose workers wait for resources (service/engine/rayjobs.py Placement)."""
 
 from __future__ import annotations
 
-from service.rayjobs import Placement
+from service.engine.rayjobs import Placement
 
 
 def test_waiting_text_with_and_without_the_free_resources() -> None:

@@ -1,4 +1,4 @@
-"""The paper beside every run: the authors' notebook's test accuracy as a reference (service/reference.py),
+"""The paper beside every run: the authors' notebook's test accuracy as a reference (service/api/reference.py),
 in the job view, the job page and curves.png (over a fake Ray, as test_ui.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from service import reference
+from service.api import reference
 from tests.service.conftest import Api
 from tests.service.test_ui import login, rows
 from trainer.contract import EpochMetrics

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from service import records
-from service.leader import LeaderLock
-from service.reindex import reindex
-from service.store import Store, make_engine
+from service.engine import records
+from service.engine.leader import LeaderLock
+from service.engine.store import Store, make_engine
+from service.server.reindex import reindex
 from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
 
@@ -262,8 +262,8 @@ def test_leader_lock_is_released_when_its_process_is_killed(database_url: str) -
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom service.leader import LeaderLock\n"
-            "from service.store import make_engine\nassert LeaderLock(make_engine(sys.argv[1])).acquire()\n"
+            "import sys, time\nfrom service.engine.leader import LeaderLock\n"
+            "from service.engine.store import make_engine\nassert LeaderLock(make_engine(sys.argv[1])).acquire()\n"
             "print('held', flush=True)\ntime.sleep(600)\n",
             database_url,
         ],

@@ -170,7 +170,7 @@ def test_infra_failures_are_resubmitted_up_to_max_restarts(api: Api) -> None:
 
 
 def test_cluster_caused_restarts_never_use_the_budget_but_are_capped(api: Api) -> None:
-    from service.decide import MAX_FREE_RESTARTS
+    from service.engine.decide import MAX_FREE_RESTARTS
 
     job_id = submit(api, **{"checkpoint.max_restarts": 0})
     api.reconcile()
@@ -291,7 +291,7 @@ def test_logs_are_kept_per_attempt_and_outlive_ray(api: Api) -> None:
 
 
 def test_a_job_waiting_for_resources_is_not_running(api: Api) -> None:
-    from service.rayjobs import Placement
+    from service.engine.rayjobs import Placement
 
     job_id = submit(api)
     api.reconcile()
@@ -352,7 +352,7 @@ def _store_raw_spec(api: Api, job_id: str, raw: dict) -> None:
     """Write a stored spec as an older version might have left it (bypassing validation)."""
     from sqlalchemy import update
 
-    from service.store import JobModel
+    from service.engine.store import JobModel
 
     with api.runner.store.engine.begin() as conn:
         conn.execute(update(JobModel).where(JobModel.id == job_id).values(spec=json.dumps(raw)))
@@ -376,7 +376,7 @@ def test_a_stored_spec_that_no_longer_validates_is_readable_and_never_runs(api: 
 def test_the_spec_defaults_are_the_specs_own(api: Api) -> None:
     """The runner reads checkpoint.max_restarts from the typed spec: a spec that omits it gets spec.py's
     default (2), not a second default written in the service."""
-    from service.store import Job
+    from service.engine.store import Job
     from trainer.spec import CheckpointSpec
 
     job_id = submit(api)
@@ -404,7 +404,7 @@ def test_delete_waits_for_the_ray_driver_to_exit(api: Api, monkeypatch) -> None:
     (api.job_dir(job_id) / "metrics.jsonl").write_text("{}\n")
     runner = api.runner
     job = runner.store.get(job_id)
-    from service.runner import StillStopping
+    from service.engine.runner import StillStopping
 
     with pytest.raises(StillStopping):
         runner.delete(job, fence_s=0.3)

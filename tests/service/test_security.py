@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service.runner import fair_queue, over_time_limit
-from service.states import JobState
-from service.store import Job
+from service.engine.runner import fair_queue, over_time_limit
+from service.engine.states import JobState
+from service.engine.store import Job
 from tests.service.conftest import DEBUG_JOB, Api
 from trainer.spec import JobSpec
 
@@ -437,8 +437,8 @@ def test_the_token_table_gains_expires_at_on_an_old_database(tmp_path: Path) -> 
     tokens.expires_at (migration 0002) when a newer service opens it."""
     from sqlalchemy import text
 
-    from service.migrate import FIRST_REVISION, upgrade
-    from service.store import Store, make_engine, sqlite_url
+    from service.engine.migrate import FIRST_REVISION, upgrade
+    from service.engine.store import Store, make_engine, sqlite_url
 
     url = sqlite_url(tmp_path / "old.db")
     engine = make_engine(url)
@@ -696,7 +696,7 @@ def test_healthz_answers_while_slow_requests_fill_every_pool(make_api, monkeypat
 
     import anyio.to_thread
 
-    from service import jobdir
+    from service.engine import jobdir
     from tests.service.test_ui import running_job, write_metrics
 
     api = make_api(slow_workers=1, slow_queue=1)

@@ -1,4 +1,4 @@
-"""service/startup.py: the start-up steps `trainctl serve` and the app's lifespan share."""
+"""service/server/startup.py: the start-up steps `trainctl serve` and the app's lifespan share."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service import startup
-from service.settings import load_settings
+from service.common.settings import load_settings
+from service.server import startup
 
 
 def test_prepare_makes_a_private_data_dir_a_schema_and_one_admin_token(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.states import InvalidTransition, JobNotFound, JobState, can_transition
-from service.store import IdempotencyConflict, Store, TokenNameTaken
+from service.engine.states import InvalidTransition, JobNotFound, JobState, can_transition
+from service.engine.store import IdempotencyConflict, Store, TokenNameTaken
 from trainer.spec import JobSpec, SearchSpec
 
 
@@ -111,7 +111,7 @@ def test_schema_survives_reopen(database_url: str) -> None:
 
 
 def test_search_progress_counts_trials_and_picks_the_best() -> None:
-    from service.views import search_progress
+    from service.api.views import search_progress
     from trainer.contract import TrialRow
 
     search = SearchSpec.model_validate(
@@ -147,7 +147,7 @@ def test_search_progress_counts_trials_and_picks_the_best() -> None:
         "metric": "val_loss",
     }
     # once the search was cancelled no trial is left running
-    from service.jobdir import settle_trials
+    from service.engine.jobdir import settle_trials
 
     settled = settle_trials(trials, "CANCELLED")
     assert [str(t.state) for t in settled] == ["succeeded", "stopped_early", "failed", "cancelled"]
@@ -231,7 +231,7 @@ def test_unsupported_database_url_is_a_clear_error() -> None:
 
 
 def test_parse_stored_spec_keeps_what_still_validates() -> None:
-    from service.store import parse_stored_spec
+    from service.engine.store import parse_stored_spec
 
     spec, error = parse_stored_spec(JobSpec(seed=4).model_dump_json())
     assert spec == JobSpec(seed=4) and error is None

@@ -1,4 +1,4 @@
-"""Job views (service/views.py): what a poll shows stays exact while the caches behind it skip unchanged
+"""Job views (service/api/views.py): what a poll shows stays exact while the caches behind it skip unchanged
 work, and conditional polls (ETag / If-None-Match) answer 304 until the job changes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service import views
+from service.api import views
 from tests.service.conftest import DEBUG_JOB, Api, metrics_line
 
 
@@ -189,7 +189,7 @@ def test_the_client_polls_with_the_last_etag(api: Api) -> None:
 
 
 def test_store_snapshots_are_reused_only_for_an_unchanged_row(database_url: str, tmp_path: Path) -> None:
-    from service.store import Store
+    from service.engine.store import Store
     from trainer.spec import resolve
 
     (tmp_path / "data").mkdir(exist_ok=True)
@@ -226,7 +226,7 @@ def test_status_polls_answer_while_every_worker_thread_is_taken(api: Api, monkey
 
     import anyio.to_thread
 
-    from service import jobdir
+    from service.engine import jobdir
 
     state = api.client.app.state.trainctl
     assert state.polls_inline == (state.store.dialect == "sqlite")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 import objstore
-from service.localray import LocalRayHead
+from service.server.localray import LocalRayHead
 from tests.plugins.ray_cluster import RayHead
 from tests.plugins.reaper import reap_with_session
 from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, start_run, wait_for_checkpoint

@@ -8,20 +8,20 @@ from collections.abc import Callable
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
+    from service.server.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
 
     return cmd_serve(args)
 
 
 def _down(args: argparse.Namespace) -> int:
-    from service.serve import cmd_down
+    from service.server.serve import cmd_down
 
     return cmd_down(args)
 
 
 def _admin(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from service import admin  # SQLAlchemy/Alembic: only for these commands
+        from service.server import admin  # SQLAlchemy/Alembic: only for these commands
 
         command: Callable[[argparse.Namespace], int] = getattr(admin, name)
         return command(args)

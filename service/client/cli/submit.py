@@ -18,7 +18,7 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         import yaml
 
-        from service import safeyaml  # no aliases: a shared spec file cannot expand to gigabytes
+        from service.common import safeyaml  # no aliases: a shared spec file cannot expand to gigabytes
 
         path = Path(args.file)
         try:

@@ -113,7 +113,7 @@ function drawChart(svg, series, opts = {}) {
   }
 }
 
-// The run against the reference at its latest epoch that has a reference point (as service/reference.py words it).
+// The run against the reference at its latest epoch that has a reference point (as service/api/reference.py words it).
 function standingText(metrics, refPct) {
   for (const m of [...metrics].reverse()) {
     const r = refPct.get(m.epoch), metric = typeof m.test_acc === "number" ? "test" : "val";
@@ -219,7 +219,7 @@ function initJob() {
                  seriesOf(ms, "val_acc", "val", COLORS.val, 100),
                  seriesOf(ms, "test_acc", "test", COLORS.test, 100)];
     const ref = $("#reference"), last = ms.length ? ms[ms.length - 1].epoch : 0;
-    if (ref) {  // the authors' notebook's test accuracy, up to the run's last epoch (service/reference.py)
+    if (ref) {  // the authors' notebook's test accuracy, up to the run's last epoch (service/api/reference.py)
       const points = JSON.parse(ref.dataset.points).filter(p => p[0] <= last).map(p => [p[0], p[1] * 100]);
       acc.push({name: "notebook (test)", color: COLORS.reference, points});
       const text = standingText(ms, new Map(points.map(p => [p[0], p[1]])));
@@ -298,7 +298,7 @@ function showError(body, box = $("#action-error")) {
   box.hidden = false;
 }
 
-// --- comparison page (GET /v1/compare: service/compare.py) ---------------------------------------------------
+// --- comparison page (GET /v1/compare: service/api/comparison.py) ---------------------------------------------------
 
 const RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
 
