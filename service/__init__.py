@@ -1,7 +1,8 @@
 """trainctl's control plane: an HTTP API that runs training jobs on Ray (see docs/service.md), and its client.
 
-    cli.py, client.py  the pip-installed client: the `trainctl` command and the HTTP client it uses
-    logview.py         the trainer's lines out of a Ray driver log (`trainctl logs`)
+    client/            the pip-installed client: the `trainctl` command (cli/, one module per command or group),
+                       the HTTP client (http.py), where to connect (config.py: flags, env, login profiles),
+                       the trainer's lines out of a Ray driver log (logview.py, `trainctl logs`)
     server/            the server process: `trainctl serve`/`down` (serve.py, localray.py), the app's assembly
                        (app.py) and start-up (startup.py), ASGI guards, Prometheus metrics, and the operator
                        commands on the database and storage (admin.py, reindex.py, clustercheck.py)

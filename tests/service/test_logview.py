@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.logview import LogView, epoch_line, trainer_lines
+from service.client.logview import LogView, epoch_line, trainer_lines
 
 # A real driver log of a 1-worker debug run (Ray 2.60), cut to its start and its last epoch.
 ONE_RANK = (Path(__file__).parent / "data" / "ray-driver-1rank.log").read_text()

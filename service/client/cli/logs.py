@@ -9,7 +9,7 @@ import time
 from service.client.cli import common
 from service.client.cli.common import TERMINAL
 from service.client.http import ClientError, TrainctlClient
-from service.logview import LogView
+from service.client.logview import LogView
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
