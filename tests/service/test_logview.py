@@ -1,4 +1,4 @@
-"""`trainctl logs` shows the trainer's lines, not Ray's dumps (service/logview.py), on real captured Ray text."""
+"""`trainctl logs` shows the trainer's lines, not Ray's dumps (service/client/logview.py), on real captured Ray text."""
 
 from __future__ import annotations
 

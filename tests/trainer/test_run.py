@@ -104,7 +104,7 @@ def test_the_run_is_in_a_wandb_offline_run(trained_job):
 
 
 def test_the_driver_log_reads_as_the_trainers_lines(trained_job):
-    """`trainctl logs` (service/logview.py) on this real two-worker run's driver output."""
+    """`trainctl logs` (service/client/logview.py) on this real two-worker run's driver output."""
     from service.client.logview import trainer_lines
 
     raw = (trained_job.parent / f"{trained_job.name}.log").read_text()

@@ -16,7 +16,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     """Every attempt's log (each under a header when there were several); with -f, then the current attempt's
     new lines until the job ends. No log is an error saying why, except while -f waits for a queued job.
 
-    By default only the trainer's own lines, rank 0's (service/logview.py); --all-ranks every rank's, each
+    By default only the trainer's own lines, rank 0's (service/client/logview.py); --all-ranks every rank's, each
     marked; --raw Ray's whole output as the server keeps it."""
     api = common.client(args)
     view = None if args.raw else LogView(all_ranks=args.all_ranks)
