@@ -155,12 +155,15 @@ def test_a_lost_spot_node_resumes_without_charging_the_failure_budgets(
     resumed = [m for m in lines if m["infra_losses"]]
     assert len(resumed) == 1 and resumed[0]["resumed"], lines
     (loss,) = resumed[0]["infra_losses"]
-    assert loss["node_id"] == lost and loss["resumed_from_epoch"] == loss["checkpoint_epoch"] >= 1, loss
+    # The node id when Ray's node-death verdict came first; None when the surviving rank's "peer vanished"
+    # error decided it (trainer/infra.py: after its settle, knowing only the peer's address, 127.0.0.1 here).
+    assert loss["node_id"] in (lost, None) and loss["host"], loss
+    assert loss["resumed_from_epoch"] == loss["checkpoint_epoch"] >= 1, loss
     assert resumed[0]["epoch"] == loss["resumed_from_epoch"] + 1
     assert lost not in resumed[0]["node_ids"] and loss["replacement"] is True, (resumed[0]["node_ids"], loss)
     assert "infrastructure loss 1 of checkpoint.max_infra_failures" in logs
     print(
-        f"\nspot loss: node {lost[:12]} lost after epoch {len(before)}; epoch {resumed[0]['epoch']} (resumed from "
+        f"\nspot loss: node {lost[-8:]} lost after epoch {len(before)}; epoch {resumed[0]['epoch']} (resumed from "
         f"{loss['resumed_from_epoch']}) reported {resumed[0]['time'] - lost_at:.1f} s after the kill; run "
         f"{total:.1f} s; {contract.InfraLoss.model_validate(loss).describe()}"
     )
