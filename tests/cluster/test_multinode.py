@@ -274,19 +274,25 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
         )
 
 
-def test_elastic_job_grows_when_a_node_arrives_and_keeps_the_recipe(multinode: MultiNode, cifar_parquet: Path) -> None:
+def test_elastic_job_grows_and_shrinks_and_keeps_the_recipe(multinode: MultiNode, cifar_parquet: Path) -> None:
     """Elastic workers (issue 29 item 1): `scaling.num_workers {min: 1, max: 3}` starts on the 2 worker nodes
     there are; a third node arrives after the first checkpoint and, within the short resize interval, Ray Train
-    restarts the group on 3 from the latest checkpoint. Every epoch's global batch, step count and lr equal a
-    fixed run's at that step (docs/scaling.md, "Elastic workers"), and the job view shows 2 → 3 workers."""
+    restarts the group on 3 from the latest checkpoint; once an epoch ran on 3, that node is lost (removed
+    ungracefully) and the group goes on with the 2 left, again from the latest checkpoint. Every epoch's
+    global batch, step count and lr equal a fixed run's at that step (docs/scaling.md, "Elastic workers"),
+    and the job view shows 2 → 3 → 2 workers."""
     from trainer.schedule import lr_factor
     from trainer.spec import resolve
 
     mn = multinode
+    # Epochs of ~3 s (3,072 images), 20 of them: a debug epoch of 512 images takes ~0.6 s here, and a resize
+    # (Ray's check, the group's restart, the data loaded again) ~20 s, so shorter runs end before they grow.
+    epochs = 20
     overrides = {
-        "optim.epochs": 6,
+        "data.max_train_images": 3072,
+        "optim.epochs": epochs,
         "optim.batch_size": 48,  # divided by 1, 2 and 3
-        "schedule.kind": "cosine",  # an lr that moves every step: a jump at the resize would show
+        "schedule.kind": "cosine",  # an lr that moves every step: a jump at a resize would show
         "scaling.num_workers": {"min": 1, "max": 3},
         "scaling.resize_interval_s": 1,
     }
@@ -294,6 +300,7 @@ def test_elastic_job_grows_when_a_node_arrives_and_keeps_the_recipe(multinode: M
     assert spec.data.max_train_images is not None  # the validation split comes on top (trainer/data.py)
     steps_per_epoch = math.ceil(spec.data.max_train_images / spec.optim.batch_size)  # a fixed run's, at any size
     added = None
+    lost = False
     started = time.monotonic()
     try:
         with mn.service.client() as c:
@@ -308,28 +315,39 @@ def test_elastic_job_grows_when_a_node_arrives_and_keeps_the_recipe(multinode: M
                 time.sleep(0.2)
             added = mn.add_worker()
             grown_at = time.time()
+            deadline = time.monotonic() + 300
+            while not any(m.get("workers") == 3 for m in mn.raw_metrics(job_id)):
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                assert job["state"] not in TERMINAL, ("ended before it grew", job, _explain(mn, c, job_id))
+                assert time.monotonic() < deadline, f"no epoch on 3 workers in time: {job}"
+                time.sleep(0.2)
+            mn.cluster.remove_node(added, allow_graceful=False)  # the third node is lost mid-run
+            lost = True
             job = wait_for(c, job_id, lambda j: j["state"] in TERMINAL, 420, "the elastic job to end")
             _expect_success(mn, c, job)
-            assert job["attempts"] == 1, job  # grown inside the same driver: no resubmission
+            assert job["attempts"] == 1, job  # grown and shrunk inside the same driver: no resubmission
             raw = mn.raw_metrics(job_id)
             view = c.get(f"/v1/jobs/{job_id}").json()
     finally:
-        if added is not None:
+        if added is not None and not lost:
             mn.cluster.remove_node(added)  # leave the module's cluster as it was: two worker nodes
-    assert [m["epoch"] for m in raw] == list(range(1, 7)), raw  # every epoch exactly once
+    assert [m["epoch"] for m in raw] == list(range(1, epochs + 1)), raw  # every epoch exactly once
     counts = [m["workers"] for m in raw]
-    assert counts[0] == 2 and counts[-1] == 3 and counts == sorted(counts), counts
+    grown = counts.index(3)  # epochs 1..grown ran on 2
+    shrunk = grown + counts[grown:].index(2)  # epochs grown+1..shrunk ran on 3
+    assert counts == [2] * grown + [3] * (shrunk - grown) + [2] * (epochs - shrunk), counts
     for m in raw:  # the rule: what a fixed run has at that step, whatever the worker count
         assert m["global_batch"] == 48 and m["global_step"] == m["epoch"] * steps_per_epoch, m
         expected_lr = spec.optim.lr * lr_factor(spec.schedule, m["global_step"], steps_per_epoch, spec.optim.epochs)
         assert m["lr"] == pytest.approx(expected_lr, rel=1e-9), (m["epoch"], m["lr"], expected_lr)
         assert len(m["node_ids"]) == m["workers"]
-    first_on_3 = next(m for m in raw if m["workers"] == 3)
+    first_on_3, first_after_loss = raw[grown], raw[shrunk]
     assert first_on_3["resumed"] and added.node_id in first_on_3["node_ids"], first_on_3
-    grown = next(i for i, n in enumerate(counts) if n == 3)
+    assert first_after_loss["resumed"] and added.node_id not in first_after_loss["node_ids"], first_after_loss
     assert view["workers"] == [
         {"first_epoch": 1, "last_epoch": grown, "workers": 2},
-        {"first_epoch": grown + 1, "last_epoch": 6, "workers": 3},
+        {"first_epoch": grown + 1, "last_epoch": shrunk, "workers": 3},
+        {"first_epoch": shrunk + 1, "last_epoch": epochs, "workers": 2},
     ], view["workers"]
     resize_s = first_on_3["time"] - first_on_3["epoch_seconds"] - grown_at
     print(
