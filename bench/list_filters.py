@@ -15,21 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from profile_poll import AsgiDriver  # noqa: E402
-
-from service.common.settings import load_settings  # noqa: E402
+from bench.profile_poll import in_process_app  # noqa: E402
 from service.engine.store import Labels  # noqa: E402
-from service.server.app import create_app  # noqa: E402
 from tests.plugins.postgres import start_postgres  # noqa: E402
-from tests.service.fakes import FakeRay  # noqa: E402
 from trainer.spec import JobSpec  # noqa: E402
 
 QUERIES = {
@@ -46,22 +40,12 @@ QUERIES = {
 
 
 async def measure(database_url: str, jobs: int, requests: int) -> dict[str, float]:
-    work = Path(tempfile.mkdtemp(prefix="trainctl-filters-"))
-    settings = load_settings(
-        data_dir=work / "data",
-        reconcile_interval_s=3600,
-        ray_address="http://127.0.0.1:1",
-        data_roots=str(work),
-        database_url=database_url,
-        max_queued_jobs_per_owner=jobs + 1,
-    )
-    app = create_app(settings, ray=FakeRay())
-    driver = AsgiDriver(app)
     out: dict[str, float] = {}
-    async with app.router.lifespan_context(app):
-        state = app.state.trainctl
-        await state.reconciler.stop()
-        headers = {"Authorization": f"Bearer {settings.admin_token_path.read_text().strip()}"}
+    async with in_process_app("trainctl-filters-", database_url=database_url, max_queued_jobs_per_owner=jobs + 1) as (
+        state,
+        driver,
+        headers,
+    ):
         spec = JobSpec.model_validate({"optim": {"epochs": 3}})
         for i in range(jobs):
             labels = Labels(name=f"run-{i}", project=f"p{i % 10}", tags=(f"t{i % 20}", f"t{(i + 7) % 20}"))

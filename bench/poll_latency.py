@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,11 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.profile_poll import AsgiDriver, metrics_line  # noqa: E402
-from service.common.settings import load_settings  # noqa: E402
+from bench.profile_poll import in_process_app, metrics_line  # noqa: E402
 from service.engine.states import JobState  # noqa: E402
-from service.server.app import create_app  # noqa: E402
-from tests.service.fakes import FakeRay  # noqa: E402
 from trainer.spec import JobSpec  # noqa: E402
 
 
@@ -39,16 +35,7 @@ def busy(stop: threading.Event) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    work = Path(tempfile.mkdtemp(prefix="trainctl-latency-"))
-    settings = load_settings(
-        data_dir=work / "data", reconcile_interval_s=3600, ray_address="http://127.0.0.1:1", data_roots=str(work)
-    )
-    app = create_app(settings, ray=FakeRay())
-    driver = AsgiDriver(app)
-    async with app.router.lifespan_context(app):
-        state = app.state.trainctl
-        await state.reconciler.stop()
-        headers = {"Authorization": f"Bearer {settings.admin_token_path.read_text().strip()}"}
+    async with in_process_app("trainctl-latency-") as (state, driver, headers):
         spec = JobSpec.model_validate({"optim": {"epochs": 10_000}})
         ids = [state.store.create_job("admin", spec, None, None)[0].id for _ in range(100)]
         state.store.transition(ids[0], JobState.STARTING, ray_submission_id="sub-1", attempts=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import json
@@ -22,6 +23,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -117,17 +119,27 @@ class AsgiDriver:
     state: dict[str, Any] = {}
 
 
-async def run(args: argparse.Namespace) -> None:
-    work = Path(tempfile.mkdtemp(prefix="trainctl-profile-"))
-    settings = load_settings(
-        data_dir=work / "data", reconcile_interval_s=3600, ray_address="http://127.0.0.1:1", data_roots=str(work)
+@contextlib.asynccontextmanager
+async def in_process_app(prefix: str, **settings: Any) -> AsyncIterator[tuple[Any, AsgiDriver, dict[str, str]]]:
+    """The real app on a fresh data dir with a fake Ray, its lifespan entered and its reconciler stopped (the
+    benches drive the store themselves): (app state, ASGI driver, the admin's auth headers)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    config = load_settings(
+        data_dir=work / "data",
+        reconcile_interval_s=3600,
+        ray_address="http://127.0.0.1:1",
+        data_roots=str(work),
+        **settings,
     )
-    app = create_app(settings, ray=FakeRay())
-    driver = AsgiDriver(app)
+    app = create_app(config, ray=FakeRay())
     async with app.router.lifespan_context(app):
         state = app.state.trainctl
         await state.reconciler.stop()
-        token = settings.admin_token_path.read_text().strip()
+        yield state, AsgiDriver(app), {"Authorization": f"Bearer {config.admin_token_path.read_text().strip()}"}
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with in_process_app("trainctl-profile-") as (state, driver, headers):
         store = state.store
         spec = JobSpec.model_validate({"optim": {"epochs": 10_000}, "data": {"val_fraction": 0.1}})
         ids = [store.create_job("admin", spec, None, None)[0].id for _ in range(100)]
@@ -138,7 +150,6 @@ async def run(args: argparse.Namespace) -> None:
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "metrics.jsonl").write_text("".join(metrics_line(e) + "\n" for e in range(1, args.epochs + 1)))
 
-        headers = {"Authorization": f"Bearer {token}"}
         routes = {"one": f"/v1/jobs/{running}", "list": "/v1/jobs"}
         chosen = list(routes) if args.route == "both" else [args.route]
         if not args.threadpool:
