@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from service.client import http
 from service.client.cli import common, main
@@ -23,6 +21,7 @@ from service.common.settings import load_settings
 from service.server.app import create_app
 from tests.plugins.ray_cluster import free_port
 from tests.service.fakes import FakeRay
+from tests.service.loopback import serve_on_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,21 +293,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
         events_poll_s=0.1,
         max_event_streams=1,
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, ray=FakeRay()), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the app did not start"
-        time.sleep(0.05)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", settings.admin_token_path.read_text().strip())
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serve_on_loopback(create_app(settings, ray=FakeRay())) as url:
+        yield Served(url, settings.admin_token_path.read_text().strip())
 
 
 def recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:

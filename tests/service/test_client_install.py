@@ -6,19 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from service.common.settings import load_settings
 from service.server.app import create_app
-from tests.plugins.ray_cluster import free_port
 from tests.service.fakes import FakeRay
+from tests.service.loopback import serve_on_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.install
@@ -41,21 +38,8 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served_app(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """The real app over HTTP on a free loopback port (Ray faked: this test is about the client)."""
     settings = load_settings(data_dir=tmp_path / "data", ray_address="http://127.0.0.1:1", reconcile_interval_s=3600)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, ray=FakeRay()), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the app did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", settings.admin_token_path.read_text().strip()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serve_on_loopback(create_app(settings, ray=FakeRay())) as url:
+        yield url, settings.admin_token_path.read_text().strip()
 
 
 def run(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:

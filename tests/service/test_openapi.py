@@ -9,21 +9,18 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from service.api.errors import _HTTP_CODES
 from service.common.settings import load_settings
 from service.server.app import create_app
-from tests.plugins.ray_cluster import free_port
 from tests.service.conftest import Api
 from tests.service.fakes import FakeRay
+from tests.service.loopback import serve_on_loopback
 
 
 @pytest.fixture
@@ -121,19 +118,8 @@ def test_unknown_override_is_named_whole_with_a_suggestion(api: Api) -> None:
 def served(tmp_path: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
     settings = load_settings(data_dir=tmp_path / "data", ray_address="http://127.0.0.1:1", reconcile_interval_s=3600)
     app = create_app(settings, ray=FakeRay())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the app did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", settings.admin_token_path.read_text().strip(), app.openapi()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serve_on_loopback(app) as url:
+        yield url, settings.admin_token_path.read_text().strip(), app.openapi()
 
 
 @pytest.mark.slow
