@@ -588,11 +588,13 @@ class DeviceData:
         return images
 
     def _crop_flip(self, padded: torch.Tensor, gen: torch.Generator, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Random 32×32 crop of each 40×40 padded image (those `idx` picks), then a random horizontal flip,
-        all batched: one gather picks the images and their windows together."""
+        """Random 32×32 crop of each 40×40 padded image (those `idx` picks), shifted at most
+        augment.crop_padding pixels from the centre, then a random horizontal flip, all batched: one gather
+        picks the images and their windows together."""
         n = padded.shape[0] if idx is None else idx.shape[0]
-        dy = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=gen)
-        dx = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=gen)
+        shift = self.augment.crop_padding  # a window shifted by up to `shift` pixels from the centre (PAD)
+        dy = torch.randint(PAD - shift, PAD + shift + 1, (n,), device=self.device, generator=gen)
+        dx = torch.randint(PAD - shift, PAD + shift + 1, (n,), device=self.device, generator=gen)
         if not self.augment.crop:
             dy = dx = torch.full((n,), PAD, device=self.device)  # the centre window: the image itself
         flip = torch.rand(n, device=self.device, generator=gen) < 0.5

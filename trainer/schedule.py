@@ -65,6 +65,7 @@ def apply_epoch_settings(optimizer: torch.optim.Optimizer, spec: OptimSpec, epoc
     buffers as a freshly built SGD would have none. A pure function of the epoch, so resume is exact."""
     wd = weight_decay_at(spec, epoch)
     for group in optimizer.param_groups:
-        group["weight_decay"] = wd
+        # a group built without decay (optim.decay_norm_and_bias False: trainer/step.param_groups) keeps none
+        group["weight_decay"] = wd if group.get("decayed", True) else 0.0
     if spec.fresh_momentum_at_milestones and epoch in spec.weight_decay_milestones:
         optimizer.state.clear()

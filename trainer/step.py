@@ -29,6 +29,7 @@ from trainer import contract
 from trainer.contract import EpochMetrics, NumericsRecord
 from trainer.data import DeviceData
 from trainer.device_settings import apply_backend_flags, backend_flags, compile_plan
+from trainer.ema import WeightAverage
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.schedule import apply_epoch_settings, build_scheduler
@@ -78,10 +79,16 @@ class Trainee:
     device: torch.device
     amp_dtype: torch.dtype | None
     numerics: Numerics | None = None  # precision + layout + compile mode in use, and how they were chosen
+    average: WeightAverage | None = None  # optim.ema_decay > 0: the EMA of the weights (trainer/ema.py)
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The model that is evaluated and checkpointed as `model`: the weight average when there is one."""
+        return self.average.model if self.average is not None else self.raw_model
 
 
 def _to_device(device: torch.device) -> Callable[[torch.nn.Module], torch.nn.Module]:
@@ -114,7 +121,7 @@ def build(
     forward = model if kwargs is None else torch.compile(model, **kwargs)
     o = spec.optim
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        param_groups(model, o.weight_decay, o.decay_norm_and_bias),
         lr=o.lr,
         momentum=o.momentum,
         nesterov=o.nesterov,
@@ -125,14 +132,31 @@ def build(
     amp_dtype = numerics.amp_dtype if numerics is not None else resolve_precision(spec, device)
     if numerics is not None:
         numerics = replace(numerics, compile=plan.mode)
-    return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics)
+    average = WeightAverage(raw_model, o.ema_decay) if o.ema_decay > 0 else None
+    return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics, average)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one decayed group, or (decay_norm_and_bias False) the conv/linear
+    weights decayed and the 1-D tensors (BatchNorm scales and shifts, biases) not. The grouping depends on
+    the model alone, so a checkpoint's optimizer state maps onto the same tensors on resume."""
+    params = list(model.parameters())
+    if decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "decayed": False},
+    ]
 
 
 def restore(trainee: Trainee, state: dict[str, Any] | None) -> int:
     """Load a checkpoint dict into `trainee`; returns the epoch to start at (1 without a checkpoint)."""
     if state is None:
         return 1
-    trainee.raw_model.load_state_dict(state["model"])
+    # with a weight average, "model" is the average and "train_model" the live weights (checkpoint_state)
+    trainee.raw_model.load_state_dict(state.get("train_model", state["model"]))
+    if trainee.average is not None:
+        trainee.average.model.load_state_dict(state["model"])  # (an average started now starts from the weights)
     trainee.optimizer.load_state_dict(state["optimizer"])
     trainee.scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]) + 1
@@ -141,7 +165,10 @@ def restore(trainee: Trainee, state: dict[str, Any] | None) -> int:
 def checkpoint_state(trainee: Trainee, spec: JobSpec, epoch: int, metrics: EpochMetrics) -> dict[str, Any]:
     """The checkpoint: one plain dict (see trainer/checkpoint.py), loadable with weights_only=True."""
     return {
-        "model": trainee.raw_model.state_dict(),
+        # what was evaluated: evaluate, export and serving load "model" and need nothing else
+        "model": trainee.eval_model.state_dict(),
+        # the live weights to resume from, when "model" is their average
+        **({"train_model": trainee.raw_model.state_dict()} if trainee.average is not None else {}),
         "optimizer": trainee.optimizer.state_dict(),
         "scheduler": trainee.scheduler.state_dict(),
         "epoch": epoch,
@@ -195,6 +222,8 @@ def train_epoch(
         trainee.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainee.optimizer.step()
+        if trainee.average is not None:
+            trainee.average.update(trainee.raw_model, int(trainee.scheduler.last_epoch))
         trainee.scheduler.step()
         n = y.shape[0]
         loss_sum.add_(loss.detach().float(), alpha=n)
@@ -213,8 +242,9 @@ def _sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> torch.Ten
 
 def evaluate(trainee: Trainee, data: DeviceData, ctx: RankContext, label_smoothing: float = 0.0) -> torch.Tensor:
     """[loss*n, correct, n] of the trainee's (unwrapped) model over this rank's slice of `data`
-    (cross-entropy; plain unless label_smoothing), on the device and unread, like `train_epoch`'s."""
-    model, device = trainee.raw_model, trainee.device
+    (cross-entropy; plain unless label_smoothing), on the device and unread, like `train_epoch`'s. With a
+    weight average (optim.ema_decay), the average is what is evaluated."""
+    model, device = trainee.eval_model, trainee.device
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -311,6 +341,8 @@ def run_epoch(
     train_sums = train_epoch(trainee, splits.train, spec.optim, ctx, epoch=epoch, seed=spec.seed)
     train_seconds = time.perf_counter() - t0
     sync_buffers(trainee.raw_model, ctx.world)
+    if trainee.average is not None:
+        sync_buffers(trainee.average.model, ctx.world)  # each rank averaged its own BatchNorm statistics
     sums = EpochSums(train_sums, evaluate(trainee, splits.val, ctx))
     if splits.test is not None and tests_this_epoch(spec.data, spec.optim, epoch):
         sums = replace(sums, test=evaluate(trainee, splits.test, ctx, label_smoothing=spec.optim.label_smoothing))

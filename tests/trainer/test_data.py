@@ -6,7 +6,7 @@ import torch
 
 from tests.trainer.cifar_files import write_cifar_python
 from trainer.data import PAD, DataError, Dataset, DeviceData, load, load_splits
-from trainer.spec import DataSpec
+from trainer.spec import AugmentSpec, DataSpec
 
 
 def test_cifar_python_directory_loads(tmp_path):
@@ -114,6 +114,22 @@ def test_augmentation_is_a_crop_with_zero_padding_and_a_flip():
         )
         flipped += values[0] > values[-1]
     assert 10 < flipped < 54  # about half are flipped
+
+
+@pytest.mark.parametrize("padding", [1, 2, 4])
+def test_the_crop_shifts_at_most_crop_padding_pixels(padding):
+    img = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    img[..., :] = torch.arange(1, 33, dtype=torch.uint8)  # numbered columns: the first value seen is the shift
+    data = DeviceData(
+        Dataset(img.repeat(256, 1, 1, 1), torch.zeros(256, dtype=torch.int64)),
+        torch.device("cpu"),
+        channels_last=False,
+        augment=AugmentSpec(flip=False, crop_padding=padding),
+    )
+    rows = data._augment(data.padded, torch.Generator().manual_seed(0))[:, 0, 16]
+    # a window shifted right by s starts at column s + 1; shifted left by s starts with s zeros
+    shifts = {int(r[0]) - 1 if r[0] > 0 else -int((r == 0).sum()) for r in rows}
+    assert shifts == set(range(-padding, padding + 1))
 
 
 def test_eval_batches_cover_each_image_once():

@@ -104,6 +104,54 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
         assert (a.train_loss, a.val_acc, a.lr) == (b.train_loss, b.val_acc, b.lr)
 
 
+def test_a_weight_average_is_evaluated_checkpointed_and_resumes_exactly(tmp_path):
+    s = spec(**{"optim.ema_decay": 0.9, "optim.lr": 0.1})
+    straight, straight_metrics = fit(s, range(1, 4))
+    assert straight.average is not None and straight.eval_model is straight.average.model
+    live, averaged = straight.raw_model.state_dict(), straight.average.model.state_dict()
+    assert not torch.equal(live["classifier.weight"], averaged["classifier.weight"])  # an average, not a copy
+    assert torch.equal(live["stem.1.num_batches_tracked"], averaged["stem.1.num_batches_tracked"])
+    # the metrics are the average's: evaluating it again gives the last epoch's validation accuracy
+    val = DeviceData(dataset(64, 2), CPU, False)
+    correct = step.evaluate(straight, val, step.RankContext.single(32))[1].item()
+    assert correct / 64 == straight_metrics[-1].val_acc
+
+    first, first_metrics = fit(s, range(1, 2))
+    state = step.checkpoint_state(first, s, 1, first_metrics[-1])
+    # "model" is what was evaluated (evaluate/export/serving load it alone); the live weights resume
+    assert torch.equal(state["model"]["classifier.weight"], first.average.model.state_dict()["classifier.weight"])
+    assert torch.equal(state["train_model"]["classifier.weight"], first.raw_model.state_dict()["classifier.weight"])
+    sha, _ = ckpt.save(state, str(tmp_path))
+    fresh = step.build(s, CPU, 6)
+    start = step.restore(fresh, ckpt.load(str(tmp_path), sha))
+    resumed, resumed_metrics = fit(s, range(start, 4), trainee=fresh, start_epoch=start)
+    for model in ("raw_model", "eval_model"):
+        mine, theirs = getattr(straight, model).state_dict(), getattr(resumed, model).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), model
+    assert [m.val_acc for m in straight_metrics[1:]] == [m.val_acc for m in resumed_metrics]
+
+
+def test_the_weight_average_ramps_up_its_decay():
+    average = step.build(spec(**{"optim.ema_decay": 0.99}), CPU, 1).average
+    assert average is not None
+    assert average.decay_at(0) == pytest.approx(0.1) and average.decay_at(90) == pytest.approx(0.91)
+    assert average.decay_at(10_000) == 0.99
+    assert step.build(spec(), CPU, 1).average is None  # off by default
+
+
+def test_norm_and_bias_can_be_left_out_of_weight_decay():
+    s = spec(**{"optim.decay_norm_and_bias": False, "optim.weight_decay": 5e-4})
+    trainee = step.build(s, CPU, 1)
+    decayed, plain = trainee.optimizer.param_groups
+    assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(trainee.raw_model.parameters()))
+    fit(s, range(1, 2), trainee=trainee)  # each epoch sets the epoch's decay: the plain group keeps none
+    assert [g["weight_decay"] for g in trainee.optimizer.param_groups] == [5e-4, 0.0]
+    (group,) = step.build(spec(), CPU, 1).optimizer.param_groups  # the default: one group, all decayed
+    assert group["weight_decay"] == spec().optim.weight_decay
+
+
 def test_restore_without_a_checkpoint_starts_at_epoch_one():
     assert step.restore(step.build(spec(), CPU, 1), None) == 1
 
