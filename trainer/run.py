@@ -228,12 +228,22 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.INFRA
 
 
+def absolute_job_dir(arg: str) -> str:
+    """--job-dir as every process of the run must see it: a relative local path made absolute against this
+    process's directory (Ray Train workers run in a directory of Ray's own, where a relative path would write
+    the job's metrics somewhere else); URIs and `~/` paths as given, without a trailing slash."""
+    job_dir = arg.rstrip("/") or "/"
+    if "://" in job_dir or job_dir.startswith(("/", "~")):
+        return job_dir
+    return os.path.abspath(job_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.splitlines()[0])
     parser.add_argument("--job-dir", required=True, help="local path or s3:// URI holding spec.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    job_dir, started = args.job_dir.rstrip("/"), time.time()
+    job_dir, started = absolute_job_dir(args.job_dir), time.time()
     spec: JobSpec | None = None
     error: BaseException | None = None
     kind: ErrorKind | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainer import contract
 from trainer.contract import CheckpointEntry, EpochMetrics, Manifest
-from trainer.run import summarize
+from trainer.run import absolute_job_dir, summarize
 from trainer.spec import resolve
 
 
@@ -71,3 +71,11 @@ def test_ray_ranks_checkpoints_like_the_summary(tmp_path):
     with_val = run_config(resolve("fast"), str(tmp_path), "a").checkpoint_config
     without = run_config(resolve("paper"), str(tmp_path), "b").checkpoint_config
     assert (with_val.checkpoint_score_attribute, without.checkpoint_score_attribute) == ("val_acc", "epoch")
+
+
+def test_a_relative_job_dir_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    # Ray Train workers run in a directory of Ray's: a relative job dir would put metrics.jsonl there
+    monkeypatch.chdir(tmp_path)
+    assert absolute_job_dir("data/bench/run1/") == str(tmp_path / "data" / "bench" / "run1")
+    for given in ("/abs/job", "~/jobs/j1", "s3://bucket/jobs/j1", "file:///srv/jobs/j1"):
+        assert absolute_job_dir(given + "/") == given
