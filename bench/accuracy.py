@@ -4,6 +4,7 @@
     .venv/bin/python bench/accuracy.py --preset paper --wall-seconds 1500   # how far in a fixed wall time
     .venv/bin/python bench/accuracy.py --augment-cost                        # AutoAugment + erasing, img/s
     .venv/bin/python bench/accuracy.py --compare fast,paper,notebook         # each in the first one's time
+    .venv/bin/python bench/accuracy.py --preset fast --holdout-test 5000     # scored on 5,000 images set apart
 
 A benchmark, not a test: it asserts nothing, it prints what it measured. The job runs as the service would
 run it (a `python -m trainer.run` subprocess on a private local Ray, the job dir under ./data/bench/), with
@@ -13,6 +14,10 @@ images/s, train/val/test accuracy. With --wall-seconds the job is stopped after 
 finished epoch is what the preset reached in that time. --compare runs its first preset to the end and each
 other one for the first one's wall seconds, every one scored on the same held-out 10 % (data.val_fraction
 0.1, seed 0: `paper` and `notebook` train on all images by default and have no held-out score otherwise).
+With --holdout-test N the parquet is split once into two files under data/bench/ (its last N rows, which
+are shuffled, as the test split; the rest to train on, with no validation split, so the final epoch is the
+run's model): every epoch is then scored on test images that no run trains on or picks a checkpoint by, and
+the final test pass also reports flip test-time augmentation (`tta: flip`), separately.
 """
 
 from __future__ import annotations
@@ -53,6 +58,22 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def holdout_split(data: Path, n_test: int) -> tuple[Path, Path]:
+    """(train, test) parquet files: `data` without / with its last `n_test` rows, written once."""
+    import pyarrow.parquet as pq
+
+    folder = ROOT / "data" / "bench" / f"{data.stem}-holdout-{n_test}"
+    train, test = folder / "train.parquet", folder / "test.parquet"
+    if not (train.exists() and test.exists()):
+        table = pq.read_table(data)
+        if not 0 < n_test < table.num_rows:
+            raise SystemExit(f"--holdout-test {n_test}: give 1..{table.num_rows - 1} ({data} has {table.num_rows})")
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.slice(0, table.num_rows - n_test), train)
+        pq.write_table(table.slice(table.num_rows - n_test), test)
+    return train, test
+
+
 def run_preset(
     args: argparse.Namespace,
     preset: str,
@@ -68,12 +89,15 @@ def run_preset(
         "scaling.cpus_per_worker": cpus,
         "scaling.use_gpu": None,
     }
+    if args.holdout_test:
+        train, test = holdout_split(Path(args.data), args.holdout_test)
+        overrides.update({"data.train": str(train), "data.test": str(test), "data.val_fraction": 0.0, "tta": "flip"})
     if epochs is not None:
         overrides["optim.epochs"] = epochs
     overrides.update(extra or {})
     overrides.update(dict(parse_override(s) for s in args.set))
     spec = resolve(preset, overrides)
-    job_dir = Path(args.job_dir or ROOT / "data" / "bench" / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    job_dir = Path(args.job_dir or ROOT / "data" / "bench" / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     job_dir.mkdir(parents=True, exist_ok=False)
     (job_dir / "spec.json").write_text(spec.to_json())
     print(
@@ -139,6 +163,7 @@ def run_preset(
         "best_checkpoint_rule",
         "final_test_acc",
         "best_checkpoint_test_acc",
+        "best_checkpoint_tta_acc",
         "epochs_completed",
         "num_parameters",
     )
@@ -247,6 +272,7 @@ def main() -> int:
     parser.add_argument("--augment-cost", action="store_true", help="measure the augmentation's cost instead")
     parser.add_argument("--compare", metavar="P1,P2,...", help="P1 to its end, the others in P1's wall time")
     parser.add_argument("--images", type=int, default=5120, help="images for --augment-cost")
+    parser.add_argument("--holdout-test", type=int, metavar="N", help="score on the parquet's last N images, unseen")
     args = parser.parse_args()
     if not Path(args.data).exists():
         print(f"dataset {args.data} not found (pass --data)", file=sys.stderr)
