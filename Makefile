@@ -25,9 +25,12 @@ browser-deps:
 	bash scripts/browser-deps.sh
 
 # The whole test suite: real Ray, real SeaweedFS, real HTTP. pytest exits 5 when it collects no test,
-# which fails this target (and CI) rather than passing silently.
+# which fails this target (and CI) rather than passing silently. TEST_WORKERS pytest-xdist workers, one test
+# file at a time each (the emulated-host files together: tests/conftest.py); most of a Ray test's time is
+# waiting (start-ups, health checks, a host coming back), so the workers overlap it on 2 cores.
+TEST_WORKERS ?= 3
 test: venv browser-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The edit loop: the unit tests only — no Ray cluster, no S3 server, no subprocess importing torch, no
 # package install (markers in pyproject.toml). About a minute on 2 cores.
