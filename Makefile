@@ -26,8 +26,8 @@ browser-deps:
 
 # The whole test suite: real Ray, real SeaweedFS, real HTTP. pytest exits 5 when it collects no test,
 # which fails this target (and CI) rather than passing silently. TEST_WORKERS pytest-xdist workers, one test
-# file at a time each (the emulated-host files together: tests/conftest.py); most of a Ray test's time is
-# waiting (start-ups, health checks, a host coming back), so the workers overlap it on 2 cores.
+# file at a time each (the emulated-host files together: tests/conftest.py): the workers fill the cores while
+# a test waits on a health check or a host (2 cores: 32:49 on 3 workers, 37:13 serial; README).
 TEST_WORKERS ?= 3
 test: venv browser-deps
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
