@@ -116,9 +116,6 @@ class ModelSpec(Section):
     se_reduction: int = Field(default=16, ge=1, le=MAX_WIDTH)
     dropout: Fraction = 0.5
     num_classes: int = Field(default=10, ge=2, le=1000)
-    # Initialisation only (the same network and parameters): each block's last BatchNorm scale starts at 0,
-    # so every residual block starts as the identity (Goyal et al. 2017; torchvision's zero_init_residual).
-    zero_init_residual: bool = Field(default=False, description="start every residual block as the identity")
 
 
 class AugmentSpec(Section):

@@ -17,18 +17,6 @@ def test_forward_shapes_and_variants():
         assert model(torch.randn(3, 3, 32, 32)).shape == (3, spec.num_classes)
 
 
-def test_zero_init_residual_starts_every_block_as_its_shortcut():
-    spec = ModelSpec(zero_init_residual=True)
-    model = build_model(spec).eval()
-    assert count_parameters(model) == 4_570_934  # the same network: only its starting values differ
-    x = torch.randn(2, 32, 32, 32)
-    block = model.stages[0]  # 32 → 32 channels, stride 1: an identity shortcut
-    assert torch.equal(block(x), block.act2(x))
-    assert all(float(b.bn2.weight.detach().abs().sum()) == 0.0 for b in model.stages)
-    default = build_model(ModelSpec())  # off by default
-    assert all(float(b.bn2.weight.detach().abs().sum()) > 0.0 for b in default.stages)
-
-
 def test_model_file_knows_nothing_of_training():
     import pathlib
 
