@@ -24,23 +24,28 @@ class WeightAverage:
         self.model = copy.deepcopy(model)  # same device and memory format as the live model
         self.model.requires_grad_(False)
         self.model.eval()
+        self._pairs: tuple[list[torch.Tensor], ...] | None = None  # built at the first update
 
     def decay_at(self, step: int) -> float:
         """The decay used after optimizer step `step` (0-based): ramped up over the first steps."""
         return min(self.decay, (1 + step) / (10 + step))
 
+    def _tensors(self, live: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(averaged, live) floating-point tensors and (averaged, live) counters, paired once: the optimizer
+        and load_state_dict update tensors in place, so the same tensors serve every later step."""
+        if self._pairs is None:
+            pairs: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+            for mine, theirs in zip(self.model.state_dict().values(), live.state_dict().values(), strict=True):
+                offset = 0 if mine.is_floating_point() else 2
+                pairs[offset].append(mine)
+                pairs[offset + 1].append(theirs)
+            self._pairs = pairs
+        return self._pairs
+
     @torch.no_grad()
     def update(self, live: nn.Module, step: int) -> None:
-        """Move the average towards `live` (the unwrapped model) after optimizer step `step`."""
-        weight = 1.0 - self.decay_at(step)
-        averaged, current, counters, counter_values = [], [], [], []
-        for mine, theirs in zip(self.model.state_dict().values(), live.state_dict().values(), strict=True):
-            if mine.is_floating_point():
-                averaged.append(mine)
-                current.append(theirs)
-            else:
-                counters.append(mine)
-                counter_values.append(theirs)
-        torch._foreach_lerp_(averaged, current, weight)  # one multi-tensor kernel, not a loop over tensors
-        for mine, theirs in zip(counters, counter_values, strict=True):
-            mine.copy_(theirs)
+        """Move the average towards `live` (the unwrapped model, always the same one) after optimizer step
+        `step`."""
+        averaged, current, counters, counter_values = self._tensors(live)
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(step))  # one multi-tensor kernel
+        torch._foreach_copy_(counters, counter_values)
