@@ -15,9 +15,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -211,13 +212,51 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def stop_recorded_head(data_dir: Path, grace_s: float = 15) -> HeadRecord | None:
+_UNFINISHED = ("PENDING", "RUNNING")
+
+
+def _jobs_api(rec: HeadRecord, token: str | None, method: str, path: str, timeout_s: float = 10) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(rec.dashboard_url + path, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.loads(r.read() or b"null")
+
+
+def stop_head_jobs(rec: HeadRecord, token: str | None, wait_s: float, say: Callable[[str], None] = print) -> int:
+    """Stop every unfinished Ray job on the head through its Jobs API, and wait up to `wait_s` for them to
+    end; returns how many were stopped. Why before the signals: a job's driver runs in a session of its own and
+    its Train workers notice a dead raylet only seconds later, so an attempt killed with the head trained on
+    for several epochs after `down` returned, writing checkpoints into the job directory that the next
+    `serve`'s resubmitted attempt resumes from. Best effort: a head that does not answer is only signalled."""
+    try:
+        ids = [j["submission_id"] for j in _jobs_api(rec, token, "GET", "/api/jobs/") if j["status"] in _UNFINISHED]
+        for submission_id in ids:
+            _jobs_api(rec, token, "POST", f"/api/jobs/{submission_id}/stop")
+        stopped = len(ids)
+        deadline = time.monotonic() + wait_s
+        while ids and time.monotonic() < deadline:
+            time.sleep(0.5)
+            jobs = {j["submission_id"]: j["status"] for j in _jobs_api(rec, token, "GET", "/api/jobs/")}
+            ids = [i for i in ids if jobs.get(i) in _UNFINISHED]
+        return stopped
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # unreachable or not the Jobs API: signals only
+        say(f"could not stop the head's jobs through its Jobs API ({exc}); stopping them with the head")
+        return 0
+
+
+def stop_recorded_head(
+    data_dir: Path, grace_s: float = 15, token: str | None = None, say: Callable[[str], None] = print
+) -> HeadRecord | None:
     """Stop the head recorded in `data_dir` — only that process group, never other Ray clusters on the
-    machine: SIGTERM, `grace_s` to exit, then SIGKILL. Returns the record, or None when none was running."""
+    machine: its unfinished jobs through the Jobs API first (`stop_head_jobs`; `token` for a head with token
+    auth), then SIGTERM, `grace_s` to exit, then SIGKILL. Returns the record, or None when none was running."""
     rec = read_head_record(data_dir)
     if rec is None:
         return None
     if _is_our_head(rec):
+        t0 = time.monotonic()
+        if stopped := stop_head_jobs(rec, token, wait_s=max(grace_s, 10), say=say):
+            say(f"stopped {stopped} unfinished Ray job(s) on it in {time.monotonic() - t0:.1f} s (serve resubmits)")
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(rec.pid, sig)

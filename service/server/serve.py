@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -122,6 +122,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _remove_own_record(record)
 
 
+def exit_without_teardown(code: int) -> NoReturn:
+    """End `serve` the moment its own shutdown is done. By the time `cmd_serve` returns, uvicorn has run the
+    app's shutdown (reconciler stopped, database closed) and the serve record is gone. What Python would do
+    next is tear down the imported Ray SDK: its atexit `ray.shutdown()` imports `ray.dag` in a process that
+    never called `ray.init`, then every module is finalised. On a loaded 2-core machine that took 3-12 s
+    after SIGTERM, past the 10 s a supervisor (or `trainctl down`) should have to wait."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to say anyway
+            pass
+    os._exit(code)
+
+
 def _remove_own_record(record: Path) -> None:
     try:
         if json.loads(record.read_text()).get("pid") == os.getpid():
@@ -200,12 +215,25 @@ def cmd_down(args: argparse.Namespace) -> int:
         while _is_serve(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
     record.unlink(missing_ok=True)
-    rec = stop_recorded_head(settings.data_dir, grace_s=args.grace)
+    rec = stop_recorded_head(
+        settings.data_dir, grace_s=args.grace, token=_ray_token(settings), say=lambda text: print(text, flush=True)
+    )
     if rec is None:
         print(f"no local Ray head is running for {settings.data_dir}", flush=True)
     else:
         print(f"stopped the local Ray head {rec.gcs_address} (pid {rec.pid})", flush=True)
     return 0
+
+
+def _ray_token(settings: Any) -> str | None:
+    """The token our Jobs client uses for a local head with token auth (as `_local_head` sets it up)."""
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or settings.ray_token_path)
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _is_serve(pid: int) -> bool:

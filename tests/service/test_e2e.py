@@ -419,7 +419,13 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
         )
         assert listed.returncode == 0 and listed.stdout.startswith("ID"), listed.stderr
 
-        body = job_body(cifar_parquet, epochs=10, **{"data.max_train_images": 2048, "checkpoint.max_restarts": 0})
+        # One worker (one thread) and 20 epochs: with more threads the job took a loaded machine's CPU from
+        # the single-threaded serve and `trainctl down` starting up, and finished before `down` landed.
+        body = job_body(
+            cifar_parquet,
+            epochs=20,
+            **{"data.max_train_images": 2048, "checkpoint.max_restarts": 0, "scaling.num_workers": 1},
+        )
         with svc.client() as c:
             job_id = c.post("/v1/jobs", json=body).json()["id"]
             job = wait_for(c, job_id, lambda j: j["progress"]["epoch"] >= 1 or finished(j), 400, "the first epoch")
@@ -467,12 +473,20 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
         with svc.client() as c:
             at_down = c.get(f"/v1/jobs/{job_id}").json()["progress"]["epoch"]
         down = svc.down()
+        print(down.stdout, flush=True)
         assert down.returncode == 0 and "stopped the local Ray head" in down.stdout, (down.stdout, down.stderr)
+        assert "stopped 1 unfinished Ray job(s)" in down.stdout, down.stdout
         deadline = time.monotonic() + 30
         while _group_alive(head.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not _group_alive(head.pid) and read_head_record(data) is None
         assert not (data / "serve.json").exists()
+        # `down` stopped the attempt through the Jobs API before the head: it trains no further epoch now
+        # (killed with the head alone, it went on for several, into the directory attempt 2 resumes from)
+        (metrics_file,) = data.rglob(f"{job_id}/metrics.jsonl")
+        done_at_down = len(metrics_file.read_text().splitlines())
+        time.sleep(6)
+        assert len(metrics_file.read_text().splitlines()) == done_at_down
 
         # 3. serve again: a new head; the job is resubmitted without using its restart budget (0) and resumes
         svc.start()
@@ -483,11 +497,13 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
             assert job["state"] == "SUCCEEDED", (job, c.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}).text)
             assert job["attempts"] == 2 and job["attempt_log"][1]["charged"] is False, job["attempt_log"]
             metrics = c.get(f"/v1/jobs/{job_id}/metrics").json()["metrics"]
-            assert [m["epoch"] for m in metrics] == list(range(1, 11))  # contiguous, each epoch once
+            assert [m["epoch"] for m in metrics] == list(range(1, 21))  # contiguous, each epoch once
             resumed = [m["epoch"] for m in metrics if m["resumed"]]
             # attempt 2 resumed after attempt 1's last checkpoint (none left to train if `down` came after it)
             assert len(resumed) <= 1 and all(e > at_down for e in resumed), (resumed, at_down)
-            print(f"epochs done when the head went down: {at_down}; resumed at: {resumed}")
+            assert resumed == [done_at_down + 1], (resumed, done_at_down)
+            print(f"epochs done when `down` began: {at_down}, when it returned: {done_at_down}; resumed at: {resumed}")
+            print(down.stdout)
             # the first attempt ran on a head that is gone: its log is still there, colour codes stripped
             first = c.get(f"/v1/jobs/{job_id}/logs", params={"attempt": 1})
             assert first.status_code == 200 and "Running entrypoint" in first.text and "\x1b[" not in first.text

@@ -62,3 +62,51 @@ def test_down_stops_the_recorded_group_only(tmp_path: Path) -> None:
         for p in (head, bystander):
             p.kill()
             p.wait()
+
+
+def test_down_stops_the_heads_unfinished_jobs_through_the_jobs_api_first(tmp_path: Path) -> None:
+    """A stand-in Jobs API over real HTTP: the running job (only it) is stopped with the head's token, and
+    `stop_head_jobs` waits until Ray reports it ended."""
+    import json
+    from dataclasses import replace
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from service.server.localray import stop_head_jobs
+
+    jobs = {"a-1": "RUNNING", "b-1": "SUCCEEDED"}
+    calls: list[tuple[str, str, str | None]] = []
+
+    class JobsApi(BaseHTTPRequestHandler):
+        def _answer(self, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            calls.append(("GET", self.path, self.headers.get("Authorization")))
+            self._answer([{"submission_id": k, "status": v} for k, v in jobs.items()])
+
+        def do_POST(self) -> None:
+            calls.append(("POST", self.path, self.headers.get("Authorization")))
+            jobs[self.path.split("/")[3]] = "STOPPED"
+            self._answer({"stopped": True})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JobsApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rec = replace(_record(tmp_path, 1, tmp_path), dashboard_url=f"http://127.0.0.1:{server.server_address[1]}")
+        said: list[str] = []
+        assert stop_head_jobs(rec, "tok", wait_s=5, say=said.append) == 1 and said == []
+        assert ("POST", "/api/jobs/a-1/stop", "Bearer tok") in calls
+        assert all(path != "/api/jobs/b-1/stop" for _, path, _ in calls) and jobs["a-1"] == "STOPPED"
+    finally:
+        server.shutdown()
+    # a head whose Jobs API does not answer is only signalled, and `down` says so
+    said.clear()
+    assert stop_head_jobs(replace(rec, dashboard_url="http://127.0.0.1:1"), None, wait_s=1, say=said.append) == 0
+    assert len(said) == 1 and "could not stop the head's jobs" in said[0]

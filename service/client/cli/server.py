@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.server.serve import cmd_serve  # uvicorn, the app and Ray: only for `serve`
+    from service.server.serve import cmd_serve, exit_without_teardown  # uvicorn, the app and Ray: only here
 
-    return cmd_serve(args)
+    exit_without_teardown(cmd_serve(args))
 
 
 def _down(args: argparse.Namespace) -> int:
