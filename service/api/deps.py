@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar, cast
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.exc import DBAPIError
 
 import objstore
 from service.api import auth, limits
@@ -84,19 +86,30 @@ def polls_can_run_inline(dialect: str, storage_root: str) -> bool:
 async def run_poll(state: AppState, poll: Callable[[], T]) -> T:
     """Run a status poll's blocking part (auth, the job's row, its files): on the event loop itself when
     all it touches is local (SQLite, local storage: tens of microseconds, never waiting on a network), else
-    in ONE threadpool hand-off. A plain-`def` route pays a hand-off per sync dependency and one for the
-    handler; each is a pair of thread wake-ups that wait for the GIL and for a CPU, which on a busy machine
-    set a poll's latency far more than its own work (bench/RESULTS.md, issue 22 item 6)."""
+    in ONE hand-off to the app's poll threads. A plain-`def` route pays a hand-off per sync dependency and one
+    for the handler; each is a pair of thread wake-ups that wait for the GIL and for a CPU, which on a busy
+    machine set a poll's latency far more than its own work (bench/RESULTS.md, issue 22 item 6)."""
 
-    if state.polls_inline:
+    if state.polls_inline or state.poll_threads is None:
         with state.store.one_connection(kept=True):  # the loop's own: never waits for the pool
             return poll()
+    ctx = contextvars.copy_context()  # as Starlette's threadpool does: the request's context vars go along
+    return await asyncio.get_running_loop().run_in_executor(state.poll_threads, ctx.run, _poll_kept, state.store, poll)
 
-    def reads() -> T:
-        with state.store.one_connection():  # its reads share one pooled connection and read transaction
+
+def _poll_kept(store: Store, poll: Callable[[], T]) -> T:
+    """A poll on its poll thread's own connection (`Store.one_connection(kept=True)`), never the pool's: no
+    checkout and return per poll, which on PostgreSQL are a pre-ping round trip and a rollback. A connection
+    that dropped meanwhile (the database restarted) fails one read; the poll, reads only, runs again on a new
+    one, which is what the pool's pre-ping gave."""
+    try:
+        with store.one_connection(kept=True):
             return poll()
-
-    return await run_in_threadpool(reads)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    with store.one_connection(kept=True):
+        return poll()
 
 
 # Declared in /openapi.json as the `bearer` security scheme (Swagger's "Authorize" button); auto_error=False

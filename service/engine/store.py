@@ -449,7 +449,8 @@ class Store:
         transaction: one checkout instead of one per read (on PostgreSQL each checkout is also a pre-ping
         round trip, and each return a rollback). For this thread only; nests. `kept`: this thread's own
         connection, opened once and kept outside the pool — for the event loop, whose inline polls must never
-        wait for a pooled connection held by worker threads."""
+        wait for a pooled connection held by worker threads, and for the API's poll threads, which so skip the
+        pool's checkout (on PostgreSQL a pre-ping round trip) and return (a rollback) on every poll."""
         if getattr(self._pinned, "conn", None) is not None:
             yield
             return
@@ -464,6 +465,10 @@ class Store:
         kept_conn: Connection | None = getattr(self._pinned, "kept", None)
         if kept_conn is None or kept_conn.closed or kept_conn.invalidated:
             kept_conn = self._pinned.kept = self.engine.connect()
+            if self.dialect == "postgresql":
+                # Only reads run here, each a statement of its own: no BEGIN before them, no ROLLBACK after
+                # (two of a poll's four round trips to the server)
+                kept_conn = kept_conn.execution_options(isolation_level="AUTOCOMMIT")
             self._kept.append(kept_conn)
         conn = kept_conn
         self._pinned.conn = conn

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ from service.ui import session
 log = logging.getLogger("trainctl")
 
 VERSION = "0.1.0"
+# Threads for status polls that cannot run on the event loop (PostgreSQL, S3): each keeps one database
+# connection. A poll holds one for a few round trips, so a handful serve 200 polls/s (bench/api_load.py).
+POLL_THREADS = 4
 
 
 @dataclass
@@ -48,8 +52,10 @@ class AppState:
     plot_cache: limits.PlotCache
     streams: limits.StreamSlots
     # Status polls run their reads on the event loop (service/api/deps.py run_poll): only when nothing they
-    # touch can wait on a network, i.e. SQLite and local storage.
+    # touch can wait on a network, i.e. SQLite and local storage. Else on these threads, each with its own
+    # database connection.
     polls_inline: bool = False
+    poll_threads: ThreadPoolExecutor | None = None
 
 
 def create_app(
@@ -76,6 +82,8 @@ def create_app(
         sessions = session.Sessions(load_or_create_secret(settings.session_secret_path))
         slow = limits.SlowPool(settings.slow_workers, settings.slow_queue)
         streams = limits.StreamSlots(settings.max_event_streams_per_owner, settings.max_event_streams)
+        inline = polls_can_run_inline(store.dialect, settings.storage_root)
+        poll_threads = None if inline else ThreadPoolExecutor(POLL_THREADS, thread_name_prefix="trainctl-poll")
         app.state.trainctl = AppState(
             settings,
             store,
@@ -85,7 +93,8 @@ def create_app(
             slow=slow,
             plot_cache=limits.PlotCache(),
             streams=streams,
-            polls_inline=polls_can_run_inline(store.dialect, settings.storage_root),
+            polls_inline=inline,
+            poll_threads=poll_threads,
         )
         reconciler.start()
         try:
@@ -94,6 +103,8 @@ def create_app(
             await reconciler.stop()
             await asyncio.to_thread(notifier.stop)  # sends what is queued, for a few seconds at most
             slow.close()
+            if poll_threads is not None:
+                poll_threads.shutdown(wait=True, cancel_futures=True)  # before the store closes their connections
             metrics.detach()
             store.close()
 

@@ -218,9 +218,9 @@ def test_polls_run_inline_only_where_nothing_waits_on_a_network() -> None:
 
 
 def test_status_polls_answer_while_every_worker_thread_is_taken(api: Api, monkeypatch: Any) -> None:
-    """On SQLite + local storage both polls run on the event loop: with the threadpool's one token held by a
-    blocked `def` route they still answer (on PostgreSQL they take one hand-off each, so they wait for it),
-    and the revocation of a token is still seen by the next poll."""
+    """Polls never wait for the threadpool of `def` routes: on SQLite + local storage they run on the event
+    loop, on PostgreSQL on the app's poll threads. With the threadpool's one token held by a blocked `def`
+    route they still answer, and the revocation of a token is still seen by the next poll."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -251,18 +251,14 @@ def test_status_polls_answer_while_every_worker_thread_is_taken(api: Api, monkey
         try:
             held = threads.submit(api.get, f"/v1/jobs/{job_id}/metrics")  # a `def` route: takes the one thread
             assert entered.wait(10)
-            if state.polls_inline:
-                started = time.monotonic()
-                one = api.get(f"/v1/jobs/{job_id}")
-                assert one.status_code == 200 and one.json()["progress"]["epoch"] == 1
-                assert api.get("/v1/jobs").json()["total"] == 1
-                assert api.get(f"/v1/jobs/{job_id}", headers=api.headers(token)).status_code == 404  # not dave's
-                assert api.get("/v1/jobs", headers=api.headers(token)).json()["total"] == 0
-                assert time.monotonic() - started < 5
-            else:
-                poll = threads.submit(api.get, f"/v1/jobs/{job_id}")
-                time.sleep(0.3)
-                assert not poll.done()  # waits for the one worker thread
+            assert (state.poll_threads is None) == state.polls_inline
+            started = time.monotonic()
+            one = api.get(f"/v1/jobs/{job_id}")
+            assert one.status_code == 200 and one.json()["progress"]["epoch"] == 1
+            assert api.get("/v1/jobs").json()["total"] == 1
+            assert api.get(f"/v1/jobs/{job_id}", headers=api.headers(token)).status_code == 404  # not dave's
+            assert api.get("/v1/jobs", headers=api.headers(token)).json()["total"] == 0
+            assert time.monotonic() - started < 5
         finally:
             release.set()
         assert held.result().status_code == 200
@@ -291,7 +287,7 @@ def test_inline_polls_never_wait_for_a_pooled_connection(api: Api) -> None:
 
     state = api.client.app.state.trainctl
     if not state.polls_inline:
-        pytest.skip("PostgreSQL: polls take a pooled connection in a worker thread, like any `def` route")
+        pytest.skip("PostgreSQL: a poll thread takes its connection from the pool at its first poll")
     job_id = api.post(DEBUG_JOB).json()["id"]
     assert api.get(f"/v1/jobs/{job_id}").status_code == 200  # the loop's connection is open from now on
     pool = state.store.engine.pool
@@ -312,6 +308,32 @@ def test_inline_polls_never_wait_for_a_pooled_connection(api: Api) -> None:
             conn.close()
     api.reconcile()  # a write through the pool; the next poll's read transaction sees it
     assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "STARTING"
+
+
+def test_polls_outlive_a_dropped_database_connection(api: Api) -> None:
+    """PostgreSQL: each poll thread keeps its connection rather than taking a pre-pinged one from the pool per
+    poll. When the server drops them all (a restart, an idle timeout), every poll still answers: the one
+    read that finds its connection gone is run again on a new one."""
+    from sqlalchemy import text
+
+    from service.server.app import POLL_THREADS
+
+    state = api.client.app.state.trainctl
+    if state.polls_inline:
+        pytest.skip("SQLite + local storage: polls read through the event loop's own file connection")
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    rounds = 3 * POLL_THREADS  # enough polls to give every poll thread its kept connection
+    assert all(api.get(f"/v1/jobs/{job_id}").status_code == 200 for _ in range(rounds))
+    with state.store.engine.connect() as conn:
+        dropped = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+    assert dropped >= 1
+    answers = [api.get(f"/v1/jobs/{job_id}") for _ in range(rounds)] + [api.get("/v1/jobs") for _ in range(rounds)]
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers if r.status_code != 200]
 
 
 def test_the_view_says_which_host_was_lost_and_where_the_job_resumed(api: Api) -> None:
