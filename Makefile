@@ -25,12 +25,13 @@ browser-deps:
 	bash scripts/browser-deps.sh
 
 # The whole test suite: real Ray, real SeaweedFS, real HTTP. pytest exits 5 when it collects no test,
-# which fails this target (and CI) rather than passing silently. TEST_WORKERS pytest-xdist workers, one test
-# file at a time each (the emulated-host files together: tests/conftest.py): the workers fill the cores while
-# a test waits on a health check or a host (2 cores: 32:49 on 3 workers, 37:13 serial; README).
+# which fails this target (and CI) rather than passing silently. TEST_WORKERS pytest-xdist workers, each
+# given whole test files (`--dist loadfile`: a module's expensive fixture, such as a trained job or a
+# `trainctl serve`, starts once; `loadgroup` no longer groups under pytest 9, whose items ignore the id xdist
+# 3.8 rewrites); emulated-host files run side by side, taking their subnets under a lock (tests/hosts.py).
 TEST_WORKERS ?= 3
 test: venv browser-deps
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The edit loop: the unit tests only — no Ray cluster, no S3 server, no subprocess importing torch, no
 # package install (markers in pyproject.toml). About a minute on 2 cores.

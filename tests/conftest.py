@@ -65,15 +65,3 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'data' / 'trainctl.db'}"
     return request.getfixturevalue("postgres_url")
-
-
-# `make test` runs the suite in parallel (pytest-xdist, `--dist loadgroup`): each test file is one unit, so a
-# module's expensive fixture (a `trainctl serve`, a fake multi-node cluster) starts once, on one worker; the
-# files that bring up emulated hosts (marker `cluster`: network namespaces, `ray up`) share one unit, so only
-# one such cluster exists at a time and their addresses never collide. Tried first: xdist reads the group
-# from the marker in its own hook.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = "emulated-hosts" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))

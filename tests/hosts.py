@@ -21,6 +21,7 @@ Needs root, iproute2, util-linux (unshare, nsenter), openssh-server/-client and 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import ipaddress
 import os
 import re
@@ -35,6 +36,7 @@ from pathlib import Path
 
 MARK = "tch"
 RUN_ROOT = Path("/run/trainctl-hosts")  # not /tmp: each host has its own /tmp
+SUBNET_LOCK = Path("/run/trainctl-hosts.lock")  # held while a set picks its subnet and takes it
 TOOLS = ("ip", "unshare", "nsenter", "ssh", "ssh-keygen", "rsync")
 SSHD = "/usr/sbin/sshd"
 SUBNETS = [ipaddress.ip_network(f"10.200.{x}.0/24") for x in range(0, 256)]
@@ -251,23 +253,27 @@ class Hosts:
         links = [f"{MARK}{pid}b"] + [f"{MARK}{pid}v{i}" for i in range(1, n + 1)]
         if taken := set(names) & set(_netns_names()) | set(links) & set(_link_names()):
             raise HostsUnavailable(f"names already in use: {sorted(taken)}")
-        subnet = free_subnet()
-        addresses = [str(a) for a in list(subnet.hosts())[: n + 1]]
-        run_dir = RUN_ROOT / tag
-        run_dir.mkdir(parents=True, mode=0o700)
-        hosts = cls(
-            tag=tag,
-            subnet=subnet,
-            bridge=links[0],
-            bridge_address=addresses[0],
-            run_dir=run_dir,
-            key=run_dir / "id_ed25519",
-        )
-        try:
-            hosts._make(names, links[1:], addresses[1:], ssh_env or {}, cpus)
-        except BaseException:
-            hosts.down()
-            raise
+        # Parallel test workers (pytest-xdist) each make their own set: one at a time, so two never pick the
+        # same free subnet between looking and taking it.
+        with open(SUBNET_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subnet = free_subnet()
+            addresses = [str(a) for a in list(subnet.hosts())[: n + 1]]
+            run_dir = RUN_ROOT / tag
+            run_dir.mkdir(parents=True, mode=0o700)
+            hosts = cls(
+                tag=tag,
+                subnet=subnet,
+                bridge=links[0],
+                bridge_address=addresses[0],
+                run_dir=run_dir,
+                key=run_dir / "id_ed25519",
+            )
+            try:
+                hosts._make(names, links[1:], addresses[1:], ssh_env or {}, cpus)
+            except BaseException:
+                hosts.down()
+                raise
         return hosts
 
     def _make(
