@@ -18,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.profile_poll import in_process_app, metrics_line  # noqa: E402
 from service.engine.states import JobState  # noqa: E402
+from service.server.app import POLL_THREADS  # noqa: E402
 from trainer.spec import JobSpec  # noqa: E402
 
 
@@ -47,9 +49,12 @@ async def run(args: argparse.Namespace) -> None:
         for i in range(50):  # warm-up
             assert (await driver.get(paths[i % 2], headers))[0] == 200
         runs = [(m, float(x)) for m in args.polls.split(",") for x in args.intervals_ms.split(",")]
+        # "threadpool": the app's poll threads, as served on PostgreSQL (on SQLite the app makes none)
+        threads = state.poll_threads or ThreadPoolExecutor(POLL_THREADS, thread_name_prefix="trainctl-poll")
         for round_ in range(args.rounds):
             for mode, interval_ms in runs:
                 state.polls_inline = mode == "inline"
+                state.poll_threads = None if state.polls_inline else threads
                 sys.setswitchinterval(interval_ms / 1000)
                 stop = threading.Event()
                 thread = threading.Thread(target=busy, args=(stop,))
@@ -81,7 +86,7 @@ def main() -> None:
     p.add_argument(
         "--polls",
         default="inline",
-        help="inline (on the event loop, as on SQLite), threadpool (one hand-off, as on PostgreSQL), or both",
+        help="inline (on the event loop, as on SQLite), threadpool (to the poll threads, as on PostgreSQL), or both",
     )
     asyncio.run(run(p.parse_args()))
 
