@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.once import once_per_session
 from trainer import checkpoint as ckpt
 from trainer.data import DeviceData, load
 from trainer.evaluate import load_model, predict_logits, predict_to_csv
@@ -24,24 +25,27 @@ pytestmark = pytest.mark.slow  # trains a few steps and exports twice: ~1 minute
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, cifar_parquet: Path) -> str:
     """A checkpoint as the loop writes it, of a network trained for a few steps (an untrained one predicts
-    one class for every image, which would prove nothing)."""
-    torch.manual_seed(0)
-    spec = resolve("debug", {"precision": "fp32", "channels_last": False})
-    model = build_model(spec.model)
-    train = DeviceData(
-        load(str(cifar_parquet), "parquet", limit=3000).take(torch.arange(1000, 3000)),
-        torch.device("cpu"),
-        channels_last=False,
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for epoch in range(2):
-        for x, y in train.train_batches(epoch, seed=0, rank=0, world=1, local_batch=64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    folder = tmp_path_factory.mktemp("ckpt")
-    ckpt.save({"model": model.state_dict(), "spec": spec.model_dump_json(), "epoch": 3}, str(folder))
-    return str(folder / ckpt.FILENAME)
+    one class for every image, which would prove nothing). Trained once per session; the tests only read it."""
+
+    def train(folder: Path) -> Path:
+        torch.manual_seed(0)
+        spec = resolve("debug", {"precision": "fp32", "channels_last": False})
+        model = build_model(spec.model)
+        train = DeviceData(
+            load(str(cifar_parquet), "parquet", limit=3000).take(torch.arange(1000, 3000)),
+            torch.device("cpu"),
+            channels_last=False,
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for epoch in range(2):
+            for x, y in train.train_batches(epoch, seed=0, rank=0, world=1, local_batch=64):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        ckpt.save({"model": model.state_dict(), "spec": spec.model_dump_json(), "epoch": 3}, str(folder))
+        return folder / ckpt.FILENAME
+
+    return str(once_per_session(tmp_path_factory, "export-checkpoint", train))
 
 
 @pytest.fixture(scope="module")

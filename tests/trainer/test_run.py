@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.once import once_per_session
 from tests.trainer.cifar_files import write_cifar_python, write_kaggle_input
 from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run, wait_for_checkpoint
 from trainer import checkpoint as ckpt
@@ -30,28 +31,32 @@ LEARNS = {"data.max_train_images": 2048, "optim.epochs": 3}
 
 @pytest.fixture(scope="module")
 def trained_job(ray_head, cifar_parquet, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("jobs")
-    test_dir = write_cifar_python(root / "cifar-test", per_batch=30)
-    job_dir = make_job_dir(
-        root,
-        "learns",
-        {
-            **LEARNS,
-            "data.train": str(cifar_parquet),
-            "data.test": str(test_dir),
-            "checkpoint.keep_best": 1,
-            "tta": "flip",
-            # Logged to a real local MLflow store and a W&B offline run (trainer/tracking.py), when the extras are
-            # installed.
-            "tracking": {
-                **({"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow/mlflow.db"}} if HAS_MLFLOW else {}),
-                **({"wandb": {"project": "cifar-debug"}} if HAS_WANDB else {}),
+    """One 2-worker run that the tests below only read: trained once per session, whichever worker asks first."""
+
+    def train(root: Path) -> Path:
+        test_dir = write_cifar_python(root / "cifar-test", per_batch=30)
+        job_dir = make_job_dir(
+            root,
+            "learns",
+            {
+                **LEARNS,
+                "data.train": str(cifar_parquet),
+                "data.test": str(test_dir),
+                "checkpoint.keep_best": 1,
+                "tta": "flip",
+                # Logged to a real local MLflow store and a W&B offline run (trainer/tracking.py), when the extras
+                # are installed.
+                "tracking": {
+                    **({"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow/mlflow.db"}} if HAS_MLFLOW else {}),
+                    **({"wandb": {"project": "cifar-debug"}} if HAS_WANDB else {}),
+                },
             },
-        },
-    )
-    code = run(job_dir, ray_head.env())
-    assert code == 0, log_tail(job_dir)
-    return job_dir
+        )
+        code = run(job_dir, ray_head.env())
+        assert code == 0, log_tail(job_dir)
+        return job_dir
+
+    return once_per_session(tmp_path_factory, "trained-job", train)
 
 
 def test_two_worker_ddp_run_learns_and_writes_its_files(trained_job):
