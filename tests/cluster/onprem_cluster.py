@@ -34,6 +34,7 @@ import yaml
 
 from tests.cluster.checks import REPO
 from tests.hosts import Hosts, HostsUnavailable, why_unavailable
+from tests.plugins.ray_cluster import LEAN_RAY_ENV
 from tests.plugins.s3 import S3Server, start_server
 
 CLUSTER_YAML = REPO / "cluster" / "onprem.yaml"
@@ -185,6 +186,7 @@ def onprem_cluster(cifar_parquet: Path, min_workers: int = 0) -> Iterator[OnPrem
                 "TRAINCTL_STORAGE": storage,
                 "TRAINCTL_DATA_ROOTS": data_uri.rsplit("/", 1)[0],
                 **s3.s3_env(),
+                **LEAN_RAY_ENV,  # the emulated hosts' Ray too (a site's cluster.env may carry any such setting)
             }.items()
         )
         config_path = hosts.run_dir / "onprem.yaml"

@@ -25,7 +25,16 @@ RAY_CPUS = 6
 # more at its end (and per restart). Set here, when pytest loads this plugin and before any head or driver
 # starts, so the session's head, every `trainctl serve` head and every driver inherit it (Ray passes it on
 # from the driver to the controller actor). A shorter period only makes the same checks more often.
-TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+#
+# LEAN_RAY_ENV: the suite's time is CPU on 2 cores, and most of it is Ray's own processes (bench/RESULTS.md, "Where
+# the suite's CPU goes"). Neither setting changes what a test checks: no test reads Ray's own metrics (trainctl's
+# /metrics are its own), and the workers a raylet prestarts for its first driver run the default runtime env,
+# which no trainctl job uses (trainer/run.py gives every driver env vars), so they were only ever idle.
+LEAN_RAY_ENV = {
+    "RAY_enable_metrics_collection": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
+TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **LEAN_RAY_ENV}
 for _name, _value in TEST_RAY_ENV.items():
     os.environ.setdefault(_name, _value)
 
