@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, cifar_parquet: Path) ->
     """A checkpoint as the loop writes it, of a network trained for a few steps (an untrained one predicts
     one class for every image, which would prove nothing). Trained once per session; the tests only read it."""
 
-    def train(folder: Path) -> Path:
+    def train_a_few_steps(folder: Path) -> Path:
         torch.manual_seed(0)
         spec = resolve("debug", {"precision": "fp32", "channels_last": False})
         model = build_model(spec.model)
@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, cifar_parquet: Path) ->
         ckpt.save({"model": model.state_dict(), "spec": spec.model_dump_json(), "epoch": 3}, str(folder))
         return folder / ckpt.FILENAME
 
-    return str(once_per_session(tmp_path_factory, "export-checkpoint", train))
+    return str(once_per_session(tmp_path_factory, "export-checkpoint", train_a_few_steps))
 
 
 @pytest.fixture(scope="module")
