@@ -27,21 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.server.localray import LocalRayHead  # noqa: E402
+from tests.plugins.ray_cluster import LEAN_RAY_ENV  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 from trainer.spec import resolve  # noqa: E402
 
-# Each configuration is what its head and driver get in their environment. "lean" is what tests/plugins/
-# ray_cluster.py gives every head and driver of the suite.
+# Each configuration is what its head and driver get in their environment; "lean" is exactly what
+# tests/plugins/ray_cluster.py gives every head and driver of the suite.
 CONFIGS: dict[str, dict[str, str]] = {
     "default": {},
-    "no-prestart": {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"},
+    "no-prestart": {"RAY_prestart_worker_first_driver": "0"},
     "no-metrics": {"RAY_enable_metrics_collection": "0"},
-    "lean": {
-        "RAY_enable_worker_prestart": "0",
-        "RAY_prestart_worker_first_driver": "0",
-        "RAY_enable_metrics_collection": "0",
-    },
+    "lean": dict(LEAN_RAY_ENV),
 }
+SETTINGS = {key for config in CONFIGS.values() for key in config}
 
 
 def machine_cpu_s() -> float:
@@ -62,9 +60,8 @@ class Phase:
 
 def one_round(name: str, env_extra: dict[str, str], data: Path, work: Path, idle_s: float) -> dict[str, Phase]:
     base = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}
-    for key in CONFIGS["lean"]:  # a configuration sets exactly its own
-        if key not in env_extra:
-            base.pop(key, None)
+    for key in SETTINGS - env_extra.keys():  # a configuration sets exactly its own
+        base.pop(key, None)
     phases: dict[str, Phase] = {}
     with Phase() as phases["start"]:
         head = LocalRayHead.start(num_cpus=6, auth_mode="disabled", extra_env=env_extra)
