@@ -31,7 +31,7 @@ from service.api.deps import (
     RunnerDep,
     SettingsDep,
     StoreDep,
-    owned_job,
+    polled_job,
     principal_of,
     run_poll,
 )
@@ -288,8 +288,7 @@ async def get_job(
     # The status poll: async with async dependencies only, and its blocking part in one `run_poll` (what the
     # JobDep/PrincipalDep routes do in three threadpool hand-offs).
     def poll() -> Response:
-        principal = principal_of(request, state.settings, state.store, credentials)
-        job = owned_job(state.store, principal, job_id)
+        job = polled_job(request, state.settings, state.store, credentials, job_id)
         return conditional(views.render_job(job, state.runner.job_dir(job.id), with_spec=True), if_none_match)
 
     return await run_poll(state, poll)

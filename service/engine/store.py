@@ -394,12 +394,23 @@ _TOKEN_OWNER = select(TokenModel.name, TokenModel.is_admin, TokenModel.expires_a
 _TOKEN_IDENTITY = select(
     TokenModel.name, TokenModel.is_admin, TokenModel.owner_id, TokenModel.sessions_not_before, TokenModel.expires_at
 ).where(TokenModel.token_hash == bindparam("token_hash"))
+# A status poll's two reads in one round trip (on PostgreSQL each is a wait on the network and a pass through
+# the driver): the token's row, with the job's row joined on the job id (NULLs when there is no such job). The
+# job's columns come first, under the model's names, so the row reads as a job row (`Job.of`); the token's are
+# labelled `token_*`. No row at all: no such token.
+_JOB_COLUMNS = len(JobModel.__table__.columns)
+_IDENTITY_AND_JOB = (
+    select(JobModel.__table__, *(c.label(f"token_{c.name}") for c in _TOKEN_IDENTITY.selected_columns))
+    .select_from(TokenModel.__table__.outerjoin(JobModel.__table__, JobModel.id == bindparam("job_id")))
+    .where(TokenModel.token_hash == bindparam("token_hash"))
+)
 
 
 @functools.lru_cache(maxsize=64)
 def _list_queries(by_owner: bool, by_owner_id: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
     """(count, page) for Store.list, prepared once per filter shape; owner, owner id, limit and offset are
-    parameters."""
+    parameters. The page carries the count too, as a last column `total` (an uncorrelated subquery the database
+    evaluates once): one round trip for a page that has rows; `count` alone answers a page past the end."""
     q = select(JobModel.__table__)
     if by_owner:
         q = q.where(JobModel.owner == bindparam("owner"))
@@ -408,7 +419,12 @@ def _list_queries(by_owner: bool, by_owner_id: bool, states: frozenset[str] | No
     if states is not None:
         q = q.where(JobModel.state.in_(sorted(states)))
     count = select(func.count()).select_from(q.subquery())
-    page = q.order_by(JobModel.seq.desc()).limit(bindparam("limit")).offset(bindparam("offset"))
+    page = (
+        q.add_columns(count.scalar_subquery().label("total"))
+        .order_by(JobModel.seq.desc())
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
     return count, page
 
 
@@ -568,11 +584,24 @@ class Store:
             row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         return self._snapshot(row) if row is not None else None
 
-    def _snapshot(self, row: Row[Any]) -> Job:
-        """The Job for a jobs-table row, shared with earlier reads of the same row. Keyed on the whole row
-        (its content, not its id), so a row another replica changed never maps to an old snapshot; shared
+    def identity_and_job(self, token_hash: str, job_id: str) -> tuple[TokenIdentity | None, Job | None]:
+        """A status poll's reads in one round trip: who holds the token (None when it does not exist or has
+        expired, and then no job either) and the job (None when there is none). Never cached, as
+        `token_identity`."""
+        with self._reading() as conn:
+            row = conn.execute(_IDENTITY_AND_JOB, {"token_hash": token_hash, "job_id": job_id}).first()
+        if row is None or (row.token_expires_at is not None and row.token_expires_at <= time.time()):
+            return None, None
+        who = TokenIdentity(row.token_name, bool(row.token_is_admin), row.token_owner_id, row.token_sessions_not_before)
+        return who, (self._snapshot(row, _JOB_COLUMNS) if row.id is not None else None)
+
+    def _snapshot(self, row: Row[Any], columns: int | None = None) -> Job:
+        """The Job for a jobs-table row (its first `columns` columns: a row that carries more, such as a
+        list page's total), shared with earlier reads of the same row. Keyed on the row's job columns (their
+        content, not the id), so a row another replica changed never maps to an old snapshot; shared
         snapshots are read-only, as Job (frozen) already says: never change their spec or attempt_log."""
-        key = tuple(row)  # a plain tuple: hashed and compared in C (a Row compares in Python)
+        # a plain tuple: hashed and compared in C (a Row compares in Python)
+        key = tuple(row) if columns is None else tuple(row[:columns])
         job = self._snapshots.get(key)
         if job is None:
             job = Job.of(cast(JobModel, row))  # a row has the model's attribute names
@@ -601,9 +630,10 @@ class Store:
             )
             params = {"owner": owner, "owner_id": owner_id, "limit": limit, "offset": offset}
             with self._reading() as conn:
-                total = conn.scalar(count, params) or 0
-                rows = conn.execute(page, params)
-                return [self._snapshot(row) for row in rows], total
+                rows = conn.execute(page, params).all()
+                if not rows:  # past the end (or no job at all): the page says no total
+                    return [], conn.scalar(count, params) or 0
+                return [self._snapshot(row, _JOB_COLUMNS) for row in rows], rows[0].total
         q = select(JobModel)
         if owner is not None:
             q = q.where(JobModel.owner == owner)

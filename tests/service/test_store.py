@@ -79,6 +79,26 @@ def test_list_filters_and_pages(store: Store) -> None:
     queued, total = store.list(owner="alice", states=[JobState.QUEUED])
     assert total == 4 and ids[0] not in {j.id for j in queued}
     assert [j.id for j in store.queued_in_order()][:4] == ids[1:]  # oldest first
+    past_the_end, total = store.list(owner="alice", limit=2, offset=5)  # no row carries the total: counted
+    assert past_the_end == [] and total == 5
+    assert store.list(owner="carol") == ([], 0)
+    # a page row carries its total, which is not part of the job: the same row is the same snapshot as get's
+    page, _ = store.list(owner="alice", limit=1, offset=0)
+    assert page[0] is store.get(ids[-1])
+
+
+def test_a_poll_reads_its_token_and_job_in_one_go(store: Store) -> None:
+    bob_id = store.add_token("bob", "b" * 64)
+    store.add_token("old", "o" * 64, expires_at=1.0)
+    job, _ = store.create_job("bob", JobSpec(), owner_id=bob_id)
+    who, got = store.identity_and_job("b" * 64, job.id)
+    assert who == store.token_identity("b" * 64) and who.owner_id == bob_id and not who.is_admin
+    assert got is store.get(job.id)  # the same snapshot as a plain read of the row
+    assert store.identity_and_job("b" * 64, "no-such-job") == (who, None)
+    assert store.identity_and_job("x" * 64, job.id) == (None, None)  # no such token: not even the job
+    assert store.identity_and_job("o" * 64, job.id) == (None, None)  # expired
+    store.delete_token("bob")
+    assert store.identity_and_job("b" * 64, job.id) == (None, None)  # revoked: at once
 
 
 def test_delete_only_terminal(store: Store) -> None:
