@@ -40,6 +40,11 @@ CONFIGS: dict[str, dict[str, str]] = {
     "lean": dict(LEAN_RAY_ENV),
 }
 SETTINGS = {key for config in CONFIGS.values() for key in config}
+# Importing tests/plugins/ray_cluster.py put LEAN_RAY_ENV into os.environ, and LocalRayHead starts every head
+# from os.environ: without this, every configuration's head (raylet, GCS) ran with the lean settings and only
+# the drivers differed, which hid what the raylet-side settings do.
+for _key in SETTINGS:
+    os.environ.pop(_key, None)
 
 
 def machine_cpu_s() -> float:
@@ -59,9 +64,7 @@ class Phase:
 
 
 def one_round(name: str, env_extra: dict[str, str], data: Path, work: Path, idle_s: float) -> dict[str, Phase]:
-    base = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}
-    for key in SETTINGS - env_extra.keys():  # a configuration sets exactly its own
-        base.pop(key, None)
+    base = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env_extra}  # a configuration sets exactly its own
     phases: dict[str, Phase] = {}
     with Phase() as phases["start"]:
         head = LocalRayHead.start(num_cpus=6, auth_mode="disabled", extra_env=env_extra)
