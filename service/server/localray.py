@@ -95,25 +95,47 @@ class LocalRayHead:
         """SIGTERM the head's process group, wait, then SIGKILL whatever is left of it. `ray start --block`
         never exits on SIGTERM (its subprocesses do), so this always takes `grace_s`."""
         stop_process_group(self.proc, grace_s=grace_s)
-        try:  # stragglers of the group (workers that ignored SIGTERM)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the process group led by `proc`, give it `grace_s` to exit, then SIGKILL it."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+def stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM the process group led by `proc` (our child), give the whole group `grace_s` to exit, then
+    SIGKILL what is left of it; reap the leader last.
+
+    The leader is reaped only once no other member is left: until then its pid, which is the group's id,
+    cannot be given to a new process, so no signal here can reach a stranger. (Signalling the group after
+    reaping the leader can: a suite run starts ~30,000 processes, so pids wrap around on a pid_max of 32,768.)"""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
-        try:
-            proc.wait(timeout=wait)
+        deadline = time.monotonic() + wait
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _group_members(proc.pid):
             break
-        except subprocess.TimeoutExpired:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # unkillable (uninterruptible sleep): leave it to init, say nothing
+        pass
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The pids of the process group's members that have not exited (a zombie has: it only waits for its
+    parent to reap it)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
             continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry.name))
+    return members
 
 
 # --- the detached head of `trainctl serve` ---------------------------------------------------------------

@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from service.server.localray import stop_process_group
 from tests.plugins.reaper import reap_with_session
 
 REGION = "us-east-1"
@@ -203,22 +203,7 @@ class S3Server:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_process_group(proc, grace_s)  # never signals the group once its leader is reaped
         self._wait_ports_free(10.0)
         self._remove_stale_sockets()
 

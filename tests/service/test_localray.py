@@ -110,3 +110,44 @@ def test_down_stops_the_heads_unfinished_jobs_through_the_jobs_api_first(tmp_pat
     said.clear()
     assert stop_head_jobs(replace(rec, dashboard_url="http://127.0.0.1:1"), None, wait_s=1, say=said.append) == 0
     assert len(said) == 1 and "could not stop the head's jobs" in said[0]
+
+
+def test_a_group_is_stopped_whole_and_never_signalled_after_its_leader_is_reaped(monkeypatch) -> None:
+    """`stop_process_group`: a member that ignores SIGTERM is killed after the grace, even though the leader
+    exited at once; and every signal goes out while the leader is still unreaped, so that its pid (the
+    group's id) cannot belong to a new process yet (pids wrap around during a suite run)."""
+    import os
+    import signal
+
+    from service.server import localray
+
+    member = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    leader_code = (
+        "import subprocess, sys, time; "
+        f"m = subprocess.Popen([sys.executable, '-c', {member!r}], stdout=subprocess.PIPE, text=True); "
+        "m.stdout.readline(); print(m.pid, flush=True); time.sleep(60)"
+    )
+    leader = subprocess.Popen(
+        [sys.executable, "-c", leader_code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        member_pid = int(leader.stdout.readline())
+        assert localray._group_members(leader.pid) == sorted([leader.pid, member_pid])
+        sent: list[tuple[int, int | None]] = []
+        real_killpg = os.killpg
+
+        def killpg(pgid: int, sig: int) -> None:
+            sent.append((sig, leader.returncode))
+            real_killpg(pgid, sig)
+
+        monkeypatch.setattr(localray.os, "killpg", killpg)
+        localray.stop_process_group(leader, grace_s=1)
+        assert [sig for sig, _ in sent] == [signal.SIGTERM, signal.SIGKILL]  # the member outlived SIGTERM
+        assert all(returncode is None for _, returncode in sent), sent  # the leader was not reaped yet
+        assert leader.returncode == -signal.SIGTERM and localray._group_members(leader.pid) == []
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
