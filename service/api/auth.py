@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine.store import Store
+from service.engine.store import Store, TokenIdentity
 
 ADMIN = "admin"
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -91,4 +91,9 @@ def authenticate(store: Store, authorization: str | None) -> Principal | None:
 
 def principal_for(store: Store, token_hash: str) -> Principal | None:
     who = store.token_identity(token_hash)
-    return Principal(who.name, who.is_admin, who.owner_id, token_hash) if who else None
+    return holder_of(who, token_hash) if who else None
+
+
+def holder_of(who: TokenIdentity, token_hash: str) -> Principal:
+    """The principal of a valid token (`Store.token_identity`, `Store.identity_and_job`)."""
+    return Principal(who.name, who.is_admin, who.owner_id, token_hash)

@@ -203,7 +203,7 @@ def polled_job(
     who, job = store.identity_and_job(token_hash, job_id)
     if who is None:
         raise _unauthorized()
-    return _visible(job, auth.Principal(who.name, who.is_admin, who.owner_id, token_hash))
+    return _visible(job, auth.holder_of(who, token_hash))
 
 
 def _visible(job: Job | None, principal: auth.Principal) -> Job:

@@ -406,6 +406,15 @@ _IDENTITY_AND_JOB = (
 )
 
 
+def _valid_identity(
+    name: str, is_admin: bool, owner_id: str, sessions_not_before: float | None, expires_at: float | None
+) -> TokenIdentity | None:
+    """The identity a token row (`_TOKEN_IDENTITY`'s columns, in order) grants, or None once it has expired."""
+    if expires_at is not None and expires_at <= time.time():
+        return None
+    return TokenIdentity(name, bool(is_admin), owner_id, sessions_not_before)
+
+
 @functools.lru_cache(maxsize=64)
 def _list_queries(by_owner: bool, by_owner_id: bool, states: frozenset[str] | None) -> tuple[Select[Any], Select[Any]]:
     """(count, page) for Store.list, prepared once per filter shape; owner, owner id, limit and offset are
@@ -590,9 +599,8 @@ class Store:
         `token_identity`."""
         with self._reading() as conn:
             row = conn.execute(_IDENTITY_AND_JOB, {"token_hash": token_hash, "job_id": job_id}).first()
-        if row is None or (row.token_expires_at is not None and row.token_expires_at <= time.time()):
+        if row is None or (who := _valid_identity(*row[_JOB_COLUMNS:])) is None:
             return None, None
-        who = TokenIdentity(row.token_name, bool(row.token_is_admin), row.token_owner_id, row.token_sessions_not_before)
         return who, (self._snapshot(row, _JOB_COLUMNS) if row.id is not None else None)
 
     def _snapshot(self, row: Row[Any], columns: int | None = None) -> Job:
@@ -848,10 +856,8 @@ class Store:
         request, never cached (a revoked token is refused at once, on every replica): a prepared Core query on
         a pooled connection, a fraction of an ORM session's load."""
         with self._reading() as conn:
-            m = conn.execute(_TOKEN_IDENTITY, {"token_hash": token_hash}).first()
-        if m is None or (m.expires_at is not None and m.expires_at <= time.time()):
-            return None
-        return TokenIdentity(m.name, bool(m.is_admin), m.owner_id, m.sessions_not_before)
+            row = conn.execute(_TOKEN_IDENTITY, {"token_hash": token_hash}).first()
+        return None if row is None else _valid_identity(*row)
 
     def end_sessions(self, token_hash: str, now: float | None = None) -> bool:
         """Void every dashboard session of this token issued until now (logout, on every replica)."""

@@ -111,9 +111,9 @@ def stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while _group_members(proc.pid) and time.monotonic() < deadline:
+        while (left := _group_members(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _group_members(proc.pid):
+        if not left:
             break
     try:
         proc.wait(timeout=10)
