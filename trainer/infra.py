@@ -28,7 +28,10 @@ which the job's view shows.
 
 Ray Train V2 has no public way to pass a failure policy: `InfraAwareTorchTrainer` swaps it in through
 `_initialize_and_run_controller`, the one place `fit()` hands the policy to the controller (checked against
-the installed wheel by tests/trainer/test_infra.py).
+the installed wheel by tests/trainer/test_infra.py). It also leaves out Ray's `DatasetsCallback` when the
+trainer has no Ray Datasets (trainctl's workers read their data themselves, trainer/data.py): that callback
+starts a `DatasetManager` actor for every worker group regardless, one more Ray worker process per run
+(~1.4 CPU-s of imports) that nothing would ask for a shard.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.train import FailureConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
@@ -254,7 +258,7 @@ def resumed(losses: list[InfraLoss], history: list[contract.EpochMetrics], start
 
 
 class InfraAwareTorchTrainer(TorchTrainer):
-    """A TorchTrainer whose controller uses `InfraAwareFailurePolicy`."""
+    """A TorchTrainer whose controller uses `InfraAwareFailurePolicy` and starts no idle dataset actor."""
 
     def __init__(self, *args: Any, failure_policy: InfraAwareFailurePolicy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -265,3 +269,9 @@ class InfraAwareTorchTrainer(TorchTrainer):
             raise RuntimeError("Ray Train no longer passes failure_policy to its controller: see trainer/infra.py")
         controller_init_kwargs["failure_policy"] = self._infra_failure_policy
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]

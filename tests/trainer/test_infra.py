@@ -216,3 +216,25 @@ def test_describe_without_an_address_or_a_resume_yet() -> None:
 def test_a_torn_or_invalid_loss_line_is_skipped(bad: str) -> None:
     good = InfraLoss(time=1, host="h", lost_at_epoch=1).model_dump_json() + "\n"
     assert [x.host for x in contract.parse_infra_losses(good + bad + good)] == ["h", "h"]
+
+
+def test_no_dataset_actor_without_ray_datasets(tmp_path: Path) -> None:
+    """Ray's DatasetsCallback starts a DatasetManager actor (a process) per worker group even with nothing to
+    shard; trainctl's workers read their own data, so it is left out, and kept when Ray Datasets are given."""
+    from ray.train import RunConfig
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    from trainer.infra import InfraAwareTorchTrainer
+
+    def callbacks(**datasets: object) -> list[type]:
+        trainer = InfraAwareTorchTrainer(
+            lambda: None,
+            run_config=RunConfig(storage_path=str(tmp_path)),
+            datasets=datasets or None,
+            failure_policy=InfraAwareFailurePolicy(FailureConfig(), 1),
+        )
+        return [type(cb) for cb in trainer._create_default_callbacks()]
+
+    without = callbacks()
+    assert DatasetsCallback not in without and without, without
+    assert DatasetsCallback in callbacks(train=lambda: None)
