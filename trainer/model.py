@@ -73,6 +73,9 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(spec.dropout)
         self.classifier = nn.Linear(in_ch, spec.num_classes)
+        if spec.zero_init_residual:
+            for block in self.stages:
+                nn.init.zeros_(block.bn2.weight)  # the residual branch adds 0 until training moves it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))

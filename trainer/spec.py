@@ -116,6 +116,11 @@ class ModelSpec(Section):
     se_reduction: int = Field(default=16, ge=1, le=MAX_WIDTH)
     dropout: Fraction = 0.5
     num_classes: int = Field(default=10, ge=2, le=1000)
+    # Goyal et al. 2017 ("Accurate, large minibatch SGD"): each residual block starts as the identity, which
+    # lets a short run take a large lr from its first steps. Initialisation only: same parameters, same network.
+    zero_init_residual: bool = Field(
+        default=False, description="start each block's last BatchNorm scale at 0 (the block begins as its shortcut)"
+    )
 
 
 class AugmentSpec(Section):

@@ -39,3 +39,16 @@ def test_the_closed_form_cost_counts_exactly_what_is_built():
         ModelSpec(widths=[2, 4, 4, 8, 8, 8], blocks=[2, 3, 1, 1, 2, 2], se_reduction=2, activation="relu"),
     ):
         assert model_cost(spec)[0] == count_parameters(build_model(spec)), spec
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    torch.manual_seed(0)
+    spec = ModelSpec(widths=[8, 16], blocks=[2, 1], se_reduction=4)
+    plain = build_model(spec)
+    zero = build_model(spec.model_copy(update={"zero_init_residual": True}))
+    assert count_parameters(zero) == count_parameters(plain)
+    assert all(block.bn2.weight.abs().sum() > 0 for block in plain.stages)
+    assert all(torch.equal(block.bn2.weight, torch.zeros_like(block.bn2.weight)) for block in zero.stages)
+    first = zero.stages[0]  # same width, stride 1: its shortcut is the identity
+    x = torch.randn(4, 8, 32, 32)
+    assert torch.allclose(first(x), first.act2(x))
