@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         choices=get_args(TtaMode),
         help="test-time augmentation, reported beside the plain accuracy: flip = mean logits of each image and "
-        "its mirror image",
+        "its mirror image; flip-shift = also of both shifted one pixel up-left and down-right (6 passes)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)

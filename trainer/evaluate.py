@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import objstore
 from trainer import checkpoint as ckpt
@@ -74,16 +75,26 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (on the CPU) in the run's own precision and memory layout, as its validation saw them.
     tta `flip`: the mean of the logits of each image and of its mirror image (training flips at random, so
-    both views are in distribution); the prediction is their argmax."""
+    both views are in distribution); the prediction is their argmax. `flip-shift`: half that, half the mean
+    of the same for the image shifted one pixel up-left and one pixel down-right (training crops shift at
+    random too; the border pixel is reflected), as airbench weighs them."""
     device = device or torch.device("cpu")
     out = []
     for x in images_to_batches(images, device, numerics.channels_last, batch):
         with autocast(device, numerics.amp_dtype):
-            logits = model(x).float()
-            if tta == "flip":
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = model(x).float() if tta == "none" else _mirrored(model, x)
+            if tta == "flip-shift":
+                padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+                h, w = x.shape[-2:]
+                shifted = [padded[..., :h, :w], padded[..., 2 : h + 2, 2 : w + 2]]
+                logits = (logits + (_mirrored(model, shifted[0]) + _mirrored(model, shifted[1])) / 2) / 2
         out.append(logits.cpu())
     return torch.cat(out)
+
+
+def _mirrored(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean of the logits of x and of its mirror image."""
+    return (model(x).float() + model(x.flip(-1)).float()) / 2
 
 
 def evaluate_checkpoint(

@@ -541,8 +541,9 @@ ExportFormat = Literal["safetensors", "pt2", "onnx"]
 CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
 COMPILE_MODES: tuple[CompileMode, ...] = typing.get_args(CompileMode)
 # Test-time augmentation of the run's final test pass and of `evaluate --tta`: `flip` averages the logits of
-# each image and its mirror image. Reported beside the plain accuracy, never instead of it.
-TtaMode = Literal["none", "flip"]
+# each image and its mirror image; `flip-shift` also of both views shifted one pixel up-left and one down-right
+# (airbench's mirror + translate: 6 passes). Reported beside the plain accuracy, never instead of it.
+TtaMode = Literal["none", "flip", "flip-shift"]
 # The default exports; onnx is asked for by name (`exports: [onnx]`): it needs the `[onnx]` extra's packages.
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "pt2")
 

@@ -67,3 +67,18 @@ def _write_parquet(path, x: torch.Tensor, labels: torch.Tensor) -> None:
 
     rows = [{"bytes": encode_png(img).numpy().tobytes(), "path": f"{i}.png"} for i, img in enumerate(x)]
     pq.write_table(pa.table({"img": rows, "label": labels.tolist()}), path)
+
+
+def test_flip_shift_tta_adds_the_one_pixel_shifts_at_half_weight():
+    model, _ = tiny()
+    x = images()
+
+    def mirrored(batch: torch.Tensor) -> torch.Tensor:
+        return (predict_logits(model, FP32, batch) + predict_logits(model, FP32, batch.flip(-1))) / 2
+
+    padded = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)
+    up_left, down_right = padded[..., :32, :32], padded[..., 2:, 2:]
+    expected = (mirrored(x) + (mirrored(up_left) + mirrored(down_right)) / 2) / 2
+    got = predict_logits(model, FP32, x, tta="flip-shift")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, predict_logits(model, FP32, x, tta="flip"))
