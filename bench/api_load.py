@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/api_load.py [--backends sqlite,postgresql] [--pollers 8] [--rate 200]
                                        [--seconds 30] [--jobs 100] [--no-running-job] [--py-spy DIR]
+                                       [--access-log] [--head-nice N]
 
 For each backend: a fresh data dir (and for PostgreSQL a fresh server from Debian's `postgresql`, as in the
 tests), one `trainctl serve` attached to one shared local Ray head, `--jobs` jobs stored (the first one
@@ -12,6 +13,10 @@ cannot keep up), half `GET /v1/jobs/{id}` (a random stored job), half `GET /v1/j
 first page). Prints p50/p99/max latency and the achieved requests/s per backend and route. The clients run
 on the same machine as the server: on a small machine they compete with it for CPU (say so with figures).
 Target (issue 14): p99 <= 20 ms at 200 req/s on a 2-core machine with a job running.
+
+The head runs at the nice value `trainctl serve` gives a head it starts (TRAINCTL_RAY_NICE, 19), so the job
+trains at that priority; `--head-nice 0` shows what polls wait without it. The access log is off, as in
+`serve` (TRAINCTL_ACCESS_LOG); `--access-log` turns it on.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.common.settings import Settings  # noqa: E402
 from service.server.localray import LocalRayHead, free_port, stop_process_group  # noqa: E402
 from tests.plugins.postgres import start_postgres  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
@@ -136,6 +142,8 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
+    if args.access_log:
+        env["TRAINCTL_ACCESS_LOG"] = "1"
     if backend == "postgresql":
         pg = start_postgres()
         env["TRAINCTL_DATABASE_URL"] = pg.create_database("bench")
@@ -205,6 +213,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--jobs", type=int, default=100)
     p.add_argument("--no-running-job", action="store_true")
+    p.add_argument("--access-log", action="store_true", help="serve with TRAINCTL_ACCESS_LOG=1 (default: off)")
+    p.add_argument(
+        "--head-nice",
+        type=int,
+        default=Settings.model_fields["ray_nice"].default,
+        help="the Ray head's (and so the training job's) nice value; default: what `trainctl serve` gives the head "
+        "it starts (TRAINCTL_RAY_NICE's default)",
+    )
     p.add_argument(
         "--py-spy",
         type=Path,
@@ -215,7 +231,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="trainctl-apiload-"))
     cifar = write_cifar_python(work / "cifar", per_batch=200)
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()}", flush=True)
-    head = LocalRayHead.start(num_cpus=4, auth_mode="disabled")
+    head = LocalRayHead.start(num_cpus=4, auth_mode="disabled", nice=args.head_nice)
     try:
         for backend in args.backends.split(","):
             print(

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # RAY_AUTH_MODE for a head that `trainctl serve` starts. Token by default: without it any local user
     # could run code as us through that head's Jobs API. (An attached cluster keeps its own setting.)
     ray_auth_mode: str = Field(default="token", pattern="^(disabled|token)$")
+    # CPU priority of a head that `trainctl serve` starts, and so of every job it runs (nice, 0-19; applied to
+    # the head's session too, where the kernel schedules sessions as groups). Training on the API's machine
+    # takes every core it can: at normal priority status polls waited behind it (p99 66-133 ms at 200 req/s),
+    # while the API needs a fraction of a core and training loses only what the API uses (bench/RESULTS.md).
+    ray_nice: int = Field(default=19, ge=0, le=19)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
@@ -44,6 +49,10 @@ class Settings(BaseSettings):
     # with only the head advertising `trainctl_driver`: drivers then never run on a worker node that may go away.
     entrypoint_resources: dict[str, float] = Field(default_factory=dict)
     reconcile_interval_s: float = Field(default=2.0, gt=0.0)
+    # One log line per HTTP request (uvicorn's access log). Off by default: clients poll job status several
+    # times a second, and formatting and writing a line per poll was ~9 % of the event loop's busy time
+    # (bench/RESULTS.md); per-route counts and latencies are in /metrics either way, and errors are logged.
+    access_log: bool = False
     # How often GET /v1/jobs/{id}/events looks at the store and metrics.jsonl for news.
     events_poll_s: float = Field(default=1.0, gt=0.0)
 

@@ -43,6 +43,7 @@ class LocalRayHead:
         extra_args: Sequence[str] = (),
         extra_env: Mapping[str, str] | None = None,
         port: int | None = None,
+        nice: int = 0,
     ) -> LocalRayHead:
         """`extra_args`/`extra_env`/`port`: for tests that start a special head (e.g. Ray's fake multi-node
         autoscaler, whose config must name the GCS port before the head starts)."""
@@ -73,7 +74,14 @@ class LocalRayHead:
         ]
         log_path = os.path.join(temp_dir, "ray-start.log")
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=(lambda: lower_priority(nice)) if nice else None,
+            )
         head = cls(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -96,6 +104,19 @@ class LocalRayHead:
         never exits on SIGTERM (its subprocesses do), so this always takes `grace_s`."""
         stop_process_group(self.proc, grace_s=grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def lower_priority(nice: int) -> None:
+    """Run this process and everything it starts `nice` steps below normal CPU priority. On a kernel with
+    autogroup scheduling (most desktop and server distributions) nice values only rank processes of one
+    session against each other, while sessions share the CPU equally; so the session's own autogroup is
+    niced too (/proc/self/autogroup), or a busy head would keep its equal share whatever its nice value."""
+    os.nice(nice)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroup scheduling here: the plain nice above is all there is
+        pass
 
 
 def stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:

@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 host=settings.host,
                 port=settings.port,
                 log_level="info",
+                access_log=settings.access_log,
                 timeout_graceful_shutdown=5,
             )
         )
@@ -179,9 +180,13 @@ def _local_head(settings: Any, ray_num_cpus: int | None) -> str:
         )
         return rec.dashboard_url
     num_cpus = ray_num_cpus or max(os.cpu_count() or 1, 4)
-    print(f"starting a local Ray head (127.0.0.1, {num_cpus} logical CPUs, RAY_AUTH_MODE={auth_mode}) ...", flush=True)
+    print(
+        f"starting a local Ray head (127.0.0.1, {num_cpus} logical CPUs, RAY_AUTH_MODE={auth_mode}, nice "
+        f"{settings.ray_nice}) ...",
+        flush=True,
+    )
     try:
-        head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=auth_mode)
+        head = LocalRayHead.start(num_cpus=num_cpus, auth_mode=auth_mode, nice=settings.ray_nice)
     except (RuntimeError, OSError) as exc:
         raise ClientError(
             f"could not start a local Ray head: {exc}\n(or point the service at a running "

@@ -151,3 +151,35 @@ def test_a_group_is_stopped_whole_and_never_signalled_after_its_leader_is_reaped
         if leader.poll() is None:
             leader.kill()
             leader.wait()
+
+
+AUTOGROUP = Path("/proc/self/autogroup")
+# What a grandchild of the niced process reports: its nice value, then its session's autogroup line.
+REPORT = "import os; print(os.nice(0)); print(open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else '')"  # noqa: E501
+
+
+def _autogroup_scheduling() -> bool:
+    flag = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    return AUTOGROUP.exists() and flag.exists() and flag.read_text().strip() == "1"
+
+
+def test_a_lowered_priority_holds_for_the_process_its_children_and_its_session() -> None:
+    """What `trainctl serve` does to its local head (TRAINCTL_RAY_NICE): the nice value, inherited by what the
+    head starts, and the session's autogroup (where the kernel has autogroup scheduling), whose own nice is
+    what ranks a session against the API's."""
+    from service.server.localray import lower_priority
+
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {REPORT!r}])"
+    done = subprocess.run(
+        [sys.executable, "-c", parent],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+        preexec_fn=lambda: lower_priority(7),
+    )
+    nice, autogroup = (done.stdout.splitlines() + ["", ""])[:2]
+    assert nice == "7", (done.stdout, done.stderr)  # the grandchild inherited it
+    if _autogroup_scheduling():
+        assert autogroup.endswith("nice 7"), autogroup
+        assert AUTOGROUP.read_text().split()[0] != autogroup.split()[0]  # its own session's group, not ours
