@@ -14,7 +14,7 @@ first page). Prints p50/p99/max latency and the achieved requests/s per backend 
 on the same machine as the server: on a small machine they compete with it for CPU (say so with figures).
 Target (issue 14): p99 <= 20 ms at 200 req/s on a 2-core machine with a job running.
 
-The head runs at the nice value `trainctl serve` gives a head it starts (TRAINCTL_RAY_NICE, 19), so the job
+The head runs at the nice value `trainctl serve` gives a head it starts (TRAINCTL_RAY_NICE, 10), so the job
 trains at that priority; `--head-nice 0` shows what polls wait without it. The access log is off, as in
 `serve` (TRAINCTL_ACCESS_LOG); `--access-log` turns it on.
 """

@@ -35,6 +35,9 @@ def test_service_on_s3_survives_a_storage_outage(
             "TRAINCTL_DATA_DIR": str(tmp_path / "data"),
             "TRAINCTL_DATA_ROOTS": str(cifar_parquet.parent),
             "PYTHONUNBUFFERED": "1",
+            # Normal priority for the head serve starts: the suite keeps every core busy at nice 0, and a niced
+            # job would wait behind the other workers' tests past this test's timeout.
+            "TRAINCTL_RAY_NICE": "0",
         }
     )
     # No Ray address: serve starts its own head, which inherits the S3 settings (the embedded default).
