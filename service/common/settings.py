@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     ray_auth_mode: str = Field(default="token", pattern="^(disabled|token)$")
     # CPU priority of a head that `trainctl serve` starts, and so of every job it runs (nice, 0-19; applied to
     # the head's session too, where the kernel schedules sessions as groups). Training on the API's machine
-    # takes every core it can: at normal priority status polls waited behind it (p99 66-133 ms at 200 req/s),
+    # takes every core it can: at normal priority status polls waited behind it (p99 66-167 ms at 200 req/s),
     # while the API needs a fraction of a core and training loses only what the API uses (bench/RESULTS.md).
     # 10, not 19: the API's weight is then ~9× the job's, which polls measured as good as 19; at 19 (~68×) a
     # job next to any other busy program on the machine all but stops.
