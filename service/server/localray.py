@@ -107,7 +107,8 @@ class LocalRayHead:
 
 
 def lower_priority(nice: int) -> None:
-    """Run this process and everything it starts `nice` steps below normal CPU priority. On a kernel with
+    """Run this process and everything it starts `nice` steps lower in CPU priority (os.nice adds to the
+    nice value it inherited; the session's group gets `nice` itself). On a kernel with
     autogroup scheduling (most desktop and server distributions) nice values only rank processes of one
     session against each other, while sessions share the CPU equally; so the session's own autogroup is
     niced too (/proc/self/autogroup), or a busy head would keep its equal share whatever its nice value."""

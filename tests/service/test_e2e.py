@@ -21,6 +21,7 @@ import pytest
 
 from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import TRAINCTL, Service, start_service, test_data_roots, wait_for
+from tests.service.priority import autogroup_scheduling, niceness
 from tests.service.test_api import MALFORMED
 
 pytestmark = pytest.mark.ray
@@ -374,10 +375,6 @@ def test_driver_killed_is_resubmitted_and_resumes(service: Service, cifar_parque
         )
 
 
-def _niceness(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-
-
 def _group_alive(pgid: int) -> bool:
     """Any live (non-zombie) process left in the process group."""
     try:
@@ -419,10 +416,10 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
         assert head is not None and _group_alive(head.pid)
         # The head, and so every job it runs, trains below the API's CPU priority (TRAINCTL_RAY_NICE): its
         # processes' nice value and its session's autogroup, where the kernel schedules sessions as groups.
-        assert _niceness(head.pid) == 1
-        autogroup = Path(f"/proc/{head.pid}/autogroup")
-        if autogroup.exists() and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
-            assert autogroup.read_text().strip().endswith("nice 1"), autogroup.read_text()
+        assert niceness(head.pid) == 1
+        if autogroup_scheduling():
+            autogroup = Path(f"/proc/{head.pid}/autogroup").read_text()
+            assert autogroup.strip().endswith("nice 1"), autogroup
         text = svc.log()
         # serve says where the admin token is, never the token (its output ends up in service logs)
         assert "admin token is in" in text and svc.token not in text

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from service.server.localray import HEAD_RECORD, HeadRecord, live_head, read_head_record, stop_recorded_head
+from tests.service.priority import autogroup_scheduling
 
 
 def _record(data: Path, pid: int, temp_dir: Path) -> HeadRecord:
@@ -153,14 +154,8 @@ def test_a_group_is_stopped_whole_and_never_signalled_after_its_leader_is_reaped
             leader.wait()
 
 
-AUTOGROUP = Path("/proc/self/autogroup")
 # What a grandchild of the niced process reports: its nice value, then its session's autogroup line.
 REPORT = "import os; print(os.nice(0)); print(open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else '')"  # noqa: E501
-
-
-def _autogroup_scheduling() -> bool:
-    flag = Path("/proc/sys/kernel/sched_autogroup_enabled")
-    return AUTOGROUP.exists() and flag.exists() and flag.read_text().strip() == "1"
 
 
 def test_a_lowered_priority_holds_for_the_process_its_children_and_its_session() -> None:
@@ -180,6 +175,7 @@ def test_a_lowered_priority_holds_for_the_process_its_children_and_its_session()
     )
     nice, autogroup = (done.stdout.splitlines() + ["", ""])[:2]
     assert nice == "7", (done.stdout, done.stderr)  # the grandchild inherited it
-    if _autogroup_scheduling():
+    if autogroup_scheduling():
         assert autogroup.endswith("nice 7"), autogroup
-        assert AUTOGROUP.read_text().split()[0] != autogroup.split()[0]  # its own session's group, not ours
+        ours = Path("/proc/self/autogroup").read_text()
+        assert ours.split()[0] != autogroup.split()[0]  # its own session's group, not ours
