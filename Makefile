@@ -26,15 +26,13 @@ browser-deps:
 
 # The whole test suite: real Ray, real SeaweedFS, real HTTP. pytest exits 5 when it collects no test,
 # which fails this target (and CI) rather than passing silently. TEST_WORKERS pytest-xdist workers take the
-# tests one at a time: `loadgroup` with no xdist_group marks (the scheduling every passing parallel run used;
-# marks would not group anyway: xdist 3.8 rewrites item._nodeid, which pytest 9.2 no longer reads). So a
-# module fixture may start on several workers (the costly read-only ones are built once: tests/once.py), and
-# emulated-host tests run side by side (tests/hosts.py takes subnets under a lock). Whole files per worker
-# (`--dist loadfile`) was tried: the heavy files met at the end, 30:44, and a spot-loss test timed out under
-# load 38 (bench/RESULTS.md).
+# tests one at a time, except the files whose module fixture is a live cluster, which go to one worker whole
+# (tests/plugins/schedule.py, which says why). Emulated-host tests run side by side (tests/hosts.py takes
+# subnets under a lock). Whole files for everything (`--dist loadfile`) was tried: the heavy files met at the
+# end, 30:44, and a spot-loss test timed out under load 38 (bench/RESULTS.md).
 TEST_WORKERS ?= 3
 test: venv browser-deps
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load
 
 # The edit loop: the unit tests only — no Ray cluster, no S3 server, no subprocess importing torch, no
 # package install (markers in pyproject.toml). About a minute on 2 cores.

@@ -30,7 +30,7 @@ for _name in caller_settings(os.environ):
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="trainctl-test-config-")
 atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 
-pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3", "tests.plugins.postgres"]
+pytest_plugins = ["tests.plugins.ray_cluster", "tests.plugins.s3", "tests.plugins.postgres", "tests.plugins.schedule"]
 
 REPO = Path(__file__).resolve().parents[1]
 # TRAINCTL_TEST_CIFAR_PARQUET: where a checkout has no ../shared beside it (a git worktree elsewhere).

@@ -14,6 +14,7 @@ import pytest
 
 from service.common.settings import load_settings
 from service.server.app import create_app
+from tests.once import once_per_session
 from tests.service.fakes import FakeRay
 from tests.service.loopback import serve_on_loopback
 
@@ -23,7 +24,13 @@ pytestmark = pytest.mark.install
 
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    venv = tmp_path_factory.mktemp("client-venv") / "venv"
+    """A venv with this checkout installed as a user would; built once per session (tests/once.py): the
+    tests only run its `trainctl`, and pip's install is ~30 s of CPU."""
+    return once_per_session(tmp_path_factory, "client-venv", _install_the_client)
+
+
+def _install_the_client(folder: Path) -> Path:
+    venv = folder / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # A regular (non-editable) install of this checkout, no extras: what `pip install trainctl-ray` gets.
     subprocess.run(
