@@ -74,7 +74,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     # to the device, in DDP (device_settings.ddp_options) when world > 1
     wrap = functools.partial(ray.train.torch.prepare_model, parallel_strategy_kwargs=ddp_options())
-    trainee = step.build(spec, device, splits.train.steps_per_epoch(local_batch, world), wrap=wrap, numerics=numerics)
+    trainee = step.build(
+        spec,
+        device,
+        splits.train.steps_per_epoch(local_batch, world),
+        wrap=wrap,
+        numerics=numerics,
+        train_images=train_set.images,
+    )
     devices = _with_addresses(_gather(describe_device(device), world), _gather(ray.util.get_node_ip_address(), world))
     if rank == 0:
         # Logged, not printed: Train V2 turns a worker's print into a log record AND echoes it to the worker's

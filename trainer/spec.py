@@ -121,6 +121,11 @@ class ModelSpec(Section):
     zero_init_residual: bool = Field(
         default=False, description="start each block's last BatchNorm scale at 0 (the block begins as its shortcut)"
     )
+    # airbench's patch whitening (trainer/whiten.py): the stem's filters start as the principal directions of
+    # the training images' 3×3 patches, scaled to unit variance. Initialisation only, like the above.
+    whiten_stem: bool = Field(
+        default=False, description="start the stem convolution as a whitening of the training images' patches"
+    )
 
 
 class AugmentSpec(Section):

@@ -34,6 +34,7 @@ from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.schedule import apply_epoch_settings, build_scheduler
 from trainer.spec import DataSpec, JobSpec, OptimSpec
+from trainer.whiten import whiten_stem
 
 EVAL_BATCH = 1024
 
@@ -101,15 +102,21 @@ def build(
     steps_per_epoch: int,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     numerics: Numerics | None = None,
+    train_images: torch.Tensor | None = None,
 ) -> Trainee:
     """The model, optimizer and schedule of `spec` on `device`. `wrap` moves the model to the device and
     wraps it for data parallelism (Ray passes `ray.train.torch.prepare_model`); by default it only moves it.
     `numerics` (trainer/precision.py) sets the precision and layout; without it, the precision by rule
-    (no measuring) in NCHW. The compile mode that runs is recorded in the trainee's numerics."""
+    (no measuring) in NCHW. The compile mode that runs is recorded in the trainee's numerics.
+    `train_images` (uint8 N×3×32×32) are what `model.whiten_stem` initialises the stem from."""
     if device.type == "cuda":
         apply_backend_flags(backend_flags(device.type))
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(spec.model)
+    if spec.model.whiten_stem:
+        if train_images is None:
+            raise ValueError("model.whiten_stem: the stem is initialised from training images, and none were given")
+        whiten_stem(model, train_images)
     if numerics is not None and numerics.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = (wrap or _to_device(device))(model)
