@@ -33,19 +33,22 @@ from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 from trainer.spec import resolve  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-# Ray's own daemons, by a word of their command line (their titles are not set).
-DAEMONS = ("gcs_server", "raylet", "dashboard.py", "log_monitor", "monitor.py", "runtime_env_agent", "trainer.run")
 
 
 def title(pid: int) -> str | None:
+    """A process's kind: its title where Ray sets one (`ray::TrainController`), else its program or script."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
     except OSError:
         return None
-    line = " ".join(argv)
-    if line.startswith("ray::") or line.startswith("ray-dashboard-"):
+    if argv[0].startswith(("ray::", "ray-dashboard-")):
         return argv[0].split()[0]
-    return next((d for d in DAEMONS if d in line), line[:60])
+    if Path(argv[0]).name in ("raylet", "gcs_server"):
+        return Path(argv[0]).name
+    script = next((Path(a).name for a in argv[1:] if a.endswith(".py")), None)
+    if script:
+        return script
+    return f"python -m {argv[argv.index('-m') + 1]}" if "-m" in argv[:-1] else " ".join(argv)[:60]
 
 
 def sample(sessions: set[int], cpu: dict[int, int], names: dict[int, str]) -> None:
@@ -61,7 +64,7 @@ def sample(sessions: set[int], cpu: dict[int, int], names: dict[int, str]) -> No
             continue
         pid = int(entry)
         cpu[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-        names.setdefault(pid, title(pid) or "?")
+        names[pid] = title(pid) or names.get(pid, "?")  # the latest: a worker is retitled once it runs
 
 
 def one_run(epochs: int, work: Path, data: Path) -> tuple[collections.Counter[str], collections.Counter[str], float]:
