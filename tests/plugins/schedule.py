@@ -44,9 +44,7 @@ BUILT_ONCE_OR_CHEAP = {
     "tests/trainer/test_export.py": "the checkpoint is trained once (tests/once.py); the images take seconds",
     "tests/trainer/test_gpu.py": "skipped without CUDA; a GPU machine runs it on its own",
     "tests/trainer/test_run.py": "the trained job is built once (tests/once.py)",
-    # tests/service/conftest.py's `service` (a `trainctl serve` on the session head) starts in seconds, and
-    # test_e2e.py in a row would be one 11-minute chain on one worker.
-    "tests/service/conftest.py": "a service starts in seconds; its users in a row would be one long chain",
+    "tests/service/conftest.py": "`service` starts in seconds; test_e2e.py in a row would be an 11-minute chain",
 }
 
 
