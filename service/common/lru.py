@@ -41,6 +41,14 @@ class Lru(Generic[T]):
                 _key, (_value, dropped) = self._items.popitem(last=False)
                 self._weight -= dropped
 
+    def pop(self, key: Hashable) -> T | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return None
+            self._weight -= item[1]
+            return item[0]
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

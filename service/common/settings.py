@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     # times a second, and formatting and writing a line per poll was ~9 % of the event loop's busy time
     # (bench/RESULTS.md); per-route counts and latencies are in /metrics either way, and errors are logged.
     access_log: bool = False
+    # PostgreSQL: status polls read a token's identity, a job and an unfiltered page of jobs from memory while
+    # the database announces no change to them (LISTEN/NOTIFY, service/engine/readcache.py): no round trip per
+    # poll. A change made elsewhere is seen within milliseconds, and within 3 s at worst if the notifications
+    # stop; off: every poll reads the database. (SQLite: nothing to cache, reads are in-process.)
+    read_cache: bool = True
     # How often GET /v1/jobs/{id}/events looks at the store and metrics.jsonl for news.
     events_poll_s: float = Field(default=1.0, gt=0.0)
 

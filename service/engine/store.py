@@ -50,6 +50,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.sql import Select
 
 from service.common.lru import Lru
+from service.engine.readcache import ReadCache
 from service.engine.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 from trainer.spec import JobSpec
 
@@ -456,6 +457,9 @@ class Store:
         # Called with the new snapshot after every committed transition (the runner mirrors the record into
         # the job directory, from which `trainctl reindex` rebuilds a lost database). Must not raise.
         self.on_transition: Callable[[Job], None] | None = None
+        # The status path's reads kept while the database says nothing changed (`cache_reads`); None: off.
+        self.read_cache: ReadCache | None = None
+        self._feed: Any = None  # the ChangeFeed that keeps read_cache current
 
     def create_schema(self) -> None:
         """Bring the schema to the newest migration (creates it in an empty database)."""
@@ -463,7 +467,29 @@ class Store:
 
         upgrade(self.engine)
 
+    def cache_reads(self) -> None:
+        """On PostgreSQL: serve the status path's reads (a token's identity, a polled job, an unfiltered page
+        of jobs) from memory while the database announces no change to them (service/engine/readcache.py, fed
+        by service/engine/changefeed.py's LISTEN thread). For the API process, which polls hit; call once.
+        Nothing on SQLite, where a read is no round trip and nothing announces changes."""
+        if self.dialect != "postgresql" or self._feed is not None:
+            return
+        from service.engine.changefeed import ChangeFeed, psycopg_dsn  # psycopg: only where PostgreSQL is used
+
+        self.read_cache = ReadCache()
+        self._feed = ChangeFeed(psycopg_dsn(self.url), self.read_cache)
+        self._feed.start()
+
+    def _forget(self, *payloads: str) -> None:
+        """What this process just committed, forgotten at once (the database's announcement follows
+        milliseconds later): a client reads its own change on its next poll to this replica."""
+        if self.read_cache is not None:
+            for payload in payloads:
+                self.read_cache.changed(payload)
+
     def close(self) -> None:
+        if self._feed is not None:
+            self._feed.stop()
         for conn in self._kept:
             conn.close()
         self.engine.dispose()
@@ -573,7 +599,9 @@ class Store:
                     s.add(m)
                     s.flush()
                     s.add_all(JobTagModel(job_id=m.id, tag=t) for t in (labels or Labels()).tags)
-                    return Job.of(m), True
+                    created = Job.of(m)
+                self._forget("j:" + created.id)  # committed: cached pages of jobs lack it
+                return created, True
             except IntegrityError:
                 if idempotency_key is None:
                     raise
@@ -595,13 +623,29 @@ class Store:
 
     def identity_and_job(self, token_hash: str, job_id: str) -> tuple[TokenIdentity | None, Job | None]:
         """A status poll's reads in one round trip: who holds the token (None when it does not exist or has
-        expired, and then no job either) and the job (None when there is none). Never cached, as
-        `token_identity`."""
+        expired, and then no job either) and the job (None when there is none). From the read cache when it
+        holds both (`cache_reads`; a token's expiry is checked on every read), as `token_identity`."""
+        cache = self.read_cache
+        stamp = cache.stamp() if cache is not None else None
+        if cache is not None and stamp is not None:
+            identity, job = cache.tokens.get(token_hash), cache.jobs.get(job_id)
+            if identity is not None and job is not None:
+                cache.hits += 1
+                who = _valid_identity(*identity)
+                return (who, job) if who is not None else (None, None)
+            cache.misses += 1
         with self._reading() as conn:
             row = conn.execute(_IDENTITY_AND_JOB, {"token_hash": token_hash, "job_id": job_id}).first()
-        if row is None or (who := _valid_identity(*row[_JOB_COLUMNS:])) is None:
+        if row is None:
             return None, None
-        return who, (self._snapshot(row, _JOB_COLUMNS) if row.id is not None else None)
+        identity = tuple(row[_JOB_COLUMNS:])
+        job = self._snapshot(row, _JOB_COLUMNS) if row.id is not None else None
+        if cache is not None and stamp is not None:
+            cache.put(stamp, cache.tokens, token_hash, identity)  # kept expired too: expiry is checked per read
+            if job is not None:
+                cache.put(stamp, cache.jobs, job_id, job)
+        who = _valid_identity(*identity)
+        return (who, job) if who is not None else (None, None)
 
     def _snapshot(self, row: Row[Any], columns: int | None = None) -> Job:
         """The Job for a jobs-table row (its first `columns` columns: a row that carries more, such as a
@@ -637,11 +681,23 @@ class Store:
                 None if states is None else frozenset(st.value for st in states),
             )
             params = {"owner": owner, "owner_id": owner_id, "limit": limit, "offset": offset}
+            cache = self.read_cache
+            stamp = cache.stamp() if cache is not None else None
+            key = (owner, owner_id, None if states is None else frozenset(states), limit, offset)
+            if cache is not None and stamp is not None:
+                if (hit := cache.pages.get(key)) is not None:
+                    cache.hits += 1
+                    return list(hit[0]), hit[1]
+                cache.misses += 1
             with self._reading() as conn:
                 rows = conn.execute(page, params).all()
                 if not rows:  # past the end (or no job at all): the page says no total
-                    return [], conn.scalar(count, params) or 0
-                return [self._snapshot(row, _JOB_COLUMNS) for row in rows], rows[0].total
+                    result: tuple[list[Job], int] = [], conn.scalar(count, params) or 0
+                else:
+                    result = [self._snapshot(row, _JOB_COLUMNS) for row in rows], rows[0].total
+            if cache is not None and stamp is not None:
+                cache.put(stamp, cache.pages, key, (list(result[0]), result[1]))
+            return result
         q = select(JobModel)
         if owner is not None:
             q = q.where(JobModel.owner == owner)
@@ -723,6 +779,7 @@ class Store:
             s.flush()
             s.refresh(m)
             job = Job.of(m)
+        self._forget("j:" + job_id)
         if self.on_transition is not None:
             self.on_transition(job)
         return job
@@ -742,7 +799,9 @@ class Store:
             if _rowcount(result) != 1:
                 return None
             m = s.scalar(select(JobModel).where(JobModel.id == job_id))
-            return Job.of(m) if m else None
+            job = Job.of(m) if m else None
+        self._forget("j:" + job_id)
+        return job
 
     def delete(self, job_id: str) -> bool:
         """Delete a terminal job's record (and its tag rows). False when it is missing or not terminal."""
@@ -754,7 +813,8 @@ class Store:
                 return False
             # Explicitly: SQLite enforces ON DELETE CASCADE only with PRAGMA foreign_keys, which is off here.
             s.execute(delete(JobTagModel).where(JobTagModel.job_id == job_id))
-            return True
+        self._forget("j:" + job_id)
+        return True
 
     def import_job(self, job: Job) -> bool:
         """Insert a record rebuilt from storage (`trainctl reindex`), keeping its id, owner, state and
@@ -793,6 +853,7 @@ class Store:
                 )
                 s.flush()
                 s.add_all(JobTagModel(job_id=job.id, tag=t) for t in dict.fromkeys(job.tags))
+            self._forget("j:" + job.id)
             return True
         except IntegrityError:  # the same id inserted meanwhile, or its idempotency key is taken
             return False
@@ -853,11 +914,21 @@ class Store:
 
     def token_identity(self, token_hash: str) -> TokenIdentity | None:
         """Who holds a token hash that exists and has not expired, or None. Read by every authenticated
-        request, never cached (a revoked token is refused at once, on every replica): a prepared Core query on
+        request: from the read cache where `cache_reads` turned it on (a revoked token is forgotten there as the
+        database announces the revocation, milliseconds later, on every replica), else a prepared Core query on
         a pooled connection, a fraction of an ORM session's load."""
+        cache = self.read_cache
+        stamp = cache.stamp() if cache is not None else None
+        if cache is not None and stamp is not None and (identity := cache.tokens.get(token_hash)) is not None:
+            cache.hits += 1
+            return _valid_identity(*identity)
         with self._reading() as conn:
             row = conn.execute(_TOKEN_IDENTITY, {"token_hash": token_hash}).first()
-        return None if row is None else _valid_identity(*row)
+        if row is None:
+            return None
+        if cache is not None and stamp is not None:
+            cache.put(stamp, cache.tokens, token_hash, tuple(row))
+        return _valid_identity(*row)
 
     def end_sessions(self, token_hash: str, now: float | None = None) -> bool:
         """Void every dashboard session of this token issued until now (logout, on every replica)."""
@@ -867,7 +938,9 @@ class Store:
                 .where(TokenModel.token_hash == token_hash)
                 .values(sessions_not_before=time.time() if now is None else now)
             )
-            return _rowcount(result) == 1
+            ended = _rowcount(result) == 1
+        self._forget("t:" + token_hash)
+        return ended
 
     def list_tokens(self) -> builtins.list[TokenInfo]:
         with self._sessions() as s:
@@ -882,8 +955,10 @@ class Store:
             m = s.get(TokenModel, name)
             if m is None:
                 return False
+            token_hash = m.token_hash
             s.delete(m)
-            return True
+        self._forget("t:" + token_hash)
+        return True
 
     def has_admin_token(self) -> bool:
         with self._sessions() as s:

@@ -74,6 +74,8 @@ def create_app(
             store = startup.prepare(settings)
         else:
             store = startup.prepare(settings, say=log.debug, warn=log.debug)
+        if settings.read_cache:
+            store.cache_reads()
         notifier = Notifier(settings)
         notifier.start()
         runner = Runner(settings, store, ray or RayJobsClient(settings.ray_address), notifier)
