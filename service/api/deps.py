@@ -17,7 +17,7 @@ from service.api.errors import ApiError, not_found
 from service.common.settings import Settings
 from service.engine.reconciler import Reconciler
 from service.engine.runner import Runner
-from service.engine.store import Job, Store
+from service.engine.store import Job, NotCached, Store
 from service.ui import session
 
 if TYPE_CHECKING:
@@ -83,6 +83,12 @@ def polls_can_run_inline(dialect: str, storage_root: str) -> bool:
     return dialect == "sqlite" and not objstore.is_s3(storage_root)
 
 
+def polls_can_try_cache(store: Store, storage_root: str) -> bool:
+    """Whether a status poll may first try the event loop with the read cache alone (PostgreSQL with
+    `Store.cache_reads`): its files must be local too, or a hit would still wait on S3."""
+    return store.read_cache is not None and not objstore.is_s3(storage_root)
+
+
 async def run_poll(state: AppState, poll: Callable[[], T]) -> T:
     """Run a status poll's blocking part (auth, the job's row, its files): on the event loop itself when
     all it touches is local (SQLite, local storage: tens of microseconds, never waiting on a network), else
@@ -93,6 +99,12 @@ async def run_poll(state: AppState, poll: Callable[[], T]) -> T:
     if state.polls_inline or state.poll_threads is None:
         with state.store.one_connection(kept=True):  # the loop's own: never waits for the pool
             return poll()
+    if state.polls_try_cache:  # PostgreSQL: most polls re-read what the read cache holds, and need no thread
+        try:
+            with state.store.cached_only():
+                return poll()
+        except NotCached:
+            pass  # a read the cache could not answer: the poll (reads only) runs again, on a poll thread
     ctx = contextvars.copy_context()  # as Starlette's threadpool does: the request's context vars go along
     return await asyncio.get_running_loop().run_in_executor(state.poll_threads, ctx.run, _poll_kept, state.store, poll)
 

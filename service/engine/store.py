@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result, Row, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Select
 
 from service.common.lru import Lru
@@ -300,6 +300,11 @@ class IdempotencyConflict(Exception):
         self.job_id = job_id
 
 
+class NotCached(Exception):
+    """A read inside `Store.cached_only()` that the read cache could not answer: retry it where blocking on
+    the database is allowed."""
+
+
 class TokenNameTaken(Exception):
     pass
 
@@ -448,7 +453,7 @@ class Store:
         self.url = sqlite_url(url_or_path) if isinstance(url_or_path, Path) else url_or_path
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name  # "sqlite" | "postgresql"
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._session_factory = sessionmaker(self.engine, expire_on_commit=False)
         # Transactions that write: BEGIN IMMEDIATE on SQLite (the option is ignored elsewhere).
         self._writes = sessionmaker(self.engine.execution_options(trainctl_write=True), expire_on_commit=False)
         self._snapshots: Lru[Job] = Lru(SNAPSHOTS)
@@ -529,9 +534,29 @@ class Store:
             self._pinned.conn = None
             conn.rollback()  # ends the read transaction: the next poll sees what was committed meanwhile
 
+    @contextmanager
+    def cached_only(self) -> Iterator[None]:
+        """Reads inside (this thread only) must be answered by the read cache: one that would reach the
+        database raises NotCached instead, before it connects. The event loop tries a status poll this way,
+        and hands it to a poll thread only when that fails (service/api/deps.py `run_poll`)."""
+        self._pinned.cached_only = True
+        try:
+            yield
+        finally:
+            self._pinned.cached_only = False
+
+    def _check_may_read(self) -> None:
+        if getattr(self._pinned, "cached_only", False):
+            raise NotCached
+
     def _reading(self) -> AbstractContextManager[Connection]:
+        self._check_may_read()
         conn: Connection | None = getattr(self._pinned, "conn", None)
         return nullcontext(conn) if conn is not None else self.engine.connect()
+
+    def _sessions(self) -> Session:
+        self._check_may_read()
+        return self._session_factory()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI
 
 from service.api import compare, estimates, events, health, jobs, limits, plots, prometheus, tokens
-from service.api.deps import polls_can_run_inline
+from service.api.deps import polls_can_run_inline, polls_can_try_cache
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi, operation_id
 from service.api.query import reject_unknown_query
@@ -56,6 +56,8 @@ class AppState:
     # database connection.
     polls_inline: bool = False
     poll_threads: ThreadPoolExecutor | None = None
+    # PostgreSQL with the read cache on: a poll tries the loop with cached reads first (deps.run_poll).
+    polls_try_cache: bool = False
 
 
 def create_app(
@@ -97,6 +99,7 @@ def create_app(
             streams=streams,
             polls_inline=inline,
             poll_threads=poll_threads,
+            polls_try_cache=not inline and polls_can_try_cache(store, settings.storage_root),
         )
         reconciler.start()
         try:

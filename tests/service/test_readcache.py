@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
+from service.api import deps
 from service.common.lru import Lru
 from service.engine.changefeed import psycopg_dsn
 from service.engine.readcache import ReadCache
 from service.engine.states import JobState
 from service.engine.store import Store
+from tests.service.conftest import DEBUG_JOB
 from trainer.spec import JobSpec
 
 # --- the rules -----------------------------------------------------------------------------------------------
@@ -219,3 +222,54 @@ def test_sqlite_has_no_read_cache(tmp_path) -> None:
     store.cache_reads()
     assert store.read_cache is None
     store.close()
+
+
+# --- through the API ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def database_url(postgres_url: str) -> str:
+    """The read cache exists on PostgreSQL only: these API tests run there alone."""
+    return postgres_url
+
+
+def test_a_poll_the_cache_answers_stays_on_the_event_loop(
+    make_api: Any, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = make_api()
+    state = api.client.app.state.trainctl
+    assert state.polls_try_cache and not state.polls_inline
+    handed_off: list[str] = []
+    real = deps._poll_kept
+
+    def counted(store: Store, poll: Callable[[], Any]) -> Any:
+        handed_off.append("poll thread")
+        return real(store, poll)
+
+    monkeypatch.setattr(deps, "_poll_kept", counted)
+    job_id = api.post(DEBUG_JOB).json()["id"]
+
+    def polled_on_the_loop() -> bool:
+        before = len(handed_off)
+        assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
+        assert api.get("/v1/jobs").json()["total"] == 1
+        return len(handed_off) == before
+
+    until(polled_on_the_loop)
+    other = Store(postgres_url)  # another replica cancels it
+    try:
+        other.transition(job_id, JobState.CANCELLED)
+    finally:
+        other.close()
+    until(lambda: api.get(f"/v1/jobs/{job_id}").json()["state"] == "CANCELLED")
+    assert api.get("/v1/jobs").json()["jobs"][0]["state"] == "CANCELLED"
+    assert api.get("/v1/jobs/no-such-job").status_code == 404  # a miss goes to a poll thread and the database
+    assert api.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_the_read_cache_can_be_turned_off(make_api: Any) -> None:
+    api = make_api(read_cache=False)
+    state = api.client.app.state.trainctl
+    assert state.store.read_cache is None and not state.polls_try_cache
+    job_id = api.post(DEBUG_JOB).json()["id"]
+    assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
