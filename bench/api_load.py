@@ -1,6 +1,6 @@
 """API load: the real `trainctl serve` on loopback, polled by N concurrent clients, on SQLite and PostgreSQL.
 
-    .venv/bin/python bench/api_load.py [--backends sqlite,postgresql] [--pollers 8] [--rate 200]
+    .venv/bin/python bench/api_load.py [--backends sqlite,postgresql,postgresql-nocache] [--pollers 8] [--rate 200]
                                        [--seconds 30] [--jobs 100] [--no-running-job] [--py-spy DIR]
                                        [--access-log] [--head-nice N]
 
@@ -16,7 +16,9 @@ Target (issue 14): p99 <= 20 ms at 200 req/s on a 2-core machine with a job runn
 
 The head runs at the nice value `trainctl serve` gives a head it starts (TRAINCTL_RAY_NICE, 10), so the job
 trains at that priority; `--head-nice 0` shows what polls wait without it. The access log is off, as in
-`serve` (TRAINCTL_ACCESS_LOG); `--access-log` turns it on.
+`serve` (TRAINCTL_ACCESS_LOG); `--access-log` turns it on. `postgresql-nocache` is PostgreSQL with the read
+cache off (TRAINCTL_READ_CACHE=0, every poll reads the database): the baseline for `postgresql`, in the same
+process; repeat backends to alternate them (`--backends postgresql-nocache,postgresql,postgresql-nocache,...`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from tests.plugins.postgres import start_postgres  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 
 TRAINCTL = str(Path(sys.executable).with_name("trainctl"))
+BACKENDS = ("sqlite", "postgresql", "postgresql-nocache")
 PY_SPY = [str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking"]
 
 
@@ -129,6 +132,8 @@ async def load(
 
 
 def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifar: Path, work: Path) -> dict:
+    if backend not in BACKENDS:
+        raise SystemExit(f"--backends: unknown {backend!r}; use {', '.join(BACKENDS)}")
     pg = None
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TRAINCTL_")},  # the caller's settings
@@ -144,10 +149,12 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
     env.pop("RAY_ADDRESS", None)
     if args.access_log:
         env["TRAINCTL_ACCESS_LOG"] = "1"
-    if backend == "postgresql":
+    if backend == "postgresql-nocache":
+        env["TRAINCTL_READ_CACHE"] = "0"
+    if backend.startswith("postgresql"):
         pg = start_postgres()
         env["TRAINCTL_DATABASE_URL"] = pg.create_database("bench")
-    data = work / backend / "data"
+    data = Path(tempfile.mkdtemp(prefix=f"{backend}-", dir=work)) / "data"  # a backend may run more than once
     proc, url, log_path = start_serve(data, env)
     try:
         token = (data / "admin-token").read_text().strip()
@@ -185,7 +192,7 @@ def run_backend(backend: str, args: argparse.Namespace, head: LocalRayHead, cifa
                 args.py_spy.mkdir(parents=True, exist_ok=True)
                 spy = subprocess.Popen(
                     [*PY_SPY, "--pid", str(proc.pid), "--duration", str(int(args.seconds)), "--rate", "250"]
-                    + ["--format", "raw", "--threads", "--idle", "-o", str(args.py_spy / f"{backend}.txt")],
+                    + ["--format", "raw", "--threads", "--idle", "-o", str(args.py_spy / f"{data.parent.name}.txt")],
                     stdout=subprocess.DEVNULL,
                 )
             cpu0 = cpu_seconds(proc.pid)
@@ -225,7 +232,7 @@ def main() -> None:
         "--py-spy",
         type=Path,
         metavar="DIR",
-        help="sample the server with py-spy during the load: DIR/<backend>.txt, collapsed stacks per thread",
+        help="sample the server with py-spy during the load: DIR/<backend>-<random>.txt, collapsed stacks per thread",
     )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="trainctl-apiload-"))

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from service.engine import runner as runner_module
 from tests.service.conftest import Api
 
 
@@ -420,17 +421,18 @@ def test_delete_waits_for_the_ray_driver_to_exit(api: Api, monkeypatch) -> None:
     assert not api.job_dir(job_id).exists() and runner.store.get(job_id) is None
 
 
-def test_a_replica_that_lost_leadership_stops_nothing(make_api) -> None:
+def test_a_replica_that_lost_leadership_stops_nothing(make_api, monkeypatch) -> None:
     """The leader lock lost mid-pass (another replica leads now): no Ray job is stopped, none started."""
     api = make_api(max_concurrent_jobs=1)
-    first = submit(api, **{"limits.max_hours": 0.0001})  # 0.36 s: over its limit soon
+    first = submit(api, **{"limits.max_hours": 0.01})
     api.reconcile()
     api.ray.set(f"{first}-1", "RUNNING")
     api.reconcile()
     second = submit(api)
-    import time
-
-    time.sleep(0.5)
+    # From here on the runner's clock is an hour ahead: `first` is over its time limit, so a leader would stop
+    # it (a real wait of a fraction of a second let a loaded machine's earlier passes stop it already)
+    later = runner_module.over_time_limit
+    monkeypatch.setattr(runner_module, "over_time_limit", lambda job, hours, now: later(job, hours, now + 3600))
     answers = iter([True, False])  # leader when the pass starts, not any more at the first decision
     api.runner.reconcile_once(still_leader=lambda: next(answers, False))
     assert api.ray.stopped == [] and state(api, first)["state"] == "RUNNING"
