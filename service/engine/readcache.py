@@ -8,11 +8,12 @@ announcement to `ReadCache.changed`, which forgets the row; the rest stays valid
 
 What a reader may rely on:
 - **Nothing is served unless the feed is known to be working**: `stamp()` is None (read the database) until
-  the feed has listened and checked its connection, and again `max_quiet_s` after its last successful check
-  (a broken or hung feed), so a change another replica made is missed for at most that long even when the
-  feed fails silently; normally it is forgotten within the notification's delivery (milliseconds).
+  the feed has heard its own ping (and so every change committed before it), and again `max_quiet_s` after
+  the last ping it heard (a broken, hung or deaf feed), so a change another replica made is missed for at most
+  that long even when the feed fails silently; normally it is forgotten within the notification's delivery
+  (milliseconds).
 - **A read never re-caches what it raced with**: a reader takes `stamp()` *before* it reads the database
-  and `put_*` keeps the result only if no change arrived since (any change, on any key: they are rare
+  and `put` keeps the result only if no change arrived since (any change, on any key: they are rare
   beside polls). A row read just before another transaction changed it is thus never stored after that
   change was forgotten.
 - Absence is never cached (no such token, no such job): an unknown token always reaches the database.
@@ -32,8 +33,8 @@ from service.common.lru import Lru
 
 T = TypeVar("T")
 
-# A change feed checks its connection every second (service/engine/changefeed.py); 3 s without a check means
-# it is broken or stuck, and the cache stops answering until a new connection has listened.
+# A change feed hears its own ping every second (service/engine/changefeed.py); 3 s without one means it is
+# broken, stuck or deaf, and the cache stops answering until a connection hears again.
 MAX_QUIET_S = 3.0
 
 
@@ -52,7 +53,7 @@ class ReadCache:
     # --- readers -------------------------------------------------------------------------------------------
 
     def stamp(self) -> int | None:
-        """None: do not use the cache now (read the database, store nothing). Otherwise pass it to `put_*`."""
+        """None: do not use the cache now (read the database, store nothing). Otherwise pass it to `put`."""
         if self._clock() >= self._fresh_until:
             return None
         return self._epoch
@@ -80,8 +81,8 @@ class ReadCache:
                 self._clear()
 
     def confirmed(self, as_of: float) -> None:
-        """The feed's connection worked at clock time `as_of`, and every change announced before then has been
-        passed to `changed`: what is held stays usable for `max_quiet_s` more."""
+        """Every change committed before clock time `as_of` has been passed to `changed` (the feed heard its
+        own ping sent then): what is held stays usable until `max_quiet_s` after it."""
         with self._lock:
             self._fresh_until = max(self._fresh_until, as_of + self.max_quiet_s)
 

@@ -13,7 +13,7 @@ import pytest
 
 from service.api import deps
 from service.common.lru import Lru
-from service.engine.changefeed import psycopg_dsn
+from service.engine.changefeed import ChangeFeed, psycopg_dsn
 from service.engine.readcache import ReadCache
 from service.engine.states import JobState
 from service.engine.store import Store
@@ -273,3 +273,18 @@ def test_the_read_cache_can_be_turned_off(make_api: Any) -> None:
     assert state.store.read_cache is None and not state.polls_try_cache
     job_id = api.post(DEBUG_JOB).json()["id"]
     assert api.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
+
+
+def test_a_feed_that_does_not_hear_its_own_ping_never_turns_the_cache_on(postgres_url: str) -> None:
+    """As behind a proxy that drops LISTEN: the connection answers, but no notification comes back."""
+    store = Store(postgres_url)
+    store.create_schema()
+    cache = ReadCache(max_quiet_s=0.5)
+    feed = ChangeFeed(psycopg_dsn(postgres_url), cache, check_every_s=0.2, retry_s=0.1, ping_channel="elsewhere")
+    feed.start()
+    try:
+        until(lambda: feed.last_error is not None and "did not hear its own notification" in feed.last_error)
+        assert cache.stamp() is None
+    finally:
+        feed.stop()
+        store.close()
