@@ -42,7 +42,7 @@ class ReadCache:
     def __init__(self, max_quiet_s: float = MAX_QUIET_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_quiet_s = max_quiet_s
         self._clock = clock
-        self._lock = threading.Lock()  # orders `changed`/`reset` against `put_*`
+        self._lock = threading.Lock()  # orders `changed`/`reset` against `put`
         self._epoch = 0  # +1 on every change and reset: a put with an older stamp raced with one
         self._fresh_until = -math.inf  # clock time until which what is held is known current
         self.tokens: Lru[tuple[Any, ...]] = Lru(4096)  # token hash -> the token's identity columns
