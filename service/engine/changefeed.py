@@ -26,6 +26,8 @@ from service.engine.readcache import ReadCache
 log = logging.getLogger("trainctl")
 
 CHANNEL = "trainctl_changes"
+# What announces changes on it (migration 0006): without all three a cache would miss changes, so none is made.
+TRIGGERS = ("jobs_changed", "job_tags_changed", "tokens_changed")
 PING = "ping:"  # payloads of the feeds' own pings (every replica hears every replica's); never a change
 STOP_POLL_S = 0.1  # how long `stop` may wait for the thread to notice
 

@@ -17,6 +17,7 @@ import builtins
 import functools
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -53,6 +54,8 @@ from service.common.lru import Lru
 from service.engine.readcache import ReadCache
 from service.engine.states import ACTIVE, TERMINAL, InvalidTransition, JobNotFound, JobState, can_transition
 from trainer.spec import JobSpec
+
+log = logging.getLogger("trainctl")
 
 
 class Base(DeclarativeBase):
@@ -479,8 +482,14 @@ class Store:
         Nothing on SQLite, where a read is no round trip and nothing announces changes."""
         if self.dialect != "postgresql" or self._feed is not None:
             return
-        from service.engine.changefeed import ChangeFeed, psycopg_dsn  # psycopg: only where PostgreSQL is used
+        from service.engine.changefeed import TRIGGERS, ChangeFeed, psycopg_dsn  # psycopg: only for PostgreSQL
 
+        with self.engine.connect() as conn:
+            found = set(conn.scalars(text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")))
+        if missing := sorted(set(TRIGGERS) - found):
+            # Nothing would announce those tables' changes: a cache would serve stale rows for ever.
+            log.warning("read cache off: the database lacks the triggers %s (run `trainctl db upgrade`)", missing)
+            return
         self.read_cache = ReadCache()
         self._feed = ChangeFeed(psycopg_dsn(self.url), self.read_cache)
         self._feed.start()

@@ -288,3 +288,13 @@ def test_a_feed_that_does_not_hear_its_own_ping_never_turns_the_cache_on(postgre
     finally:
         feed.stop()
         store.close()
+
+
+def test_no_cache_without_the_triggers_that_announce_changes(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    store.create_schema()
+    with psycopg.connect(psycopg_dsn(postgres_url), autocommit=True) as conn:
+        conn.execute("DROP TRIGGER tokens_changed ON tokens")  # a database someone changed by hand
+    store.cache_reads()
+    assert store.read_cache is None
+    store.close()
