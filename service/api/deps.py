@@ -200,7 +200,7 @@ def get_owned_job(job_id: JobIdPath, store: StoreDep, principal: PrincipalDep) -
 
 
 def owned_job(store: Store, principal: auth.Principal, job_id: str) -> Job:
-    return _visible(store.get(job_id), principal)
+    return _visible(store.get(job_id, cached=True), principal)
 
 
 def polled_job(

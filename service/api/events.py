@@ -16,6 +16,7 @@ all (TRAINCTL_MAX_EVENT_STREAMS_PER_OWNER, TRAINCTL_MAX_EVENT_STREAMS): past eit
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -109,7 +110,7 @@ async def job_events(
             if not await asyncio.to_thread(principal.still_valid, store):
                 yield sse("end", {"reason": "token_revoked"})
                 return
-            fresh = await asyncio.to_thread(store.get, job.id)
+            fresh = await asyncio.to_thread(functools.partial(store.get, job.id, cached=True))
             if fresh is None:  # deleted meanwhile
                 yield sse("end", {"state": "DELETED"})
                 return

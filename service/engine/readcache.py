@@ -27,9 +27,12 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.common.lru import Lru
+
+if TYPE_CHECKING:
+    from service.engine.store import Job  # not at run time: the store imports this module
 
 T = TypeVar("T")
 
@@ -46,8 +49,8 @@ class ReadCache:
         self._epoch = 0  # +1 on every change and reset: a put with an older stamp raced with one
         self._fresh_until = -math.inf  # clock time until which what is held is known current
         self.tokens: Lru[tuple[Any, ...]] = Lru(4096)  # token hash -> the token's identity columns
-        self.jobs: Lru[Any] = Lru(4096)  # job id -> Job
-        self.pages: Lru[tuple[list[Any], int]] = Lru(256)  # a status-path list query -> (jobs, total)
+        self.jobs: Lru[Job] = Lru(4096)  # job id -> Job
+        self.pages: Lru[tuple[list[Job], int]] = Lru(256)  # a status-path list query -> (jobs, total)
         self.hits = self.misses = 0  # for tests and benchmarks; not locked (approximate under threads)
 
     # --- readers -------------------------------------------------------------------------------------------

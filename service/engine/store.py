@@ -648,12 +648,26 @@ class Store:
             key = int.from_bytes(hashlib.sha256(owner_id.encode()).digest()[:8], "big", signed=True)
             s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, *, cached: bool = False) -> Job | None:
+        """The job, or None. `cached`: from the read cache when it holds it (`cache_reads`) — for what clients
+        poll (the dashboard's job reads, event streams); the engine's own decisions read the database."""
         # Every poll reads its job: a prepared Core query through a pooled connection costs a fraction of an
         # ORM load, and an unchanged row's snapshot is not rebuilt (`_snapshot`).
+        cache = self.read_cache if cached else None
+        stamp = cache.stamp() if cache is not None else None
+        if cache is not None and stamp is not None:
+            if (job := cache.jobs.get(job_id)) is not None:
+                cache.hits += 1
+                return job
+            cache.misses += 1
         with self._reading() as conn:
             row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
-        return self._snapshot(row) if row is not None else None
+        if row is None:
+            return None
+        job = self._snapshot(row)
+        if cache is not None and stamp is not None:
+            cache.put(stamp, cache.jobs, job_id, job)
+        return job
 
     def identity_and_job(self, token_hash: str, job_id: str) -> tuple[TokenIdentity | None, Job | None]:
         """A status poll's reads in one round trip: who holds the token (None when it does not exist or has

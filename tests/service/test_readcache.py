@@ -298,3 +298,14 @@ def test_no_cache_without_the_triggers_that_announce_changes(postgres_url: str) 
     store.cache_reads()
     assert store.read_cache is None
     store.close()
+
+
+def test_the_engine_reads_the_database_and_polled_reads_may_not(replicas: tuple[Store, Store]) -> None:
+    a, b = replicas
+    job, _ = b.create_job("alice", JobSpec())
+    served_from_memory(a, lambda: a.get(job.id, cached=True) == job)  # the dashboard's and event streams' reads
+    hits = cached(a).hits
+    assert a.get(job.id) == job and cached(a).hits == hits  # the runner's: never from memory
+    b.transition(job.id, JobState.CANCELLED)
+    until(lambda: cached(a).jobs.get(job.id) is None)
+    assert a.get(job.id, cached=True).state is JobState.CANCELLED
