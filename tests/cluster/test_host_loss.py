@@ -104,7 +104,9 @@ def test_a_crashed_worker_host_is_replaced_and_the_job_succeeds_without_its_fail
     assert len(resumed) == 1 and resumed[0]["resumed"], lines
     (loss,) = resumed[0]["infra_losses"]
     assert loss["host"] == victim, loss
-    assert loss["resumed_from_epoch"] == loss["checkpoint_epoch"] >= checkpoint_before, loss
+    # From the newest checkpoint at the restart: the one the loss record saw in manifest.json, or the next when
+    # it was in Ray's hands but not yet in the manifest (see test_spot_loss.py)
+    assert checkpoint_before <= loss["checkpoint_epoch"] <= loss["resumed_from_epoch"] < loss["lost_at_epoch"], loss
     assert resumed[0]["epoch"] == loss["resumed_from_epoch"] + 1
     assert loss["lost_at_epoch"] > loss["checkpoint_epoch"], loss
     # A host the first run did not use replaces the crashed one.

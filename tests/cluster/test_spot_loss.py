@@ -158,7 +158,10 @@ def test_a_lost_spot_node_resumes_without_charging_the_failure_budgets(
     # The node id when Ray's node-death verdict came first; None when the surviving rank's "peer vanished"
     # error decided it (trainer/infra.py: after its settle, knowing only the peer's address, 127.0.0.1 here).
     assert loss["node_id"] in (lost, None) and loss["host"], loss
-    assert loss["resumed_from_epoch"] == loss["checkpoint_epoch"] >= 1, loss
+    # Resumed from the newest checkpoint at the restart: the one the loss record saw in manifest.json, or the
+    # next, when the lost epoch's checkpoint was already in Ray's hands but not yet in the manifest (rank 0
+    # writes metrics.jsonl, then the checkpoint, then the manifest: a loss recorded in between sees one less).
+    assert 1 <= loss["checkpoint_epoch"] <= loss["resumed_from_epoch"] < loss["lost_at_epoch"], loss
     assert resumed[0]["epoch"] == loss["resumed_from_epoch"] + 1
     assert lost not in resumed[0]["node_ids"] and loss["replacement"] is True, (resumed[0]["node_ids"], loss)
     assert "infrastructure loss 1 of checkpoint.max_infra_failures" in logs
