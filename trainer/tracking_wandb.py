@@ -66,7 +66,10 @@ class WandbRun:
 
     def log_epochs(self, rows: list[EpochMetrics]) -> None:
         for row in rows:
-            self.run.log(numeric_metrics(row), step=row.epoch)
+            # commit: the epoch's row is complete, write it now. With a step and no commit, W&B keeps the row
+            # open until a later step or the run's end flushes it, and an attempt's last epoch was seen missing
+            # from its offline run once in a few full suite runs (tests/trainer/test_tracking.py).
+            self.run.log(numeric_metrics(row), step=row.epoch, commit=True)
 
     def finish(self, summary: Summary, job_dir: str) -> None:
         import wandb
