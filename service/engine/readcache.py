@@ -51,7 +51,7 @@ class ReadCache:
         self.tokens: Lru[tuple[Any, ...]] = Lru(4096)  # token hash -> the token's identity columns
         self.jobs: Lru[Job] = Lru(4096)  # job id -> Job
         self.pages: Lru[tuple[list[Job], int]] = Lru(256)  # a status-path list query -> (jobs, total)
-        self.hits = self.misses = 0  # for tests and benchmarks; not locked (approximate under threads)
+        self.hits = 0  # reads answered from memory, for tests; not locked (approximate under threads)
 
     # --- readers -------------------------------------------------------------------------------------------
 

@@ -659,7 +659,6 @@ class Store:
             if (job := cache.jobs.get(job_id)) is not None:
                 cache.hits += 1
                 return job
-            cache.misses += 1
         with self._reading() as conn:
             row = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         if row is None:
@@ -681,7 +680,6 @@ class Store:
                 cache.hits += 1
                 who = _valid_identity(*identity)
                 return (who, job) if who is not None else (None, None)
-            cache.misses += 1
         with self._reading() as conn:
             row = conn.execute(_IDENTITY_AND_JOB, {"token_hash": token_hash, "job_id": job_id}).first()
         if row is None:
@@ -736,7 +734,6 @@ class Store:
                 if (hit := cache.pages.get(key)) is not None:
                     cache.hits += 1
                     return list(hit[0]), hit[1]
-                cache.misses += 1
             with self._reading() as conn:
                 rows = conn.execute(page, params).all()
                 if not rows:  # past the end (or no job at all): the page says no total
