@@ -22,7 +22,7 @@ loads torch) and the Ray workers both import it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum, IntEnum
 from typing import Any, Literal, TypeVar
 
@@ -55,13 +55,36 @@ DATA_ROOTS_ENV = "TRAINCTL_DATA_ROOTS"
 # The allow-list of non-secret settings forwarded into a job's runtime env (service → driver → every Ray
 # worker). Credentials (AWS keys, session tokens, any trainctl token) never go there, because Ray shows a
 # runtime env on its dashboard: workers get them from the standard AWS chain on their node.
+# For tests only: seconds every rank sleeps after each optimizer step (unset or 0 everywhere else). The fault
+# tests need a job that is still running when the fault lands (a host crashed, serve restarted, storage down,
+# a node added); a paced job of a few steps per epoch stays running on a few CPU seconds, where one padded
+# with thousands of training images spent a minute of a 2-core machine's CPU training for nothing.
+STEP_PAUSE_ENV = "TRAINCTL_STEP_PAUSE_S"
+MAX_STEP_PAUSE_S = 10.0
 FORWARDED_ENV = (
     "TRAINCTL_S3_ENDPOINT",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "TRAINCTL_STORAGE_RETRY_SECONDS",
     DATA_ROOTS_ENV,
+    STEP_PAUSE_ENV,
 )
+
+
+def step_pause_s(environ: Mapping[str, str]) -> float:
+    """STEP_PAUSE_ENV's value in seconds (0 when unset or empty); a value that is not a number in
+    [0, MAX_STEP_PAUSE_S] is refused with the variable's name."""
+    text = environ.get(STEP_PAUSE_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= MAX_STEP_PAUSE_S:
+        raise ValueError(f"{STEP_PAUSE_ENV}={text!r}: expected seconds between 0 and {MAX_STEP_PAUSE_S:g}")
+    return value
+
 
 SearchMode = Literal["max", "min"]
 BestRule = Literal["val_acc", "final_epoch"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -98,7 +99,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # a worker group never moves: where each rank runs holds until it ends (an elastic resize, docs/scaling.md,
     # restarts this function with the new world size from the latest checkpoint: the global batch, the steps
     # per epoch and so the schedule's position are the same at every world size that divides the batch)
-    ctx = step.RankContext(rank, world, local_batch, tuple(_node_ids(world)), tuple(devices))
+    ctx = step.RankContext(
+        rank, world, local_batch, tuple(_node_ids(world)), tuple(devices), contract.step_pause_s(os.environ)
+    )
     # Rank 0's TensorBoard event files in <run dir>/tensorboard/ (a resumed run purges the epochs it redoes).
     events = EventLog(paths.manifest_dir, purge_step=start_epoch if start_epoch > 1 else None) if rank == 0 else None
 

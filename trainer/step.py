@@ -49,6 +49,7 @@ class RankContext:
     local_batch: int  # this rank's share of optim.batch_size
     node_ids: tuple[str, ...] = ()  # every rank's Ray node id, rank 0 first
     devices: tuple[str, ...] = ()  # what every rank trains on, rank 0 first (trainer/hardware.py)
+    step_pause_s: float = 0.0  # tests only: a sleep after each optimizer step (contract.STEP_PAUSE_ENV)
 
     @classmethod
     def single(cls, local_batch: int, node_id: str = "local", device: str | None = None) -> RankContext:
@@ -232,6 +233,8 @@ def train_epoch(
         if trainee.average is not None:
             trainee.average.update(trainee.raw_model, int(trainee.scheduler.last_epoch))
         trainee.scheduler.step()
+        if ctx.step_pause_s:
+            time.sleep(ctx.step_pause_s)
         n = y.shape[0]
         loss_sum.add_(loss.detach().float(), alpha=n)
         correct.add_((logits.argmax(1) == y).sum())

@@ -255,3 +255,31 @@ def test_an_epoch_trains_under_autoaugment_and_erasing():
     trainee = step.build(s, CPU, train.steps_per_epoch(32, 1))
     m = step.run_epoch(trainee, s, step.Splits(train, val), step.RankContext.single(32), epoch=1, start_epoch=1)
     assert math.isfinite(m.train_loss) and m.images_per_s > 0
+
+
+def test_a_paced_rank_sleeps_after_every_optimizer_step(monkeypatch):
+    """contract.STEP_PAUSE_ENV (tests only): a pause after each of the epoch's 6 steps, and none unpaced."""
+    s = spec()
+    train = DeviceData(dataset(192, 1), CPU, False)
+    trainee = step.build(s, CPU, train.steps_per_epoch(s.optim.batch_size, 1))
+    pauses: list[float] = []
+    monkeypatch.setattr(step.time, "sleep", pauses.append)
+    unpaced = step.RankContext.single(s.optim.batch_size)
+    step.train_epoch(trainee, train, s.optim, unpaced, epoch=1, seed=0)
+    assert pauses == []
+    paced = step.RankContext(0, 1, s.optim.batch_size, step_pause_s=0.25)
+    step.train_epoch(trainee, train, s.optim, paced, epoch=2, seed=0)
+    assert pauses == [0.25] * 6 and trainee.scheduler.last_epoch == 12
+
+
+@pytest.mark.parametrize("value", ["", " ", "0", "0.25", "10"])
+def test_the_step_pause_reads_seconds(value):
+    expected = float(value) if value.strip() else 0.0
+    assert contract.step_pause_s({contract.STEP_PAUSE_ENV: value}) == expected
+    assert contract.step_pause_s({}) == 0.0
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "10.5"])
+def test_a_bad_step_pause_is_refused_naming_the_variable(value):
+    with pytest.raises(ValueError, match=f"{contract.STEP_PAUSE_ENV}=.*seconds between 0 and 10"):
+        contract.step_pause_s({contract.STEP_PAUSE_ENV: value})
