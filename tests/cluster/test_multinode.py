@@ -41,6 +41,7 @@ DRIVER_RESOURCE = "trainctl_driver"
 SLOT = "trainslot"
 HEAD_CPUS = 2
 WORKER_CPUS = 2
+STEP_PAUSE_S = 0.2  # after each optimizer step, on every rank of every job of this module's service
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
@@ -151,6 +152,9 @@ def multinode(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
                 TRAINCTL_S3_ENDPOINT=s3_server.endpoint,
                 TRAINCTL_MAX_CONCURRENT_JOBS="1",
                 TRAINCTL_ENTRYPOINT_RESOURCES=json.dumps({DRIVER_RESOURCE: 1}),
+                # Paced jobs (contract.STEP_PAUSE_ENV): the node-loss and elastic runs must still be running
+                # when a node goes or comes, which a few paced steps per epoch do on little CPU.
+                TRAINCTL_STEP_PAUSE_S=str(STEP_PAUSE_S),
             )
             mn.service = service
             yield mn
@@ -223,7 +227,9 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
     epochs = 6
     with mn.service.client() as c:
         resp = c.post(
-            "/v1/jobs", json=_job_body(cifar_parquet, **{"optim.epochs": epochs, "data.max_train_images": 2048})
+            # 8 paced steps of ~0.25 s an epoch: ~2 s epochs, as 2,048 unpaced images took
+            "/v1/jobs",
+            json=_job_body(cifar_parquet, **{"optim.epochs": epochs, "data.max_train_images": 512}),
         )
         assert resp.status_code == 201, resp.text
         job_id = resp.json()["id"]
@@ -285,11 +291,12 @@ def test_elastic_job_grows_and_shrinks_and_keeps_the_recipe(multinode: MultiNode
     from trainer.spec import resolve
 
     mn = multinode
-    # Epochs of ~3 s (3,072 images), 20 of them: a debug epoch of 512 images takes ~0.6 s here, and a resize
-    # (Ray's check, the group's restart, the data loaded again) ~20 s, so shorter runs end before they grow.
+    # Epochs of ~3 s, 20 of them: a resize (Ray's check, the group's restart, the data loaded again) takes
+    # ~20 s, so shorter runs end before they grow. 12 paced steps (STEP_PAUSE_S) make such an epoch on a sixth
+    # of the CPU that 3,072 images (48 unpaced steps) took.
     epochs = 20
     overrides = {
-        "data.max_train_images": 3072,
+        "data.max_train_images": 576,
         "optim.epochs": epochs,
         "optim.batch_size": 48,  # divided by 1, 2 and 3
         "schedule.kind": "cosine",  # an lr that moves every step: a jump at a resize would show

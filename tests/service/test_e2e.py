@@ -23,6 +23,7 @@ from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import TRAINCTL, Service, start_service, test_data_roots, wait_for
 from tests.service.priority import autogroup_scheduling, niceness
 from tests.service.test_api import MALFORMED
+from trainer.contract import STEP_PAUSE_ENV
 
 pytestmark = pytest.mark.ray
 
@@ -404,6 +405,8 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
             # One step below normal: checks the head is niced without starving its job behind the suite's
             # other tests, which keep every core busy at nice 0 (the default, 10, timed this test out there).
             "TRAINCTL_RAY_NICE": "1",
+            # Paced (contract.STEP_PAUSE_ENV): the job must outlive three restarts, on little CPU.
+            STEP_PAUSE_ENV: "0.3",
         }
     )
     data = tmp_path / "data"
@@ -433,12 +436,13 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
         )
         assert listed.returncode == 0 and listed.stdout.startswith("ID"), listed.stderr
 
-        # One worker (one thread) and 20 epochs: with more threads the job took a loaded machine's CPU from
-        # the single-threaded serve and `trainctl down` starting up, and finished before `down` landed.
+        # One worker (one thread) and 20 epochs of 8 paced steps (~3 s each): an unpaced job of 2,048 images an
+        # epoch took a loaded machine's CPU from the single-threaded serve and `trainctl down` starting up,
+        # and could finish before `down` landed.
         body = job_body(
             cifar_parquet,
             epochs=20,
-            **{"data.max_train_images": 2048, "checkpoint.max_restarts": 0, "scaling.num_workers": 1},
+            **{"data.max_train_images": 512, "checkpoint.max_restarts": 0, "scaling.num_workers": 1},
         )
         with svc.client() as c:
             job_id = c.post("/v1/jobs", json=body).json()["id"]

@@ -25,6 +25,7 @@ from tests.plugins.postgres import PostgresServer
 from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import TRAINCTL, Service, start_service, wait_for
 from tests.trainer.cifar_files import write_cifar_python
+from trainer.contract import STEP_PAUSE_ENV
 
 pytestmark = pytest.mark.ray
 
@@ -115,7 +116,9 @@ def test_two_replicas_one_reconciler_and_takeover_after_kill(
 @pytest.mark.timeout(900)
 def test_reindex_after_the_database_is_lost(ray_head: RayHead, cifar_parquet: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    svc = start_service(ray_head, data, TRAINCTL_MAX_CONCURRENT_JOBS="2")
+    # Paced jobs (contract.STEP_PAUSE_ENV): the long job runs through the stop, the reindex and the restart
+    # on ~2 s epochs of little CPU instead of training flat out for the minute they take.
+    svc = start_service(ray_head, data, TRAINCTL_MAX_CONCURRENT_JOBS="2", **{STEP_PAUSE_ENV: "0.25"})
     try:
         with svc.client() as c:
             done = c.post("/v1/jobs", json=body(cifar_parquet, epochs=1)).json()["id"]

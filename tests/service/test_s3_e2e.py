@@ -15,6 +15,7 @@ import pytest
 import objstore
 from tests.plugins.ray_cluster import free_port
 from tests.service.conftest import Service, wait_for
+from trainer.contract import STEP_PAUSE_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -38,6 +39,8 @@ def test_service_on_s3_survives_a_storage_outage(
             # Normal priority for the head serve starts: the suite keeps every core busy at nice 0, and a niced
             # job would wait behind the other workers' tests past this test's timeout.
             "TRAINCTL_RAY_NICE": "0",
+            # Paced (contract.STEP_PAUSE_ENV): the long job is still running when storage goes, on little CPU.
+            STEP_PAUSE_ENV: "0.25",
         }
     )
     # No Ray address: serve starts its own head, which inherits the S3 settings (the embedded default).
@@ -47,7 +50,7 @@ def test_service_on_s3_survives_a_storage_outage(
         with svc.client() as c:
             long_job = {
                 "preset": "debug",
-                "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 10, "data.max_train_images": 2048},
+                "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 10, "data.max_train_images": 512},
             }
             job_id = c.post("/v1/jobs", json=long_job).json()["id"]
             wait_for(

@@ -16,7 +16,7 @@ import objstore
 from service.server.localray import LocalRayHead
 from tests.plugins.ray_cluster import RayHead
 from tests.plugins.reaper import reap_with_session
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, start_run, wait_for_checkpoint
+from tests.trainer.jobs import PACED, log_tail, make_job_dir, paced, read_jsonl, start_run, wait_for_checkpoint
 from trainer.spec import resolve
 
 pytestmark = pytest.mark.ray
@@ -81,10 +81,8 @@ def test_job_on_s3_with_data_from_the_bucket(s3_ray_head, s3_server, s3_bucket_u
 def test_killed_worker_is_replaced_and_the_run_resumes(ray_head, cifar_parquet, tmp_path):
     from ray.util.state import list_actors
 
-    job_dir = make_job_dir(
-        tmp_path, "workerkill", {"data.train": str(cifar_parquet), "optim.epochs": 5, "data.max_train_images": 2048}
-    )
-    proc = start_run(job_dir, ray_head.env())
+    job_dir = make_job_dir(tmp_path, "workerkill", {"data.train": str(cifar_parquet), "optim.epochs": 5, **PACED})
+    proc = start_run(job_dir, paced(ray_head.env()))
     wait_for_checkpoint(proc, job_dir, epoch=1)
     workers = list_actors(
         address=ray_head.dashboard_url,

@@ -17,7 +17,7 @@ import pytest
 
 from tests.once import once_per_session
 from tests.trainer.cifar_files import write_cifar_python, write_kaggle_input
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run, start_run, wait_for_checkpoint
+from tests.trainer.jobs import PACED, log_tail, make_job_dir, paced, read_jsonl, run, start_run, wait_for_checkpoint
 from trainer import checkpoint as ckpt
 from trainer.contract import CheckpointEntry
 
@@ -270,10 +270,8 @@ def test_corrupt_checkpoint_is_detected(trained_job, tmp_path):
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_head, cifar_parquet, tmp_path):
-    job_dir = make_job_dir(
-        tmp_path, "resume", {"data.train": str(cifar_parquet), "optim.epochs": 5, "data.max_train_images": 2048}
-    )
-    proc = start_run(job_dir, ray_head.env())
+    job_dir = make_job_dir(tmp_path, "resume", {"data.train": str(cifar_parquet), "optim.epochs": 5, **PACED})
+    proc = start_run(job_dir, paced(ray_head.env()))
     wait_for_checkpoint(proc, job_dir, epoch=2)
     assert proc.poll() is None, "the run finished before it could be stopped: " + log_tail(job_dir)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its Ray Train workers die with it
@@ -281,7 +279,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_head, cifar_parquet, tmp_pat
     stopped_at = json.loads((job_dir / "manifest.json").read_text())["latest_epoch"]
     assert stopped_at < 5
 
-    assert run(job_dir, ray_head.env()) == 0, log_tail(job_dir)
+    assert run(job_dir, paced(ray_head.env())) == 0, log_tail(job_dir)
     metrics = read_jsonl(job_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]  # every epoch exactly once
     resumed = [m["epoch"] for m in metrics if m["resumed"]]
