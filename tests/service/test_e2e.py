@@ -393,9 +393,9 @@ def test_serve_restarts_never_cost_training(cifar_parquet: Path, tmp_path: Path)
     and resubmits the job, which resumes — with checkpoint.max_restarts 0, because a restart the service or
     cluster caused is not the job's. The log of the attempt the old head ran is still served."""
     from service.server.localray import read_head_record
-    from tests.plugins.ray_cluster import free_port
+    from tests.ports import stable_port
 
-    port = free_port()
+    port = stable_port()  # serve restarts on it three times (tests/ports.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINCTL_", "RAY_ADDRESS", "RAY_AUTH"))}
     env.update(
         {
