@@ -52,15 +52,15 @@ EXPORT_FILES: dict[str, str] = {"safetensors": "model.safetensors", "pt2": "mode
 # The operator's data roots: the service forwards its own (its settings) with every job, and the driver checks
 # the spec's data paths against them again (trainer/dataroots.py).
 DATA_ROOTS_ENV = "TRAINCTL_DATA_ROOTS"
-# The allow-list of non-secret settings forwarded into a job's runtime env (service → driver → every Ray
-# worker). Credentials (AWS keys, session tokens, any trainctl token) never go there, because Ray shows a
-# runtime env on its dashboard: workers get them from the standard AWS chain on their node.
 # For tests only: seconds every rank sleeps after each optimizer step (unset or 0 everywhere else). The fault
 # tests need a job that is still running when the fault lands (a host crashed, serve restarted, storage down,
 # a node added); a paced job of a few steps per epoch stays running on a few CPU seconds, where one padded
 # with thousands of training images spent a minute of a 2-core machine's CPU training for nothing.
 STEP_PAUSE_ENV = "TRAINCTL_STEP_PAUSE_S"
 MAX_STEP_PAUSE_S = 10.0
+# The allow-list of non-secret settings forwarded into a job's runtime env (service → driver → every Ray
+# worker). Credentials (AWS keys, session tokens, any trainctl token) never go there, because Ray shows a
+# runtime env on its dashboard: workers get them from the standard AWS chain on their node.
 FORWARDED_ENV = (
     "TRAINCTL_S3_ENDPOINT",
     "AWS_REGION",

@@ -227,7 +227,7 @@ def test_worker_node_loss_resumes_from_checkpoint(multinode: MultiNode, cifar_pa
     epochs = 6
     with mn.service.client() as c:
         resp = c.post(
-            # 8 paced steps of ~0.25 s an epoch: ~2 s epochs, as 2,048 unpaced images took
+            # 8 steps an epoch, each followed by STEP_PAUSE_S: ~2 s epochs, as 2,048 unpaced images took
             "/v1/jobs",
             json=_job_body(cifar_parquet, **{"optim.epochs": epochs, "data.max_train_images": 512}),
         )

@@ -15,7 +15,7 @@ from trainer.spec import resolve
 
 # A paced job (contract.STEP_PAUSE_ENV) for a test whose fault must land while the job still runs: 512 images
 # are 8 steps an epoch for the debug preset's 2 workers, and a pause of PACE_S after each makes an epoch of ~2 s,
-# as 2,048 unpaced images did, on a quarter of their CPU.
+# as 2,048 unpaced images did, with a quarter of their training.
 PACED = {"data.max_train_images": 512}
 PACE_S = 0.25
 
