@@ -102,6 +102,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = step.RankContext(
         rank, world, local_batch, tuple(_node_ids(world)), tuple(devices), contract.step_pause_s(os.environ)
     )
+    if rank == 0 and ctx.step_pause_s:  # a slow job's log says why
+        log.warning("paced: %s=%s s after every step (a test setting)", contract.STEP_PAUSE_ENV, ctx.step_pause_s)
     # Rank 0's TensorBoard event files in <run dir>/tensorboard/ (a resumed run purges the epochs it redoes).
     events = EventLog(paths.manifest_dir, purge_step=start_epoch if start_epoch > 1 else None) if rank == 0 else None
 
