@@ -563,9 +563,17 @@ class DeviceData:
             # The whole epoch's AutoAugment draws up front: grouping the images by operation needs the group
             # sizes on the host, read here once an epoch rather than once a batch (trainer/augment.py).
             plan = self.autoaugment.plan(self.autoaugment.draw(len(index), gen), local_batch)
+        flips = self.alternating_flips(epoch, seed) if self.augment.flip and self.augment.flip_alternate else None
         for step, start in enumerate(range(0, len(index), local_batch)):
             idx = index[start : start + local_batch]
-            yield self._normalise(self._augment(self.padded, gen, plan, step, idx)), self.labels[idx]
+            flip = None if flips is None else flips[idx]
+            yield self._normalise(self._augment(self.padded, gen, plan, step, idx, flip)), self.labels[idx]
+
+    def alternating_flips(self, epoch: int, seed: int) -> torch.Tensor:
+        """Which images `epoch` flips under augment.flip_alternate: one seeded coin per image (the same for
+        every epoch and rank), inverted on every other epoch."""
+        coins = torch.rand(len(self), generator=torch.Generator().manual_seed(seed * 15_485_863 + 1)) < 0.5
+        return to_device(coins ^ bool(epoch % 2 == 0), self.device)
 
     def _augment(
         self,
@@ -574,11 +582,13 @@ class DeviceData:
         plan: AutoAugmentPlan | None = None,
         step: int = 0,
         idx: torch.Tensor | None = None,
+        flip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The notebook's order, batched and drawn per image: crop → flip → AutoAugment → RandomErasing, on
         the images `idx` of `padded` (all of them without). AutoAugment follows batch `step` of the epoch's
-        `plan`, or draws for this batch alone without one."""
-        images = self._crop_flip(padded, gen, idx)
+        `plan`, or draws for this batch alone without one. `flip` (one bool per image) decides the flips
+        instead of a coin: augment.flip_alternate."""
+        images = self._crop_flip(padded, gen, idx, flip)
         if self.autoaugment is not None:
             images = (
                 self.autoaugment(images, gen) if plan is None else self.autoaugment.apply_planned(images, plan, step)
@@ -587,17 +597,26 @@ class DeviceData:
             images = self.erasing(images, gen)
         return images
 
-    def _crop_flip(self, padded: torch.Tensor, gen: torch.Generator, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def _crop_flip(
+        self,
+        padded: torch.Tensor,
+        gen: torch.Generator,
+        idx: torch.Tensor | None = None,
+        chosen_flip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Random 32×32 crop of each 40×40 padded image (those `idx` picks), shifted at most
-        augment.crop_padding pixels from the centre, then a random horizontal flip, all batched: one gather
-        picks the images and their windows together."""
+        augment.crop_padding pixels from the centre, then a random horizontal flip (or `chosen_flip`), all
+        batched: one gather picks the images and their windows together."""
         n = padded.shape[0] if idx is None else idx.shape[0]
         shift = self.augment.crop_padding  # a window shifted by up to `shift` pixels from the centre (PAD)
         dy = torch.randint(PAD - shift, PAD + shift + 1, (n,), device=self.device, generator=gen)
         dx = torch.randint(PAD - shift, PAD + shift + 1, (n,), device=self.device, generator=gen)
         if not self.augment.crop:
             dy = dx = torch.full((n,), PAD, device=self.device)  # the centre window: the image itself
+        # drawn even when chosen_flip overrides it, so the crops' random stream is the same either way
         flip = torch.rand(n, device=self.device, generator=gen) < 0.5
+        if chosen_flip is not None:
+            flip = chosen_flip
         if not self.augment.flip:
             flip = torch.zeros_like(flip)
         rows = (dy[:, None] + self._window)[:, None, :, None]  # n×1×32×1

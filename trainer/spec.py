@@ -136,6 +136,10 @@ class AugmentSpec(Section):
     # A short run underfits: a smaller shift (airbench's 2 pixels) leaves more of each image to learn from.
     crop_padding: int = Field(default=4, ge=1, le=4, description="the crop's largest shift in pixels (padding)")
     flip: bool = Field(default=True, description="RandomHorizontalFlip(p 0.5)")
+    # airbench's alternating flip: the first epoch flips a random half of the images, each later epoch flips
+    # exactly those the previous one did not, so every pair of epochs shows every image both ways (a random
+    # coin per epoch repeats an image's side half the time). Pure function of seed and epoch: resume is exact.
+    flip_alternate: bool = Field(default=False, description="flip each image the other way than the epoch before")
     autoaugment: bool = Field(default=False, description="AutoAugment, ImageNet policy, one sub-policy per image")
     random_erasing: bool = Field(default=False, description="RandomErasing after AutoAugment, value 0")
     erasing_p: float = Field(default=0.5, ge=0.0, le=1.0)
