@@ -185,6 +185,9 @@ class OptimSpec(Section):
     # An exponential moving average of the weights, updated every step: what is evaluated and checkpointed
     # as the model (the live weights ride along in the checkpoint to resume from). 0 = off.
     ema_decay: Fraction = Field(default=0.0, description="EMA of the weights per step (0: off; e.g. 0.99)")
+    # Lookahead (trainer/lookahead.py): every k steps the live weights are pulled back towards slow weights that
+    # trail them, by a pull that grows over the run as airbench94's. 0 = off; airbench uses 5.
+    lookahead_steps: int = Field(default=0, ge=0, le=10_000, description="lookahead every k steps (0: off)")
     label_smoothing: Fraction = 0.1
     batch_size: int = Field(default=512, ge=1, le=65536, description="global batch, split over workers")
     epochs: int = Field(default=200, ge=1, le=MAX_EPOCHS)

@@ -30,6 +30,7 @@ from trainer.contract import EpochMetrics, NumericsRecord
 from trainer.data import DeviceData
 from trainer.device_settings import apply_backend_flags, backend_flags, compile_plan
 from trainer.ema import WeightAverage
+from trainer.lookahead import Lookahead
 from trainer.model import build_model
 from trainer.precision import Numerics, autocast, resolve_precision
 from trainer.schedule import apply_epoch_settings, build_scheduler
@@ -82,6 +83,7 @@ class Trainee:
     amp_dtype: torch.dtype | None
     numerics: Numerics | None = None  # precision + layout + compile mode in use, and how they were chosen
     average: WeightAverage | None = None  # optim.ema_decay > 0: the EMA of the weights (trainer/ema.py)
+    lookahead: Lookahead | None = None  # optim.lookahead_steps > 0 (trainer/lookahead.py)
 
     @property
     def lr(self) -> float:
@@ -141,7 +143,8 @@ def build(
     if numerics is not None:
         numerics = replace(numerics, compile=plan.mode)
     average = WeightAverage(raw_model, o.ema_decay) if o.ema_decay > 0 else None
-    return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics, average)
+    lookahead = Lookahead(o.lookahead_steps, steps_per_epoch * o.epochs) if o.lookahead_steps else None
+    return Trainee(model, raw_model, forward, optimizer, scheduler, device, amp_dtype, numerics, average, lookahead)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
@@ -223,13 +226,18 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0  # a host integer: batch sizes are known without asking the device
-    for x, y in data.train_batches(epoch, seed, ctx.rank, ctx.world, ctx.local_batch):
+    steps = data.steps_per_epoch(ctx.local_batch, ctx.world)
+    if trainee.lookahead is not None:
+        trainee.lookahead.begin_epoch(trainee.raw_model)
+    for step_in_epoch, (x, y) in enumerate(data.train_batches(epoch, seed, ctx.rank, ctx.world, ctx.local_batch), 1):
         with autocast(device, trainee.amp_dtype):
             logits = trainee.forward(x)
             loss = F.cross_entropy(logits, y, label_smoothing=optim.label_smoothing)
         trainee.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainee.optimizer.step()
+        if trainee.lookahead is not None:  # before the EMA, which then averages the pulled-back weights
+            trainee.lookahead.after_step(int(trainee.scheduler.last_epoch) + 1, step_in_epoch, steps)
         if trainee.average is not None:
             trainee.average.update(trainee.raw_model, int(trainee.scheduler.last_epoch))
         trainee.scheduler.step()
