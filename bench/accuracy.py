@@ -104,7 +104,8 @@ def run_preset(
         f"preset {preset}: {spec.optim.epochs} epochs, batch {spec.optim.batch_size}, "
         f"{spec.schedule.kind} lr {spec.optim.lr}, wd {spec.optim.weight_decay}, precision {spec.precision}, "
         f"augment {spec.data.augment.model_dump()}; data {spec.data.train} (val_fraction "
-        f"{spec.data.val_fraction}); {cpus} CPUs; job dir {job_dir}",
+        f"{spec.data.val_fraction}); {spec.scaling.cpus_per_worker} of {cpus} CPUs; --set {' '.join(args.set) or '-'}; "
+        f"job dir {job_dir}",
         flush=True,
     )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
