@@ -161,5 +161,21 @@ def wait_until(predicate: Any, timeout_s: float, what: str, every_s: float = 1.0
         time.sleep(every_s)
 
 
+def job_status(client: Any, job_id: str, attempts: int = 5) -> Any:
+    """The Ray Jobs API's status of `job_id` (a JobSubmissionClient's), riding out a dropped connection as the
+    service does (service/engine/rayjobs.py counts one as Ray being unavailable for now, not as an answer): a
+    loaded head's dashboard once closed a connection without answering 1.6 s after a submission (the suite,
+    2026-12-07, test_spot_loss)."""
+    import requests
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return client.get_job_status(job_id)
+        except requests.ConnectionError:
+            if attempt == attempts:
+                raise
+            time.sleep(1)
+
+
 def run(cmd: list[str], env: dict[str, str], timeout_s: float = 60) -> str:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=True).stdout

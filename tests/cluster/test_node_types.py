@@ -22,7 +22,15 @@ import pytest
 import yaml
 
 from tests.cluster.checks import REPO
-from tests.cluster.fakecluster import FAKE_GPU, HEAD_TYPE, FakeCluster, fake_config, type_marker, wait_until
+from tests.cluster.fakecluster import (
+    FAKE_GPU,
+    HEAD_TYPE,
+    FakeCluster,
+    fake_config,
+    job_status,
+    type_marker,
+    wait_until,
+)
 from trainer.placement import Placement, placement_strategy, worker_resources
 from trainer.spec import JobSpec, ScalingSpec
 
@@ -165,7 +173,7 @@ def run_job(cluster: FakeCluster, scaling: dict[str, Any], timeout_s: float = 30
         entrypoint_resources={"trainctl_driver": 1},
     )
     status = wait_until(
-        lambda: (s := client.get_job_status(job)) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and s,
+        lambda: (s := job_status(client, job)) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and s,
         timeout_s,
         f"job {scaling}",
     )

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.cluster.checks import REPO
-from tests.cluster.fakecluster import FakeCluster, type_marker, wait_until
+from tests.cluster.fakecluster import FakeCluster, job_status, type_marker, wait_until
 from trainer import contract
 from trainer.spec import resolve
 
@@ -123,7 +123,7 @@ def test_a_lost_spot_node_resumes_without_charging_the_failure_budgets(
     )
 
     def status() -> JobStatus:
-        return client.get_job_status(job)
+        return job_status(client, job)
 
     def failed_early() -> str:
         return f"{status()}: {client.get_job_logs(job)[-4000:]}"
