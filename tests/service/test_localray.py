@@ -27,6 +27,18 @@ def _record(data: Path, pid: int, temp_dir: Path) -> HeadRecord:
     return rec
 
 
+def _started(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Popen returns once the child has begun to exec, but the kernel sets up the new program's argv a moment
+    later: read at once, /proc/<pid>/cmdline is empty about one time in three here. A real head's record is
+    written seconds after it starts, once its dashboard answers; wait as long as it takes to be that head."""
+    proc = subprocess.Popen(argv, start_new_session=True)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while argv[-1].encode() not in cmdline.read_bytes().split(b"\0") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
 def test_a_record_of_a_head_that_is_gone_is_forgotten(tmp_path: Path) -> None:
     temp = tmp_path / "tcray"
     temp.mkdir()
@@ -42,8 +54,8 @@ def test_down_stops_the_recorded_group_only(tmp_path: Path) -> None:
     temp = tmp_path / "tcray"
     temp.mkdir()
     argv = [sys.executable, "-c", "import time; time.sleep(120)", "start", f"--temp-dir={temp}"]
-    head = subprocess.Popen(argv, start_new_session=True)
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    head = _started(argv)
+    bystander = _started([sys.executable, "-c", "import time; time.sleep(120)"])
     # The fake head is pytest's child: once SIGTERM ends it, it stays a zombie (still in its process group) until
     # reaped, and `down` would wait out its whole grace and the SIGKILL wait (15 s). A real head is not the
     # child of the `down` process, so reap ours as soon as it exits, as its real parent would.
