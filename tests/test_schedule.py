@@ -88,36 +88,3 @@ def test_three_real_workers_run_a_whole_file_on_one_and_spread_the_rest(tmp_path
     assert len(ran) == 8
     assert len(workers["test_whole"]) == 1, ran
     assert len(workers["test_spread"]) >= 2, ran
-
-
-UNIT = """
-import json, os, time
-def _record(name):
-    with open("started.jsonl", "a") as f:
-        f.write(json.dumps([name, os.environ["PYTEST_XDIST_WORKER"]]) + "\\n")
-    time.sleep(0.5)
-""" + "".join(f"def test_{i}():\n    _record('{{kind}}{i}')\n" for i in range(3))
-
-
-def test_tests_with_a_heavy_marker_go_out_before_the_unit_tests_collected_ahead_of_them(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text('pytest_plugins = ["tests.plugins.schedule"]\n')
-    (tmp_path / "test_a_unit.py").write_text(UNIT.replace("{kind}", "unit"))
-    heavy = "import pytest\npytestmark = pytest.mark.ray\n" + UNIT.replace("{kind}", "heavy")
-    (tmp_path / "test_b_heavy.py").write_text(heavy)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "load", "-p", "no:cacheprovider"],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    started = [tuple(json.loads(line)) for line in (tmp_path / "started.jsonl").read_text().splitlines()]
-    assert sorted(name for name, _ in started) == [f"heavy{i}" for i in range(3)] + [f"unit{i}" for i in range(3)]
-    # In collection order the unit tests came first. Now both workers start with a heavy test, and each runs
-    # every heavy test it is given before any unit test.
-    assert {w for _, w in started[:2]} == {"gw0", "gw1"} and all(n.startswith("heavy") for n, _ in started[:2])
-    for worker in ("gw0", "gw1"):
-        kinds = [n.rstrip("012") for n, w in started if w == worker]
-        assert kinds == sorted(kinds), started  # "heavy" < "unit"

@@ -8,18 +8,11 @@ twice in one run, test_multinode's cluster twice, test_faults's S3 Ray head twic
 read is better built once with tests/once.py, which works whatever the scheduling; a fixture that is a live
 cluster the tests act on (a host killed, a job submitted) belongs to one worker, so its file is listed here.
 
-Under xdist the tests that start processes, servers or clusters (HEAVY_MARKERS) are handed out first and the
-unit tests last: the ~1,000 unit tests take a second or less each, so they fill the last minutes evenly, where
-a Tune or fault test at the end of collection order kept one worker busy for a minute or two after the others
-had finished (bench/RESULTS.md, "The suite's tail").
-
 `--dist loadgroup`'s `xdist_group` marks cannot do this: pytest-xdist 3.8 puts the group in `item._nodeid`,
 which pytest 9.2 no longer reads, so no test was ever grouped.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 from xdist.remote import Producer
@@ -53,22 +46,6 @@ BUILT_ONCE_OR_CHEAP = {
     "tests/trainer/test_run.py": "the trained job is built once (tests/once.py)",
     "tests/service/conftest.py": "`service` starts in seconds; test_e2e.py in a row would be an 11-minute chain",
 }
-
-
-# Markers of tests that take seconds to minutes (pyproject.toml): each starts Ray, a server, hosts or a process.
-HEAVY_MARKERS = ("cluster", "ray", "s3", "install", "browser", "slow")
-
-
-def heavy_first(items: list[pytest.Item]) -> None:
-    """Heavy tests before unit tests, each group in collection order (a stable sort, the same on every worker,
-    as xdist requires)."""
-    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in HEAVY_MARKERS))
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process runs everything anyway: leave its order alone
-        heavy_first(items)
 
 
 def scope_of(nodeid: str) -> str:
