@@ -29,7 +29,8 @@ browser-deps:
 # tests one at a time, except the files whose module fixture is a live cluster, which go to one worker whole
 # (tests/plugins/schedule.py, which says why). Emulated-host tests run side by side (tests/hosts.py takes
 # subnets under a lock). Whole files for everything (`--dist loadfile`) was tried: the heavy files met at the
-# end, 30:44, and a spot-loss test timed out under load 38 (bench/RESULTS.md).
+# end, 30:44, and a spot-loss test timed out under load 38; 2 and 4 workers were slower than 3, and so was
+# handing the heavy tests out before the unit tests (bench/RESULTS.md).
 TEST_WORKERS ?= 3
 test: venv browser-deps
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load
