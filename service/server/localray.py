@@ -50,7 +50,18 @@ class LocalRayHead:
         # Ray's unix socket paths must stay under 107 characters: a short dir under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="tcray", dir="/tmp")
         port, dash = port or free_port(), free_port()
-        env = {**os.environ, "RAY_AUTH_MODE": auth_mode, "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": auth_mode,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # On SIGTERM, Ray 2.60's `ray start --block` first drains its node, for up to this many seconds
+            # (default 30), until every worker lease is returned: a pause meant for Ray Serve's replicas. This
+            # head runs no Serve, its jobs are stopped before it is (`stop_head_jobs`), and Ray Train's detached
+            # autoscaling coordinator never returns its lease, so every stop of a head that had run a job
+            # waited out the whole 30 s, past `trainctl down`'s grace. Without it the head stops in ~3 s.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            **(extra_env or {}),
+        }
         env.pop("RAY_ADDRESS", None)
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [
@@ -99,11 +110,12 @@ class LocalRayHead:
         head.stop()
         raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f}s:\n{tail}")
 
-    def stop(self, grace_s: float = 30) -> None:
-        """SIGTERM the head's process group, wait, then SIGKILL whatever is left of it. `ray start --block`
-        never exits on SIGTERM (its subprocesses do), so this always takes `grace_s`."""
-        stop_process_group(self.proc, grace_s=grace_s)
+    def stop(self, grace_s: float = 30) -> bool:
+        """Ray's own shutdown (SIGTERM to `ray start --block` alone, see `end_process_group`), up to `grace_s`,
+        then SIGKILL whatever is left of the head's process group. Returns whether it ended within the grace."""
+        ended = stop_process_group(self.proc, grace_s=grace_s, leader_first=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return ended
 
 
 def lower_priority(nice: int) -> None:
@@ -120,27 +132,47 @@ def lower_priority(nice: int) -> None:
         pass
 
 
-def stop_process_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
-    """SIGTERM the process group led by `proc` (our child), give the whole group `grace_s` to exit, then
-    SIGKILL what is left of it; reap the leader last.
+def end_process_group(pgid: int, grace_s: float, *, leader_first: bool = False) -> bool:
+    """SIGTERM the process group `pgid`, give its members `grace_s` to exit, then SIGKILL what is left (and
+    wait up to 10 s more). Returns whether the group ended within the grace, without the SIGKILL.
 
-    The leader is reaped only once no other member is left: until then its pid, which is the group's id,
-    cannot be given to a new process, so no signal here can reach a stranger. (Signalling the group after
-    reaping the leader can: a suite run starts ~30,000 processes, so pids wrap around on a pid_max of 32,768.)"""
+    `leader_first`: the SIGTERM goes to the leader alone, for a leader that stops its group in order itself.
+    A Ray head needs it: `ray start --block` answers SIGTERM by stopping the raylet, then the GCS and the
+    rest (about 3 s here, with the drain `LocalRayHead.start` turns off), while a SIGTERM to the whole group
+    at once left the raylet, the GCS and the runtime-env agent hanging until they were killed, so every stop
+    took its whole grace.
+
+    The caller makes sure `pgid` still names its group: its leader is the caller's unreaped child, or was
+    checked just before. (Signalling a group whose leader is gone can reach a stranger: a suite run starts
+    ~30,000 processes, so pids wrap around on a pid_max of 32,768.)"""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
-            os.killpg(proc.pid, sig)
+            if sig == signal.SIGTERM and leader_first:
+                try:
+                    os.kill(pgid, sig)
+                except ProcessLookupError:  # the leader is gone, the rest of its group may not be
+                    os.killpg(pgid, sig)
+            else:
+                os.killpg(pgid, sig)
         except ProcessLookupError:
-            break
+            return sig == signal.SIGTERM
         deadline = time.monotonic() + wait
-        while (left := _group_members(proc.pid)) and time.monotonic() < deadline:
+        while (left := _group_members(pgid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not left:
-            break
+            return sig == signal.SIGTERM
+    return False
+
+
+def stop_process_group(proc: subprocess.Popen[Any], grace_s: float, *, leader_first: bool = False) -> bool:
+    """`end_process_group` for the group led by `proc`, our child, which is reaped last: until then its pid,
+    the group's id, cannot be given to a new process, so no signal here can reach a stranger."""
+    ended = end_process_group(proc.pid, grace_s, leader_first=leader_first)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:  # unkillable (uninterruptible sleep): leave it to init, say nothing
         pass
+    return ended
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -246,16 +278,6 @@ def forget_head(data_dir: Path, rec: HeadRecord) -> None:
     (data_dir / HEAD_RECORD).unlink(missing_ok=True)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 _UNFINISHED = ("PENDING", "RUNNING")
 
 
@@ -293,7 +315,8 @@ def stop_recorded_head(
 ) -> HeadRecord | None:
     """Stop the head recorded in `data_dir` — only that process group, never other Ray clusters on the
     machine: its unfinished jobs through the Jobs API first (`stop_head_jobs`; `token` for a head with token
-    auth), then SIGTERM, `grace_s` to exit, then SIGKILL. Returns the record, or None when none was running."""
+    auth), then Ray's own shutdown (`end_process_group`), `grace_s` to end, then SIGKILL. Returns the record,
+    or None when none was running."""
     rec = read_head_record(data_dir)
     if rec is None:
         return None
@@ -301,16 +324,11 @@ def stop_recorded_head(
         t0 = time.monotonic()
         if stopped := stop_head_jobs(rec, token, wait_s=max(grace_s, 10), say=say):
             say(f"stopped {stopped} unfinished Ray job(s) on it in {time.monotonic() - t0:.1f} s (serve resubmits)")
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(rec.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while _group_alive(rec.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not _group_alive(rec.pid):
-                break
+        t0 = time.monotonic()
+        if end_process_group(rec.pid, grace_s, leader_first=True):
+            say(f"the head shut down in {time.monotonic() - t0:.1f} s")
+        else:
+            say(f"the head had not shut down after {grace_s:g} s (--grace): killed what was left of it")
         running = True
     else:
         running = False

@@ -187,8 +187,8 @@ class Service:
     def down(self) -> subprocess.CompletedProcess:
         """`trainctl down`: stop this data dir's serve and the local Ray head it started (a no-op without)."""
         done = subprocess.run(
-            # a throwaway head: 3 s for its raylet to stop the workers, not the 15 s a real one gets
-            [TRAINCTL, "down", "--data-dir", str(self.data_dir), "--grace", "3"],
+            # the default grace: only an upper bound now that the head shuts down by itself in a few seconds
+            [TRAINCTL, "down", "--data-dir", str(self.data_dir)],
             env=self.env,
             capture_output=True,
             text=True,

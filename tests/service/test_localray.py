@@ -156,10 +156,56 @@ def test_a_group_is_stopped_whole_and_never_signalled_after_its_leader_is_reaped
             real_killpg(pgid, sig)
 
         monkeypatch.setattr(localray.os, "killpg", killpg)
-        localray.stop_process_group(leader, grace_s=1)
+        assert localray.stop_process_group(leader, grace_s=1) is False  # it took the SIGKILL
         assert [sig for sig, _ in sent] == [signal.SIGTERM, signal.SIGKILL]  # the member outlived SIGTERM
         assert all(returncode is None for _, returncode in sent), sent  # the leader was not reaped yet
         assert leader.returncode == -signal.SIGTERM and localray._group_members(leader.pid) == []
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+
+
+def test_a_ray_head_is_stopped_by_its_leader_alone(monkeypatch) -> None:
+    """`leader_first` (every Ray head: `LocalRayHead.stop`, `trainctl down`): SIGTERM goes to the leader alone,
+    which stops its group itself, as `ray start --block` does (a SIGTERM to the whole group left a real head's
+    raylet and GCS hanging for the whole grace). A stand-in leader that ends its member on SIGTERM: the group
+    ends long before the grace, nothing else is signalled, and the leader exits by its own handler."""
+    import os
+    import signal
+
+    from service.server import localray
+
+    leader_code = (
+        "import signal, subprocess, sys, time; "
+        "m = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "signal.signal(signal.SIGTERM, lambda *_: (m.terminate(), m.wait(), sys.exit(0))); "
+        "print(m.pid, flush=True); time.sleep(60)"
+    )
+    leader = subprocess.Popen(
+        [sys.executable, "-c", leader_code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        member_pid = int(leader.stdout.readline())
+        assert localray._group_members(leader.pid) == sorted([leader.pid, member_pid])
+        sent: list[tuple[str, int, int]] = []
+        real_kill, real_killpg = os.kill, os.killpg
+
+        def kill(pid: int, sig: int) -> None:
+            sent.append(("kill", pid, sig))
+            real_kill(pid, sig)
+
+        def killpg(pgid: int, sig: int) -> None:
+            sent.append(("killpg", pgid, sig))
+            real_killpg(pgid, sig)
+
+        monkeypatch.setattr(localray.os, "kill", kill)
+        monkeypatch.setattr(localray.os, "killpg", killpg)
+        t0 = time.monotonic()
+        assert localray.stop_process_group(leader, grace_s=60, leader_first=True) is True
+        assert time.monotonic() - t0 < 30  # the leader's own shutdown, not the grace
+        assert sent == [("kill", leader.pid, signal.SIGTERM)]
+        assert leader.returncode == 0 and localray._group_members(leader.pid) == []
     finally:
         if leader.poll() is None:
             leader.kill()

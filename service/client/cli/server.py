@@ -64,8 +64,8 @@ def register(
         type=float,
         default=15.0,
         metavar="SECONDS",
-        help="how long the head gets to stop its workers after SIGTERM before SIGKILL (default 15; Ray's own "
-        "`ray start --block` never exits on SIGTERM, so the head always takes this long)",
+        help="how long the head gets for Ray's own shutdown before what is left of it is killed (default 15; "
+        "an idle local head takes about 3)",
     )
     s.set_defaults(fn=_down)
 
