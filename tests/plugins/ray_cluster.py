@@ -50,9 +50,16 @@ class RayHead:
         return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
 
 
+# The session head's own settings (not the drivers', not the other clusters'): Ray Train's preemption watcher, an
+# actor per worker group (~1.2 CPU-s to start, 48 CPU-s of one suite run by process accounting), marks the ranks on
+# a draining node as preempted. This head is one node and nothing drains it, so here it only costs; the
+# multi-node clusters of tests/cluster/ and `trainctl serve`'s heads keep Ray's default.
+SESSION_HEAD_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[RayHead]:
-    local = LocalRayHead.start(num_cpus=RAY_CPUS, auth_mode="disabled")
+    local = LocalRayHead.start(num_cpus=RAY_CPUS, auth_mode="disabled", extra_env=SESSION_HEAD_ENV)
     reap_with_session(local.proc.pid)
     head = RayHead(local.gcs_address, local.dashboard_url, local.temp_dir)
     old = os.environ.get("RAY_ADDRESS")

@@ -285,7 +285,9 @@ def s3_server() -> S3Server:
     try:
         yield server
     finally:
-        server.stop()
+        # No grace: its data goes next, and SeaweedFS takes ~15 s to exit on SIGTERM, so the default grace only
+        # ever delayed the SIGKILL (at the end of each xdist worker, where the suite waits for its last one).
+        server.stop(grace_s=0)
         shutil.rmtree(server.root, ignore_errors=True)
 
 
