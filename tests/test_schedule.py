@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.plugins.schedule import BUILT_ONCE_OR_CHEAP, WHOLE_FILES, scope_of
+from tests.plugins.schedule import BUILT_ONCE_OR_CHEAP, TAIL_DIR, WHOLE_FILES, heavy_first_in_the_tail, scope_of
 
 
 def test_whole_files_are_one_unit_and_other_tests_their_own() -> None:
@@ -88,3 +88,34 @@ def test_three_real_workers_run_a_whole_file_on_one_and_spread_the_rest(tmp_path
     assert len(ran) == 8
     assert len(workers["test_whole"]) == 1, ran
     assert len(workers["test_spread"]) >= 2, ran
+
+
+class _Item:
+    """What `heavy_first_in_the_tail` reads of a pytest item: its id and its markers."""
+
+    def __init__(self, nodeid: str, *markers: str) -> None:
+        self.nodeid, self._markers = nodeid, markers
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return name if name in self._markers else None
+
+
+def test_only_the_last_directorys_heavy_tests_move_ahead_of_its_unit_tests() -> None:
+    items = [
+        _Item("tests/cluster/test_a.py::test_hosts", "cluster"),
+        _Item("tests/service/test_b.py::test_unit"),
+        _Item("tests/service/test_c.py::test_e2e", "ray"),
+        _Item(f"{TAIL_DIR}test_d.py::test_unit"),
+        _Item(f"{TAIL_DIR}test_e.py::test_tune", "ray"),
+        _Item(f"{TAIL_DIR}test_f.py::test_unit"),
+        _Item(f"{TAIL_DIR}test_g.py::test_torch_process", "slow"),
+    ]
+    order = [item.nodeid.split("/")[-1] for item in items]
+    heavy_first_in_the_tail(items)  # type: ignore[arg-type]
+    assert [item.nodeid.split("/")[-1] for item in items] == [
+        *order[:3],  # elsewhere: collection order, heavy or not
+        "test_e.py::test_tune",
+        "test_g.py::test_torch_process",
+        "test_d.py::test_unit",
+        "test_f.py::test_unit",
+    ]

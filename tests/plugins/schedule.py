@@ -8,11 +8,18 @@ twice in one run, test_multinode's cluster twice, test_faults's S3 Ray head twic
 read is better built once with tests/once.py, which works whatever the scheduling; a fixture that is a live
 cluster the tests act on (a host killed, a job submitted) belongs to one worker, so its file is listed here.
 
+Under xdist the heavy tests of the last directory in collection order (TAIL_DIR) go out before its unit
+tests: in collection order a Tune test and a storage-outage test came last and kept one worker busy for a
+minute or two after the others had finished (bench/RESULTS.md). Only there: putting every heavy test first
+made the emulated-host tests meet each other at the start, and the suite slower.
+
 `--dist loadgroup`'s `xdist_group` marks cannot do this: pytest-xdist 3.8 puts the group in `item._nodeid`,
 which pytest 9.2 no longer reads, so no test was ever grouped.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from xdist.remote import Producer
@@ -46,6 +53,30 @@ BUILT_ONCE_OR_CHEAP = {
     "tests/trainer/test_run.py": "the trained job is built once (tests/once.py)",
     "tests/service/conftest.py": "`service` starts in seconds; test_e2e.py in a row would be an 11-minute chain",
 }
+
+
+# The last directory in collection order, and the markers of tests that take seconds to minutes (pyproject.toml:
+# each starts Ray, a server, hosts or a process that imports torch).
+TAIL_DIR = "tests/trainer/"
+HEAVY_MARKERS = ("cluster", "ray", "s3", "install", "browser", "slow")
+
+
+def heavy_first_in_the_tail(items: list[pytest.Item]) -> None:
+    """TAIL_DIR's heavy tests before its unit tests, the rest in collection order: a stable sort, the same on
+    every worker, as xdist requires. (TAIL_DIR's tests stay after every other test.)"""
+
+    def key(item: pytest.Item) -> tuple[bool, bool]:
+        if not item.nodeid.startswith(TAIL_DIR):
+            return (False, False)
+        return (True, not any(item.get_closest_marker(m) for m in HEAVY_MARKERS))
+
+    items.sort(key=key)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process runs everything anyway: leave its order alone
+        heavy_first_in_the_tail(items)
 
 
 def scope_of(nodeid: str) -> str:
