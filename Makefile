@@ -30,7 +30,8 @@ browser-deps:
 # (tests/plugins/schedule.py, which says why). Emulated-host tests run side by side (tests/hosts.py takes
 # subnets under a lock). Whole files for everything (`--dist loadfile`) was tried: the heavy files met at the
 # end, 30:44, and a spot-loss test timed out under load 38; 2 and 4 workers were slower than 3, and so was
-# handing the heavy tests out before the unit tests (bench/RESULTS.md).
+# handing every heavy test out before the unit tests; only tests/trainer/'s, collected last, go out before its
+# unit tests, which then fill the last minutes (bench/RESULTS.md).
 TEST_WORKERS ?= 3
 test: venv browser-deps
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load

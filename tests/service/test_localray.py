@@ -212,6 +212,23 @@ def test_a_ray_head_is_stopped_by_its_leader_alone(monkeypatch) -> None:
             leader.wait()
 
 
+def test_a_leader_that_does_not_stop_is_killed_with_its_group_after_the_grace() -> None:
+    """`leader_first` with a leader that ignores SIGTERM (a head stuck in its shutdown): after the grace the
+    whole group gets SIGKILL, and the caller is told the head did not end by itself."""
+    from service.server import localray
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        leader.stdout.readline()  # its handler is in place
+        assert localray.stop_process_group(leader, grace_s=0.5, leader_first=True) is False
+        assert leader.returncode == -9 and localray._group_members(leader.pid) == []
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+
+
 # What a grandchild of the niced process reports: its nice value, then its session's autogroup line.
 REPORT = "import os; print(os.nice(0)); print(open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else '')"  # noqa: E501
 
