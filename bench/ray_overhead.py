@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.server.localray import LocalRayHead  # noqa: E402
-from tests.plugins.ray_cluster import LEAN_RAY_ENV  # noqa: E402
+from tests.plugins.ray_cluster import LEAN_RAY_ENV, SESSION_HEAD_ENV  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 from trainer.spec import resolve  # noqa: E402
 
@@ -38,6 +38,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     "no-prestart": {"RAY_prestart_worker_first_driver": "0"},
     "no-metrics": {"RAY_enable_metrics_collection": "0"},
     "lean": dict(LEAN_RAY_ENV),
+    # what the suite's session heads get on top (no Ray Train preemption watcher; tests/plugins/ray_cluster.py)
+    "session": {**LEAN_RAY_ENV, **SESSION_HEAD_ENV},
 }
 SETTINGS = {key for config in CONFIGS.values() for key in config}
 # Importing tests/plugins/ray_cluster.py put LEAN_RAY_ENV into os.environ, and LocalRayHead starts every head
