@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from service.server.localray import HEAD_RECORD, HeadRecord, live_head, read_head_record, stop_recorded_head
@@ -37,6 +39,19 @@ def _started(argv: list[str]) -> subprocess.Popen[bytes]:
     while argv[-1].encode() not in cmdline.read_bytes().split(b"\0") and time.monotonic() < deadline:
         time.sleep(0.01)
     return proc
+
+
+@contextmanager
+def _group_leader(code: str) -> Iterator[subprocess.Popen[str]]:
+    """A process running `code` as the leader of a process group of its own (stdout piped, for it to say when
+    it is ready), killed at the end if the test left it running."""
+    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield leader
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
 
 
 def test_a_record_of_a_head_that_is_gone_is_forgotten(tmp_path: Path) -> None:
@@ -142,10 +157,7 @@ def test_a_group_is_stopped_whole_and_never_signalled_after_its_leader_is_reaped
         f"m = subprocess.Popen([sys.executable, '-c', {member!r}], stdout=subprocess.PIPE, text=True); "
         "m.stdout.readline(); print(m.pid, flush=True); time.sleep(60)"
     )
-    leader = subprocess.Popen(
-        [sys.executable, "-c", leader_code], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
+    with _group_leader(leader_code) as leader:
         member_pid = int(leader.stdout.readline())
         assert localray._group_members(leader.pid) == sorted([leader.pid, member_pid])
         sent: list[tuple[int, int | None]] = []
@@ -160,10 +172,6 @@ def test_a_group_is_stopped_whole_and_never_signalled_after_its_leader_is_reaped
         assert [sig for sig, _ in sent] == [signal.SIGTERM, signal.SIGKILL]  # the member outlived SIGTERM
         assert all(returncode is None for _, returncode in sent), sent  # the leader was not reaped yet
         assert leader.returncode == -signal.SIGTERM and localray._group_members(leader.pid) == []
-    finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait()
 
 
 def test_a_ray_head_is_stopped_by_its_leader_alone(monkeypatch) -> None:
@@ -182,10 +190,7 @@ def test_a_ray_head_is_stopped_by_its_leader_alone(monkeypatch) -> None:
         "signal.signal(signal.SIGTERM, lambda *_: (m.terminate(), m.wait(), sys.exit(0))); "
         "print(m.pid, flush=True); time.sleep(60)"
     )
-    leader = subprocess.Popen(
-        [sys.executable, "-c", leader_code], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
+    with _group_leader(leader_code) as leader:
         member_pid = int(leader.stdout.readline())
         assert localray._group_members(leader.pid) == sorted([leader.pid, member_pid])
         sent: list[tuple[str, int, int]] = []
@@ -206,10 +211,6 @@ def test_a_ray_head_is_stopped_by_its_leader_alone(monkeypatch) -> None:
         assert time.monotonic() - t0 < 30  # the leader's own shutdown, not the grace
         assert sent == [("kill", leader.pid, signal.SIGTERM)]
         assert leader.returncode == 0 and localray._group_members(leader.pid) == []
-    finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait()
 
 
 def test_a_leader_that_does_not_stop_is_killed_with_its_group_after_the_grace() -> None:
@@ -218,15 +219,10 @@ def test_a_leader_that_does_not_stop_is_killed_with_its_group_after_the_grace() 
     from service.server import localray
 
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
-    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with _group_leader(code) as leader:
         leader.stdout.readline()  # its handler is in place
         assert localray.stop_process_group(leader, grace_s=0.5, leader_first=True) is False
         assert leader.returncode == -9 and localray._group_members(leader.pid) == []
-    finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait()
 
 
 # What a grandchild of the niced process reports: its nice value, then its session's autogroup line.
