@@ -8,7 +8,6 @@ given to the head and the driver), in alternating rounds on this machine:
   - start: `ray start --head` until the node is up (service/server/localray.py, as tests and serve start it);
   - run:   one `python -m trainer.run` of the debug preset (2 DDP workers, 2 epochs, 512 small images);
   - idle:  `--idle` seconds of the head with nothing to do afterwards;
-  - stop:  the head's stop, until its whole process group is gone;
 as machine-wide CPU seconds (/proc/stat: everything on the machine, so run it on a quiet one) and wall time.
 Prints each figure and its ratio to the first configuration's mean.
 """
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.server.localray import LocalRayHead, end_process_group  # noqa: E402
+from service.server.localray import LocalRayHead  # noqa: E402
 from tests.plugins.ray_cluster import LEAN_RAY_ENV, SESSION_HEAD_ENV  # noqa: E402
 from tests.trainer.cifar_files import write_cifar_python  # noqa: E402
 from trainer.spec import resolve  # noqa: E402
@@ -46,11 +44,6 @@ CONFIGS: dict[str, dict[str, str]] = {
 # The session's settings as they were before the two idle-time cuts of LEAN_RAY_ENV (its comment says what they do)
 IDLE_CUTS = ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "METRICS_RECORD_INTERVAL_S")
 CONFIGS["session-no-idle-cuts"] = {k: v for k, v in CONFIGS["session"].items() if k not in IDLE_CUTS}
-# The session's settings, its head stopped by SIGTERM to its whole process group (as before 34192bb) instead of
-# Ray's own ordered shutdown (`LocalRayHead.stop`): the "stop" phase compares the two.
-CONFIGS["session-group-stop"] = CONFIGS["session"]
-STOPPED_AS_A_GROUP = {"session-group-stop"}
-PHASES = ("start", "run", "idle", "stop")
 SETTINGS = {key for config in CONFIGS.values() for key in config}
 # Importing tests/plugins/ray_cluster.py put LEAN_RAY_ENV into os.environ, and LocalRayHead starts every head
 # from os.environ: without this, every configuration's head (raylet, GCS) ran with the lean settings and only
@@ -98,13 +91,7 @@ def one_round(name: str, env_extra: dict[str, str], data: Path, work: Path, idle
         with Phase() as phases["idle"]:
             time.sleep(idle_s)
     finally:
-        with Phase() as phases["stop"]:  # until the head's whole process group is gone
-            if name in STOPPED_AS_A_GROUP:
-                end_process_group(head.proc.pid, grace_s=5)
-                head.proc.wait(timeout=10)
-                shutil.rmtree(head.temp_dir, ignore_errors=True)
-            else:
-                head.stop(grace_s=5)
+        head.stop(grace_s=5)
     return phases
 
 
@@ -129,10 +116,10 @@ def main() -> None:
                 figures = ", ".join(f"{k} {p.cpu:.1f} CPU-s / {p.wall:.1f} s" for k, p in phases.items())
                 print(f"round {r + 1} {name}: {figures}", flush=True)
     print(f"\nmean CPU seconds (machine-wide) and wall seconds per phase; × = CPU ratio to {names[0]!r}")
-    base = {k: statistics.mean(p[k].cpu for p in results[names[0]]) for k in PHASES}
+    base = {k: statistics.mean(p[k].cpu for p in results[names[0]]) for k in ("start", "run", "idle")}
     for name in names:
         cells = []
-        for k in PHASES:
+        for k in ("start", "run", "idle"):
             cpu = statistics.mean(p[k].cpu for p in results[name])
             wall = statistics.mean(p[k].wall for p in results[name])
             cells.append(f"{k} {cpu:6.1f} CPU-s ({cpu / base[k]:.2f}×) {wall:5.1f} s")
