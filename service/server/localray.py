@@ -20,9 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# The Ray setting that keeps a local head's node address, and so every port it listens on, on 127.0.0.1
-LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,13 +60,6 @@ class LocalRayHead:
             # autoscaling coordinator never returns its lease, so every stop of a head that had run a job
             # waited out the whole 30 s, past `trainctl down`'s grace. Without it the head stops in ~3 s.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            # `ray start` replaces --node-ip-address=127.0.0.1 by this machine's outward address
-            # (ray._private.services.resolve_ip_for_localhost), and the GCS, the raylet and the agents then listen
-            # there, reachable from the network. Ray keeps 127.0.0.1 only where it believes clusters unsupported,
-            # which this setting (named for Windows and macOS, read everywhere) declares: a one-machine head whose
-            # every port is on loopback. Its cost: no other machine can join this head (`ray start --address`);
-            # clusters of several machines are `ray up`'s (cluster/), not this head's.
-            LOOPBACK_ONLY_ENV: "0",
             **(extra_env or {}),
         }
         env.pop("RAY_ADDRESS", None)

@@ -52,7 +52,6 @@ class RayHead:
     address: str  # GCS address, for ray.init / RAY_ADDRESS
     dashboard_url: str  # Jobs API
     temp_dir: str
-    pid: int | None = None  # the `ray start --block` leading the head's process group, where the test started it
 
     def env(self) -> dict[str, str]:
         """Environment for a process that should attach to this cluster."""
@@ -70,7 +69,7 @@ SESSION_HEAD_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 def ray_head() -> Iterator[RayHead]:
     local = LocalRayHead.start(num_cpus=RAY_CPUS, auth_mode="disabled", extra_env=SESSION_HEAD_ENV)
     reap_with_session(local.proc.pid)
-    head = RayHead(local.gcs_address, local.dashboard_url, local.temp_dir, local.proc.pid)
+    head = RayHead(local.gcs_address, local.dashboard_url, local.temp_dir)
     old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = head.address
     os.environ["RAY_AUTH_MODE"] = "disabled"
