@@ -41,9 +41,6 @@ CONFIGS: dict[str, dict[str, str]] = {
     # what the suite's session heads get on top (no Ray Train preemption watcher; tests/plugins/ray_cluster.py)
     "session": {**LEAN_RAY_ENV, **SESSION_HEAD_ENV},
 }
-# The session's settings as they were before the two idle-time cuts of LEAN_RAY_ENV (its comment says what they do)
-IDLE_CUTS = ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "METRICS_RECORD_INTERVAL_S")
-CONFIGS["session-no-idle-cuts"] = {k: v for k, v in CONFIGS["session"].items() if k not in IDLE_CUTS}
 SETTINGS = {key for config in CONFIGS.values() for key in config}
 # Importing tests/plugins/ray_cluster.py put LEAN_RAY_ENV into os.environ, and LocalRayHead starts every head
 # from os.environ: without this, every configuration's head (raylet, GCS) ran with the lean settings and only

@@ -27,20 +27,12 @@ RAY_CPUS = 6
 # from the driver to the controller actor). A shorter period only makes the same checks more often.
 #
 # LEAN_RAY_ENV: the suite's time is CPU on 2 cores, and most of it is Ray's own processes (bench/RESULTS.md, "Where
-# the suite's CPU goes"). No setting changes what a test checks: no test reads Ray's own metrics (trainctl's
+# the suite's CPU goes"). Neither setting changes what a test checks: no test reads Ray's own metrics (trainctl's
 # /metrics are its own), and the workers a raylet prestarts for its first driver run the default runtime env,
 # which no trainctl job uses (trainer/run.py gives every driver env vars), so they were only ever idle.
-#
-# The last two cut what every node burns while idle (bench/RESULTS.md, "Idle Ray nodes"): a head's log monitor
-# globbed its whole logs folder for new files every 0.1 s (with 0 here, as Ray does past 1,000 files: every
-# 0.5 s, so a worker's lines reach its driver up to 0.4 s later; only a worker that exited before its file was
-# found would lose them, and no worker lives that short), and its dashboard read the memory maps of itself and
-# its nine module processes every 5 s for its own metrics, which no test reads.
 LEAN_RAY_ENV = {
     "RAY_enable_metrics_collection": "0",
     "RAY_prestart_worker_first_driver": "0",
-    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-    "METRICS_RECORD_INTERVAL_S": "3600",
 }
 TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **LEAN_RAY_ENV}
 for _name, _value in TEST_RAY_ENV.items():
