@@ -120,7 +120,12 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
             "/v1/jobs",
             json={
                 "preset": "debug",
-                "overrides": {"data.train": str(data), "optim.epochs": 30, "checkpoint.every_epochs": 1},
+                "overrides": {
+                    "data.train": str(data),
+                    "optim.epochs": 30,
+                    "checkpoint.every_epochs": 1,
+                    "scaling.num_workers": 1,  # the subject is the page: one worker process, not two
+                },
             },
         )
         assert resp.status_code == 201, resp.text

@@ -30,6 +30,13 @@ pytestmark = pytest.mark.ray
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
+# One Ray Train worker for the jobs whose subject is the service (cancel, restarts, resubmission, the CLI): a
+# second worker is a second process importing torch and Ray Train, ~5 CPU-s a run on a suite that is CPU-bound
+# on 2 cores. test_job_runs_to_success keeps the debug preset's 2-worker DDP, as do tests/trainer/test_run.py and
+# the multi-node tests, whose subject it is.
+ONE_WORKER = {"scaling.num_workers": 1}
+
+
 def job_body(parquet: Path, epochs: int = 2, **overrides) -> dict:
     return {"preset": "debug", "overrides": {"data.train": str(parquet), "optim.epochs": epochs, **overrides}}
 
@@ -106,8 +113,8 @@ def test_job_runs_to_success(service: Service, cifar_parquet: Path) -> None:
 
 def test_cancel_queued_and_running(service: Service, cifar_parquet: Path, ray_head: RayHead) -> None:
     with service.client() as c:
-        a = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=200)).json()["id"]
-        b = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=200)).json()["id"]
+        a = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=200, **ONE_WORKER)).json()["id"]
+        b = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=200, **ONE_WORKER)).json()["id"]
         wait_for(c, a, lambda j: j["state"] in ("STARTING", "RUNNING"), 60, "job A to start")
         assert c.get(f"/v1/jobs/{b}").json()["state"] == "QUEUED"  # max 1 concurrent job
         resp = c.post(f"/v1/jobs/{b}/cancel")
@@ -197,6 +204,8 @@ def test_cli_submit_watch_best(service: Service, cifar_parquet: Path, tmp_path: 
         f"data.train={cifar_parquet}",
         "--set",
         "optim.epochs=1",
+        "--set",
+        "scaling.num_workers=1",
         "--set",
         'exports=["safetensors", "pt2"]',
         "-q",
@@ -338,7 +347,7 @@ def test_restart_api_mid_job(ray_head: RayHead, cifar_parquet: Path, tmp_path: P
     svc = start_service(ray_head, tmp_path / "data", TRAINCTL_RAY_ADDRESS=ray_head.address)
     try:
         with svc.client() as c:
-            job_id = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=2)).json()["id"]
+            job_id = c.post("/v1/jobs", json=job_body(cifar_parquet, epochs=2, **ONE_WORKER)).json()["id"]
             wait_for(c, job_id, lambda j: j["state"] == "RUNNING", 120, "the job to run")
         svc.stop()  # the API dies mid-job; the Ray job goes on
         svc.proc = None
@@ -355,8 +364,8 @@ def test_driver_killed_is_resubmitted_and_resumes(service: Service, cifar_parque
     """The job's driver process (`python -m trainer.run`) is SIGKILLed: the Ray job fails outside the user's
     code, so the service resubmits the same job dir as <id>-2, which resumes from its checkpoint."""
     with service.client() as c:
-        # ~2 s epochs, so the kill lands mid-run
-        body = job_body(cifar_parquet, epochs=3, **{"data.max_train_images": 2048})
+        # epochs of a few seconds, so the kill lands mid-run
+        body = job_body(cifar_parquet, epochs=3, **{"data.max_train_images": 2048}, **ONE_WORKER)
         job_id = c.post("/v1/jobs", json=body).json()["id"]
         wait_for(c, job_id, lambda j: j["progress"]["epoch"] >= 1 or finished(j), 300, "the first epoch")
         info = httpx.get(f"{ray_head.dashboard_url}/api/jobs/{job_id}-1", timeout=10).json()

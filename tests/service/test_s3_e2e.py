@@ -50,7 +50,12 @@ def test_service_on_s3_survives_a_storage_outage(
         with svc.client() as c:
             long_job = {
                 "preset": "debug",
-                "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 10, "data.max_train_images": 512},
+                "overrides": {
+                    "data.train": str(cifar_parquet),
+                    "optim.epochs": 10,
+                    "data.max_train_images": 512,
+                    "scaling.num_workers": 1,  # the subject is storage: one worker process, not two
+                },
             }
             job_id = c.post("/v1/jobs", json=long_job).json()["id"]
             wait_for(
@@ -77,7 +82,10 @@ def test_service_on_s3_survives_a_storage_outage(
             assert "storage" in job["message"].lower() and job["attempts"] == 1, job
 
             # storage is back: a new job on the same bucket succeeds, its checkpoint verified end to end
-            short = {"preset": "debug", "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 2}}
+            short = {
+                "preset": "debug",
+                "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 2, "scaling.num_workers": 1},
+            }
             job_id = c.post("/v1/jobs", json=short).json()["id"]
             job = wait_for(
                 c, job_id, lambda j: j["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 300, "the job after the outage"

@@ -58,7 +58,12 @@ def test_attacks_through_the_real_service(ray_head: RayHead, tmp_path: Path) -> 
             assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "data.train", r.text
             assert "root:" not in r.text
 
-            base = {"optim.epochs": 1, "data.max_train_images": 128, "checkpoint.max_restarts": 2}
+            base = {
+                "optim.epochs": 1,
+                "data.max_train_images": 128,
+                "checkpoint.max_restarts": 2,
+                "scaling.num_workers": 1,
+            }
             bad = c.post("/v1/jobs", json={"preset": "debug", "overrides": {**base, "data.train": str(planted)}})
             assert bad.status_code == 201, bad.text
             job = wait_for(

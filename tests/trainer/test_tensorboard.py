@@ -106,7 +106,9 @@ def test_an_unwritable_destination_never_fails_training(tmp_path: Path) -> None:
 @pytest.mark.ray
 def test_a_run_writes_tensorboard_and_its_confusion_matrix(ray_head, tmp_path: Path) -> None:
     data = write_cifar_python(tmp_path / "cifar", per_batch=60)
-    job_dir = make_job_dir(tmp_path, "tb", {"data.train": str(data), "data.test": str(data), "optim.epochs": 3})
+    job_dir = make_job_dir(
+        tmp_path, "tb", {"data.train": str(data), "data.test": str(data), "optim.epochs": 3, "scaling.num_workers": 1}
+    )
     assert run(job_dir, ray_head.env()) == 0, log_tail(job_dir)
     metrics = read_jsonl(job_dir / "metrics.jsonl")
     acc = accumulator(job_dir / "tensorboard")

@@ -66,7 +66,15 @@ def test_optuna_search_with_asha(ray_head, cifar_parquet, tmp_path):
     job_dir = make_job_dir(
         tmp_path,
         "optuna",
-        {"data.train": str(cifar_parquet), "optim.epochs": 2, "data.max_train_images": 512, "search": search},
+        # One worker a trial: the subject is Optuna's choice of values (the ASHA test above keeps 2-worker DDP
+        # trials); a second worker is a second process importing torch and Ray Train, ~5 CPU-s a trial.
+        {
+            "data.train": str(cifar_parquet),
+            "optim.epochs": 2,
+            "data.max_train_images": 512,
+            "scaling.num_workers": 1,
+            "search": search,
+        },
     )
     started = time.monotonic()
     assert run(job_dir, ray_head.env(), timeout=400) == 0, log_tail(job_dir)
