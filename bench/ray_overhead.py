@@ -1,12 +1,14 @@
 """What a Ray head and one small Ray Train run cost in CPU, with Ray's defaults and with leaner settings.
 
     .venv/bin/python bench/ray_overhead.py [--rounds 2] [--idle 20] [--configs default,lean]
+    .venv/bin/python bench/ray_overhead.py --configs session,one-worker   # 2 DDP workers vs 1 on a session head
 
 The suite's time (issue 22 item 7) goes to CPU, not waiting: most of its tests start Ray heads and Ray
 Train runs on 2 cores. This measures, for each configuration of Ray's own settings (environment variables
 given to the head and the driver), in alternating rounds on this machine:
   - start: `ray start --head` until the node is up (service/server/localray.py, as tests and serve start it);
-  - run:   one `python -m trainer.run` of the debug preset (2 DDP workers, 2 epochs, 512 small images);
+  - run:   one `python -m trainer.run` of the debug preset (2 DDP workers, 2 epochs, 512 small images; one
+           worker for the configurations in RUN_OVERRIDES);
   - idle:  `--idle` seconds of the head with nothing to do afterwards;
 as machine-wide CPU seconds (/proc/stat: everything on the machine, so run it on a quiet one) and wall time.
 Prints each figure and its ratio to the first configuration's mean.
@@ -41,6 +43,10 @@ CONFIGS: dict[str, dict[str, str]] = {
     # what the suite's session heads get on top (no Ray Train preemption watcher; tests/plugins/ray_cluster.py)
     "session": {**LEAN_RAY_ENV, **SESSION_HEAD_ENV},
 }
+# Configurations that change the run's spec rather than Ray's settings: "one-worker" is how the tests whose subject
+# is not DDP run their jobs (tests/service/test_e2e.py's ONE_WORKER).
+CONFIGS["one-worker"] = CONFIGS["session"]
+RUN_OVERRIDES: dict[str, dict[str, object]] = {"one-worker": {"scaling.num_workers": 1}}
 SETTINGS = {key for config in CONFIGS.values() for key in config}
 # Importing tests/plugins/ray_cluster.py put LEAN_RAY_ENV into os.environ, and LocalRayHead starts every head
 # from os.environ: without this, every configuration's head (raylet, GCS) ran with the lean settings and only
@@ -72,7 +78,7 @@ def one_round(name: str, env_extra: dict[str, str], data: Path, work: Path, idle
         head = LocalRayHead.start(num_cpus=6, auth_mode="disabled", extra_env=env_extra)
     try:
         job_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
-        spec = resolve("debug", {"data.train": str(data), "optim.epochs": 2})
+        spec = resolve("debug", {"data.train": str(data), "optim.epochs": 2, **RUN_OVERRIDES.get(name, {})})
         (job_dir / "spec.json").write_text(spec.to_json())
         env = {**base, "RAY_ADDRESS": head.gcs_address, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
         with Phase() as phases["run"]:
