@@ -44,7 +44,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "session": {**LEAN_RAY_ENV, **SESSION_HEAD_ENV},
 }
 # Configurations that change the run's spec rather than Ray's settings: "one-worker" is how the tests whose subject
-# is not DDP run their jobs (tests/service/test_e2e.py's ONE_WORKER).
+# is not DDP run their jobs (tests/trainer/jobs.py's ONE_WORKER).
 CONFIGS["one-worker"] = CONFIGS["session"]
 RUN_OVERRIDES: dict[str, dict[str, object]] = {"one-worker": {"scaling.num_workers": 1}}
 SETTINGS = {key for config in CONFIGS.values() for key in config}

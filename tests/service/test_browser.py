@@ -25,6 +25,7 @@ from PIL import Image
 from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import Service, start_service
 from tests.trainer.cifar_files import write_cifar_python
+from tests.trainer.jobs import ONE_WORKER
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser]
 
@@ -124,7 +125,7 @@ def test_dashboard_in_chromium(browser: Any, dash_service: Service, tmp_path: Pa
                     "data.train": str(data),
                     "optim.epochs": 30,
                     "checkpoint.every_epochs": 1,
-                    "scaling.num_workers": 1,  # the subject is the page: one worker process, not two
+                    **ONE_WORKER,
                 },
             },
         )

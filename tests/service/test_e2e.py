@@ -23,18 +23,12 @@ from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import TRAINCTL, Service, start_service, test_data_roots, wait_for
 from tests.service.priority import autogroup_scheduling, niceness
 from tests.service.test_api import MALFORMED
+from tests.trainer.jobs import ONE_WORKER
 from trainer.contract import MANIFEST, STEP_PAUSE_ENV, parse_manifest
 
 pytestmark = pytest.mark.ray
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-
-
-# One Ray Train worker for the jobs whose subject is the service (cancel, restarts, resubmission, the CLI): a
-# second worker is a second process importing torch and Ray Train, ~5 CPU-s a run on a suite that is CPU-bound
-# on 2 cores. test_job_runs_to_success keeps the debug preset's 2-worker DDP, as do tests/trainer/test_run.py and
-# the multi-node tests, whose subject it is.
-ONE_WORKER = {"scaling.num_workers": 1}
 
 
 def job_body(parquet: Path, epochs: int = 2, **overrides) -> dict:

@@ -15,6 +15,7 @@ import pytest
 import objstore
 from tests.plugins.ray_cluster import free_port
 from tests.service.conftest import Service, wait_for
+from tests.trainer.jobs import ONE_WORKER
 from trainer.contract import STEP_PAUSE_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -54,7 +55,7 @@ def test_service_on_s3_survives_a_storage_outage(
                     "data.train": str(cifar_parquet),
                     "optim.epochs": 10,
                     "data.max_train_images": 512,
-                    "scaling.num_workers": 1,  # the subject is storage: one worker process, not two
+                    **ONE_WORKER,
                 },
             }
             job_id = c.post("/v1/jobs", json=long_job).json()["id"]
@@ -84,7 +85,7 @@ def test_service_on_s3_survives_a_storage_outage(
             # storage is back: a new job on the same bucket succeeds, its checkpoint verified end to end
             short = {
                 "preset": "debug",
-                "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 2, "scaling.num_workers": 1},
+                "overrides": {"data.train": str(cifar_parquet), "optim.epochs": 2, **ONE_WORKER},
             }
             job_id = c.post("/v1/jobs", json=short).json()["id"]
             job = wait_for(

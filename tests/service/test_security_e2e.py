@@ -20,6 +20,7 @@ import pytest
 from tests.plugins.ray_cluster import RayHead
 from tests.service.conftest import TRAINCTL, start_service, wait_for
 from tests.trainer.cifar_files import write_cifar_python
+from tests.trainer.jobs import ONE_WORKER
 
 pytestmark = pytest.mark.ray
 
@@ -62,7 +63,7 @@ def test_attacks_through_the_real_service(ray_head: RayHead, tmp_path: Path) -> 
                 "optim.epochs": 1,
                 "data.max_train_images": 128,
                 "checkpoint.max_restarts": 2,
-                "scaling.num_workers": 1,
+                **ONE_WORKER,
             }
             bad = c.post("/v1/jobs", json={"preset": "debug", "overrides": {**base, "data.train": str(planted)}})
             assert bad.status_code == 201, bad.text

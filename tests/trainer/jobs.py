@@ -19,6 +19,13 @@ from trainer.spec import resolve
 PACED = {"data.max_train_images": 512}
 PACE_S = 0.25
 
+# One Ray Train worker, for the runs whose subject is not DDP (the service, the dashboard page, storage, a
+# searcher's values): a second worker is a second process importing torch and Ray Train, and a debug run costs
+# 20.5 CPU-s with 2 workers against 16.0 with 1 (`bench/ray_overhead.py --configs session,one-worker`) on a suite
+# that is CPU-bound on 2 cores. The runs whose subject is DDP keep the debug preset's 2 workers:
+# test_job_runs_to_success, tests/trainer/test_run.py, the ASHA test, test_faults.py and the multi-node tests.
+ONE_WORKER = {"scaling.num_workers": 1}
+
 
 def paced(env: dict[str, str], pause_s: float = PACE_S) -> dict[str, str]:
     """`env` for a driver whose every rank sleeps `pause_s` after each optimizer step."""

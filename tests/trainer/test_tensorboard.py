@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.trainer.cifar_files import write_cifar_python
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run
+from tests.trainer.jobs import ONE_WORKER, log_tail, make_job_dir, read_jsonl, run
 from trainer.contract import Confusion, EpochMetrics
 from trainer.tensorboard import LOCAL_PREFIX, TAGS, EventLog, confusion_image, remove_stale_local_dirs, scalars
 
@@ -107,7 +107,7 @@ def test_an_unwritable_destination_never_fails_training(tmp_path: Path) -> None:
 def test_a_run_writes_tensorboard_and_its_confusion_matrix(ray_head, tmp_path: Path) -> None:
     data = write_cifar_python(tmp_path / "cifar", per_batch=60)
     job_dir = make_job_dir(
-        tmp_path, "tb", {"data.train": str(data), "data.test": str(data), "optim.epochs": 3, "scaling.num_workers": 1}
+        tmp_path, "tb", {"data.train": str(data), "data.test": str(data), "optim.epochs": 3, **ONE_WORKER}
     )
     assert run(job_dir, ray_head.env()) == 0, log_tail(job_dir)
     metrics = read_jsonl(job_dir / "metrics.jsonl")

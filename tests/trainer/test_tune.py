@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.trainer.jobs import log_tail, make_job_dir, read_jsonl, run
+from tests.trainer.jobs import ONE_WORKER, log_tail, make_job_dir, read_jsonl, run
 from trainer.evaluate import evaluate_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -66,13 +66,11 @@ def test_optuna_search_with_asha(ray_head, cifar_parquet, tmp_path):
     job_dir = make_job_dir(
         tmp_path,
         "optuna",
-        # One worker a trial: the subject is Optuna's choice of values (the ASHA test above keeps 2-worker DDP
-        # trials); a second worker is a second process importing torch and Ray Train, ~5 CPU-s a trial.
         {
             "data.train": str(cifar_parquet),
             "optim.epochs": 2,
             "data.max_train_images": 512,
-            "scaling.num_workers": 1,
+            **ONE_WORKER,  # the subject is Optuna's values; the ASHA test above keeps 2-worker trials
             "search": search,
         },
     )
